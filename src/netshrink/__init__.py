@@ -1,0 +1,3 @@
+"""netshrink: make CNNs smaller and faster, and prove what was gained."""
+
+__version__ = "0.1.0"

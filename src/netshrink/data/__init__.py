@@ -1,0 +1,189 @@
+"""Datasets read from disk in the formats people have, split deterministically.
+
+``build_data(DataConfig(...))`` returns a ``DataBundle`` with train / val / test / calib
+splits. The validation split is held out of the training set with a seeded permutation,
+the calibration subset is drawn from what remains for training, so neither overlaps the
+test set we report on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from netshrink.data.base import (
+    ArraySplit,
+    Augment,
+    Batch,
+    DataBundle,
+    DatasetInfo,
+    RawArrays,
+    Split,
+)
+from netshrink.errors import UserError
+from netshrink.registry import Registry
+
+__all__ = [
+    "ArraySplit", "Augment", "Batch", "DataBundle", "DataConfig", "DatasetInfo", "DATASETS",
+    "RawArrays", "Split", "build_data",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one dataset and what its images look like."""
+
+    read: Callable[[Path], RawArrays] | None  # None: image folders, read lazily
+    default_root: Path | None
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: Augment
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+class DataConfig(BaseModel):
+    """The ``data:`` section of a recipe.
+
+    Args:
+        name: a registered dataset (``netshrink list datasets``).
+        root: folder holding the files; each dataset has a default where one exists.
+        image_size: side the model sees; in-memory datasets are resized to it.
+        val_size: images held out of the training set for validation (0: none).
+        calib_size: training images kept aside as the quantization calibration subset.
+        batch_size: evaluation batch size.
+        augment: use the dataset's training augmentation.
+        train_limit / test_limit: keep only the first N images (quick runs and tests).
+        num_workers: decoding processes for image folders.
+        seed: the split seed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "fashion_mnist"
+    root: Path | None = None
+    image_size: int | None = Field(default=None, gt=0)
+    val_size: int = Field(default=5000, ge=0)
+    calib_size: int = Field(default=512, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    augment: bool = True
+    train_limit: int | None = Field(default=None, gt=0)
+    test_limit: int | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=2, ge=0)
+    seed: int = 0
+
+
+def _split_indices(n: int, val_size: int, calib_size: int, seed: int) -> tuple:
+    if val_size >= n:
+        raise UserError(f"val_size {val_size} leaves no training images out of {n}; lower it")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, train = order[:val_size], order[val_size:]
+    calib = train[: min(calib_size, len(train))]
+    return train, val, calib
+
+
+def build_data(cfg: DataConfig) -> DataBundle:
+    """Read the dataset ``cfg`` names and cut it into a ``DataBundle``.
+
+    Raises:
+        UserError: unknown dataset, missing/truncated/wrong-format files, bad sizes.
+    """
+    spec = DATASETS.get(cfg.name)
+    root = cfg.root if cfg.root is not None else spec.default_root
+    if spec.read is None:
+        from netshrink.data.imagefolder import build_image_folder
+
+        return build_image_folder(cfg, root, spec)
+    raw = spec.read(root)  # type: ignore[arg-type]
+    image_size = cfg.image_size or int(raw.train_images.shape[-1])
+    info = DatasetInfo(
+        name=cfg.name,
+        num_classes=len(raw.class_names),
+        in_channels=int(raw.train_images.shape[1]),
+        image_size=image_size,
+        class_names=raw.class_names,
+        mean=spec.mean,
+        std=spec.std,
+    )
+    augment = spec.augment if cfg.augment else Augment()
+    resize = cfg.image_size
+
+    def split(images: torch.Tensor, labels: torch.Tensor) -> ArraySplit:
+        return ArraySplit(images, labels, spec.mean, spec.std, resize, augment)
+
+    train_images, train_labels = raw.train_images, raw.train_labels
+    if cfg.train_limit is not None:
+        train_images, train_labels = train_images[: cfg.train_limit], train_labels[: cfg.train_limit]
+    test_images, test_labels = raw.test_images, raw.test_labels
+    if cfg.test_limit is not None:
+        test_images, test_labels = test_images[: cfg.test_limit], test_labels[: cfg.test_limit]
+    full = split(train_images, train_labels)
+    train_idx, val_idx, calib_idx = _split_indices(len(full), cfg.val_size, cfg.calib_size, cfg.seed)
+    return DataBundle(
+        info=info,
+        train=full.subset(train_idx),
+        val=full.subset(val_idx) if cfg.val_size else None,
+        test=split(test_images, test_labels),
+        calib=full.subset(calib_idx),
+    )
+
+
+def _register_builtin() -> None:
+    from netshrink.data.idx import read_fashion_mnist
+
+    DATASETS.register("fashion_mnist")(
+        DatasetSpec(
+            read=read_fashion_mnist,
+            default_root=Path("/usr/share/datasets/fashion-mnist"),
+            in_channels=1,
+            image_size=28,
+            mean=(0.2860,),
+            std=(0.3530,),
+            augment=Augment(crop_padding=2, hflip=True),
+        )
+    )
+    # Readers are imported on first use, so `import netshrink.data` stays cheap.
+    def read_cifar10(root: Path) -> RawArrays:
+        from netshrink.data.cifar import read_cifar10 as read
+
+        return read(root)
+
+    def read_cifar100(root: Path) -> RawArrays:
+        from netshrink.data.cifar import read_cifar100 as read
+
+        return read(root)
+
+    def read_digits(root: Path | None) -> RawArrays:
+        from netshrink.data.digits import read_digits as read
+
+        return read(root)
+
+    cifar_augment = Augment(crop_padding=4, hflip=True)
+    DATASETS.register("cifar10")(
+        DatasetSpec(read_cifar10, Path("data/cifar10"), 3, 32,
+                    (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), cifar_augment)
+    )
+    DATASETS.register("cifar100")(
+        DatasetSpec(read_cifar100, Path("data/cifar100"), 3, 32,
+                    (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), cifar_augment)
+    )
+    # Digits are 8x8 and not mirror-symmetric: shift by one pixel, never flip.
+    DATASETS.register("digits")(
+        DatasetSpec(read_digits, None, 1, 8, (0.3059,), (0.3767,), Augment(crop_padding=1))
+    )
+    DATASETS.register("imagefolder")(
+        DatasetSpec(None, None, 3, 224, IMAGENET_MEAN, IMAGENET_STD, Augment())
+    )
+
+
+_register_builtin()

@@ -1,0 +1,154 @@
+"""What every dataset reader produces, and how batches come out of it.
+
+Small datasets (Fashion-MNIST, CIFAR, digits) live in memory as one uint8 tensor, and
+batches are cut, augmented and normalised as whole tensors: on a 2-core machine a
+DataLoader with worker processes would take cores away from the model. Image folders are
+decoded lazily from disk through a ``torch.utils.data.DataLoader``. Both satisfy ``Split``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about a dataset that models, reports and ``predict`` need."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation for in-memory splits.
+
+    Args:
+        crop_padding: pad by this many pixels (reflect) and crop back at a random offset.
+        hflip: flip half of the images left-right (wrong for digits, right for clothes).
+    """
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+
+class Split(Protocol):
+    """A split that yields normalised float batches ``(images NCHW, labels)``."""
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0
+    ) -> Iterator[Batch]: ...
+
+
+@dataclass
+class ArraySplit:
+    """An in-memory split: uint8 images ``[N, C, H, W]`` and int64 labels ``[N]``."""
+
+    images: Tensor
+    labels: Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int | None = None
+    augmentation: Augment = field(default_factory=Augment)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError("ArraySplit.images must be a uint8 tensor [N, C, H, W]")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("ArraySplit.labels must have one label per image")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, indices: Tensor) -> ArraySplit:
+        return ArraySplit(
+            self.images[indices],
+            self.labels[indices],
+            self.mean,
+            self.std,
+            self.image_size,
+            self.augmentation,
+        )
+
+    def to_float(self, images: Tensor) -> Tensor:
+        """uint8 -> normalised float, resized to ``image_size`` when one is set."""
+        x = images.float().div_(255.0)
+        if self.image_size is not None and x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def _augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        aug = self.augmentation
+        n, _, h, w = x.shape
+        if aug.crop_padding > 0:
+            p = aug.crop_padding
+            padded = F.pad(x, (p, p, p, p), mode="reflect")
+            # One random offset per image, gathered with index arithmetic: no Python loop.
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+            rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1)
+            cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w)
+            batch = torch.arange(n).view(n, 1, 1, 1)
+            chan = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+            x = padded[batch, chan, rows, cols]
+        if aug.hflip:
+            flip = torch.rand(n, generator=gen) < 0.5
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        return x
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0
+    ) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            idx = order[start : start + batch_size]
+            x = self.to_float(self.images[idx])
+            if augment:
+                x = self._augment(x, gen)
+            yield x, self.labels[idx]
+
+
+@dataclass
+class DataBundle:
+    """The splits a recipe works with.
+
+    ``val`` is held out of ``train`` (for searches and early decisions); ``test`` is the
+    dataset's own test set (for the figures we report); ``calib`` is a small deterministic
+    subset of ``train`` for quantization calibration.
+    """
+
+    info: DatasetInfo
+    train: Split
+    val: Split | None
+    test: Split
+    calib: Split
+
+
+@dataclass
+class RawArrays:
+    """What an in-memory reader returns: uint8 ``[N, C, H, W]`` images and int64 labels."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    class_names: list[str]

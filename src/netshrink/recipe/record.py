@@ -1,0 +1,57 @@
+"""``run.json``: what a run did, stage by stage. The report reads nothing else."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from netshrink.bench.schema import Measurement
+
+
+class EpochRecord(BaseModel):
+    """One epoch of a training stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int
+    train_loss: float
+    train_top1: float
+    lr: float
+    seconds: float
+    val_top1: float | None = None
+    val_top5: float | None = None
+
+
+class StageRecord(BaseModel):
+    """One stage of a run; ``index`` 0 is always the baseline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int
+    name: str  # unique within the run, e.g. "baseline", "train", "finetune"
+    kind: str  # the registered stage kind, or "baseline"
+    status: Literal["done", "failed"] = "done"
+    config: dict[str, Any] = Field(default_factory=dict)
+    artifact: str | None = None  # checkpoint path relative to the run folder
+    measurement: Measurement | None = None
+    history: list[EpochRecord] = Field(default_factory=list)
+    seconds: float = 0.0  # wall time of the stage itself, measurement excluded
+    measure_seconds: float = 0.0
+    started: str
+    finished: str | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class RunRecord(BaseModel):
+    """The whole run: the recipe as given, and every finished stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    recipe: dict[str, Any]
+    recipe_sha256: str
+    netshrink_version: str
+    created: str
+    updated: str
+    stages: list[StageRecord] = Field(default_factory=list)
