@@ -28,8 +28,8 @@ from netshrink.errors import UserError
 from netshrink.registry import Registry
 
 __all__ = [
-    "ArraySplit", "Augment", "Batch", "DataBundle", "DataConfig", "DatasetInfo", "DATASETS",
-    "RawArrays", "Split", "build_data",
+    "DATASETS", "ArraySplit", "Augment", "Batch", "DataBundle", "DataConfig", "DatasetInfo",
+    "RawArrays", "Split", "build_data", "split_indices",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,7 +40,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class DatasetSpec:
     """How to read one dataset and what its images look like."""
 
-    read: Callable[[Path], RawArrays] | None  # None: image folders, read lazily
+    read: Callable[[Path | None], RawArrays] | None  # None: image folders, read lazily
     default_root: Path | None
     in_channels: int
     image_size: int
@@ -59,7 +59,8 @@ class DataConfig(BaseModel):
         name: a registered dataset (``netshrink list datasets``).
         root: folder holding the files; each dataset has a default where one exists.
         image_size: side the model sees; in-memory datasets are resized to it.
-        val_size: images held out of the training set for validation (0: none).
+        val_size: images held out of the training set for validation (0: none; default
+            10% of the training set, at most 5000).
         calib_size: training images kept aside as the quantization calibration subset.
         batch_size: evaluation batch size.
         augment: use the dataset's training augmentation.
@@ -73,7 +74,7 @@ class DataConfig(BaseModel):
     name: str = "fashion_mnist"
     root: Path | None = None
     image_size: int | None = Field(default=None, gt=0)
-    val_size: int = Field(default=5000, ge=0)
+    val_size: int | None = Field(default=None, ge=0)
     calib_size: int = Field(default=512, gt=0)
     batch_size: int = Field(default=256, gt=0)
     augment: bool = True
@@ -83,7 +84,16 @@ class DataConfig(BaseModel):
     seed: int = 0
 
 
-def _split_indices(n: int, val_size: int, calib_size: int, seed: int) -> tuple:
+def split_indices(
+    n: int, val_size: int | None, calib_size: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded ``(train, val, calib)`` indices of ``n`` training images; calib is in train.
+
+    Raises:
+        UserError: ``val_size`` leaves no training images.
+    """
+    if val_size is None:
+        val_size = min(5000, n // 10)
     if val_size >= n:
         raise UserError(f"val_size {val_size} leaves no training images out of {n}; lower it")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -104,7 +114,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
         from netshrink.data.imagefolder import build_image_folder
 
         return build_image_folder(cfg, root, spec)
-    raw = spec.read(root)  # type: ignore[arg-type]
+    raw = spec.read(root)
     image_size = cfg.image_size or int(raw.train_images.shape[-1])
     info = DatasetInfo(
         name=cfg.name,
@@ -121,18 +131,17 @@ def build_data(cfg: DataConfig) -> DataBundle:
     def split(images: torch.Tensor, labels: torch.Tensor) -> ArraySplit:
         return ArraySplit(images, labels, spec.mean, spec.std, resize, augment)
 
-    train_images, train_labels = raw.train_images, raw.train_labels
-    if cfg.train_limit is not None:
-        train_images, train_labels = train_images[: cfg.train_limit], train_labels[: cfg.train_limit]
-    test_images, test_labels = raw.test_images, raw.test_labels
-    if cfg.test_limit is not None:
-        test_images, test_labels = test_images[: cfg.test_limit], test_labels[: cfg.test_limit]
+    # Slicing with None keeps everything: the limits are for quick runs and tests.
+    limit = cfg.train_limit
+    train_images, train_labels = raw.train_images[:limit], raw.train_labels[:limit]
+    test_images, test_labels = raw.test_images[: cfg.test_limit], raw.test_labels[: cfg.test_limit]
     full = split(train_images, train_labels)
-    train_idx, val_idx, calib_idx = _split_indices(len(full), cfg.val_size, cfg.calib_size, cfg.seed)
+    train_idx, val_idx, calib_idx = split_indices(len(full), cfg.val_size, cfg.calib_size,
+                                                  cfg.seed)
     return DataBundle(
         info=info,
         train=full.subset(train_idx),
-        val=full.subset(val_idx) if cfg.val_size else None,
+        val=full.subset(val_idx) if len(val_idx) else None,
         test=split(test_images, test_labels),
         calib=full.subset(calib_idx),
     )
@@ -153,12 +162,12 @@ def _register_builtin() -> None:
         )
     )
     # Readers are imported on first use, so `import netshrink.data` stays cheap.
-    def read_cifar10(root: Path) -> RawArrays:
+    def read_cifar10(root: Path | None) -> RawArrays:
         from netshrink.data.cifar import read_cifar10 as read
 
         return read(root)
 
-    def read_cifar100(root: Path) -> RawArrays:
+    def read_cifar100(root: Path | None) -> RawArrays:
         from netshrink.data.cifar import read_cifar100 as read
 
         return read(root)

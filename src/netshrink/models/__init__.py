@@ -56,7 +56,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     )
 
 
-def _resnet_factory(block, layers) -> Factory:  # noqa: ANN001 - internal helper
+def _resnet_factory(block, layers) -> Factory:
     def make(**kwargs: object) -> nn.Module:
         return ResNet(block, layers, **kwargs)  # type: ignore[arg-type]
 

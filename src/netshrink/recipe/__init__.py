@@ -1,0 +1,55 @@
+"""Recipes: validated YAML, the stage registry, and the runner that measures every stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from netshrink.recipe.record import RunRecord
+from netshrink.recipe.schema import Recipe, load_recipe, parse_recipe
+
+__all__ = ["Recipe", "RunRecord", "load_recipe", "parse_recipe", "run_recipe", "run_recipe_file"]
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: Path,
+    *,
+    report: bool = True,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> RunRecord:
+    """Run (or resume) ``recipe`` into the folder ``out``; render its report.
+
+    Returns:
+        The run record also written to ``out/run.json``.
+    """
+    from netshrink.recipe.runner import Runner
+
+    record = Runner(recipe, out, log=log, progress=progress).run()
+    if report:
+        from netshrink.report import render_report
+
+        md, html = render_report(out)
+        log(f"report: {md} and {html}")
+    return record
+
+
+def run_recipe_file(
+    path: Path,
+    out: Path,
+    *,
+    data_dir: Path | None = None,
+    device: str | None = None,
+    report: bool = True,
+) -> RunRecord:
+    """Load ``path``, apply command-line overrides, and run it into ``out``."""
+    recipe = load_recipe(path)
+    updates = {}
+    if data_dir is not None:
+        updates["data"] = recipe.data.model_copy(update={"root": data_dir})
+    if device is not None:
+        updates["device"] = device
+    if updates:
+        recipe = recipe.model_copy(update=updates)
+    return run_recipe(recipe, out, report=report)

@@ -32,6 +32,8 @@ class StageRecord(BaseModel):
     name: str  # unique within the run, e.g. "baseline", "train", "finetune"
     kind: str  # the registered stage kind, or "baseline"
     status: Literal["done", "failed"] = "done"
+    key: str = ""  # hash of everything upstream that decides this stage's output
+    measure_key: str = ""  # hash of the measure settings the measurement used
     config: dict[str, Any] = Field(default_factory=dict)
     artifact: str | None = None  # checkpoint path relative to the run folder
     measurement: Measurement | None = None

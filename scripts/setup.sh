@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up netshrink on a fresh machine: Debian's Fashion-MNIST, then a virtual environment
+# in .venv with torch installed first, pinned (an unpinned torch pulls gigabytes of CUDA
+# packages; 2.13.0 is the CPU wheel these machines carry), then netshrink and its extras.
+#   scripts/setup.sh          # what the quickstart needs
+#   scripts/setup.sh dev      # + what the tests need
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="${1:-}"
+torch_version="${NETSHRINK_TORCH_VERSION:-2.13.0}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
+.venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null \
+  || "${pip[@]}" install "torch==$torch_version"
+if [ -n "$extras" ]; then
+  "${pip[@]}" install -e ".[$extras]"
+else
+  "${pip[@]}" install -e .
+fi
+echo "netshrink is set up in .venv (torch $torch_version)"

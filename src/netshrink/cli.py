@@ -1,0 +1,240 @@
+"""The ``netshrink`` command. Thin: each subcommand parses arguments and calls the API.
+
+A ``UserError`` (bad input) prints one line and exits 2; an interruption exits 130 and
+says how to resume. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from netshrink.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def _input_shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != 3 or min(dims) <= 0:
+        raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x224x224, got {text!r}")
+    return dims
+
+
+def _data_args(p: argparse.ArgumentParser, *, default: str | None = "fashion_mnist") -> None:
+    p.add_argument("--data", default=default, help="dataset name (netshrink list datasets)")
+    p.add_argument("--data-dir", type=Path, help="folder holding the dataset's files")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from netshrink.recipe import run_recipe_file
+
+    run_recipe_file(args.recipe, args.out, data_dir=args.data_dir, device=args.device,
+                    report=not args.no_report)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from netshrink.report import render_report
+
+    md, html = render_report(args.run_dir)
+    print(f"wrote {md} and {html}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from netshrink.recipe import parse_recipe, run_recipe
+
+    stage = {"kind": "train", "epochs": args.epochs, "lr": args.lr,
+             "batch_size": args.batch_size, "optimizer": args.optimizer}
+    raw = {
+        "name": args.out.name,
+        "device": args.device,
+        "model": {"arch": args.arch, "stem": args.stem,
+                  "weights": str(args.weights) if args.weights else None},
+        "data": {"name": args.data, "root": str(args.data_dir) if args.data_dir else None},
+        "stages": [stage],
+    }
+    record = run_recipe(parse_recipe(raw, source="netshrink train"), args.out)
+    print(f"model: {args.out / record.stages[-1].artifact}")  # type: ignore[operator]
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from netshrink.bench import evaluate
+    from netshrink.data import DataConfig, build_data
+    from netshrink.store.checkpoint import load_model
+
+    model, spec, meta = load_model(args.weights)
+    name = args.data or meta.get("dataset")
+    if name is None:
+        raise UserError(f"{args.weights}: the file does not say its dataset; pass --data")
+    data = build_data(DataConfig(name=name, root=args.data_dir, image_size=meta.get("image_size"),
+                                 val_size=0 if args.split == "test" else 5000))
+    split = data.test if args.split == "test" else data.val
+    acc = evaluate(model, split, batch_size=args.batch_size, device=args.device,  # type: ignore[arg-type]
+                   split_name=args.split)
+    print(json.dumps({"weights": str(args.weights), "arch": spec.arch, "dataset": name,
+                      **acc.model_dump()}, indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from netshrink.bench import measure
+    from netshrink.models import ModelSpec, build_model
+    from netshrink.store.checkpoint import load_model
+
+    if args.weights is not None:
+        model, spec, meta = load_model(args.weights)
+        shape = args.input or [spec.in_channels, meta.get("image_size", 224),
+                               meta.get("image_size", 224)]
+    else:
+        side = 32 if args.stem == "cifar" else 224
+        shape = args.input or [3, side, side]
+        spec = ModelSpec(arch=args.arch, stem=args.stem, num_classes=args.num_classes,
+                         in_channels=shape[0])
+        model = build_model(spec).eval()
+    results = []
+    for repeat in range(args.repeats):
+        m = measure(model, input_shape=shape, file=args.weights, device=args.device,
+                    threads=args.threads, batch_size=args.batch_size, seed=repeat)
+        results.append(m)
+        lat, thr = m.latency, m.throughput
+        print(f"[{repeat + 1}/{args.repeats}] {spec.arch} {'x'.join(map(str, shape))}: "
+              f"batch 1 p50 {lat.p50_ms:.2f} ms p90 {lat.p90_ms:.2f} ms; "  # type: ignore[union-attr]
+              f"batch {args.batch_size} {thr.images_per_s:.1f} img/s; "  # type: ignore[union-attr]
+              f"peak {m.peak_memory_mb:.0f} MB ({m.memory_kind})")
+    p50s = [r.latency.p50_ms for r in results]  # type: ignore[union-attr]
+    tputs = [r.throughput.images_per_s for r in results]  # type: ignore[union-attr]
+    first = results[0]
+    macs = f"; MACs {first.macs / 1e6:,.1f} M per image" if first.macs else ""
+    print(f"params {first.params:,} (non-zero {first.nonzero_params:,}){macs}")
+    if len(results) > 1:
+        lat_spread = (max(p50s) / min(p50s) - 1) * 100
+        tput_spread = (max(tputs) / min(tputs) - 1) * 100
+        print(f"run-to-run spread: batch-1 p50 {min(p50s):.2f}-{max(p50s):.2f} ms "
+              f"({lat_spread:.1f}%); throughput {min(tputs):.1f}-{max(tputs):.1f} img/s "
+              f"({tput_spread:.1f}%)")
+    if args.json is not None:
+        from netshrink.store.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps([r.model_dump() for r in results], indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from netshrink.predict import predict_files
+
+    for path, top in predict_files(args.weights, args.images, k=args.top):
+        print(f"{path}:")
+        for label, prob in top:
+            print(f"  {prob * 100:6.2f}%  {label}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from netshrink.data import DATASETS
+    from netshrink.models import MODELS
+    from netshrink.recipe.stages import STAGES, load_builtin_stages
+
+    load_builtin_stages()
+    tables = {"models": MODELS.names(), "datasets": DATASETS.names(),
+              "stages": [f"{n}: {STAGES.get(n).summary}" for n in STAGES.names()]}
+    for what in [args.what] if args.what else tables:
+        print(f"{what}:")
+        for line in tables[what]:
+            print(f"  {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netshrink", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a YAML recipe (resumes an interrupted run)")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="the run's folder")
+    p.add_argument("--data-dir", type=Path, help="override the recipe's data.root")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="override the recipe's device")
+    p.add_argument("--no-report", action="store_true", help="skip rendering the report")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("report", help="render report.md and report.html from a run's run.json")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("train", help="train a model (a one-stage recipe)")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
+    p.add_argument("--weights", type=Path, help="start from this checkpoint")
+    _data_args(p)
+    p.add_argument("--epochs", type=int, default=3)  # validated by the recipe: >0
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset split")
+    p.add_argument("--weights", type=Path, required=True)
+    _data_args(p, default=None)
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="size, params, MACs, latency, throughput, memory")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
+    p.add_argument("--num-classes", type=_positive_int, default=1000)
+    p.add_argument("--weights", type=Path, help="measure this checkpoint instead")
+    p.add_argument("--input", type=_input_shape, help="one image's shape, e.g. 3x224x224")
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--repeats", type=_positive_int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--json", type=Path, help="also write the measurements here")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("predict", help="top-5 classes of images with a trained model")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--top", type=_positive_int, default=5)
+    p.add_argument("images", type=Path, nargs="+")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("list", help="registered models, datasets and stages")
+    p.add_argument("what", nargs="?", choices=["models", "datasets", "stages"])
+    p.set_defaults(fn=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except UserError as exc:
+        print(f"netshrink: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("netshrink: interrupted; finished stages are kept, run the same command to "
+              "resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

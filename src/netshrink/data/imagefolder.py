@@ -1,0 +1,409 @@
+"""ImageNet-style class folders, decoded lazily with Pillow.
+
+Layout::
+
+    root/train/<class>/*.jpg|png|...     training images, one folder per class
+    root/val/<class>/*.jpg|png|...       the held-out set we report on (the ``test`` split)
+
+Class names are the sorted folder names under ``train``; ``val`` must have the same ones.
+The ``val`` split of the bundle is held out of ``train`` like for the in-memory datasets.
+
+Transforms follow the usual ImageNet recipe (the same arithmetic as torchvision's, which
+does not import here): evaluation resizes the shorter side to ``round(S * 256 / 224)`` and
+centre-crops ``S``; training takes a random-resized crop (scale 0.08..1, aspect 3/4..4/3)
+and flips half the images. Every random draw comes from a per-image seed that is fixed
+before decoding starts, so batches are the same for a given seed whatever the number of
+worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from netshrink.data.base import Batch, DataBundle, DatasetInfo
+from netshrink.errors import UserError
+
+if TYPE_CHECKING:
+    from netshrink.data import DataConfig, DatasetSpec
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
+_LAYOUT = (
+    "expected root/train/<class>/<images> and root/val/<class>/<images> "
+    "(jpg, png, ...; one folder per class, the same class folders in both)"
+)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size``, keeping the aspect ratio (bilinear)."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    if w <= h:
+        new_w, new_h = size, max(1, int(size * h / w))
+    else:
+        new_w, new_h = max(1, int(size * w / h)), size
+    return img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Crop the central ``size`` x ``size`` square (the image must be at least that big)."""
+    w, h = img.size
+    top = round((h - size) / 2.0)
+    left = round((w - size) / 2.0)
+    return img.crop((left, top, left + size, top + size))
+
+
+def eval_transform(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``round(size * 256 / 224)``, then centre-crop ``size``."""
+    return center_crop(resize_shorter(img, round(size * 256 / 224)), size)
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    gen: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """Crop a random area fraction ``scale`` with aspect ``ratio`` and resize it to ``size``.
+
+    Ten tries at a box that fits, then the whole image clamped to ``ratio`` (torchvision's
+    algorithm), with every draw from ``gen``.
+    """
+    w, h = img.size
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    for _ in range(10):
+        target_area = area * uniform(*scale)
+        aspect = math.exp(uniform(*log_ratio))
+        cw = round(math.sqrt(target_area * aspect))
+        ch = round(math.sqrt(target_area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (), generator=gen))
+            left = int(torch.randint(0, w - cw + 1, (), generator=gen))
+            break
+    else:
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            cw, ch = w, round(w / ratio[0])
+        elif in_ratio > ratio[1]:
+            cw, ch = round(h * ratio[1]), h
+        else:
+            cw, ch = w, h
+        top, left = (h - ch) // 2, (w - cw) // 2
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+
+
+def to_tensor(img: Image.Image, mean: Tensor, std: Tensor) -> Tensor:
+    """PIL image -> normalised float ``[C, H, W]``."""
+    array = np.asarray(img, dtype=np.uint8)
+    if array.ndim == 2:  # mode "L"
+        array = array[:, :, None]
+    x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return x.sub_(mean).div_(std)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A file that could not be decoded, passed back from a worker as data.
+
+    Raising in a DataLoader worker re-raises in the main process with the worker's whole
+    traceback folded into the message; the CLI wants one line naming the file.
+    """
+
+    message: str
+
+
+class _ImageDataset(Dataset):
+    """Decodes ``files[i]`` and applies the eval or the seeded training transform.
+
+    Keys are ``(index, seed)``: ``seed < 0`` means the eval transform, otherwise the seed
+    of this image's augmentation draws.
+    """
+
+    def __init__(
+        self, files: Sequence[Path], labels: Tensor, image_size: int, mode: str,
+        mean: tuple[float, ...], std: tuple[float, ...],
+    ) -> None:
+        self.files = files
+        self.labels = labels
+        self.image_size = image_size
+        self.mode = mode
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int] | _Failure:
+        index, seed = key
+        path = self.files[index]
+        try:
+            with Image.open(path) as opened:
+                img = opened.convert(self.mode)  # convert() forces the full decode here
+        except Exception as exc:
+            # Pillow reports bad files with many exception types (OSError, SyntaxError,
+            # ValueError, DecompressionBombError, ...); any of them means this file is bad.
+            return _Failure(
+                f"{path}: cannot decode image ({type(exc).__name__}: {exc}); "
+                "delete or replace the file"
+            )
+        if seed < 0:
+            img = eval_transform(img, self.image_size)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            img = random_resized_crop(img, self.image_size, gen)
+            if float(torch.rand((), generator=gen)) < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(img, self.mean, self.std), int(self.labels[index])
+
+
+def _collate(items: list[tuple[Tensor, int] | _Failure]) -> Batch | _Failure:
+    for item in items:
+        if isinstance(item, _Failure):
+            return item
+    images = torch.stack([item[0] for item in items])  # type: ignore[index]
+    labels = torch.tensor([item[1] for item in items], dtype=torch.int64)  # type: ignore[index]
+    return images, labels
+
+
+class FileSplit:
+    """A split of image files decoded on the fly; satisfies ``Split``.
+
+    Args:
+        files: image paths.
+        labels: int64 class index per file.
+        image_size: side of the square images the model sees.
+        mean / std: per-channel normalisation.
+        mode: Pillow mode, ``"RGB"`` (3 channels) or ``"L"`` (1 channel).
+        num_workers: decoding processes (0: decode in this process).
+        augmentation: whether ``batches(augment=True)`` augments at all (the recipe's
+            ``data.augment``); evaluation never augments.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        labels: Tensor,
+        *,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        mode: str = "RGB",
+        num_workers: int = 0,
+        augmentation: bool = True,
+    ) -> None:
+        if labels.shape != (len(files),):
+            raise ValueError("FileSplit.labels must have one label per file")
+        self.files = list(files)
+        self.labels = labels.to(torch.int64)
+        self.image_size = image_size
+        self.mean = mean
+        self.std = std
+        self.mode = mode
+        self.num_workers = num_workers
+        self.augmentation = augmentation
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, indices: Tensor | Sequence[int]) -> FileSplit:
+        """The files at ``indices``, in that order, with the same settings."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return FileSplit(
+            [self.files[i] for i in idx.tolist()], self.labels[idx],
+            image_size=self.image_size, mean=self.mean, std=self.std, mode=self.mode,
+            num_workers=self.num_workers, augmentation=self.augmentation,
+        )
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0
+    ) -> Iterator[Batch]:
+        """Yield ``(images [B, C, S, S] float, labels [B] int64)``.
+
+        Raises:
+            UserError: an image cannot be decoded (the message names the file).
+        """
+        gen = torch.Generator().manual_seed(seed)
+        n = len(self)
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        if augment and self.augmentation:
+            # Draw every image's seed up front so the result does not depend on which
+            # worker decodes which image.
+            seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()
+        else:
+            seeds = [-1] * n
+        keys = list(zip(order.tolist(), seeds, strict=True))
+        dataset = _ImageDataset(self.files, self.labels, self.image_size, self.mode,
+                                self.mean, self.std)
+        loader = DataLoader(
+            dataset,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            sampler=keys,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+            # Our own generator: otherwise worker start-up would draw from the global RNG
+            # and shift the model's initialisation or dropout between runs.
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for batch in loader:
+            if isinstance(batch, _Failure):
+                raise UserError(batch.message)
+            yield batch
+
+
+# --------------------------------------------------------------------------- the folders
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted, hidden files skipped.
+
+    os.walk rather than Path.rglob + is_file: it gets file names without a stat per file,
+    which matters for ImageNet's 1.28 million images on a network disk. Hidden files are
+    skipped because macOS leaves ``._name.jpg`` resource forks that are not images.
+    """
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        base = Path(dirpath)
+        found.extend(
+            base / name for name in sorted(filenames)
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    return found
+
+
+def scan_image_folder(
+    folder: Path, classes: list[str] | None = None
+) -> tuple[list[Path], Tensor, list[str]]:
+    """List the images of one split folder.
+
+    Args:
+        folder: ``root/train`` or ``root/val``.
+        classes: the class names it must have (those of ``train``); None to take its own.
+
+    Returns:
+        The files, their int64 labels and the class names.
+
+    Raises:
+        UserError: the folder is missing, has no class folders, different class folders
+            from ``classes``, or (for train) a class without images.
+    """
+    if not folder.is_dir():
+        raise UserError(f"{folder}: folder not found; {_LAYOUT}")
+    found = _class_folders(folder)
+    if not found:
+        raise UserError(f"{folder}: no class folders; {_LAYOUT}")
+    if classes is not None and found != classes:
+        missing = sorted(set(classes) - set(found))
+        extra = sorted(set(found) - set(classes))
+        raise UserError(
+            f"{folder}: class folders differ from train's (missing: {missing[:5]}, "
+            f"extra: {extra[:5]}); {_LAYOUT}"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(found):
+        images = _image_files(folder / name)
+        if not images and classes is None:
+            raise UserError(f"{folder / name}: class folder has no images; {_LAYOUT}")
+        files.extend(images)
+        labels.extend([label] * len(images))
+    if not files:
+        raise UserError(f"{folder}: no images found; {_LAYOUT}")
+    return files, torch.tensor(labels, dtype=torch.int64), found
+
+
+def _limit(n: int, limit: int | None, seed: int) -> Tensor:
+    """Indices of ``limit`` images out of ``n``: a seeded sample, kept in file order.
+
+    The files are sorted by class, so "the first N" (what in-memory datasets do) would
+    give a quick run only the first few classes.
+    """
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+    return chosen.sort().values
+
+
+def build_image_folder(cfg: DataConfig, root: Path | None, spec: DatasetSpec) -> DataBundle:
+    """Cut an image-folder dataset into a ``DataBundle``.
+
+    Args:
+        cfg: the recipe's data section (sizes, limits, seed, workers, augmentation).
+        root: the folder holding ``train/`` and ``val/``.
+        spec: the registered dataset's normalisation, channels and default image size.
+
+    Returns:
+        ``train`` and ``val`` (held out of ``root/train``), ``test`` (``root/val``) and
+        ``calib`` (a subset of ``train``), all decoding lazily.
+
+    Raises:
+        UserError: no root given, missing folders, mismatched classes, no images, or
+            ``val_size`` too large.
+    """
+    from netshrink.data import split_indices
+
+    if root is None:
+        raise UserError(f"the imagefolder dataset needs a folder: pass --data-dir; {_LAYOUT}")
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: folder not found; {_LAYOUT}")
+    train_files, train_labels, classes = scan_image_folder(root / "train")
+    test_files, test_labels, _ = scan_image_folder(root / "val", classes)
+    image_size = cfg.image_size or spec.image_size
+    mode = "L" if spec.in_channels == 1 else "RGB"
+
+    def split(files: list[Path], labels: Tensor, limit: int | None) -> FileSplit:
+        keep = _limit(len(files), limit, cfg.seed).tolist()
+        return FileSplit(
+            [files[i] for i in keep], labels[keep], image_size=image_size, mean=spec.mean,
+            std=spec.std, mode=mode, num_workers=cfg.num_workers, augmentation=cfg.augment,
+        )
+
+    full = split(train_files, train_labels, cfg.train_limit)
+    train_idx, val_idx, calib_idx = split_indices(len(full), cfg.val_size, cfg.calib_size,
+                                                   cfg.seed)
+    info = DatasetInfo(
+        name=cfg.name,
+        num_classes=len(classes),
+        in_channels=1 if mode == "L" else 3,
+        image_size=image_size,
+        class_names=classes,
+        mean=spec.mean,
+        std=spec.std,
+    )
+    return DataBundle(
+        info=info,
+        train=full.subset(train_idx),
+        val=full.subset(val_idx) if len(val_idx) else None,
+        test=split(test_files, test_labels, cfg.test_limit),
+        calib=full.subset(calib_idx),
+    )

@@ -1,0 +1,248 @@
+"""Run a recipe: baseline, then each stage, each measured, each saved before the next.
+
+Resuming is the normal path, not a special one: every stage has a key (a hash of
+everything that decides its output: model section, weights file, data, seed and the
+configs of it and all stages before it). On start, finished stages whose key and file
+are unchanged are reused; the first changed or unfinished stage and all after it run.
+An interrupted training stage resumes from its own saved state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import netshrink
+from netshrink.bench import measure
+from netshrink.data import DataBundle, build_data
+from netshrink.errors import UserError
+from netshrink.models import ModelSpec, build_model
+from netshrink.recipe.record import RunRecord, StageRecord
+from netshrink.recipe.schema import Recipe, StageEntry
+from netshrink.recipe.stages import STAGES, StageContext
+from netshrink.store.atomic import atomic_write_text
+from netshrink.store.checkpoint import load_model, load_weights, read_state_dict, save_model
+
+RUN_FILE = "run.json"
+MODEL_FILE = "model.safetensors"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
+    """Keys of the baseline and every stage; a key changes when anything upstream does."""
+    weights = recipe.model.weights
+    root = {
+        "model": recipe.model.model_dump(mode="json"),
+        "weights_sha": _file_sha(weights) if weights is not None and weights.is_file() else None,
+        "data": recipe.data.model_dump(mode="json", exclude={"batch_size", "num_workers"}),
+        "seed": recipe.seed,
+    }
+    keys = [_sha(root)]
+    for entry in entries:
+        keys.append(_sha([keys[-1], entry.kind, entry.config.model_dump(mode="json")]))
+    return keys
+
+
+def model_spec(recipe: Recipe, data: DataBundle) -> ModelSpec:
+    m = recipe.model
+    return ModelSpec(
+        arch=m.arch,
+        num_classes=m.num_classes or data.info.num_classes,
+        in_channels=m.in_channels or data.info.in_channels,
+        stem=m.stem,
+        zero_init_residual=m.zero_init_residual,
+    )
+
+
+def checkpoint_meta(data: DataBundle, *, run: str, stage: str) -> dict[str, Any]:
+    """What ``predict`` and ``eval`` need to use a model file on its own."""
+    info = data.info
+    return {
+        "dataset": info.name,
+        "class_names": info.class_names,
+        "image_size": info.image_size,
+        "in_channels": info.in_channels,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "run": run,
+        "stage": stage,
+        "netshrink_version": netshrink.__version__,
+    }
+
+
+class Runner:
+    """Runs one recipe into one folder. See the module docstring for resuming."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        out: Path,
+        *,
+        log: Callable[[str], None] = print,
+        progress: bool | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.out = out
+        self.log = log
+        self.progress = progress
+
+    def _load_previous(self) -> RunRecord | None:
+        path = self.out / RUN_FILE
+        if not path.exists():
+            return None
+        try:
+            return RunRecord.model_validate_json(path.read_text())
+        except ValueError as exc:
+            raise UserError(
+                f"{path}: unreadable run record ({str(exc).splitlines()[0]}); "
+                "move the folder away or choose another --out"
+            ) from None
+
+    def _write(self, record: RunRecord) -> None:
+        record.updated = _now()
+        atomic_write_text(self.out / RUN_FILE, record.model_dump_json(indent=2))
+
+    def _measure(self, model: nn.Module, data: DataBundle, file: Path) -> Any:
+        m = self.recipe.measure
+        split = data.test if m.split == "test" else data.val
+        if split is None:
+            raise UserError("measure.split is 'val' but data.val_size is 0; set one of them")
+        info = data.info
+        return measure(
+            model,
+            input_shape=[info.in_channels, info.image_size, info.image_size],
+            data_split=split,
+            accuracy_split_name=m.split,
+            max_eval_images=m.max_eval_images,
+            file=file,
+            run_dir=self.out,
+            device=self.recipe.device,
+            threads=m.threads,
+            seed=self.recipe.seed,
+            batch_size=m.batch_size,
+            time_model=m.latency,
+        )
+
+    def _baseline(self, spec: ModelSpec) -> nn.Module:
+        torch.manual_seed(self.recipe.seed)
+        model = build_model(spec)
+        weights = self.recipe.model.weights
+        if weights is not None:
+            state, _ = read_state_dict(weights)
+            load_weights(model, spec, state, weights)
+        return model
+
+    def run(self) -> RunRecord:
+        """Run (or resume) the recipe; returns the final run record.
+
+        Raises:
+            UserError: bad data, weights or recipe values found while running.
+        """
+        recipe = self.recipe
+        entries = recipe.parsed_stages()
+        # Everything that can fail on bad input is checked before the folder is touched.
+        previous = self._load_previous()
+        data = build_data(recipe.data)
+        spec = model_spec(recipe, data)
+        keys = stage_keys(recipe, entries)
+        baseline = self._baseline(spec)  # a bad weights file fails here, before any write
+        self.out.mkdir(parents=True, exist_ok=True)
+        measure_key = _sha(recipe.measure.model_dump(mode="json"))
+        raw_recipe = recipe.model_dump(mode="json")
+        record = RunRecord(
+            name=recipe.name,
+            recipe=raw_recipe,
+            recipe_sha256=_sha(raw_recipe),
+            netshrink_version=netshrink.__version__,
+            created=previous.created if previous else _now(),
+            updated=_now(),
+        )
+        old = {s.index: s for s in previous.stages} if previous else {}
+        names = ["baseline"] + [e.name for e in entries]
+        kinds = ["baseline"] + [e.kind for e in entries]
+        model: nn.Module | None = None
+        reusing = True
+        for index, (name, kind, key) in enumerate(zip(names, kinds, keys, strict=True)):
+            stage_dir = self.out / "stages" / f"{index:02d}-{name}"
+            artifact = stage_dir / MODEL_FILE
+            prior = old.get(index)
+            if (reusing and prior is not None and prior.status == "done" and prior.key == key
+                    and artifact.is_file()):
+                if prior.measure_key != measure_key:
+                    self.log(f"[{index}] {name}: finished before; measuring again")
+                    model, _, _ = load_model(artifact)
+                    prior.measurement = self._measure(model, data, artifact)
+                    prior.measure_key = measure_key
+                else:
+                    self.log(f"[{index}] {name}: finished before, reused")
+                    model = None  # loaded from its file only if a later stage needs it
+                record.stages.append(prior)
+                self._write(record)
+                continue
+            if reusing and index > 0:
+                # Later stages of an older run depend on what is about to change.
+                for stale in sorted((self.out / "stages").glob("*")):
+                    number = stale.name.split("-", 1)[0]
+                    if number.isdigit() and int(number) > index:
+                        shutil.rmtree(stale)
+            reusing = False
+            if model is None and index > 0:
+                model, _, _ = load_model(self.out / record.stages[-1].artifact)  # type: ignore[operator]
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            started, t0 = _now(), time.perf_counter()
+            ctx = StageContext(data=data, spec=spec, device=recipe.device, seed=recipe.seed,
+                               run_dir=self.out, stage_dir=stage_dir, log=self.log,
+                               progress=self.progress)
+            self.log(f"[{index}] {name} ({kind}): running")
+            if index == 0:
+                model = baseline
+                config: dict[str, Any] = {}
+            else:
+                entry = entries[index - 1]
+                torch.manual_seed(recipe.seed + index)
+                model = STAGES.get(kind).fn(model, entry.config, ctx)  # type: ignore[arg-type]
+                config = entry.config.model_dump(mode="json")
+            seconds = time.perf_counter() - t0
+            save_model(model, spec, artifact, meta=checkpoint_meta(data, run=recipe.name,
+                                                                   stage=name))
+            t1 = time.perf_counter()
+            measurement = self._measure(model, data, artifact)
+            stage = StageRecord(
+                index=index, name=name, kind=kind, key=key, measure_key=measure_key,
+                config=config, artifact=str(artifact.relative_to(self.out)),
+                measurement=measurement, history=ctx.history, seconds=seconds,
+                measure_seconds=time.perf_counter() - t1, started=started, finished=_now(),
+                notes=ctx.notes,
+            )
+            record.stages.append(stage)
+            self._write(record)
+            (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
+            acc = measurement.accuracy
+            top1 = f"top-1 {acc.top1:.4f} " if acc is not None else ""
+            self.log(f"[{index}] {name}: done in {seconds:.0f}s; {top1}"
+                     f"({stage.measure_seconds:.0f}s measuring)")
+        return record

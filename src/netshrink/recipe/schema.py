@@ -1,0 +1,156 @@
+"""The recipe: a YAML file naming a model, data and a list of stages, validated up front.
+
+Every section refuses unknown keys, and every stage is checked against its own config
+class before anything runs, so a typo in the last stage fails in the first second with
+the list of what is allowed, not an hour into training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from netshrink.data import DataConfig
+from netshrink.errors import UserError
+from netshrink.recipe.stages import STAGES, load_builtin_stages
+
+
+class ModelSection(BaseModel):
+    """The ``model:`` section. ``num_classes``/``in_channels`` default to the dataset's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = "resnet18"
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    num_classes: int | None = Field(default=None, gt=0)
+    in_channels: int | None = Field(default=None, gt=0)
+    zero_init_residual: bool = True
+    weights: Path | None = None  # start from this checkpoint instead of a fresh init
+
+
+class MeasureConfig(BaseModel):
+    """The ``measure:`` section: how each stage's model is measured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: Literal["test", "val"] = "test"
+    max_eval_images: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    threads: int = Field(default=2, gt=0)
+    latency: bool = True  # time batch-1 latency and batch-N throughput
+
+
+class ReportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    accuracy_budget: float | None = Field(default=None, ge=0)  # top-1 points vs baseline
+
+
+class StageEntry(BaseModel):
+    """One validated stage: its kind, unique name and typed config."""
+
+    kind: str
+    name: str
+    config: Any
+
+
+class Recipe(BaseModel):
+    """A whole recipe. ``stages`` is a list of ``{kind: ..., name?: ..., <config keys>}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "run"
+    seed: int = 0
+    device: Literal["cpu", "cuda"] = "cpu"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> Recipe:
+        self.parsed_stages()
+        return self
+
+    def parsed_stages(self) -> list[StageEntry]:
+        load_builtin_stages()
+        entries: list[StageEntry] = []
+        seen: set[str] = {"baseline"}
+        for i, raw in enumerate(self.stages):
+            if not isinstance(raw, dict) or "kind" not in raw:
+                raise ValueError(f"stages[{i}] needs a 'kind' (one of: {', '.join(STAGES)})")
+            body = dict(raw)
+            kind = str(body.pop("kind"))
+            if kind not in STAGES:
+                raise ValueError(
+                    f"stages[{i}]: unknown stage kind {kind!r}; known: {', '.join(STAGES)}"
+                )
+            name = str(body.pop("name", kind))
+            if name in seen:
+                raise ValueError(f"stages[{i}]: stage name {name!r} is used twice; "
+                                 "give each stage a unique 'name'")
+            seen.add(name)
+            cls = STAGES.get(kind).config
+            try:
+                config = cls.model_validate(body)
+            except ValidationError as exc:
+                raise ValueError(f"stages[{i}] ({kind}): {_first_error(exc, cls)}") from None
+            entries.append(StageEntry(kind=kind, name=name, config=config))
+        return entries
+
+
+def _first_error(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = f"; allowed: {', '.join(cls.model_fields)}" if cls is not None else ""
+        return f"unknown key {where!r}{allowed}"
+    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _section_class(loc: tuple) -> type[BaseModel] | None:
+    sections = {"model": ModelSection, "data": DataConfig, "measure": MeasureConfig,
+                "report": ReportConfig}
+    if len(loc) > 1:
+        return sections.get(str(loc[0]))
+    return Recipe
+
+
+def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
+    """Validate a recipe given as a dict.
+
+    Raises:
+        UserError: an unknown key or stage, or a value out of range, named with its place.
+    """
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a recipe is a YAML mapping with model/data/stages keys")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        if err["type"] == "value_error":
+            raise UserError(f"{source}: {str(err['msg']).removeprefix('Value error, ')}") from None
+        raise UserError(f"{source}: {_first_error(exc, _section_class(err['loc']))}") from None
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file.
+
+    Raises:
+        UserError: missing file, invalid YAML, or an invalid recipe.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: recipe not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; give the recipe's .yaml file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_recipe(raw, source=str(path))

@@ -1,0 +1,179 @@
+"""Everything a report says, derived from a :class:`RunRecord` alone.
+
+Both renderers (Markdown and HTML) take a :class:`ReportContent`, so the two files
+cannot disagree, and nothing here reads the clock or the disk: the same ``run.json``
+always gives the same report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import yaml
+
+from netshrink.recipe.record import RunRecord, StageRecord
+from netshrink.report import fmt
+from netshrink.report.plots import Plot, all_plots
+from netshrink.report.tables import (
+    EnvironmentSummary,
+    Table,
+    comparison_table,
+    environment_summary,
+    history_table,
+    measurement_table,
+)
+from netshrink.report.verdict import THRESHOLDS_TEXT, Comparison, accuracy_budget, compare
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """The report, format-free: strings, tables and PNG plots."""
+
+    title: str
+    meta: tuple[tuple[str, str], ...]  # (label, value) lines under the title
+    headline: str  # the one-sentence verdict on the final stage
+    notes: tuple[str, ...]  # warnings and thresholds, shown right after the headline
+    comparison: Table
+    measurement: Table
+    environment: EnvironmentSummary
+    histories: tuple[Table, ...]
+    stage_notes: tuple[tuple[str, tuple[str, ...]], ...]  # (stage, notes) with notes
+    plots: tuple[Plot, ...]
+    recipe_text: str
+
+
+def _ordered(record: RunRecord) -> list[StageRecord]:
+    """Stages by index; the baseline (index 0) first even if written out of order."""
+    return sorted(record.stages, key=lambda s: s.index)
+
+
+def _size_words(r: float) -> str:
+    return f"{fmt.times(r)} smaller" if r >= 1 else f"{fmt.times(1 / r)} larger"
+
+
+def _speed_words(r: float) -> str:
+    return f"{fmt.times(r)} faster" if r >= 1 else f"{fmt.times(1 / r)} slower"
+
+
+def _headline(stages: list[StageRecord], comparisons: list[Comparison]) -> str:
+    """``Final stage X: 3.9x smaller, 2.1x faster, -0.40 points top-1 … (verdict: …)``.
+
+    Speaks of the last stage that finished with a measurement: that is the model the run
+    produced. A failed or unmeasured stage after it is said first, so it is not missed.
+    """
+    if not stages:
+        return "No stages recorded yet: the run has not measured its baseline."
+    measured = [i for i, s in enumerate(stages) if i > 0 and s.status == "done" and s.measurement]
+    prefix = ""
+    if stages[-1].status == "failed":
+        prefix = f"Stage {stages[-1].name} failed (see its notes). "
+    if not measured:
+        only = f"Only the baseline ({stages[0].name}) has been measured."
+        return prefix + only
+    i = measured[-1]
+    final, cmp = stages[i], comparisons[i]
+    parts = []
+    if cmp.size_ratio is not None:
+        parts.append(_size_words(cmp.size_ratio))
+    if cmp.speedup is not None:
+        parts.append(_speed_words(cmp.speedup))
+    if cmp.top1_delta is not None:
+        parts.append(f"{fmt.points(cmp.top1_delta)} points top-1")
+    said = ", ".join(parts) if parts else "nothing comparable to the baseline was measured"
+    label = "Final stage" if i == len(stages) - 1 else "Last measured stage"
+    return f"{prefix}{label} {final.name}: {said} (verdict: {cmp.verdict})."
+
+
+def _like_for_like_notes(stages: list[StageRecord]) -> list[str]:
+    """Warn where a stage was timed on other hardware or threads than the baseline."""
+    if not stages or stages[0].measurement is None:
+        return []
+    base = stages[0].measurement.environment
+    notes = []
+    for s in stages[1:]:
+        if s.measurement is None:
+            continue
+        env = s.measurement.environment
+        changed = [
+            name
+            for name, a, b in (
+                ("cpu", base.cpu, env.cpu),
+                ("gpu", base.gpu, env.gpu),
+                ("device", base.device, env.device),
+                ("threads", base.threads, env.threads),
+            )
+            if a != b
+        ]
+        if changed:
+            notes.append(
+                f"{s.name} was measured with a different {', '.join(changed)} than the "
+                "baseline: its speed ratios are not like-for-like."
+            )
+    return notes
+
+
+# What a reader needs to judge the timings at a glance; the rest is in the Environment part.
+_AT_A_GLANCE = ("cpu", "gpu", "threads", "torch", "runtime", "precision")
+
+
+def _measured_on(env: EnvironmentSummary) -> str:
+    """``Measured on: cpu …, gpu none, threads 2, …`` for the fields every stage shares."""
+    common = dict(env.common)
+    shared = [f"{k} {common[k]}" for k in _AT_A_GLANCE if k in common]
+    differing = [k for k in _AT_A_GLANCE if k not in common]
+    if not env.common and env.per_stage is None:
+        return "No stage has a measurement yet."
+    if not shared:
+        return "Measured on: see Environment (no field is the same for every stage)."
+    text = f"Measured on (every stage): {', '.join(shared)}."
+    if env.per_stage is not None and differing:
+        text += f" Differs per stage: {', '.join(differing)} (see Environment)."
+    return text
+
+
+def _recipe_text(recipe: dict) -> str:
+    """The recipe as YAML (as users write it); JSON if YAML cannot represent it."""
+    try:
+        return yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True, width=100)
+    except yaml.YAMLError:
+        return json.dumps(recipe, indent=2, ensure_ascii=False, default=str)
+
+
+def build_content(record: RunRecord, *, with_plots: bool = True) -> ReportContent:
+    """Derive the whole report from ``record`` (no I/O, no clock)."""
+    stages = _ordered(record)
+    budget = accuracy_budget(record)
+    comparisons = [compare(s, stages[0], budget) for s in stages]
+    notes = [THRESHOLDS_TEXT]
+    notes.append(
+        f"Accuracy budget: {budget:g} points of top-1 below the baseline."
+        if budget is not None
+        else "No accuracy budget set (recipe `report.accuracy_budget`)."
+    )
+    notes.append(
+        "Sizes are the saved artifact on disk, 1 MB = 10^6 bytes; latency is per call at "
+        "batch 1; ratios in brackets are against the baseline (> 1 is better)."
+    )
+    environment = environment_summary(stages)
+    notes.append(_measured_on(environment))
+    notes.extend(_like_for_like_notes(stages))
+    return ReportContent(
+        title=f"netshrink report: {record.name}",
+        meta=(
+            ("run", record.name),
+            ("created", record.created),
+            ("updated", record.updated),
+            ("netshrink", record.netshrink_version),
+            ("recipe sha256", record.recipe_sha256),
+        ),
+        headline=_headline(stages, comparisons),
+        notes=tuple(notes),
+        comparison=comparison_table(stages, comparisons),
+        measurement=measurement_table(stages),
+        environment=environment,
+        histories=tuple(history_table(s) for s in stages if s.history),
+        stage_notes=tuple((s.name, tuple(s.notes)) for s in stages if s.notes),
+        plots=tuple(all_plots(stages, budget)) if with_plots else (),
+        recipe_text=_recipe_text(record.recipe),
+    )

@@ -1,0 +1,173 @@
+"""Render :class:`ReportContent` as one self-contained HTML page.
+
+Self-contained means it can be mailed, attached to a ticket or opened offline years
+later: CSS is inline, plots are base64 ``data:`` URIs, and there are no scripts, fonts,
+or links to anything outside the file. Every piece of text goes through
+``html.escape``, since stage names and notes come from user-written recipes.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from html import escape
+
+from netshrink.report.content import ReportContent
+from netshrink.report.tables import Table
+
+# System font stacks only: a web font would be an external fetch.
+CSS = """
+:root { color-scheme: light; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue",
+       Arial, sans-serif; color: #1d2330; background: #fff; margin: 0; }
+main { max-width: 1320px; margin: 0 auto; padding: 24px 28px 48px; }
+h1 { font-size: 26px; margin: 0 0 6px; }
+h2 { font-size: 20px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid #dde1e8; }
+h3 { font-size: 16px; margin: 22px 0 8px; }
+.meta { color: #5a6375; font-size: 13px; margin: 0; }
+.meta span { margin-right: 18px; display: inline-block; }
+.meta code { font-size: 12px; word-break: break-all; }
+.headline { font-size: 18px; font-weight: 600; padding: 12px 16px; margin: 18px 0 10px;
+            background: #f3f6fb; border-left: 4px solid #3b6fd8; border-radius: 3px; }
+ul.notes { color: #3c4454; font-size: 13.5px; margin: 6px 0 0; padding-left: 20px; }
+.scroll { overflow-x: auto; margin: 8px 0; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { padding: 5px 9px; border-bottom: 1px solid #e4e7ec; vertical-align: top; }
+th { background: #f5f6f8; text-align: left; font-weight: 600; border-bottom: 2px solid #cfd4dc;
+     vertical-align: bottom; }
+th.num { text-align: right; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td .sub { color: #5a6375; font-size: 12px; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+td.verdict { font-weight: 600; min-width: 11em; }
+td.verdict .good { color: #1e7b34; }
+td.verdict .bad { color: #b42318; }
+td.verdict .base { color: #5a6375; }
+.plots { display: flex; flex-wrap: wrap; gap: 8px 28px; align-items: flex-start; }
+figure { margin: 14px 0 18px; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e4e7ec; }
+figcaption { color: #5a6375; font-size: 13px; margin-top: 4px; }
+dl.env { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; font-size: 13.5px; }
+dl.env dt { color: #5a6375; }
+dl.env dd { margin: 0; }
+pre { background: #f6f8fa; border: 1px solid #e4e7ec; padding: 12px 14px; overflow-x: auto;
+      font-size: 12.5px; line-height: 1.4; }
+"""
+
+
+def _verdict_part_class(part: str) -> str:
+    """Red for a failed check, grey for the baseline or an unknown, green for a pass."""
+    if any(word in part for word in ("not ", "below", "failed")):
+        return "bad"
+    if part == "baseline" or "unknown" in part:
+        return "base"
+    return "good"
+
+
+def _verdict(verdict: str) -> str:
+    """Each comma-separated part coloured on its own, so "not smaller, faster" reads as
+    one failure and one pass rather than all red."""
+    return ", ".join(
+        f'<span class="{_verdict_part_class(part)}">{escape(part)}</span>'
+        for part in verdict.split(", ")
+    )
+
+
+_VALUE_AND_RATIO = re.compile(r"^(.*\S) (\([^()]*\))$")
+
+
+def _cell(text: str) -> str:
+    """A numeric cell; ``40.0 MB (4.00x)`` shows its bracket on a second, quieter line.
+
+    Stacking keeps the wide comparison table within a laptop screen without wrapping a
+    number in the middle.
+    """
+    match = _VALUE_AND_RATIO.match(text)
+    if match is None:
+        return escape(text)
+    return f'{escape(match[1])}<br><span class="sub">{escape(match[2])}</span>'
+
+
+def html_table(table: Table, verdict_column: str | None = None) -> str:
+    """The table as HTML inside a horizontally scrolling box (wide tables never overflow)."""
+    head = "".join(
+        f'<th class="num">{escape(h)}</th>' if num else f"<th>{escape(h)}</th>"
+        for h, num in zip(table.headers, table.numeric, strict=True)
+    )
+    body = []
+    for row in table.rows:
+        cells = []
+        for header, cell, num in zip(table.headers, row, table.numeric, strict=True):
+            if header == verdict_column:
+                cells.append(f'<td class="verdict">{_verdict(cell)}</td>')
+            elif num:
+                cells.append(f'<td class="num">{_cell(cell)}</td>')
+            else:
+                cells.append(f"<td>{escape(cell)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def render_html(content: ReportContent) -> str:
+    """The whole report as one HTML document."""
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(content.title)}</title>",
+        f"<style>{CSS}</style></head><body><main>",
+        f"<h1>{escape(content.title)}</h1>",
+        '<p class="meta">'
+        + "".join(
+            f"<span>{escape(label)}: <code>{escape(value)}</code></span>"
+            for label, value in content.meta
+        )
+        + "</p>",
+        f'<p class="headline">{escape(content.headline)}</p>',
+        '<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in content.notes) + "</ul>",
+        f"<h2>{escape(content.comparison.title)}</h2>",
+        html_table(content.comparison, verdict_column="verdict"),
+        f"<h2>{escape(content.measurement.title)}</h2>",
+        html_table(content.measurement),
+    ]
+    if content.histories:
+        out.append("<h2>Training history</h2>")
+        for table in content.histories:
+            out += [f"<h3>{escape(table.title)}</h3>", html_table(table)]
+    if content.plots:
+        out.append('<h2>Plots</h2><div class="plots">')
+        for plot in content.plots:
+            data = base64.b64encode(plot.png).decode("ascii")
+            out.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{escape(plot.alt)}">'
+                f"<figcaption>{escape(plot.alt)}</figcaption></figure>"
+            )
+        out.append("</div>")
+    out.append("<h2>Environment</h2>")
+    env = content.environment
+    if env.common:
+        out.append("<p>Same for every measured stage:</p>")
+        out.append(
+            '<dl class="env">'
+            + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in env.common)
+            + "</dl>"
+        )
+    else:
+        out.append("<p>No stage has a measurement yet.</p>")
+    if env.per_stage is not None:
+        out += [f"<h3>{escape(env.per_stage.title)}</h3>", html_table(env.per_stage)]
+    if content.stage_notes:
+        out.append("<h2>Stage notes</h2><ul>")
+        for stage, notes in content.stage_notes:
+            out += [f"<li><strong>{escape(stage)}</strong>: {escape(n)}</li>" for n in notes]
+        out.append("</ul>")
+    out += [
+        "<h2>Recipe</h2>",
+        f"<pre>{escape(content.recipe_text)}</pre>",
+        "</main></body></html>",
+        "",
+    ]
+    return "\n".join(out)

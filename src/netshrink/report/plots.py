@@ -1,0 +1,254 @@
+"""The report's plots, as PNG bytes in memory.
+
+Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through
+``pyplot``: pyplot keeps global state (a current figure, a chosen backend) that would
+leak between calls and break under a GUI backend or threads. A plot with no data is
+skipped rather than drawn empty.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from netshrink.recipe.record import StageRecord
+from netshrink.report import fmt
+
+DPI = 100
+# Colours by stage position so one stage has the same colour in every plot.
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One rendered plot: ``name`` is the file stem, ``alt`` a one-line text equivalent."""
+
+    name: str
+    title: str
+    alt: str
+    png: bytes
+
+
+def _text(s: str) -> str:
+    """Escape ``$`` so a stage name like ``$5 model`` is not parsed as mathtext."""
+    return s.replace("$", r"\$")
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    # No "Software" entry: the PNG bytes then depend on the data only, not on the
+    # matplotlib version, so regenerated reports diff cleanly.
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _colour(i: int) -> str:
+    return PALETTE[i % len(PALETTE)]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower x and higher y are better.
+
+    Returned sorted by x (ties by descending y), which is the order to draw the front in.
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front: list[int] = []
+    best_y = float("-inf")
+    for i in order:
+        if points[i][1] > best_y:  # strictly better accuracy than anything as small
+            front.append(i)
+            best_y = points[i][1]
+    return front
+
+
+def top1_bar(stages: Sequence[StageRecord], budget: float | None) -> Plot | None:
+    """Top-1 per stage (left) and its change vs the baseline in points (right).
+
+    Both panels have honest axes: absolute top-1 from 0 to 100, where differences of a
+    few tenths are invisible, hence the second panel, whose bars start at 0 change. The
+    budget, when set, is drawn as the lowest acceptable change.
+    """
+    data = [
+        (i, s.name, s.measurement.accuracy.top1 * 100)
+        for i, s in enumerate(stages)
+        if s.measurement is not None and s.measurement.accuracy is not None
+    ]
+    if not data:
+        return None
+    xs = range(len(data))
+    names = [_text(n) for _, n, _ in data]
+    colours = [_colour(i) for i, *_ in data]
+    fig = Figure(figsize=(max(7.0, 1.6 * len(data) + 3), 3.8), layout="constrained")
+    abs_ax, delta_ax = fig.subplots(1, 2)
+
+    bars = abs_ax.bar(xs, [v for *_, v in data], color=colours)
+    abs_ax.bar_label(bars, labels=[f"{v:.2f}" for *_, v in data], padding=2, fontsize=8)
+    abs_ax.set_ylim(0, 109)  # room above 100 for the value labels
+    abs_ax.set_yticks(range(0, 101, 20))
+    abs_ax.set(title="Top-1 (%)", ylabel="top-1 (%)")
+
+    base = stages[0].measurement
+    if base is not None and base.accuracy is not None and data[0][0] == 0:
+        deltas = [v - base.accuracy.top1 * 100 for *_, v in data]
+        bars = delta_ax.bar(xs, deltas, color=colours)
+        delta_ax.bar_label(bars, labels=[f"{d:+.2f}" for d in deltas], padding=2, fontsize=8)
+        delta_ax.axhline(0, color="#333333", linewidth=0.8)
+        lows = [*deltas, 0.0]
+        if budget is not None:
+            delta_ax.axhline(
+                -budget,
+                color="#d62728",
+                linestyle="--",
+                linewidth=1,
+                label=f"budget: −{budget:g} points",
+            )
+            delta_ax.legend(loc="best", fontsize=8)
+            lows.append(-budget)
+        span = max(max(lows) - min(lows), 0.5)
+        delta_ax.set_ylim(min(lows) - 0.25 * span, max(lows) + 0.25 * span)
+        delta_ax.set(title="Change vs baseline (points)", ylabel="points of top-1")
+    else:
+        delta_ax.set_axis_off()  # no baseline accuracy: nothing to compare against
+    for ax in (abs_ax, delta_ax):
+        ax.set_xticks(xs, names, rotation=20, ha="right")
+        ax.grid(True, axis="y", alpha=0.3)
+    alt = "; ".join(f"{n}: {v:.2f}%" for _, n, v in data)
+    return Plot("top1", "Top-1 accuracy per stage", f"Top-1 per stage: {alt}", _png(fig))
+
+
+def _scatter(
+    name: str,
+    title: str,
+    xlabel: str,
+    data: list[tuple[int, str, float, float]],
+) -> Plot | None:
+    """Accuracy against a cost (lower is better), Pareto front dashed, points labelled."""
+    if not data:
+        return None
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for i, label, x, y in data:
+        ax.scatter([x], [y], color=_colour(i), s=40, zorder=3)
+        ax.annotate(_text(label), (x, y), xytext=(5, 5), textcoords="offset points", fontsize=9)
+    front = pareto_front([(x, y) for _, _, x, y in data])
+    if len(front) > 1:
+        ax.plot(
+            [data[i][2] for i in front],
+            [data[i][3] for i in front],
+            drawstyle="steps-post",
+            linestyle="--",
+            color="#555555",
+            linewidth=1,
+            zorder=2,
+            label="Pareto front",
+        )
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.margins(0.15)  # room for the labels of the outermost points
+    on_front = ", ".join(data[i][1] for i in front)
+    alt = f"{title}; Pareto front: {on_front}"
+    return Plot(name, title, alt, _png(fig))
+
+
+def size_vs_accuracy(stages: Sequence[StageRecord]) -> Plot | None:
+    """Size on disk (MB) against top-1, for stages with both measured."""
+    data = [
+        (i, s.name, s.measurement.size_bytes / fmt.MB, s.measurement.accuracy.top1 * 100)
+        for i, s in enumerate(stages)
+        if s.measurement is not None
+        and s.measurement.size_bytes is not None
+        and s.measurement.accuracy is not None
+    ]
+    return _scatter("size_vs_accuracy", "Size on disk vs top-1", "size on disk (MB)", data)
+
+
+def latency_vs_accuracy(stages: Sequence[StageRecord]) -> Plot | None:
+    """Batch-1 p50 latency (ms) against top-1, for stages with both measured."""
+    data = [
+        (i, s.name, s.measurement.latency.p50_ms, s.measurement.accuracy.top1 * 100)
+        for i, s in enumerate(stages)
+        if s.measurement is not None
+        and s.measurement.latency is not None
+        and s.measurement.accuracy is not None
+    ]
+    return _scatter(
+        "latency_vs_accuracy", "Batch-1 latency vs top-1", "batch-1 p50 latency (ms)", data
+    )
+
+
+def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
+    """Train loss and top-1 per epoch (val solid, train dashed) for stages with history."""
+    trained = [(i, s) for i, s in enumerate(stages) if s.history]
+    if not trained:
+        return None
+    fig = Figure(figsize=(10.0, 3.8), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for i, s in trained:
+        epochs = [e.epoch for e in s.history]
+        loss_ax.plot(
+            epochs,
+            [e.train_loss for e in s.history],
+            marker="o",
+            markersize=3,
+            color=_colour(i),
+            label=_text(s.name),
+        )
+        acc_ax.plot(
+            epochs,
+            [e.train_top1 * 100 for e in s.history],
+            linestyle="--",
+            color=_colour(i),
+            linewidth=1,
+            label=_text(f"{s.name} (train)"),
+        )
+        val = [(e.epoch, e.val_top1 * 100) for e in s.history if e.val_top1 is not None]
+        if val:
+            acc_ax.plot(
+                [v[0] for v in val],
+                [v[1] for v in val],
+                marker="o",
+                markersize=3,
+                color=_colour(i),
+                label=_text(f"{s.name} (val)"),
+            )
+    loss_ax.set(title="Train loss", xlabel="epoch", ylabel="loss")
+    acc_ax.set(title="Top-1 per epoch", xlabel="epoch", ylabel="top-1 (%)")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    names = ", ".join(s.name for _, s in trained)
+    return Plot(
+        "training", "Training curves", f"Train loss and top-1 per epoch for {names}", _png(fig)
+    )
+
+
+def all_plots(stages: Sequence[StageRecord], budget: float | None) -> list[Plot]:
+    """Every plot that has data, in the order the report shows them."""
+    made = (
+        top1_bar(stages, budget),
+        size_vs_accuracy(stages),
+        latency_vs_accuracy(stages),
+        training_curves(stages),
+    )
+    return [p for p in made if p is not None]

@@ -1,0 +1,46 @@
+"""Write a run folder's report files: ``report.md``, ``report_files/*.png``, ``report.html``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from netshrink.report.content import build_content
+from netshrink.report.html import render_html
+from netshrink.report.load import load_run
+from netshrink.report.markdown import PLOT_DIR, render_markdown
+from netshrink.store.atomic import atomic_write_bytes, atomic_write_text
+
+MARKDOWN_FILE = "report.md"
+HTML_FILE = "report.html"
+
+
+def render_report(run_dir: Path) -> tuple[Path, Path]:
+    """Render the report of the run in ``run_dir`` from its ``run.json`` alone.
+
+    Nothing is measured again and nothing depends on when it is rendered, so rendering
+    twice gives the same files. Each file is written atomically, so a report being
+    viewed is never seen half-written.
+
+    Returns:
+        The paths of ``report.md`` and ``report.html``.
+
+    Raises:
+        UserError: no ``run.json``, or one that is not a valid run record.
+    """
+    run_dir = Path(run_dir)
+    content = build_content(load_run(run_dir))
+
+    plot_dir = run_dir / PLOT_DIR
+    plot_dir.mkdir(exist_ok=True)
+    wanted = {f"{plot.name}.png" for plot in content.plots}
+    for plot in content.plots:
+        atomic_write_bytes(plot_dir / f"{plot.name}.png", plot.png)
+    # A plot that has no data any more must not linger and be mistaken for current.
+    for stale in plot_dir.glob("*.png"):
+        if stale.name not in wanted:
+            stale.unlink()
+
+    md_path, html_path = run_dir / MARKDOWN_FILE, run_dir / HTML_FILE
+    atomic_write_text(md_path, render_markdown(content))
+    atomic_write_text(html_path, render_html(content))
+    return md_path, html_path

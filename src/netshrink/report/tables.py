@@ -1,0 +1,216 @@
+"""The report's tables as plain strings, built once and rendered by Markdown and HTML alike.
+
+Building cells here (rather than in each renderer) is what keeps the two outputs saying
+exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from netshrink.bench.schema import Latency, Measurement
+from netshrink.recipe.record import StageRecord
+from netshrink.report import fmt
+from netshrink.report.verdict import Comparison
+
+
+@dataclass(frozen=True)
+class Table:
+    """A titled table of already formatted cells; ``numeric`` marks right-aligned columns."""
+
+    title: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    numeric: tuple[bool, ...]
+
+
+# The verdict comes right after the stage: it is what a reader looks for first, and on
+# a narrow screen the right-hand columns are the ones scrolled out of view.
+COMPARISON_COLUMNS: tuple[tuple[str, bool], ...] = (
+    ("stage", False),
+    ("kind", False),
+    ("verdict", False),
+    ("top-1 %", True),
+    ("top-5 %", True),
+    ("size (vs baseline)", True),
+    ("params", True),
+    ("non-zero params", True),
+    ("MACs", True),
+    ("latency b1 p50 / p90 ms (speedup)", True),
+    ("throughput img/s @ batch (ratio)", True),
+    ("peak memory", True),
+    ("stage time", True),
+)
+
+
+def _with(cell: str, suffix: str | None) -> str:
+    """``cell (suffix)``, or just ``cell`` when there is nothing to add or nothing measured."""
+    return cell if suffix is None or cell == fmt.MISSING else f"{cell} ({suffix})"
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def _r(value: float | None) -> str | None:
+    return None if value is None else fmt.ratio(value)
+
+
+def _measured_cells(m: Measurement | None, cmp: Comparison, is_baseline: bool) -> tuple[str, ...]:
+    """The nine cells between "kind" and "stage time"."""
+    if m is None:
+        return (fmt.MISSING,) * 9
+    acc = m.accuracy
+    top1 = fmt.pct(acc.top1 if acc else None)
+    if not is_baseline and cmp.top1_delta is not None:
+        top1 = _with(top1, fmt.points(cmp.top1_delta))
+    nonzero = fmt.count(m.nonzero_params)
+    if m.params > 0:
+        nonzero = _with(nonzero, f"{m.nonzero_params / m.params:.1%}")
+    lat = fmt.MISSING
+    if m.latency is not None:
+        lat = _with(f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}", _r(cmp.speedup))
+    thr = fmt.MISSING
+    if m.throughput is not None:
+        thr = _with(
+            f"{_rate(m.throughput.images_per_s)} @ {m.throughput.batch_size}",
+            _r(cmp.throughput_ratio),
+        )
+    mem = fmt.MISSING
+    if m.peak_memory_mb is not None:
+        mem = _with(f"{m.peak_memory_mb:.1f} MB", m.memory_kind)
+    return (
+        top1,
+        fmt.pct(acc.top5 if acc else None),
+        _with(fmt.megabytes(m.size_bytes), _r(cmp.size_ratio)),
+        fmt.count(m.params),
+        nonzero,
+        fmt.macs(m.macs),
+        lat,
+        thr,
+        mem,
+    )
+
+
+def comparison_table(stages: Sequence[StageRecord], comparisons: Sequence[Comparison]) -> Table:
+    """One row per stage, baseline first, every number next to its ratio vs the baseline."""
+    rows = tuple(
+        (
+            stage.name,
+            stage.kind,
+            cmp.verdict,
+            *_measured_cells(stage.measurement, cmp, is_baseline=(i == 0)),
+            fmt.seconds(stage.seconds),
+        )
+        for i, (stage, cmp) in enumerate(zip(stages, comparisons, strict=True))
+    )
+    return Table(
+        title="Stages compared with the baseline",
+        headers=tuple(h for h, _ in COMPARISON_COLUMNS),
+        rows=rows,
+        numeric=tuple(n for _, n in COMPARISON_COLUMNS),
+    )
+
+
+# label -> how to read it from a measurement; the order is the order shown.
+ENVIRONMENT_FIELDS: tuple[tuple[str, Callable[[Measurement], str]], ...] = (
+    ("cpu", lambda m: m.environment.cpu),
+    ("cores", lambda m: str(m.environment.cores)),
+    ("gpu", lambda m: m.environment.gpu or "none"),
+    ("device", lambda m: m.environment.device),
+    ("threads", lambda m: str(m.environment.threads)),
+    ("torch", lambda m: m.environment.versions.get("torch", fmt.MISSING)),
+    ("python", lambda m: m.environment.python),
+    ("platform", lambda m: m.environment.platform),
+    ("seed", lambda m: str(m.environment.seed)),
+    ("runtime", lambda m: m.runtime),
+    ("precision", lambda m: m.precision),
+)
+
+
+@dataclass(frozen=True)
+class EnvironmentSummary:
+    """Fields identical for every measured stage (shown once) and a table of the rest."""
+
+    common: tuple[tuple[str, str], ...]
+    per_stage: Table | None
+
+
+def environment_summary(stages: Sequence[StageRecord]) -> EnvironmentSummary:
+    """Split environment fields into those all stages share and those that differ.
+
+    A field shown once is a promise that every number in the report was measured under
+    it; a field that differs (typically runtime or precision) gets a column per stage.
+    """
+    measured = [s for s in stages if s.measurement is not None]
+    values = {
+        label: [get(s.measurement) for s in measured]  # type: ignore[arg-type]
+        for label, get in ENVIRONMENT_FIELDS
+    }
+    common = tuple((label, v[0]) for label, v in values.items() if v and len(set(v)) == 1)
+    differing = [label for label, v in values.items() if len(set(v)) > 1]
+    per_stage = None
+    if differing:
+        per_stage = Table(
+            title="Environment per stage (fields that differ between stages)",
+            headers=("stage", *differing),
+            rows=tuple(
+                (s.name, *(values[label][i] for label in differing)) for i, s in enumerate(measured)
+            ),
+            numeric=(False,) * (1 + len(differing)),
+        )
+    return EnvironmentSummary(common=common, per_stage=per_stage)
+
+
+def _timing(lat: Latency | None) -> str:
+    if lat is None:
+        return fmt.MISSING
+    return f"batch {lat.batch_size}: {lat.runs} runs after {lat.warmup} warm-up"
+
+
+def measurement_table(stages: Sequence[StageRecord]) -> Table:
+    """How each number was obtained: accuracy split, timing runs, artifact measured."""
+    rows = []
+    for s in stages:
+        m = s.measurement
+        if m is None:
+            rows.append((s.name, *(fmt.MISSING,) * 5))
+            continue
+        acc = m.accuracy
+        rows.append(
+            (
+                s.name,
+                f"{acc.split}, {acc.images:,} images" if acc else fmt.MISSING,
+                _timing(m.latency),
+                _timing(m.throughput),
+                "×".join(str(d) for d in m.input_shape),
+                m.file or fmt.MISSING,
+            )
+        )
+    return Table(
+        title="How each stage was measured",
+        headers=("stage", "accuracy on", "latency", "throughput", "input", "file"),
+        rows=tuple(rows),
+        numeric=(False,) * 6,
+    )
+
+
+def history_table(stage: StageRecord) -> Table:
+    """The stage's training history, one row per epoch."""
+    return Table(
+        title=f"Training history: {stage.name}",
+        headers=("epoch", "train loss", "train top-1 %", "val top-1 %", "lr", "time"),
+        rows=tuple(
+            (
+                str(e.epoch),
+                fmt.number(e.train_loss, ".4f"),
+                fmt.pct(e.train_top1),
+                fmt.pct(e.val_top1),
+                fmt.number(e.lr, ".3g"),
+                fmt.seconds(e.seconds),
+            )
+            for e in stage.history
+        ),
+        numeric=(True,) * 6,
+    )

@@ -1,0 +1,51 @@
+"""Options of the one training loop (``train`` and ``finetune`` stages, ``netshrink train``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainConfig(BaseModel):
+    """How to train.
+
+    Args:
+        epochs: passes over the training split (> 0).
+        max_steps: stop after this many optimizer steps (for quick runs), if set.
+        optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
+        lr: peak learning rate, reached at the end of warm-up.
+        momentum / nesterov: SGD options.
+        weight_decay: applied to conv/linear weights only, never to BN or biases.
+        batch_size: images per optimizer step.
+        warmup_epochs: linear warm-up from lr/100 before the schedule.
+        schedule: ``cosine`` decays to 0 by the last step; ``constant`` keeps lr.
+        label_smoothing: cross-entropy label smoothing.
+        amp: mixed precision; ``auto`` is bf16 autocast on CUDA and off on CPU (CPU
+            autocast trains ResNets several times slower on these machines).
+        channels_last: NHWC memory format (faster convs on CPU and tensor cores).
+        grad_clip: clip the gradient norm to this, if set.
+        eval_every: evaluate on the validation split every N epochs (0: never).
+        checkpoint_minutes: save a resumable state at least this often within an epoch.
+        seed: initialisation of shuffling and augmentation.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0)
+    batch_size: int = Field(default=256, gt=0)
+    warmup_epochs: float = Field(default=0.2, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    grad_clip: float | None = Field(default=None, gt=0)
+    eval_every: int = Field(default=1, ge=0)
+    checkpoint_minutes: float = Field(default=2.0, gt=0)
+    seed: int = 0

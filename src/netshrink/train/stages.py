@@ -1,0 +1,44 @@
+"""The ``train`` and ``finetune`` recipe stages: both are the one training loop."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from torch import nn
+
+from netshrink.recipe.stages import StageContext, stage
+from netshrink.train.config import TrainConfig
+from netshrink.train.loop import train
+
+
+class FinetuneConfig(TrainConfig):
+    """Training from a trained model: fewer epochs, a lower lr, a short warm-up."""
+
+    epochs: int = Field(default=1, gt=0)
+    lr: float = Field(default=0.01, gt=0)
+    warmup_epochs: float = Field(default=0.0, ge=0)
+
+
+def _run(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
+    result = train(
+        model,
+        ctx.data,
+        cfg,
+        device=ctx.device,
+        state_path=ctx.stage_dir / "train_state.safetensors",
+        progress=ctx.progress,
+        log=ctx.log,
+    )
+    ctx.history.extend(result.history)
+    if result.resumed:
+        ctx.notes.append("resumed from an interrupted run")
+    return model
+
+
+@stage("train", TrainConfig, "train the model (from its current weights) with the one loop")
+def train_stage(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
+    return _run(model, cfg, ctx)
+
+
+@stage("finetune", FinetuneConfig, "train briefly at a low learning rate (after compression)")
+def finetune_stage(model: nn.Module, cfg: FinetuneConfig, ctx: StageContext) -> nn.Module:
+    return _run(model, cfg, ctx)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a small Fashion-MNIST-format dataset that a tiny model can learn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_data import write_idx
+
+
+def write_learnable_fashion(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
+    """IDX files whose classes differ visibly (a centred square whose side and brightness
+    depend on the class: features that survive shifts, flips and global pooling), so a few
+    training steps must lift accuracy far above chance: a test of learning, not luck."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            side = 6 + 3 * (int(label) % 5)
+            lo = (28 - side) // 2
+            images[i, lo : lo + side, lo : lo + side] = 140 if label < 5 else 250
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_learnable_fashion(tmp_path_factory.mktemp("fashion"))
+
+
+@pytest.fixture(autouse=True)
+def _two_threads() -> None:
+    # The tests run on 2-core machines; more threads than cores only adds contention.
+    torch.set_num_threads(2)

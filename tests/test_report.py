@@ -1,0 +1,362 @@
+"""The report: rendered from run.json alone, deterministic, self-contained, atomic."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from netshrink.bench.schema import Accuracy, Environment, Latency, Measurement
+from netshrink.errors import UserError
+from netshrink.recipe.record import EpochRecord, RunRecord, StageRecord
+from netshrink.report import build_content, load_run, render_markdown, render_report
+from netshrink.report.plots import pareto_front
+from netshrink.store.atomic import atomic_write_bytes, atomic_write_text, atomic_writer
+
+ENV = Environment(
+    cpu="AMD EPYC 9R14 (2 cores, avx512_vnni, avx512_bf16)",
+    cores=2,
+    threads=2,
+    seed=0,
+    python="3.11.2",
+    versions={"torch": "2.13.0+cpu", "netshrink": "0.1.0", "numpy": "2.1.0"},
+    platform="Linux-6.1.0-x86_64-with-glibc2.36",
+)
+
+
+def _latency(batch: int, p50: float, runs: int = 100) -> Latency:
+    return Latency(
+        batch_size=batch,
+        runs=runs,
+        warmup=10,
+        p50_ms=p50,
+        p90_ms=p50 * 1.08,
+        mean_ms=p50 * 1.02,
+        min_ms=p50 * 0.95,
+        max_ms=p50 * 1.3,
+        std_ms=p50 * 0.04,
+        images_per_s=batch / (p50 / 1000),
+    )
+
+
+def _measurement(
+    size_mb: float, params: int, nonzero: int, p50: float, top1: float, precision: str = "fp32"
+) -> Measurement:
+    return Measurement(
+        precision=precision,
+        input_shape=[1, 28, 28],
+        file="stage/model.safetensors",
+        size_bytes=int(size_mb * 1_000_000),
+        params=params,
+        nonzero_params=nonzero,
+        macs=params * 40,
+        latency=_latency(1, p50),
+        throughput=_latency(64, p50 * 20, runs=20),
+        peak_memory_mb=310.5,
+        memory_kind="rss",
+        accuracy=Accuracy(split="test", images=10_000, top1=top1, top5=0.998, loss=0.17),
+        environment=ENV,
+    )
+
+
+def _history(n: int, start_loss: float) -> list[EpochRecord]:
+    return [
+        EpochRecord(
+            epoch=e,
+            train_loss=start_loss / e,
+            train_top1=0.90 + 0.01 * e,
+            val_top1=0.91 + 0.008 * e,
+            lr=0.1 / (10 ** (e - 1)),
+            seconds=42.5 + e,
+        )
+        for e in range(1, n + 1)
+    ]
+
+
+def make_record(budget: float | None = 0.5) -> RunRecord:
+    """Baseline, a stage 4x smaller and 2x faster, and one neither smaller nor faster."""
+    recipe: dict = {"name": "lenet-mnist", "model": "lenet", "stages": [{"kind": "quantize"}]}
+    if budget is not None:
+        recipe["report"] = {"accuracy_budget": budget}
+    return RunRecord(
+        name="lenet-mnist",
+        recipe=recipe,
+        recipe_sha256="ab" * 32,
+        netshrink_version="0.1.0",
+        created="2025-01-02T03:04:05+00:00",
+        updated="2025-01-02T04:05:06+00:00",
+        stages=[
+            StageRecord(
+                index=0,
+                name="baseline",
+                kind="baseline",
+                measurement=_measurement(40.0, 10_000_000, 10_000_000, 20.0, 0.9512),
+                started="2025-01-02T03:04:05+00:00",
+                seconds=3.2,
+            ),
+            StageRecord(
+                index=1,
+                name="prune_quant",
+                kind="quantize",
+                measurement=_measurement(10.0, 10_000_000, 5_000_000, 10.0, 0.9471, "int8"),
+                history=_history(3, 0.9),
+                started="2025-01-02T03:10:00+00:00",
+                seconds=130.0,
+                notes=["calibrated on 512 images"],
+            ),
+            StageRecord(
+                index=2,
+                name="finetune",
+                kind="finetune",
+                measurement=_measurement(39.8, 10_000_000, 10_000_000, 19.5, 0.9530),
+                history=_history(2, 0.5),
+                started="2025-01-02T03:40:00+00:00",
+                seconds=85.0,
+            ),
+        ],
+    )
+
+
+def write_run(run_dir: Path, record: RunRecord) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(record.model_dump_json(indent=2), encoding="utf-8")
+    return run_dir
+
+
+def table_rows(markdown: str, heading: str) -> dict[str, dict[str, str]]:
+    """Parse the Markdown table under ``## heading`` into {first cell: {header: cell}}."""
+    lines = markdown.splitlines()
+    start = lines.index(f"## {heading}")
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            rows.append([re.sub(r"\\(.)", r"\1", c) for c in cells])
+    header, _align, *body = rows
+    return {row[0]: dict(zip(header, row, strict=True)) for row in body}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """One full render (plots included) shared by the tests that only read it."""
+    run_dir = write_run(tmp_path_factory.mktemp("run"), make_record())
+    md, html = render_report(run_dir)
+    return run_dir, md, html
+
+
+def test_render_writes_markdown_html_and_plots(rendered: tuple[Path, Path, Path]) -> None:
+    run_dir, md, html = rendered
+    assert md == run_dir / "report.md" and md.is_file()
+    assert html == run_dir / "report.html" and html.is_file()
+    pngs = sorted(p.name for p in (run_dir / "report_files").glob("*.png"))
+    assert pngs == [
+        "latency_vs_accuracy.png",
+        "size_vs_accuracy.png",
+        "top1.png",
+        "training.png",
+    ]
+    text = md.read_text(encoding="utf-8")
+    for name in pngs:
+        assert f"](report_files/{name})" in text
+        assert (run_dir / "report_files" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_html_is_self_contained(rendered: tuple[Path, Path, Path]) -> None:
+    page = rendered[2].read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"<script\b", page, re.IGNORECASE)
+    assert not re.search(r"<link\b", page, re.IGNORECASE)
+    assert "@import" not in page and "url(" not in page
+    # Every src/href is a data: URI.
+    for ref in re.findall(r'\b(?:src|href)\s*=\s*"([^"]*)"', page):
+        assert ref.startswith("data:image/png;base64,")
+    assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"', page)) == 4
+    assert "<title>netshrink report: lenet-mnist</title>" in page
+    for name in ("baseline", "prune_quant", "finetune", "not smaller, not faster"):
+        assert name in page
+
+
+def test_verdicts_and_ratios_in_the_right_rows(rendered: tuple[Path, Path, Path]) -> None:
+    text = rendered[1].read_text(encoding="utf-8")
+    rows = table_rows(text, "Stages compared with the baseline")
+    assert list(rows) == ["baseline", "prune_quant", "finetune"]  # baseline first
+
+    base, small, same = rows["baseline"], rows["prune_quant"], rows["finetune"]
+    assert base["verdict"] == "baseline"
+    assert small["verdict"] == "smaller, faster, accuracy within budget"
+    assert same["verdict"] == "not smaller, not faster, accuracy within budget"
+
+    assert base["size (vs baseline)"] == "40.0 MB (1.00x)"
+    assert small["size (vs baseline)"] == "10.0 MB (4.00x)"
+    assert same["size (vs baseline)"] == "39.8 MB (1.01x)"
+    assert small["latency b1 p50 / p90 ms (speedup)"] == "10.00 / 10.80 (2.00x)"
+    assert small["throughput img/s @ batch (ratio)"] == "320 @ 64 (2.00x)"
+    assert base["top-1 %"] == "95.12" and small["top-1 %"] == "94.71 (-0.41)"
+    assert small["non-zero params"] == "5.00 M (50.0%)"
+    assert base["MACs"] == "400.0 M"
+    assert small["stage time"] == "2 min 10 s"
+
+    # The headline speaks of the final stage, and the thresholds are stated.
+    assert "**Final stage finetune: 1.01x smaller, 1.03x faster, +0.18 points top-1" in text
+    assert "≥ 1.02" in text and "≥ 1.05" in text
+
+
+def test_environment_shown_once_and_differences_per_stage(
+    rendered: tuple[Path, Path, Path],
+) -> None:
+    text = rendered[1].read_text(encoding="utf-8")
+    assert "- torch: 2.13.0+cpu" in text and "- threads: 2" in text
+    assert "Measured on (every stage): cpu AMD EPYC 9R14" in text
+    assert "Differs per stage: precision" in text
+    per_stage = table_rows(text, "Environment")  # the per-stage table lives under it
+    assert per_stage["prune_quant"]["precision"] == "int8"
+    assert per_stage["baseline"]["precision"] == "fp32"
+
+
+def test_history_tables(rendered: tuple[Path, Path, Path]) -> None:
+    text = rendered[1].read_text(encoding="utf-8")
+    assert "### Training history: prune\\_quant" not in text  # "_" is not escaped
+    assert "### Training history: prune_quant" in text
+    assert "| 1 | 0.9000 | 91.00 | 91.80 | 0.1 | 43.5 s |" in text
+    assert "| 2 | 0.2500 | 92.00 | 92.60 | 0.01 | 44.5 s |" in text
+
+
+def test_rendering_twice_is_identical(rendered: tuple[Path, Path, Path]) -> None:
+    run_dir, md, html = rendered
+    before = {p: p.read_bytes() for p in (md, html, *sorted(run_dir.glob("report_files/*")))}
+    render_report(run_dir)
+    after = {p: p.read_bytes() for p in before}
+    assert before == after
+    assert "2025-01-02T04:05:06+00:00" in md.read_text(encoding="utf-8")  # the run's date
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_accuracy_below_budget() -> None:
+    rows = table_rows(
+        render_markdown(build_content(make_record(budget=0.2), with_plots=False)),
+        "Stages compared with the baseline",
+    )
+    assert rows["prune_quant"]["verdict"] == "smaller, faster, accuracy below budget"
+    assert rows["finetune"]["verdict"] == "not smaller, not faster, accuracy within budget"
+
+
+def test_no_budget_and_missing_fields(tmp_path: Path) -> None:
+    record = make_record(budget=None)
+    base = record.stages[0].measurement
+    assert base is not None
+    odd = "<b>x</b> | & $y"
+    record.stages[1].name = odd
+    record.stages[1].measurement = base.model_copy(
+        update={"latency": None, "throughput": None, "macs": None, "size_bytes": None}
+    )
+    record.stages[0].measurement = base.model_copy(update={"latency": None})
+    record.stages[2].measurement = None
+    record.stages[2].status = "failed"
+    md, html = render_report(write_run(tmp_path / "run", record))
+
+    rows = table_rows(md.read_text(encoding="utf-8"), "Stages compared with the baseline")
+    assert rows[odd]["verdict"] == "size unknown, latency unknown"
+    assert rows[odd]["MACs"] == "–" and rows[odd]["size (vs baseline)"] == "–"
+    assert rows["finetune"]["verdict"] == "failed"
+    assert rows["finetune"]["top-1 %"] == "–"
+    assert rows["baseline"]["latency b1 p50 / p90 ms (speedup)"] == "–"
+    # No stage has a latency: that plot is skipped, the others are not.
+    names = {p.name for p in (tmp_path / "run" / "report_files").glob("*.png")}
+    assert "latency_vs_accuracy.png" not in names and "top1.png" in names
+
+    page = html.read_text(encoding="utf-8")
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt; | &amp; $y" in page
+
+
+def test_run_without_stages_renders(tmp_path: Path) -> None:
+    record = make_record()
+    record.stages = []
+    md, html = render_report(write_run(tmp_path / "run", record))
+    text = md.read_text(encoding="utf-8")
+    assert "**No stages recorded yet" in text and "No stage has a measurement yet." in text
+    assert "<h2>Plots</h2>" not in html.read_text(encoding="utf-8")
+    assert not list((tmp_path / "run" / "report_files").glob("*.png"))
+
+
+def test_stale_plots_are_removed(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", make_record())
+    stale = run_dir / "report_files" / "old_plot.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"\x89PNG")
+    record = make_record()
+    for stage in record.stages:
+        stage.history = []
+    render_report(write_run(run_dir, record))
+    names = sorted(p.name for p in (run_dir / "report_files").iterdir())
+    assert names == ["latency_vs_accuracy.png", "size_vs_accuracy.png", "top1.png"]
+
+
+def test_missing_run_dir_or_json_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"no run\.json; run `netshrink run RECIPE --out"):
+        load_run(tmp_path / "nope")
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(UserError, match=r"no run\.json"):
+        render_report(tmp_path / "empty")
+
+
+def test_corrupt_json_is_a_user_error(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", make_record())
+    text = (run_dir / "run.json").read_text(encoding="utf-8")
+    (run_dir / "run.json").write_text(text[: len(text) // 2], encoding="utf-8")
+    with pytest.raises(UserError, match=r"run\.json: not valid JSON: .* line \d+ column \d+"):
+        load_run(run_dir)
+    assert not (run_dir / "report.md").exists()
+
+
+def test_schema_error_names_file_and_first_problem(tmp_path: Path) -> None:
+    data = json.loads(make_record().model_dump_json())
+    del data["stages"][1]["measurement"]["params"]
+    data["stages"][2]["bogus"] = 1
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        load_run(run_dir)
+    message = str(info.value)
+    assert str(run_dir / "run.json") in message
+    assert "stages.1.measurement.params: Field required (1 more)" in message
+
+
+def test_load_run_round_trips(tmp_path: Path) -> None:
+    record = make_record()
+    assert load_run(write_run(tmp_path, record)) == record
+
+
+def test_pareto_front() -> None:
+    # (size, top1): c is beaten by b (smaller and more accurate); d ties a on size.
+    points = [(40.0, 95.0), (10.0, 94.5), (12.0, 94.0), (40.0, 94.9), (5.0, 90.0)]
+    assert pareto_front(points) == [4, 1, 0]
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "one\n")
+    atomic_write_text(target, "two\nlines\n")
+    atomic_write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    assert target.read_bytes() == b"two\nlines\n"  # no newline translation
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "out.txt"]
+
+
+def test_failing_write_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "report.md"
+    atomic_write_text(target, "old report\n")
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic_writer(target) as handle:
+        handle.write(b"half a new rep")
+        raise RuntimeError("disk on fire")
+    assert target.read_text(encoding="utf-8") == "old report\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+    # A write into a folder that does not exist fails before touching anything.
+    with pytest.raises(FileNotFoundError):
+        atomic_write_text(tmp_path / "missing" / "x.txt", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]

@@ -1,0 +1,90 @@
+"""The recipe runner: every stage measured and saved, files that reload to the measured
+accuracy, resuming that reuses finished stages and re-runs exactly what changed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from netshrink.bench import evaluate
+from netshrink.data import DataConfig, build_data
+from netshrink.recipe import parse_recipe, run_recipe
+from netshrink.recipe.record import RunRecord
+from netshrink.recipe.stages import STAGES
+from netshrink.store.checkpoint import load_model
+
+
+def recipe(fashion_dir, *, finetune_lr: float = 0.01, latency: bool = False):
+    return parse_recipe({
+        "name": "t",
+        "model": {"arch": "resnet_tiny"},
+        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 100,
+                 "calib_size": 32},
+        "measure": {"latency": latency, "batch_size": 8},
+        "stages": [
+            {"kind": "train", "epochs": 3, "lr": 0.05, "batch_size": 32},
+            {"kind": "finetune", "epochs": 1, "lr": finetune_lr, "batch_size": 32},
+        ],
+    })
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def test_run_measures_every_stage_and_files_reload(fashion_dir, tmp_path) -> None:
+    record = run_recipe(recipe(fashion_dir, latency=True), tmp_path, log=quiet)
+    assert [s.name for s in record.stages] == ["baseline", "train", "finetune"]
+    on_disk = RunRecord.model_validate_json((tmp_path / "run.json").read_text())
+    assert on_disk.stages == record.stages
+    data = build_data(DataConfig(root=fashion_dir, val_size=100, calib_size=32))
+    for stage in record.stages:
+        m = stage.measurement
+        assert m is not None and m.accuracy is not None and m.accuracy.images == 200
+        path = tmp_path / stage.artifact
+        assert m.size_bytes == path.stat().st_size
+        model, spec, meta = load_model(path)
+        assert spec.arch == "resnet_tiny" and meta["class_names"][0] == "T-shirt/top"
+        assert evaluate(model, data.test).top1 == pytest.approx(m.accuracy.top1)
+    assert record.stages[0].measurement.latency is not None
+    assert record.stages[1].measurement.accuracy.top1 >= 0.9  # it trained
+    assert len(record.stages[1].history) == 3
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()
+    assert not list(tmp_path.rglob("train_state.safetensors"))  # cleaned up once saved
+
+
+def test_rerun_reuses_and_a_change_reruns_from_there(fashion_dir, tmp_path) -> None:
+    run_recipe(recipe(fashion_dir), tmp_path, log=quiet, report=False)
+    train_file = tmp_path / "stages" / "01-train" / "model.safetensors"
+    stamp = train_file.stat().st_mtime_ns
+    lines: list[str] = []
+    run_recipe(recipe(fashion_dir), tmp_path, log=lines.append, report=False)
+    assert sum("reused" in line for line in lines) == 3
+    assert train_file.stat().st_mtime_ns == stamp
+
+    lines.clear()
+    record = run_recipe(recipe(fashion_dir, finetune_lr=0.02), tmp_path, log=lines.append,
+                        report=False)
+    assert [("reused" in line) for line in lines if line.startswith("[")][:2] == [True, True]
+    assert any("[2] finetune (finetune): running" in line for line in lines)
+    assert record.stages[2].config["lr"] == 0.02
+    assert train_file.stat().st_mtime_ns == stamp
+
+
+def test_interrupted_stage_keeps_finished_ones(fashion_dir, tmp_path, monkeypatch) -> None:
+    def crash(model, cfg, ctx):
+        raise KeyboardInterrupt  # what Ctrl-C does in the middle of the stage
+
+    original = STAGES.get("finetune")
+    with monkeypatch.context() as patch:
+        patch.setitem(STAGES._entries, "finetune", replace(original, fn=crash))
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe(fashion_dir), tmp_path, log=quiet, report=False)
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert [s["name"] for s in saved["stages"]] == ["baseline", "train"]
+    lines: list[str] = []
+    record = run_recipe(recipe(fashion_dir), tmp_path, log=lines.append, report=False)
+    assert [s.name for s in record.stages] == ["baseline", "train", "finetune"]
+    assert sum("reused" in line for line in lines) == 2
