@@ -124,3 +124,29 @@ def test_unknown_model_lists_known() -> None:
 def test_guess_spec_rejects_non_resnet() -> None:
     with pytest.raises(UserError, match="not a ResNet"):
         guess_spec({"weight": torch.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,pad,size",
+    [(8, 6, 3, 1, 1, 1), (8, 6, 3, 2, 1, 2), (8, 6, 1, 2, 0, 2), (8, 6, 3, 2, 1, 1),
+     (3, 4, 7, 2, 3, 2), (8, 6, 3, 1, 1, 3)],  # the last one has a 3x3 output: plain conv
+)
+def test_conv_with_one_pixel_output_matches_plain_conv_and_gradients(
+    cin: int, cout: int, k: int, stride: int, pad: int, size: int
+) -> None:
+    from netshrink.models.resnet import Conv2d
+
+    torch.manual_seed(0)
+    ours = Conv2d(cin, cout, k, stride=stride, padding=pad, bias=True).train()
+    plain = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=True)
+    plain.load_state_dict(ours.state_dict())
+    x1 = torch.randn(5, cin, size, size, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = ours(x1), plain(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y1)
+    y1.backward(grad)
+    y2.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)

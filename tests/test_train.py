@@ -88,3 +88,14 @@ def test_state_from_another_config_is_not_resumed(data, tmp_path) -> None:
     result = train(fresh(), data, TrainConfig(epochs=1, batch_size=32, max_steps=2),
                    state_path=state, log=lambda _: None)
     assert not result.resumed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["auto", "fp16"])
+def test_cuda_mixed_precision_training_learns(data, amp: str) -> None:
+    model = fresh()
+    cfg = TrainConfig(epochs=4, lr=0.05, batch_size=32, warmup_epochs=0.5, amp=amp)
+    train(model, data, cfg, device="cuda", log=lambda _: None)
+    assert next(model.parameters()).device.type == "cuda"
+    assert evaluate(model, data.test, batch_size=256, device="cuda").top1 >= 0.9

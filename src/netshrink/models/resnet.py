@@ -17,17 +17,44 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Stem = Literal["imagenet", "cifar"]
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, in training, computes a conv with a 1x1 output as the matmul it is.
+
+    Small inputs (Fashion-MNIST's 28x28 through the ImageNet stem) reach layer4 as 1x1
+    maps. A 3x3/pad-1 conv there only ever multiplies its centre tap, but oneDNN's
+    backward pass still runs the whole 3x3 kernel over padding, about 30x the forward's
+    time; the matmul over the taps that touch real pixels gives the same outputs and
+    gradients (the other taps' gradients are exactly zero either way) and trains a
+    ResNet-18 at 28x28 1.8x faster on 2 cores. Evaluation and export keep the plain conv,
+    so latency and MAC figures are those of the standard network.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        plain = self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
+        if self.training and plain and isinstance(self.padding, tuple):
+            (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+            h, w = x.shape[-2:]
+            if (h + 2 * ph - kh) // sh == 0 and (w + 2 * pw - kw) // sw == 0:
+                # The single output pixel sees input rows [0, rows) through taps [ph, ph+rows).
+                rows, cols = min(h, kh - ph), min(w, kw - pw)
+                taps = self.weight[:, :, ph : ph + rows, pw : pw + cols].flatten(1)
+                out = F.linear(x[:, :, :rows, :cols].flatten(1), taps, self.bias)
+                return out.view(x.shape[0], -1, 1, 1)
+        return super().forward(x)
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+    return Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+    return Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -107,10 +134,10 @@ class ResNet(nn.Module):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', not {stem!r}")
         self.inplanes = widths[0]
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
+            self.conv1 = Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
-            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+            self.conv1 = Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)

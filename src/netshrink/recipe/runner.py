@@ -144,6 +144,7 @@ class Runner:
             threads=m.threads,
             seed=self.recipe.seed,
             batch_size=m.batch_size,
+            eval_batch_size=self.recipe.data.batch_size,
             time_model=m.latency,
         )
 
