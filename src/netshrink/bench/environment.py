@@ -179,7 +179,9 @@ def environment(*, device: str = "cpu", threads: int, seed: int) -> Environment:
         raise UserError(f"threads must be at least 1, not {threads}")
     dev = resolve_device(device)
     cores = usable_cores()
-    details = [f"{cores} cores", *cpu_flags()]
+    # A VM may hide flags from /proc/cpuinfo; the kernels torch picked say what it uses.
+    kernels = f"torch kernels {torch.backends.cpu.get_cpu_capability()}"
+    details = [f"{cores} cores", *cpu_flags(), kernels]
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     return Environment(
         cpu=f"{cpu_name()} ({', '.join(details)})",

@@ -70,11 +70,13 @@ def read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's message is long; the refused global is the part worth showing.
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it calls {found.group(1)})" if found else ""
         raise UserError(
             f"{path}: refusing to load: the file holds Python objects other than tensors, "
-            f"which could run code ({first[:160]}); save a plain state dict "
-            "(model.state_dict()) or use safetensors"
+            f"which could run code{what}; save a plain state dict (model.state_dict()) "
+            "or use safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable checkpoint ({str(exc)[:160]})") from None
