@@ -91,8 +91,9 @@ def test_checkpoint_for_another_architecture(capsys, tmp_path, fashion_dir) -> N
     other = tmp_path / "r18.pth"
     torch.save(build_model(ModelSpec(arch="resnet18", num_classes=10, in_channels=1))
                .state_dict(), other)
-    recipe = write_recipe(tmp_path / "r.yaml", TINY_RECIPE.format(root=fashion_dir)
-                          .replace("{arch: resnet_tiny}", f"{{arch: resnet_tiny, weights: {other}}}"))
+    body = TINY_RECIPE.format(root=fashion_dir).replace(
+        "{arch: resnet_tiny}", f"{{arch: resnet_tiny, weights: {other}}}")
+    recipe = write_recipe(tmp_path / "r.yaml", body)
     code, _, err = run_cli(capsys, "run", str(recipe), "--out", str(tmp_path / "run"))
     assert_one_line_error(code, err, "r18.pth", "does not fit resnet_tiny", "looks like resnet18")
     assert not (tmp_path / "run").exists()
@@ -148,7 +149,8 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path) -> None:
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"netshrink: error: {tmp_path / 'missing.yaml'}: recipe not found"
+    missing = tmp_path / "missing.yaml"
+    assert result.stderr.strip() == f"netshrink: error: {missing}: recipe not found"
 
 
 @pytest.mark.parametrize("argv", [["bench", "--input", "3x224"], ["bench", "--threads", "0"]])
