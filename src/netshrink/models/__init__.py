@@ -30,6 +30,7 @@ class ModelSpec(BaseModel):
         in_channels: input channels (1 for grayscale).
         stem: ``imagenet`` (7x7/2 conv + max-pool) or ``cifar`` (3x3/1 conv, no pool).
         zero_init_residual: start each residual branch's last BN at zero.
+        pruned: channels were removed: conv/BN/linear shapes come from the weights file.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -39,10 +40,14 @@ class ModelSpec(BaseModel):
     in_channels: int = Field(default=3, gt=0)
     stem: Literal["imagenet", "cifar"] = "imagenet"
     zero_init_residual: bool = False
+    pruned: bool = False
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """Build a freshly initialised model from ``spec``.
+
+    A ``pruned`` spec builds the unpruned architecture; ``load_model`` then resizes its
+    layers to the weights file's shapes (``netshrink.models.resize.resize_to_state``).
 
     Raises:
         UserError: the architecture is not registered.

@@ -61,4 +61,5 @@ def stage(name: str, config: type[BaseModel], summary: str) -> Callable[[StageFn
 
 def load_builtin_stages() -> None:
     """Import the modules whose stages register themselves."""
+    import netshrink.prune.stages
     import netshrink.train.stages  # noqa: F401

@@ -27,6 +27,8 @@ class TrainConfig(BaseModel):
         grad_clip: clip the gradient norm to this, if set.
         eval_every: evaluate on the validation split every N epochs (0: never).
         checkpoint_minutes: save a resumable state at least this often within an epoch.
+        keep_zeros: conv/linear weights that are exactly zero when training starts were
+            pruned, and stay zero through every step (fine-tuning a pruned model).
         seed: initialisation of shuffling and augmentation.
     """
 
@@ -48,4 +50,5 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(default=None, gt=0)
     eval_every: int = Field(default=1, ge=0)
     checkpoint_minutes: float = Field(default=2.0, gt=0)
+    keep_zeros: bool = True
     seed: int = 0

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from netshrink.data import DataBundle
+from netshrink.prune.masks import MaskHook, zero_masks
 from netshrink.recipe.record import EpochRecord
 from netshrink.train.config import TrainConfig
 from netshrink.train.state import Position, load_state, save_state
@@ -127,6 +128,10 @@ def train(
     model.to(dev)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
+    if cfg.keep_zeros:
+        masks = zero_masks(model)  # before any resumed state: the zeros of the input model
+        if masks:
+            step_hooks = [MaskHook(masks), *step_hooks]
     optimizer = make_optimizer(model, cfg)
     loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
