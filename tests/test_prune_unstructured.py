@@ -75,7 +75,7 @@ def test_iterative_schedule_rises_to_ratio_and_never_revives() -> None:
     seen = []
 
     def fake_finetune(m, masks):
-        seen.append({n: (l.weight != 0).clone() for n, l in prunable_layers(m).items()})
+        seen.append({n: (layer_.weight != 0).clone() for n, layer_ in prunable_layers(m).items()})
         with torch.no_grad():
             for layer in prunable_layers(m).values():
                 layer.weight.add_(0.01)  # perturb, as training would; masks are re-applied next
@@ -83,7 +83,7 @@ def test_iterative_schedule_rises_to_ratio_and_never_revives() -> None:
     pruned, _ = prune_magnitude(model(), MagnitudePruneConfig(ratio=0.8, steps=3),
                                 train_fn=fake_finetune)
     assert len(seen) == 2
-    final = {n: (l.weight != 0) for n, l in prunable_layers(pruned).items()}
+    final = {n: (layer_.weight != 0) for n, layer_ in prunable_layers(pruned).items()}
     for name, layer in prunable_layers(pruned).items():
         assert zeros(layer) == round(0.8 * layer.weight.numel())
         assert not (final[name] & ~seen[-1][name]).any(), "a pruned weight came back"
@@ -132,7 +132,7 @@ def test_masks_survive_finetuning(fashion_dir) -> None:
     unstructured, _ = prune_magnitude(model(channels=1), MagnitudePruneConfig(ratio=0.7))
     two_four, masks, _ = prune_nm(model(channels=1), NMPruneConfig())
     for pruned in (unstructured, two_four):
-        before = {n: (l.weight == 0).clone() for n, l in prunable_layers(pruned).items()}
+        before = {n: (layer_.weight == 0).clone() for n, layer_ in prunable_layers(pruned).items()}
         train(pruned, data, TrainConfig(epochs=1, batch_size=32, lr=0.05, weight_decay=1e-3),
               log=lambda _: None)
         for name, layer in prunable_layers(pruned).items():

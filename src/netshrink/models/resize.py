@@ -32,7 +32,7 @@ def resize_to_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         state: the state dict to be loaded (parameter names as ``model.state_dict()``).
 
     Returns:
-        ``model`` itself, for chaining.
+        ``model`` itself (a new layer only when ``model`` is itself one resized layer).
     """
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, build_model
+from netshrink.models.resize import resize_to_state
 from netshrink.store.atomic import atomic_write_bytes
 
 FORMAT = "netshrink.model/1"
@@ -153,6 +154,15 @@ def describe_mismatch(model: nn.Module, state: dict[str, Tensor]) -> str:
     return "; ".join(parts)
 
 
+def _narrower_convs(model: nn.Module, state: dict[str, Tensor]) -> bool:
+    """True when the same keys differ only in conv channel counts, as pruning leaves them."""
+    own = model.state_dict()
+    if own.keys() != state.keys():
+        return False
+    convs = [k for k, v in own.items() if v.ndim == 4 and v.shape != state[k].shape]
+    return bool(convs) and all(own[k].shape[2:] == state[k].shape[2:] for k in convs)
+
+
 def load_weights(model: nn.Module, spec: ModelSpec, state: dict[str, Tensor], source: Path) -> None:
     """``load_state_dict(strict=True)`` with an error that says what to change.
 
@@ -162,9 +172,11 @@ def load_weights(model: nn.Module, spec: ModelSpec, state: dict[str, Tensor], so
     problem = describe_mismatch(model, state)
     if problem:
         hint = ""
+        if not spec.pruned and _narrower_convs(model, state):
+            hint = "; if the file holds a channel-pruned model, its spec needs pruned=true"
         try:
             other = guess_spec(state)
-            hint = (
+            hint += (
                 f"; the file looks like {other.arch} ({other.stem} stem, "
                 f"{other.num_classes} classes, {other.in_channels} input channels)"
             )
@@ -179,6 +191,9 @@ def load_weights(model: nn.Module, spec: ModelSpec, state: dict[str, Tensor], so
 
 def load_model(path: Path, *, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec, dict]:
     """Rebuild a model from a file: ours, plain safetensors, or a torch state dict.
+
+    A ``pruned`` spec builds the unpruned model and gives its layers the file's widths
+    before loading (channel pruning never changes the input channels or class count).
 
     Args:
         path: the checkpoint.
@@ -200,5 +215,20 @@ def load_model(path: Path, *, spec: ModelSpec | None = None) -> tuple[nn.Module,
     if spec is None:
         spec = guess_spec(state)
     model = build_model(spec)
+    if spec.pruned:
+        expected = _io_widths(model)
+        model = resize_to_state(model, state)
+        if _io_widths(model) != expected:
+            # Another input or class count is another model, not a pruned one: check the
+            # file against the spec's own shapes so the mismatch is reported.
+            model = build_model(spec)
     load_weights(model, spec, state, path)
     return model.eval(), spec, meta
+
+
+def _io_widths(model: nn.Module) -> tuple[int | None, int | None]:
+    """The first conv's input channels and the last linear layer's outputs."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return (convs[0].in_channels if convs else None,
+            linears[-1].out_features if linears else None)
