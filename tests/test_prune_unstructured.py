@@ -98,7 +98,7 @@ def test_ratio_out_of_range(bad: float) -> None:
 
 
 def test_unknown_pattern_and_nothing_to_prune() -> None:
-    with pytest.raises(UserError, match="'layer9.*' matches no conv/linear layer"):
+    with pytest.raises(UserError, match=r"'layer9.*' matches no conv/linear layer"):
         prune_magnitude(model(), MagnitudePruneConfig(ratio=0.5, include=["layer9.*"]))
     with pytest.raises(UserError, match="no Conv2d or Linear layer"):
         prune_magnitude(torch.nn.Sequential(torch.nn.ReLU()), MagnitudePruneConfig(ratio=0.5))
