@@ -30,7 +30,7 @@ from netshrink.recipe.record import RunRecord, StageRecord
 from netshrink.recipe.schema import Recipe, StageEntry
 from netshrink.recipe.stages import STAGES, StageContext
 from netshrink.store.atomic import atomic_write_text
-from netshrink.store.checkpoint import load_model, load_weights, read_state_dict, save_model
+from netshrink.store.checkpoint import load_model, save_model, stored_spec
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
@@ -148,14 +148,18 @@ class Runner:
             time_model=m.latency,
         )
 
-    def _baseline(self, spec: ModelSpec) -> nn.Module:
-        torch.manual_seed(self.recipe.seed)
-        model = build_model(spec)
+    def _baseline(self, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
+        """The starting model: fresh (seeded) or the recipe's weights, checked against
+        the recipe's model section (a channel-pruned file keeps its own widths)."""
         weights = self.recipe.model.weights
-        if weights is not None:
-            state, _ = read_state_dict(weights)
-            load_weights(model, spec, state, weights)
-        return model
+        if weights is None:
+            torch.manual_seed(self.recipe.seed)
+            return build_model(spec), spec
+        stored = stored_spec(weights)
+        if stored is not None and stored.pruned:
+            spec = spec.model_copy(update={"pruned": True})
+        model, spec, _ = load_model(weights, spec=spec)
+        return model, spec
 
     def run(self) -> RunRecord:
         """Run (or resume) the recipe; returns the final run record.
@@ -170,7 +174,7 @@ class Runner:
         data = build_data(recipe.data)
         spec = model_spec(recipe, data)
         keys = stage_keys(recipe, entries)
-        baseline = self._baseline(spec)  # a bad weights file fails here, before any write
+        baseline, spec = self._baseline(spec)  # a bad weights file fails here, before any write
         self.out.mkdir(parents=True, exist_ok=True)
         measure_key = _sha(recipe.measure.model_dump(mode="json"))
         raw_recipe = recipe.model_dump(mode="json")
@@ -195,7 +199,7 @@ class Runner:
                     and artifact.is_file()):
                 if prior.measure_key != measure_key:
                     self.log(f"[{index}] {name}: finished before; measuring again")
-                    model, _, _ = load_model(artifact)
+                    model, spec, _ = load_model(artifact)
                     prior.measurement = self._measure(model, data, artifact)
                     prior.measure_key = measure_key
                 else:
@@ -204,7 +208,7 @@ class Runner:
                 record.stages.append(prior)
                 self._write(record)
                 continue
-            if reusing and index > 0:
+            if reusing:
                 # Later stages of an older run depend on what is about to change.
                 for stale in sorted((self.out / "stages").glob("*")):
                     number = stale.name.split("-", 1)[0]
@@ -212,11 +216,11 @@ class Runner:
                         shutil.rmtree(stale)
             reusing = False
             if model is None and index > 0:
-                model, _, _ = load_model(self.out / record.stages[-1].artifact)  # type: ignore[operator]
+                model, spec, _ = load_model(self.out / record.stages[-1].artifact)  # type: ignore[operator]
             stage_dir.mkdir(parents=True, exist_ok=True)
             started, t0 = _now(), time.perf_counter()
             ctx = StageContext(data=data, spec=spec, device=recipe.device, seed=recipe.seed,
-                               run_dir=self.out, stage_dir=stage_dir, log=self.log,
+                               run_dir=self.out, stage_dir=stage_dir, key=key, log=self.log,
                                progress=self.progress)
             self.log(f"[{index}] {name} ({kind}): running")
             if index == 0:
@@ -228,6 +232,7 @@ class Runner:
                 model = STAGES.get(kind).fn(model, entry.config, ctx)  # type: ignore[arg-type]
                 config = entry.config.model_dump(mode="json")
             seconds = time.perf_counter() - t0
+            spec = ctx.spec  # a stage that changes the structure (channel pruning) says so
             save_model(model, spec, artifact, meta=checkpoint_meta(data, run=recipe.name,
                                                                    stage=name))
             t1 = time.perf_counter()

@@ -21,7 +21,11 @@ from netshrink.registry import Registry
 
 @dataclass
 class StageContext:
-    """What a stage may use besides its model and config."""
+    """What a stage may use besides its model and config.
+
+    A stage that changes the model's structure (removes channels) replaces ``spec`` with
+    the spec its output is saved and rebuilt with.
+    """
 
     data: DataBundle
     spec: ModelSpec
@@ -29,6 +33,7 @@ class StageContext:
     seed: int
     run_dir: Path
     stage_dir: Path  # the stage's own folder: resumable state, extra artifacts
+    key: str = ""  # the stage's key: a resumable state must come from the same one
     log: Callable[[str], None] = print
     progress: bool | None = None
     # Filled by the stage for the run record:
@@ -61,5 +66,6 @@ def stage(name: str, config: type[BaseModel], summary: str) -> Callable[[StageFn
 
 def load_builtin_stages() -> None:
     """Import the modules whose stages register themselves."""
+    import netshrink.prune.channel_stage
     import netshrink.prune.stages
     import netshrink.train.stages  # noqa: F401

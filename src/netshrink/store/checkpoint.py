@@ -189,6 +189,21 @@ def load_weights(model: nn.Module, spec: ModelSpec, state: dict[str, Tensor], so
     model.load_state_dict(state, strict=True)
 
 
+def stored_spec(path: Path) -> ModelSpec | None:
+    """The spec a netshrink model file carries, read from its header alone; else None."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = json.loads(f.read(size)) if 0 < size < 100_000_000 else {}
+    except (OSError, ValueError):
+        return None
+    meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+    if meta.get("format") != FORMAT:
+        return None
+    return ModelSpec.model_validate_json(meta["spec"])
+
+
 def load_model(path: Path, *, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec, dict]:
     """Rebuild a model from a file: ours, plain safetensors, or a torch state dict.
 

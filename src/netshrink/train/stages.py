@@ -27,6 +27,7 @@ def _run(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
         state_path=ctx.stage_dir / "train_state.safetensors",
         progress=ctx.progress,
         log=ctx.log,
+        fingerprint_extra=ctx.key,
     )
     ctx.history.extend(result.history)
     if result.resumed:

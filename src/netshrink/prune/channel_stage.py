@@ -1,0 +1,51 @@
+"""The ``prune.channel`` recipe stage: structured channel pruning (``netshrink.prune.channel``).
+
+Its model has other layer widths than the spec builds, so the stage marks the spec
+``pruned``; the model file then reloads by resizing each layer to the stored tensors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from netshrink.bench import count_macs, count_params
+from netshrink.prune.channel import ChannelPruneConfig, channel_report, prune_channels
+from netshrink.recipe.stages import StageContext, stage
+from netshrink.store.atomic import atomic_write_text
+
+
+@stage("prune.channel", ChannelPruneConfig,
+       "structured pruning: remove whole conv channels (L1/L2/BN-scale/Taylor), "
+       "residual-safe; a smaller, faster dense model")
+def channel_stage(model: nn.Module, cfg: ChannelPruneConfig, ctx: StageContext) -> nn.Module:
+    # Late imports, as the other pruning stages: the training loop imports netshrink.prune.
+    from netshrink.train.loop import train
+    from netshrink.train.stages import FinetuneConfig
+
+    info = ctx.data.info
+    shape = [info.in_channels, info.image_size, info.image_size]
+
+    def finetune(m: nn.Module) -> None:
+        result = train(m, ctx.data, FinetuneConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr),
+                       device=ctx.device, progress=ctx.progress, log=ctx.log)
+        ctx.history.extend(result.history)
+
+    pruned = prune_channels(
+        model, cfg, example_input=torch.zeros(1, *shape), data=ctx.data, device=ctx.device,
+        train_fn=finetune if cfg.finetune_epochs > 0 else None,
+    )
+    atomic_write_text(ctx.stage_dir / "channels.json",
+                      json.dumps(channel_report(model, pruned), indent=2))
+    params = count_params(model)[0], count_params(pruned)[0]
+    macs = count_macs(model, shape), count_macs(pruned, shape)
+    ctx.notes.append(
+        f"channels pruned ({cfg.importance}, {cfg.scope}, ratio {cfg.ratio:g}): "
+        f"params {params[0]:,} → {params[1]:,} ({params[0] / params[1]:.2f}x fewer), "
+        f"MACs {macs[0]:,} → {macs[1]:,} ({macs[0] / max(1, macs[1]):.2f}x fewer)"
+    )
+    # The runner saves the model with ctx.spec: pruned widths come from the weights file.
+    ctx.spec = ctx.spec.model_copy(update={"pruned": True})
+    return pruned
