@@ -158,3 +158,41 @@ def test_argument_errors_exit_nonzero(capsys, argv) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(fashion_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained")
+    assert main(["train", "--arch", "resnet_tiny", "--epochs", "1", "--batch-size", "64",
+                 "--data-dir", str(fashion_dir), "--out", str(out)]) == 0
+    return out / "stages" / "01-train" / "model.safetensors"
+
+
+@pytest.mark.parametrize("method,extra", [("magnitude", ["--scope", "global"]), ("nm", []),
+                                          ("channel", ["--importance", "l2"])])
+def test_prune_command_measures_before_and_after(capsys, tmp_path, fashion_dir, trained_tiny,
+                                                 method, extra) -> None:
+    capsys.readouterr()
+    code, stdout, _ = run_cli(capsys, "prune", "--weights", str(trained_tiny), "--method", method,
+                              "--ratio", "0.5", *extra, "--data-dir", str(fashion_dir),
+                              "--out", str(tmp_path / method))
+    assert code == 0
+    before = next(line for line in stdout.splitlines() if line.startswith("before:"))
+    after = next(line for line in stdout.splitlines() if line.startswith("after:"))
+
+    params_before, params_after = (int(x.split()[1].replace(",", "")) for x in (before, after))
+    if method == "channel":
+        assert params_before / params_after > 2.5
+    else:  # masks: the same parameters, half of the pruned layers' weights now zero
+        assert params_before == params_after
+        nonzero_after = int(after.split(", ")[1].split()[0].replace(",", ""))
+        assert nonzero_after < 0.6 * params_after
+    assert (tmp_path / method / "report.html").is_file()
+
+
+def test_prune_ratio_out_of_range(capsys, tmp_path, trained_tiny, fashion_dir) -> None:
+    code, _, err = run_cli(capsys, "prune", "--weights", str(trained_tiny), "--method",
+                           "magnitude", "--ratio", "1.5", "--data-dir", str(fashion_dir),
+                           "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "ratio", "less than 1")
+    assert not (tmp_path / "x").exists()

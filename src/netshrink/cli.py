@@ -74,6 +74,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from netshrink.recipe import parse_recipe, run_recipe
+    from netshrink.store.checkpoint import load_model
+
+    _, spec, meta = load_model(args.weights)
+    dataset = args.data or meta.get("dataset")
+    if dataset is None:
+        raise UserError(f"{args.weights}: the file does not say its dataset; pass --data")
+    stage: dict[str, object] = {"kind": f"prune.{args.method}"}
+    if args.method == "nm":
+        stage.update(n=args.n, m=args.m)
+    else:
+        stage.update(ratio=args.ratio, scope=args.scope, steps=args.steps)
+    if args.method == "channel":
+        stage.update(importance=args.importance, ignore=args.exclude or ["fc"])
+    else:
+        stage.update(include=args.include, exclude=args.exclude)
+    stages: list[dict[str, object]] = [stage]
+    if args.finetune_epochs:
+        stages.append({"kind": "finetune", "epochs": args.finetune_epochs})
+    raw = {
+        "name": args.out.name,
+        "device": args.device,
+        "model": {"arch": spec.arch, "stem": spec.stem, "weights": str(args.weights)},
+        "data": {"name": dataset, "root": str(args.data_dir) if args.data_dir else None,
+                 "image_size": meta.get("image_size")},
+        "stages": stages,
+    }
+    record = run_recipe(parse_recipe(raw, source="netshrink prune"), args.out)
+    first, last = record.stages[0].measurement, record.stages[-1].measurement
+    print(f"model: {args.out / record.stages[-1].artifact}")  # type: ignore[operator]
+    for label, m in (("before", first), ("after", last)):
+        acc = f", top-1 {m.accuracy.top1 * 100:.2f}%" if m and m.accuracy else ""
+        print(f"{label}: {m.params:,} params, {m.nonzero_params:,} non-zero, "  # type: ignore[union-attr]
+              f"{(m.macs or 0) / 1e6:,.1f} M MACs{acc}")  # type: ignore[union-attr]
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from netshrink.bench import evaluate
     from netshrink.data import DataConfig, build_data
@@ -189,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("prune", help="prune a model file and measure before/after (a recipe)")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--method", choices=["magnitude", "channel", "nm"], required=True)
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction removed, in [0, 1)")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer")
+    p.add_argument("--steps", type=_positive_int, default=1, help="iterative steps")
+    p.add_argument("--importance", choices=["l1", "l2", "bn_scale", "taylor"], default="l1",
+                   help="channel ranking (channel method)")
+    p.add_argument("--include", nargs="+", help="layer-name patterns to prune (e.g. 'layer4.*')")
+    p.add_argument("--exclude", nargs="+", help="layer-name patterns to leave alone (e.g. fc)")
+    p.add_argument("--n", type=_positive_int, default=2, help="N of N:M")
+    p.add_argument("--m", type=_positive_int, default=4, help="M of N:M")
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    _data_args(p, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="the run's folder")
+    p.set_defaults(fn=cmd_prune)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset split")
     p.add_argument("--weights", type=Path, required=True)
