@@ -66,6 +66,7 @@ def stage(name: str, config: type[BaseModel], summary: str) -> Callable[[StageFn
 
 def load_builtin_stages() -> None:
     """Import the modules whose stages register themselves."""
+    import netshrink.prune.analysis_stages
     import netshrink.prune.channel_stage
     import netshrink.prune.stages
     import netshrink.train.stages  # noqa: F401

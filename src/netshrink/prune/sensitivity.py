@@ -1,0 +1,455 @@
+"""Which layers can lose weights and which cannot: a per-layer (or per-group) sensitivity scan.
+
+Each prunable unit is pruned *alone* at one ratio, on a copy of the model, and top-1 is
+measured on a validation subset; the drop against the unpruned model says how much that
+unit matters. Two kinds of unit:
+
+* ``magnitude``: one conv/linear layer, its smallest ``ratio`` of weights zeroed
+  (unstructured L1 magnitude, exactly ``round(ratio * n)`` weights).
+* ``channel``: one *coupled group* of channels as Torch-Pruning's dependency graph finds
+  it. Across a residual add, a block's last conv, the shortcut (downsample) conv, their
+  BNs and the next blocks' input convs all share one channel index; scanning the convs
+  one by one would report the block's last conv as free to prune when it is not (its
+  channels cannot go without the shortcut's). So a group is pruned as a whole: the
+  lowest-L1 ``ratio`` of its channels leave every member at once.
+
+The caller's model is never changed: every scan works on deep copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from netshrink.bench.accuracy import evaluate
+from netshrink.data.base import Split
+from netshrink.errors import UserError
+from netshrink.prune.magnitude import magnitude_masks
+from netshrink.prune.masks import apply_masks
+from netshrink.prune.select import prunable_layers, select_layers
+
+__all__ = [
+    "BASELINE",
+    "METHODS",
+    "ChannelGroup",
+    "Method",
+    "channel_groups",
+    "check_method",
+    "check_ratio",
+    "check_split",
+    "example_input_from",
+    "layer_param_table",
+    "output_layer",
+    "prune_channel_groups",
+    "sensitivity_scan",
+]
+
+Method = Literal["magnitude", "channel"]
+METHODS: tuple[str, ...] = ("magnitude", "channel")
+BASELINE = "(unpruned)"  # the ``layer`` of a scan's baseline row
+
+# Slack for float error in ``c * (1 - ratio)``: 10 * (1 - 0.3) is 6.999..., not 7.
+_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> None:
+    """Raise ``UserError`` unless ``ratio`` is in [0, 1).
+
+    Raises:
+        UserError: ``ratio`` is below 0, 1 or more, or not a number.
+    """
+    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0 <= ratio < 1:
+        raise UserError(f"{what} must be in [0, 1) (a fraction pruned), not {ratio!r}")
+
+
+def check_method(method: str) -> None:
+    """Raise ``UserError`` unless ``method`` is ``magnitude`` or ``channel``.
+
+    Raises:
+        UserError: an unknown method.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def check_split(split: Split | None, name: str = "val") -> Split:
+    """The split itself, if it has images.
+
+    Raises:
+        UserError: the split is missing or empty.
+    """
+    if split is None or len(split) == 0:
+        hint = " (set data.val_size above 0, or use split: test)" if name == "val" else ""
+        raise UserError(f"split {name!r} has no images to measure accuracy on{hint}")
+    return split
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def layer_param_table(model: nn.Module) -> list[dict[str, Any]]:
+    """Parameters per layer: every module that holds parameters of its own, in model order.
+
+    Args:
+        model: any module.
+
+    Returns:
+        Rows ``{"name", "type", "shape", "params", "share"}`` (``shape`` of the weight, or
+        of the first parameter; ``share`` of all the model's parameters), then a total row
+        named ``(total)``.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    rows: list[dict[str, Any]] = []
+    for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        first = own.get("weight", next(iter(own.values())))
+        n = sum(p.numel() for p in own.values())
+        rows.append({"name": name or "(model)", "type": type(module).__name__,
+                     "shape": list(first.shape), "params": n, "share": n / max(1, total)})
+    rows.append({"name": "(total)", "type": "", "shape": [], "params": total, "share": 1.0})
+    return rows
+
+
+def example_input_from(split: Split, device: str | torch.device = "cpu") -> Tensor:
+    """One image of ``split`` as a batch of one: what the dependency graph is traced with.
+
+    Raises:
+        UserError: the split is empty.
+    """
+    for x, _ in split.batches(1, shuffle=False, augment=False):
+        return x.to(device)
+    raise UserError("the split has no images to trace the model with")
+
+
+# --------------------------------------------------------------------------- channel groups
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One coupled group of channels: removing channel i removes it from every member.
+
+    Attributes:
+        name: ``outputs`` joined with ``+`` (model order): what a scan row calls it.
+        root: the conv/linear the dependency graph grew the group from.
+        outputs: conv/linear layers that lose output channels (filters).
+        inputs: conv/linear layers that lose input channels.
+        norms: batch norms that lose channels.
+        channels: channels in the group.
+        params: conv/linear/BN parameters the group's channels hold (all of them gone if
+            every channel went).
+        order: position of its first output layer in ``model.named_modules()``.
+    """
+
+    name: str
+    root: str
+    outputs: list[str]
+    inputs: list[str]
+    norms: list[str]
+    channels: int
+    params: int
+    order: int
+    scores: list[float] = field(default_factory=list, repr=False, compare=False)
+
+
+def _channel_params(module: nn.Module, out: bool) -> int:
+    """Parameters one channel of ``module`` holds along its output (or input) dimension."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return 2 if module.affine else 0
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        w = module.weight
+        if out:
+            return w[0].numel() + (1 if module.bias is not None else 0)
+        return w[:, 0].numel()
+    return 0  # element-wise ops, reshapes: nothing to hold
+
+
+def _trace(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, tp.DependencyGraph]:
+    """A deep copy of ``model`` and its dependency graph (traced in eval mode).
+
+    Eval mode matters twice: a training-mode forward would move the BN running statistics
+    of the copy, and netshrink's ``Conv2d`` computes 1x1-output convs as a matmul in
+    training, which the tracer would not recognise as a conv.
+    """
+    work = copy.deepcopy(model).eval()
+    with torch.enable_grad():  # the graph is traced through autograd
+        dg = tp.DependencyGraph().build_dependency(work, example_inputs=example_input,
+                                                   verbose=False)
+    return work, dg
+
+
+def output_layer(model: nn.Module) -> str:
+    """The classifier: the last conv/linear layer in model order (its outputs are logits).
+
+    Raises:
+        UserError: the model has no conv/linear layer.
+    """
+    layers = prunable_layers(model)
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no Conv2d or Linear layer: nothing to prune")
+    return list(layers)[-1]
+
+
+def _groups(
+    work: nn.Module,
+    dg: tp.DependencyGraph,
+    *,
+    include: list[str] | None,
+    exclude: list[str] | None,
+) -> list[tuple[ChannelGroup, Any]]:
+    """The prunable groups of ``work`` (traced as ``dg``) with TP's group objects."""
+    chosen = set(select_layers(work, include=include, exclude=exclude))  # checks patterns
+    modules = dict(work.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
+    names = {id(m): name for name, m in modules.items()}
+    classifier = output_layer(work)
+    excluded = set(prunable_layers(work)) - set(select_layers(work, exclude=exclude))
+    # The classifier (its outputs are the classes) and excluded layers are ignored: a
+    # group that would remove their output channels is not offered at all. They may still
+    # lose *input* channels, when the layer feeding them is pruned.
+    ignored = [modules[classifier]] + [modules[n] for n in sorted(excluded)]
+    found: list[tuple[ChannelGroup, Any]] = []
+    for group in dg.get_all_groups(ignored_layers=ignored,
+                                   root_module_types=[nn.Conv2d, nn.Linear]):
+        outputs, inputs, norms = [], [], []
+        params = 0
+        channels = len(group[0].idxs)
+        scores = torch.zeros(channels, dtype=torch.float64)
+        for item in group.items:
+            module = item.dep.target.module
+            name = names.get(id(module))
+            if name is None:  # an op (add, reshape), not a module with weights
+                continue
+            out = dg.is_out_channel_pruning_fn(item.dep.handler)
+            params += _channel_params(module, out) * len(item.idxs)
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                (outputs if out else inputs).append(name)
+                if out:
+                    # The group's L1 score of a channel: the L1 norms of the filters that
+                    # produce it, summed over every conv/linear that writes that channel.
+                    l1 = module.weight.detach().abs().flatten(1).sum(1).double().cpu()
+                    idx = torch.as_tensor(list(item.idxs), dtype=torch.long)
+                    root = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+                    scores.index_add_(0, root, l1[idx])
+            elif out:
+                norms.append(name)
+        if not outputs:
+            continue
+        outputs.sort(key=order.__getitem__)
+        inputs.sort(key=order.__getitem__)
+        norms.sort(key=order.__getitem__)
+        if include is not None and not any(n in chosen for n in outputs):
+            continue
+        info = ChannelGroup(
+            name="+".join(outputs), root=names[id(group[0].dep.target.module)],
+            outputs=outputs, inputs=inputs, norms=norms, channels=channels, params=params,
+            order=order[outputs[0]], scores=scores.tolist(),
+        )
+        found.append((info, group))
+    found.sort(key=lambda pair: pair[0].order)
+    if not found:
+        raise UserError(f"include={include} exclude={exclude} leave no channel group to prune "
+                        f"(the classifier {classifier!r} is never pruned on its outputs)")
+    return found
+
+
+def channel_groups(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> list[ChannelGroup]:
+    """The coupled channel groups of ``model``, in model order.
+
+    Args:
+        model: the model (not changed: a copy is traced).
+        example_input: a batch the model accepts, on the model's device.
+        include: a group is offered if one of its output layers matches (all by default).
+        exclude: a group is dropped if one of its output layers matches; the classifier
+            (the last conv/linear layer) is always excluded.
+
+    Returns:
+        One ``ChannelGroup`` per group; every conv/linear layer but the classifier is an
+        output layer of exactly one group (unless excluded).
+
+    Raises:
+        UserError: a pattern matches no layer, or nothing is left to prune.
+    """
+    work, dg = _trace(model, example_input)
+    return [info for info, _ in _groups(work, dg, include=include, exclude=exclude)]
+
+
+def _removed(channels: int, ratio: float) -> int:
+    """Channels a group of ``channels`` loses at ``ratio``; at least one always stays.
+
+    The same rule as Torch-Pruning's ``MetaPruner`` (and ``prune.channel``): the group
+    keeps ``floor(channels * (1 - ratio))`` channels, never fewer than one.
+    """
+    return channels - max(1, math.floor(channels * (1 - ratio) + _EPS))
+
+
+def _lowest(scores: Sequence[float], k: int) -> list[int]:
+    """Indices of the ``k`` lowest scores (ties by position), sorted."""
+    order = torch.argsort(torch.tensor(scores, dtype=torch.float64), stable=True)
+    return sorted(int(i) for i in order[:k])
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune_channel_groups(
+    model: nn.Module,
+    ratio: float,
+    example_input: Tensor,
+    *,
+    only: Iterable[str] | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with the lowest-L1 ``ratio`` of each group's channels removed.
+
+    Every group keeps ``floor(channels * (1 - ratio))`` channels (at least one). Channels
+    are scored on the unpruned model, so the order groups are pruned in does not matter.
+
+    Args:
+        model: the model (not changed).
+        ratio: fraction of each group's channels to remove, in [0, 1).
+        example_input: a batch the model accepts, on its device.
+        only: prune only the groups with these names (``ChannelGroup.name``); all if None.
+        include / exclude: as for ``channel_groups``.
+
+    Returns:
+        The pruned copy, in eval mode.
+
+    Raises:
+        UserError: a bad ratio or pattern, an unknown group name, or the pruned model's
+            output shape changed (the classifier was not recognised).
+    """
+    check_ratio(ratio)
+    work, dg = _trace(model, example_input)
+    groups = _groups(work, dg, include=include, exclude=exclude)
+    if only is not None:
+        wanted = set(only)
+        unknown = wanted - {info.name for info, _ in groups}
+        if unknown:
+            raise UserError(f"no channel group named {sorted(unknown)}")
+        groups = [(info, g) for info, g in groups if info.name in wanted]
+    with torch.no_grad():
+        before = work(example_input).shape
+    for info, group in groups:
+        k = _removed(info.channels, ratio)
+        if k > 0:
+            # ``Group.prune(idxs)`` rebuilds the group from its root with these channel
+            # indices, so it is valid after other groups (disjoint outputs) were pruned.
+            group.prune(_lowest(info.scores, k))
+    with torch.no_grad():
+        after = work(example_input).shape
+    if after != before:
+        raise UserError(f"channel pruning changed the model's output from {list(before)} to "
+                        f"{list(after)}: exclude the layer that produces the logits")
+    return work.eval()
+
+
+# --------------------------------------------------------------------------- the scan
+
+
+def sensitivity_scan(
+    model: nn.Module,
+    data_split: Split,
+    *,
+    method: Method = "magnitude",
+    ratio: float = 0.9,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    example_input: Tensor | None = None,
+    max_images: int | None = 2000,
+    device: str = "cpu",
+    batch_size: int = 256,
+    split_name: str = "val",
+) -> list[dict[str, Any]]:
+    """Prune each layer (``magnitude``) or coupled group (``channel``) alone; measure top-1.
+
+    Args:
+        model: the trained model (not changed: the scan works on copies).
+        data_split: where accuracy is measured (a validation split, not the test set).
+        method: ``magnitude`` (one layer's smallest weights) or ``channel`` (one group's
+            lowest-L1 channels, removed from every coupled layer).
+        ratio: fraction pruned from the layer (of weights) or the group (of channels).
+        include / exclude: layer-name patterns; for ``channel`` they apply to a group's
+            output layers.
+        example_input: a batch to trace the model with (``channel``); by default the
+            first image of ``data_split``.
+        max_images: evaluate on the first this many images (None: all).
+        device: where to run.
+        batch_size: evaluation batch size.
+        split_name: the split's name, for messages.
+
+    Returns:
+        A baseline row (``layer`` = ``(unpruned)``, ``drop`` 0) and then one row per layer
+        or group in model order: ``{"layer", "params", "top1", "drop", "removed",
+        "ratio", "kind"}``; ``drop`` is baseline top-1 minus this top-1 (a fraction; it
+        can be slightly negative: pruning may help on a small subset by chance). Group rows
+        add ``outputs``, ``inputs``, ``channels`` and ``pruned_channels``; ``params`` is
+        the layer's weights or the parameters the group's channels hold, ``removed`` how
+        many were zeroed (magnitude) or removed (channel).
+
+    Raises:
+        UserError: unknown method, ratio outside [0, 1), a bad pattern, an empty split.
+    """
+    check_method(method)
+    check_ratio(ratio)
+    check_split(data_split, split_name)
+    work = copy.deepcopy(model).to(device).eval()
+
+    def top1(m: nn.Module) -> float:
+        return evaluate(m, data_split, batch_size=batch_size, device=device,
+                        max_images=max_images, split_name=split_name).top1
+
+    base = top1(work)
+    layers = prunable_layers(work)
+    rows: list[dict[str, Any]] = [{
+        "layer": BASELINE, "kind": "baseline", "ratio": 0.0,
+        "params": sum(layer.weight.numel() for layer in layers.values()),
+        "removed": 0, "top1": base, "drop": 0.0,
+    }]
+    if method == "magnitude":
+        for name, layer in select_layers(work, include=include, exclude=exclude).items():
+            saved = layer.weight.detach().clone()
+            masks = magnitude_masks({name: layer}, ratio, "layer")
+            apply_masks(work, masks)
+            acc = top1(work)
+            with torch.no_grad():
+                layer.weight.copy_(saved)  # one working copy, restored layer by layer
+            rows.append({"layer": name, "kind": "layer", "ratio": ratio,
+                         "params": saved.numel(), "removed": int((~masks[name]).sum()),
+                         "top1": acc, "drop": base - acc})
+        return rows
+
+    if example_input is None:
+        example_input = example_input_from(data_split, device)
+    example_input = example_input.to(device)
+    total = _count(work)
+    for info in channel_groups(work, example_input, include=include, exclude=exclude):
+        pruned = prune_channel_groups(work, ratio, example_input, only=[info.name],
+                                      include=include, exclude=exclude)
+        acc = top1(pruned)
+        rows.append({"layer": info.name, "kind": "group", "ratio": ratio,
+                     "params": info.params, "removed": total - _count(pruned),
+                     "top1": acc, "drop": base - acc, "root": info.root,
+                     "outputs": info.outputs, "inputs": info.inputs,
+                     "channels": info.channels,
+                     "pruned_channels": _removed(info.channels, ratio)})
+    return rows
