@@ -37,7 +37,7 @@ def minimal(**changes) -> dict:
         (minimal(stages=[{"kind": "train", "epoch": 3}]),
          r"stages\[0\] \(train\): unknown key 'epoch'; allowed: epochs, max_steps"),
         (minimal(stages=[{"kind": "prune.magic"}]),
-         r"unknown stage kind 'prune.magic'; known: finetune, train"),
+         r"unknown stage kind 'prune.magic'; known: finetune, .*prune\.magnitude.*, train$"),
         (minimal(stages=[{"epochs": 3}]), r"stages\[0\] needs a 'kind'"),
         (minimal(stages=[{"kind": "train", "epochs": -1}]),
          r"stages\[0\] \(train\): epochs: Input should be greater than 0 \(got -1\)"),
