@@ -1,5 +1,8 @@
 """Channel pruning at ratio 0.5: params, MACs and CPU latency against the dense model.
 
+Masked variants are timed beside them (50% unstructured magnitude, 2:4): they zero weights
+without removing work, and this shows what that buys on a CPU.
+
 For ResNet-50 (ImageNet stem, 224x224) and ResNet-18 (CIFAR stem, 32x32): prune channels
 with netshrink (Torch-Pruning's dependency graph, L1, fc kept), save the pruned model to a
 safetensors file, reload it and check its outputs equal the ones before saving, then time
@@ -22,6 +25,7 @@ from torch import nn
 
 from netshrink.bench import count_macs, count_params
 from netshrink.models import ModelSpec, build_model
+from netshrink.prune import MagnitudePruneConfig, NMPruneConfig, prune_magnitude, prune_nm
 from netshrink.prune.channel import ChannelPruneConfig, prune_channels
 from netshrink.store.checkpoint import load_model, save_model
 
@@ -68,6 +72,7 @@ def main() -> None:
     print("| model | params dense → pruned | MACs dense → pruned | b1 p50 dense | b1 p50 pruned |"
           " latency speed-up | reload equal |")
     print("|---|---|---|---|---|---|---|")
+    masked: list[str] = []
     for name, spec, shape in CASES:
         dense = randomized(spec)
         example = torch.zeros(1, *shape)
@@ -81,18 +86,30 @@ def main() -> None:
             equal = torch.equal(pruned(x), reloaded(x))
         params = count_params(dense)[0], count_params(reloaded)[0]
         macs = count_macs(dense, shape), count_macs(reloaded, shape)
-        for model in (dense, reloaded):  # warm-up: oneDNN picks and caches its kernels
+        timed = {
+            "dense": dense,
+            "channel 0.5": reloaded,
+            "unstructured 50%": prune_magnitude(dense, MagnitudePruneConfig(ratio=0.5))[0],
+            "2:4": prune_nm(dense, NMPruneConfig())[0],
+        }
+        for model in timed.values():  # warm-up: oneDNN picks and caches its kernels
             call_ms(model, x, 5)
-        dense_ms: list[float] = []
-        pruned_ms: list[float] = []
+        ms: dict[str, list[float]] = {label: [] for label in timed}
         for _ in range(args.rounds):
-            dense_ms += call_ms(dense, x, args.calls)
-            pruned_ms += call_ms(reloaded, x, args.calls)
-        d50, p50 = statistics.median(dense_ms), statistics.median(pruned_ms)
+            for label, model in timed.items():
+                ms[label] += call_ms(model, x, args.calls)
+        p50 = {label: statistics.median(values) for label, values in ms.items()}
+        d50 = p50["dense"]
         print(f"| {name} | {params[0] / 1e6:.2f} M → {params[1] / 1e6:.2f} M "
               f"({params[0] / params[1]:.2f}x) | {macs[0] / 1e6:,.0f} M → {macs[1] / 1e6:,.0f} M "
-              f"({macs[0] / macs[1]:.2f}x) | {d50:.2f} ms | {p50:.2f} ms | {d50 / p50:.2f}x | "
-              f"{'yes' if equal else 'NO'} |")
+              f"({macs[0] / macs[1]:.2f}x) | {d50:.2f} ms | {p50['channel 0.5']:.2f} ms | "
+              f"{d50 / p50['channel 0.5']:.2f}x | {'yes' if equal else 'NO'} |")
+        masked.append(f"| {name} | " + " | ".join(
+            f"{p50[label]:.2f} ms ({d50 / p50[label]:.2f}x)" for label in timed) + " |")
+    print("\nBatch-1 p50 of masked models in the same rounds (speed-up vs dense):\n")
+    print("| model | dense | channel 0.5 | unstructured 50% | 2:4 |")
+    print("|---|---|---|---|---|")
+    print("\n".join(masked))
 
 
 if __name__ == "__main__":
