@@ -11,8 +11,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from netshrink.errors import UserError
+
+if TYPE_CHECKING:
+    from netshrink.recipe import RunRecord
 
 
 def _positive_int(text: str) -> int:
@@ -57,25 +61,35 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from netshrink.recipe import parse_recipe, run_recipe
-
     stage = {"kind": "train", "epochs": args.epochs, "lr": args.lr,
              "batch_size": args.batch_size, "optimizer": args.optimizer}
-    raw = {
-        "name": args.out.name,
-        "device": args.device,
-        "model": {"arch": args.arch, "stem": args.stem,
-                  "weights": str(args.weights) if args.weights else None},
-        "data": {"name": args.data, "root": str(args.data_dir) if args.data_dir else None},
-        "stages": [stage],
-    }
-    record = run_recipe(parse_recipe(raw, source="netshrink train"), args.out)
-    print(f"model: {args.out / record.stages[-1].artifact}")  # type: ignore[operator]
+    model = {"arch": args.arch, "stem": args.stem,
+             "weights": str(args.weights) if args.weights else None}
+    _run_as_recipe(args, "netshrink train", model=model, data={"name": args.data},
+                   stages=[stage])
     return 0
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def _run_as_recipe(
+    args: argparse.Namespace, source: str, *, model: dict, data: dict, stages: list[dict]
+) -> RunRecord:
+    """Run a one-off recipe into ``args.out`` (commands are recipes: same checks, same
+    measurements, same resume) and print where its final model is."""
     from netshrink.recipe import parse_recipe, run_recipe
+
+    raw = {
+        "name": args.out.name,
+        "device": args.device,
+        "model": model,
+        "data": {**data, "root": str(args.data_dir) if args.data_dir else None},
+        "stages": stages,
+    }
+    record = run_recipe(parse_recipe(raw, source=source), args.out)
+    print(f"model: {args.out / record.stages[-1].artifact}")  # type: ignore[operator]
+    return record
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
     from netshrink.store.checkpoint import load_model
 
     _, spec, meta = load_model(args.weights)
@@ -94,17 +108,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stages: list[dict[str, object]] = [stage]
     if args.finetune_epochs:
         stages.append({"kind": "finetune", "epochs": args.finetune_epochs})
-    raw = {
-        "name": args.out.name,
-        "device": args.device,
-        "model": {"arch": spec.arch, "stem": spec.stem, "weights": str(args.weights)},
-        "data": {"name": dataset, "root": str(args.data_dir) if args.data_dir else None,
-                 "image_size": meta.get("image_size")},
-        "stages": stages,
-    }
-    record = run_recipe(parse_recipe(raw, source="netshrink prune"), args.out)
+    record = _run_as_recipe(
+        args, "netshrink prune",
+        model={"arch": spec.arch, "stem": spec.stem, "weights": str(args.weights)},
+        data={"name": dataset, "image_size": meta.get("image_size")}, stages=stages,
+    )
     first, last = record.stages[0].measurement, record.stages[-1].measurement
-    print(f"model: {args.out / record.stages[-1].artifact}")  # type: ignore[operator]
     for label, m in (("before", first), ("after", last)):
         acc = f", top-1 {m.accuracy.top1 * 100:.2f}%" if m and m.accuracy else ""
         print(f"{label}: {m.params:,} params, {m.nonzero_params:,} non-zero, "  # type: ignore[union-attr]
