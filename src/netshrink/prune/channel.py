@@ -299,7 +299,7 @@ def _prune_step(
         model.zero_grad(set_to_none=True)
 
     if cfg.scope == "layer":
-        keeps = [math.floor(start * (1 - ratio) + _EPS) for _, _, _, start, _ in plans]
+        keeps = [kept_channels(start, ratio) for _, _, _, start, _ in plans]
     else:
         keeps = _global_keeps(plans, ratio, cfg.max_layer_ratio)
 
@@ -314,13 +314,20 @@ def _prune_step(
             group.prune()
 
 
+def kept_channels(channels: int, ratio: float) -> int:
+    """Channels a group of ``channels`` keeps at ``ratio``: ``floor(channels * (1 - ratio))``
+    as Torch-Pruning's ``MetaPruner`` keeps them (the epsilon absorbs float error such as
+    64 * (1 - 0.5) landing a hair below 32); the caller guarantees at least one."""
+    return math.floor(channels * (1 - ratio) + _EPS)
+
+
 def _global_keeps(
     plans: list[tuple[nn.Module, Callable, int, int, Tensor]], ratio: float, max_layer: float
 ) -> list[int]:
     """Channels each group keeps when all groups' channels are ranked together."""
     currents = [current for _, _, current, _, _ in plans]
     total_start = sum(start for _, _, _, start, _ in plans)
-    to_remove = sum(currents) - math.floor(total_start * (1 - ratio) + _EPS)
+    to_remove = sum(currents) - kept_channels(total_start, ratio)
     # No group may fall below this many (a capped group's share goes to the next-lowest).
     floors = [max(1, math.ceil(start * (1 - max_layer) - _EPS)) for _, _, _, start, _ in plans]
     room = [max(0, c - f) for c, f in zip(currents, floors, strict=True)]

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from netshrink.bench.accuracy import evaluate
 from netshrink.data.base import Split
 from netshrink.errors import UserError
+from netshrink.prune.channel import kept_channels
 from netshrink.prune.magnitude import magnitude_masks
 from netshrink.prune.masks import apply_masks
 from netshrink.prune.select import prunable_layers, select_layers
@@ -54,9 +55,6 @@ __all__ = [
 Method = Literal["magnitude", "channel"]
 METHODS: tuple[str, ...] = ("magnitude", "channel")
 BASELINE = "(unpruned)"  # the ``layer`` of a scan's baseline row
-
-# Slack for float error in ``c * (1 - ratio)``: 10 * (1 - 0.3) is 6.999..., not 7.
-_EPS = 1e-9
 
 
 # --------------------------------------------------------------------------- checks
@@ -297,7 +295,7 @@ def _removed(channels: int, ratio: float) -> int:
     The same rule as Torch-Pruning's ``MetaPruner`` (and ``prune.channel``): the group
     keeps ``floor(channels * (1 - ratio))`` channels, never fewer than one.
     """
-    return channels - max(1, math.floor(channels * (1 - ratio) + _EPS))
+    return channels - max(1, kept_channels(channels, ratio))
 
 
 def _lowest(scores: Sequence[float], k: int) -> list[int]:
