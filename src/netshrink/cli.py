@@ -89,13 +89,38 @@ def _run_as_recipe(
     return record
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def _run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) -> RunRecord:
+    """Run ``stages`` on the model file ``args.weights`` and print before/after figures."""
     from netshrink.store.checkpoint import load_model
 
     _, spec, meta = load_model(args.weights)
     dataset = args.data or meta.get("dataset")
     if dataset is None:
         raise UserError(f"{args.weights}: the file does not say its dataset; pass --data")
+    record = _run_as_recipe(
+        args, source,
+        model={"arch": spec.arch, "stem": spec.stem, "weights": str(args.weights)},
+        data={"name": dataset, "image_size": meta.get("image_size"), **_extra_data(args)},
+        stages=stages,
+    )
+    first, last = record.stages[0].measurement, record.stages[-1].measurement
+    for label, m in (("before", first), ("after", last)):
+        assert m is not None
+        acc = f", top-1 {m.accuracy.top1 * 100:.2f}%" if m.accuracy else ""
+        size = f"{m.size_bytes / 1e6:,.2f} MB {m.runtime} {m.precision}" if m.size_bytes else ""
+        print(f"{label}: {size}, {m.params:,} params, {m.nonzero_params:,} non-zero, "
+              f"{(m.macs or 0) / 1e6:,.1f} M MACs{acc}")
+    return record
+
+
+def _extra_data(args: argparse.Namespace) -> dict[str, object]:
+    extra: dict[str, object] = {}
+    if getattr(args, "val_size", None) is not None:
+        extra["val_size"] = args.val_size
+    return extra
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
     stage: dict[str, object] = {"kind": f"prune.{args.method}"}
     if args.method == "nm":
         stage.update(n=args.n, m=args.m)
@@ -108,16 +133,38 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stages: list[dict[str, object]] = [stage]
     if args.finetune_epochs:
         stages.append({"kind": "finetune", "epochs": args.finetune_epochs})
-    record = _run_as_recipe(
-        args, "netshrink prune",
-        model={"arch": spec.arch, "stem": spec.stem, "weights": str(args.weights)},
-        data={"name": dataset, "image_size": meta.get("image_size")}, stages=stages,
-    )
-    first, last = record.stages[0].measurement, record.stages[-1].measurement
-    for label, m in (("before", first), ("after", last)):
-        acc = f", top-1 {m.accuracy.top1 * 100:.2f}%" if m and m.accuracy else ""
-        print(f"{label}: {m.params:,} params, {m.nonzero_params:,} non-zero, "  # type: ignore[union-attr]
-              f"{(m.macs or 0) / 1e6:,.1f} M MACs{acc}")  # type: ignore[union-attr]
+    _run_on_weights(args, "netshrink prune", stages)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from netshrink.runtime.sessions import onnx_precision
+
+    if args.weights.suffix in (".onnx", ".xml", ".nspk"):
+        if args.weights.suffix == ".onnx" and args.weights.is_file() and (
+                onnx_precision(args.weights) != "fp32"):
+            raise UserError(f"{args.weights}: the model is already quantized "
+                            f"({onnx_precision(args.weights)}); quantize the float checkpoint "
+                            "it came from")
+        raise UserError(f"{args.weights}: quantize takes the float torch checkpoint "
+                        "(.safetensors or .pth) the exported file came from")
+    stage: dict[str, object] = {"kind": f"quant.{args.method}"}
+    if args.method in ("ptq", "qat"):
+        stage.update(per_channel=not args.per_tensor)
+    if args.method == "ptq":
+        stage.update(runtime=args.runtime, calibration=args.calibration,
+                     keep_float=args.keep_float or [])
+        if args.accuracy_budget is not None:
+            stage.update(accuracy_budget=args.accuracy_budget)
+    if args.method in ("ptq", "dynamic", "kmeans") and args.bits is not None:
+        stage.update(bits=args.bits)
+    if args.method in ("fp16", "bf16"):
+        stage.update(runtime="openvino" if args.runtime == "openvino" else "torch")
+    if args.method == "qat" and args.epochs is not None:
+        stage.update(epochs=args.epochs)
+    if args.method == "kmeans" and args.epochs is not None:
+        stage.update(finetune_epochs=args.epochs)
+    _run_on_weights(args, "netshrink quantize", [stage])
     return 0
 
 
@@ -254,6 +301,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
     p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("quantize", help="quantize a model file into a runtime's INT8/16-bit "
+                       "format and measure before/after (a recipe)")
+    p.add_argument("--weights", type=Path, required=True, help="the float torch checkpoint")
+    p.add_argument("--method", choices=["ptq", "dynamic", "qat", "fp16", "bf16", "kmeans"],
+                   required=True)
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
+    p.add_argument("--calibration", choices=["minmax", "percentile", "entropy", "distribution"],
+                   default="minmax")
+    p.add_argument("--keep-float", nargs="+", help="layer patterns left in float (e.g. fc)")
+    p.add_argument("--accuracy-budget", type=float,
+                   help="automatic mixed precision: top-1 points the INT8 model may lose")
+    p.add_argument("--val-size", type=int, help="held-out training images (for the budget)")
+    p.add_argument("--bits", type=int, help="bits per weight (8 for INT8; 1-8 for kmeans)")
+    p.add_argument("--epochs", type=float, help="QAT / k-means fine-tuning epochs")
+    _data_args(p, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="the run's folder")
+    p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset split")
     p.add_argument("--weights", type=Path, required=True)

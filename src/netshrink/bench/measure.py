@@ -24,6 +24,7 @@ from netshrink.bench.timing import num_threads
 from netshrink.bench.timing import time_model as _time_model
 from netshrink.data.base import Split
 from netshrink.errors import UserError
+from netshrink.runtime.base import RuntimeModule
 
 __all__ = ["artifact_size", "measure"]
 
@@ -76,6 +77,8 @@ def measure(
     accuracy_split_name: str = "test",
     max_eval_images: int | None = None,
     eval_batch_size: int | None = None,
+    sizes: dict[str, int] | None = None,
+    precision: str | None = None,
 ) -> Measurement:
     """Measure a PyTorch model.
 
@@ -111,6 +114,13 @@ def measure(
         accuracy_split_name: the split name recorded with the accuracy.
         max_eval_images: evaluate only the first this many images; None for all.
         eval_batch_size: batch size for accuracy; defaults to ``batch_size``.
+        sizes: bytes of other files of the same model worth comparing (the packed file,
+            the float file it came from), by role.
+        precision: the precision to record when the inputs' dtype does not tell it
+            (an fp16 file computed in fp32 on a CPU).
+
+    A ``RuntimeModule`` (an ONNX Runtime or OpenVINO session) is measured by the same
+    code; its counts come from the torch model it was exported from.
 
     Returns:
         A ``Measurement``. ``macs`` is None when torch's counter counted nothing (e.g.
@@ -136,7 +146,12 @@ def measure(
             # path that resolves from the run dir ("../export/model.onnx").
             rel_file = Path(os.path.relpath(path.resolve(), Path(run_dir).resolve())).as_posix()
 
-    params, nonzero = count_params(model)
+    runtime = "torch"
+    if isinstance(model, RuntimeModule):
+        params, nonzero = model.stats.params, model.stats.nonzero_params
+        runtime, precision = model.runtime, precision or model.precision
+    else:
+        params, nonzero = count_params(model)
 
     # Work on a copy: moving, eval() or a forward with hooks must not reach the caller's
     # model, and the copy can be dropped whole afterwards.
@@ -152,7 +167,8 @@ def measure(
     peak_mb: float | None = None
     memory_kind: str | None = None
     with num_threads(threads):
-        macs = count_macs(work, shape) or None
+        macs = (model.stats.macs if isinstance(model, RuntimeModule)
+                else count_macs(work, shape) or None)
         if time_model:
             latency = _time_model(
                 work, one, warmup=warmup, runs=latency_runs, min_seconds=min_seconds, device=dev
@@ -179,11 +195,12 @@ def measure(
     del work
 
     return Measurement(
-        runtime="torch",
-        precision=PRECISIONS.get(dtype, str(dtype).removeprefix("torch.")),
+        runtime=runtime,
+        precision=precision or PRECISIONS.get(dtype, str(dtype).removeprefix("torch.")),
         input_shape=shape,
         file=rel_file,
         size_bytes=size_bytes,
+        sizes=sizes,
         params=params,
         nonzero_params=nonzero,
         macs=macs,

@@ -62,6 +62,7 @@ class Measurement(BaseModel):
     input_shape: list[int]  # one image, [C, H, W]
     file: str | None = None  # the saved artifact the size is of (relative to the run)
     size_bytes: int | None = None
+    sizes: dict[str, int] | None = None  # other files of the same model, by role (packed, ...)
     params: int
     nonzero_params: int
     macs: int | None = None  # multiply-accumulates for one image

@@ -28,7 +28,8 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec, build_model
 from netshrink.recipe.record import RunRecord, StageRecord
 from netshrink.recipe.schema import Recipe, StageEntry
-from netshrink.recipe.stages import STAGES, StageContext
+from netshrink.recipe.stages import STAGES, Deployed, StageContext
+from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import load_model, save_model, stored_spec
 
@@ -126,7 +127,8 @@ class Runner:
         record.updated = _now()
         atomic_write_text(self.out / RUN_FILE, record.model_dump_json(indent=2))
 
-    def _measure(self, model: nn.Module, data: DataBundle, file: Path) -> Any:
+    def _measure(self, model: nn.Module, data: DataBundle, file: Path,
+                 sizes: dict[str, int] | None = None, precision: str | None = None) -> Any:
         m = self.recipe.measure
         split = data.test if m.split == "test" else data.val
         if split is None:
@@ -140,13 +142,32 @@ class Runner:
             max_eval_images=m.max_eval_images,
             file=file,
             run_dir=self.out,
-            device=self.recipe.device,
+            device=self.recipe.device if not isinstance(model, RuntimeModule) else "cpu",
             threads=m.threads,
+            sizes=sizes or None,
+            precision=precision,
             seed=self.recipe.seed,
             batch_size=m.batch_size,
             eval_batch_size=self.recipe.data.batch_size,
             time_model=m.latency,
         )
+
+    def _open(self, file: Path, runtime: str, stats: ModelStats, precision: str | None
+              ) -> nn.Module:
+        return open_runtime(file, runtime, stats=stats, threads=self.recipe.measure.threads,
+                            precision=precision, device=self.recipe.device)
+
+    def _remeasure(self, prior: StageRecord, data: DataBundle) -> Any:
+        """Measure a finished stage's file again (the measure section changed)."""
+        old = prior.measurement
+        file = self.out / prior.artifact
+        if old is None or (old.runtime == "torch" and file.suffix == ".safetensors"
+                           and old.precision == "fp32"):
+            model, _, _ = load_model(file)
+            return self._measure(model, data, file)
+        stats = ModelStats(params=old.params, nonzero_params=old.nonzero_params, macs=old.macs)
+        model = self._open(file, old.runtime, stats, old.precision)
+        return self._measure(model, data, file, old.sizes, old.precision)
 
     def _baseline(self, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         """The starting model: fresh (seeded) or the recipe's weights, checked against
@@ -190,20 +211,22 @@ class Runner:
         names = ["baseline"] + [e.name for e in entries]
         kinds = ["baseline"] + [e.kind for e in entries]
         model: nn.Module | None = None
+        chain: Path | None = None  # the file of the last torch model, which the next stage gets
         reusing = True
         for index, (name, kind, key) in enumerate(zip(names, kinds, keys, strict=True)):
             stage_dir = self.out / "stages" / f"{index:02d}-{name}"
             artifact = stage_dir / MODEL_FILE
             prior = old.get(index)
             if (reusing and prior is not None and prior.status == "done" and prior.key == key
-                    and artifact.is_file()):
+                    and prior.artifact is not None and (self.out / prior.artifact).exists()):
                 if prior.measure_key != measure_key:
                     self.log(f"[{index}] {name}: finished before; measuring again")
-                    model, spec, _ = load_model(artifact)
-                    prior.measurement = self._measure(model, data, artifact)
+                    prior.measurement = self._remeasure(prior, data)
                     prior.measure_key = measure_key
                 else:
                     self.log(f"[{index}] {name}: finished before, reused")
+                if artifact.is_file():
+                    chain = artifact
                     model = None  # loaded from its file only if a later stage needs it
                 record.stages.append(prior)
                 self._write(record)
@@ -216,7 +239,8 @@ class Runner:
                         shutil.rmtree(stale)
             reusing = False
             if model is None and index > 0:
-                model, spec, _ = load_model(self.out / record.stages[-1].artifact)  # type: ignore[operator]
+                assert chain is not None  # the baseline always leaves a torch model
+                model, spec, _ = load_model(chain)
             stage_dir.mkdir(parents=True, exist_ok=True)
             started, t0 = _now(), time.perf_counter()
             ctx = StageContext(data=data, spec=spec, device=recipe.device, seed=recipe.seed,
@@ -233,13 +257,26 @@ class Runner:
                 config = entry.config.model_dump(mode="json")
             seconds = time.perf_counter() - t0
             spec = ctx.spec  # a stage that changes the structure (channel pruning) says so
-            save_model(model, spec, artifact, meta=checkpoint_meta(data, run=recipe.name,
-                                                                   stage=name))
+            meta = checkpoint_meta(data, run=recipe.name, stage=name)
             t1 = time.perf_counter()
-            measurement = self._measure(model, data, artifact)
+            if isinstance(model, Deployed):
+                deployed = model
+                model = deployed.model
+                if model is not None:
+                    save_model(model, spec, artifact, meta=meta)
+                    chain = artifact
+                measured_file = deployed.file
+                measurement = self._measure(
+                    self._open(deployed.file, deployed.runtime, deployed.stats,
+                               deployed.precision),
+                    data, deployed.file, deployed.sizes, deployed.precision)
+            else:
+                save_model(model, spec, artifact, meta=meta)
+                chain = measured_file = artifact
+                measurement = self._measure(model, data, artifact)
             stage = StageRecord(
                 index=index, name=name, kind=kind, key=key, measure_key=measure_key,
-                config=config, artifact=str(artifact.relative_to(self.out)),
+                config=config, artifact=str(measured_file.relative_to(self.out)),
                 measurement=measurement, history=ctx.history, seconds=seconds,
                 measure_seconds=time.perf_counter() - t1, started=started, finished=_now(),
                 notes=ctx.notes,

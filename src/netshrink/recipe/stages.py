@@ -2,6 +2,11 @@
 
 A stage gets the model the previous stage produced (the runner's own copy, loaded from
 that stage's file, so changing it in place harms nobody) and returns the model to save.
+
+A stage whose result runs outside torch (an INT8 ONNX file, OpenVINO IR, a packed file)
+returns a ``Deployed`` instead: the runner measures that file in its runtime, and the
+next stage gets the last torch model again, so one recipe can compare several
+deployments (per-channel vs per-tensor INT8, ONNX Runtime vs OpenVINO) of one model.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from netshrink.data import DataBundle
 from netshrink.models import ModelSpec
 from netshrink.recipe.record import EpochRecord
 from netshrink.registry import Registry
+from netshrink.runtime.base import ModelStats
 
 
 @dataclass
@@ -40,8 +46,31 @@ class StageContext:
     history: list[EpochRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def input_shape(self) -> list[int]:
+        """One image, ``[C, H, W]``, as the data gives it."""
+        info = self.data.info
+        return [info.in_channels, info.image_size, info.image_size]
 
-StageFn = Callable[[nn.Module, BaseModel, StageContext], nn.Module]
+
+@dataclass
+class Deployed:
+    """A stage's model in a form another runtime executes.
+
+    ``file`` is what the size is of (a folder for formats of several files). ``model``,
+    when given, is a torch model that continues the chain (k-means weights, shared
+    values in float); otherwise the next stage gets the stage's input model again.
+    """
+
+    file: Path
+    runtime: str  # "onnxruntime", "openvino" or "torch"
+    stats: ModelStats  # counts of the network the file holds
+    precision: str | None = None  # recorded precision (and OpenVINO's float hint)
+    sizes: dict[str, int] = field(default_factory=dict)  # other files worth comparing
+    model: nn.Module | None = None
+
+
+StageFn = Callable[[nn.Module, BaseModel, StageContext], "nn.Module | Deployed"]
 
 
 @dataclass(frozen=True)
@@ -69,4 +98,6 @@ def load_builtin_stages() -> None:
     import netshrink.prune.analysis_stages
     import netshrink.prune.channel_stage
     import netshrink.prune.stages
+    import netshrink.quant.qat_stage
+    import netshrink.quant.stages
     import netshrink.train.stages  # noqa: F401

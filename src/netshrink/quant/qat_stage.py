@@ -1,0 +1,35 @@
+"""The ``quant.qat`` recipe stage: fake-quant fine-tuning, then the same INT8 runtime as PTQ."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from netshrink.quant.calibration import calibration_batches
+from netshrink.quant.ptq import PTQConfig, quantize_onnx
+from netshrink.quant.qat import QATConfig, run_qat
+from netshrink.quant.stages import export_checked, packed_sizes
+from netshrink.recipe.stages import Deployed, StageContext, stage
+from netshrink.runtime import model_stats
+
+
+@stage("quant.qat", QATConfig,
+       "quantization-aware training, exported to ONNX Runtime QDQ INT8 with its learned ranges")
+def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> Deployed:
+    stats = model_stats(model, ctx.input_shape)
+    stripped, ranges, result = run_qat(model, ctx.data, cfg, device=ctx.device, log=ctx.log,
+                                       progress=ctx.progress)
+    ctx.history.extend(result.history)
+    stripped = stripped.cpu()
+    float_onnx = export_checked(stripped, ctx.stage_dir / "float.onnx", ctx)
+    # Weights are already on ONNX Runtime's int8 grid, and the activation ranges are the
+    # ones training adapted to; calibration only fills the tensors QAT did not observe
+    # (convolution outputs, residual adds).
+    batches = calibration_batches(ctx.data.calib, input_shape=ctx.input_shape)
+    out = ctx.stage_dir / "model.onnx"
+    quantize_onnx(float_onnx, out, batches, PTQConfig(per_channel=cfg.per_channel),
+                  input_ranges=ranges)
+    kind = "per-channel" if cfg.per_channel else "per-tensor"
+    ctx.notes.append(f"QAT ({cfg.epochs} epochs, {kind} weights) exported to ONNX Runtime "
+                     "QDQ INT8 with the learned input ranges")
+    sizes = {"float_onnx": float_onnx.stat().st_size, **packed_sizes(out)}
+    return Deployed(file=out, runtime="onnxruntime", precision="int8", stats=stats, sizes=sizes)

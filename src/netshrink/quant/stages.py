@@ -1,0 +1,197 @@
+"""Recipe stages that export and quantize: ``export.onnx``, ``quant.ptq``, ``quant.dynamic``,
+``quant.fp16``, ``quant.bf16`` (and ``quant.qat``/``quant.kmeans`` in their own modules).
+
+Each returns a ``Deployed``: the file a runtime executes, measured in that runtime.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from netshrink.bench.accuracy import evaluate
+from netshrink.errors import UserError
+from netshrink.export.onnx import check_onnx, export_onnx
+from netshrink.quant.calibration import calibration_batches
+from netshrink.quant.ptq import PTQConfig, auto_mixed, quantize_onnx, quantize_openvino
+from netshrink.recipe.stages import Deployed, StageContext, stage
+from netshrink.runtime import ModelStats, model_stats, open_runtime
+from netshrink.store.atomic import atomic_write_text
+from netshrink.store.checkpoint import save_model
+
+# How close an exported float model must be to torch; a bigger gap is an export bug.
+EXPORT_ATOL = 1e-3
+
+
+class ExportConfig(BaseModel):
+    """Float ONNX export (the ``export.onnx`` stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    opset: int = Field(default=17, ge=13, le=21)
+
+
+class DynamicConfig(BaseModel):
+    """Dynamic INT8 (the ``quant.dynamic`` stage): int8 weights, activations quantized per
+    call from their observed range; no calibration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_channel: bool = True
+    bits: int = 8
+
+
+class HalfConfig(BaseModel):
+    """16-bit floats (``quant.fp16`` / ``quant.bf16``): a half-size weights file.
+
+    ``runtime: torch`` saves a 16-bit safetensors file (fp16 computes in fp32 on a CPU,
+    in fp16 on a GPU; bf16 computes in bf16). ``runtime: openvino`` exports ONNX and runs
+    it with OpenVINO's 16-bit inference precision.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: Literal["torch", "openvino"] = "torch"
+
+
+def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: int = 17) -> Path:
+    """Export ``model`` to ONNX, run the checker and compare with torch; note the result.
+
+    Raises:
+        UserError: the export differs from torch by more than ``EXPORT_ATOL``.
+    """
+    if any(not p.dtype.is_floating_point for p in model.parameters()):
+        raise UserError("the model holds integer weights (already quantized); export the "
+                        "float model it came from")
+    export_onnx(model, path, input_shape=ctx.input_shape, opset=opset)
+    diff = check_onnx(path, model, input_shape=ctx.input_shape)
+    if diff > EXPORT_ATOL:
+        raise UserError(f"{path}: the ONNX export differs from torch by {diff:.2e} "
+                        f"(more than {EXPORT_ATOL}); report this model as an export bug")
+    ctx.notes.append(f"ONNX (opset {opset}) passes onnx.checker; max |ONNX Runtime - torch| "
+                     f"= {diff:.1e} on 4 random images")
+    return path
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() else path.stat().st_size
+
+
+def packed_sizes(onnx_file: Path) -> dict[str, int]:
+    """Pack an ONNX file (sparse int8 weights + zstd) and return the sizes to record."""
+    from netshrink.store.packed import pack_onnx
+
+    packed = onnx_file.with_suffix(".nspk")
+    pack_onnx(onnx_file, packed)
+    return {"packed": _size(packed)}
+
+
+@stage("export.onnx", ExportConfig, "float ONNX export, run in ONNX Runtime or OpenVINO")
+def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> Deployed:
+    path = export_checked(model, ctx.stage_dir / "model.onnx", ctx, opset=cfg.opset)
+    return Deployed(file=path, runtime=cfg.runtime, precision="fp32",
+                    stats=model_stats(model, ctx.input_shape))
+
+
+def _top1_on_val(ctx: StageContext, images: int, stats: ModelStats
+                 ) -> Callable[[Path], float]:
+    split = ctx.data.val
+    if split is None:
+        raise UserError("accuracy_budget needs held-out images to judge each layer on; set "
+                        "data.val_size (e.g. 5000)")
+
+    def top1(path: Path) -> float:
+        session = open_runtime(path, "onnxruntime", stats=stats, threads=torch.get_num_threads())
+        return evaluate(session, split, batch_size=256, max_images=images,
+                        split_name="val").top1
+
+    return top1
+
+
+@stage("quant.ptq", PTQConfig,
+       "static INT8 post-training quantization (ONNX Runtime QDQ or OpenVINO/NNCF), mixed")
+def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> Deployed:
+    stats = model_stats(model, ctx.input_shape)
+    batches = calibration_batches(ctx.data.calib, input_shape=ctx.input_shape,
+                                  images=cfg.calibration_images)
+    float_onnx = export_checked(model, ctx.stage_dir / "float.onnx", ctx)
+    sizes = {"float_onnx": _size(float_onnx)}
+    images = sum(b.shape[0] for b in batches)
+    if cfg.runtime == "openvino":
+        folder = ctx.stage_dir / "openvino"
+        folder.mkdir(exist_ok=True)
+        quantize_openvino(float_onnx, folder / "model.xml", batches, cfg)
+        ctx.notes.append(f"NNCF INT8, {'per-channel' if cfg.per_channel else 'per-tensor'} "
+                         f"weights, calibrated on {images} images")
+        return Deployed(file=folder, runtime="openvino", precision="int8", stats=stats,
+                        sizes=sizes)
+    out = ctx.stage_dir / "model.onnx"
+    if cfg.accuracy_budget is not None:
+        _, kept, trace = auto_mixed(float_onnx, out, batches, cfg, budget=cfg.accuracy_budget,
+                                    top1=_top1_on_val(ctx, cfg.budget_images, stats),
+                                    log=ctx.log)
+        atomic_write_text(ctx.stage_dir / "mixed.json", json.dumps(trace, indent=2))
+        ctx.notes.append(f"automatic mixed precision (budget {cfg.accuracy_budget} pt on "
+                         f"{cfg.budget_images} val images): float layers: "
+                         f"{', '.join(kept) or 'none'}")
+    else:
+        quantize_onnx(float_onnx, out, batches, cfg)
+        if cfg.keep_float:
+            ctx.notes.append(f"layers kept in float: {', '.join(cfg.keep_float)}")
+    ctx.notes.append(f"ONNX Runtime QDQ INT8: {cfg.activations} activations, int8 "
+                     f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights, "
+                     f"{cfg.calibration} calibration on {images} images")
+    sizes.update(packed_sizes(out))
+    return Deployed(file=out, runtime="onnxruntime", precision="int8", stats=stats, sizes=sizes)
+
+
+@stage("quant.dynamic", DynamicConfig,
+       "dynamic INT8 (ONNX Runtime): int8 weights, activations quantized at run time")
+def dynamic_stage(model: nn.Module, cfg: DynamicConfig, ctx: StageContext) -> Deployed:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if cfg.bits != 8:
+        raise UserError(f"dynamic quantization supports bits: 8 only (got {cfg.bits})")
+    stats = model_stats(model, ctx.input_shape)
+    float_onnx = export_checked(model, ctx.stage_dir / "float.onnx", ctx)
+    out = ctx.stage_dir / "model.onnx"
+    quantize_dynamic(str(float_onnx), str(out), per_channel=cfg.per_channel,
+                     weight_type=QuantType.QInt8)
+    ctx.notes.append("dynamic INT8 computes convolutions as ConvInteger with activations "
+                     "quantized on every call; on x86 CPUs that is usually slower than float")
+    sizes = {"float_onnx": _size(float_onnx), **packed_sizes(out)}
+    return Deployed(file=out, runtime="onnxruntime", precision="int8-dynamic", stats=stats,
+                    sizes=sizes)
+
+
+def _half(model: nn.Module, cfg: HalfConfig, ctx: StageContext, precision: str) -> Deployed:
+    stats = model_stats(model, ctx.input_shape)
+    if cfg.runtime == "openvino":
+        path = export_checked(model, ctx.stage_dir / "model.onnx", ctx)
+        ctx.notes.append(f"OpenVINO runs the float ONNX with inference precision {precision}; "
+                         "it falls back to fp32 on CPUs without native support")
+        return Deployed(file=path, runtime="openvino", precision=precision, stats=stats)
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    path = ctx.stage_dir / f"model.{precision}.safetensors"
+    save_model(model.to(dtype), ctx.spec, path, meta={"precision": precision})
+    if precision == "fp16" and ctx.device == "cpu":
+        ctx.notes.append("fp16 is a storage format on a CPU: the file is half the size and "
+                         "the model computes in fp32 (emulated fp16 is several times slower)")
+    return Deployed(file=path, runtime="torch", precision=precision, stats=stats)
+
+
+@stage("quant.fp16", HalfConfig, "fp16 weights file (half size); fp16 compute on GPUs")
+def fp16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
+    return _half(model, cfg, ctx, "fp16")
+
+
+@stage("quant.bf16", HalfConfig, "bf16 weights and compute (CPUs with bf16, GPUs)")
+def bf16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
+    return _half(model, cfg, ctx, "bf16")

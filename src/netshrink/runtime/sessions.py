@@ -1,0 +1,162 @@
+"""Open an exported model in ONNX Runtime or OpenVINO with a fixed number of threads."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from torch import nn
+
+from netshrink.errors import UserError
+from netshrink.registry import Registry
+from netshrink.runtime.base import ModelStats, RuntimeModule
+
+__all__ = ["RUNTIMES", "onnx_precision", "open_runtime", "require"]
+
+# The pip extra that installs each optional runtime.
+EXTRAS = {"openvino": "openvino", "nncf": "openvino"}
+
+RUNTIMES: Registry[Callable[..., RuntimeModule]] = Registry("runtime")
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional package, or fail naming the extra that installs it.
+
+    Raises:
+        UserError: the package is not installed.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        extra = EXTRAS.get(module, module)
+        raise UserError(
+            f"{module} is not installed; install it with: pip install 'netshrink[{extra}]'"
+        ) from None
+
+
+def onnx_precision(path: Path) -> str:
+    """What an ONNX file computes in: int8 (QDQ / integer ops), fp16, or fp32."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    if ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}:
+        return "int8-dynamic"
+    if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv"}:
+        return "int8"
+    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def open_runtime(
+    path: Path,
+    runtime: str,
+    *,
+    stats: ModelStats,
+    threads: int = 2,
+    precision: str | None = None,
+    device: str = "cpu",
+) -> nn.Module:
+    """Open ``path`` in ``runtime`` ("onnxruntime", "openvino", "torch") as a module.
+
+    Args:
+        path: an ``.onnx`` file, or an OpenVINO ``.xml`` (its ``.bin`` beside it).
+        runtime: the runtime's name.
+        stats: counts of the source torch model, kept for the measurement.
+        threads: intra-op threads the runtime may use.
+        precision: OpenVINO's inference precision for float layers ("fp32" or "bf16");
+            None: fp32, and for ONNX the file's own precision is recorded. For torch:
+            "fp16" files compute in fp32 on a CPU (emulated fp16 is several times slower),
+            "bf16" files compute in bf16.
+        device: where a torch model runs; ONNX Runtime and OpenVINO run on the CPU.
+
+    Raises:
+        UserError: an unknown or missing runtime, or a file it cannot read.
+    """
+    if threads < 1:
+        raise UserError(f"threads must be at least 1, not {threads}")
+    if not path.exists():
+        raise UserError(f"{path}: model file not found")
+    if path.is_dir():  # OpenVINO IR saved as a folder holding model.xml + model.bin
+        path = path / "model.xml"
+    return RUNTIMES.get(runtime)(path, threads=threads, stats=stats, precision=precision,
+                                 device=device)
+
+
+@RUNTIMES.register("onnxruntime")
+def _onnxruntime(path: Path, *, threads: int, stats: ModelStats, precision: str | None,
+                 device: str) -> RuntimeModule:
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{path}: ONNX Runtime cannot load it: {first}") from None
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return RuntimeModule(run, runtime="onnxruntime", precision=precision or onnx_precision(path),
+                         stats=stats)
+
+
+@RUNTIMES.register("openvino")
+def _openvino(path: Path, *, threads: int, stats: ModelStats, precision: str | None,
+              device: str) -> RuntimeModule:
+    ov = require("openvino")
+    # "int8" labels a quantized file; its float parts (if any) still run in f32.
+    hint = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}.get(precision or "fp32")
+    if hint is None:
+        raise UserError(f"OpenVINO precision {precision!r} is not one of fp32, bf16, fp16, int8")
+    core = ov.Core()
+    try:
+        compiled = core.compile_model(str(path), "CPU", {
+            "INFERENCE_NUM_THREADS": threads,
+            # OpenVINO computes float layers in bf16 by default on CPUs that have it; an
+            # "fp32" measurement must say f32 or it silently measures bf16.
+            "INFERENCE_PRECISION_HINT": hint,
+            "PERFORMANCE_HINT": "LATENCY",
+        })
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
+        raise UserError(f"{path}: OpenVINO cannot load it: {str(exc).splitlines()[0]}") from None
+    request = compiled.create_infer_request()
+    recorded = precision or "fp32"
+    if path.suffix == ".onnx" and onnx_precision(path).startswith("int8"):
+        recorded = onnx_precision(path)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return next(iter(request.infer({0: x}).values()))
+
+    return RuntimeModule(run, runtime="openvino", precision=recorded, stats=stats)
+
+
+@RUNTIMES.register("torch")
+def _torch(path: Path, *, threads: int, stats: ModelStats, precision: str | None,
+           device: str) -> nn.Module:
+    import torch
+
+    if path.suffix == ".nspk":
+        from netshrink.store.packed import load_packed_model
+
+        model, _, _ = load_packed_model(path)
+    else:
+        from netshrink.store.checkpoint import load_model
+
+        model, _, _ = load_model(path)
+    # Loading casts a half-precision file's values into the model's fp32 parameters.
+    # bf16 computes in bf16; fp16 does on a GPU, while on a CPU (emulated fp16 is several
+    # times slower than fp32) it stays a storage format and computes in fp32.
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    elif precision == "fp16" and torch.device(device).type == "cuda":
+        model = model.half()
+    return model.eval()
