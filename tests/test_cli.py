@@ -83,7 +83,8 @@ def test_recipe_with_unknown_key_or_stage(capsys, tmp_path, fashion_dir) -> None
     bad_stage = write_recipe(tmp_path / "s.yaml", TINY_RECIPE.format(root=fashion_dir)
                              .replace("kind: train", "kind: trian"))
     code, _, err = run_cli(capsys, "run", str(bad_stage), "--out", str(tmp_path / "b"))
-    assert_one_line_error(code, err, "unknown stage kind 'trian'", "known: export.onnx, finetune, ", ", train")
+    assert_one_line_error(code, err, "unknown stage kind 'trian'", "known: export.onnx, finetune, ",
+                          ", train")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -107,9 +107,9 @@ def _run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) -
     for label, m in (("before", first), ("after", last)):
         assert m is not None
         acc = f", top-1 {m.accuracy.top1 * 100:.2f}%" if m.accuracy else ""
-        size = f"{m.size_bytes / 1e6:,.2f} MB {m.runtime} {m.precision}" if m.size_bytes else ""
-        print(f"{label}: {size}, {m.params:,} params, {m.nonzero_params:,} non-zero, "
-              f"{(m.macs or 0) / 1e6:,.1f} M MACs{acc}")
+        size = f", {m.size_bytes / 1e6:,.2f} MB" if m.size_bytes else ""
+        print(f"{label}: {m.params:,} params, {m.nonzero_params:,} non-zero, "
+              f"{(m.macs or 0) / 1e6:,.1f} M MACs{size}, {m.runtime} {m.precision}{acc}")
     return record
 
 

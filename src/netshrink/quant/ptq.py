@@ -183,16 +183,16 @@ def quantize_onnx(
 
 
 def _input_overrides(onnx_file: Path, ranges: dict[str, tuple[float, float]]
-                     ) -> dict[str, list[dict[str, float]]]:
+                     ) -> dict[str, list[dict[str, np.float32]]]:
     """ONNX Runtime's per-tensor range overrides for the inputs of the named layers."""
     import onnx
 
-    overrides: dict[str, list[dict[str, float]]] = {}
+    overrides: dict[str, list[dict[str, np.float32]]] = {}
     for node in onnx.load(str(onnx_file), load_external_data=False).graph.node:
         layer = onnx_layer_name(node.name) if node.op_type in QUANTIZED_OPS else None
         if layer in ranges:
             rmin, rmax = ranges[layer]
-            overrides[node.input[0]] = [{"rmin": float(rmin), "rmax": float(rmax)}]
+            overrides[node.input[0]] = [{"rmin": np.float32(rmin), "rmax": np.float32(rmax)}]
     missing = set(ranges) - {onnx_layer_name(n) for n in _quantized_node_names(onnx_file)}
     if missing:
         raise UserError(f"learned ranges for layers the ONNX file does not have: "

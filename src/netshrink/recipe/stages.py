@@ -98,6 +98,7 @@ def load_builtin_stages() -> None:
     import netshrink.prune.analysis_stages
     import netshrink.prune.channel_stage
     import netshrink.prune.stages
+    import netshrink.quant.kmeans_stage
     import netshrink.quant.qat_stage
     import netshrink.quant.stages
     import netshrink.train.stages  # noqa: F401
