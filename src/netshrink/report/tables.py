@@ -30,6 +30,7 @@ class Table:
 COMPARISON_COLUMNS: tuple[tuple[str, bool], ...] = (
     ("stage", False),
     ("kind", False),
+    ("runtime, precision", False),
     ("verdict", False),
     ("top-1 %", True),
     ("top-5 %", True),
@@ -80,10 +81,16 @@ def _measured_cells(m: Measurement | None, cmp: Comparison, is_baseline: bool) -
     mem = fmt.MISSING
     if m.peak_memory_mb is not None:
         mem = _with(f"{m.peak_memory_mb:.1f} MB", m.memory_kind)
+    size = _with(fmt.megabytes(m.size_bytes), _r(cmp.size_ratio))
+    packed = (m.sizes or {}).get("packed")
+    if packed and m.size_bytes and cmp.size_ratio is not None:
+        # The packed file (sparse, bit-packed, zstd) is storage; the runtime loads the other.
+        packed_ratio = fmt.ratio(cmp.size_ratio * m.size_bytes / packed)
+        size += f"; packed {fmt.megabytes(packed)} ({packed_ratio})"
     return (
         top1,
         fmt.pct(acc.top5 if acc else None),
-        _with(fmt.megabytes(m.size_bytes), _r(cmp.size_ratio)),
+        size,
         fmt.count(m.params),
         nonzero,
         fmt.macs(m.macs),
@@ -99,6 +106,8 @@ def comparison_table(stages: Sequence[StageRecord], comparisons: Sequence[Compar
         (
             stage.name,
             stage.kind,
+            f"{stage.measurement.runtime}, {stage.measurement.precision}"
+            if stage.measurement else fmt.MISSING,
             cmp.verdict,
             *_measured_cells(stage.measurement, cmp, is_baseline=(i == 0)),
             fmt.seconds(stage.seconds),

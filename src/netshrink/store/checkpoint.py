@@ -229,6 +229,18 @@ def load_model(path: Path, *, spec: ModelSpec | None = None) -> tuple[nn.Module,
             spec = ModelSpec.model_validate_json(header["spec"])
     if spec is None:
         spec = guess_spec(state)
+    return model_from_state(spec, state, path), spec, meta
+
+
+def model_from_state(spec: ModelSpec, state: dict[str, Tensor], source: Path) -> nn.Module:
+    """Build ``spec``'s model and load ``state`` into it (eval mode).
+
+    A ``pruned`` spec builds the unpruned model and gives its layers the state's widths
+    first (channel pruning never changes the input channels or class count).
+
+    Raises:
+        UserError: the state does not fit the spec (``source`` is named in the message).
+    """
     model = build_model(spec)
     if spec.pruned:
         expected = _io_widths(model)
@@ -237,8 +249,8 @@ def load_model(path: Path, *, spec: ModelSpec | None = None) -> tuple[nn.Module,
             # Another input or class count is another model, not a pruned one: check the
             # file against the spec's own shapes so the mismatch is reported.
             model = build_model(spec)
-    load_weights(model, spec, state, path)
-    return model.eval(), spec, meta
+    load_weights(model, spec, state, source)
+    return model.eval()
 
 
 def _io_widths(model: nn.Module) -> tuple[int | None, int | None]:

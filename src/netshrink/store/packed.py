@@ -58,11 +58,10 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
-from netshrink.models import ModelSpec, build_model
-from netshrink.models.resize import resize_to_state
+from netshrink.models import ModelSpec
 from netshrink.quant.kmeans import Codebook
 from netshrink.store.atomic import atomic_writer
-from netshrink.store.checkpoint import _io_widths, load_weights
+from netshrink.store.checkpoint import model_from_state
 
 __all__ = [
     "FORMAT",
@@ -692,15 +691,7 @@ def load_packed_model(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]
     except ValidationError as exc:
         raise UserError(f"{path}: corrupt packed file (its model spec: "
                         f"{exc.errors()[0]['msg']}); write it again") from None
-    model = build_model(spec)
-    # The same steps as checkpoint.load_model, which reads only safetensors/torch files.
-    if spec.pruned:
-        expected = _io_widths(model)
-        model = resize_to_state(model, tensors)
-        if _io_widths(model) != expected:
-            model = build_model(spec)  # another model, not a pruned one: report the mismatch
-    load_weights(model, spec, tensors, Path(path))
-    return model.eval(), spec, header.get("meta") or {}
+    return model_from_state(spec, tensors, Path(path)), spec, header.get("meta") or {}
 
 
 # ---------------------------------------------------------------------------------- ONNX
