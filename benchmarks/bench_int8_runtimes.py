@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch_int8  # benchmarks/torch_int8.py (torchao is optional, not a netshrink dependency)
 from torch import nn
 
 from netshrink.bench.environment import environment
@@ -68,9 +69,13 @@ class Bf16(nn.Module):
             return self.model(x.contiguous(memory_format=torch.channels_last)).float()
 
 
-def variants(model: nn.Module, shape: list[int], tmp: Path, threads: int
+def variants(model: nn.Module, shape: list[int], tmp: Path, threads: int, batch: int = 32,
+             setup_s: dict[str, float] | None = None
              ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """Every runtime x format, each a callable on a float32 batch."""
+    """Every runtime x format, each a callable on a float32 batch.
+
+    ``setup_s`` (if given) receives setup times in seconds of the variants that compile.
+    """
     stats = model_stats(model, shape)
     fp32 = export_onnx(model, tmp / "fp32.onnx", input_shape=shape)
     gen = np.random.default_rng(0)
@@ -94,7 +99,7 @@ def variants(model: nn.Module, shape: list[int], tmp: Path, threads: int
     def ov(path: Path, precision: str = "fp32") -> nn.Module:
         return open_runtime(path, "openvino", stats=stats, threads=threads, precision=precision)
 
-    return {
+    fns = {
         "torch eager fp32": model,
         "torch eager bf16 autocast": Bf16(copy.deepcopy(model)),
         "ONNX Runtime fp32": ort(fp32),
@@ -107,6 +112,18 @@ def variants(model: nn.Module, shape: list[int], tmp: Path, threads: int
         "OpenVINO INT8 (netshrink's ONNX QDQ file)": ov(files["u8s8_pc"], "int8"),
         "OpenVINO INT8 (NNCF)": ov(nncf_xml, "int8"),
     }
+    missing = torch_int8.available()
+    if missing is None:
+        compiled, times = torch_int8.torch_int8(copy.deepcopy(model), shape, calib,
+                                                warm_batches=(1, batch))
+        print(f"{torch_int8.VARIANT}: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()),
+              flush=True)
+        if setup_s is not None:
+            setup_s.update({f"torch INT8 {k}": v for k, v in times.items()})
+        fns[torch_int8.VARIANT] = compiled
+    else:
+        print(f"skipping {torch_int8.VARIANT}: torchao does not import ({missing})", flush=True)
+    return fns
 
 
 def call_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, calls: int) -> list[float]:
@@ -132,7 +149,8 @@ def bench_case(key: str, rounds: int, threads: int, b1_calls: int, batch: int) -
     many = torch.randn(batch, *shape, generator=gen)
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        fns = variants(model, shape, Path(tmp), threads)
+        setup_s: dict[str, float] = {}
+        fns = variants(model, shape, Path(tmp), threads, batch, setup_s)
         with torch.inference_mode():
             ref = model(many)
         snr = {name: snr_db(ref, fn(many).float()) for name, fn in fns.items()}
@@ -163,7 +181,8 @@ def bench_case(key: str, rounds: int, threads: int, b1_calls: int, batch: int) -
     for row in rows:
         row["latency_ratio"] = row["b1_p50_ms"] / ref_row["b1_p50_ms"]
         row["throughput_ratio"] = row["img_s"] / ref_row["img_s"]
-    return {"case": title, "batch": batch, "threads": threads, "rounds": rounds, "rows": rows}
+    return {"case": title, "batch": batch, "threads": threads, "rounds": rounds, "rows": rows,
+            "setup_s": setup_s}
 
 
 def to_markdown(results: list[dict], env: dict) -> str:
@@ -176,7 +195,9 @@ def to_markdown(results: list[dict], env: dict) -> str:
              "Reproduce: `python benchmarks/bench_int8_runtimes.py`", ""]
     for res in results:
         lines += [f"## {res['case']}", "",
-                  f"{res['rounds']} round-robin rounds; batch {res['batch']} for throughput.", "",
+                  f"{res['rounds']} round-robin rounds; batch {res['batch']} for throughput."
+                  + "".join(f" {k}: {v:.1f} s." for k, v in res.get("setup_s", {}).items()),
+                  "",
                   "| variant | b1 p50 ms | b1 p90 ms | latency vs torch fp32 | "
                   f"img/s @ {res['batch']} | throughput vs torch fp32 | SNR dB |",
                   "|:---|---:|---:|---:|---:|---:|---:|"]
