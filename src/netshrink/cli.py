@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    required=True)
     p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
-    p.add_argument("--calibration", choices=["minmax", "percentile", "entropy", "distribution"],
+    p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"],
                    default="minmax")
     p.add_argument("--keep-float", nargs="+", help="layer patterns left in float (e.g. fc)")
     p.add_argument("--accuracy-budget", type=float,

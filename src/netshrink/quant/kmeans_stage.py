@@ -17,11 +17,13 @@ def kmeans_stage(model: nn.Module, cfg: KMeansConfig, ctx: StageContext) -> Depl
     codebooks = kmeans_share(model, bits=cfg.bits, include=cfg.include, exclude=cfg.exclude,
                              max_iter=cfg.max_iter)
     if cfg.finetune_epochs > 0:
+        from netshrink.train.config import fractional_epochs
         from netshrink.train.loop import train
         from netshrink.train.stages import FinetuneConfig
 
-        result = train(model, ctx.data, FinetuneConfig(epochs=cfg.finetune_epochs,
-                                                       lr=cfg.finetune_lr),
+        train_cfg = fractional_epochs(FinetuneConfig(lr=cfg.finetune_lr), cfg.finetune_epochs,
+                                      len(ctx.data.train))
+        result = train(model, ctx.data, train_cfg,
                        device=ctx.device, step_hooks=[CodebookHook(codebooks)],
                        progress=ctx.progress, log=ctx.log)
         ctx.history.extend(result.history)

@@ -28,7 +28,6 @@ int8 values trained here; ``activation_ranges`` gives the input ranges to calibr
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -39,7 +38,7 @@ from torch import Tensor, nn
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
 from netshrink.quant.fold import _set_submodule, fold_batchnorm
-from netshrink.train.config import TrainConfig
+from netshrink.train.config import TrainConfig, fractional_epochs
 from netshrink.train.loop import TrainResult, train
 
 __all__ = [
@@ -529,15 +528,8 @@ class QATConfig(TrainConfig):
             ``ceil(epochs * steps per epoch)`` (or the given ``max_steps`` if smaller), so
             the schedule ends where the fractional epochs do.
         """
-        steps_per_epoch = max(1, math.ceil(n_train / self.batch_size))
-        steps = max(1, math.ceil(self.epochs * steps_per_epoch - 1e-9))
-        if self.max_steps is not None:
-            steps = min(steps, self.max_steps)
-        fields = self.model_dump(
-            include=set(TrainConfig.model_fields) - {"epochs", "max_steps"}
-        )
-        return TrainConfig(**fields, epochs=max(1, math.ceil(self.epochs - 1e-9)),
-                           max_steps=steps)
+        fields = self.model_dump(include=set(TrainConfig.model_fields) - {"epochs"})
+        return fractional_epochs(TrainConfig(**fields), self.epochs, n_train)
 
 
 def run_qat(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,3 +53,17 @@ class TrainConfig(BaseModel):
     checkpoint_minutes: float = Field(default=2.0, gt=0)
     keep_zeros: bool = True
     seed: int = 0
+
+
+def fractional_epochs(cfg: TrainConfig, epochs: float, n_train: int) -> TrainConfig:
+    """``cfg`` made to train ``epochs`` passes, fractions allowed (0.5 = half the data).
+
+    The loop counts whole epochs; a fraction becomes the next whole number of epochs
+    capped by ``max_steps = ceil(epochs * steps per epoch)``, so a cosine schedule ends
+    where the fraction does.
+    """
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    steps = max(1, math.ceil(epochs * steps_per_epoch - 1e-9))
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    return cfg.model_copy(update={"epochs": max(1, math.ceil(epochs - 1e-9)), "max_steps": steps})
