@@ -197,3 +197,19 @@ def test_prune_ratio_out_of_range(capsys, tmp_path, trained_tiny, fashion_dir) -
                            "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, "ratio", "less than 1")
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_command_writes_int8_and_measures_it(capsys, tmp_path, fashion_dir,
+                                                      trained_tiny) -> None:
+    capsys.readouterr()
+    code, stdout, _ = run_cli(capsys, "quantize", "--weights", str(trained_tiny), "--method",
+                              "ptq", "--keep-float", "fc", "--data-dir", str(fashion_dir),
+                              "--out", str(tmp_path / "q"))
+    assert code == 0
+    before = next(line for line in stdout.splitlines() if line.startswith("before:"))
+    after = next(line for line in stdout.splitlines() if line.startswith("after:"))
+    assert "torch fp32" in before and "onnxruntime int8" in after
+    top1 = [float(line.rsplit("top-1 ", 1)[1].rstrip("%")) for line in (before, after)]
+    assert top1[1] >= top1[0] - 2.0  # INT8 keeps the float model's accuracy
+    assert (tmp_path / "q" / "stages" / "01-quant.ptq" / "model.onnx").is_file()
+    assert (tmp_path / "q" / "stages" / "01-quant.ptq" / "model.nspk").is_file()
