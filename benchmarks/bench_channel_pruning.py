@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from netshrink.bench import count_macs, count_params
-from netshrink.models import ModelSpec, build_model
+from netshrink.models import ModelSpec, randomized_model
 from netshrink.prune import MagnitudePruneConfig, NMPruneConfig, prune_magnitude, prune_nm
 from netshrink.prune.channel import ChannelPruneConfig, prune_channels
 from netshrink.store.checkpoint import load_model, save_model
@@ -34,19 +34,6 @@ CASES = [
     ("resnet18 cifar 3x32x32", ModelSpec(arch="resnet18", num_classes=10, stem="cifar"),
      [3, 32, 32]),
 ]
-
-
-def randomized(spec: ModelSpec) -> nn.Module:
-    """A model with random weights and BN statistics (L1 ranking then has real spread)."""
-    torch.manual_seed(0)
-    model = build_model(spec).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.3, 1.2)
-    return model
 
 
 def call_ms(model: nn.Module, x: torch.Tensor, calls: int) -> list[float]:
@@ -74,7 +61,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     masked: list[str] = []
     for name, spec, shape in CASES:
-        dense = randomized(spec)
+        dense = randomized_model(spec)
         example = torch.zeros(1, *shape)
         pruned = prune_channels(dense, ChannelPruneConfig(ratio=args.ratio), example_input=example)
         x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1))

@@ -32,7 +32,7 @@ from torch import nn
 
 from netshrink.bench.environment import environment
 from netshrink.export import export_onnx
-from netshrink.models import ModelSpec, build_model
+from netshrink.models import ModelSpec, randomized_model
 from netshrink.quant.ptq import PTQConfig, quantize_onnx, quantize_openvino
 from netshrink.runtime import model_stats, open_runtime
 
@@ -43,18 +43,6 @@ CASES = {
     "resnet50": ("ResNet-50, ImageNet stem, 3x224x224",
                  ModelSpec(arch="resnet50", num_classes=1000), [3, 224, 224]),
 }
-
-
-def randomized(spec: ModelSpec) -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model(spec).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.3, 1.2)
-    return model
 
 
 class Bf16(nn.Module):
@@ -143,7 +131,7 @@ def snr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def bench_case(key: str, rounds: int, threads: int, b1_calls: int, batch: int) -> dict:
     title, spec, shape = CASES[key]
-    model = randomized(spec)
+    model = randomized_model(spec)
     gen = torch.Generator().manual_seed(1)
     one = torch.randn(1, *shape, generator=gen)
     many = torch.randn(batch, *shape, generator=gen)

@@ -16,7 +16,7 @@ from torch import nn
 from netshrink.cli import main
 from netshrink.errors import UserError
 from netshrink.export import check_onnx, export_onnx, onnx_layer_name
-from netshrink.models import ModelSpec, build_model
+from netshrink.models import ModelSpec, randomized_model
 from netshrink.prune import MagnitudePruneConfig, prune_magnitude
 from netshrink.quant.calibration import calibration_batches
 from netshrink.quant.ptq import (
@@ -34,15 +34,7 @@ SHAPE = [1, 28, 28]
 
 
 def randomized(arch: str = "resnet18") -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model(ModelSpec(arch=arch, num_classes=10, in_channels=1)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.3, 1.2)
-    return model
+    return randomized_model(ModelSpec(arch=arch, num_classes=10, in_channels=1))
 
 
 def calib(n: int = 3) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ from torch import nn
 from netshrink.models.resnet import ARCHITECTURES, BasicBlock, ResNet
 from netshrink.registry import Registry
 
-__all__ = ["MODELS", "ModelSpec", "build_model"]
+__all__ = ["MODELS", "ModelSpec", "build_model", "randomized_model"]
 
 Factory = Callable[..., nn.Module]
 MODELS: Registry[Factory] = Registry("model")
@@ -76,3 +76,22 @@ for _name, (_block, _layers) in ARCHITECTURES.items():
 MODELS.register("resnet_tiny")(
     lambda **kw: ResNet(BasicBlock, [1, 1, 1, 1], widths=(8, 16, 32, 64), **kw)  # type: ignore[arg-type]
 )
+
+
+def randomized_model(spec: ModelSpec, *, seed: int = 0) -> nn.Module:
+    """A model in eval mode with seeded random weights and random BatchNorm statistics.
+
+    A fresh model's BN layers are identities (mean 0, var 1, scale 1), which hides bugs in
+    BN folding, reloading and quantization; benchmarks and tests use this instead.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.3, 1.2)
+    return model
