@@ -36,17 +36,23 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        plain = self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
-        if self.training and plain and isinstance(self.padding, tuple):
-            (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-            h, w = x.shape[-2:]
-            if (h + 2 * ph - kh) // sh == 0 and (w + 2 * pw - kw) // sw == 0:
-                # The single output pixel sees input rows [0, rows) through taps [ph, ph+rows).
-                rows, cols = min(h, kh - ph), min(w, kw - pw)
-                taps = self.weight[:, :, ph : ph + rows, pw : pw + cols].flatten(1)
-                out = F.linear(x[:, :, :rows, :cols].flatten(1), taps, self.bias)
-                return out.view(x.shape[0], -1, 1, 1)
-        return super().forward(x)
+        return conv_forward(self, x, self.weight)
+
+
+def conv_forward(conv: nn.Conv2d, x: Tensor, weight: Tensor) -> Tensor:
+    """``conv``'s forward with ``weight`` (e.g. fake-quantized), 1-pixel outputs as matmuls
+    in training (see ``Conv2d``)."""
+    plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+    if conv.training and plain and isinstance(conv.padding, tuple):
+        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+        h, w = x.shape[-2:]
+        if (h + 2 * ph - kh) // sh == 0 and (w + 2 * pw - kw) // sw == 0:
+            # The single output pixel sees input rows [0, rows) through taps [ph, ph+rows).
+            rows, cols = min(h, kh - ph), min(w, kw - pw)
+            taps = weight[:, :, ph : ph + rows, pw : pw + cols].flatten(1)
+            out = F.linear(x[:, :, :rows, :cols].flatten(1), taps, conv.bias)
+            return out.view(x.shape[0], -1, 1, 1)
+    return conv._conv_forward(x, weight, conv.bias)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
+from netshrink.models.resnet import conv_forward
 from netshrink.quant.fold import _set_submodule, fold_batchnorm
 from netshrink.train.config import TrainConfig, fractional_epochs
 from netshrink.train.loop import TrainResult, train
@@ -293,17 +294,7 @@ class QATConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quant(x)
-        weight = self.weight_quant(self.weight)
-        plain = self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
-        if self.training and plain and isinstance(self.padding, tuple):
-            (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-            h, w = x.shape[-2:]
-            if (h + 2 * ph - kh) // sh == 0 and (w + 2 * pw - kw) // sw == 0:
-                rows, cols = min(h, kh - ph), min(w, kw - pw)
-                taps = weight[:, :, ph : ph + rows, pw : pw + cols].flatten(1)
-                out = F.linear(x[:, :, :rows, :cols].flatten(1), taps, self.bias)
-                return out.view(x.shape[0], -1, 1, 1)
-        return self._conv_forward(x, weight, self.bias)
+        return conv_forward(self, x, self.weight_quant(self.weight))
 
 
 class QATLinear(nn.Linear):
