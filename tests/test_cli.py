@@ -4,6 +4,7 @@ nothing half-written; the happy paths print what a user needs."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import subprocess
@@ -83,8 +84,8 @@ def test_recipe_with_unknown_key_or_stage(capsys, tmp_path, fashion_dir) -> None
     bad_stage = write_recipe(tmp_path / "s.yaml", TINY_RECIPE.format(root=fashion_dir)
                              .replace("kind: train", "kind: trian"))
     code, _, err = run_cli(capsys, "run", str(bad_stage), "--out", str(tmp_path / "b"))
-    assert_one_line_error(code, err, "unknown stage kind 'trian'", "known: export.onnx, finetune, ",
-                          ", train")
+    assert_one_line_error(code, err, "unknown stage kind 'trian'",
+                          "known: distill.kd, export.onnx, finetune, ", ", train")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -213,3 +214,13 @@ def test_quantize_command_writes_int8_and_measures_it(capsys, tmp_path, fashion_
     assert top1[1] >= top1[0] - 2.0  # INT8 keeps the float model's accuracy
     assert (tmp_path / "q" / "stages" / "01-quant.ptq" / "model.onnx").is_file()
     assert (tmp_path / "q" / "stages" / "01-quant.ptq" / "model.nspk").is_file()
+
+
+def test_distill_command_trains_a_student(capsys, tmp_path, fashion_dir, trained_tiny) -> None:
+    code, _, _ = run_cli(capsys, "distill", "--teacher", str(trained_tiny), "--arch",
+                         "resnet_tiny", "--epochs", "3", "--lr", "0.05", "--batch-size", "32",
+                         "--data-dir", str(fashion_dir), "--out", str(tmp_path / "kd"))
+    assert code == 0
+    record = json.loads((tmp_path / "kd" / "run.json").read_text())
+    assert record["stages"][1]["kind"] == "distill.kd"
+    assert record["stages"][1]["measurement"]["accuracy"]["top1"] >= 0.5  # learned from scratch

@@ -37,8 +37,8 @@ def minimal(**changes) -> dict:
         (minimal(stages=[{"kind": "train", "epoch": 3}]),
          r"stages\[0\] \(train\): unknown key 'epoch'; allowed: epochs, max_steps"),
         (minimal(stages=[{"kind": "prune.magic"}]),
-         r"unknown stage kind 'prune.magic'; known: export.onnx, finetune, .*prune\.magnitude.*, "
-         r"quant\.ptq.*, train$"),
+         r"unknown stage kind 'prune.magic'; known: distill.kd, export.onnx, finetune, "
+         r".*prune\.magnitude.*, quant\.ptq.*, train$"),
         (minimal(stages=[{"epochs": 3}]), r"stages\[0\] needs a 'kind'"),
         (minimal(stages=[{"kind": "train", "epochs": -1}]),
          r"stages\[0\] \(train\): epochs: Input should be greater than 0 \(got -1\)"),

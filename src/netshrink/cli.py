@@ -70,6 +70,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    stage = {"kind": "distill.kd", "teacher": str(args.teacher), "alpha": args.alpha,
+             "temperature": args.temperature, "epochs": args.epochs, "lr": args.lr,
+             "batch_size": args.batch_size}
+    model = {"arch": args.arch, "stem": args.stem,
+             "weights": str(args.weights) if args.weights else None}
+    _run_as_recipe(args, "netshrink distill", model=model, data={"name": args.data},
+                   stages=[stage])
+    return 0
+
+
 def _run_as_recipe(
     args: argparse.Namespace, source: str, *, model: dict, data: dict, stages: list[dict]
 ) -> RunRecord:
@@ -283,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student against a frozen teacher (a recipe)")
+    p.add_argument("--teacher", type=Path, required=True, help="the teacher's model file")
+    p.add_argument("--arch", default="resnet18", help="the student's architecture")
+    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
+    p.add_argument("--weights", type=Path, help="start the student from this checkpoint")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label loss")
+    p.add_argument("--temperature", type=float, default=4.0)
+    _data_args(p)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("prune", help="prune a model file and measure before/after (a recipe)")
     p.add_argument("--weights", type=Path, required=True)

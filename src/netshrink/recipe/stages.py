@@ -95,6 +95,7 @@ def stage(name: str, config: type[BaseModel], summary: str) -> Callable[[StageFn
 
 def load_builtin_stages() -> None:
     """Import the modules whose stages register themselves."""
+    import netshrink.distill.stage
     import netshrink.prune.analysis_stages
     import netshrink.prune.channel_stage
     import netshrink.prune.stages

@@ -1,0 +1,53 @@
+"""Knowledge distillation: the loss, its alpha=1 limit, and the recipe stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from netshrink.distill import kd_loss
+from netshrink.errors import UserError
+from netshrink.recipe import parse_recipe, run_recipe
+
+
+def test_alpha_one_is_exactly_cross_entropy() -> None:
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 10, generator=gen), torch.randn(16, 10, generator=gen)
+    y = torch.randint(0, 10, (16,), generator=gen)
+    assert torch.equal(kd_loss(s, t, y, alpha=1.0, temperature=4.0), F.cross_entropy(s, y))
+    assert torch.equal(kd_loss(s, t, y, alpha=1.0, temperature=4.0, label_smoothing=0.1),
+                       F.cross_entropy(s, y, label_smoothing=0.1))
+
+
+def test_soft_term_is_t_squared_kl_and_zero_when_student_equals_teacher() -> None:
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
+    y = torch.zeros(8, dtype=torch.long)
+    p_t, p_s = F.softmax(t / 2, 1), F.softmax(s / 2, 1)
+    want = (p_t * (p_t.log() - p_s.log())).sum(1).mean() * 4
+    assert kd_loss(s, t, y, alpha=0.0, temperature=2.0) == pytest.approx(float(want), rel=1e-5)
+    assert float(kd_loss(t, t, y, alpha=0.0, temperature=2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_stage_trains_a_student_from_an_earlier_stage(fashion_dir, tmp_path) -> None:
+    def raw(stages):
+        return {"name": "kd", "model": {"arch": "resnet_tiny"},
+                "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 100,
+                         "calib_size": 32},
+                "measure": {"latency": False, "batch_size": 16}, "stages": stages}
+
+    record = run_recipe(parse_recipe(raw([
+        {"kind": "train", "name": "teacher", "epochs": 3, "lr": 0.05, "batch_size": 32},
+        {"kind": "distill.kd", "name": "student", "teacher_stage": "teacher", "epochs": 1,
+         "lr": 0.01, "batch_size": 32},
+    ])), tmp_path, log=lambda _: None, report=False)
+    student = record.stages[2]
+    assert student.measurement.accuracy.top1 >= 0.85
+    assert len(student.history) == 1 and "teacher" in student.notes[-1]
+    with pytest.raises(UserError, match="exactly one of teacher"):
+        parse_recipe(raw([{"kind": "distill.kd", "epochs": 1}]))
+    with pytest.raises(UserError, match="teacher_stage 'later'"):
+        run_recipe(parse_recipe(raw([{"kind": "distill.kd", "teacher_stage": "later",
+                                      "epochs": 1}])), tmp_path / "b", log=lambda _: None,
+                   report=False)
