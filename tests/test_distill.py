@@ -51,3 +51,27 @@ def test_kd_stage_trains_a_student_from_an_earlier_stage(fashion_dir, tmp_path) 
         run_recipe(parse_recipe(raw([{"kind": "distill.kd", "teacher_stage": "later",
                                       "epochs": 1}])), tmp_path / "b", log=lambda _: None,
                    report=False)
+
+
+def test_finetune_and_qat_can_learn_from_the_model_before_compression(fashion_dir,
+                                                                      tmp_path) -> None:
+    raw = {"name": "kd2", "model": {"arch": "resnet_tiny"},
+           "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 100,
+                    "calib_size": 32},
+           "measure": {"latency": False, "batch_size": 16},
+           "stages": [
+               {"kind": "train", "epochs": 3, "lr": 0.05, "batch_size": 32},
+               {"kind": "prune.magnitude", "ratio": 0.7},
+               {"kind": "finetune", "epochs": 1, "batch_size": 32,
+                "distill": {"teacher_stage": "train", "alpha": 0.3}},
+               {"kind": "quant.qat", "epochs": 0.5, "batch_size": 32,
+                "distill": {"teacher_stage": "train"}},
+           ]}
+    record = run_recipe(parse_recipe(raw), tmp_path, log=lambda _: None, report=False)
+    finetune, qat = record.stages[3], record.stages[4]
+    assert any("distilled (alpha 0.3" in n for n in finetune.notes)
+    assert any("distilled (alpha 0.5" in n for n in qat.notes)
+    m = finetune.measurement
+    assert m.nonzero_params < 0.5 * m.params  # KD fine-tuning kept the pruned zeros
+    assert qat.measurement.precision == "int8"
+    assert qat.measurement.accuracy.top1 >= finetune.measurement.accuracy.top1 - 0.1

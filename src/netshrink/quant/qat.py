@@ -36,11 +36,12 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from netshrink.data import DataBundle
+from netshrink.distill.options import DistillOptions
 from netshrink.errors import UserError
 from netshrink.models.resnet import conv_forward
 from netshrink.quant.fold import _set_submodule, fold_batchnorm
 from netshrink.train.config import TrainConfig, fractional_epochs
-from netshrink.train.loop import TrainResult, train
+from netshrink.train.loop import LossFn, TrainResult, train
 
 __all__ = [
     "ACT_QMAX",
@@ -507,6 +508,7 @@ class QATConfig(TrainConfig):
     warmup_epochs: float = Field(default=0.0, ge=0)
     per_channel: bool = True
     freeze_observers_after: float = Field(default=0.5, gt=0, le=1)
+    distill: DistillOptions | None = None  # learn from a teacher (the float model) too
 
     def train_config(self, n_train: int) -> TrainConfig:
         """The ``TrainConfig`` the loop runs: whole epochs, capped by a step count.
@@ -531,6 +533,7 @@ def run_qat(
     device: str = "cpu",
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[nn.Module, dict[str, tuple[float, float]], TrainResult]:
     """Quantization-aware training of a copy of ``model``.
 
@@ -544,6 +547,7 @@ def run_qat(
         device: ``cpu`` or ``cuda``.
         log: where one line per epoch goes.
         progress: show a progress bar (default: only on a terminal).
+        loss_fn: the loop's loss hook (distillation); cross-entropy by default.
 
     Returns:
         ``(stripped, ranges, result)``: the float model with on-grid weights (eval mode, on
@@ -558,7 +562,7 @@ def run_qat(
     assert train_cfg.max_steps is not None
     freeze_step = max(1, round(cfg.freeze_observers_after * train_cfg.max_steps))
     hook = ObserverFreezeHook(freeze_step)
-    result = train(prepared, data, train_cfg, device=device, step_hooks=[hook],
+    result = train(prepared, data, train_cfg, device=device, step_hooks=[hook], loss_fn=loss_fn,
                    progress=progress, log=log, fingerprint_extra="qat")
     freeze_observers(prepared)
     ranges = activation_ranges(prepared)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from netshrink.distill.options import teacher_loss
 from netshrink.quant.calibration import calibration_batches
 from netshrink.quant.ptq import PTQConfig, quantize_onnx
 from netshrink.quant.qat import QATConfig, run_qat
@@ -16,8 +17,10 @@ from netshrink.runtime import model_stats
        "quantization-aware training, exported to ONNX Runtime QDQ INT8 with its learned ranges")
 def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> Deployed:
     stats = model_stats(model, ctx.input_shape)
+    loss_fn = None if cfg.distill is None else teacher_loss(
+        cfg.distill, ctx, label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last)
     stripped, ranges, result = run_qat(model, ctx.data, cfg, device=ctx.device, log=ctx.log,
-                                       progress=ctx.progress)
+                                       progress=ctx.progress, loss_fn=loss_fn)
     ctx.history.extend(result.history)
     stripped = stripped.cpu()
     float_onnx = export_checked(stripped, ctx.stage_dir / "float.onnx", ctx)

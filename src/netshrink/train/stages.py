@@ -5,25 +5,33 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
+from netshrink.distill.options import DistillOptions, teacher_loss
 from netshrink.recipe.stages import StageContext, stage
 from netshrink.train.config import TrainConfig
 from netshrink.train.loop import train
 
 
 class FinetuneConfig(TrainConfig):
-    """Training from a trained model: fewer epochs, a lower lr, a short warm-up."""
+    """Training from a trained model: fewer epochs, a lower lr, a short warm-up; with
+    ``distill``, against a teacher (e.g. ``teacher_stage: baseline``, the model before
+    compression) instead of the labels alone."""
 
     epochs: int = Field(default=1, gt=0)
     lr: float = Field(default=0.01, gt=0)
     warmup_epochs: float = Field(default=0.0, ge=0)
+    distill: DistillOptions | None = None
 
 
 def _run(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
+    distill = getattr(cfg, "distill", None)
+    loss_fn = None if distill is None else teacher_loss(
+        distill, ctx, label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last)
     result = train(
         model,
         ctx.data,
         cfg,
         device=ctx.device,
+        loss_fn=loss_fn,
         state_path=ctx.stage_dir / "train_state.safetensors",
         progress=ctx.progress,
         log=ctx.log,

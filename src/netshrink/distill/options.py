@@ -1,0 +1,75 @@
+"""Distillation settings shared by ``distill.kd``, ``finetune`` and ``quant.qat``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from netshrink.distill.losses import kd_loss_fn
+from netshrink.errors import UserError
+from netshrink.recipe.stages import StageContext
+from netshrink.store.checkpoint import load_model
+
+__all__ = ["DistillOptions", "teacher_loss"]
+
+
+class DistillOptions(BaseModel):
+    """Which teacher, and how its soft targets mix with the labels.
+
+    Args:
+        teacher: a model file (netshrink, safetensors or torchvision ``.pth``).
+        teacher_stage: or an earlier stage of this recipe whose model teaches
+            (``baseline`` is the model before any compression).
+        alpha: weight of the hard-label cross-entropy; ``1 - alpha`` goes to the soft term.
+        temperature: softening of both distributions (``T``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: Path | None = None
+    teacher_stage: str | None = None
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> DistillOptions:
+        if (self.teacher is None) == (self.teacher_stage is None):
+            raise ValueError("give exactly one of teacher (a model file) or teacher_stage "
+                             "(the name of an earlier stage)")
+        return self
+
+
+def _teacher_file(opts: DistillOptions, ctx: StageContext) -> Path:
+    if opts.teacher is not None:
+        return opts.teacher
+    here = int(ctx.stage_dir.name.split("-", 1)[0])
+    pattern = f"[0-9][0-9]-{opts.teacher_stage}/model.safetensors"
+    hits = [p for p in sorted((ctx.run_dir / "stages").glob(pattern))
+            if int(p.parent.name.split("-", 1)[0]) < here]
+    if not hits:
+        raise UserError(f"teacher_stage {opts.teacher_stage!r}: no earlier stage of that name "
+                        "saved a torch model; name a stage that comes before this one "
+                        "(e.g. baseline)")
+    return hits[0]
+
+
+def teacher_loss(
+    opts: DistillOptions, ctx: StageContext, *, label_smoothing: float, channels_last: bool
+) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Load the teacher (frozen, eval, on the stage's device) and return the loop's loss hook.
+
+    Raises:
+        UserError: the teacher file is missing or unreadable, or no such earlier stage.
+    """
+    teacher, _, _ = load_model(_teacher_file(opts, ctx))
+    teacher = teacher.to(ctx.device)
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    ctx.notes.append(f"distilled (alpha {opts.alpha}, T {opts.temperature}) from "
+                     f"{opts.teacher or opts.teacher_stage}")
+    return kd_loss_fn(teacher, alpha=opts.alpha, temperature=opts.temperature,
+                      label_smoothing=label_smoothing)
