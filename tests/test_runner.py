@@ -88,3 +88,33 @@ def test_interrupted_stage_keeps_finished_ones(fashion_dir, tmp_path, monkeypatc
     record = run_recipe(recipe(fashion_dir), tmp_path, log=lines.append, report=False)
     assert [s.name for s in record.stages] == ["baseline", "train", "finetune"]
     assert sum("reused" in line for line in lines) == 2
+
+
+def test_export_and_quant_stages_do_not_invalidate_later_stages(fashion_dir, tmp_path) -> None:
+    def raw(middle):
+        return parse_recipe({
+            "name": "t", "model": {"arch": "resnet_tiny"},
+            "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 100,
+                     "calib_size": 32},
+            "measure": {"latency": False, "batch_size": 16},
+            "stages": [{"kind": "train", "epochs": 1, "lr": 0.05, "batch_size": 32},
+                       *middle,
+                       {"kind": "finetune", "epochs": 1, "lr": 0.01, "batch_size": 32}],
+        })
+
+    first = run_recipe(raw([{"kind": "export.onnx"}, {"kind": "quant.ptq"}]), tmp_path,
+                       log=quiet, report=False)
+    finetuned = tmp_path / first.stages[-1].artifact
+    stamp = finetuned.stat().st_mtime_ns
+    lines: list[str] = []
+    second = run_recipe(raw([{"kind": "quant.ptq", "per_channel": False}]), tmp_path,
+                        log=lines.append, report=False)
+    # Only the changed quantization ran; the fine-tuning after it was reused, moved to its
+    # new position, and the removed export's folder is gone.
+    assert [line for line in lines if line.endswith("running")] == \
+        ["[2] quant.ptq (quant.ptq): running"]
+    assert second.stages[-1].artifact == "stages/03-finetune/model.safetensors"
+    assert (tmp_path / second.stages[-1].artifact).stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == \
+        ["00-baseline", "01-train", "02-quant.ptq", "03-finetune"]
+    assert [s.index for s in second.stages] == [0, 1, 2, 3]

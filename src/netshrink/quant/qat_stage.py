@@ -14,7 +14,8 @@ from netshrink.runtime import model_stats
 
 
 @stage("quant.qat", QATConfig,
-       "quantization-aware training, exported to ONNX Runtime QDQ INT8 with its learned ranges")
+       "quantization-aware training, exported to ONNX Runtime QDQ INT8 with its learned ranges",
+       chains=False)
 def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> Deployed:
     stats = model_stats(model, ctx.input_shape)
     loss_fn = None if cfg.distill is None else teacher_loss(

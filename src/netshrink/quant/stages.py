@@ -93,7 +93,8 @@ def packed_sizes(onnx_file: Path) -> dict[str, int]:
     return {"packed": _size(packed)}
 
 
-@stage("export.onnx", ExportConfig, "float ONNX export, run in ONNX Runtime or OpenVINO")
+@stage("export.onnx", ExportConfig, "float ONNX export, run in ONNX Runtime or OpenVINO",
+       chains=False)
 def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> Deployed:
     path = export_checked(model, ctx.stage_dir / "model.onnx", ctx, opset=cfg.opset)
     return Deployed(file=path, runtime=cfg.runtime, precision="fp32",
@@ -116,7 +117,8 @@ def _top1_on_val(ctx: StageContext, images: int, stats: ModelStats
 
 
 @stage("quant.ptq", PTQConfig,
-       "static INT8 post-training quantization (ONNX Runtime QDQ or OpenVINO/NNCF), mixed")
+       "static INT8 post-training quantization (ONNX Runtime QDQ or OpenVINO/NNCF), mixed",
+       chains=False)
 def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> Deployed:
     stats = model_stats(model, ctx.input_shape)
     batches = calibration_batches(ctx.data.calib, input_shape=ctx.input_shape,
@@ -153,7 +155,8 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> Deployed:
 
 
 @stage("quant.dynamic", DynamicConfig,
-       "dynamic INT8 (ONNX Runtime): int8 weights, activations quantized at run time")
+       "dynamic INT8 (ONNX Runtime): int8 weights, activations quantized at run time",
+       chains=False)
 def dynamic_stage(model: nn.Module, cfg: DynamicConfig, ctx: StageContext) -> Deployed:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -187,11 +190,13 @@ def _half(model: nn.Module, cfg: HalfConfig, ctx: StageContext, precision: str) 
     return Deployed(file=path, runtime="torch", precision=precision, stats=stats)
 
 
-@stage("quant.fp16", HalfConfig, "fp16 weights file (half size); fp16 compute on GPUs")
+@stage("quant.fp16", HalfConfig, "fp16 weights file (half size); fp16 compute on GPUs",
+       chains=False)
 def fp16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
     return _half(model, cfg, ctx, "fp16")
 
 
-@stage("quant.bf16", HalfConfig, "bf16 weights and compute (CPUs with bf16, GPUs)")
+@stage("quant.bf16", HalfConfig, "bf16 weights and compute (CPUs with bf16, GPUs)",
+       chains=False)
 def bf16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
     return _half(model, cfg, ctx, "bf16")

@@ -54,7 +54,13 @@ def _file_sha(path: Path) -> str:
 
 
 def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
-    """Keys of the baseline and every stage; a key changes when anything upstream does."""
+    """Keys of the baseline and every stage; a key changes when anything upstream does.
+
+    "Upstream" is the chain of torch models: a stage that does not chain (an export or a
+    quantization, whose file the next stage does not get) has a key of its own, but is
+    not part of later stages' keys, so adding, changing or removing one re-runs nothing
+    else.
+    """
     weights = recipe.model.weights
     root = {
         "model": recipe.model.model_dump(mode="json"),
@@ -63,8 +69,11 @@ def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
         "seed": recipe.seed,
     }
     keys = [_sha(root)]
+    chain = keys[0]
     for entry in entries:
-        keys.append(_sha([keys[-1], entry.kind, entry.config.model_dump(mode="json")]))
+        keys.append(_sha([chain, entry.kind, entry.config.model_dump(mode="json")]))
+        if STAGES.get(entry.kind).chains:
+            chain = keys[-1]
     return keys
 
 
@@ -207,18 +216,25 @@ class Runner:
             created=previous.created if previous else _now(),
             updated=_now(),
         )
-        old = {s.index: s for s in previous.stages} if previous else {}
+        # Finished stages are found by key, not by position: a stage removed from or added
+        # to the recipe shifts the others without invalidating them.
+        done: dict[str, list[StageRecord]] = {}
+        for prior in previous.stages if previous else []:
+            if prior.status == "done" and prior.artifact and (self.out / prior.artifact).exists():
+                done.setdefault(prior.key, []).append(prior)
+        old_dirs = {s.name: s.key for s in previous.stages} if previous else {}
         names = ["baseline"] + [e.name for e in entries]
         kinds = ["baseline"] + [e.kind for e in entries]
         model: nn.Module | None = None
         chain: Path | None = None  # the file of the last torch model, which the next stage gets
-        reusing = True
         for index, (name, kind, key) in enumerate(zip(names, kinds, keys, strict=True)):
             stage_dir = self.out / "stages" / f"{index:02d}-{name}"
             artifact = stage_dir / MODEL_FILE
-            prior = old.get(index)
-            if (reusing and prior is not None and prior.status == "done" and prior.key == key
-                    and prior.artifact is not None and (self.out / prior.artifact).exists()):
+            prior = next((p for p in done.get(key, []) if p.name == name),
+                         done[key][0] if done.get(key) else None)
+            if prior is not None:
+                done[key].remove(prior)
+                self._move(prior, index, stage_dir)
                 if prior.measure_key != measure_key:
                     self.log(f"[{index}] {name}: finished before; measuring again")
                     prior.measurement = self._remeasure(prior, data)
@@ -231,13 +247,10 @@ class Runner:
                 record.stages.append(prior)
                 self._write(record)
                 continue
-            if reusing:
-                # Later stages of an older run depend on what is about to change.
-                for stale in sorted((self.out / "stages").glob("*")):
-                    number = stale.name.split("-", 1)[0]
-                    if number.isdigit() and int(number) > index:
-                        shutil.rmtree(stale)
-            reusing = False
+            if stage_dir.exists() and old_dirs.get(name, key) != key:
+                # A finished stage of an older config; a folder without a record holds the
+                # resumable state of an interrupted stage (its own key guards it), kept.
+                shutil.rmtree(stage_dir)
             if model is None and index > 0:
                 assert chain is not None  # the baseline always leaves a torch model
                 model, spec, _ = load_model(chain)
@@ -288,4 +301,24 @@ class Runner:
             top1 = f"top-1 {acc.top1:.4f} " if acc is not None else ""
             self.log(f"[{index}] {name}: done in {seconds:.0f}s; {top1}"
                      f"({stage.measure_seconds:.0f}s measuring)")
+        kept = {(self.out / s.artifact).parent.resolve() for s in record.stages if s.artifact}
+        for folder in (self.out / "stages").glob("*"):
+            if folder.is_dir() and folder.resolve() not in kept:
+                shutil.rmtree(folder)  # stages no longer in the recipe
         return record
+
+    def _move(self, prior: StageRecord, index: int, stage_dir: Path) -> None:
+        """Give a reused stage its new position's folder (stages before it came or went)."""
+        assert prior.artifact is not None
+        old_file = self.out / prior.artifact
+        old_dir = old_file.parent if old_file.is_file() else old_file
+        while old_dir.parent != self.out / "stages":
+            old_dir = old_dir.parent
+        if old_dir.resolve() != stage_dir.resolve():
+            if stage_dir.exists():
+                shutil.rmtree(stage_dir)
+            old_dir.rename(stage_dir)
+            prior.artifact = str((stage_dir / old_file.relative_to(old_dir))
+                                 .relative_to(self.out))
+        prior.index = index
+        prior.name = stage_dir.name.split("-", 1)[1]

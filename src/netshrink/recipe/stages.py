@@ -78,16 +78,23 @@ class StageDef:
     fn: StageFn
     config: type[BaseModel]
     summary: str
+    # False for stages whose result runs outside torch (export, quantization): the next
+    # stage gets their input model, so they are left out of later stages' keys.
+    chains: bool = True
 
 
 STAGES: Registry[StageDef] = Registry("stage")
 
 
-def stage(name: str, config: type[BaseModel], summary: str) -> Callable[[StageFn], StageFn]:
-    """Decorator: register ``fn`` as the recipe stage ``name`` configured by ``config``."""
+def stage(name: str, config: type[BaseModel], summary: str, *, chains: bool = True
+          ) -> Callable[[StageFn], StageFn]:
+    """Decorator: register ``fn`` as the recipe stage ``name`` configured by ``config``.
+
+    ``chains=False`` declares that the stage returns a ``Deployed`` without a torch model.
+    """
 
     def add(fn: StageFn) -> StageFn:
-        STAGES.register(name)(StageDef(fn=fn, config=config, summary=summary))
+        STAGES.register(name)(StageDef(fn=fn, config=config, summary=summary, chains=chains))
         return fn
 
     return add
