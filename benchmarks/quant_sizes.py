@@ -28,7 +28,8 @@ from netshrink.quant.kmeans import kmeans_share
 from netshrink.quant.ptq import PTQConfig, quantize_onnx
 from netshrink.runtime import model_stats, open_runtime
 from netshrink.store.checkpoint import load_model, save_model
-from netshrink.store.packed import load_packed_model, pack_model, pack_onnx, unpack_onnx
+from netshrink.store.packed import load_packed_model, pack_model
+from netshrink.store.packed_onnx import pack_onnx, unpack_onnx
 
 RESULTS = Path(__file__).parent / "results"
 SHAPE = [1, 28, 28]

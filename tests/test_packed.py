@@ -17,19 +17,17 @@ from netshrink.prune.channel import ChannelPruneConfig, prune_channels
 from netshrink.prune.select import prunable_layers
 from netshrink.quant.kmeans import kmeans_share
 from netshrink.store import packed
+from netshrink.store.bitpack import pack_bits, unpack_bits
 from netshrink.store.checkpoint import save_model
 from netshrink.store.packed import (
     MAGIC,
     dequantize_int8,
     load_packed,
     load_packed_model,
-    pack_bits,
     pack_model,
-    pack_onnx,
     save_packed,
-    unpack_bits,
-    unpack_onnx,
 )
+from netshrink.store.packed_onnx import pack_onnx, unpack_onnx
 
 SPEC = ModelSpec(arch="resnet_tiny", num_classes=10, in_channels=1, stem="cifar")
 X = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))

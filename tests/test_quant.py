@@ -28,7 +28,7 @@ from netshrink.quant.ptq import (
 )
 from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.runtime import model_stats, open_runtime, require
-from netshrink.store.packed import pack_onnx, unpack_onnx
+from netshrink.store.packed_onnx import pack_onnx, unpack_onnx
 
 SHAPE = [1, 28, 28]
 

@@ -86,7 +86,7 @@ def _size(path: Path) -> int:
 
 def packed_sizes(onnx_file: Path) -> dict[str, int]:
     """Pack an ONNX file (sparse int8 weights + zstd) and return the sizes to record."""
-    from netshrink.store.packed import pack_onnx
+    from netshrink.store.packed_onnx import pack_onnx
 
     packed = onnx_file.with_suffix(".nspk")
     pack_onnx(onnx_file, packed)

@@ -61,6 +61,7 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.quant.kmeans import Codebook
 from netshrink.store.atomic import atomic_writer
+from netshrink.store.bitpack import pack_bits, unpack_bits
 from netshrink.store.checkpoint import model_from_state
 
 __all__ = [
@@ -71,12 +72,8 @@ __all__ = [
     "dequantize_int8",
     "load_packed",
     "load_packed_model",
-    "pack_bits",
     "pack_model",
-    "pack_onnx",
     "save_packed",
-    "unpack_bits",
-    "unpack_onnx",
 ]
 
 MAGIC = b"NSPK1\n"
@@ -86,9 +83,6 @@ ENCODINGS = ("dense", "sparse", "codebook", "int8")
 
 # ``(q, scale)`` or ``(q, scale, zero_point)``; see ``dequantize_int8``.
 Int8Weight = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
-
-_CHUNK = 1 << 20  # values per bit-packing chunk: a multiple of 8, so chunks end on bytes
-
 
 @dataclass(frozen=True)
 class _DType:
@@ -117,66 +111,6 @@ _NAMES = {dt.torch: name for name, dt in _DTYPES.items()}
 
 class _CorruptError(Exception):
     """Inside the reader: the file's content does not add up; becomes a UserError."""
-
-
-# --------------------------------------------------------------------------- bit packing
-
-
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Pack integers below ``2**bits`` tightly: ``ceil(n * bits / 8)`` bytes.
-
-    Value i's bit j goes to bit ``i * bits + j`` of one little-endian bit stream (so at 4
-    bits a byte is ``v0 | v1 << 4``; at 3 bits values straddle bytes).
-
-    Args:
-        values: unsigned integers (any shape; row-major order is kept).
-        bits: 1 to 8.
-
-    Returns:
-        The packed bytes.
-
-    Raises:
-        ValueError: ``bits`` out of range or a value too wide for it.
-    """
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be 1 to 8, got {bits}")
-    flat = np.ascontiguousarray(values).reshape(-1)
-    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
-        raise ValueError(f"values must lie in [0, {1 << bits}) to pack in {bits} bits")
-    flat = flat.astype(np.uint8, copy=False)
-    if bits == 8:
-        return flat.tobytes()
-    out = []
-    # Chunked so the one-byte-per-bit intermediate stays small for 25M-weight models.
-    for start in range(0, flat.size, _CHUNK):
-        chunk = flat[start : start + _CHUNK]
-        planes = np.unpackbits(chunk[:, None], axis=1, bitorder="little")[:, :bits]
-        out.append(np.packbits(planes.reshape(-1), bitorder="little").tobytes())
-    return b"".join(out)
-
-
-def unpack_bits(data: bytes | memoryview, bits: int, count: int) -> np.ndarray:
-    """Inverse of ``pack_bits``: ``count`` uint8 values from their packed bytes.
-
-    Raises:
-        ValueError: ``bits`` out of range or ``data`` not ``ceil(count * bits / 8)`` bytes.
-    """
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be 1 to 8, got {bits}")
-    need = (count * bits + 7) // 8
-    if len(data) != need:
-        raise ValueError(f"{count} values of {bits} bits take {need} bytes, got {len(data)}")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if bits == 8:
-        return buf.copy()
-    out = np.empty(count, dtype=np.uint8)
-    for start in range(0, count, _CHUNK):
-        m = min(_CHUNK, count - start)
-        first = start * bits // 8  # exact: start is a multiple of 8
-        planes = np.unpackbits(buf[first : first + (m * bits + 7) // 8], count=m * bits,
-                               bitorder="little").reshape(m, bits)
-        out[start : start + m] = np.packbits(planes, axis=1, bitorder="little").reshape(m)
-    return out
 
 
 # ------------------------------------------------------------------------ element coding
@@ -692,111 +626,3 @@ def load_packed_model(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]
         raise UserError(f"{path}: corrupt packed file (its model spec: "
                         f"{exc.errors()[0]['msg']}); write it again") from None
     return model_from_state(spec, tensors, Path(path)), spec, header.get("meta") or {}
-
-
-# ---------------------------------------------------------------------------------- ONNX
-
-
-def _onnx_dtypes() -> dict[int, str]:
-    from onnx import TensorProto as T  # late: only the ONNX functions need onnx
-
-    return {T.FLOAT: "float32", T.DOUBLE: "float64", T.FLOAT16: "float16",
-            T.BFLOAT16: "bfloat16", T.INT8: "int8", T.UINT8: "uint8", T.INT16: "int16",
-            T.UINT16: "uint16", T.INT32: "int32", T.UINT32: "uint32", T.INT64: "int64",
-            T.UINT64: "uint64", T.BOOL: "bool"}
-
-
-def pack_onnx(onnx_path: Path, out_path: Path, *, meta: dict[str, Any] | None = None,
-              level: int = 3) -> int:
-    """Pack an ONNX model: its initializers sparse or dense, the rest of the graph as is.
-
-    Every top-level initializer held as ``raw_data`` in a dtype of whole bytes is stored
-    like a tensor of ``save_packed`` (``sparse`` when smaller: pruned int8/uint8/float
-    weights become a bitmask plus the non-zero values); the model proto, with those
-    initializers emptied, is stored whole. Initializers in other forms (``float_data``,
-    strings, 4-bit types, subgraph constants) stay inside the proto untouched. External
-    data is read in by ``onnx.load`` and packed like the rest.
-
-    Args:
-        onnx_path: the ``.onnx`` file.
-        out_path: the packed file to write, atomically.
-        meta: JSON-able facts kept with it.
-        level: zstd level.
-
-    Returns:
-        The packed file's size in bytes.
-
-    Raises:
-        UserError: a missing or unreadable ONNX file.
-    """
-    import onnx
-    from onnx import TensorProto
-
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise UserError(f"{onnx_path}: ONNX model not found; check the path")
-    try:
-        model = onnx.load(str(onnx_path))
-    except Exception as exc:  # protobuf's DecodeError and onnx's own errors alike
-        raise UserError(f"{onnx_path}: not a readable ONNX model ({str(exc)[:160]}); "
-                        "export it again") from None
-    dtypes = _onnx_dtypes()
-    blobs = _Blobs()
-    entries = []
-    for index, init in enumerate(model.graph.initializer):
-        name = dtypes.get(init.data_type)
-        if (name is None or not init.HasField("raw_data")
-                or init.data_location == TensorProto.EXTERNAL):
-            continue
-        dt = _DTYPES[name]
-        raw = np.frombuffer(init.raw_data, dtype=np.uint8)
-        if raw.size != math.prod(init.dims) * dt.itemsize:
-            continue  # malformed, but not ours to fix: keep it as it is
-        encoding, parts = _plain_parts(raw, dt)
-        entries.append({"name": init.name, "index": index, "dtype": name,
-                        "shape": list(init.dims), "encoding": encoding,
-                        "parts": blobs.add(parts)})
-        init.ClearField("raw_data")
-    graph = blobs.add({"graph": model.SerializeToString()})["graph"]
-    header = {"format": FORMAT, "version": VERSION, "kind": "onnx", "meta": meta or {},
-              "spec": None, "tensors": entries, "graph": graph}
-    return _write(Path(out_path), header, blobs, level)
-
-
-def unpack_onnx(packed_path: Path) -> bytes:
-    """The serialized ONNX ``ModelProto`` that ``pack_onnx`` packed.
-
-    Every initializer gets its exact bytes back (zeros as +0.0), so onnxruntime computes
-    the same outputs; save the bytes as a ``.onnx`` file or pass them to
-    ``onnxruntime.InferenceSession`` directly.
-
-    Raises:
-        UserError: a missing file, not a packed ONNX file, truncated or corrupt data, or
-            an encoding or version this netshrink does not know.
-    """
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    f = _open(Path(packed_path), "onnx")
-    try:
-        _check_sizes(f)
-        model = onnx.ModelProto()
-        model.ParseFromString(bytes(f.part(f.header["graph"])))
-        inits = model.graph.initializer
-        for entry in f.header["tensors"]:
-            dt = _DTYPES[entry["dtype"]]
-            _, n = _shape(entry)
-            if entry["encoding"] not in ("dense", "sparse"):
-                raise UserError(f"{f.path}: initializer {entry.get('name')!r} uses encoding "
-                                f"{entry['encoding']!r}, which packed ONNX files do not "
-                                "use; upgrade netshrink")
-            index = entry["index"]
-            if not isinstance(index, int) or not 0 <= index < len(inits) \
-                    or inits[index].name != entry["name"]:
-                raise _CorruptError(f"initializer {entry['name']!r} is not at {index!r}")
-            words = _plain_words(f, entry["parts"], dt, n, entry["encoding"] == "sparse")
-            inits[index].raw_data = words.tobytes()
-    except (_CorruptError, DecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{f.path}: corrupt packed file ({type(exc).__name__}: {exc}); "
-                        "write it again") from None
-    return model.SerializeToString()
