@@ -33,7 +33,7 @@ from torch import nn
 from netshrink.bench.environment import environment
 from netshrink.export import export_onnx
 from netshrink.models import ModelSpec, randomized_model
-from netshrink.quant.ptq import PTQConfig, quantize_onnx, quantize_openvino
+from netshrink.quant.ptq import PTQConfig, quantize_dynamic_onnx, quantize_onnx, quantize_openvino
 from netshrink.runtime import model_stats, open_runtime
 
 RESULTS = Path(__file__).parent / "results"
@@ -72,11 +72,8 @@ def variants(model: nn.Module, shape: list[int], tmp: Path, threads: int, batch:
         "u8s8_pc": quantize_onnx(fp32, tmp / "u8s8_pc.onnx", calib, PTQConfig()),
         "u8s8_pt": quantize_onnx(fp32, tmp / "u8s8_pt.onnx", calib, PTQConfig(per_channel=False)),
         "s8s8_pc": quantize_onnx(fp32, tmp / "s8s8_pc.onnx", calib, PTQConfig(activations="int8")),
+        "dynamic": quantize_dynamic_onnx(fp32, tmp / "dynamic.onnx"),
     }
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(fp32), str(tmp / "dynamic.onnx"), per_channel=True,
-                     weight_type=QuantType.QInt8)
     (tmp / "ov").mkdir()
     nncf_xml = quantize_openvino(fp32, tmp / "ov" / "model.xml", calib,
                                  PTQConfig(runtime="openvino"))
@@ -94,7 +91,7 @@ def variants(model: nn.Module, shape: list[int], tmp: Path, threads: int, batch:
         "ONNX Runtime INT8 QDQ u8/s8 per-channel (netshrink default)": ort(files["u8s8_pc"]),
         "ONNX Runtime INT8 QDQ u8/s8 per-tensor": ort(files["u8s8_pt"]),
         "ONNX Runtime INT8 QDQ s8/s8 (int8 activations)": ort(files["s8s8_pc"]),
-        "ONNX Runtime dynamic INT8": ort(tmp / "dynamic.onnx"),
+        "ONNX Runtime dynamic INT8": ort(files["dynamic"]),
         "OpenVINO fp32": ov(fp32),
         "OpenVINO bf16 hint": ov(fp32, "bf16"),
         "OpenVINO INT8 (netshrink's ONNX QDQ file)": ov(files["u8s8_pc"], "int8"),

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -34,7 +34,14 @@ from netshrink.export.onnx import ONNX_INPUT, onnx_layer_name
 from netshrink.runtime.sessions import onnx_precision, require
 from netshrink.store.atomic import atomic_write_bytes
 
-__all__ = ["PTQConfig", "quantizable_layers", "quantize_onnx", "quantize_openvino"]
+__all__ = [
+    "PTQConfig",
+    "check_int8_bits",
+    "quantizable_layers",
+    "quantize_dynamic_onnx",
+    "quantize_onnx",
+    "quantize_openvino",
+]
 
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -61,24 +68,34 @@ class PTQConfig(BaseModel):
     @field_validator("bits")
     @classmethod
     def _only_int8(cls, bits: int) -> int:
-        if bits != 8:
-            raise ValueError(f"static PTQ runs on INT8 kernels, so bits must be 8 (got {bits}); "
-                             "for fewer bits per weight use quant.kmeans (bits 1-8)")
-        return bits
+        return check_int8_bits(bits)
+
+
+def check_int8_bits(bits: int) -> int:
+    """The bit-width of INT8 quantization (static or dynamic): 8 and nothing else.
+
+    Raises:
+        ValueError: any other width, naming the method that offers fewer bits.
+    """
+    if bits != 8:
+        raise ValueError(f"INT8 quantization runs on INT8 kernels, so bits must be 8 (got "
+                         f"{bits}); for fewer bits per weight use quant.kmeans (bits 1-8)")
+    return bits
+
+
+def _layer_nodes(onnx_file: Path) -> dict[str, Any]:
+    """Torch layer name -> the ONNX node (``NodeProto``) the quantizer would quantize."""
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    nodes = {onnx_layer_name(n.name): n for n in graph.node if n.op_type in QUANTIZED_OPS}
+    nodes.pop(None, None)  # a node without a module scope has no torch name to match
+    return nodes  # type: ignore[return-value]
 
 
 def quantizable_layers(float_onnx: Path) -> dict[str, str]:
     """Torch layer name -> ONNX node name, for every node the quantizer would quantize."""
-    import onnx
-
-    graph = onnx.load(str(float_onnx), load_external_data=False).graph
-    layers: dict[str, str] = {}
-    for node in graph.node:
-        if node.op_type in QUANTIZED_OPS:
-            layer = onnx_layer_name(node.name)
-            if layer is not None:
-                layers[layer] = node.name
-    return layers
+    return {layer: node.name for layer, node in _layer_nodes(float_onnx).items()}
 
 
 def match_layers(patterns: Sequence[str], layers: dict[str, str]) -> list[str]:
@@ -98,8 +115,9 @@ def match_layers(patterns: Sequence[str], layers: dict[str, str]) -> list[str]:
 
 
 def _check_float(path: Path) -> None:
-    if onnx_precision(path) != "fp32":
-        raise UserError(f"{path}: the model is already quantized ({onnx_precision(path)}); "
+    precision = onnx_precision(path)
+    if precision != "fp32":
+        raise UserError(f"{path}: the model is already quantized ({precision}); "
                         "quantize the float model it came from")
 
 
@@ -186,26 +204,30 @@ def quantize_onnx(
 def _input_overrides(onnx_file: Path, ranges: dict[str, tuple[float, float]]
                      ) -> dict[str, list[dict[str, np.float32]]]:
     """ONNX Runtime's per-tensor range overrides for the inputs of the named layers."""
-    import onnx
-
-    overrides: dict[str, list[dict[str, np.float32]]] = {}
-    for node in onnx.load(str(onnx_file), load_external_data=False).graph.node:
-        layer = onnx_layer_name(node.name) if node.op_type in QUANTIZED_OPS else None
-        if layer in ranges:
-            rmin, rmax = ranges[layer]
-            overrides[node.input[0]] = [{"rmin": np.float32(rmin), "rmax": np.float32(rmax)}]
-    missing = set(ranges) - {onnx_layer_name(n) for n in _quantized_node_names(onnx_file)}
+    nodes = _layer_nodes(onnx_file)
+    missing = set(ranges) - set(nodes)
     if missing:
         raise UserError(f"learned ranges for layers the ONNX file does not have: "
                         f"{', '.join(sorted(missing))}")
-    return overrides
+    return {nodes[layer].input[0]: [{"rmin": np.float32(rmin), "rmax": np.float32(rmax)}]
+            for layer, (rmin, rmax) in ranges.items()}
 
 
-def _quantized_node_names(onnx_file: Path) -> list[str]:
-    import onnx
+def quantize_dynamic_onnx(float_onnx: Path, out: Path, *, per_channel: bool = True) -> Path:
+    """Dynamic INT8 with ONNX Runtime: int8 weights, activations quantized on every call.
 
-    graph = onnx.load(str(onnx_file), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type in QUANTIZED_OPS]
+    Raises:
+        UserError: an already quantized input.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _check_float(float_onnx)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        target = Path(tmp) / "dynamic.onnx"
+        quantize_dynamic(str(float_onnx), str(target), per_channel=per_channel,
+                         weight_type=QuantType.QInt8)
+        atomic_write_bytes(out, target.read_bytes())
+    return out
 
 
 def quantize_openvino(

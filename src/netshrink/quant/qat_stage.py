@@ -8,7 +8,7 @@ from netshrink.distill.options import teacher_loss
 from netshrink.quant.calibration import calibration_batches
 from netshrink.quant.ptq import PTQConfig, quantize_onnx
 from netshrink.quant.qat import QATConfig, run_qat
-from netshrink.quant.stages import export_checked, packed_sizes
+from netshrink.quant.stages import export_checked, onnx_int8_result
 from netshrink.recipe.stages import Deployed, StageContext, stage
 from netshrink.runtime import model_stats
 
@@ -35,5 +35,4 @@ def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> Deployed:
     kind = "per-channel" if cfg.per_channel else "per-tensor"
     ctx.notes.append(f"QAT ({cfg.epochs} epochs, {kind} weights) exported to ONNX Runtime "
                      "QDQ INT8 with the learned input ranges")
-    sizes = {"float_onnx": float_onnx.stat().st_size, **packed_sizes(out)}
-    return Deployed(file=out, runtime="onnxruntime", precision="int8", stats=stats, sizes=sizes)
+    return onnx_int8_result(float_onnx, out, stats)

@@ -12,14 +12,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from netshrink.bench.accuracy import evaluate
+from netshrink.bench.measure import artifact_size
 from netshrink.errors import UserError
 from netshrink.export.onnx import check_onnx, export_onnx
 from netshrink.quant.calibration import calibration_batches
-from netshrink.quant.ptq import PTQConfig, auto_mixed, quantize_onnx, quantize_openvino
+from netshrink.quant.ptq import (
+    PTQConfig,
+    auto_mixed,
+    check_int8_bits,
+    quantize_dynamic_onnx,
+    quantize_onnx,
+    quantize_openvino,
+)
 from netshrink.recipe.stages import Deployed, StageContext, stage
 from netshrink.runtime import ModelStats, model_stats, open_runtime
 from netshrink.store.atomic import atomic_write_text
@@ -46,6 +54,11 @@ class DynamicConfig(BaseModel):
 
     per_channel: bool = True
     bits: int = 8
+
+    @field_validator("bits")
+    @classmethod
+    def _only_int8(cls, bits: int) -> int:
+        return check_int8_bits(bits)
 
 
 class HalfConfig(BaseModel):
@@ -80,17 +93,17 @@ def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: in
     return path
 
 
-def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*")) if path.is_dir() else path.stat().st_size
-
-
-def packed_sizes(onnx_file: Path) -> dict[str, int]:
-    """Pack an ONNX file (sparse int8 weights + zstd) and return the sizes to record."""
+def onnx_int8_result(float_onnx: Path, int8_onnx: Path, stats: ModelStats,
+                     precision: str = "int8") -> Deployed:
+    """An INT8 ONNX file as a stage's result, packed beside it (sparse int8 weights +
+    zstd) so its size is recorded next to those of the float and the INT8 files."""
     from netshrink.store.packed_onnx import pack_onnx
 
-    packed = onnx_file.with_suffix(".nspk")
-    pack_onnx(onnx_file, packed)
-    return {"packed": _size(packed)}
+    packed = int8_onnx.with_suffix(".nspk")
+    pack_onnx(int8_onnx, packed)
+    return Deployed(file=int8_onnx, runtime="onnxruntime", precision=precision, stats=stats,
+                    sizes={"float_onnx": artifact_size(float_onnx),
+                           "packed": artifact_size(packed)})
 
 
 @stage("export.onnx", ExportConfig, "float ONNX export, run in ONNX Runtime or OpenVINO",
@@ -124,7 +137,6 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> Deployed:
     batches = calibration_batches(ctx.data.calib, input_shape=ctx.input_shape,
                                   images=cfg.calibration_images)
     float_onnx = export_checked(model, ctx.stage_dir / "float.onnx", ctx)
-    sizes = {"float_onnx": _size(float_onnx)}
     images = sum(b.shape[0] for b in batches)
     if cfg.runtime == "openvino":
         folder = ctx.stage_dir / "openvino"
@@ -133,7 +145,7 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> Deployed:
         ctx.notes.append(f"NNCF INT8, {'per-channel' if cfg.per_channel else 'per-tensor'} "
                          f"weights, calibrated on {images} images")
         return Deployed(file=folder, runtime="openvino", precision="int8", stats=stats,
-                        sizes=sizes)
+                        sizes={"float_onnx": artifact_size(float_onnx)})
     out = ctx.stage_dir / "model.onnx"
     if cfg.accuracy_budget is not None:
         _, kept, trace = auto_mixed(float_onnx, out, batches, cfg, budget=cfg.accuracy_budget,
@@ -150,28 +162,20 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> Deployed:
     ctx.notes.append(f"ONNX Runtime QDQ INT8: {cfg.activations} activations, int8 "
                      f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights, "
                      f"{cfg.calibration} calibration on {images} images")
-    sizes.update(packed_sizes(out))
-    return Deployed(file=out, runtime="onnxruntime", precision="int8", stats=stats, sizes=sizes)
+    return onnx_int8_result(float_onnx, out, stats)
 
 
 @stage("quant.dynamic", DynamicConfig,
        "dynamic INT8 (ONNX Runtime): int8 weights, activations quantized at run time",
        chains=False)
 def dynamic_stage(model: nn.Module, cfg: DynamicConfig, ctx: StageContext) -> Deployed:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    if cfg.bits != 8:
-        raise UserError(f"dynamic quantization supports bits: 8 only (got {cfg.bits})")
     stats = model_stats(model, ctx.input_shape)
     float_onnx = export_checked(model, ctx.stage_dir / "float.onnx", ctx)
-    out = ctx.stage_dir / "model.onnx"
-    quantize_dynamic(str(float_onnx), str(out), per_channel=cfg.per_channel,
-                     weight_type=QuantType.QInt8)
+    out = quantize_dynamic_onnx(float_onnx, ctx.stage_dir / "model.onnx",
+                                per_channel=cfg.per_channel)
     ctx.notes.append("dynamic INT8 computes convolutions as ConvInteger with activations "
                      "quantized on every call; on x86 CPUs that is usually slower than float")
-    sizes = {"float_onnx": _size(float_onnx), **packed_sizes(out)}
-    return Deployed(file=out, runtime="onnxruntime", precision="int8-dynamic", stats=stats,
-                    sizes=sizes)
+    return onnx_int8_result(float_onnx, out, stats, precision="int8-dynamic")
 
 
 def _half(model: nn.Module, cfg: HalfConfig, ctx: StageContext, precision: str) -> Deployed:

@@ -169,11 +169,10 @@ class Runner:
     def _remeasure(self, prior: StageRecord, data: DataBundle) -> Any:
         """Measure a finished stage's file again (the measure section changed)."""
         old = prior.measurement
+        assert old is not None and prior.artifact is not None  # a finished stage has both
         file = self.out / prior.artifact
-        if old is None or (old.runtime == "torch" and file.suffix == ".safetensors"
-                           and old.precision == "fp32"):
-            model, _, _ = load_model(file)
-            return self._measure(model, data, file)
+        # Every file reopens in the runtime it was measured in (torch files too), with the
+        # counts it was measured with (a runtime's graph hides them).
         stats = ModelStats(params=old.params, nonzero_params=old.nonzero_params, macs=old.macs)
         model = self._open(file, old.runtime, stats, old.precision)
         return self._measure(model, data, file, old.sizes, old.precision)

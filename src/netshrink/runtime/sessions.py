@@ -130,8 +130,9 @@ def _openvino(path: Path, *, threads: int, stats: ModelStats, precision: str | N
         raise UserError(f"{path}: OpenVINO cannot load it: {str(exc).splitlines()[0]}") from None
     request = compiled.create_infer_request()
     recorded = precision or "fp32"
-    if path.suffix == ".onnx" and onnx_precision(path).startswith("int8"):
-        recorded = onnx_precision(path)
+    if path.suffix == ".onnx":
+        in_file = onnx_precision(path)
+        recorded = in_file if in_file.startswith("int8") else recorded
 
     def run(x: np.ndarray) -> np.ndarray:
         return next(iter(request.infer({0: x}).values()))
