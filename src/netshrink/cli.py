@@ -152,11 +152,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from netshrink.runtime.sessions import onnx_precision
 
     if args.weights.suffix in (".onnx", ".xml", ".nspk"):
-        if args.weights.suffix == ".onnx" and args.weights.is_file() and (
-                onnx_precision(args.weights) != "fp32"):
-            raise UserError(f"{args.weights}: the model is already quantized "
-                            f"({onnx_precision(args.weights)}); quantize the float checkpoint "
-                            "it came from")
+        precision = onnx_precision(args.weights) if (
+            args.weights.suffix == ".onnx" and args.weights.is_file()) else "fp32"
+        if precision != "fp32":
+            raise UserError(f"{args.weights}: the model is already quantized ({precision}); "
+                            "quantize the float checkpoint it came from")
         raise UserError(f"{args.weights}: quantize takes the float torch checkpoint "
                         "(.safetensors or .pth) the exported file came from")
     stage: dict[str, object] = {"kind": f"quant.{args.method}"}

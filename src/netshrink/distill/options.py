@@ -13,6 +13,7 @@ from netshrink.distill.losses import kd_loss_fn
 from netshrink.errors import UserError
 from netshrink.recipe.stages import StageContext
 from netshrink.store.checkpoint import load_model
+from netshrink.train.config import TrainConfig
 
 __all__ = ["DistillOptions", "teacher_loss"]
 
@@ -58,18 +59,21 @@ def _teacher_file(opts: DistillOptions, ctx: StageContext) -> Path:
 
 
 def teacher_loss(
-    opts: DistillOptions, ctx: StageContext, *, label_smoothing: float, channels_last: bool
-) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """Load the teacher (frozen, eval, on the stage's device) and return the loop's loss hook.
+    opts: DistillOptions | None, ctx: StageContext, train_cfg: TrainConfig
+) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """Load the teacher (frozen, eval, on the stage's device) and return the loop's loss
+    hook, with the training's label smoothing; None (plain cross-entropy) without ``opts``.
 
     Raises:
         UserError: the teacher file is missing or unreadable, or no such earlier stage.
     """
+    if opts is None:
+        return None
     teacher, _, _ = load_model(_teacher_file(opts, ctx))
     teacher = teacher.to(ctx.device)
-    if channels_last:
+    if train_cfg.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     ctx.notes.append(f"distilled (alpha {opts.alpha}, T {opts.temperature}) from "
                      f"{opts.teacher or opts.teacher_stage}")
     return kd_loss_fn(teacher, alpha=opts.alpha, temperature=opts.temperature,
-                      label_smoothing=label_smoothing)
+                      label_smoothing=train_cfg.label_smoothing)

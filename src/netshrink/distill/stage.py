@@ -7,6 +7,7 @@ from torch import nn
 from netshrink.distill.options import DistillOptions, teacher_loss
 from netshrink.recipe.stages import StageContext, stage
 from netshrink.train.config import TrainConfig
+from netshrink.train.stages import run_training
 
 
 class KDConfig(TrainConfig, DistillOptions):
@@ -16,13 +17,4 @@ class KDConfig(TrainConfig, DistillOptions):
 
 @stage("distill.kd", KDConfig, "knowledge distillation from a frozen teacher (hard + soft loss)")
 def kd_stage(model: nn.Module, cfg: KDConfig, ctx: StageContext) -> nn.Module:
-    from netshrink.train.loop import train
-
-    loss_fn = teacher_loss(cfg, ctx, label_smoothing=cfg.label_smoothing,
-                           channels_last=cfg.channels_last)
-    train_cfg = TrainConfig(**cfg.model_dump(include=set(TrainConfig.model_fields)))
-    result = train(model, ctx.data, train_cfg, device=ctx.device,
-                   state_path=ctx.stage_dir / "train_state.safetensors", loss_fn=loss_fn,
-                   progress=ctx.progress, log=ctx.log, fingerprint_extra=ctx.key)
-    ctx.history.extend(result.history)
-    return model
+    return run_training(model, cfg, ctx, teacher_loss(cfg, ctx, cfg))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -84,8 +85,6 @@ def randomized_model(spec: ModelSpec, *, seed: int = 0) -> nn.Module:
     A fresh model's BN layers are identities (mean 0, var 1, scale 1), which hides bugs in
     BN folding, reloading and quantization; benchmarks and tests use this instead.
     """
-    import torch
-
     torch.manual_seed(seed)
     model = build_model(spec).eval()
     with torch.no_grad():

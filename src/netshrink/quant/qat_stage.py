@@ -18,10 +18,9 @@ from netshrink.runtime import model_stats
        chains=False)
 def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> Deployed:
     stats = model_stats(model, ctx.input_shape)
-    loss_fn = None if cfg.distill is None else teacher_loss(
-        cfg.distill, ctx, label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last)
     stripped, ranges, result = run_qat(model, ctx.data, cfg, device=ctx.device, log=ctx.log,
-                                       progress=ctx.progress, loss_fn=loss_fn)
+                                       progress=ctx.progress,
+                                       loss_fn=teacher_loss(cfg.distill, ctx, cfg))
     ctx.history.extend(result.history)
     stripped = stripped.cpu()
     float_onnx = export_checked(stripped, ctx.stage_dir / "float.onnx", ctx)

@@ -8,7 +8,7 @@ from torch import nn
 from netshrink.distill.options import DistillOptions, teacher_loss
 from netshrink.recipe.stages import StageContext, stage
 from netshrink.train.config import TrainConfig
-from netshrink.train.loop import train
+from netshrink.train.loop import LossFn, train
 
 
 class FinetuneConfig(TrainConfig):
@@ -22,10 +22,9 @@ class FinetuneConfig(TrainConfig):
     distill: DistillOptions | None = None
 
 
-def _run(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
-    distill = getattr(cfg, "distill", None)
-    loss_fn = None if distill is None else teacher_loss(
-        distill, ctx, label_smoothing=cfg.label_smoothing, channels_last=cfg.channels_last)
+def run_training(model: nn.Module, cfg: TrainConfig, ctx: StageContext,
+                 loss_fn: LossFn | None = None) -> nn.Module:
+    """The one loop as a stage: resumable from the stage's folder, history recorded."""
     result = train(
         model,
         ctx.data,
@@ -45,9 +44,9 @@ def _run(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
 
 @stage("train", TrainConfig, "train the model (from its current weights) with the one loop")
 def train_stage(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
-    return _run(model, cfg, ctx)
+    return run_training(model, cfg, ctx)
 
 
 @stage("finetune", FinetuneConfig, "train briefly at a low learning rate (after compression)")
 def finetune_stage(model: nn.Module, cfg: FinetuneConfig, ctx: StageContext) -> nn.Module:
-    return _run(model, cfg, ctx)
+    return run_training(model, cfg, ctx, teacher_loss(cfg.distill, ctx, cfg))
