@@ -48,8 +48,7 @@ def resize_to_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
             continue
         new.train(module.training)
         if name:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+            model.set_submodule(name, new)
         else:  # the model is itself one layer: nothing to attach it to, so reshape it
             model = new
     return model

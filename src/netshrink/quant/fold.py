@@ -139,12 +139,6 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(((bias - mean) * g + beta).to(dtype))
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, module)
-
-
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every BatchNorm2d folded into the conv before it.
 
@@ -167,5 +161,5 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         bn, conv = modules[bn_name], modules[conv_name]
         assert isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d)
         _fold_into(conv, bn)
-        _set_submodule(folded, bn_name, nn.Identity())
+        folded.set_submodule(bn_name, nn.Identity())
     return folded

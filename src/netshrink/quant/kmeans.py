@@ -257,7 +257,6 @@ def kmeans_share(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     max_iter: int = 50,
-    seed: int = 0,
 ) -> dict[str, Codebook]:
     """Share weights by k-means in every chosen conv/linear layer of ``model``, in place.
 
@@ -271,10 +270,8 @@ def kmeans_share(
         bits: index width, 1 to 8.
         include: layer-name patterns to share (empty: every conv/linear layer).
         exclude: layer-name patterns to leave alone.
-        max_iter: Lloyd iterations at most per layer.
-        seed: accepted so that stages can pass their run's seed uniformly; the result does
-            not depend on it (linear initialisation and Lloyd's iterations are
-            deterministic).
+        max_iter: Lloyd iterations at most per layer. Linear initialisation and Lloyd's
+            iterations are deterministic: no seed.
 
     Returns:
         The codebooks by layer name (as ``model.named_modules()`` names them), on the
@@ -284,7 +281,6 @@ def kmeans_share(
         UserError: ``bits`` outside 1..8, a pattern that matches no layer, patterns that
             leave no layer, or a model without conv/linear layers.
     """
-    del seed  # deterministic; see Args
     try:
         _check_bits(bits)
     except ValueError as exc:

@@ -39,7 +39,7 @@ from netshrink.data import DataBundle
 from netshrink.distill.options import DistillOptions
 from netshrink.errors import UserError
 from netshrink.models.resnet import conv_forward
-from netshrink.quant.fold import _set_submodule, fold_batchnorm
+from netshrink.quant.fold import fold_batchnorm
 from netshrink.train.config import TrainConfig, fractional_epochs
 from netshrink.train.loop import LossFn, TrainResult, train
 
@@ -383,7 +383,7 @@ def prepare_qat(model: nn.Module, *, per_channel: bool = True) -> nn.Module:
             new: nn.Module = QATConv2d.from_float(m, per_channel=per_channel)
         else:
             new = QATLinear.from_float(m, per_channel=per_channel)
-        _set_submodule(prepared, name, new)
+        prepared.set_submodule(name, new)
     return prepared.train()
 
 
@@ -480,7 +480,7 @@ def _copy_without_qat(model: nn.Module) -> nn.Module:
         memo[id(layer)] = layer
     stripped = copy.deepcopy(model, memo)
     for name, layer in layers:
-        _set_submodule(stripped, name, layer.to_float())
+        stripped.set_submodule(name, layer.to_float())
     return stripped
 
 
