@@ -161,21 +161,22 @@ class Runner:
             time_model=m.latency,
         )
 
-    def _open(self, file: Path, runtime: str, stats: ModelStats, precision: str | None
-              ) -> nn.Module:
-        return open_runtime(file, runtime, stats=stats, threads=self.recipe.measure.threads,
-                            precision=precision, device=self.recipe.device)
+    def _measure_file(self, data: DataBundle, file: Path, runtime: str, stats: ModelStats,
+                      precision: str | None, sizes: dict[str, int] | None) -> Any:
+        """Open a saved model in its runtime and measure it."""
+        model = open_runtime(file, runtime, stats=stats, threads=self.recipe.measure.threads,
+                             precision=precision, device=self.recipe.device)
+        return self._measure(model, data, file, sizes, precision)
 
     def _remeasure(self, prior: StageRecord, data: DataBundle) -> Any:
         """Measure a finished stage's file again (the measure section changed)."""
         old = prior.measurement
         assert old is not None and prior.artifact is not None  # a finished stage has both
-        file = self.out / prior.artifact
         # Every file reopens in the runtime it was measured in (torch files too), with the
         # counts it was measured with (a runtime's graph hides them).
         stats = ModelStats(params=old.params, nonzero_params=old.nonzero_params, macs=old.macs)
-        model = self._open(file, old.runtime, stats, old.precision)
-        return self._measure(model, data, file, old.sizes, old.precision)
+        return self._measure_file(data, self.out / prior.artifact, old.runtime, stats,
+                                  old.precision, old.sizes)
 
     def _baseline(self, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         """The starting model: fresh (seeded) or the recipe's weights, checked against
@@ -278,10 +279,9 @@ class Runner:
                     save_model(model, spec, artifact, meta=meta)
                     chain = artifact
                 measured_file = deployed.file
-                measurement = self._measure(
-                    self._open(deployed.file, deployed.runtime, deployed.stats,
-                               deployed.precision),
-                    data, deployed.file, deployed.sizes, deployed.precision)
+                measurement = self._measure_file(data, deployed.file, deployed.runtime,
+                                                 deployed.stats, deployed.precision,
+                                                 deployed.sizes)
             else:
                 save_model(model, spec, artifact, meta=meta)
                 chain = measured_file = artifact
@@ -310,9 +310,7 @@ class Runner:
         """Give a reused stage its new position's folder (stages before it came or went)."""
         assert prior.artifact is not None
         old_file = self.out / prior.artifact
-        old_dir = old_file.parent if old_file.is_file() else old_file
-        while old_dir.parent != self.out / "stages":
-            old_dir = old_dir.parent
+        old_dir = self.out.joinpath(*Path(prior.artifact).parts[:2])  # stages/NN-name
         if old_dir.resolve() != stage_dir.resolve():
             if stage_dir.exists():
                 shutil.rmtree(stage_dir)
