@@ -12,7 +12,7 @@ from torch import nn
 from netshrink.bench import count_macs, count_params
 from netshrink.data.base import ArraySplit, DataBundle, DatasetInfo
 from netshrink.errors import UserError
-from netshrink.models import ModelSpec, build_model
+from netshrink.models import ModelSpec, build_model, randomized_model
 from netshrink.models.resnet import Conv2d
 from netshrink.prune.channel import ChannelPruneConfig, channel_report, prune_channels
 from netshrink.recipe.stages import StageContext
@@ -29,15 +29,7 @@ GROUPS = ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.conv2", "layer3
 
 
 def tiny() -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model(TINY).eval()
-    with torch.no_grad():  # non-trivial BN statistics, so a wrong reload would show
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.2, 1.5)
-    return model
+    return randomized_model(TINY)  # non-trivial BN statistics, so a wrong reload would show
 
 
 def widths(model: nn.Module) -> dict[str, int]:
