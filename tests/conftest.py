@@ -38,3 +38,10 @@ def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _two_threads() -> None:
     # The tests run on 2-core machines; more threads than cores only adds contention.
     torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _own_model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every test gets an empty model cache of its own: runs never see another test's (or
+    # the user's ~/.cache) models, and the cache's behaviour is tested where intended.
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "model-cache"))

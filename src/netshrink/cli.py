@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from netshrink.recipe import run_recipe_file
 
     run_recipe_file(args.recipe, args.out, data_dir=args.data_dir, device=args.device,
-                    report=not args.no_report)
+                    report=not args.no_report, use_cache=not args.no_cache)
     return 0
 
 
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="override the recipe's data.root")
     p.add_argument("--device", choices=["cpu", "cuda"], help="override the recipe's device")
     p.add_argument("--no-report", action="store_true", help="skip rendering the report")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither take stage models from nor add them to the shared model "
+                        "cache ($NETSHRINK_CACHE, default ~/.cache/netshrink/stages)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("report", help="render report.md and report.html from a run's run.json")

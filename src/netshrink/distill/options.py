@@ -15,10 +15,10 @@ from netshrink.recipe.stages import StageContext
 from netshrink.store.checkpoint import load_model
 from netshrink.train.config import TrainConfig
 
-__all__ = ["DistillOptions", "teacher_loss"]
+__all__ = ["DistillOptions", "TeacherFields", "teacher_loss"]
 
 
-class DistillOptions(BaseModel):
+class TeacherFields(BaseModel):
     """Which teacher, and how its soft targets mix with the labels.
 
     Args:
@@ -36,15 +36,25 @@ class DistillOptions(BaseModel):
     alpha: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0)
 
-    @model_validator(mode="after")
-    def _one_teacher(self) -> DistillOptions:
-        if (self.teacher is None) == (self.teacher_stage is None):
+    def _check_teacher(self, *, required: bool) -> None:
+        if self.teacher is not None and self.teacher_stage is not None:
+            raise ValueError("give one of teacher (a model file) or teacher_stage (the name "
+                             "of an earlier stage), not both")
+        if required and self.teacher is None and self.teacher_stage is None:
             raise ValueError("give exactly one of teacher (a model file) or teacher_stage "
                              "(the name of an earlier stage)")
+
+
+class DistillOptions(TeacherFields):
+    """The ``distill:`` option of fine-tuning and QAT: a teacher is required."""
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> DistillOptions:
+        self._check_teacher(required=True)
         return self
 
 
-def _teacher_file(opts: DistillOptions, ctx: StageContext) -> Path:
+def _teacher_file(opts: TeacherFields, ctx: StageContext) -> Path:
     if opts.teacher is not None:
         return opts.teacher
     here = int(ctx.stage_dir.name.split("-", 1)[0])
@@ -59,21 +69,28 @@ def _teacher_file(opts: DistillOptions, ctx: StageContext) -> Path:
 
 
 def teacher_loss(
-    opts: DistillOptions | None, ctx: StageContext, train_cfg: TrainConfig
+    opts: TeacherFields | None, ctx: StageContext, train_cfg: TrainConfig,
+    default: nn.Module | None = None,
 ) -> Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
     """Load the teacher (frozen, eval, on the stage's device) and return the loop's loss
     hook, with the training's label smoothing; None (plain cross-entropy) without ``opts``.
+
+    ``default`` teaches when ``opts`` names no teacher (``distill.kd`` with a ``student``:
+    the stage's input model).
 
     Raises:
         UserError: the teacher file is missing or unreadable, or no such earlier stage.
     """
     if opts is None:
         return None
-    teacher, _, _ = load_model(_teacher_file(opts, ctx))
+    if opts.teacher is None and opts.teacher_stage is None and default is not None:
+        teacher, source = default, "the stage's input model"
+    else:
+        teacher = load_model(_teacher_file(opts, ctx))[0]
+        source = str(opts.teacher or opts.teacher_stage)
     teacher = teacher.to(ctx.device)
     if train_cfg.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
-    ctx.notes.append(f"distilled (alpha {opts.alpha}, T {opts.temperature}) from "
-                     f"{opts.teacher or opts.teacher_stage}")
+    ctx.notes.append(f"distilled (alpha {opts.alpha}, T {opts.temperature}) from {source}")
     return kd_loss_fn(teacher, alpha=opts.alpha, temperature=opts.temperature,
                       label_smoothing=train_cfg.label_smoothing)

@@ -1,20 +1,44 @@
-"""The ``distill.kd`` recipe stage: train the chain's model (the student) against a teacher."""
+"""The ``distill.kd`` recipe stage: train a student against a frozen teacher."""
 
 from __future__ import annotations
 
+from pydantic import model_validator
 from torch import nn
 
-from netshrink.distill.options import DistillOptions, teacher_loss
+from netshrink.distill.options import TeacherFields, teacher_loss
+from netshrink.recipe.schema import ModelSection
 from netshrink.recipe.stages import StageContext, stage
+from netshrink.recipe.start import start_model
 from netshrink.train.config import TrainConfig
 from netshrink.train.stages import run_training
 
 
-class KDConfig(TrainConfig, DistillOptions):
-    """Knowledge distillation: every training option plus the teacher and the loss mix
-    (``teacher`` or ``teacher_stage``, ``alpha``, ``temperature``)."""
+class KDConfig(TrainConfig, TeacherFields):
+    """Knowledge distillation: every training option, the loss mix (``alpha``,
+    ``temperature``) and who teaches whom.
+
+    With ``student`` (a model section: ``{arch: resnet18}``, fresh, or with ``weights``
+    a trained one), the stage's input model is the teacher and the student it trains
+    continues the chain: ``train`` a ResNet-50, then ``distill.kd`` with ``student:
+    {arch: resnet18}``. Without it, the input model is the student and ``teacher`` (a
+    file) or ``teacher_stage`` (an earlier stage) names the teacher.
+    """
+
+    student: ModelSection | None = None
+
+    @model_validator(mode="after")
+    def _who_teaches(self) -> KDConfig:
+        self._check_teacher(required=self.student is None)
+        return self
 
 
 @stage("distill.kd", KDConfig, "knowledge distillation from a frozen teacher (hard + soft loss)")
 def kd_stage(model: nn.Module, cfg: KDConfig, ctx: StageContext) -> nn.Module:
-    return run_training(model, cfg, ctx, teacher_loss(cfg, ctx, cfg))
+    if cfg.student is None:
+        return run_training(model, cfg, ctx, teacher_loss(cfg, ctx, cfg))
+    # Seeded like a recipe's own model: the fresh student starts exactly where a recipe
+    # that trains it without a teacher (same seed) starts, so the two compare fairly.
+    student, ctx.spec = start_model(cfg.student, ctx.data, seed=ctx.seed)
+    ctx.notes.append(f"student {ctx.spec.arch}"
+                     + (f" from {cfg.student.weights}" if cfg.student.weights else " (fresh)"))
+    return run_training(student, cfg, ctx, teacher_loss(cfg, ctx, cfg, default=model))

@@ -18,15 +18,23 @@ def run_recipe(
     report: bool = True,
     log: Callable[[str], None] = print,
     progress: bool | None = None,
+    use_cache: bool = True,
 ) -> RunRecord:
     """Run (or resume) ``recipe`` into the folder ``out``; render its report.
+
+    Args:
+        use_cache: take stage models from, and file them in, the model cache that every
+            run shares (``$NETSHRINK_CACHE``; see ``netshrink.recipe.cache``).
 
     Returns:
         The run record also written to ``out/run.json``.
     """
+    from netshrink.recipe.cache import ModelCache, default_cache_dir
     from netshrink.recipe.runner import Runner
 
-    record = Runner(recipe, out, log=log, progress=progress).run()
+    root = default_cache_dir() if use_cache else None
+    cache = ModelCache(root) if root is not None else None
+    record = Runner(recipe, out, log=log, progress=progress, cache=cache).run()
     if report:
         from netshrink.report import render_report
 
@@ -42,6 +50,7 @@ def run_recipe_file(
     data_dir: Path | None = None,
     device: str | None = None,
     report: bool = True,
+    use_cache: bool = True,
 ) -> RunRecord:
     """Load ``path``, apply command-line overrides, and run it into ``out``."""
     recipe = load_recipe(path)
@@ -52,4 +61,4 @@ def run_recipe_file(
         updates["device"] = device
     if updates:
         recipe = recipe.model_copy(update=updates)
-    return run_recipe(recipe, out, report=report)
+    return run_recipe(recipe, out, report=report, use_cache=use_cache)

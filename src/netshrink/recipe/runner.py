@@ -19,19 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 import netshrink
 from netshrink.bench import measure
 from netshrink.data import DataBundle, build_data
 from netshrink.errors import UserError
-from netshrink.models import ModelSpec, build_model
-from netshrink.recipe.record import RunRecord, StageRecord
+from netshrink.recipe.cache import CachedStage, ModelCache, file_sha256
+from netshrink.recipe.record import EpochRecord, RunRecord, StageRecord
 from netshrink.recipe.schema import Recipe, StageEntry
 from netshrink.recipe.stages import STAGES, Deployed, StageContext
+from netshrink.recipe.start import start_model
 from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
 from netshrink.store.atomic import atomic_write_text
-from netshrink.store.checkpoint import load_model, save_model, stored_spec
+from netshrink.store.checkpoint import load_model, save_model
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.safetensors"
@@ -45,47 +47,59 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _file_hashes(value: Any) -> list[str]:
+    """Hashes of the files a config names (a teacher, a student's weights), anywhere in it:
+    a changed file must change the key even where its path did not."""
+    if isinstance(value, Path):
+        return [file_sha256(value)] if value.is_file() else []
+    if isinstance(value, BaseModel):
+        value = [getattr(value, name) for name in type(value).model_fields]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [h for item in value for h in _file_hashes(item)]
+    return []
+
+
+def _stage_refs(value: Any) -> list[str]:
+    """Names of other stages a config reads (``teacher_stage``), anywhere in it."""
+    if not isinstance(value, BaseModel):
+        return []
+    refs = [value.teacher_stage] if getattr(value, "teacher_stage", None) else []
+    for name in type(value).model_fields:
+        refs += _stage_refs(getattr(value, name))
+    return refs
 
 
 def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
     """Keys of the baseline and every stage; a key changes when anything upstream does.
 
-    "Upstream" is the chain of torch models: a stage that does not chain (an export or a
-    quantization, whose file the next stage does not get) has a key of its own, but is
-    not part of later stages' keys, so adding, changing or removing one re-runs nothing
-    else.
+    "Upstream" is the chain of torch models a stage starts from (the previous chaining
+    stage, or its ``from:``), the stages it reads a teacher from, and the files its
+    config names. A stage that does not chain (an export or a quantization, whose file
+    the next stage does not get) has a key of its own but is no later stage's upstream,
+    so adding, changing or removing one re-runs nothing else.
     """
     weights = recipe.model.weights
     root = {
         "model": recipe.model.model_dump(mode="json"),
-        "weights_sha": _file_sha(weights) if weights is not None and weights.is_file() else None,
+        "weights_sha": file_sha256(weights) if weights is not None and weights.is_file() else None,
         "data": recipe.data.model_dump(mode="json", exclude={"batch_size", "num_workers"}),
         "seed": recipe.seed,
     }
     keys = [_sha(root)]
+    by_name = {"baseline": keys[0]}
     chain = keys[0]
     for entry in entries:
-        keys.append(_sha([chain, entry.kind, entry.config.model_dump(mode="json")]))
+        parent = by_name[entry.source] if entry.source is not None else chain
+        refs = [by_name.get(ref, ref) for ref in _stage_refs(entry.config)]
+        parts = [parent, entry.kind, entry.config.model_dump(mode="json")]
+        extra = refs + _file_hashes(entry.config)
+        keys.append(_sha([*parts, extra] if extra else parts))
+        by_name[entry.name] = keys[-1]
         if STAGES.get(entry.kind).chains:
             chain = keys[-1]
     return keys
-
-
-def model_spec(recipe: Recipe, data: DataBundle) -> ModelSpec:
-    m = recipe.model
-    return ModelSpec(
-        arch=m.arch,
-        num_classes=m.num_classes or data.info.num_classes,
-        in_channels=m.in_channels or data.info.in_channels,
-        stem=m.stem,
-        zero_init_residual=m.zero_init_residual,
-    )
 
 
 def checkpoint_meta(data: DataBundle, *, run: str, stage: str) -> dict[str, Any]:
@@ -114,11 +128,35 @@ class Runner:
         *,
         log: Callable[[str], None] = print,
         progress: bool | None = None,
+        cache: ModelCache | None = None,
     ) -> None:
         self.recipe = recipe
         self.out = out
         self.log = log
         self.progress = progress
+        self.cache = cache
+
+    def _cached(self, key: str) -> CachedStage | None:
+        return self.cache.get(key) if self.cache is not None else None
+
+    def _cache_record(self, cached: CachedStage, index: int, name: str, key: str,
+                      measure_key: str, artifact: Path, measurement: Any, t0: float
+                      ) -> StageRecord:
+        """The record of a stage whose model came from the cache: measured here, its
+        training history and notes as the run that made it recorded them."""
+        info = cached.info
+        entry = self.recipe.parsed_stages()[index - 1]
+        made = (f"model from the cache: made by run {info.get('run')!r}, stage "
+                f"{info.get('stage')!r} in {float(info.get('seconds', 0)):.0f} s; "
+                "not recomputed")
+        return StageRecord(
+            index=index, name=name, kind=entry.kind, key=key, measure_key=measure_key,
+            config=entry.config.model_dump(mode="json"),
+            artifact=str(artifact.relative_to(self.out)), measurement=measurement,
+            history=[EpochRecord.model_validate(h) for h in info.get("history", [])],
+            seconds=time.perf_counter() - t0, started=_now(), finished=_now(),
+            notes=[*info.get("notes", []), made],
+        )
 
     def _load_previous(self) -> RunRecord | None:
         path = self.out / RUN_FILE
@@ -178,19 +216,6 @@ class Runner:
         return self._measure_file(data, self.out / prior.artifact, old.runtime, stats,
                                   old.precision, old.sizes)
 
-    def _baseline(self, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
-        """The starting model: fresh (seeded) or the recipe's weights, checked against
-        the recipe's model section (a channel-pruned file keeps its own widths)."""
-        weights = self.recipe.model.weights
-        if weights is None:
-            torch.manual_seed(self.recipe.seed)
-            return build_model(spec), spec
-        stored = stored_spec(weights)
-        if stored is not None and stored.pruned:
-            spec = spec.model_copy(update={"pruned": True})
-        model, spec, _ = load_model(weights, spec=spec)
-        return model, spec
-
     def run(self) -> RunRecord:
         """Run (or resume) the recipe; returns the final run record.
 
@@ -202,9 +227,9 @@ class Runner:
         # Everything that can fail on bad input is checked before the folder is touched.
         previous = self._load_previous()
         data = build_data(recipe.data)
-        spec = model_spec(recipe, data)
         keys = stage_keys(recipe, entries)
-        baseline, spec = self._baseline(spec)  # a bad weights file fails here, before any write
+        # A bad weights file fails here, before any write.
+        baseline, spec = start_model(recipe.model, data, seed=recipe.seed)
         self.out.mkdir(parents=True, exist_ok=True)
         measure_key = _sha(recipe.measure.model_dump(mode="json"))
         raw_recipe = recipe.model_dump(mode="json")
@@ -225,11 +250,15 @@ class Runner:
         old_dirs = {s.name: s.key for s in previous.stages} if previous else {}
         names = ["baseline"] + [e.name for e in entries]
         kinds = ["baseline"] + [e.kind for e in entries]
+        files: dict[str, Path] = {}  # stage name -> the torch model file it left
+        last = "baseline"  # the latest stage that left a torch model: the default source
         model: nn.Module | None = None
-        chain: Path | None = None  # the file of the last torch model, which the next stage gets
+        loaded: Path | None = None  # the file ``model`` (in memory) is a copy of
         for index, (name, kind, key) in enumerate(zip(names, kinds, keys, strict=True)):
             stage_dir = self.out / "stages" / f"{index:02d}-{name}"
             artifact = stage_dir / MODEL_FILE
+            entry = entries[index - 1] if index > 0 else None
+            source = (entry.source or last) if entry is not None else None
             prior = next((p for p in done.get(key, []) if p.name == name),
                          done[key][0] if done.get(key) else None)
             if prior is not None:
@@ -242,8 +271,7 @@ class Runner:
                 else:
                     self.log(f"[{index}] {name}: finished before, reused")
                 if artifact.is_file():
-                    chain = artifact
-                    model = None  # loaded from its file only if a later stage needs it
+                    files[name], last = artifact, name
                 record.stages.append(prior)
                 self._write(record)
                 continue
@@ -251,23 +279,32 @@ class Runner:
                 # A finished stage of an older config; a folder without a record holds the
                 # resumable state of an interrupted stage (its own key guards it), kept.
                 shutil.rmtree(stage_dir)
-            if model is None and index > 0:
-                assert chain is not None  # the baseline always leaves a torch model
-                model, spec, _ = load_model(chain)
+            cached = self._cached(key) if entry is not None else None
+            if cached is not None and cached.copy_to(artifact):
+                t0 = time.perf_counter()
+                (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
+                model, spec, _ = load_model(artifact)
+                loaded, files[name], last = artifact, artifact, name
+                stage = self._cache_record(cached, index, name, key, measure_key, artifact,
+                                           self._measure(model, data, artifact), t0)
+                record.stages.append(stage)
+                self._write(record)
+                self.log(f"[{index}] {name}: model taken from the cache "
+                         f"({cached.folder}), not recomputed")
+                continue
+            if source is not None and (model is None or loaded != files[source]):
+                model, spec, _ = load_model(files[source])
             stage_dir.mkdir(parents=True, exist_ok=True)
             started, t0 = _now(), time.perf_counter()
             ctx = StageContext(data=data, spec=spec, device=recipe.device, seed=recipe.seed,
                                run_dir=self.out, stage_dir=stage_dir, key=key, log=self.log,
                                progress=self.progress)
             self.log(f"[{index}] {name} ({kind}): running")
-            if index == 0:
+            if entry is None:
                 model = baseline
-                config: dict[str, Any] = {}
             else:
-                entry = entries[index - 1]
                 torch.manual_seed(recipe.seed + index)
                 model = STAGES.get(kind).fn(model, entry.config, ctx)  # type: ignore[arg-type]
-                config = entry.config.model_dump(mode="json")
             seconds = time.perf_counter() - t0
             spec = ctx.spec  # a stage that changes the structure (channel pruning) says so
             meta = checkpoint_meta(data, run=recipe.name, stage=name)
@@ -277,18 +314,22 @@ class Runner:
                 model = deployed.model
                 if model is not None:
                     save_model(model, spec, artifact, meta=meta)
-                    chain = artifact
                 measured_file = deployed.file
                 measurement = self._measure_file(data, deployed.file, deployed.runtime,
                                                  deployed.stats, deployed.precision,
                                                  deployed.sizes)
             else:
                 save_model(model, spec, artifact, meta=meta)
-                chain = measured_file = artifact
+                measured_file = artifact
                 measurement = self._measure(model, data, artifact)
+            # The stage changed its input in place, or left it as the next stage's input.
+            loaded = artifact if model is not None else None
+            if model is not None:
+                files[name], last = artifact, name
             stage = StageRecord(
                 index=index, name=name, kind=kind, key=key, measure_key=measure_key,
-                config=config, artifact=str(measured_file.relative_to(self.out)),
+                config=entry.config.model_dump(mode="json") if entry is not None else {},
+                artifact=str(measured_file.relative_to(self.out)),
                 measurement=measurement, history=ctx.history, seconds=seconds,
                 measure_seconds=time.perf_counter() - t1, started=started, finished=_now(),
                 notes=ctx.notes,
@@ -296,6 +337,11 @@ class Runner:
             record.stages.append(stage)
             self._write(record)
             (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
+            if entry is not None and model is not None and self.cache is not None:
+                self.cache.put(key, artifact, {
+                    "run": recipe.name, "stage": name, "kind": kind, "seconds": seconds,
+                    "history": [h.model_dump(mode="json") for h in ctx.history],
+                    "notes": ctx.notes, "created": _now()})
             acc = measurement.accuracy
             top1 = f"top-1 {acc.top1:.4f} " if acc is not None else ""
             self.log(f"[{index}] {name}: done in {seconds:.0f}s; {top1}"

@@ -50,15 +50,24 @@ class ReportConfig(BaseModel):
 
 
 class StageEntry(BaseModel):
-    """One validated stage: its kind, unique name and typed config."""
+    """One validated stage: its kind, unique name, typed config, and the stage whose
+    model it starts from (``from:``; None: the previous stage that left a torch model)."""
 
     kind: str
     name: str
     config: Any
+    source: str | None = None
 
 
 class Recipe(BaseModel):
-    """A whole recipe. ``stages`` is a list of ``{kind: ..., name?: ..., <config keys>}``."""
+    """A whole recipe. ``stages`` is a list of ``{kind: ..., name?: ..., from?: ...,
+    <config keys>}``.
+
+    Each stage starts from the model of the stage before it that left a torch model
+    (exports and quantizations do not), or from the stage named by ``from:``: several
+    stages ``from: train`` compare methods or ratios on one trained model (a study),
+    and the stages after a ``from:`` stage continue its branch.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -80,6 +89,7 @@ class Recipe(BaseModel):
         load_builtin_stages()
         entries: list[StageEntry] = []
         seen: set[str] = {"baseline"}
+        models: set[str] = {"baseline"}  # stages that leave a torch model a stage can start from
         for i, raw in enumerate(self.stages):
             if not isinstance(raw, dict) or "kind" not in raw:
                 raise ValueError(f"stages[{i}] needs a 'kind' (one of: {', '.join(STAGES)})")
@@ -94,12 +104,20 @@ class Recipe(BaseModel):
                 raise ValueError(f"stages[{i}]: stage name {name!r} is used twice; "
                                  "give each stage a unique 'name'")
             seen.add(name)
+            source = body.pop("from", None)
+            if source is not None and str(source) not in models:
+                raise ValueError(
+                    f"stages[{i}] ({kind}): from: {source!r} is not an earlier stage that "
+                    f"leaves a torch model; one of: {', '.join(sorted(models))}")
+            if STAGES.get(kind).chains:
+                models.add(name)
             cls = STAGES.get(kind).config
             try:
                 config = cls.model_validate(body)
             except ValidationError as exc:
                 raise ValueError(f"stages[{i}] ({kind}): {_first_error(exc, cls)}") from None
-            entries.append(StageEntry(kind=kind, name=name, config=config))
+            entries.append(StageEntry(kind=kind, name=name, config=config,
+                                      source=None if source is None else str(source)))
         return entries
 
 

@@ -1,0 +1,120 @@
+"""The model cache every run shares: a finished stage's model filed under its key.
+
+A stage key hashes everything that decides the stage's output (model section, weights,
+data, seed, the configs of it and of every stage upstream), so two recipes that train
+the same teacher the same way give that stage the same key: the second run copies the
+model from here instead of training it again. Only stages that leave a torch model are
+cached (exports and quantizations take seconds and are measured anew anyway).
+
+The cache lives in ``$NETSHRINK_CACHE`` (``off`` disables it), by default
+``~/.cache/netshrink/stages``. Entries are written to a temporary folder and renamed into
+place, and each records its file's SHA-256, checked before use: an interrupted write or
+a damaged file is never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "NETSHRINK_CACHE"
+MODEL_FILE = "model.safetensors"
+ENTRY_FILE = "stage.json"
+
+
+def default_cache_dir() -> Path | None:
+    """``$NETSHRINK_CACHE``, or ``~/.cache/netshrink/stages``; None when set to ``off``."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in {"", "off", "0", "none"} else Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "netshrink" / "stages"
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _place(src: Path, dest: Path) -> None:
+    """``dest`` becomes a copy of ``src`` (a hard link where possible: no second copy of
+    a large model on disk; files are only ever replaced, never changed in place)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+@dataclass
+class CachedStage:
+    """A cache entry: the model file and what the run that made it recorded."""
+
+    folder: Path
+    info: dict[str, Any]
+
+    @property
+    def model_file(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    def copy_to(self, dest: Path) -> bool:
+        """Put the cached model at ``dest``; False (and nothing written) if the cached
+        file no longer matches its recorded hash."""
+        if file_sha256(self.model_file) != self.info.get("sha256"):
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _place(self.model_file, dest)
+        return True
+
+
+class ModelCache:
+    """Stage models by key, in one folder (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _folder(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get(self, key: str) -> CachedStage | None:
+        """The entry for ``key``, or None (absent, unreadable or incomplete)."""
+        folder = self._folder(key)
+        try:
+            info = json.loads((folder / ENTRY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(info, dict) or not (folder / MODEL_FILE).is_file():
+            return None
+        return CachedStage(folder, info)
+
+    def put(self, key: str, model_file: Path, info: dict[str, Any]) -> None:
+        """File ``model_file`` under ``key`` with ``info`` (JSON-able); an existing entry
+        is kept. A cache that cannot be written (read-only, full disk) is skipped, never
+        an error: the run's own files are complete without it."""
+        folder = self._folder(key)
+        if (folder / ENTRY_FILE).is_file():
+            return
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=folder.parent))
+        except OSError:
+            return
+        try:
+            _place(model_file, tmp / MODEL_FILE)
+            entry = {**info, "sha256": file_sha256(tmp / MODEL_FILE)}
+            (tmp / ENTRY_FILE).write_text(json.dumps(entry, indent=2, default=str))
+            tmp.rename(folder)
+        except OSError:  # unwritable, full, or another run filed the same key first
+            shutil.rmtree(tmp, ignore_errors=True)

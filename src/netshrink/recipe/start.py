@@ -1,0 +1,42 @@
+"""The model a chain starts from: the recipe's ``model:`` section (or a distillation
+stage's ``student:``), fresh and seeded or loaded from its weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from netshrink.data import DataBundle
+from netshrink.models import ModelSpec, build_model
+from netshrink.recipe.schema import ModelSection
+from netshrink.store.checkpoint import load_model, stored_spec
+
+
+def section_spec(section: ModelSection, data: DataBundle) -> ModelSpec:
+    """The spec a model section describes; classes and channels default to the data's."""
+    return ModelSpec(
+        arch=section.arch,
+        num_classes=section.num_classes or data.info.num_classes,
+        in_channels=section.in_channels or data.info.in_channels,
+        stem=section.stem,
+        zero_init_residual=section.zero_init_residual,
+    )
+
+
+def start_model(section: ModelSection, data: DataBundle, *, seed: int
+                ) -> tuple[nn.Module, ModelSpec]:
+    """A fresh model initialised from ``seed``, or ``section.weights`` loaded into the
+    section's structure (a channel-pruned file keeps its own widths).
+
+    Raises:
+        UserError: the weights file is missing, unreadable or does not fit the section.
+    """
+    spec = section_spec(section, data)
+    if section.weights is None:
+        torch.manual_seed(seed)
+        return build_model(spec), spec
+    stored = stored_spec(section.weights)
+    if stored is not None and stored.pruned:
+        spec = spec.model_copy(update={"pruned": True})
+    model, spec, _ = load_model(section.weights, spec=spec)
+    return model, spec
