@@ -133,3 +133,28 @@ def test_kd_trains_a_fresh_student_from_the_chain_model(fashion_dir, tmp_path) -
     kept = pruned != 0
     assert 0 < int(kept.sum()) < kept.numel()
     assert torch.equal(pruned[kept], s_model.conv1.weight[kept])
+
+
+def test_kd_study_no_teacher_control_and_a_trained_student(fashion_dir, tmp_path) -> None:
+    stages = [TRAIN,
+              {"kind": "distill.kd", "name": "plain", "epochs": 1, "lr": 0.05,
+               "batch_size": 32, "student": {"arch": "resnet_tiny"}, "alpha": 1.0},
+              {"kind": "distill.kd", "name": "from-plain", "from": "train", "epochs": 1,
+               "lr": 0.01, "batch_size": 32, "student_stage": "plain"}]
+    record = run_recipe(parse_recipe(raw(fashion_dir, stages)), tmp_path, log=quiet,
+                        report=False)
+    plain, trained = record.stages[2], record.stages[3]
+    assert "alpha 1: plain cross-entropy, the teacher is not used" in plain.notes
+    assert "student resnet_tiny from stage plain" in trained.notes
+    assert any("from the stage's input model" in n for n in trained.notes)
+    # The same student trained without a teacher by a plain recipe (same seed, same loop)
+    # is the same model, bit for bit: alpha 1 is exactly cross-entropy.
+    alone = run_recipe(parse_recipe(raw(fashion_dir, [
+        {"kind": "train", "epochs": 1, "lr": 0.05, "batch_size": 32}], name="alone")),
+        tmp_path / "alone", log=quiet, report=False)
+    a = load_model(tmp_path / plain.artifact)[0].state_dict()
+    b = load_model(tmp_path / "alone" / alone.stages[1].artifact)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="not both"):
+        parse_recipe(raw(fashion_dir, [TRAIN, {"kind": "distill.kd", "student_stage": "train",
+                                               "student": {"arch": "resnet_tiny"}}]))

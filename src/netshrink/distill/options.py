@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from netshrink.distill.losses import kd_loss_fn
-from netshrink.errors import UserError
 from netshrink.recipe.stages import StageContext
 from netshrink.store.checkpoint import load_model
 from netshrink.train.config import TrainConfig
@@ -57,15 +56,8 @@ class DistillOptions(TeacherFields):
 def _teacher_file(opts: TeacherFields, ctx: StageContext) -> Path:
     if opts.teacher is not None:
         return opts.teacher
-    here = int(ctx.stage_dir.name.split("-", 1)[0])
-    pattern = f"[0-9][0-9]-{opts.teacher_stage}/model.safetensors"
-    hits = [p for p in sorted((ctx.run_dir / "stages").glob(pattern))
-            if int(p.parent.name.split("-", 1)[0]) < here]
-    if not hits:
-        raise UserError(f"teacher_stage {opts.teacher_stage!r}: no earlier stage of that name "
-                        "saved a torch model; name a stage that comes before this one "
-                        "(e.g. baseline)")
-    return hits[0]
+    assert opts.teacher_stage is not None
+    return ctx.stage_model_file(opts.teacher_stage, "teacher_stage")
 
 
 def teacher_loss(
@@ -82,6 +74,12 @@ def teacher_loss(
         UserError: the teacher file is missing or unreadable, or no such earlier stage.
     """
     if opts is None:
+        return None
+    if opts.alpha == 1.0:
+        # The soft term's weight is exactly zero: the loss is the plain cross-entropy, so
+        # the teacher is not even run (the no-teacher baseline of a KD study costs no more
+        # than plain training).
+        ctx.notes.append("alpha 1: plain cross-entropy, the teacher is not used")
         return None
     if opts.teacher is None and opts.teacher_stage is None and default is not None:
         teacher, source = default, "the stage's input model"

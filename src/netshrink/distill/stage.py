@@ -9,6 +9,7 @@ from netshrink.distill.options import TeacherFields, teacher_loss
 from netshrink.recipe.schema import ModelSection
 from netshrink.recipe.stages import StageContext, stage
 from netshrink.recipe.start import start_model
+from netshrink.store.checkpoint import load_model
 from netshrink.train.config import TrainConfig
 from netshrink.train.stages import run_training
 
@@ -18,27 +19,39 @@ class KDConfig(TrainConfig, TeacherFields):
     ``temperature``) and who teaches whom.
 
     With ``student`` (a model section: ``{arch: resnet18}``, fresh, or with ``weights``
-    a trained one), the stage's input model is the teacher and the student it trains
-    continues the chain: ``train`` a ResNet-50, then ``distill.kd`` with ``student:
-    {arch: resnet18}``. Without it, the input model is the student and ``teacher`` (a
-    file) or ``teacher_stage`` (an earlier stage) names the teacher.
+    a trained one) or ``student_stage`` (an earlier stage's model, e.g. the same student
+    trained without a teacher), the stage's input model is the teacher and the student
+    it trains continues the chain: ``train`` a ResNet-50, then ``distill.kd`` with
+    ``student: {arch: resnet18}``. Without either, the input model is the student and
+    ``teacher`` (a file) or ``teacher_stage`` (an earlier stage) names the teacher.
+    ``alpha: 1`` is plain cross-entropy (the teacher is not run): the no-teacher
+    control of a KD study, on the same student, seed and budget.
     """
 
     student: ModelSection | None = None
+    student_stage: str | None = None
 
     @model_validator(mode="after")
     def _who_teaches(self) -> KDConfig:
-        self._check_teacher(required=self.student is None)
+        if self.student is not None and self.student_stage is not None:
+            raise ValueError("give one of student (a model section) or student_stage (an "
+                             "earlier stage's model), not both")
+        self._check_teacher(required=self.student is None and self.student_stage is None)
         return self
 
 
 @stage("distill.kd", KDConfig, "knowledge distillation from a frozen teacher (hard + soft loss)")
 def kd_stage(model: nn.Module, cfg: KDConfig, ctx: StageContext) -> nn.Module:
-    if cfg.student is None:
+    if cfg.student_stage is not None:
+        student, ctx.spec, _ = load_model(ctx.stage_model_file(cfg.student_stage,
+                                                               "student_stage"))
+        ctx.notes.append(f"student {ctx.spec.arch} from stage {cfg.student_stage}")
+    elif cfg.student is not None:
+        # Seeded like a recipe's own model: the fresh student starts exactly where a recipe
+        # that trains it without a teacher (same seed) starts, so the two compare fairly.
+        student, ctx.spec = start_model(cfg.student, ctx.data, seed=ctx.seed)
+        ctx.notes.append(f"student {ctx.spec.arch}" + (
+            f" from {cfg.student.weights}" if cfg.student.weights else " (fresh)"))
+    else:
         return run_training(model, cfg, ctx, teacher_loss(cfg, ctx, cfg))
-    # Seeded like a recipe's own model: the fresh student starts exactly where a recipe
-    # that trains it without a teacher (same seed) starts, so the two compare fairly.
-    student, ctx.spec = start_model(cfg.student, ctx.data, seed=ctx.seed)
-    ctx.notes.append(f"student {ctx.spec.arch}"
-                     + (f" from {cfg.student.weights}" if cfg.student.weights else " (fresh)"))
     return run_training(student, cfg, ctx, teacher_loss(cfg, ctx, cfg, default=model))

@@ -62,10 +62,12 @@ def _file_hashes(value: Any) -> list[str]:
 
 
 def _stage_refs(value: Any) -> list[str]:
-    """Names of other stages a config reads (``teacher_stage``), anywhere in it."""
+    """Names of other stages a config reads (``teacher_stage``, ``student_stage``),
+    anywhere in it."""
     if not isinstance(value, BaseModel):
         return []
-    refs = [value.teacher_stage] if getattr(value, "teacher_stage", None) else []
+    refs = [getattr(value, f) for f in ("teacher_stage", "student_stage")
+            if getattr(value, f, None)]
     for name in type(value).model_fields:
         refs += _stage_refs(getattr(value, name))
     return refs

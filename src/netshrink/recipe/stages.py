@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from netshrink.data import DataBundle
+from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.recipe.record import EpochRecord
 from netshrink.registry import Registry
@@ -45,6 +46,21 @@ class StageContext:
     # Filled by the stage for the run record:
     history: list[EpochRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def stage_model_file(self, name: str, option: str) -> Path:
+        """The torch model file of the earlier stage ``name`` (for options such as
+        ``teacher_stage`` that read another stage's model besides the input).
+
+        Raises:
+            UserError: no earlier stage of that name saved a torch model.
+        """
+        here = int(self.stage_dir.name.split("-", 1)[0])
+        files = sorted((self.run_dir / "stages").glob(f"[0-9][0-9]-{name}/model.safetensors"))
+        hits = [p for p in files if int(p.parent.name.split("-", 1)[0]) < here]
+        if not hits:
+            raise UserError(f"{option} {name!r}: no earlier stage of that name saved a torch "
+                            "model; name a stage that comes before this one (e.g. baseline)")
+        return hits[0]
 
     @property
     def input_shape(self) -> list[int]:
