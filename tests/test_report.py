@@ -8,136 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from netshrink.bench.schema import Accuracy, Environment, Latency, Measurement
 from netshrink.errors import UserError
-from netshrink.recipe.record import EpochRecord, RunRecord, StageRecord
 from netshrink.report import build_content, load_run, render_markdown, render_report
 from netshrink.report.plots import pareto_front
 from netshrink.store.atomic import atomic_write_bytes, atomic_write_text, atomic_writer
-
-ENV = Environment(
-    cpu="AMD EPYC 9R14 (2 cores, avx512_vnni, avx512_bf16)",
-    cores=2,
-    threads=2,
-    seed=0,
-    python="3.11.2",
-    versions={"torch": "2.13.0+cpu", "netshrink": "0.1.0", "numpy": "2.1.0"},
-    platform="Linux-6.1.0-x86_64-with-glibc2.36",
-)
-
-
-def _latency(batch: int, p50: float, runs: int = 100) -> Latency:
-    return Latency(
-        batch_size=batch,
-        runs=runs,
-        warmup=10,
-        p50_ms=p50,
-        p90_ms=p50 * 1.08,
-        mean_ms=p50 * 1.02,
-        min_ms=p50 * 0.95,
-        max_ms=p50 * 1.3,
-        std_ms=p50 * 0.04,
-        images_per_s=batch / (p50 / 1000),
-    )
-
-
-def _measurement(
-    size_mb: float, params: int, nonzero: int, p50: float, top1: float, precision: str = "fp32"
-) -> Measurement:
-    return Measurement(
-        precision=precision,
-        input_shape=[1, 28, 28],
-        file="stage/model.safetensors",
-        size_bytes=int(size_mb * 1_000_000),
-        params=params,
-        nonzero_params=nonzero,
-        macs=params * 40,
-        latency=_latency(1, p50),
-        throughput=_latency(64, p50 * 20, runs=20),
-        peak_memory_mb=310.5,
-        memory_kind="rss",
-        accuracy=Accuracy(split="test", images=10_000, top1=top1, top5=0.998, loss=0.17),
-        environment=ENV,
-    )
-
-
-def _history(n: int, start_loss: float) -> list[EpochRecord]:
-    return [
-        EpochRecord(
-            epoch=e,
-            train_loss=start_loss / e,
-            train_top1=0.90 + 0.01 * e,
-            val_top1=0.91 + 0.008 * e,
-            lr=0.1 / (10 ** (e - 1)),
-            seconds=42.5 + e,
-        )
-        for e in range(1, n + 1)
-    ]
-
-
-def make_record(budget: float | None = 0.5) -> RunRecord:
-    """Baseline, a stage 4x smaller and 2x faster, and one neither smaller nor faster."""
-    recipe: dict = {"name": "lenet-mnist", "model": "lenet", "stages": [{"kind": "quantize"}]}
-    if budget is not None:
-        recipe["report"] = {"accuracy_budget": budget}
-    return RunRecord(
-        name="lenet-mnist",
-        recipe=recipe,
-        recipe_sha256="ab" * 32,
-        netshrink_version="0.1.0",
-        created="2025-01-02T03:04:05+00:00",
-        updated="2025-01-02T04:05:06+00:00",
-        stages=[
-            StageRecord(
-                index=0,
-                name="baseline",
-                kind="baseline",
-                measurement=_measurement(40.0, 10_000_000, 10_000_000, 20.0, 0.9512),
-                started="2025-01-02T03:04:05+00:00",
-                seconds=3.2,
-            ),
-            StageRecord(
-                index=1,
-                name="prune_quant",
-                kind="quantize",
-                measurement=_measurement(10.0, 10_000_000, 5_000_000, 10.0, 0.9471, "int8"),
-                history=_history(3, 0.9),
-                started="2025-01-02T03:10:00+00:00",
-                seconds=130.0,
-                notes=["calibrated on 512 images"],
-            ),
-            StageRecord(
-                index=2,
-                name="finetune",
-                kind="finetune",
-                measurement=_measurement(39.8, 10_000_000, 10_000_000, 19.5, 0.9530),
-                history=_history(2, 0.5),
-                started="2025-01-02T03:40:00+00:00",
-                seconds=85.0,
-            ),
-        ],
-    )
-
-
-def write_run(run_dir: Path, record: RunRecord) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(record.model_dump_json(indent=2), encoding="utf-8")
-    return run_dir
-
-
-def table_rows(markdown: str, heading: str) -> dict[str, dict[str, str]]:
-    """Parse the Markdown table under ``## heading`` into {first cell: {header: cell}}."""
-    lines = markdown.splitlines()
-    start = lines.index(f"## {heading}")
-    rows = []
-    for line in lines[start + 1 :]:
-        if line.startswith("## "):
-            break
-        if line.startswith("|"):
-            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-            rows.append([re.sub(r"\\(.)", r"\1", c) for c in cells])
-    header, _align, *body = rows
-    return {row[0]: dict(zip(header, row, strict=True)) for row in body}
+from report_records import make_record, table_rows, write_run
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +68,8 @@ def test_verdicts_and_ratios_in_the_right_rows(rendered: tuple[Path, Path, Path]
     assert base["size (vs baseline)"] == "40.0 MB (1.00x)"
     assert small["size (vs baseline)"] == "10.0 MB (4.00x)"
     assert same["size (vs baseline)"] == "39.8 MB (1.01x)"
-    assert small["latency b1 p50 / p90 ms (speedup)"] == "10.00 / 10.80 (2.00x)"
-    assert small["throughput img/s @ batch (ratio)"] == "320 @ 64 (2.00x)"
+    assert small["CPU latency b1 p50 / p90 ms (speedup)"] == "10.00 / 10.80 (2.00x)"
+    assert small["CPU throughput img/s @ batch (ratio)"] == "320 @ 64 (2.00x)"
     assert base["top-1 %"] == "95.12" and small["top-1 %"] == "94.71 (-0.41)"
     assert small["non-zero params"] == "5.00 M (50.0%)"
     assert base["MACs"] == "400.0 M"
@@ -263,7 +138,7 @@ def test_no_budget_and_missing_fields(tmp_path: Path) -> None:
     assert rows[odd]["MACs"] == "–" and rows[odd]["size (vs baseline)"] == "–"
     assert rows["finetune"]["verdict"] == "failed"
     assert rows["finetune"]["top-1 %"] == "–"
-    assert rows["baseline"]["latency b1 p50 / p90 ms (speedup)"] == "–"
+    assert rows["baseline"]["CPU latency b1 p50 / p90 ms (speedup)"] == "–"
     # No stage has a latency: that plot is skipped, the others are not.
     names = {p.name for p in (tmp_path / "run" / "report_files").glob("*.png")}
     assert "latency_vs_accuracy.png" not in names and "top1.png" in names

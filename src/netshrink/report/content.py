@@ -1,8 +1,9 @@
-"""Everything a report says, derived from a :class:`RunRecord` alone.
+"""Everything a report says, derived from a :class:`RunRecord` and what was read beside it.
 
 Both renderers (Markdown and HTML) take a :class:`ReportContent`, so the two files
-cannot disagree, and nothing here reads the clock or the disk: the same ``run.json``
-always gives the same report.
+cannot disagree, and nothing here reads the clock or the disk: the caller reads
+``run.json`` and the stage files (:func:`netshrink.report.stage_files.load_run_files`),
+and the same inputs always give the same report.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import yaml
 
 from netshrink.recipe.record import RunRecord, StageRecord
 from netshrink.report import fmt
+from netshrink.report.layer_tables import layer_tables
 from netshrink.report.plots import Plot, all_plots
+from netshrink.report.prune_plots import pruning_plots
+from netshrink.report.stage_files import RunFiles
 from netshrink.report.tables import (
     EnvironmentSummary,
     Table,
@@ -24,6 +28,8 @@ from netshrink.report.tables import (
     measurement_table,
 )
 from netshrink.report.verdict import THRESHOLDS_TEXT, Comparison, accuracy_budget, compare
+
+LAYER_HEADING = "Per-layer pruning"
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class ReportContent:
     measurement: Table
     environment: EnvironmentSummary
     histories: tuple[Table, ...]
+    layer_tables: tuple[Table, ...]  # per-layer sparsity / channels of pruning stages
     stage_notes: tuple[tuple[str, tuple[str, ...]], ...]  # (stage, notes) with notes
     plots: tuple[Plot, ...]
     recipe_text: str
@@ -105,7 +112,12 @@ def _like_for_like_notes(stages: list[StageRecord]) -> list[str]:
             )
             if a != b
         ]
-        if changed:
+        if "device" in changed:
+            notes.append(
+                f"{s.name} was measured on {env.device}, the baseline on {base.device}: "
+                "its speed is shown in the other device's columns, with no ratio."
+            )
+        elif changed:
             notes.append(
                 f"{s.name} was measured with a different {', '.join(changed)} than the "
                 "baseline: its speed ratios are not like-for-like."
@@ -140,8 +152,15 @@ def _recipe_text(recipe: dict) -> str:
         return json.dumps(recipe, indent=2, ensure_ascii=False, default=str)
 
 
-def build_content(record: RunRecord, *, with_plots: bool = True) -> ReportContent:
-    """Derive the whole report from ``record`` (no I/O, no clock)."""
+def build_content(
+    record: RunRecord, files: RunFiles | None = None, *, with_plots: bool = True
+) -> ReportContent:
+    """Derive the whole report from ``record`` and ``files`` (no I/O, no clock).
+
+    ``files`` holds what the stages left beside their models (weights, per-layer
+    tables); without it the report is what ``run.json`` alone can say.
+    """
+    files = files if files is not None else RunFiles()
     stages = _ordered(record)
     budget = accuracy_budget(record)
     comparisons = [compare(s, stages[0], budget) for s in stages]
@@ -158,6 +177,10 @@ def build_content(record: RunRecord, *, with_plots: bool = True) -> ReportConten
     environment = environment_summary(stages)
     notes.append(_measured_on(environment))
     notes.extend(_like_for_like_notes(stages))
+    notes.extend(files.notes)
+    plots: tuple[Plot, ...] = ()
+    if with_plots:
+        plots = tuple(all_plots(stages, budget, pruning_plots(stages, files, budget)))
     return ReportContent(
         title=f"netshrink report: {record.name}",
         meta=(
@@ -173,7 +196,8 @@ def build_content(record: RunRecord, *, with_plots: bool = True) -> ReportConten
         measurement=measurement_table(stages),
         environment=environment,
         histories=tuple(history_table(s) for s in stages if s.history),
+        layer_tables=layer_tables(stages, files),
         stage_notes=tuple((s.name, tuple(s.notes)) for s in stages if s.notes),
-        plots=tuple(all_plots(stages, budget)) if with_plots else (),
+        plots=plots,
         recipe_text=_recipe_text(record.recipe),
     )

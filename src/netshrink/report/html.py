@@ -12,7 +12,7 @@ import base64
 import re
 from html import escape
 
-from netshrink.report.content import ReportContent
+from netshrink.report.content import LAYER_HEADING, ReportContent
 from netshrink.report.tables import Table
 
 # System font stacks only: a web font would be an external fetch.
@@ -44,9 +44,12 @@ td.verdict .good { color: #1e7b34; }
 td.verdict .bad { color: #b42318; }
 td.verdict .base { color: #5a6375; }
 .plots { display: flex; flex-wrap: wrap; gap: 8px 28px; align-items: flex-start; }
-figure { margin: 14px 0 18px; }
+/* display: table makes the caption wrap at the image's width, so a long caption does
+   not widen its figure to a full row and the plots sit side by side. */
+figure { margin: 14px 0 18px; display: table; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e4e7ec; }
-figcaption { color: #5a6375; font-size: 13px; margin-top: 4px; }
+figcaption { color: #5a6375; font-size: 13px; margin-top: 4px; display: table-caption;
+             caption-side: bottom; }
 dl.env { display: grid; grid-template-columns: max-content 1fr; gap: 3px 16px; font-size: 13.5px; }
 dl.env dt { color: #5a6375; }
 dl.env dd { margin: 0; }
@@ -57,10 +60,10 @@ pre { background: #f6f8fa; border: 1px solid #e4e7ec; padding: 12px 14px; overfl
 
 def _verdict_part_class(part: str) -> str:
     """Red for a failed check, grey for the baseline or an unknown, green for a pass."""
+    if part == "baseline" or "unknown" in part or "not comparable" in part:
+        return "base"
     if any(word in part for word in ("not ", "below", "failed")):
         return "bad"
-    if part == "baseline" or "unknown" in part:
-        return "base"
     return "good"
 
 
@@ -146,6 +149,10 @@ def render_html(content: ReportContent) -> str:
                 f"<figcaption>{escape(plot.alt)}</figcaption></figure>"
             )
         out.append("</div>")
+    if content.layer_tables:
+        out.append(f"<h2>{escape(LAYER_HEADING)}</h2>")
+        for table in content.layer_tables:
+            out += [f"<h3>{escape(table.title)}</h3>", html_table(table)]
     out.append("<h2>Environment</h2>")
     env = content.environment
     if env.common:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from netshrink.report.content import ReportContent
+from netshrink.report.content import LAYER_HEADING, ReportContent
 from netshrink.report.tables import Table
 
 PLOT_DIR = "report_files"
@@ -63,6 +63,11 @@ def render_markdown(content: ReportContent) -> str:
                 "",
                 f"![{md_escape(plot.alt)}]({PLOT_DIR}/{plot.name}.png)",
             ]
+
+    if content.layer_tables:
+        out += ["", f"## {LAYER_HEADING}"]
+        for table in content.layer_tables:
+            out += ["", f"### {md_escape(table.title)}", "", *md_table(table)]
 
     out += ["", "## Environment", ""]
     env = content.environment

@@ -1,25 +1,23 @@
-"""The report's plots, as PNG bytes in memory.
+"""The report's plots of the run record itself, as PNG bytes in memory.
 
-Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never through
-``pyplot``: pyplot keeps global state (a current figure, a chosen backend) that would
-leak between calls and break under a GUI backend or threads. A plot with no data is
-skipped rather than drawn empty.
+Figures go through :func:`netshrink.figures.figure_png` (no pyplot). A plot with no data
+is skipped rather than drawn empty. Plots of the files stages leave beside their models
+(weights, sensitivity scans, search probes) are in :mod:`netshrink.report.prune_plots`.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from netshrink.figures import figure_png
 from netshrink.recipe.record import StageRecord
 from netshrink.report import fmt
+from netshrink.report.tables import device_label
 
-DPI = 100
 # Colours by stage position so one stage has the same colour in every plot.
 PALETTE = (
     "#1f77b4",
@@ -45,18 +43,9 @@ class Plot:
     png: bytes
 
 
-def _text(s: str) -> str:
+def literal_text(s: str) -> str:
     """Escape ``$`` so a stage name like ``$5 model`` is not parsed as mathtext."""
     return s.replace("$", r"\$")
-
-
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    # No "Software" entry: the PNG bytes then depend on the data only, not on the
-    # matplotlib version, so regenerated reports diff cleanly.
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    return buf.getvalue()
 
 
 def _colour(i: int) -> str:
@@ -93,7 +82,7 @@ def top1_bar(stages: Sequence[StageRecord], budget: float | None) -> Plot | None
     if not data:
         return None
     xs = range(len(data))
-    names = [_text(n) for _, n, _ in data]
+    names = [literal_text(n) for _, n, _ in data]
     colours = [_colour(i) for i, *_ in data]
     fig = Figure(figsize=(max(7.0, 1.6 * len(data) + 3), 3.8), layout="constrained")
     abs_ax, delta_ax = fig.subplots(1, 2)
@@ -130,7 +119,7 @@ def top1_bar(stages: Sequence[StageRecord], budget: float | None) -> Plot | None
         ax.set_xticks(xs, names, rotation=20, ha="right")
         ax.grid(True, axis="y", alpha=0.3)
     alt = "; ".join(f"{n}: {v:.2f}%" for _, n, v in data)
-    return Plot("top1", "Top-1 accuracy per stage", f"Top-1 per stage: {alt}", _png(fig))
+    return Plot("top1", "Top-1 accuracy per stage", f"Top-1 per stage: {alt}", figure_png(fig))
 
 
 def _scatter(
@@ -142,11 +131,13 @@ def _scatter(
     """Accuracy against a cost (lower is better), Pareto front dashed, points labelled."""
     if not data:
         return None
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for i, label, x, y in data:
         ax.scatter([x], [y], color=_colour(i), s=40, zorder=3)
-        ax.annotate(_text(label), (x, y), xytext=(5, 5), textcoords="offset points", fontsize=9)
+        ax.annotate(
+            literal_text(label), (x, y), xytext=(5, 5), textcoords="offset points", fontsize=9
+        )
     front = pareto_front([(x, y) for _, _, x, y in data])
     if len(front) > 1:
         ax.plot(
@@ -167,7 +158,7 @@ def _scatter(
     ax.margins(0.15)  # room for the labels of the outermost points
     on_front = ", ".join(data[i][1] for i in front)
     alt = f"{title}; Pareto front: {on_front}"
-    return Plot(name, title, alt, _png(fig))
+    return Plot(name, title, alt, figure_png(fig))
 
 
 def size_vs_accuracy(stages: Sequence[StageRecord]) -> Plot | None:
@@ -182,18 +173,35 @@ def size_vs_accuracy(stages: Sequence[StageRecord]) -> Plot | None:
     return _scatter("size_vs_accuracy", "Size on disk vs top-1", "size on disk (MB)", data)
 
 
-def latency_vs_accuracy(stages: Sequence[StageRecord]) -> Plot | None:
-    """Batch-1 p50 latency (ms) against top-1, for stages with both measured."""
-    data = [
-        (i, s.name, s.measurement.latency.p50_ms, s.measurement.accuracy.top1 * 100)
-        for i, s in enumerate(stages)
-        if s.measurement is not None
-        and s.measurement.latency is not None
-        and s.measurement.accuracy is not None
-    ]
-    return _scatter(
-        "latency_vs_accuracy", "Batch-1 latency vs top-1", "batch-1 p50 latency (ms)", data
+def latency_vs_accuracy(stages: Sequence[StageRecord]) -> list[Plot]:
+    """Batch-1 p50 latency (ms) against top-1, one plot per device timed on.
+
+    A CPU time and a GPU time on one axis would make a front of incomparable points.
+    """
+    devices = sorted(
+        {s.measurement.environment.device for s in stages if s.measurement is not None},
+        key=lambda d: (d != "cpu", d),
     )
+    plots = []
+    for device in devices:
+        data = [
+            (i, s.name, s.measurement.latency.p50_ms, s.measurement.accuracy.top1 * 100)
+            for i, s in enumerate(stages)
+            if s.measurement is not None
+            and s.measurement.environment.device == device
+            and s.measurement.latency is not None
+            and s.measurement.accuracy is not None
+        ]
+        label = device_label(device)
+        plot = _scatter(
+            "latency_vs_accuracy" + ("" if device == "cpu" else f"_{device}"),
+            f"Batch-1 {label} latency vs top-1",
+            f"batch-1 p50 latency on {label} (ms)",
+            data,
+        )
+        if plot is not None:
+            plots.append(plot)
+    return plots
 
 
 def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
@@ -211,15 +219,17 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
             marker="o",
             markersize=3,
             color=_colour(i),
-            label=_text(s.name),
+            label=literal_text(s.name),
         )
         acc_ax.plot(
             epochs,
             [e.train_top1 * 100 for e in s.history],
             linestyle="--",
+            marker="x",  # a one-epoch stage has no line to draw, only its point
+            markersize=4,
             color=_colour(i),
             linewidth=1,
-            label=_text(f"{s.name} (train)"),
+            label=literal_text(f"{s.name} (train)"),
         )
         val = [(e.epoch, e.val_top1 * 100) for e in s.history if e.val_top1 is not None]
         if val:
@@ -229,7 +239,7 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
                 marker="o",
                 markersize=3,
                 color=_colour(i),
-                label=_text(f"{s.name} (val)"),
+                label=literal_text(f"{s.name} (val)"),
             )
     loss_ax.set(title="Train loss", xlabel="epoch", ylabel="loss")
     acc_ax.set(title="Top-1 per epoch", xlabel="epoch", ylabel="top-1 (%)")
@@ -238,17 +248,23 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     names = ", ".join(s.name for _, s in trained)
-    return Plot(
-        "training", "Training curves", f"Train loss and top-1 per epoch for {names}", _png(fig)
-    )
+    alt = f"Train loss and top-1 per epoch for {names}"
+    return Plot("training", "Training curves", alt, figure_png(fig))
 
 
-def all_plots(stages: Sequence[StageRecord], budget: float | None) -> list[Plot]:
-    """Every plot that has data, in the order the report shows them."""
-    made = (
+def all_plots(
+    stages: Sequence[StageRecord], budget: float | None, pruning: Sequence[Plot] = ()
+) -> list[Plot]:
+    """Every plot that has data, in the order the report shows them.
+
+    ``pruning`` (:func:`netshrink.report.prune_plots.pruning_plots`) go before the
+    training curves: they are about the models, the curves about how they were made.
+    """
+    made = [
         top1_bar(stages, budget),
         size_vs_accuracy(stages),
-        latency_vs_accuracy(stages),
+        *latency_vs_accuracy(stages),
+        *pruning,
         training_curves(stages),
-    )
+    ]
     return [p for p in made if p is not None]

@@ -8,6 +8,7 @@ from netshrink.report.content import build_content
 from netshrink.report.html import render_html
 from netshrink.report.load import load_run
 from netshrink.report.markdown import PLOT_DIR, render_markdown
+from netshrink.report.stage_files import load_run_files
 from netshrink.store.atomic import atomic_write_bytes, atomic_write_text
 
 MARKDOWN_FILE = "report.md"
@@ -15,11 +16,13 @@ HTML_FILE = "report.html"
 
 
 def render_report(run_dir: Path) -> tuple[Path, Path]:
-    """Render the report of the run in ``run_dir`` from its ``run.json`` alone.
+    """Render the report of the run in ``run_dir`` from its ``run.json``.
 
-    Nothing is measured again and nothing depends on when it is rendered, so rendering
-    twice gives the same files. Each file is written atomically, so a report being
-    viewed is never seen half-written.
+    The stage folders add the pruning plots and per-layer tables (the weights of the
+    model files, the JSON the pruning stages wrote); where they are missing the report
+    says so and leaves those out. Nothing is measured again and nothing depends on when
+    it is rendered, so rendering twice gives the same files. Each file is written
+    atomically, so a report being viewed is never seen half-written.
 
     Returns:
         The paths of ``report.md`` and ``report.html``.
@@ -28,7 +31,8 @@ def render_report(run_dir: Path) -> tuple[Path, Path]:
         UserError: no ``run.json``, or one that is not a valid run record.
     """
     run_dir = Path(run_dir)
-    content = build_content(load_run(run_dir))
+    record = load_run(run_dir)
+    content = build_content(record, load_run_files(run_dir, record))
 
     plot_dir = run_dir / PLOT_DIR
     plot_dir.mkdir(exist_ok=True)

@@ -26,8 +26,9 @@ class Table:
 
 
 # The verdict comes right after the stage: it is what a reader looks for first, and on
-# a narrow screen the right-hand columns are the ones scrolled out of view.
-COMPARISON_COLUMNS: tuple[tuple[str, bool], ...] = (
+# a narrow screen the right-hand columns are the ones scrolled out of view. The speed and
+# memory columns come once per device (see _device_columns) and the stage time last.
+LEADING_COLUMNS: tuple[tuple[str, bool], ...] = (
     ("stage", False),
     ("kind", False),
     ("runtime, precision", False),
@@ -38,11 +39,46 @@ COMPARISON_COLUMNS: tuple[tuple[str, bool], ...] = (
     ("params", True),
     ("non-zero params", True),
     ("MACs", True),
-    ("latency b1 p50 / p90 ms (speedup)", True),
-    ("throughput img/s @ batch (ratio)", True),
-    ("peak memory", True),
-    ("stage time", True),
 )
+
+DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU"}
+# Which device a peak-memory kind belongs to: the process RSS is host memory, the CUDA
+# allocator's peak is GPU memory.
+MEMORY_DEVICE = {"rss": "cpu", "cuda": "cuda"}
+_MEMORY_WHAT = {"cpu": "peak RSS MiB", "cuda": "peak memory MiB (allocated)"}
+
+
+def device_label(device: str) -> str:
+    """``CPU``, ``GPU`` (for cuda), or the device's own name in capitals."""
+    return DEVICE_LABELS.get(device, device.upper())
+
+
+def _device_columns(device: str) -> tuple[tuple[str, bool], ...]:
+    label = device_label(device)
+    return (
+        (f"{label} latency b1 p50 / p90 ms (speedup)", True),
+        (f"{label} throughput img/s @ batch (ratio)", True),
+        (f"{label} {_MEMORY_WHAT.get(device, 'peak memory MiB')} (ratio)", True),
+    )
+
+
+def _memory_device(m: Measurement) -> str:
+    return MEMORY_DEVICE.get(m.memory_kind or "", m.environment.device)
+
+
+def table_devices(stages: Sequence[StageRecord]) -> tuple[str, ...]:
+    """The devices the table has columns for: the CPU always, then any other measured on.
+
+    The CPU columns stay even in a GPU run: ONNX Runtime stages are timed there, and an
+    empty column says plainly that nothing was.
+    """
+    devices = ["cpu"]
+    for s in stages:
+        if s.measurement is not None:
+            for d in (s.measurement.environment.device, _memory_device(s.measurement)):
+                if d not in devices:
+                    devices.append(d)
+    return tuple(devices)
 
 
 def _with(cell: str, suffix: str | None) -> str:
@@ -59,9 +95,9 @@ def _r(value: float | None) -> str | None:
 
 
 def _measured_cells(m: Measurement | None, cmp: Comparison, is_baseline: bool) -> tuple[str, ...]:
-    """The nine cells between "kind" and "stage time"."""
+    """The six cells from top-1 to MACs."""
     if m is None:
-        return (fmt.MISSING,) * 9
+        return (fmt.MISSING,) * 6
     acc = m.accuracy
     top1 = fmt.pct(acc.top1 if acc else None)
     if not is_baseline and cmp.top1_delta is not None:
@@ -69,18 +105,6 @@ def _measured_cells(m: Measurement | None, cmp: Comparison, is_baseline: bool) -
     nonzero = fmt.count(m.nonzero_params)
     if m.params > 0:
         nonzero = _with(nonzero, f"{m.nonzero_params / m.params:.1%}")
-    lat = fmt.MISSING
-    if m.latency is not None:
-        lat = _with(f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}", _r(cmp.speedup))
-    thr = fmt.MISSING
-    if m.throughput is not None:
-        thr = _with(
-            f"{_rate(m.throughput.images_per_s)} @ {m.throughput.batch_size}",
-            _r(cmp.throughput_ratio),
-        )
-    mem = fmt.MISSING
-    if m.peak_memory_mb is not None:
-        mem = _with(f"{m.peak_memory_mb:.1f} MB", m.memory_kind)
     size = _with(fmt.megabytes(m.size_bytes), _r(cmp.size_ratio))
     packed = (m.sizes or {}).get("packed")
     if packed and m.size_bytes and cmp.size_ratio is not None:
@@ -94,14 +118,37 @@ def _measured_cells(m: Measurement | None, cmp: Comparison, is_baseline: bool) -
         fmt.count(m.params),
         nonzero,
         fmt.macs(m.macs),
-        lat,
-        thr,
-        mem,
     )
 
 
+def _device_cells(m: Measurement | None, cmp: Comparison, device: str) -> tuple[str, ...]:
+    """Latency, throughput and peak memory if measured on ``device``, else dashes."""
+    lat = thr = mem = fmt.MISSING
+    if m is not None and m.environment.device == device:
+        if m.latency is not None:
+            lat = _with(f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}", _r(cmp.speedup))
+        if m.throughput is not None:
+            thr = _with(
+                f"{_rate(m.throughput.images_per_s)} @ {m.throughput.batch_size}",
+                _r(cmp.throughput_ratio),
+            )
+    if m is not None and m.peak_memory_mb is not None and _memory_device(m) == device:
+        mem = _with(f"{m.peak_memory_mb:.1f}", _r(cmp.memory_ratio))
+    return (lat, thr, mem)
+
+
 def comparison_table(stages: Sequence[StageRecord], comparisons: Sequence[Comparison]) -> Table:
-    """One row per stage, baseline first, every number next to its ratio vs the baseline."""
+    """One row per stage, baseline first, every number next to its ratio vs the baseline.
+
+    Speed and memory get a group of columns per device, so a GPU latency never sits
+    under a CPU heading; GPU columns appear only when some stage was measured on a GPU.
+    """
+    devices = table_devices(stages)
+    columns = (
+        *LEADING_COLUMNS,
+        *(c for d in devices for c in _device_columns(d)),
+        ("stage time", True),
+    )
     rows = tuple(
         (
             stage.name,
@@ -110,15 +157,16 @@ def comparison_table(stages: Sequence[StageRecord], comparisons: Sequence[Compar
             if stage.measurement else fmt.MISSING,
             cmp.verdict,
             *_measured_cells(stage.measurement, cmp, is_baseline=(i == 0)),
+            *(c for d in devices for c in _device_cells(stage.measurement, cmp, d)),
             fmt.seconds(stage.seconds),
         )
         for i, (stage, cmp) in enumerate(zip(stages, comparisons, strict=True))
     )
     return Table(
         title="Stages compared with the baseline",
-        headers=tuple(h for h, _ in COMPARISON_COLUMNS),
+        headers=tuple(h for h, _ in columns),
         rows=rows,
-        numeric=tuple(n for _, n in COMPARISON_COLUMNS),
+        numeric=tuple(n for _, n in columns),
     )
 
 

@@ -22,7 +22,8 @@ THRESHOLDS_TEXT = (
     f'{SMALLER_MIN_RATIO:.2f} (at least ~2% smaller on disk); "faster" needs baseline '
     f"batch-1 p50 latency / stage p50 ≥ {FASTER_MIN_SPEEDUP:.2f} (at least ~5% lower); "
     '"accuracy below budget" means top-1 fell by more than the recipe\'s '
-    "report.accuracy_budget (points) below the baseline."
+    "report.accuracy_budget (points) below the baseline. Speed is compared only between "
+    "measurements on the same device (CPU or GPU)."
 )
 
 
@@ -31,10 +32,11 @@ class Comparison:
     """One stage relative to the baseline; ``None`` where either side was not measured."""
 
     size_ratio: float | None  # baseline / stage: > 1 means smaller
-    speedup: float | None  # baseline p50 / stage p50: > 1 means faster
-    throughput_ratio: float | None  # stage img/s / baseline img/s, same batch size only
+    speedup: float | None  # baseline p50 / stage p50: > 1 means faster; same device only
+    throughput_ratio: float | None  # stage img/s / baseline img/s, same batch and device
     top1_delta: float | None  # stage - baseline, percentage points
     verdict: str
+    memory_ratio: float | None = None  # baseline peak / stage peak, same kind of peak only
 
 
 def accuracy_budget(record: RunRecord) -> float | None:
@@ -62,14 +64,21 @@ def _div(num: float | None, den: float | None) -> float | None:
 def compare(stage: StageRecord, baseline: StageRecord, budget: float | None) -> Comparison:
     """Compare ``stage`` with ``baseline`` (``baseline`` itself gets verdict "baseline")."""
     m, b = stage.measurement, baseline.measurement
-    size_ratio = speedup = throughput_ratio = top1_delta = None
+    size_ratio = speedup = throughput_ratio = top1_delta = memory_ratio = None
+    other_device = False
     if m is not None and b is not None:
         size_ratio = _div(b.size_bytes, m.size_bytes)
-        if m.latency and b.latency:
+        # A GPU time against a CPU time says nothing about the compression (ONNX Runtime
+        # stages of a CUDA run are timed on the CPU): speed is compared on one device only.
+        other_device = m.environment.device != b.environment.device
+        if m.latency and b.latency and not other_device:
             speedup = _div(b.latency.p50_ms, m.latency.p50_ms)
         # img/s at different batch sizes measures different things; no ratio then.
-        if m.throughput and b.throughput and m.throughput.batch_size == b.throughput.batch_size:
+        if (m.throughput and b.throughput and not other_device
+                and m.throughput.batch_size == b.throughput.batch_size):
             throughput_ratio = _div(m.throughput.images_per_s, b.throughput.images_per_s)
+        if m.memory_kind is not None and m.memory_kind == b.memory_kind:
+            memory_ratio = _div(b.peak_memory_mb, m.peak_memory_mb)
         if m.accuracy and b.accuracy:
             top1_delta = (m.accuracy.top1 - b.accuracy.top1) * 100
 
@@ -84,9 +93,7 @@ def compare(stage: StageRecord, baseline: StageRecord, budget: float | None) -> 
             "size unknown"
             if size_ratio is None
             else ("smaller" if size_ratio >= SMALLER_MIN_RATIO else "not smaller"),
-            "latency unknown"
-            if speedup is None
-            else ("faster" if speedup >= FASTER_MIN_SPEEDUP else "not faster"),
+            _speed_word(speedup, other_device and m.latency is not None),
         ]
         if budget is not None:
             if top1_delta is None:
@@ -98,4 +105,12 @@ def compare(stage: StageRecord, baseline: StageRecord, budget: float | None) -> 
             else:
                 parts.append("accuracy within budget")
         verdict = ", ".join(parts)
-    return Comparison(size_ratio, speedup, throughput_ratio, top1_delta, verdict)
+    return Comparison(size_ratio, speedup, throughput_ratio, top1_delta, verdict, memory_ratio)
+
+
+def _speed_word(speedup: float | None, other_device: bool) -> str:
+    if other_device:
+        return "speed not comparable (other device)"
+    if speedup is None:
+        return "latency unknown"
+    return "faster" if speedup >= FASTER_MIN_SPEEDUP else "not faster"

@@ -1,0 +1,90 @@
+"""Speed and memory columns per device: GPU columns only when a stage was measured on a GPU,
+and ratios only against a baseline measured on the same device (synthetic records: no GPU
+is needed to check what the report says about one)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from netshrink.bench.schema import Measurement
+from netshrink.recipe.record import RunRecord, StageRecord
+from netshrink.report import build_content, render_html, render_markdown, render_report
+from report_records import ENV, _measurement, make_record, table_rows, write_run
+
+GPU_ENV = ENV.model_copy(update={"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"})
+COMPARED = "Stages compared with the baseline"
+
+
+def _on_gpu(m: Measurement, memory_mb: float) -> Measurement:
+    return m.model_copy(update={"environment": GPU_ENV, "memory_kind": "cuda",
+                                "peak_memory_mb": memory_mb})
+
+
+def gpu_record() -> RunRecord:
+    """A CUDA run: torch stages timed on the GPU, the ONNX Runtime stage on the CPU."""
+    base = _on_gpu(_measurement(40.0, 10_000_000, 10_000_000, 2.0, 0.9512), 800.0)
+    pruned = _on_gpu(_measurement(10.0, 2_500_000, 2_500_000, 1.0, 0.9490), 400.0)
+    int8 = _measurement(10.0, 10_000_000, 10_000_000, 8.0, 0.9500, "int8")
+    record = make_record(budget=1.0)
+    record.stages = [
+        StageRecord(index=i, name=name, kind=kind, measurement=m,
+                    started="2025-01-02T03:04:05+00:00")
+        for i, (name, kind, m) in enumerate((
+            ("baseline", "baseline", base),
+            ("pruned", "prune.channel", pruned),
+            ("int8", "quant.ptq", int8),
+        ))
+    ]
+    return record
+
+
+def test_gpu_columns_and_same_device_ratios() -> None:
+    rows = table_rows(render_markdown(build_content(gpu_record(), with_plots=False)), COMPARED)
+    pruned, int8 = rows["pruned"], rows["int8"]
+    assert pruned["GPU latency b1 p50 / p90 ms (speedup)"] == "1.00 / 1.08 (2.00x)"
+    assert pruned["GPU throughput img/s @ batch (ratio)"] == "3,200 @ 64 (2.00x)"
+    assert pruned["GPU peak memory MiB (allocated) (ratio)"] == "400.0 (2.00x)"
+    assert pruned["CPU latency b1 p50 / p90 ms (speedup)"] == "–"
+    assert pruned["verdict"] == "smaller, faster, accuracy within budget"
+    # Timed on the CPU against a GPU baseline: shown, in the CPU columns, with no ratio.
+    assert int8["CPU latency b1 p50 / p90 ms (speedup)"] == "8.00 / 8.64"
+    assert int8["CPU peak RSS MiB (ratio)"] == "310.5"
+    assert int8["GPU latency b1 p50 / p90 ms (speedup)"] == "–"
+    assert int8["verdict"] == "smaller, speed not comparable (other device), accuracy within budget"
+
+
+def test_cpu_only_run_has_no_gpu_columns() -> None:
+    content = build_content(make_record(), with_plots=False)
+    headers = content.comparison.headers
+    assert not [h for h in headers if "GPU" in h]
+    assert [h for h in headers if h.startswith("CPU")] == [
+        "CPU latency b1 p50 / p90 ms (speedup)",
+        "CPU throughput img/s @ batch (ratio)",
+        "CPU peak RSS MiB (ratio)",
+    ]
+    rows = table_rows(render_markdown(content), COMPARED)
+    assert rows["prune_quant"]["CPU peak RSS MiB (ratio)"] == "310.5 (1.00x)"
+
+
+def test_markdown_and_html_tables_agree() -> None:
+    content = build_content(gpu_record(), with_plots=False)
+    html = render_html(content)
+    table = html[html.index(f"<h2>{COMPARED}</h2>"):]
+    table = table[: table.index("</table>")]
+    html_headers = re.findall(r"<th(?: [^>]*)?>(.*?)</th>", table)
+    assert tuple(html_headers) == content.comparison.headers
+    md_rows = table_rows(render_markdown(content), COMPARED)
+    assert list(md_rows["baseline"]) == list(content.comparison.headers)
+    # A cross-device verdict is grey (unknown), not red (a failed check).
+    assert '<span class="base">speed not comparable (other device)</span>' in html
+
+
+def test_one_latency_plot_per_device(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path / "run", gpu_record())
+    md, _ = render_report(run_dir)
+    names = {p.stem for p in (run_dir / "report_files").glob("*.png")}
+    assert {"latency_vs_accuracy", "latency_vs_accuracy_cuda"} <= names
+    text = md.read_text(encoding="utf-8")
+    assert "### Batch-1 GPU latency vs top-1" in text
+    assert "int8 was measured on cpu, the baseline on cuda" in text
