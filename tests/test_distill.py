@@ -47,10 +47,9 @@ def test_kd_stage_trains_a_student_from_an_earlier_stage(fashion_dir, tmp_path) 
     assert len(student.history) == 1 and "teacher" in student.notes[-1]
     with pytest.raises(UserError, match="exactly one of teacher"):
         parse_recipe(raw([{"kind": "distill.kd", "epochs": 1}]))
-    with pytest.raises(UserError, match="teacher_stage 'later'"):
-        run_recipe(parse_recipe(raw([{"kind": "distill.kd", "teacher_stage": "later",
-                                      "epochs": 1}])), tmp_path / "b", log=lambda _: None,
-                   report=False)
+    # Checked when the recipe loads, not when the stage runs an hour later.
+    with pytest.raises(UserError, match=r"'later' is not an earlier stage.*baseline"):
+        parse_recipe(raw([{"kind": "distill.kd", "teacher_stage": "later", "epochs": 1}]))
 
 
 def test_finetune_and_qat_can_learn_from_the_model_before_compression(fashion_dir,

@@ -28,7 +28,7 @@ from netshrink.data import DataBundle, build_data
 from netshrink.errors import UserError
 from netshrink.recipe.cache import CachedStage, ModelCache, file_sha256
 from netshrink.recipe.record import EpochRecord, RunRecord, StageRecord
-from netshrink.recipe.schema import Recipe, StageEntry
+from netshrink.recipe.schema import Recipe, StageEntry, stage_refs
 from netshrink.recipe.stages import STAGES, Deployed, StageContext
 from netshrink.recipe.start import start_model
 from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
@@ -61,18 +61,6 @@ def _file_hashes(value: Any) -> list[str]:
     return []
 
 
-def _stage_refs(value: Any) -> list[str]:
-    """Names of other stages a config reads (``teacher_stage``, ``student_stage``),
-    anywhere in it."""
-    if not isinstance(value, BaseModel):
-        return []
-    refs = [getattr(value, f) for f in ("teacher_stage", "student_stage")
-            if getattr(value, f, None)]
-    for name in type(value).model_fields:
-        refs += _stage_refs(getattr(value, name))
-    return refs
-
-
 def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
     """Keys of the baseline and every stage; a key changes when anything upstream does.
 
@@ -94,7 +82,7 @@ def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
     chain = keys[0]
     for entry in entries:
         parent = by_name[entry.source] if entry.source is not None else chain
-        refs = [by_name.get(ref, ref) for ref in _stage_refs(entry.config)]
+        refs = [by_name.get(ref, ref) for ref in stage_refs(entry.config)]
         parts = [parent, entry.kind, entry.config.model_dump(mode="json")]
         extra = refs + _file_hashes(entry.config)
         keys.append(_sha([*parts, extra] if extra else parts))

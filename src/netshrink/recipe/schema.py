@@ -49,6 +49,18 @@ class ReportConfig(BaseModel):
     accuracy_budget: float | None = Field(default=None, ge=0)  # top-1 points vs baseline
 
 
+def stage_refs(value: Any) -> list[str]:
+    """Names of other stages a config reads (``teacher_stage``, ``student_stage``),
+    anywhere in it."""
+    if not isinstance(value, BaseModel):
+        return []
+    refs = [getattr(value, f) for f in ("teacher_stage", "student_stage")
+            if getattr(value, f, None)]
+    for name in type(value).model_fields:
+        refs += stage_refs(getattr(value, name))
+    return refs
+
+
 class StageEntry(BaseModel):
     """One validated stage: its kind, unique name, typed config, and the stage whose
     model it starts from (``from:``; None: the previous stage that left a torch model)."""
@@ -109,13 +121,18 @@ class Recipe(BaseModel):
                 raise ValueError(
                     f"stages[{i}] ({kind}): from: {source!r} is not an earlier stage that "
                     f"leaves a torch model; one of: {', '.join(sorted(models))}")
-            if STAGES.get(kind).chains:
-                models.add(name)
             cls = STAGES.get(kind).config
             try:
                 config = cls.model_validate(body)
             except ValidationError as exc:
                 raise ValueError(f"stages[{i}] ({kind}): {_first_error(exc, cls)}") from None
+            for ref in stage_refs(config):
+                if ref not in models:
+                    raise ValueError(
+                        f"stages[{i}] ({kind}): {ref!r} is not an earlier stage that leaves a "
+                        f"torch model; one of: {', '.join(sorted(models))}")
+            if STAGES.get(kind).chains:
+                models.add(name)
             entries.append(StageEntry(kind=kind, name=name, config=config,
                                       source=None if source is None else str(source)))
         return entries
