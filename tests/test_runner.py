@@ -40,7 +40,11 @@ def test_run_measures_every_stage_and_files_reload(fashion_dir, tmp_path) -> Non
     on_disk = RunRecord.model_validate_json((tmp_path / "run.json").read_text())
     assert on_disk.stages == record.stages
     data = build_data(DataConfig(root=fashion_dir, val_size=100, calib_size=32))
-    for stage in record.stages:
+    # The fresh baseline is counted and sized only: its accuracy would be chance.
+    base = record.stages[0].measurement
+    assert base.accuracy is None and base.latency is None and base.params > 0
+    assert base.size_bytes == (tmp_path / record.stages[0].artifact).stat().st_size
+    for stage in record.stages[1:]:
         m = stage.measurement
         assert m is not None and m.accuracy is not None and m.accuracy.images == 200
         path = tmp_path / stage.artifact
@@ -48,7 +52,7 @@ def test_run_measures_every_stage_and_files_reload(fashion_dir, tmp_path) -> Non
         model, spec, meta = load_model(path)
         assert spec.arch == "resnet_tiny" and meta["class_names"][0] == "T-shirt/top"
         assert evaluate(model, data.test).top1 == pytest.approx(m.accuracy.top1)
-    assert record.stages[0].measurement.latency is not None
+    assert record.stages[1].measurement.latency is not None
     assert record.stages[1].measurement.accuracy.top1 >= 0.9  # it trained
     assert len(record.stages[1].history) == 3
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()

@@ -165,7 +165,11 @@ class Runner:
         atomic_write_text(self.out / RUN_FILE, record.model_dump_json(indent=2))
 
     def _measure(self, model: nn.Module, data: DataBundle, file: Path,
-                 sizes: dict[str, int] | None = None, precision: str | None = None) -> Any:
+                 sizes: dict[str, int] | None = None, precision: str | None = None,
+                 *, counts_only: bool = False) -> Any:
+        """Measure ``model`` (saved as ``file``) as the measure section says;
+        ``counts_only``: params, MACs and size alone (a fresh, untrained model, whose
+        accuracy is chance and whose speed the stage that trains it measures)."""
         m = self.recipe.measure
         split = data.test if m.split == "test" else data.val
         if split is None:
@@ -174,7 +178,7 @@ class Runner:
         return measure(
             model,
             input_shape=[info.in_channels, info.image_size, info.image_size],
-            data_split=split,
+            data_split=None if counts_only else split,
             accuracy_split_name=m.split,
             max_eval_images=m.max_eval_images,
             file=file,
@@ -186,7 +190,8 @@ class Runner:
             seed=self.recipe.seed,
             batch_size=m.batch_size,
             eval_batch_size=self.recipe.data.batch_size,
-            time_model=m.latency,
+            time_model=m.latency and not counts_only,
+            memory=not counts_only,
         )
 
     def _measure_file(self, data: DataBundle, file: Path, runtime: str, stats: ModelStats,
@@ -203,8 +208,15 @@ class Runner:
         # Every file reopens in the runtime it was measured in (torch files too), with the
         # counts it was measured with (a runtime's graph hides them).
         stats = ModelStats(params=old.params, nonzero_params=old.nonzero_params, macs=old.macs)
+        if prior.index == 0 and self._untrained_start():
+            return self._measure(load_model(self.out / prior.artifact)[0], data,
+                                 self.out / prior.artifact, counts_only=True)
         return self._measure_file(data, self.out / prior.artifact, old.runtime, stats,
                                   old.precision, old.sizes)
+
+    def _untrained_start(self) -> bool:
+        """The baseline is a fresh init that later stages train: not worth evaluating."""
+        return self.recipe.model.weights is None and bool(self.recipe.stages)
 
     def run(self) -> RunRecord:
         """Run (or resume) the recipe; returns the final run record.
@@ -311,7 +323,11 @@ class Runner:
             else:
                 save_model(model, spec, artifact, meta=meta)
                 measured_file = artifact
-                measurement = self._measure(model, data, artifact)
+                untrained = entry is None and self._untrained_start()
+                if untrained:
+                    ctx.notes.append("a fresh, untrained model: parameters, MACs and size "
+                                     "recorded; accuracy and speed are measured once trained")
+                measurement = self._measure(model, data, artifact, counts_only=untrained)
             # The stage changed its input in place, or left it as the next stage's input.
             loaded = artifact if model is not None else None
             if model is not None:
