@@ -116,10 +116,74 @@ def make_record(budget: float | None = 0.5) -> RunRecord:
     )
 
 
+GPU_ENV = ENV.model_copy(update={"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"})
+def _on_gpu(m: Measurement, memory_mb: float) -> Measurement:
+    return m.model_copy(update={"environment": GPU_ENV, "memory_kind": "cuda",
+                                "peak_memory_mb": memory_mb})
+
+
+def gpu_record() -> RunRecord:
+    """A CUDA run: torch stages timed on the GPU, the ONNX Runtime stage on the CPU."""
+    base = _on_gpu(_measurement(40.0, 10_000_000, 10_000_000, 2.0, 0.9512), 800.0)
+    pruned = _on_gpu(_measurement(10.0, 2_500_000, 2_500_000, 1.0, 0.9490), 400.0)
+    int8 = _measurement(10.0, 10_000_000, 10_000_000, 8.0, 0.9500, "int8")
+    record = make_record(budget=1.0)
+    record.stages = [
+        StageRecord(index=i, name=name, kind=kind, measurement=m,
+                    started="2025-01-02T03:04:05+00:00")
+        for i, (name, kind, m) in enumerate((
+            ("baseline", "baseline", base),
+            ("pruned", "prune.channel", pruned),
+            ("int8", "quant.ptq", int8),
+        ))
+    ]
+    return record
+
+
+UNTRAINED_NOTE = ("a fresh, untrained model: parameters, MACs and size recorded; accuracy "
+                  "and speed are measured once trained")
+
+
+def make_quickstart_record(report: dict | None = None) -> RunRecord:
+    """The quickstart's shape: a fresh ResNet-50 counted and sized only (no accuracy, no
+    speed), ``train`` (the teacher, 100 MB, 40 ms, 93.00%), ``kd`` (a ResNet-18 student,
+    40 MB, 16 ms, 92.50%), ``prune`` (channels, 20 MB, 10 ms, 92.20%) and ``int8``
+    (5 MB, 5 ms, 91.80%). ``report`` is the recipe's ``report:`` section."""
+    fresh = _measurement(100.0, 25_000_000, 25_000_000, 40.0, 0.0).model_copy(update={
+        "accuracy": None, "latency": None, "throughput": None, "peak_memory_mb": None,
+        "memory_kind": None})
+    stages = [
+        ("baseline", "baseline", fresh, [UNTRAINED_NOTE]),
+        ("train", "train", _measurement(100.0, 25_000_000, 25_000_000, 40.0, 0.9300), []),
+        ("kd", "distill.kd", _measurement(40.0, 10_000_000, 10_000_000, 16.0, 0.9250), []),
+        ("prune", "prune.channel", _measurement(20.0, 5_000_000, 5_000_000, 10.0, 0.9220), []),
+        ("int8", "quant.ptq",
+         _measurement(5.0, 5_000_000, 5_000_000, 5.0, 0.9180, "int8"), []),
+    ]
+    record = make_record()
+    record.name = "quickstart"
+    record.recipe = {
+        "name": "quickstart", "model": {"arch": "resnet50"},
+        "stages": [{"kind": kind, "name": name} for name, kind, *_ in stages[1:]],
+        "report": report if report is not None else {"accuracy_budget": 1.0},
+    }
+    record.stages = [
+        StageRecord(index=i, name=name, kind=kind, measurement=m, notes=notes,
+                    started="2025-01-02T03:04:05+00:00")
+        for i, (name, kind, m, notes) in enumerate(stages)
+    ]
+    return record
+
+
 def write_run(run_dir: Path, record: RunRecord) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(record.model_dump_json(indent=2), encoding="utf-8")
     return run_dir
+
+
+def compared(reference: str = "baseline") -> str:
+    """The heading of the comparison table of a report whose reference is ``reference``."""
+    return f"Stages compared with the reference ({reference})"
 
 
 def table_rows(markdown: str, heading: str, stop: str = "## ") -> dict[str, dict[str, str]]:

@@ -167,12 +167,26 @@ def minimal(**changes) -> dict:
          r"stages\[0\] \(train\): epochs: Input should be greater than 0 \(got -1\)"),
         (minimal(stages=[{"kind": "train"}, {"kind": "train"}]), r"'train' is used twice"),
         (minimal(device="tpu"), r"device: Input should be 'cpu' or 'cuda'"),
+        (minimal(report={"baseline": "teacher"}),
+         r"report\.baseline: 'teacher' is not a stage of this recipe; name the stage to "
+         r"compare with, one of: baseline, train \(or leave it out\)"),
+        (minimal(report={"baseline": "train", "budget": 1}),
+         r"unknown key 'report\.budget'; allowed: accuracy_budget, baseline"),
         ([1, 2], r"a recipe is a YAML mapping"),
     ],
 )
 def test_bad_recipes_are_named(raw, message: str) -> None:
     with pytest.raises(UserError, match=message):
         parse_recipe(raw)
+
+
+@pytest.mark.parametrize("reference", ["baseline", "train", "int8"])
+def test_report_baseline_names_any_stage(reference: str) -> None:
+    raw = minimal(stages=[{"kind": "train", "epochs": 1},
+                          {"kind": "quant.ptq", "name": "int8"}],
+                  report={"baseline": reference})
+    assert parse_recipe(raw).report.baseline == reference
+    assert parse_recipe(minimal()).report.baseline is None
 
 
 def test_bad_yaml_and_missing_file(tmp_path) -> None:

@@ -12,7 +12,7 @@ from netshrink.errors import UserError
 from netshrink.report import build_content, load_run, render_markdown, render_report
 from netshrink.report.plots import pareto_front
 from netshrink.store.atomic import atomic_write_bytes, atomic_write_text, atomic_writer
-from report_records import make_record, table_rows, write_run
+from report_records import compared, make_record, table_rows, write_run
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +57,17 @@ def test_html_is_self_contained(rendered: tuple[Path, Path, Path]) -> None:
 
 def test_verdicts_and_ratios_in_the_right_rows(rendered: tuple[Path, Path, Path]) -> None:
     text = rendered[1].read_text(encoding="utf-8")
-    rows = table_rows(text, "Stages compared with the baseline")
+    rows = table_rows(text, compared())
     assert list(rows) == ["baseline", "prune_quant", "finetune"]  # baseline first
 
     base, small, same = rows["baseline"], rows["prune_quant"], rows["finetune"]
-    assert base["verdict"] == "baseline"
+    assert base["verdict"] == "reference"
     assert small["verdict"] == "smaller, faster, accuracy within budget"
     assert same["verdict"] == "not smaller, not faster, accuracy within budget"
 
-    assert base["size (vs baseline)"] == "40.0 MB (1.00x)"
-    assert small["size (vs baseline)"] == "10.0 MB (4.00x)"
-    assert same["size (vs baseline)"] == "39.8 MB (1.01x)"
+    assert base["size (vs reference)"] == "40.0 MB (1.00x)"
+    assert small["size (vs reference)"] == "10.0 MB (4.00x)"
+    assert same["size (vs reference)"] == "39.8 MB (1.01x)"
     assert small["CPU latency b1 p50 / p90 ms (speedup)"] == "10.00 / 10.80 (2.00x)"
     assert small["CPU throughput img/s @ batch (ratio)"] == "320 @ 64 (2.00x)"
     assert base["top-1 %"] == "95.12" and small["top-1 %"] == "94.71 (-0.41)"
@@ -76,7 +76,8 @@ def test_verdicts_and_ratios_in_the_right_rows(rendered: tuple[Path, Path, Path]
     assert small["stage time"] == "2 min 10 s"
 
     # The headline speaks of the final stage, and the thresholds are stated.
-    assert "**Final stage finetune: 1.01x smaller, 1.03x faster, +0.18 points top-1" in text
+    assert ("**Final stage finetune: 1.01x smaller, 1.03x faster than baseline, +0.18 points "
+            "top-1") in text
     assert "≥ 1.02" in text and "≥ 1.05" in text
 
 
@@ -113,7 +114,7 @@ def test_rendering_twice_is_identical(rendered: tuple[Path, Path, Path]) -> None
 def test_accuracy_below_budget() -> None:
     rows = table_rows(
         render_markdown(build_content(make_record(budget=0.2), with_plots=False)),
-        "Stages compared with the baseline",
+        compared(),
     )
     assert rows["prune_quant"]["verdict"] == "smaller, faster, accuracy below budget"
     assert rows["finetune"]["verdict"] == "not smaller, not faster, accuracy within budget"
@@ -133,9 +134,9 @@ def test_no_budget_and_missing_fields(tmp_path: Path) -> None:
     record.stages[2].status = "failed"
     md, html = render_report(write_run(tmp_path / "run", record))
 
-    rows = table_rows(md.read_text(encoding="utf-8"), "Stages compared with the baseline")
+    rows = table_rows(md.read_text(encoding="utf-8"), compared())
     assert rows[odd]["verdict"] == "size unknown, latency unknown"
-    assert rows[odd]["MACs"] == "–" and rows[odd]["size (vs baseline)"] == "–"
+    assert rows[odd]["MACs"] == "–" and rows[odd]["size (vs reference)"] == "–"
     assert rows["finetune"]["verdict"] == "failed"
     assert rows["finetune"]["top-1 %"] == "–"
     assert rows["baseline"]["CPU latency b1 p50 / p90 ms (speedup)"] == "–"

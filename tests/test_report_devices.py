@@ -1,5 +1,5 @@
 """Speed and memory columns per device: GPU columns only when a stage was measured on a GPU,
-and ratios only against a baseline measured on the same device (synthetic records: no GPU
+and ratios only against a reference measured on the same device (synthetic records: no GPU
 is needed to check what the report says about one)."""
 
 from __future__ import annotations
@@ -7,36 +7,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from netshrink.bench.schema import Measurement
-from netshrink.recipe.record import RunRecord, StageRecord
 from netshrink.report import build_content, render_html, render_markdown, render_report
-from report_records import ENV, _measurement, make_record, table_rows, write_run
+from report_records import compared, gpu_record, make_record, table_rows, write_run
 
-GPU_ENV = ENV.model_copy(update={"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"})
-COMPARED = "Stages compared with the baseline"
-
-
-def _on_gpu(m: Measurement, memory_mb: float) -> Measurement:
-    return m.model_copy(update={"environment": GPU_ENV, "memory_kind": "cuda",
-                                "peak_memory_mb": memory_mb})
-
-
-def gpu_record() -> RunRecord:
-    """A CUDA run: torch stages timed on the GPU, the ONNX Runtime stage on the CPU."""
-    base = _on_gpu(_measurement(40.0, 10_000_000, 10_000_000, 2.0, 0.9512), 800.0)
-    pruned = _on_gpu(_measurement(10.0, 2_500_000, 2_500_000, 1.0, 0.9490), 400.0)
-    int8 = _measurement(10.0, 10_000_000, 10_000_000, 8.0, 0.9500, "int8")
-    record = make_record(budget=1.0)
-    record.stages = [
-        StageRecord(index=i, name=name, kind=kind, measurement=m,
-                    started="2025-01-02T03:04:05+00:00")
-        for i, (name, kind, m) in enumerate((
-            ("baseline", "baseline", base),
-            ("pruned", "prune.channel", pruned),
-            ("int8", "quant.ptq", int8),
-        ))
-    ]
-    return record
+COMPARED = compared()
 
 
 def test_gpu_columns_and_same_device_ratios() -> None:
@@ -87,4 +61,4 @@ def test_one_latency_plot_per_device(tmp_path: Path) -> None:
     assert {"latency_vs_accuracy", "latency_vs_accuracy_cuda"} <= names
     text = md.read_text(encoding="utf-8")
     assert "### Batch-1 GPU latency vs top-1" in text
-    assert "int8 was measured on cpu, the baseline on cuda" in text
+    assert "int8 was measured on cpu, the reference (baseline) on cuda" in text

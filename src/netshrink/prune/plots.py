@@ -122,6 +122,7 @@ def accuracy_vs_ratio(
     curves: Mapping[str, Sequence[tuple[float, float]]],
     *,
     baseline_top1: float,
+    baseline_label: str = "unpruned",
     tolerance_points: float | None = None,
     tolerance_label: str = "tolerance",
     title: str = "top-1 vs pruning ratio",
@@ -133,6 +134,7 @@ def accuracy_vs_ratio(
         curves: ``{label: [(ratio, top1), ...]}`` with top-1 as a fraction, e.g.
             ``{"magnitude one-shot": ..., "channel + fine-tuning": ...}``.
         baseline_top1: the unpruned model's top-1 (a dashed line).
+        baseline_label: what to call that line (its top-1 is added).
         tolerance_points: draw the ``baseline - tolerance`` line too, if given.
         tolerance_label: what to call that line (``tolerance``, ``accuracy budget``).
         title / xlabel: labels.
@@ -145,7 +147,7 @@ def accuracy_vs_ratio(
             ax.plot([r for r, _ in pts], [100 * t for _, t in pts], marker="o",
                     markersize=4, label=label)
     ax.axhline(100 * baseline_top1, color="0.3", linestyle="--",
-               label=f"unpruned {100 * baseline_top1:.2f}%")
+               label=f"{baseline_label} {100 * baseline_top1:.2f}%")
     if tolerance_points is not None:
         ax.axhline(100 * baseline_top1 - tolerance_points, color="tab:red", linestyle=":",
                    label=f"{tolerance_label} (-{tolerance_points:g} points)")

@@ -44,9 +44,18 @@ class MeasureConfig(BaseModel):
 
 
 class ReportConfig(BaseModel):
+    """The ``report:`` section: what the report compares with, and how strictly.
+
+    ``baseline`` names the stage every row is compared with (ratios, top-1 changes,
+    verdicts, plots): ``baseline`` or any stage's name. Default: the ``baseline`` stage if
+    it was evaluated (has an accuracy), else the first stage whose measurement has one,
+    i.e. the trained model of a recipe that starts from a fresh init.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    accuracy_budget: float | None = Field(default=None, ge=0)  # top-1 points vs baseline
+    accuracy_budget: float | None = Field(default=None, ge=0)  # top-1 points vs the reference
+    baseline: str | None = None  # the reference stage's name; None: the rule above
 
 
 def stage_refs(value: Any) -> list[str]:
@@ -94,7 +103,13 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:
-        self.parsed_stages()
+        entries = self.parsed_stages()
+        reference = self.report.baseline
+        names = ["baseline", *(e.name for e in entries)]
+        if reference is not None and reference not in names:
+            raise ValueError(
+                f"report.baseline: {reference!r} is not a stage of this recipe; name the "
+                f"stage to compare with, one of: {', '.join(names)} (or leave it out)")
         return self
 
     def parsed_stages(self) -> list[StageEntry]:

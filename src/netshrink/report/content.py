@@ -27,7 +27,14 @@ from netshrink.report.tables import (
     history_table,
     measurement_table,
 )
-from netshrink.report.verdict import THRESHOLDS_TEXT, Comparison, accuracy_budget, compare
+from netshrink.report.verdict import (
+    Comparison,
+    Reference,
+    accuracy_budget,
+    compare_all,
+    reference_stage,
+    thresholds_text,
+)
 
 LAYER_HEADING = "Per-layer pruning"
 
@@ -63,45 +70,59 @@ def _speed_words(r: float) -> str:
     return f"{fmt.times(r)} faster" if r >= 1 else f"{fmt.times(1 / r)} slower"
 
 
-def _headline(stages: list[StageRecord], comparisons: list[Comparison]) -> str:
-    """``Final stage X: 3.9x smaller, 2.1x faster, -0.40 points top-1 … (verdict: …)``.
+def _headline(
+    stages: list[StageRecord], comparisons: list[Comparison], reference: Reference | None
+) -> str:
+    """``Final stage X: 3.9x smaller, 2.1x faster than train, -0.40 points top-1 … (verdict: …)``.
 
-    Speaks of the last stage that finished with a measurement: that is the model the run
-    produced. A failed or unmeasured stage after it is said first, so it is not missed.
+    Speaks of the last stage after the reference that finished with a measurement: that
+    is the model the run produced. A failed or unmeasured stage after it is said first,
+    so it is not missed.
     """
-    if not stages:
+    if reference is None:
         return "No stages recorded yet: the run has not measured its baseline."
-    measured = [i for i, s in enumerate(stages) if i > 0 and s.status == "done" and s.measurement]
+    ref = reference.stage.name
+    measured = [i for i, s in enumerate(stages)
+                if i > reference.position and s.status == "done" and s.measurement]
     prefix = ""
     if stages[-1].status == "failed":
         prefix = f"Stage {stages[-1].name} failed (see its notes). "
     if not measured:
-        only = f"Only the baseline ({stages[0].name}) has been measured."
-        return prefix + only
+        return prefix + f"No stage after the reference ({ref}) has been measured yet."
     i = measured[-1]
     final, cmp = stages[i], comparisons[i]
-    parts = []
+    ratios = []
     if cmp.size_ratio is not None:
-        parts.append(_size_words(cmp.size_ratio))
+        ratios.append(_size_words(cmp.size_ratio))
     if cmp.speedup is not None:
-        parts.append(_speed_words(cmp.speedup))
+        ratios.append(_speed_words(cmp.speedup))
+    parts = [f"{', '.join(ratios)} than {ref}"] if ratios else []
     if cmp.top1_delta is not None:
-        parts.append(f"{fmt.points(cmp.top1_delta)} points top-1")
-    said = ", ".join(parts) if parts else "nothing comparable to the baseline was measured"
+        parts.append(f"{fmt.points(cmp.top1_delta)} points top-1"
+                     + ("" if ratios else f" against {ref}"))
+    said = ", ".join(parts) if parts else f"nothing comparable to {ref} was measured"
     label = "Final stage" if i == len(stages) - 1 else "Last measured stage"
     return f"{prefix}{label} {final.name}: {said} (verdict: {cmp.verdict})."
 
 
-def _like_for_like_notes(stages: list[StageRecord]) -> list[str]:
-    """Warn where a stage was timed on other hardware or threads than the baseline."""
-    if not stages or stages[0].measurement is None:
+def _like_for_like_notes(stages: list[StageRecord], reference: Reference | None) -> list[str]:
+    """Warn where a stage was timed on other hardware or threads than the reference.
+
+    Stages with nothing timed (an untrained start is only counted and sized) have no
+    speed to compare, so nothing to warn about.
+    """
+    if reference is None or reference.stage.measurement is None:
         return []
-    base = stages[0].measurement.environment
+    ref = reference.stage.name
+    base = reference.stage.measurement.environment
     notes = []
-    for s in stages[1:]:
-        if s.measurement is None:
+    for s in stages:
+        m = s.measurement
+        if s is reference.stage or m is None or (
+            m.latency is None and m.throughput is None and m.peak_memory_mb is None
+        ):
             continue
-        env = s.measurement.environment
+        env = m.environment
         changed = [
             name
             for name, a, b in (
@@ -114,13 +135,14 @@ def _like_for_like_notes(stages: list[StageRecord]) -> list[str]:
         ]
         if "device" in changed:
             notes.append(
-                f"{s.name} was measured on {env.device}, the baseline on {base.device}: "
-                "its speed is shown in the other device's columns, with no ratio."
+                f"{s.name} was measured on {env.device}, the reference ({ref}) on "
+                f"{base.device}: its speed is shown in the other device's columns, with no "
+                "ratio."
             )
         elif changed:
             notes.append(
                 f"{s.name} was measured with a different {', '.join(changed)} than the "
-                "baseline: its speed ratios are not like-for-like."
+                f"reference ({ref}): its speed ratios are not like-for-like."
             )
     return notes
 
@@ -163,24 +185,30 @@ def build_content(
     files = files if files is not None else RunFiles()
     stages = _ordered(record)
     budget = accuracy_budget(record)
-    comparisons = [compare(s, stages[0], budget) for s in stages]
-    notes = [THRESHOLDS_TEXT]
+    reference = reference_stage(record, stages)
+    ref = reference.stage.name if reference is not None else "the reference"
+    comparisons = compare_all(stages, reference, budget)
+    notes = [thresholds_text(ref)]
+    if reference is not None:
+        notes.append(reference.note)
     notes.append(
-        f"Accuracy budget: {budget:g} points of top-1 below the baseline."
+        f"Accuracy budget: {budget:g} points of top-1 below {ref}."
         if budget is not None
         else "No accuracy budget set (recipe `report.accuracy_budget`)."
     )
     notes.append(
         "Sizes are the saved artifact on disk, 1 MB = 10^6 bytes; latency is per call at "
-        "batch 1; ratios in brackets are against the baseline (> 1 is better)."
+        f"batch 1; ratios in brackets are against {ref} (> 1 is better)."
     )
     environment = environment_summary(stages)
     notes.append(_measured_on(environment))
-    notes.extend(_like_for_like_notes(stages))
+    notes.extend(_like_for_like_notes(stages, reference))
     notes.extend(files.notes)
+    position = reference.position if reference is not None else None
     plots: tuple[Plot, ...] = ()
     if with_plots:
-        plots = tuple(all_plots(stages, budget, pruning_plots(stages, files, budget)))
+        pruning = pruning_plots(stages, files, budget, position)
+        plots = tuple(all_plots(stages, budget, pruning, position))
     return ReportContent(
         title=f"netshrink report: {record.name}",
         meta=(
@@ -190,9 +218,9 @@ def build_content(
             ("netshrink", record.netshrink_version),
             ("recipe sha256", record.recipe_sha256),
         ),
-        headline=_headline(stages, comparisons),
+        headline=_headline(stages, comparisons, reference),
         notes=tuple(notes),
-        comparison=comparison_table(stages, comparisons),
+        comparison=comparison_table(stages, comparisons, reference),
         measurement=measurement_table(stages),
         environment=environment,
         histories=tuple(history_table(s) for s in stages if s.history),

@@ -14,6 +14,7 @@ from html import escape
 
 from netshrink.report.content import LAYER_HEADING, ReportContent
 from netshrink.report.tables import Table
+from netshrink.report.verdict import REFERENCE_VERDICT
 
 # System font stacks only: a web font would be an external fetch.
 CSS = """
@@ -59,8 +60,10 @@ pre { background: #f6f8fa; border: 1px solid #e4e7ec; padding: 12px 14px; overfl
 
 
 def _verdict_part_class(part: str) -> str:
-    """Red for a failed check, grey for the baseline or an unknown, green for a pass."""
-    if part == "baseline" or "unknown" in part or "not comparable" in part:
+    """Red for a failed check, grey for the reference, an unknown or an unevaluated stage,
+    green for a pass."""
+    if (part == REFERENCE_VERDICT or "unknown" in part or "not comparable" in part
+            or "not evaluated" in part):
         return "base"
     if any(word in part for word in ("not ", "below", "failed")):
         return "bad"

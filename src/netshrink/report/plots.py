@@ -52,6 +52,11 @@ def _colour(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
+def _label(i: int, name: str, reference: int | None, sep: str = " ") -> str:
+    """The stage's name for a plot, ``(reference)`` added to the reference stage's."""
+    return literal_text(name) + (f"{sep}(reference)" if i == reference else "")
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats: lower x and higher y are better.
 
@@ -67,8 +72,13 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def top1_bar(stages: Sequence[StageRecord], budget: float | None) -> Plot | None:
-    """Top-1 per stage (left) and its change vs the baseline in points (right).
+def top1_bar(
+    stages: Sequence[StageRecord], budget: float | None, reference: int | None
+) -> Plot | None:
+    """Top-1 per stage (left) and its change vs the reference in points (right).
+
+    ``reference`` is the reference stage's position in ``stages``; its bar is outlined
+    and its name marked.
 
     Both panels have honest axes: absolute top-1 from 0 to 100, where differences of a
     few tenths are invisible, hence the second panel, whose bars start at 0 change. The
@@ -82,21 +92,26 @@ def top1_bar(stages: Sequence[StageRecord], budget: float | None) -> Plot | None
     if not data:
         return None
     xs = range(len(data))
-    names = [literal_text(n) for _, n, _ in data]
+    names = [_label(i, n, reference, sep="\n") for i, n, _ in data]
     colours = [_colour(i) for i, *_ in data]
+    edges = ["#222222" if i == reference else c for (i, *_), c in zip(data, colours, strict=True)]
     fig = Figure(figsize=(max(7.0, 1.6 * len(data) + 3), 3.8), layout="constrained")
     abs_ax, delta_ax = fig.subplots(1, 2)
 
-    bars = abs_ax.bar(xs, [v for *_, v in data], color=colours)
+    bars = abs_ax.bar(xs, [v for *_, v in data], color=colours, edgecolor=edges, linewidth=1.5)
     abs_ax.bar_label(bars, labels=[f"{v:.2f}" for *_, v in data], padding=2, fontsize=8)
     abs_ax.set_ylim(0, 109)  # room above 100 for the value labels
     abs_ax.set_yticks(range(0, 101, 20))
     abs_ax.set(title="Top-1 (%)", ylabel="top-1 (%)")
 
-    base = stages[0].measurement
-    if base is not None and base.accuracy is not None and data[0][0] == 0:
+    ref_stage = stages[reference] if reference is not None else None
+    base = ref_stage.measurement if ref_stage is not None else None
+    said = ""
+    if ref_stage is not None and base is not None and base.accuracy is not None:
+        ref = ref_stage.name
+        said = f"; change vs {ref} (the reference)"
         deltas = [v - base.accuracy.top1 * 100 for *_, v in data]
-        bars = delta_ax.bar(xs, deltas, color=colours)
+        bars = delta_ax.bar(xs, deltas, color=colours, edgecolor=edges, linewidth=1.5)
         delta_ax.bar_label(bars, labels=[f"{d:+.2f}" for d in deltas], padding=2, fontsize=8)
         delta_ax.axhline(0, color="#333333", linewidth=0.8)
         lows = [*deltas, 0.0]
@@ -112,14 +127,15 @@ def top1_bar(stages: Sequence[StageRecord], budget: float | None) -> Plot | None
             lows.append(-budget)
         span = max(max(lows) - min(lows), 0.5)
         delta_ax.set_ylim(min(lows) - 0.25 * span, max(lows) + 0.25 * span)
-        delta_ax.set(title="Change vs baseline (points)", ylabel="points of top-1")
+        delta_ax.set(title=f"Change vs {literal_text(ref)} (points)", ylabel="points of top-1")
     else:
-        delta_ax.set_axis_off()  # no baseline accuracy: nothing to compare against
+        delta_ax.set_axis_off()  # no reference accuracy: nothing to compare against
     for ax in (abs_ax, delta_ax):
         ax.set_xticks(xs, names, rotation=20, ha="right")
         ax.grid(True, axis="y", alpha=0.3)
     alt = "; ".join(f"{n}: {v:.2f}%" for _, n, v in data)
-    return Plot("top1", "Top-1 accuracy per stage", f"Top-1 per stage: {alt}", figure_png(fig))
+    return Plot("top1", "Top-1 accuracy per stage", f"Top-1 per stage: {alt}{said}",
+                figure_png(fig))
 
 
 def _scatter(
@@ -127,16 +143,23 @@ def _scatter(
     title: str,
     xlabel: str,
     data: list[tuple[int, str, float, float]],
+    reference: int | None,
 ) -> Plot | None:
-    """Accuracy against a cost (lower is better), Pareto front dashed, points labelled."""
+    """Accuracy against a cost (lower is better), Pareto front dashed, points labelled;
+    the reference stage (its position, ``reference``) is a star."""
     if not data:
         return None
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
     for i, label, x, y in data:
-        ax.scatter([x], [y], color=_colour(i), s=40, zorder=3)
+        if i == reference:
+            ax.scatter([x], [y], color=_colour(i), s=160, marker="*", edgecolors="#222222",
+                       linewidths=0.8, zorder=4)
+        else:
+            ax.scatter([x], [y], color=_colour(i), s=40, zorder=3)
         ax.annotate(
-            literal_text(label), (x, y), xytext=(5, 5), textcoords="offset points", fontsize=9
+            _label(i, label, reference), (x, y), xytext=(5, 5), textcoords="offset points",
+            fontsize=9,
         )
     front = pareto_front([(x, y) for _, _, x, y in data])
     if len(front) > 1:
@@ -158,10 +181,11 @@ def _scatter(
     ax.margins(0.15)  # room for the labels of the outermost points
     on_front = ", ".join(data[i][1] for i in front)
     alt = f"{title}; Pareto front: {on_front}"
+    alt += "".join(f"; reference: {label}" for i, label, *_ in data if i == reference)
     return Plot(name, title, alt, figure_png(fig))
 
 
-def size_vs_accuracy(stages: Sequence[StageRecord]) -> Plot | None:
+def size_vs_accuracy(stages: Sequence[StageRecord], reference: int | None) -> Plot | None:
     """Size on disk (MB) against top-1, for stages with both measured."""
     data = [
         (i, s.name, s.measurement.size_bytes / fmt.MB, s.measurement.accuracy.top1 * 100)
@@ -170,10 +194,11 @@ def size_vs_accuracy(stages: Sequence[StageRecord]) -> Plot | None:
         and s.measurement.size_bytes is not None
         and s.measurement.accuracy is not None
     ]
-    return _scatter("size_vs_accuracy", "Size on disk vs top-1", "size on disk (MB)", data)
+    return _scatter("size_vs_accuracy", "Size on disk vs top-1", "size on disk (MB)", data,
+                    reference)
 
 
-def latency_vs_accuracy(stages: Sequence[StageRecord]) -> list[Plot]:
+def latency_vs_accuracy(stages: Sequence[StageRecord], reference: int | None) -> list[Plot]:
     """Batch-1 p50 latency (ms) against top-1, one plot per device timed on.
 
     A CPU time and a GPU time on one axis would make a front of incomparable points.
@@ -198,6 +223,7 @@ def latency_vs_accuracy(stages: Sequence[StageRecord]) -> list[Plot]:
             f"Batch-1 {label} latency vs top-1",
             f"batch-1 p50 latency on {label} (ms)",
             data,
+            reference,
         )
         if plot is not None:
             plots.append(plot)
@@ -253,17 +279,21 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
 
 
 def all_plots(
-    stages: Sequence[StageRecord], budget: float | None, pruning: Sequence[Plot] = ()
+    stages: Sequence[StageRecord],
+    budget: float | None,
+    pruning: Sequence[Plot],
+    reference: int | None,
 ) -> list[Plot]:
-    """Every plot that has data, in the order the report shows them.
+    """Every plot that has data, in the order the report shows them; ``reference`` is the
+    reference stage's position in ``stages`` (marked, and the base of the changes).
 
     ``pruning`` (:func:`netshrink.report.prune_plots.pruning_plots`) go before the
     training curves: they are about the models, the curves about how they were made.
     """
     made = [
-        top1_bar(stages, budget),
-        size_vs_accuracy(stages),
-        *latency_vs_accuracy(stages),
+        top1_bar(stages, budget, reference),
+        size_vs_accuracy(stages, reference),
+        *latency_vs_accuracy(stages, reference),
         *pruning,
         training_curves(stages),
     ]

@@ -28,7 +28,7 @@ def is_pruning(stage: StageRecord) -> bool:
 
 
 def weights_plot(pair: WeightPair | None) -> Plot | None:
-    """All conv/linear weights of the baseline against those of the last torch model."""
+    """All conv/linear weights of the reference against those of the last torch model."""
     if pair is None:
         return None
     title = f"Conv/linear weights: {pair.before_stage} vs {pair.after_stage}"
@@ -44,25 +44,29 @@ def weights_plot(pair: WeightPair | None) -> Plot | None:
 
 
 def accuracy_vs_pruned(
-    stages: Sequence[StageRecord], files: RunFiles, budget: float | None
+    stages: Sequence[StageRecord], files: RunFiles, budget: float | None, reference: int | None
 ) -> Plot | None:
-    """Top-1 against the fraction of the baseline's parameters each pruning stage removed.
+    """Top-1 against the fraction of the reference's parameters each pruning stage removed.
 
-    One line per pruning kind, each from the baseline at 0; x is measured (1 − non-zero
-    params / baseline params), so magnitude pruning (zeros) and channel pruning (fewer
-    params) share an axis. A search stage adds its bisection probes, at their nominal
-    ratio and on the subset it searched on, labelled as such.
+    One line per pruning kind, each from the reference (position ``reference`` in
+    ``stages``) at 0; x is measured (1 − non-zero params / reference params), so
+    magnitude pruning (zeros) and channel pruning (fewer params) share an axis, and a
+    pruned student is placed against its teacher when the teacher is the reference. A
+    search stage adds its bisection probes, at their nominal ratio and on the subset it
+    searched on, labelled as such.
     """
-    base = stages[0].measurement if stages else None
-    if base is None or base.accuracy is None or base.params <= 0:
+    ref = stages[reference] if reference is not None else None
+    base = ref.measurement if ref is not None else None
+    if ref is None or base is None or base.accuracy is None or base.params <= 0:
         return None
     base_top1 = base.accuracy.top1
     curves: dict[str, list[tuple[float, float]]] = {}
     named: list[tuple[str, float, float]] = []  # stage points, labelled on the plot
     said: list[str] = []
-    for s in stages[1:]:
+    for s in stages:
         m = s.measurement
-        if not is_pruning(s) or s.status != "done" or m is None or m.accuracy is None:
+        if (s is ref or not is_pruning(s) or s.status != "done" or m is None
+                or m.accuracy is None):
             continue
         removed = 1 - m.nonzero_params / base.params
         label = f"{s.kind} stages ({m.accuracy.split} set)"
@@ -82,15 +86,20 @@ def accuracy_vs_pruned(
     if not curves:
         return None
     title = "Top-1 vs fraction pruned"
+    name = literal_text(ref.name)
     fig = accuracy_vs_ratio(
-        curves, baseline_top1=base_top1, tolerance_points=budget,
-        tolerance_label="accuracy budget", title=title,
-        xlabel="fraction of the baseline's parameters removed (1 − non-zero / baseline)",
+        curves, baseline_top1=base_top1, baseline_label=f"{name} (reference)",
+        tolerance_points=budget, tolerance_label="accuracy budget", title=title,
+        xlabel=f"fraction of the parameters of {name} removed (1 − non-zero / {name} params)",
     )
+    lowest = min(x for points in curves.values() for x, _ in points)
+    if lowest < 0:  # a stage with more parameters left than the reference: keep it in view
+        fig.axes[0].set_xlim(left=lowest - 0.05)
     for name, x, y in named:  # which point is which stage
         fig.axes[0].annotate(literal_text(name), (x, 100 * y), xytext=(5, 5),
                              textcoords="offset points", fontsize=8)
-    return Plot("accuracy_vs_pruned", title, f"{title}: {'; '.join(said)}", figure_png(fig))
+    alt = f"{title}: x against {ref.name} (the reference); {'; '.join(said)}"
+    return Plot("accuracy_vs_pruned", title, alt, figure_png(fig))
 
 
 def sensitivity_plots(stages: Sequence[StageRecord], files: RunFiles) -> list[Plot]:
@@ -115,8 +124,12 @@ def sensitivity_plots(stages: Sequence[StageRecord], files: RunFiles) -> list[Pl
 
 
 def pruning_plots(
-    stages: Sequence[StageRecord], files: RunFiles, budget: float | None
+    stages: Sequence[StageRecord], files: RunFiles, budget: float | None, reference: int | None
 ) -> list[Plot]:
-    """The pruning plots that have data: accuracy vs fraction pruned, weights, scans."""
-    made = [accuracy_vs_pruned(stages, files, budget), weights_plot(files.weights)]
+    """The pruning plots that have data: accuracy vs fraction pruned, weights, scans.
+
+    ``reference`` is the reference stage's position in ``stages``: the base of the
+    fraction pruned (the weight histogram's "before" was read as that stage's file).
+    """
+    made = [accuracy_vs_pruned(stages, files, budget, reference), weights_plot(files.weights)]
     return [p for p in made if p is not None] + sensitivity_plots(stages, files)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from netshrink.errors import UserError
 from netshrink.recipe.record import RunRecord, StageRecord
+from netshrink.report.verdict import reference_stage
 from netshrink.store.checkpoint import read_state_dict
 
 
@@ -100,7 +101,7 @@ class StageFiles:
 
 @dataclass(frozen=True)
 class WeightPair:
-    """All conv/linear weights of the baseline and of a later model, each flattened."""
+    """All conv/linear weights of the reference and of a later model, each flattened."""
 
     before_stage: str
     after_stage: str
@@ -183,12 +184,17 @@ def _torch_file(stage: StageRecord) -> bool:
             and stage.artifact.endswith(".safetensors"))
 
 
-def _read_weights(run_dir: Path, stages: list[StageRecord], notes: list[str]) -> WeightPair | None:
-    """The baseline's weights and those of the last stage that left a torch model file."""
-    later = [s for s in stages[1:] if _torch_file(s)]
-    if not stages or not _torch_file(stages[0]) or not later:
-        return None  # nothing to compare: no torch model after the baseline
-    base, last = stages[0], later[-1]
+def _read_weights(
+    run_dir: Path, stages: list[StageRecord], reference: int | None, notes: list[str]
+) -> WeightPair | None:
+    """The reference's weights (``stages[reference]``) and those of the last stage after
+    it that left a torch model file."""
+    if reference is None or not _torch_file(stages[reference]):
+        return None
+    later = [s for s in stages[reference + 1:] if _torch_file(s)]
+    if not later:
+        return None  # nothing to compare: no torch model after the reference
+    base, last = stages[reference], later[-1]
     loaded = []
     for stage in (base, last):
         path = run_dir / str(stage.artifact)
@@ -217,5 +223,7 @@ def load_run_files(run_dir: Path, record: RunRecord) -> RunFiles:
         return RunFiles()
     notes: list[str] = []
     per_stage = {s.index: _read_stage(run_dir, s, notes) for s in stages if s.status == "done"}
-    weights = _read_weights(run_dir, stages, notes)
+    reference = reference_stage(record, stages)
+    position = reference.position if reference is not None else None
+    weights = _read_weights(run_dir, stages, position, notes)
     return RunFiles(stages=per_stage, weights=weights, notes=tuple(notes))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from netshrink.bench.schema import Latency, Measurement
 from netshrink.recipe.record import StageRecord
 from netshrink.report import fmt
-from netshrink.report.verdict import Comparison
+from netshrink.report.verdict import Comparison, Reference
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ LEADING_COLUMNS: tuple[tuple[str, bool], ...] = (
     ("verdict", False),
     ("top-1 %", True),
     ("top-5 %", True),
-    ("size (vs baseline)", True),
+    ("size (vs reference)", True),
     ("params", True),
     ("non-zero params", True),
     ("MACs", True),
@@ -94,13 +94,13 @@ def _r(value: float | None) -> str | None:
     return None if value is None else fmt.ratio(value)
 
 
-def _measured_cells(m: Measurement | None, cmp: Comparison, is_baseline: bool) -> tuple[str, ...]:
+def _measured_cells(m: Measurement | None, cmp: Comparison, is_reference: bool) -> tuple[str, ...]:
     """The six cells from top-1 to MACs."""
     if m is None:
         return (fmt.MISSING,) * 6
     acc = m.accuracy
     top1 = fmt.pct(acc.top1 if acc else None)
-    if not is_baseline and cmp.top1_delta is not None:
+    if not is_reference and cmp.top1_delta is not None:
         top1 = _with(top1, fmt.points(cmp.top1_delta))
     nonzero = fmt.count(m.nonzero_params)
     if m.params > 0:
@@ -137,8 +137,13 @@ def _device_cells(m: Measurement | None, cmp: Comparison, device: str) -> tuple[
     return (lat, thr, mem)
 
 
-def comparison_table(stages: Sequence[StageRecord], comparisons: Sequence[Comparison]) -> Table:
-    """One row per stage, baseline first, every number next to its ratio vs the baseline.
+def comparison_table(
+    stages: Sequence[StageRecord], comparisons: Sequence[Comparison], reference: Reference | None
+) -> Table:
+    """One row per stage, in order, every number next to its ratio vs the reference.
+
+    Rows before the reference are shown too; one that was not evaluated (an untrained
+    start) shows what was measured and no ratio.
 
     Speed and memory get a group of columns per device, so a GPU latency never sits
     under a CPU heading; GPU columns appear only when some stage was measured on a GPU.
@@ -156,14 +161,16 @@ def comparison_table(stages: Sequence[StageRecord], comparisons: Sequence[Compar
             f"{stage.measurement.runtime}, {stage.measurement.precision}"
             if stage.measurement else fmt.MISSING,
             cmp.verdict,
-            *_measured_cells(stage.measurement, cmp, is_baseline=(i == 0)),
+            *_measured_cells(stage.measurement, cmp,
+                             is_reference=reference is not None and i == reference.position),
             *(c for d in devices for c in _device_cells(stage.measurement, cmp, d)),
             fmt.seconds(stage.seconds),
         )
         for i, (stage, cmp) in enumerate(zip(stages, comparisons, strict=True))
     )
     return Table(
-        title="Stages compared with the baseline",
+        title=(f"Stages compared with the reference ({reference.stage.name})"
+               if reference is not None else "Stages compared with the reference"),
         headers=tuple(h for h, _ in columns),
         rows=rows,
         numeric=tuple(n for _, n in columns),

@@ -1,50 +1,73 @@
-"""Each stage against the baseline: ratios, accuracy change and a plain-words verdict.
+"""Each stage against the reference: ratios, accuracy change and a plain-words verdict.
 
-The thresholds are deliberately small but non-zero: a 1% size change is file-format
-noise and a 3% latency change is within run-to-run timing noise on a shared CPU, so
-neither may be called "smaller" or "faster".
+The reference is the stage the recipe's ``report.baseline`` names, by default the first
+evaluated stage (:func:`reference_stage`). The thresholds are deliberately small but
+non-zero: a 1% size change is file-format noise and a 3% latency change is within
+run-to-run timing noise on a shared CPU, so neither may be called "smaller" or "faster".
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from netshrink.errors import UserError
 from netshrink.recipe.record import RunRecord, StageRecord
 
-SMALLER_MIN_RATIO = 1.02  # baseline size / stage size: at least ~2% smaller
-FASTER_MIN_SPEEDUP = 1.05  # baseline p50 / stage p50: at least ~5% lower latency
+SMALLER_MIN_RATIO = 1.02  # reference size / stage size: at least ~2% smaller
+FASTER_MIN_SPEEDUP = 1.05  # reference p50 / stage p50: at least ~5% lower latency
 
-THRESHOLDS_TEXT = (
-    f'Verdict thresholds: "smaller" needs baseline size / stage size ≥ '
-    f'{SMALLER_MIN_RATIO:.2f} (at least ~2% smaller on disk); "faster" needs baseline '
-    f"batch-1 p50 latency / stage p50 ≥ {FASTER_MIN_SPEEDUP:.2f} (at least ~5% lower); "
-    '"accuracy below budget" means top-1 fell by more than the recipe\'s '
-    "report.accuracy_budget (points) below the baseline. Speed is compared only between "
-    "measurements on the same device (CPU or GPU)."
-)
+# The note the runner gives a fresh init it only counted and sized (no accuracy, no speed).
+UNTRAINED_NOTE = "a fresh, untrained model"
+REFERENCE_VERDICT = "reference"
+
+
+def thresholds_text(reference: str) -> str:
+    """The verdict thresholds in words, against the reference stage named ``reference``."""
+    return (
+        f'Verdict thresholds: "smaller" needs {reference} size / stage size ≥ '
+        f"{SMALLER_MIN_RATIO:.2f} (at least ~2% smaller on disk); \"faster\" needs "
+        f"{reference} batch-1 p50 latency / stage p50 ≥ {FASTER_MIN_SPEEDUP:.2f} (at least "
+        '~5% lower); "accuracy below budget" means top-1 fell by more than the recipe\'s '
+        f"report.accuracy_budget (points) below {reference}. Speed is compared only between "
+        "measurements on the same device (CPU or GPU)."
+    )
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One stage relative to the baseline; ``None`` where either side was not measured."""
+    """One stage relative to the reference; ``None`` where either side was not measured."""
 
-    size_ratio: float | None  # baseline / stage: > 1 means smaller
-    speedup: float | None  # baseline p50 / stage p50: > 1 means faster; same device only
-    throughput_ratio: float | None  # stage img/s / baseline img/s, same batch and device
-    top1_delta: float | None  # stage - baseline, percentage points
+    size_ratio: float | None  # reference / stage: > 1 means smaller
+    speedup: float | None  # reference p50 / stage p50: > 1 means faster; same device only
+    throughput_ratio: float | None  # stage img/s / reference img/s, same batch and device
+    top1_delta: float | None  # stage - reference, percentage points
     verdict: str
-    memory_ratio: float | None = None  # baseline peak / stage peak, same kind of peak only
+    memory_ratio: float | None = None  # reference peak / stage peak, same kind of peak only
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The stage every row is compared with: where it stands in the ordered stages, and a
+    note saying which stage it is and why."""
+
+    position: int  # index into the stages ordered by their ``index``
+    stage: StageRecord
+    note: str
+
+
+def _report_section(record: RunRecord) -> dict[str, Any]:
+    section: Any = record.recipe.get("report") or {}
+    if not isinstance(section, dict):
+        raise UserError(f"recipe of run {record.name!r}: `report` must be a mapping")
+    return section
 
 
 def accuracy_budget(record: RunRecord) -> float | None:
     """The recipe's ``report.accuracy_budget`` (points of top-1 one may lose), if any."""
-    section: Any = record.recipe.get("report") or {}
-    if not isinstance(section, dict):
-        raise UserError(f"recipe of run {record.name!r}: `report` must be a mapping")
-    budget = section.get("accuracy_budget")
+    budget = _report_section(record).get("accuracy_budget")
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0:
@@ -55,15 +78,98 @@ def accuracy_budget(record: RunRecord) -> float | None:
     return float(budget)
 
 
+def _measured(stage: StageRecord) -> bool:
+    return stage.status == "done" and stage.measurement is not None
+
+
+def _evaluated(stage: StageRecord) -> bool:
+    m = stage.measurement
+    return stage.status == "done" and m is not None and m.accuracy is not None
+
+
+def _default_reference(stages: Sequence[StageRecord]) -> tuple[int, str]:
+    """The first evaluated stage (the baseline unless it is an untrained start), and why."""
+    position = next((i for i, s in enumerate(stages) if _evaluated(s)), None)
+    if position is None:
+        position = next((i for i, s in enumerate(stages) if _measured(s)), 0)
+        return position, f"{stages[position].name} (no stage has a measured accuracy yet)"
+    if position == 0:
+        return 0, f"{stages[0].name}, the model the recipe starts from"
+    skipped = ", ".join(s.name for s in stages[:position])
+    return position, (f"{stages[position].name}, the first stage with a measured accuracy "
+                      f"({skipped} not evaluated)")
+
+
+def reference_stage(record: RunRecord, stages: Sequence[StageRecord]) -> Reference | None:
+    """The stage the report compares every row with (None when there are no stages).
+
+    The recipe's ``report.baseline`` names it; by default (or while the named stage has
+    no measurement, e.g. a run in progress) it is the first stage with a measured
+    accuracy: the baseline, or the trained model of a recipe that starts from a fresh
+    init. ``stages`` are the run's stages ordered by index.
+
+    Raises:
+        UserError: ``report.baseline`` is not a stage name (a hand-edited ``run.json``).
+    """
+    if not stages:
+        return None
+    wanted = _report_section(record).get("baseline")
+    if wanted is not None and not isinstance(wanted, str):
+        raise UserError(f"recipe of run {record.name!r}: report.baseline must be a stage "
+                        f"name, got {wanted!r}")
+    if wanted is not None:
+        named = next((i for i, s in enumerate(stages) if s.name == wanted), None)
+        if named is not None and _measured(stages[named]):
+            note = (f"Reference: {wanted} (recipe `report.baseline`); every ratio, top-1 "
+                    "change and verdict is against it.")
+            if not _evaluated(stages[named]):
+                note += (" It has no measured accuracy, so no top-1 change or accuracy "
+                         "budget can be judged.")
+            return Reference(named, stages[named], note)
+    position, chosen = _default_reference(stages)
+    if wanted is not None:
+        note = (f"Reference: recipe `report.baseline` names {wanted}, which has no "
+                "measurement yet (the run is in progress, or that stage failed), so the "
+                f"report compares with {chosen} instead.")
+    else:
+        note = (f"Reference: {chosen}; every ratio, top-1 change and verdict is against "
+                "it (recipe `report.baseline` picks another stage).")
+    return Reference(position, stages[position], note)
+
+
+def _not_evaluated(stage: StageRecord) -> Comparison:
+    """A stage before the reference that was only counted and sized: nothing to compare."""
+    untrained = any(note.startswith(UNTRAINED_NOTE) for note in stage.notes)
+    verdict = "untrained start (not evaluated)" if untrained else "not evaluated"
+    return Comparison(None, None, None, None, verdict)
+
+
+def compare_all(
+    stages: Sequence[StageRecord], reference: Reference | None, budget: float | None
+) -> list[Comparison]:
+    """Every stage against the reference, in order.
+
+    A stage before the reference with no accuracy (the fresh init a recipe trains) gets
+    no ratios: its row shows what was measured and says it was not evaluated.
+    """
+    if reference is None:
+        return []
+    return [
+        _not_evaluated(s) if i < reference.position and _measured(s) and not _evaluated(s)
+        else compare(s, reference.stage, budget)
+        for i, s in enumerate(stages)
+    ]
+
+
 def _div(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den <= 0 or not math.isfinite(num / den):
         return None
     return num / den
 
 
-def compare(stage: StageRecord, baseline: StageRecord, budget: float | None) -> Comparison:
-    """Compare ``stage`` with ``baseline`` (``baseline`` itself gets verdict "baseline")."""
-    m, b = stage.measurement, baseline.measurement
+def compare(stage: StageRecord, reference: StageRecord, budget: float | None) -> Comparison:
+    """Compare ``stage`` with ``reference`` (which itself gets the verdict "reference")."""
+    m, b = stage.measurement, reference.measurement
     size_ratio = speedup = throughput_ratio = top1_delta = memory_ratio = None
     other_device = False
     if m is not None and b is not None:
@@ -82,8 +188,8 @@ def compare(stage: StageRecord, baseline: StageRecord, budget: float | None) -> 
         if m.accuracy and b.accuracy:
             top1_delta = (m.accuracy.top1 - b.accuracy.top1) * 100
 
-    if stage is baseline:
-        verdict = "baseline"
+    if stage is reference:
+        verdict = REFERENCE_VERDICT
     elif stage.status == "failed":
         verdict = "failed"
     elif m is None:
