@@ -74,3 +74,31 @@ def test_finetune_and_qat_can_learn_from_the_model_before_compression(fashion_di
     assert m.nonzero_params < 0.5 * m.params  # KD fine-tuning kept the pruned zeros
     assert qat.measurement.precision == "int8"
     assert qat.measurement.accuracy.top1 >= finetune.measurement.accuracy.top1 - 0.1
+
+
+def test_teacher_runs_once_per_distinct_image() -> None:
+    from netshrink.distill.losses import TeacherOutputs
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    seen: list[int] = []
+    teacher.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    outputs = TeacherOutputs(teacher)
+    x = torch.randn(6, 3, 2, 2)
+    with torch.no_grad():
+        want = teacher(x)
+    seen.clear()
+    assert torch.allclose(outputs(x), want, atol=1e-6) and seen == [6]
+    assert torch.allclose(outputs(x), want, atol=1e-6) and seen == [6]  # all looked up
+    mixed = torch.cat([x[:2], torch.randn(3, 3, 2, 2), x[4:]])
+    with torch.no_grad():
+        want_mixed = teacher(mixed)
+    seen.clear()
+    assert torch.allclose(outputs(mixed), want_mixed, atol=1e-6)
+    assert seen == [3]  # only the three new images went through the teacher
+    assert (outputs.hits, outputs.misses) == (6 + 4, 6 + 3)
+    # A full memo stops storing but still answers correctly.
+    bounded = TeacherOutputs(teacher, max_bytes=0)
+    seen.clear()
+    assert torch.allclose(bounded(x), want, atol=1e-6)
+    assert torch.allclose(bounded(x), want, atol=1e-6) and seen == [6, 6]
