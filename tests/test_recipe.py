@@ -124,7 +124,7 @@ def test_study_kd_controls_match_the_distilled_student() -> None:
 
 
 @pytest.mark.parametrize("first,second", [
-    ("quickstart.yaml", "study_r18_quant_prune.yaml"),
+    ("quickstart.yaml", "study_kd_prune_ptq.yaml"),
     ("study_r18_r50_compression_r50.yaml", "study_r18_r50_compression_r18.yaml"),
 ])
 def test_study_recipes_share_their_trained_model(first: str, second: str) -> None:
@@ -135,6 +135,20 @@ def test_study_recipes_share_their_trained_model(first: str, second: str) -> Non
         recipe = load_recipe(RECIPES[0].parent / name)
         keys.append(stage_keys(recipe, recipe.parsed_stages())[1])
     assert keys[0] == keys[1]
+
+
+def test_quickstart_teacher_and_student_serve_the_kd_study() -> None:
+    """The KD study's teacher and distilled student are the quickstart's, stage for stage:
+    after the quickstart only its no-teacher control and later stages are computed."""
+    def keys(name: str) -> dict[str, str]:
+        recipe = load_recipe(RECIPES[0].parent / name)
+        entries = recipe.parsed_stages()
+        return dict(zip(["baseline"] + [e.name for e in entries],
+                        stage_keys(recipe, entries), strict=True))
+
+    quick, study = keys("quickstart.yaml"), keys("study_kd_prune_ptq.yaml")
+    assert quick["teacher"] == study["r50-teacher"]
+    assert quick["student"] == study["r18-kd"]
 
 
 def test_readme_lists_every_study_recipe() -> None:
