@@ -23,7 +23,7 @@ def test_gpu_columns_and_same_device_ratios() -> None:
     assert pruned["verdict"] == "smaller, faster, accuracy within budget"
     # Timed on the CPU against a GPU baseline: shown, in the CPU columns, with no ratio.
     assert int8["CPU latency b1 p50 / p90 ms (speedup)"] == "8.00 / 8.64"
-    assert int8["CPU peak RSS MiB (ratio)"] == "310.5"
+    assert int8["CPU process peak RSS MiB"] == "310.5"
     assert int8["GPU latency b1 p50 / p90 ms (speedup)"] == "–"
     assert int8["verdict"] == "smaller, speed not comparable (other device), accuracy within budget"
 
@@ -35,10 +35,10 @@ def test_cpu_only_run_has_no_gpu_columns() -> None:
     assert [h for h in headers if h.startswith("CPU")] == [
         "CPU latency b1 p50 / p90 ms (speedup)",
         "CPU throughput img/s @ batch (ratio)",
-        "CPU peak RSS MiB (ratio)",
+        "CPU process peak RSS MiB",
     ]
     rows = table_rows(render_markdown(content), COMPARED)
-    assert rows["prune_quant"]["CPU peak RSS MiB (ratio)"] == "310.5 (1.00x)"
+    assert rows["prune_quant"]["CPU process peak RSS MiB"] == "310.5"  # no ratio: a process figure
 
 
 def test_markdown_and_html_tables_agree() -> None:

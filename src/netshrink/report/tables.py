@@ -45,7 +45,7 @@ DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU"}
 # Which device a peak-memory kind belongs to: the process RSS is host memory, the CUDA
 # allocator's peak is GPU memory.
 MEMORY_DEVICE = {"rss": "cpu", "cuda": "cuda"}
-_MEMORY_WHAT = {"cpu": "peak RSS MiB", "cuda": "peak memory MiB (allocated)"}
+_MEMORY_WHAT = {"cpu": "process peak RSS MiB", "cuda": "peak memory MiB (allocated) (ratio)"}
 
 
 def device_label(device: str) -> str:
@@ -58,7 +58,7 @@ def _device_columns(device: str) -> tuple[tuple[str, bool], ...]:
     return (
         (f"{label} latency b1 p50 / p90 ms (speedup)", True),
         (f"{label} throughput img/s @ batch (ratio)", True),
-        (f"{label} {_MEMORY_WHAT.get(device, 'peak memory MiB')} (ratio)", True),
+        (f"{label} {_MEMORY_WHAT.get(device, 'peak memory MiB')}", True),
     )
 
 

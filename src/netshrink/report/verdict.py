@@ -183,7 +183,10 @@ def compare(stage: StageRecord, reference: StageRecord, budget: float | None) ->
         if (m.throughput and b.throughput and not other_device
                 and m.throughput.batch_size == b.throughput.batch_size):
             throughput_ratio = _div(m.throughput.images_per_s, b.throughput.images_per_s)
-        if m.memory_kind is not None and m.memory_kind == b.memory_kind:
+        # Only the CUDA allocator's peak belongs to the model's calls. A CPU figure is the
+        # whole process's RSS, which also holds whatever earlier stages of the run left
+        # (a teacher, a dataset): a ratio of two such figures would be about the process.
+        if m.memory_kind == "cuda" and b.memory_kind == "cuda":
             memory_ratio = _div(b.peak_memory_mb, m.peak_memory_mb)
         if m.accuracy and b.accuracy:
             top1_delta = (m.accuracy.top1 - b.accuracy.top1) * 100
