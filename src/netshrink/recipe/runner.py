@@ -291,8 +291,10 @@ class Runner:
                                            self._measure(model, data, artifact), t0)
                 record.stages.append(stage)
                 self._write(record)
+                acc = stage.measurement.accuracy
                 self.log(f"[{index}] {name}: model taken from the cache "
-                         f"({cached.folder}), not recomputed")
+                         f"({cached.folder}), not recomputed"
+                         + (f"; top-1 {acc.top1:.4f}" if acc is not None else ""))
                 continue
             if source is not None and (model is None or loaded != files[source]):
                 model, spec, _ = load_model(files[source])
