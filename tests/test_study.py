@@ -83,6 +83,14 @@ def test_a_model_trained_once_serves_every_recipe_that_asks(fashion_dir, tmp_pat
         (tmp_path / "a" / train_a.artifact).read_bytes()
     assert train_b.measurement.accuracy.top1 == train_a.measurement.accuracy.top1
     assert [h.epoch for h in train_b.history] == [1, 2]  # its training curve travels along
+    # What a stage wrote beside its model (here prune.magnitude's sparsity.json) comes along.
+    fourth = run_recipe(parse_recipe(raw(fashion_dir, stages, name="d")), tmp_path / "d",
+                        log=quiet, report=False)
+    pruned_b, pruned_d = second.stages[2], fourth.stages[2]
+    assert any("model from the cache" in n for n in pruned_d.notes)
+    side_b = sorted(p.name for p in (tmp_path / "b" / pruned_b.artifact).parent.iterdir())
+    side_d = sorted(p.name for p in (tmp_path / "d" / pruned_d.artifact).parent.iterdir())
+    assert "sparsity.json" in side_b and side_d == side_b
     # A different seed is a different model: trained, not served.
     third = run_recipe(parse_recipe({**raw(fashion_dir, [TRAIN], name="c"), "seed": 1}),
                        tmp_path / "c", log=quiet, report=False)

@@ -26,6 +26,7 @@ from typing import Any
 CACHE_ENV = "NETSHRINK_CACHE"
 MODEL_FILE = "model.safetensors"
 ENTRY_FILE = "stage.json"
+SIDE_FILES = "files"  # what the stage wrote beside its model (sparsity.json, plots)
 
 
 def default_cache_dir() -> Path | None:
@@ -75,6 +76,8 @@ class CachedStage:
         if file_sha256(self.model_file) != self.info.get("sha256"):
             return False
         dest.parent.mkdir(parents=True, exist_ok=True)
+        for side in sorted((self.folder / SIDE_FILES).glob("*")):
+            _place(side, dest.parent / side.name)
         _place(self.model_file, dest)
         return True
 
@@ -112,6 +115,13 @@ class ModelCache:
         except OSError:
             return
         try:
+            (tmp / SIDE_FILES).mkdir()
+            for side in model_file.parent.iterdir():
+                # The report reads these (per-layer sparsity, channels kept); a resumable
+                # training state is not the stage's result.
+                if side.is_file() and side != model_file and not side.name.startswith(
+                        ("train_state", ".")):
+                    _place(side, tmp / SIDE_FILES / side.name)
             _place(model_file, tmp / MODEL_FILE)
             entry = {**info, "sha256": file_sha256(tmp / MODEL_FILE)}
             (tmp / ENTRY_FILE).write_text(json.dumps(entry, indent=2, default=str))
