@@ -129,13 +129,12 @@ class Runner:
     def _cached(self, key: str) -> CachedStage | None:
         return self.cache.get(key) if self.cache is not None else None
 
-    def _cache_record(self, cached: CachedStage, index: int, name: str, key: str,
-                      measure_key: str, artifact: Path, measurement: Any, t0: float
+    def _cache_record(self, cached: CachedStage, entry: StageEntry, index: int, name: str,
+                      key: str, measure_key: str, artifact: Path, measurement: Any, t0: float
                       ) -> StageRecord:
         """The record of a stage whose model came from the cache: measured here, its
         training history and notes as the run that made it recorded them."""
         info = cached.info
-        entry = self.recipe.parsed_stages()[index - 1]
         made = (f"model from the cache: made by run {info.get('run')!r}, stage "
                 f"{info.get('stage')!r} in {float(info.get('seconds', 0)):.0f} s; "
                 "not recomputed")
@@ -287,8 +286,8 @@ class Runner:
                 (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
                 model, spec, _ = load_model(artifact)
                 loaded, files[name], last = artifact, artifact, name
-                stage = self._cache_record(cached, index, name, key, measure_key, artifact,
-                                           self._measure(model, data, artifact), t0)
+                stage = self._cache_record(cached, entry, index, name, key, measure_key,
+                                           artifact, self._measure(model, data, artifact), t0)
                 record.stages.append(stage)
                 self._write(record)
                 acc = stage.measurement.accuracy
