@@ -166,3 +166,18 @@ def test_kd_study_no_teacher_control_and_a_trained_student(fashion_dir, tmp_path
     with pytest.raises(UserError, match="not both"):
         parse_recipe(raw(fashion_dir, [TRAIN, {"kind": "distill.kd", "student_stage": "train",
                                                "student": {"arch": "resnet_tiny"}}]))
+
+
+def test_a_deployed_stage_is_measured_as_deployed_in_every_recipe(fashion_dir, tmp_path) -> None:
+    # k-means leaves a torch model but is measured as its packed file: a second recipe
+    # must measure that file again, not the float model a cache would hold.
+    stages = [TRAIN, {"kind": "quant.kmeans", "name": "km", "bits": 4,
+                      "finetune_epochs": 0}]
+    first = run_recipe(parse_recipe(raw(fashion_dir, stages, name="a")), tmp_path / "a",
+                       log=quiet, report=False)
+    second = run_recipe(parse_recipe(raw(fashion_dir, stages, name="b")), tmp_path / "b",
+                        log=quiet, report=False)
+    km_a, km_b = first.stages[2], second.stages[2]
+    assert not any("cache" in n for n in km_b.notes)
+    assert km_b.artifact == km_a.artifact and not km_b.artifact.endswith(".safetensors")
+    assert km_b.measurement.precision == km_a.measurement.precision

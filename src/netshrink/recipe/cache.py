@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netshrink.store.atomic import temp_path
+
 CACHE_ENV = "NETSHRINK_CACHE"
 MODEL_FILE = "model.safetensors"
 ENTRY_FILE = "stage.json"
@@ -50,13 +52,15 @@ def file_sha256(path: Path) -> str:
 def _place(src: Path, dest: Path) -> None:
     """``dest`` becomes a copy of ``src`` (a hard link where possible: no second copy of
     a large model on disk; files are only ever replaced, never changed in place)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(dest)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the copy or the rename failed
 
 
 @dataclass

@@ -344,7 +344,10 @@ class Runner:
             record.stages.append(stage)
             self._write(record)
             (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
-            if entry is not None and model is not None and self.cache is not None:
+            # Only a stage whose result is its torch model is cached: a deployed file (an
+            # INT8 ONNX, a packed k-means file) is what such a stage is measured as, and a
+            # cache hit measures the torch model.
+            if entry is not None and measured_file == artifact and self.cache is not None:
                 self.cache.put(key, artifact, {
                     "run": recipe.name, "stage": name, "kind": kind, "seconds": seconds,
                     "history": [h.model_dump(mode="json") for h in ctx.history],

@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_writer"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_writer", "temp_path"]
 
 TEMP_SUFFIX = ".tmp"
 
 
-def _temp_path(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
+    """A unique hidden temporary name beside ``path`` (same folder, so a rename is atomic)."""
     # A leading dot keeps the half-written file out of casual listings and globs like
     # ``*.png``; the pid and random token keep concurrent writers from sharing one.
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -52,7 +53,7 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     is deleted and ``path`` keeps its previous content (or stays absent).
     """
     target = Path(path)
-    tmp = _temp_path(target)
+    tmp = temp_path(target)
     # os.open with O_EXCL rather than tempfile.mkstemp: mkstemp forces mode 0600, while
     # 0666 here is filtered by the umask like any ordinary file the user creates.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
