@@ -17,6 +17,7 @@ from netshrink.errors import UserError
 
 if TYPE_CHECKING:
     from netshrink.recipe import RunRecord
+    from netshrink.runtime.torch_exec import TorchExecution
 
 
 def _positive_int(text: str) -> int:
@@ -198,6 +199,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
+    """The ``TorchExecution`` the bench flags ask for; None for the model as loaded."""
+    from netshrink.runtime.torch_exec import TorchExecution
+
+    execution = TorchExecution(precision=args.precision, channels_last=args.channels_last,
+                               compile=args.compile, sparse24=args.sparse24)
+    return execution if execution != TorchExecution() else None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from netshrink.bench import measure
     from netshrink.models import ModelSpec, build_model
@@ -213,6 +223,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         spec = ModelSpec(arch=args.arch, stem=args.stem, num_classes=args.num_classes,
                          in_channels=shape[0])
         model = build_model(spec).eval()
+    execution = _torch_execution(args)
+    if execution is not None:
+        from netshrink.runtime.torch_exec import prepare_torch
+
+        model = prepare_torch(model, execution, device=args.device, input_shape=shape)
+        print(f"torch execution: {execution.label()}")
     results = []
     for repeat in range(args.repeats):
         m = measure(model, input_shape=shape, file=args.weights, device=args.device,
@@ -369,6 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
+                   help="compute precision (fp16/tf32 on a GPU)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--compile", default="off",
+                   choices=["off", "default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"], help="torch.compile mode")
+    p.add_argument("--sparse24", choices=["off", "auto", "all"], default="off",
+                   help="2:4 sparse kernels for 2:4-sparse layers (GPU)")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.set_defaults(fn=cmd_bench)
 

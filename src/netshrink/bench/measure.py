@@ -24,7 +24,7 @@ from netshrink.bench.timing import num_threads
 from netshrink.bench.timing import time_model as _time_model
 from netshrink.data.base import Split
 from netshrink.errors import UserError
-from netshrink.runtime.base import RuntimeModule
+from netshrink.runtime.base import Executable
 
 __all__ = ["artifact_size", "measure"]
 
@@ -119,8 +119,8 @@ def measure(
         precision: the precision to record when the inputs' dtype does not tell it
             (an fp16 file computed in fp32 on a CPU).
 
-    A ``RuntimeModule`` (an ONNX Runtime or OpenVINO session) is measured by the same
-    code; its counts come from the torch model it was exported from.
+    An ``Executable`` (an ONNX Runtime or OpenVINO session, a compiled torch model) is
+    measured by the same code; its counts come from the torch model it was made from.
 
     Returns:
         A ``Measurement``. ``macs`` is None when torch's counter counted nothing (e.g.
@@ -147,9 +147,11 @@ def measure(
             rel_file = Path(os.path.relpath(path.resolve(), Path(run_dir).resolve())).as_posix()
 
     runtime = "torch"
-    if isinstance(model, RuntimeModule):
+    options = None
+    if isinstance(model, Executable):
         params, nonzero = model.stats.params, model.stats.nonzero_params
         runtime, precision = model.runtime, precision or model.precision
+        options = model.options
     else:
         params, nonzero = count_params(model)
 
@@ -167,7 +169,7 @@ def measure(
     peak_mb: float | None = None
     memory_kind: str | None = None
     with num_threads(threads):
-        macs = (model.stats.macs if isinstance(model, RuntimeModule)
+        macs = (model.stats.macs if isinstance(model, Executable)
                 else count_macs(work, shape) or None)
         if time_model:
             latency = _time_model(
@@ -197,6 +199,7 @@ def measure(
     return Measurement(
         runtime=runtime,
         precision=precision or PRECISIONS.get(dtype, str(dtype).removeprefix("torch.")),
+        runtime_options=options or None,
         input_shape=shape,
         file=rel_file,
         size_bytes=size_bytes,

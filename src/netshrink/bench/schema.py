@@ -6,6 +6,8 @@ must be here, with the hardware, versions, threads and seed it was measured unde
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -59,6 +61,9 @@ class Measurement(BaseModel):
 
     runtime: str = "torch"  # which runtime ran the timing: torch, onnxruntime, openvino, ...
     precision: str = "fp32"
+    # How the runtime was prepared (torch: channels_last, compile mode, 2:4 kernels), as
+    # the options it reopens with; None: as loaded.
+    runtime_options: dict[str, Any] | None = None
     input_shape: list[int]  # one image, [C, H, W]
     file: str | None = None  # the saved artifact the size is of (relative to the run)
     size_bytes: int | None = None

@@ -194,10 +194,13 @@ class Runner:
         )
 
     def _measure_file(self, data: DataBundle, file: Path, runtime: str, stats: ModelStats,
-                      precision: str | None, sizes: dict[str, int] | None) -> Any:
-        """Open a saved model in its runtime and measure it."""
+                      precision: str | None, sizes: dict[str, int] | None,
+                      options: dict[str, Any] | None = None) -> Any:
+        """Open a saved model in its runtime (prepared as ``options`` say) and measure it."""
+        info = data.info
         model = open_runtime(file, runtime, stats=stats, threads=self.recipe.measure.threads,
-                             precision=precision, device=self.recipe.device)
+                             precision=precision, device=self.recipe.device, options=options,
+                             input_shape=[info.in_channels, info.image_size, info.image_size])
         return self._measure(model, data, file, sizes, precision)
 
     def _remeasure(self, prior: StageRecord, data: DataBundle) -> Any:
@@ -211,7 +214,7 @@ class Runner:
             return self._measure(load_model(self.out / prior.artifact)[0], data,
                                  self.out / prior.artifact, counts_only=True)
         return self._measure_file(data, self.out / prior.artifact, old.runtime, stats,
-                                  old.precision, old.sizes)
+                                  old.precision, old.sizes, old.runtime_options)
 
     def _untrained_start(self) -> bool:
         """The baseline is a fresh init that later stages train: not worth evaluating."""
@@ -320,7 +323,7 @@ class Runner:
                 measured_file = deployed.file
                 measurement = self._measure_file(data, deployed.file, deployed.runtime,
                                                  deployed.stats, deployed.precision,
-                                                 deployed.sizes)
+                                                 deployed.sizes, deployed.options)
             else:
                 save_model(model, spec, artifact, meta=meta)
                 measured_file = artifact

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from torch import nn
@@ -84,6 +85,7 @@ class Deployed:
     precision: str | None = None  # recorded precision (and OpenVINO's float hint)
     sizes: dict[str, int] = field(default_factory=dict)  # other files worth comparing
     model: nn.Module | None = None
+    options: dict[str, Any] | None = None  # how the runtime prepares it (torch execution)
 
 
 StageFn = Callable[[nn.Module, BaseModel, StageContext], "nn.Module | Deployed"]
@@ -125,4 +127,5 @@ def load_builtin_stages() -> None:
     import netshrink.quant.kmeans_stage
     import netshrink.quant.qat_stage
     import netshrink.quant.stages
+    import netshrink.runtime.torch_stage
     import netshrink.train.stages  # noqa: F401

@@ -14,9 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from netshrink.bench.counting import count_macs, count_params
-
-__all__ = ["ModelStats", "RuntimeModule", "model_stats"]
+__all__ = ["Executable", "ModelStats", "RuntimeModule", "model_stats"]
 
 
 @dataclass(frozen=True)
@@ -34,17 +32,48 @@ class ModelStats:
 
 def model_stats(model: nn.Module, input_shape: list[int]) -> ModelStats:
     """Parameter, non-zero and MAC counts of a torch model for one ``input_shape`` image."""
+    # Imported here: the measuring code imports this module, and bench's package imports it.
+    from netshrink.bench.counting import count_macs, count_params
+
     params, nonzero = count_params(model)
     return ModelStats(params=params, nonzero_params=nonzero,
                       macs=count_macs(model, input_shape) or None)
 
 
-class RuntimeModule(nn.Module):
-    """Calls ``run(images as float32 numpy) -> logits as numpy`` on torch tensors.
+class Executable(nn.Module):
+    """A model prepared for one runtime, measured as it is: its counts come from the torch
+    model it was made from (a runtime's graph, or a compiled one, hides them).
 
-    ``deepcopy`` returns the same object (a runtime session cannot be copied and is
-    never changed by a call), and ``to``/``eval`` are no-ops beyond torch's flags.
+    ``deepcopy`` returns the same object (a session or a compiled graph cannot be copied
+    and is never changed by a call), and ``to`` is a no-op: it already lives where it runs.
     """
+
+    def __init__(self, *, runtime: str, precision: str, stats: ModelStats,
+                 options: dict[str, object] | None = None,
+                 close: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.precision = precision
+        self.stats = stats
+        self.options = options  # how it was prepared (recorded with its measurement)
+        self._close = close
+
+    def __deepcopy__(self, memo: dict) -> Executable:
+        return self
+
+    def to(self, *args: object, **kwargs: object) -> Executable:  # type: ignore[override]
+        return self
+
+    def close(self) -> None:
+        """Free the runtime's session now rather than at garbage collection."""
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+
+class RuntimeModule(Executable):
+    """Calls ``run(images as float32 numpy) -> logits as numpy`` on torch tensors: a model
+    executed by ONNX Runtime or OpenVINO on the CPU."""
 
     def __init__(
         self,
@@ -55,25 +84,9 @@ class RuntimeModule(nn.Module):
         stats: ModelStats,
         close: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(runtime=runtime, precision=precision, stats=stats, close=close)
         self._run = run
-        self.runtime = runtime
-        self.precision = precision
-        self.stats = stats
-        self._close = close
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._run(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy()))
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
-
-    def __deepcopy__(self, memo: dict) -> RuntimeModule:
-        return self
-
-    def to(self, *args: object, **kwargs: object) -> RuntimeModule:  # type: ignore[override]
-        return self
-
-    def close(self) -> None:
-        """Free the runtime's session now rather than at garbage collection."""
-        if self._close is not None:
-            self._close()
-            self._close = None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -60,6 +61,8 @@ def open_runtime(
     threads: int = 2,
     precision: str | None = None,
     device: str = "cpu",
+    options: dict[str, Any] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
     """Open ``path`` in ``runtime`` ("onnxruntime", "openvino", "torch") as a module.
 
@@ -73,6 +76,9 @@ def open_runtime(
             "fp16" files compute in fp32 on a CPU (emulated fp16 is several times slower),
             "bf16" files compute in bf16.
         device: where a torch model runs; ONNX Runtime and OpenVINO run on the CPU.
+        options: for torch, a ``TorchExecution`` as a dict (fp16 compute, channels_last,
+            torch.compile, 2:4 kernels); the others take none.
+        input_shape: one image ``[C, H, W]``; needed by torch ``options``.
 
     Raises:
         UserError: an unknown or missing runtime, or a file it cannot read.
@@ -83,8 +89,13 @@ def open_runtime(
         raise UserError(f"{path}: model file not found")
     if path.is_dir():  # OpenVINO IR saved as a folder holding model.xml + model.bin
         path = path / "model.xml"
+    extra: dict[str, Any] = {}
+    if options:
+        if runtime != "torch":
+            raise UserError(f"runtime {runtime!r} takes no options (got {sorted(options)})")
+        extra = {"options": options, "input_shape": input_shape}
     return RUNTIMES.get(runtime)(path, threads=threads, stats=stats, precision=precision,
-                                 device=device)
+                                 device=device, **extra)
 
 
 @RUNTIMES.register("onnxruntime")
@@ -142,7 +153,8 @@ def _openvino(path: Path, *, threads: int, stats: ModelStats, precision: str | N
 
 @RUNTIMES.register("torch")
 def _torch(path: Path, *, threads: int, stats: ModelStats, precision: str | None,
-           device: str) -> nn.Module:
+           device: str, options: dict[str, Any] | None = None,
+           input_shape: Sequence[int] | None = None) -> nn.Module:
     import torch
 
     if path.suffix == ".nspk":
@@ -153,6 +165,13 @@ def _torch(path: Path, *, threads: int, stats: ModelStats, precision: str | None
         from netshrink.store.checkpoint import load_model
 
         model, _, _ = load_model(path)
+    if options:
+        from netshrink.runtime.torch_exec import TorchExecution, prepare_torch
+
+        if input_shape is None:
+            raise UserError("a torch execution needs the input shape of one image")
+        return prepare_torch(model, TorchExecution(**options), device=device,
+                             input_shape=input_shape, stats=stats)
     # Loading casts a half-precision file's values into the model's fp32 parameters.
     # bf16 computes in bf16; fp16 does on a GPU, while on a CPU (emulated fp16 is several
     # times slower than fp32) it stays a storage format and computes in fp32.
