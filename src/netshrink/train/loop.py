@@ -166,7 +166,11 @@ def train(
     while pos.step < total and pos.epoch < cfg.epochs:
         epoch_start = time.perf_counter()
         segment_start = epoch_start
-        loss_sum, correct, seen = 0.0, 0, 0
+        # Running sums stay on the device: reading them every step would make the CPU wait
+        # for the GPU each step instead of queueing the next one (float64, as Python sums).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        seen = 0
         bar = tqdm(total=steps_per_epoch, initial=pos.batch, disable=not progress, leave=False,
                    desc=f"epoch {pos.epoch + 1}/{cfg.epochs}")
         batches = data.train.batches(cfg.batch_size, shuffle=True, augment=True,
@@ -197,11 +201,12 @@ def train(
             for hook in step_hooks:
                 hook(model)
             pos.batch, pos.step = index + 1, pos.step + 1
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            loss_sum += loss.detach().to(torch.float64) * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            if progress and pos.batch % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
             if time.perf_counter() - segment_start > 60 * cfg.checkpoint_minutes:
                 checkpoint(segment_start)
                 segment_start = time.perf_counter()
@@ -210,8 +215,8 @@ def train(
         bar.close()
         record = EpochRecord(
             epoch=pos.epoch + 1,
-            train_loss=loss_sum / max(1, seen),
-            train_top1=correct / max(1, seen),
+            train_loss=float(loss_sum) / max(1, seen),
+            train_top1=int(correct) / max(1, seen),
             lr=optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - epoch_start,
         )
