@@ -28,6 +28,7 @@ torch.backends.cusparselt.version())" | tee "$OUT/torch-cuda.txt"
     ;;
   bench)
     python3 benchmarks/bench_gpu.py --out "$OUT" 2>&1 | tee "$OUT/bench_gpu.log"
+    python3 benchmarks/bench_gpu_int8.py --out "$OUT" 2>&1 | tee "$OUT/bench_gpu_int8.log"
     ;;
   sparse)
     python3 benchmarks/bench_sparse24.py --out "$OUT/sparse24_gpu" 2>&1 | tee "$OUT/sparse24.log"
