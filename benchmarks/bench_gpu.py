@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=1.0, help="least timed seconds per figure")
     p.add_argument("--quick", action="store_true", help="resnet_tiny, small batches, CPU-safe")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--tag-models", action="store_true",
+                   help="name the output files after the models (one call per model)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; it needs an NVIDIA GPU (or pass --device cpu "
@@ -201,13 +203,21 @@ def main(argv: list[str] | None = None) -> int:
                          f"b{b} {v:,.0f} img/s" for b, v in row.throughput.items())),
                   flush=True)
             rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_inference" if args.device.startswith("cuda") else "gpu_inference_cpu_check"
-    (args.out / f"{stem}.json").write_text(json.dumps(
-        {"environment": env, "rows": [asdict(r) for r in rows]}, indent=2))
-    (args.out / f"{stem}.md").write_text(markdown(rows, args.batches, env))
-    print(f"wrote {args.out / stem}.md and .json")
+            _write(args, env, rows)  # after every row: a run cut short keeps what it timed
+    print(f"wrote {args.out / _stem(args)}.md and .json")
     return 0
+
+
+def _stem(args: argparse.Namespace) -> str:
+    name = "gpu_inference" if args.device.startswith("cuda") else "gpu_inference_cpu_check"
+    return "-".join([name, *args.models]) if args.tag_models else name
+
+
+def _write(args: argparse.Namespace, env: dict, rows: list[Row]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{_stem(args)}.json").write_text(json.dumps(
+        {"environment": env, "rows": [asdict(r) for r in rows]}, indent=2))
+    (args.out / f"{_stem(args)}.md").write_text(markdown(rows, args.batches, env))
 
 
 if __name__ == "__main__":
