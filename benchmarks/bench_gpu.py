@@ -115,8 +115,8 @@ def run_variant(name: str, model_name: str, model: torch.nn.Module,
         row.peak_mb = peak_memory(prepared, x, calls=2)[0]
         if prepared.sparse_report:
             used = sum(r.used for r in prepared.sparse_report)
-            eligible = sum(r.reason is None for r in prepared.sparse_report)
-            row.sparse_layers = f"{used}/{eligible}"
+            timed = sum(r.gemm is not None for r in prepared.sparse_report)
+            row.sparse_layers = f"{used}/{timed}"
         del prepared
     except Exception as exc:  # recorded, not raised: one refusing variant must not end the run
         row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

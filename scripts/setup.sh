@@ -4,6 +4,9 @@
 # packages; 2.13.0 is the CPU wheel these machines carry), then netshrink and its extras.
 #   scripts/setup.sh          # what the quickstart needs
 #   scripts/setup.sh dev      # + what the tests need
+# On an NVIDIA GPU machine, take a CUDA build of torch from PyTorch's own index, e.g.
+#   NETSHRINK_TORCH_INDEX=https://download.pytorch.org/whl/cu128 scripts/setup.sh
+# (the GPU paths need nothing else: cuDNN, cuBLAS and cuSPARSELt come with that torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +23,8 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null \
-  || "${pip[@]}" install "torch==$torch_version"
+  || "${pip[@]}" install "torch==$torch_version" \
+       ${NETSHRINK_TORCH_INDEX:+--index-url "$NETSHRINK_TORCH_INDEX"}
 if [ -n "$extras" ]; then
   "${pip[@]}" install -e ".[$extras]"
 else

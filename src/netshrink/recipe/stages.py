@@ -121,6 +121,7 @@ def stage(name: str, config: type[BaseModel], summary: str, *, chains: bool = Tr
 def load_builtin_stages() -> None:
     """Import the modules whose stages register themselves."""
     import netshrink.distill.stage
+    import netshrink.export.tensorrt_stage
     import netshrink.prune.analysis_stages
     import netshrink.prune.channel_stage
     import netshrink.prune.stages

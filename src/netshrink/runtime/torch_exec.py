@@ -108,7 +108,8 @@ class TorchExecutable(Executable):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)
-        if self.execution.channels_last:
+        if self.execution.channels_last or self.execution.sparse24 != "off":
+            # (the sparse layers' GEMMs read NHWC activations)
             x = x.contiguous(memory_format=torch.channels_last)
         with _backend_flags(self.device, self.execution.precision):
             return self.inner(x)
@@ -161,7 +162,6 @@ def prepare_torch(
     dev = torch.device(device)
     check_execution(execution, dev)
     stats = stats or model_stats(model, list(input_shape))
-    work = copy.deepcopy(model).eval()
     dtype = DTYPES[execution.precision]
     report: list[Any] = []
     if execution.sparse24 != "off":
@@ -169,20 +169,17 @@ def prepare_torch(
 
         example = torch.randn(sparse_batch, *input_shape,
                               generator=torch.Generator().manual_seed(0))
-        example = example.to(dev, dtype)
-        if execution.channels_last:
-            example = example.contiguous(memory_format=torch.channels_last)
-        work = work.to(dev, dtype)
-        if execution.channels_last:
-            work = work.to(memory_format=torch.channels_last)
-        work, report = sparsify_2to4(work, example=example, dtype=dtype,
+        # It returns a copy with BN folded, in ``dtype``, channels_last, on ``dev``: a
+        # model holding semi-structured weights must not be moved or cast again.
+        work, report = sparsify_2to4(model, example=example, dtype=dtype, device=dev,
                                      mode=execution.sparse24, layers=execution.sparse_layers)
         if log is not None:
             used = [r.name for r in report if r.used]
             log(f"2:4 sparse kernels in {len(used)} of {len(report)} layers")
-    work = work.to(dev, dtype)
-    if execution.channels_last:
-        work = work.to(memory_format=torch.channels_last)
+    else:
+        work = copy.deepcopy(model).eval().to(dev, dtype)
+        if execution.channels_last:
+            work = work.to(memory_format=torch.channels_last)
     if execution.compile != "off":
         # dynamic=False: one graph per input shape, each specialised (and, with CUDA
         # graphs, captured) for that shape; a measurement uses few shapes.

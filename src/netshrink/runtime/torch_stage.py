@@ -11,6 +11,7 @@ layers, so a later measurement of the same stage runs the same layers sparse.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 from torch import nn
@@ -35,7 +36,7 @@ def torch_deploy_stage(model: nn.Module, cfg: TorchExecution, ctx: StageContext)
     stats = model_stats(model, ctx.input_shape)
     execution = cfg
     if cfg.sparse24 == "auto" and cfg.sparse_layers is None:
-        from netshrink.runtime.semi_sparse import sparse_report_markdown
+        from netshrink.runtime.semi_sparse import report_markdown
 
         # Time the layers once, here; the measurement then reuses the choice.
         prepared = prepare_torch(model, cfg.model_copy(update={"compile": "off"}),
@@ -43,9 +44,9 @@ def torch_deploy_stage(model: nn.Module, cfg: TorchExecution, ctx: StageContext)
                                  log=ctx.log)
         report = prepared.sparse_report
         chosen = [r.name for r in report if r.used]
-        atomic_write_text(ctx.stage_dir / "sparse24.md", sparse_report_markdown(report))
+        atomic_write_text(ctx.stage_dir / "sparse24.md", report_markdown(report))
         atomic_write_text(ctx.stage_dir / "sparse24.json", json.dumps(
-            [r.__dict__ for r in report], indent=2, default=str))
+            [dataclasses.asdict(r) for r in report], indent=2))
         ctx.notes.append(f"2:4 sparse kernels kept in {len(chosen)} of {len(report)} layers "
                          "(those that timed faster than cuDNN; per layer: sparse24.md)")
         execution = cfg.model_copy(update={"sparse_layers": chosen})
