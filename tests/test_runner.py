@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from netshrink.bench import evaluate
 from netshrink.data import DataConfig, build_data
@@ -122,3 +123,22 @@ def test_export_and_quant_stages_do_not_invalidate_later_stages(fashion_dir, tmp
     assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == \
         ["00-baseline", "01-train", "02-quant.ptq", "03-finetune"]
     assert [s.index for s in second.stages] == [0, 1, 2, 3]
+
+
+def test_a_gpu_recipe_has_its_own_keys_and_auto_resolves_to_this_machine(
+        fashion_dir, tmp_path) -> None:
+    from netshrink.recipe.runner import stage_keys
+
+    cpu = recipe(fashion_dir)
+    cuda = cpu.model_copy(update={"device": "cuda"})
+    # A model trained on a GPU is another model: no CPU stage or cache entry stands for it.
+    cpu_keys = stage_keys(cpu, cpu.parsed_stages())
+    cuda_keys = stage_keys(cuda, cuda.parsed_stages())
+    assert not set(cpu_keys) & set(cuda_keys)
+    auto = cpu.model_copy(update={"device": "auto",
+                                  "stages": [{**cpu.stages[0], "max_steps": 2}]})
+    lines: list[str] = []
+    record = run_recipe(auto, tmp_path, log=lines.append, report=False)
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"device: auto -> {here}" in lines
+    assert record.stages[-1].measurement.environment.device == here

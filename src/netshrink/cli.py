@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", type=Path)
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
     p.add_argument("--data-dir", type=Path, help="override the recipe's data.root")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="override the recipe's device")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   help="override the recipe's device (auto: cuda when there is a GPU)")
     p.add_argument("--no-report", action="store_true", help="skip rendering the report")
     p.add_argument("--no-cache", action="store_true",
                    help="neither take stage models from nor add them to the shared model "

@@ -32,6 +32,12 @@ def run_recipe(
     from netshrink.recipe.cache import ModelCache, default_cache_dir
     from netshrink.recipe.runner import Runner
 
+    if recipe.device == "auto":
+        import torch
+
+        recipe = recipe.model_copy(
+            update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
+        log(f"device: auto -> {recipe.device}")
     root = default_cache_dir() if use_cache else None
     cache = ModelCache(root) if root is not None else None
     record = Runner(recipe, out, log=log, progress=progress, cache=cache).run()

@@ -77,6 +77,10 @@ def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
         "data": recipe.data.model_dump(mode="json", exclude={"batch_size", "num_workers"}),
         "seed": recipe.seed,
     }
+    if recipe.device != "cpu":
+        # A GPU trains with other kernels and bf16 autocast: not the CPU's model, so not
+        # its cache entry or its finished stage. (CPU keys stay as they always were.)
+        root["device"] = recipe.device
     keys = [_sha(root)]
     by_name = {"baseline": keys[0]}
     chain = keys[0]
@@ -235,7 +239,8 @@ class Runner:
         # A bad weights file fails here, before any write.
         baseline, spec = start_model(recipe.model, data, seed=recipe.seed)
         self.out.mkdir(parents=True, exist_ok=True)
-        measure_key = _sha(recipe.measure.model_dump(mode="json"))
+        measure_key = _sha(recipe.measure.model_dump(mode="json") | (
+            {"device": recipe.device} if recipe.device != "cpu" else {}))
         raw_recipe = recipe.model_dump(mode="json")
         record = RunRecord(
             name=recipe.name,

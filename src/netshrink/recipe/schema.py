@@ -94,7 +94,7 @@ class Recipe(BaseModel):
 
     name: str = "run"
     seed: int = 0
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda when torch sees a GPU
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataConfig = Field(default_factory=DataConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
