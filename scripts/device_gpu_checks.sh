@@ -38,8 +38,11 @@ torch.backends.cusparselt.version())" | tee "$OUT/torch-cuda.txt"
     python3 benchmarks/bench_sparse24.py --out "$OUT/sparse24_gpu" 2>&1 | tee "$OUT/sparse24.log"
     ;;
   quickstart)
-    ns run recipes/quickstart_gpu.yaml --out "$OUT/quickstart-gpu" --data-dir .device-data \
-        2>&1 | tee "$OUT/quickstart-gpu.log"
+    # Stopped short of the call's 10 minutes so that what finished (run.json is written
+    # after every stage) still gets its report.
+    timeout 540 python3 -m netshrink.cli run recipes/quickstart_gpu.yaml \
+        --out "$OUT/quickstart-gpu" --data-dir .device-data 2>&1 | tee "$OUT/quickstart-gpu.log"
+    ns report "$OUT/quickstart-gpu"
     rm -f "$OUT"/quickstart-gpu/stages/*/*.safetensors  # big; the report and run.json stay
     ;;
   cpu)

@@ -181,7 +181,7 @@ def minimal(**changes) -> dict:
         (minimal(stages=[{"kind": "train", "epochs": -1}]),
          r"stages\[0\] \(train\): epochs: Input should be greater than 0 \(got -1\)"),
         (minimal(stages=[{"kind": "train"}, {"kind": "train"}]), r"'train' is used twice"),
-        (minimal(device="tpu"), r"device: Input should be 'cpu' or 'cuda'"),
+        (minimal(device="tpu"), r"device: Input should be 'cpu', 'cuda' or 'auto'"),
         (minimal(report={"baseline": "teacher"}),
          r"report\.baseline: 'teacher' is not a stage of this recipe; name the stage to "
          r"compare with, one of: baseline, train \(or leave it out\)"),
