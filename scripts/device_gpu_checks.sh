@@ -3,7 +3,9 @@
 #   run(command="scripts/device_gpu_checks.sh PART", carry=[".whl", ".device-data"])
 # PART (one per call: a call may run 10 minutes, a session has 30 minutes of GPU):
 #   tests       the gpu-marked tests, then nvidia-smi and torch's CUDA facts
-#   bench M..   benchmarks/bench_gpu.py for models M (resnet18, resnet50, resnet18-cifar)
+#   bench A..   benchmarks/bench_gpu.py with arguments A, e.g. --models resnet18; max-autotune
+#               searches kernels for minutes per shape: give it a call of its own
+#               (--variants fp32 fp16-cl-max-autotune)
 #   int8        benchmarks/bench_gpu_int8.py: INT8 GEMMs against fp16
 #   sparse      benchmarks/bench_sparse24.py: 2:4 per layer and end to end
 #   quickstart  recipes/quickstart_gpu.yaml on Fashion-MNIST, report included
@@ -11,7 +13,7 @@
 # Everything it writes goes under $OUT (results come back from there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?"usage: $0 tests|bench MODEL...|int8|sparse|quickstart|cpu"}
+part=${1:?"usage: $0 tests|bench ARGS...|int8|sparse|quickstart|cpu"}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -27,8 +29,8 @@ torch.backends.cudnn.version(), getattr(torch.backends, 'cusparselt', None) and 
 torch.backends.cusparselt.version())" | tee "$OUT/torch-cuda.txt"
     python3 -m pytest -m gpu -p no:cacheprovider -q -rs tests 2>&1 | tee "$OUT/gpu-tests.log"
     ;;
-  bench)  # bench MODEL...: resnet18, resnet50, resnet18-cifar (one or two per call)
-    python3 benchmarks/bench_gpu.py --out "$OUT" --tag-models --models "${@:2}" 2>&1 \
+  bench)  # bench ARGS...: bench_gpu.py's own, e.g. --models resnet18 (one model a call)
+    python3 benchmarks/bench_gpu.py --out "$OUT" --tag-models "${@:2}" 2>&1 \
         | tee "$OUT/bench_gpu.log"
     ;;
   int8)
