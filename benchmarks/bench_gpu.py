@@ -16,7 +16,7 @@ INT8: torch has no INT8 convolution kernel on CUDA (its quantized convolutions a
 only; ``torch._int_mm`` multiplies matrices, not convolutions), so there is no INT8 row:
 the INT8 path to a GPU is TensorRT with the QDQ ONNX ``export.tensorrt`` writes.
 
-    python benchmarks/bench_gpu.py                            # on a GPU: ~5-10 min
+    python benchmarks/bench_gpu.py --models resnet18          # on a GPU: minutes per model
     python benchmarks/bench_gpu.py --models resnet18 --variants fp32 fp16-cl
     python benchmarks/bench_gpu.py --device cpu --quick       # checks the script on a CPU
 
@@ -90,6 +90,9 @@ class Row:
 def _free() -> None:
     gc.collect()
     torch._dynamo.reset()  # compiled graphs of the last variant: memory and recompile limits
+    trees = getattr(torch._inductor, "cudagraph_trees", None)
+    if trees is not None and hasattr(trees, "reset_cudagraph_trees"):
+        trees.reset_cudagraph_trees()  # the CUDA graphs' private memory pools
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -100,15 +103,25 @@ def run_variant(name: str, model_name: str, model: torch.nn.Module,
     row = Row(model=model_name, variant=name, label=execution.label())
     started = time.perf_counter()
     try:
-        prepared = prepare_torch(model, execution, device=args.device, input_shape=shape,
-                                 sparse_batch=max(args.batches))
+        if execution.sparse24 != "off":  # layers chosen at the largest batch
+            execution = execution.model_copy(update={"sparse_batch": max(args.batches)})
+        prepared = prepare_torch(model, execution, device=args.device, input_shape=shape)
         gen = torch.Generator().manual_seed(0)
-        one = torch.randn(1, *shape, generator=gen).to(args.device)
+        fmt = (torch.channels_last if execution.channels_last or execution.sparse24 != "off"
+               else torch.contiguous_format)
+        dtype = prepared.dtype
+
+        def ready(x: torch.Tensor) -> torch.Tensor:
+            # Inputs already in the model's dtype and layout: a served model gets them so,
+            # and a cast inside the timed call would be timed (and counted in memory).
+            return x.to(args.device, dtype).contiguous(memory_format=fmt)
+
+        one = ready(torch.randn(1, *shape, generator=gen))
         lat = time_model(prepared, one, warmup=args.warmup, runs=args.runs,
                          min_seconds=args.seconds)
         row.p50_ms, row.p90_ms = lat.p50_ms, lat.p90_ms
         for batch in args.batches:
-            x = torch.randn(batch, *shape, generator=gen).to(args.device)
+            x = ready(torch.randn(batch, *shape, generator=gen))
             thr = time_model(prepared, x, warmup=max(3, args.warmup // 3), runs=args.runs,
                              min_seconds=args.seconds)
             row.throughput[batch] = thr.images_per_s
@@ -119,7 +132,8 @@ def run_variant(name: str, model_name: str, model: torch.nn.Module,
             row.sparse_layers = f"{used}/{timed}"
         del prepared
     except Exception as exc:  # recorded, not raised: one refusing variant must not end the run
-        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        first = (str(exc).splitlines() or [""])[0]
+        row.error = f"{type(exc).__name__}: {first[:200]}"
     row.seconds = time.perf_counter() - started
     _free()
     return row
@@ -132,7 +146,9 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 def markdown(rows: list[Row], batches: list[int], env: dict) -> str:
     lines = [f"# GPU inference: {env.get('gpu') or env['cpu']}", "",
              f"torch {env['versions'].get('torch')}, CUDA {env['versions'].get('cuda', '—')}; "
-             f"random weights (speed only); ratios against eager fp32 (TF32 off) in the same run.",
+             "random weights (speed only); ratios against eager fp32 (TF32 off) in the same run. "
+             "GPU memory is the allocator's peak reserved (it counts CUDA graphs' pools). "
+             "2:4 auto rows keep the sparse layers chosen at the largest batch, batch 1 too.",
              ""]
     for model in dict.fromkeys(r.model for r in rows):
         group = [r for r in rows if r.model == model]

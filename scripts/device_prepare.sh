@@ -13,7 +13,7 @@ mkdir -p .whl .device-data
 pins=$($PY - <<'PYEOF'
 from importlib.metadata import version
 names = ["pydantic", "pydantic_core", "annotated-types", "typing-inspection", "torch-pruning",
-         "zstandard", "pytest-timeout"]
+         "zstandard", "pytest-timeout", "typing-extensions"]
 print(" ".join(f"{n}=={version(n)}" for n in names))
 PYEOF
 )

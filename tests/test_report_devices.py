@@ -18,7 +18,7 @@ def test_gpu_columns_and_same_device_ratios() -> None:
     pruned, int8 = rows["pruned"], rows["int8"]
     assert pruned["GPU latency b1 p50 / p90 ms (speedup)"] == "1.00 / 1.08 (2.00x)"
     assert pruned["GPU throughput img/s @ batch (ratio)"] == "3,200 @ 64 (2.00x)"
-    assert pruned["GPU peak memory MiB (allocated) (ratio)"] == "400.0 (2.00x)"
+    assert pruned["GPU peak memory MiB (reserved) (ratio)"] == "400.0 (2.00x)"
     assert pruned["CPU latency b1 p50 / p90 ms (speedup)"] == "–"
     assert pruned["verdict"] == "smaller, faster, accuracy within budget"
     # Timed on the CPU against a GPU baseline: shown, in the CPU columns, with no ratio.

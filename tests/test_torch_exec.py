@@ -180,3 +180,46 @@ def test_an_fp16_file_reloads_for_any_device(tmp_path: Path) -> None:
     loaded, _, _ = load_model(path)
     with torch.inference_mode():
         assert torch.allclose(loaded(images(2)), model(images(2)), atol=0.05)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graphs_over_2to4_sparse_layers_match_dense() -> None:
+    """torch.compile with CUDA graphs over semi-structured weights (compile + 2:4 is the
+    fastest combination if it works; if this fails, refuse the combination clearly)."""
+    from netshrink.prune.nm import NMPruneConfig, prune_nm
+
+    spec = ModelSpec(arch="resnet18", num_classes=10, stem="cifar")
+    model = prune_nm(randomized_model(spec), NMPruneConfig())[0]
+    execution = TorchExecution(precision="fp16", channels_last=True, sparse24="all",
+                               compile="reduce-overhead", sparse_batch=32)
+    prepared = prepare_torch(model, execution, device="cuda", input_shape=[3, 32, 32])
+    assert any(r.used for r in prepared.sparse_report)
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(x)
+        for _ in range(3):  # warm-up, record, replay
+            got = prepared(x).float().cpu()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_deploy_stage_with_2to4_auto_records_its_choice(fashion_dir: Path,
+                                                            tmp_path: Path) -> None:
+    recipe = parse_recipe({
+        "name": "t", "device": "cuda",
+        "model": {"arch": "resnet18", "stem": "cifar"},
+        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "calib_size": 32},
+        "measure": {"latency": True, "batch_size": 32},
+        "stages": [{"kind": "train", "epochs": 1, "lr": 0.05, "batch_size": 32, "max_steps": 3},
+                   {"kind": "prune.nm"},
+                   {"kind": "deploy.torch", "precision": "fp16", "channels_last": True,
+                    "sparse24": "auto", "sparse_batch": 32}],
+    })
+    record = run_recipe(recipe, tmp_path, log=lambda _: None, report=False)
+    stage = record.stages[-1]
+    assert (tmp_path / "stages" / f"{stage.index:02d}-{stage.name}" / "sparse24.md").is_file()
+    options = stage.measurement.runtime_options
+    assert options["sparse24"] == "auto" and isinstance(options["sparse_layers"], list)
+    assert stage.measurement.accuracy.top1 >= record.stages[2].measurement.accuracy.top1 - 0.05

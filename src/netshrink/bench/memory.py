@@ -1,7 +1,11 @@
 """Peak memory while a model runs inference.
 
-On CUDA the caching allocator keeps its own peak (``torch.cuda.max_memory_allocated``),
-which can be reset before the calls: that is the figure reported, kind ``"cuda"``.
+On CUDA the figure is the caching allocator's peak *reserved* memory
+(``torch.cuda.max_memory_reserved``) over the calls, after its unused cache is released,
+kind ``"cuda"``: weights, activations, workspaces, and the private pools of CUDA graphs.
+The peak *allocated* would miss those pools: a replayed graph never calls the allocator,
+so a CUDA-graph model would look several times smaller than it is. Reserved memory rounds
+blocks up (to 2 MiB and more), which every variant pays alike.
 
 On CPU the figure is the peak resident set size (RSS) of the whole process during the
 calls, kind ``"rss"``: weights, activations, oneDNN scratch, plus the interpreter and
@@ -119,7 +123,7 @@ def peak_memory(
         threads: torch intra-op threads during the calls (scratch memory grows with them).
 
     Returns:
-        ``(peak_mb, kind)``: peak in MiB, and ``"cuda"`` (allocator peak on the GPU) or
+        ``(peak_mb, kind)``: peak in MiB, and ``"cuda"`` (allocator's peak reserved) or
         ``"rss"`` (process peak resident set on CPU); see the module docstring.
 
     Raises:
@@ -132,11 +136,12 @@ def peak_memory(
         if dev.type == "cuda":
             with torch.cuda.device(dev):
                 torch.cuda.synchronize()
+                torch.cuda.empty_cache()  # what earlier work cached but no longer uses
                 torch.cuda.reset_peak_memory_stats()
                 for _ in range(calls):
                     fn(example)
                 torch.cuda.synchronize()
-                return torch.cuda.max_memory_allocated() / MIB, "cuda"
+                return torch.cuda.max_memory_reserved() / MIB, "cuda"
         if reset_peak_rss():
             for _ in range(calls):
                 fn(example)

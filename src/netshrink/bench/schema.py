@@ -74,6 +74,6 @@ class Measurement(BaseModel):
     latency: Latency | None = None  # batch 1
     throughput: Latency | None = None  # batch N
     peak_memory_mb: float | None = None
-    memory_kind: str | None = None  # "rss" (process peak, CPU) or "cuda" (allocator peak)
+    memory_kind: str | None = None  # "rss" (process peak, CPU) or "cuda" (peak reserved)
     accuracy: Accuracy | None = None
     environment: Environment

@@ -45,7 +45,7 @@ DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU"}
 # Which device a peak-memory kind belongs to: the process RSS is host memory, the CUDA
 # allocator's peak is GPU memory.
 MEMORY_DEVICE = {"rss": "cpu", "cuda": "cuda"}
-_MEMORY_WHAT = {"cpu": "process peak RSS MiB", "cuda": "peak memory MiB (allocated) (ratio)"}
+_MEMORY_WHAT = {"cpu": "process peak RSS MiB", "cuda": "peak memory MiB (reserved) (ratio)"}
 
 
 def device_label(device: str) -> str:

@@ -166,7 +166,8 @@ def _try_layer(
                 row.alg_id = None
                 out = sparse(x)
     except (RuntimeError, NotImplementedError) as exc:
-        row.reason = f"the sparse kernel refused it: {str(exc).splitlines()[0][:160]}"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        row.reason = f"the sparse kernel refused it: {first[:160]}"
         return None
     k = dense.weight.shape[1]
     n_out = dense.out_channels if isinstance(dense, ConvAsGemm) else dense.out_features

@@ -46,6 +46,8 @@ class TorchExecution(BaseModel):
         sparse24: 2:4 sparse kernels for the layers whose weights are 2:4 sparse:
             ``auto`` keeps a sparse layer only where it timed faster than cuDNN, ``all``
             uses every eligible one, ``off`` none.
+        sparse_batch: the batch size ``auto`` times the layers at (a GEMM's speed depends
+            on it: give the batch the model will serve).
         sparse_layers: the layers ``auto`` chose (filled in by the stage that timed them,
             so measuring again does not re-time and perhaps choose differently).
     """
@@ -58,6 +60,7 @@ class TorchExecution(BaseModel):
         "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = "off"
     sparse24: Literal["off", "auto", "all"] = "off"
+    sparse_batch: int = Field(default=64, gt=0)
     sparse_layers: list[str] | None = Field(default=None)
 
     def label(self) -> str:
@@ -115,6 +118,20 @@ class TorchExecutable(Executable):
             return self.inner(x)
 
 
+def _loud_compiler(mode: str, device: torch.device) -> None:
+    """Make the compiler's silent fallbacks errors: a row labelled "CUDA graphs" that ran
+    without them (Inductor only logs "skipping cudagraphs"), or a model that ran eagerly
+    after too many recompilations, would be a false measurement."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        dynamo_config.fail_on_recompile_limit_hit = True
+    graphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
+    if graphs and hasattr(inductor_config.triton, "cudagraph_or_error"):
+        inductor_config.triton.cudagraph_or_error = True
+
+
 def check_execution(execution: TorchExecution, device: str | torch.device) -> None:
     """Refuse options the device cannot run (fp16/tf32 compute, 2:4 kernels on a CPU).
 
@@ -139,7 +156,6 @@ def prepare_torch(
     device: str | torch.device,
     input_shape: Sequence[int],
     stats: ModelStats | None = None,
-    sparse_batch: int = 64,
     log: Any = None,
 ) -> TorchExecutable:
     """Prepare a copy of ``model`` as ``execution`` says, on ``device``.
@@ -153,7 +169,6 @@ def prepare_torch(
         device: where it runs.
         input_shape: one image ``[C, H, W]`` (the sparse kernels are timed on a batch).
         stats: counts to record; default: counted on ``model``.
-        sparse_batch: batch size the 2:4 layers are timed at in ``auto`` mode.
         log: where a line about the sparse layers goes (None: nowhere).
 
     Raises:
@@ -167,12 +182,15 @@ def prepare_torch(
     if execution.sparse24 != "off":
         from netshrink.runtime.semi_sparse import sparsify_2to4
 
-        example = torch.randn(sparse_batch, *input_shape,
+        example = torch.randn(execution.sparse_batch, *input_shape,
                               generator=torch.Generator().manual_seed(0))
         # It returns a copy with BN folded, in ``dtype``, channels_last, on ``dev``: a
-        # model holding semi-structured weights must not be moved or cast again.
-        work, report = sparsify_2to4(model, example=example, dtype=dtype, device=dev,
-                                     mode=execution.sparse24, layers=execution.sparse_layers)
+        # model holding semi-structured weights must not be moved or cast again. cuDNN
+        # is timed under the flags the model will run with (autotuned algorithms).
+        with _backend_flags(dev, execution.precision):
+            work, report = sparsify_2to4(model, example=example, dtype=dtype, device=dev,
+                                         mode=execution.sparse24,
+                                         layers=execution.sparse_layers)
         if log is not None:
             used = [r.name for r in report if r.used]
             log(f"2:4 sparse kernels in {len(used)} of {len(report)} layers")
@@ -181,6 +199,7 @@ def prepare_torch(
         if execution.channels_last:
             work = work.to(memory_format=torch.channels_last)
     if execution.compile != "off":
+        _loud_compiler(execution.compile, dev)
         # dynamic=False: one graph per input shape, each specialised (and, with CUDA
         # graphs, captured) for that shape; a measurement uses few shapes.
         work = torch.compile(work, mode=None if execution.compile == "default"
