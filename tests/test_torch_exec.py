@@ -17,6 +17,7 @@ from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.runtime.torch_exec import TorchExecutable, TorchExecution, prepare_torch
 from netshrink.store.checkpoint import load_model, save_model
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = [3, 16, 16]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -223,3 +224,43 @@ def test_cuda_deploy_stage_with_2to4_auto_records_its_choice(fashion_dir: Path,
     options = stage.measurement.runtime_options
     assert options["sparse24"] == "auto" and isinstance(options["sparse_layers"], list)
     assert stage.measurement.accuracy.top1 >= record.stages[2].measurement.accuracy.top1 - 0.05
+
+
+def _shrunk_gpu_quickstart(fashion_dir: Path, device: str) -> object:
+    """recipes/quickstart_gpu.yaml with every training stage cut to one small step and
+    latency off: the same stage chain, in seconds."""
+    from netshrink.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart_gpu.yaml")
+    stages = []
+    for stage in recipe.stages:
+        if stage["kind"] in ("train", "distill.kd", "finetune"):
+            stage = {**stage, "max_steps": 1, "batch_size": 16}
+        if stage["kind"] == "deploy.torch" and device == "cpu":
+            stage = {**stage, "precision": "bf16", "compile": "off"}
+        stages.append(stage)
+    return recipe.model_copy(update={
+        "device": device, "stages": stages,
+        "data": recipe.data.model_copy(update={"root": fashion_dir, "calib_size": 32}),
+        "measure": recipe.measure.model_copy(update={"latency": False}),
+    })
+
+
+@pytest.mark.slow
+def test_gpu_quickstart_stage_chain_runs_on_a_cpu(fashion_dir: Path, tmp_path: Path) -> None:
+    record = run_recipe(_shrunk_gpu_quickstart(fashion_dir, "cpu"), tmp_path,
+                        log=lambda _: None)
+    names = [s.name for s in record.stages]
+    assert names[-3:] == ["int8", "tensorrt", "fp16-cudagraphs"]
+    assert all(s.measurement is not None for s in record.stages)
+    assert (tmp_path / "report.md").is_file()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_quickstart_stage_chain_runs_on_cuda(fashion_dir: Path, tmp_path: Path) -> None:
+    record = run_recipe(_shrunk_gpu_quickstart(fashion_dir, "cuda"), tmp_path,
+                        log=lambda _: None)
+    last = record.stages[-1].measurement
+    assert last.environment.device == "cuda" and last.precision == "fp16"
+    assert "GPU" in (tmp_path / "report.md").read_text()
