@@ -8,7 +8,14 @@ import re
 from pathlib import Path
 
 from netshrink.report import build_content, render_html, render_markdown, render_report
-from report_records import compared, gpu_record, make_record, table_rows, write_run
+from report_records import (
+    compared,
+    gpu_record,
+    gpu_record_with_cpu_timings,
+    make_record,
+    table_rows,
+    write_run,
+)
 
 COMPARED = compared()
 
@@ -26,6 +33,21 @@ def test_gpu_columns_and_same_device_ratios() -> None:
     assert int8["CPU process peak RSS MiB"] == "310.5"
     assert int8["GPU latency b1 p50 / p90 ms (speedup)"] == "–"
     assert int8["verdict"] == "smaller, speed not comparable (other device), accuracy within budget"
+
+
+def test_cpu_timings_of_gpu_stages_give_cpu_runtimes_their_ratios() -> None:
+    record = gpu_record_with_cpu_timings()
+    rows = table_rows(render_markdown(build_content(record, with_plots=False)), COMPARED)
+    base, pruned, int8 = rows["baseline"], rows["pruned"], rows["int8"]
+    # GPU figures and ratios as before; the CPU timings in the CPU columns, with ratios
+    # against the reference's CPU timing.
+    assert pruned["GPU latency b1 p50 / p90 ms (speedup)"] == "1.00 / 1.08 (2.00x)"
+    assert base["CPU latency b1 p50 / p90 ms (speedup)"] == "16.00 / 17.28 (1.00x)"
+    assert pruned["CPU latency b1 p50 / p90 ms (speedup)"] == "10.00 / 10.80 (1.60x)"
+    assert int8["CPU latency b1 p50 / p90 ms (speedup)"] == "8.00 / 8.64 (2.00x)"
+    assert int8["CPU throughput img/s @ batch (ratio)"].endswith("(2.00x)")
+    assert int8["verdict"] == "smaller, faster, accuracy within budget"
+    assert pruned["verdict"] == "smaller, faster, accuracy within budget"  # GPU speed decides
 
 
 def test_cpu_only_run_has_no_gpu_columns() -> None:

@@ -226,7 +226,8 @@ def test_cuda_deploy_stage_with_2to4_auto_records_its_choice(fashion_dir: Path,
     assert stage.measurement.accuracy.top1 >= record.stages[2].measurement.accuracy.top1 - 0.05
 
 
-def _shrunk_gpu_quickstart(fashion_dir: Path, device: str) -> object:
+def _shrunk_gpu_quickstart(fashion_dir: Path, device: str, *, also_cpu: bool = False
+                           ) -> object:
     """recipes/quickstart_gpu.yaml with every training stage cut to one small step and
     latency off: the same stage chain, in seconds."""
     from netshrink.recipe import load_recipe
@@ -242,7 +243,8 @@ def _shrunk_gpu_quickstart(fashion_dir: Path, device: str) -> object:
     return recipe.model_copy(update={
         "device": device, "stages": stages,
         "data": recipe.data.model_copy(update={"root": fashion_dir, "calib_size": 32}),
-        "measure": recipe.measure.model_copy(update={"latency": False}),
+        "measure": recipe.measure.model_copy(update={"latency": also_cpu,
+                                                     "also_cpu": also_cpu}),
     })
 
 
@@ -259,8 +261,16 @@ def test_gpu_quickstart_stage_chain_runs_on_a_cpu(fashion_dir: Path, tmp_path: P
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_quickstart_stage_chain_runs_on_cuda(fashion_dir: Path, tmp_path: Path) -> None:
-    record = run_recipe(_shrunk_gpu_quickstart(fashion_dir, "cuda"), tmp_path,
+    record = run_recipe(_shrunk_gpu_quickstart(fashion_dir, "cuda", also_cpu=True), tmp_path,
                         log=lambda _: None)
     last = record.stages[-1].measurement
     assert last.environment.device == "cuda" and last.precision == "fp16"
-    assert "GPU" in (tmp_path / "report.md").read_text()
+    teacher = next(s for s in record.stages if s.name == "teacher")
+    assert teacher.measurement.memory_kind == "cuda"
+    assert teacher.cpu_measurement.environment.device == "cpu"
+    report = (tmp_path / "report.md").read_text()
+    assert "GPU" in report
+    # measure.also_cpu: the INT8 row (ONNX Runtime, CPU) is compared with the teacher's
+    # CPU timing instead of being "not comparable".
+    int8 = next(line for line in report.splitlines() if line.startswith("| int8 |"))
+    assert "other device" not in int8

@@ -37,6 +37,8 @@ class StageRecord(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     artifact: str | None = None  # checkpoint path relative to the run folder
     measurement: Measurement | None = None
+    # The torch model also timed on the CPU, in a GPU recipe with ``measure.also_cpu``.
+    cpu_measurement: Measurement | None = None
     history: list[EpochRecord] = Field(default_factory=list)
     seconds: float = 0.0  # wall time of the stage itself, measurement excluded
     measure_seconds: float = 0.0

@@ -197,6 +197,27 @@ class Runner:
             memory=not counts_only,
         )
 
+    def _cpu_timing(self, model: nn.Module, data: DataBundle, file: Path) -> Any:
+        """The torch ``model`` timed on the CPU as well, when ``measure.also_cpu`` asks for
+        it in a GPU recipe (speed and memory only: the same weights give the same answers);
+        None otherwise."""
+        m = self.recipe.measure
+        if not m.also_cpu or self.recipe.device == "cpu" or not m.latency:
+            return None
+        info = data.info
+        return measure(model, input_shape=[info.in_channels, info.image_size, info.image_size],
+                       file=file, run_dir=self.out, device="cpu", threads=m.threads,
+                       seed=self.recipe.seed, batch_size=m.batch_size)
+
+    def _remeasure_cpu(self, prior: StageRecord, data: DataBundle) -> Any:
+        """``_cpu_timing`` of a finished stage whose result is a plain torch model."""
+        old = prior.measurement
+        if (old is None or old.runtime != "torch" or old.runtime_options
+                or old.accuracy is None or prior.artifact is None):
+            return None
+        return self._cpu_timing(load_model(self.out / prior.artifact)[0], data,
+                                self.out / prior.artifact)
+
     def _measure_file(self, data: DataBundle, file: Path, runtime: str, stats: ModelStats,
                       precision: str | None, sizes: dict[str, int] | None,
                       options: dict[str, Any] | None = None) -> Any:
@@ -276,6 +297,7 @@ class Runner:
                 if prior.measure_key != measure_key:
                     self.log(f"[{index}] {name}: finished before; measuring again")
                     prior.measurement = self._remeasure(prior, data)
+                    prior.cpu_measurement = self._remeasure_cpu(prior, data)
                     prior.measure_key = measure_key
                 else:
                     self.log(f"[{index}] {name}: finished before, reused")
@@ -296,6 +318,7 @@ class Runner:
                 loaded, files[name], last = artifact, artifact, name
                 stage = self._cache_record(cached, entry, index, name, key, measure_key,
                                            artifact, self._measure(model, data, artifact), t0)
+                stage.cpu_measurement = self._cpu_timing(model, data, artifact)
                 record.stages.append(stage)
                 self._write(record)
                 acc = stage.measurement.accuracy
@@ -320,6 +343,7 @@ class Runner:
             spec = ctx.spec  # a stage that changes the structure (channel pruning) says so
             meta = checkpoint_meta(data, run=recipe.name, stage=name)
             t1 = time.perf_counter()
+            cpu_measurement = None
             if isinstance(model, Deployed):
                 deployed = model
                 model = deployed.model
@@ -337,6 +361,8 @@ class Runner:
                     ctx.notes.append("a fresh, untrained model: parameters, MACs and size "
                                      "recorded; accuracy and speed are measured once trained")
                 measurement = self._measure(model, data, artifact, counts_only=untrained)
+                if not untrained:
+                    cpu_measurement = self._cpu_timing(model, data, artifact)
             # The stage changed its input in place, or left it as the next stage's input.
             loaded = artifact if model is not None else None
             if model is not None:
@@ -345,7 +371,8 @@ class Runner:
                 index=index, name=name, kind=kind, key=key, measure_key=measure_key,
                 config=entry.config.model_dump(mode="json") if entry is not None else {},
                 artifact=str(measured_file.relative_to(self.out)),
-                measurement=measurement, history=ctx.history, seconds=seconds,
+                measurement=measurement, cpu_measurement=cpu_measurement,
+                history=ctx.history, seconds=seconds,
                 measure_seconds=time.perf_counter() - t1, started=started, finished=_now(),
                 notes=ctx.notes,
             )

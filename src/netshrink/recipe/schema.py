@@ -41,6 +41,9 @@ class MeasureConfig(BaseModel):
     batch_size: int = Field(default=32, gt=0)
     threads: int = Field(default=2, gt=0)
     latency: bool = True  # time batch-1 latency and batch-N throughput
+    # In a GPU recipe, also time every torch stage on the CPU (no accuracy: same weights),
+    # so that the stages CPU runtimes run (ONNX Runtime INT8) get speed ratios too.
+    also_cpu: bool = False
 
 
 class ReportConfig(BaseModel):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from netshrink.bench.schema import Latency, Measurement
 from netshrink.recipe.record import StageRecord
 from netshrink.report import fmt
-from netshrink.report.verdict import Comparison, Reference
+from netshrink.report.verdict import Comparison, Reference, measurement_on, speed_ratios
 
 
 @dataclass(frozen=True)
@@ -121,19 +121,32 @@ def _measured_cells(m: Measurement | None, cmp: Comparison, is_reference: bool) 
     )
 
 
-def _device_cells(m: Measurement | None, cmp: Comparison, device: str) -> tuple[str, ...]:
-    """Latency, throughput and peak memory if measured on ``device``, else dashes."""
+def _device_cells(stage: StageRecord, cmp: Comparison, reference: Reference | None,
+                  device: str) -> tuple[str, ...]:
+    """Latency, throughput and peak memory if measured on ``device``, else dashes.
+
+    The stage's own measurement carries the comparison's ratios; a CPU timing added to a
+    GPU stage (``measure.also_cpu``) is compared with the reference's CPU timing.
+    """
     lat = thr = mem = fmt.MISSING
-    if m is not None and m.environment.device == device:
+    m = measurement_on(stage, device)
+    if m is stage.measurement:
+        speedup, ratio, memory_ratio = cmp.speedup, cmp.throughput_ratio, cmp.memory_ratio
+    else:
+        other = measurement_on(reference.stage, device) if reference is not None else None
+        (speedup, ratio), memory_ratio = speed_ratios(m, other), None
+    if m is not None:
         if m.latency is not None:
-            lat = _with(f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}", _r(cmp.speedup))
+            lat = _with(f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}", _r(speedup))
         if m.throughput is not None:
-            thr = _with(
-                f"{_rate(m.throughput.images_per_s)} @ {m.throughput.batch_size}",
-                _r(cmp.throughput_ratio),
-            )
-    if m is not None and m.peak_memory_mb is not None and _memory_device(m) == device:
-        mem = _with(f"{m.peak_memory_mb:.1f}", _r(cmp.memory_ratio))
+            thr = _with(f"{_rate(m.throughput.images_per_s)} @ {m.throughput.batch_size}",
+                        _r(ratio))
+    for held in (stage.measurement, stage.cpu_measurement):
+        if held is not None and held.peak_memory_mb is not None and \
+                _memory_device(held) == device:
+            mem = _with(f"{held.peak_memory_mb:.1f}",
+                        _r(memory_ratio) if held is stage.measurement else None)
+            break
     return (lat, thr, mem)
 
 
@@ -163,7 +176,7 @@ def comparison_table(
             cmp.verdict,
             *_measured_cells(stage.measurement, cmp,
                              is_reference=reference is not None and i == reference.position),
-            *(c for d in devices for c in _device_cells(stage.measurement, cmp, d)),
+            *(c for d in devices for c in _device_cells(stage, cmp, reference, d)),
             fmt.seconds(stage.seconds),
         )
         for i, (stage, cmp) in enumerate(zip(stages, comparisons, strict=True))

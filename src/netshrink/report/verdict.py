@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from netshrink.bench.schema import Measurement
 from netshrink.errors import UserError
 from netshrink.recipe.record import RunRecord, StageRecord
 
@@ -167,6 +168,28 @@ def _div(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+def measurement_on(stage: StageRecord, device: str) -> Measurement | None:
+    """The stage's timing on ``device``: its measurement, or the CPU timing a GPU recipe
+    with ``measure.also_cpu`` adds to its torch stages; None if it has none there."""
+    m = stage.measurement
+    if m is not None and m.environment.device == device:
+        return m
+    return stage.cpu_measurement if device == "cpu" else None
+
+
+def speed_ratios(m: Measurement | None, b: Measurement | None
+                 ) -> tuple[float | None, float | None]:
+    """(latency speedup b/m, throughput ratio m/b) of two timings on one device."""
+    if m is None or b is None:
+        return None, None
+    speedup = _div(b.latency.p50_ms, m.latency.p50_ms) if m.latency and b.latency else None
+    # img/s at different batch sizes measures different things; no ratio then.
+    ratio = None
+    if m.throughput and b.throughput and m.throughput.batch_size == b.throughput.batch_size:
+        ratio = _div(m.throughput.images_per_s, b.throughput.images_per_s)
+    return speedup, ratio
+
+
 def compare(stage: StageRecord, reference: StageRecord, budget: float | None) -> Comparison:
     """Compare ``stage`` with ``reference`` (which itself gets the verdict "reference")."""
     m, b = stage.measurement, reference.measurement
@@ -175,14 +198,11 @@ def compare(stage: StageRecord, reference: StageRecord, budget: float | None) ->
     if m is not None and b is not None:
         size_ratio = _div(b.size_bytes, m.size_bytes)
         # A GPU time against a CPU time says nothing about the compression (ONNX Runtime
-        # stages of a CUDA run are timed on the CPU): speed is compared on one device only.
-        other_device = m.environment.device != b.environment.device
-        if m.latency and b.latency and not other_device:
-            speedup = _div(b.latency.p50_ms, m.latency.p50_ms)
-        # img/s at different batch sizes measures different things; no ratio then.
-        if (m.throughput and b.throughput and not other_device
-                and m.throughput.batch_size == b.throughput.batch_size):
-            throughput_ratio = _div(m.throughput.images_per_s, b.throughput.images_per_s)
+        # stages of a CUDA run are timed on the CPU): speed is compared on one device only,
+        # against the reference's timing there if it has one (``measure.also_cpu``).
+        same_device = measurement_on(reference, m.environment.device)
+        other_device = same_device is None
+        speedup, throughput_ratio = speed_ratios(m, same_device)
         # Only the CUDA allocator's peak belongs to the model's calls. A CPU figure is the
         # whole process's RSS, which also holds whatever earlier stages of the run left
         # (a teacher, a dataset): a ratio of two such figures would be about the process.
