@@ -201,19 +201,24 @@ class Runner:
         """The torch ``model`` timed on the CPU as well, when ``measure.also_cpu`` asks for
         it in a GPU recipe (speed and memory only: the same weights give the same answers);
         None otherwise."""
-        m = self.recipe.measure
-        if not m.also_cpu or self.recipe.device == "cpu" or not m.latency:
+        if not self._wants_cpu_timing():
             return None
+        m = self.recipe.measure
         info = data.info
         return measure(model, input_shape=[info.in_channels, info.image_size, info.image_size],
                        file=file, run_dir=self.out, device="cpu", threads=m.threads,
                        seed=self.recipe.seed, batch_size=m.batch_size)
 
+    def _wants_cpu_timing(self) -> bool:
+        m = self.recipe.measure
+        return m.also_cpu and m.latency and self.recipe.device != "cpu"
+
     def _remeasure_cpu(self, prior: StageRecord, data: DataBundle) -> Any:
-        """``_cpu_timing`` of a finished stage whose result is a plain torch model."""
+        """``_cpu_timing`` of a finished stage whose result is a plain torch model file."""
         old = prior.measurement
-        if (old is None or old.runtime != "torch" or old.runtime_options
-                or old.accuracy is None or prior.artifact is None):
+        if (not self._wants_cpu_timing() or old is None or old.runtime != "torch"
+                or old.runtime_options or old.accuracy is None or prior.artifact is None
+                or not prior.artifact.endswith(MODEL_FILE)):
             return None
         return self._cpu_timing(load_model(self.out / prior.artifact)[0], data,
                                 self.out / prior.artifact)
