@@ -286,3 +286,38 @@ def test_bad_stage_configs_fail_clearly() -> None:
         parse_recipe({"stages": [{"kind": "export.tensorrt", "forms": ["int8", "int8"]}]})
     with pytest.raises(UserError, match=r"unknown key 'precision'; allowed: forms, measure"):
         parse_recipe({"stages": [{"kind": "export.tensorrt", "precision": "fp16"}]})
+
+
+def test_tensorrt_runtime_refuses_without_a_gpu(tiny, fashion_dir, tmp_path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal on a machine without a GPU")
+    from netshrink.runtime import ModelStats, open_runtime
+
+    _, result = tiny
+    with pytest.raises(UserError, match="NVIDIA GPU"):
+        open_runtime(result.files["fp32"], "tensorrt", stats=ModelStats(1, 1, None),
+                     device="cpu", input_shape=SHAPE)
+    raw = {"name": "t", "model": {"arch": "resnet_tiny"},
+           "data": {"name": "fashion_mnist", "root": str(fashion_dir), "calib_size": 32},
+           "stages": [{"kind": "export.tensorrt", "runtime": "tensorrt"}]}
+    with pytest.raises(UserError, match="NVIDIA GPU"):
+        run_recipe(parse_recipe(raw), tmp_path, log=lambda _: None, report=False)
+    assert not list((tmp_path / "stages").glob("01-*/*.onnx"))  # refused before writing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", ["fp32", "fp16", "int8"])
+def test_tensorrt_engine_matches_torch(tiny, form: str) -> None:
+    pytest.importorskip("tensorrt")
+    from netshrink.runtime import ModelStats, open_runtime
+
+    model, result = tiny
+    engine = open_runtime(result.files[form], "tensorrt", stats=ModelStats(1, 1, None),
+                          precision=form, device="cuda", input_shape=SHAPE)
+    x = torch.from_numpy(calib(1, 8)[0])
+    with torch.inference_mode():
+        want = model(x).numpy()
+        got = engine(x.cuda()).cpu().numpy()
+    assert snr_db(want, got) >= {"fp32": 60, "fp16": 40, "int8": 20}[form]
+    assert list(result.files[form].parent.glob(f"model.{form}.*.plan"))  # engine kept

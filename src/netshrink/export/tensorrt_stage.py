@@ -15,11 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from netshrink.bench.measure import artifact_size
+from netshrink.errors import UserError
 from netshrink.export.tensorrt import FILES, FORMS, export_tensorrt
 from netshrink.quant.calibration import calibration_batches
 from netshrink.quant.stages import export_checked
 from netshrink.recipe.stages import Deployed, StageContext, stage
-from netshrink.runtime import model_stats
+from netshrink.runtime import model_stats, require
 
 Form = Literal["fp32", "fp16", "int8"]
 
@@ -35,6 +36,9 @@ class TensorRTConfig(BaseModel):
     opt_batch: int = Field(default=8, gt=0)  # the batch trtexec tunes the engine for
     max_batch: int = Field(default=32, gt=0)  # the largest batch the engine accepts
     opset: int = Field(default=17, ge=13, le=20)  # 13+: per-channel Q/DQ; 20: TensorRT 10.0
+    # What measures the ``measure`` form: ONNX Runtime on the CPU, or TensorRT itself on
+    # the recipe's GPU (``pip install 'netshrink[tensorrt]'``; unverified here).
+    runtime: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
 
     @model_validator(mode="after")
     def _consistent(self) -> TensorRTConfig:
@@ -53,6 +57,11 @@ class TensorRTConfig(BaseModel):
        "TensorRT-ready ONNX (fp32, fp16, QDQ int8) and their trtexec commands; measured in "
        "ONNX Runtime", chains=False)
 def tensorrt_stage(model: nn.Module, cfg: TensorRTConfig, ctx: StageContext) -> Deployed:
+    if cfg.runtime == "tensorrt":  # refuse before anything is written
+        if not ctx.device.startswith("cuda"):
+            raise UserError("runtime: tensorrt measures on an NVIDIA GPU; set the recipe's "
+                            "device to cuda, or runtime: onnxruntime")
+        require("tensorrt")
     stats = model_stats(model, ctx.input_shape)
     batches = (calibration_batches(ctx.data.calib, input_shape=ctx.input_shape,
                                    images=cfg.calibration_images)
@@ -81,7 +90,7 @@ def tensorrt_stage(model: nn.Module, cfg: TensorRTConfig, ctx: StageContext) -> 
                          "images")
     ctx.notes.append(f"run {result.script.name} in the stage folder to build and time the "
                      "engines (TensorRT 10+, NVIDIA GPU); TensorRT did not run here")
-    return Deployed(file=result.files[cfg.measure], runtime="onnxruntime",
+    return Deployed(file=result.files[cfg.measure], runtime=cfg.runtime,
                     precision=cfg.measure, stats=stats,
                     sizes={f"{form}_onnx": artifact_size(path)
                            for form, path in result.files.items()})

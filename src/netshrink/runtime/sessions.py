@@ -18,7 +18,7 @@ from netshrink.runtime.base import ModelStats, RuntimeModule
 __all__ = ["RUNTIMES", "onnx_precision", "open_runtime", "require"]
 
 # The pip extra that installs each optional runtime.
-EXTRAS = {"openvino": "openvino", "nncf": "openvino"}
+EXTRAS = {"openvino": "openvino", "nncf": "openvino", "tensorrt": "tensorrt"}
 
 RUNTIMES: Registry[Callable[..., RuntimeModule]] = Registry("runtime")
 
@@ -64,7 +64,8 @@ def open_runtime(
     options: dict[str, Any] | None = None,
     input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
-    """Open ``path`` in ``runtime`` ("onnxruntime", "openvino", "torch") as a module.
+    """Open ``path`` in ``runtime`` ("onnxruntime", "openvino", "torch", "tensorrt") as a
+    module.
 
     Args:
         path: an ``.onnx`` file, or an OpenVINO ``.xml`` (its ``.bin`` beside it).
@@ -94,6 +95,10 @@ def open_runtime(
         if runtime != "torch":
             raise UserError(f"runtime {runtime!r} takes no options (got {sorted(options)})")
         extra = {"options": options, "input_shape": input_shape}
+    if runtime == "tensorrt":  # the engine's optimization profile needs the image shape
+        if input_shape is None:
+            raise UserError("a TensorRT engine needs the input shape of one image")
+        extra = {"input_shape": input_shape}
     return RUNTIMES.get(runtime)(path, threads=threads, stats=stats, precision=precision,
                                  device=device, **extra)
 
@@ -149,6 +154,15 @@ def _openvino(path: Path, *, threads: int, stats: ModelStats, precision: str | N
         return next(iter(request.infer({0: x}).values()))
 
     return RuntimeModule(run, runtime="openvino", precision=recorded, stats=stats)
+
+
+@RUNTIMES.register("tensorrt")
+def _tensorrt(path: Path, *, threads: int, stats: ModelStats, precision: str | None,
+              device: str, input_shape: Sequence[int]) -> nn.Module:
+    from netshrink.runtime.tensorrt_rt import open_tensorrt
+
+    return open_tensorrt(path, stats=stats, precision=precision, device=device,
+                         input_shape=input_shape)
 
 
 @RUNTIMES.register("torch")
