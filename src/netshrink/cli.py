@@ -199,6 +199,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    import time
+
+    from netshrink.recipe.cache import ModelCache, default_cache_dir
+
+    root = default_cache_dir()
+    if root is None:
+        raise UserError("the model cache is off ($NETSHRINK_CACHE=off); nothing to manage")
+    cache = ModelCache(root)
+    if args.action == "list":
+        entries = cache.entries()
+        for e in entries:
+            age = (time.time() - e.last_used) / 86_400
+            print(f"{e.key[:12]}  {e.size_bytes / 1e6:8.1f} MB  used {age:5.1f} days ago  "
+                  f"{e.info.get('run')}/{e.info.get('stage')} ({e.info.get('kind')})")
+        total = sum(e.size_bytes for e in entries)
+        print(f"{len(entries)} entries, {total / 1e6:.1f} MB in {root}")
+        return 0
+    if args.action == "clear":
+        removed = cache.prune(max_bytes=0)
+    else:
+        if args.unused_days is None and args.max_size is None:
+            raise UserError("cache prune needs --unused-days N and/or --max-size GB")
+        max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
+        removed = cache.prune(unused_days=args.unused_days, max_bytes=max_bytes)
+    freed = sum(e.size_bytes for e in removed)
+    print(f"removed {len(removed)} entries ({freed / 1e6:.1f} MB) from {root}")
+    return 0
+
+
 def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
     """The ``TorchExecution`` the bench flags ask for; None for the model as loaded."""
     from netshrink.runtime.torch_exec import TorchExecution
@@ -402,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive_int, default=5)
     p.add_argument("images", type=Path, nargs="+")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("cache", help="list or prune the shared model cache "
+                       "($NETSHRINK_CACHE, default ~/.cache/netshrink/stages)")
+    p.add_argument("action", choices=["list", "prune", "clear"])
+    p.add_argument("--unused-days", type=float,
+                   help="prune: remove entries no run has used for this many days")
+    p.add_argument("--max-size", type=float,
+                   help="prune: then remove the least recently used until at most this many GB")
+    p.set_defaults(fn=cmd_cache)
 
     p = sub.add_parser("list", help="registered models, datasets and stages")
     p.add_argument("what", nargs="?", choices=["models", "datasets", "stages"])

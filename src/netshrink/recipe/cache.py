@@ -14,11 +14,13 @@ a damaged file is never served.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,17 @@ def _place(src: Path, dest: Path) -> None:
         tmp.unlink(missing_ok=True)  # only left when the copy or the rename failed
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """One entry as ``netshrink cache`` lists it."""
+
+    key: str
+    folder: Path
+    size_bytes: int  # its files (a run's copy of the model is the same file, linked)
+    last_used: float  # filed or last served, seconds since the epoch
+    info: dict[str, Any]  # run, stage, kind, seconds, created, sha256
+
+
 @dataclass
 class CachedStage:
     """A cache entry: the model file and what the run that made it recorded."""
@@ -96,7 +109,8 @@ class ModelCache:
         return self.root / key[:2] / key
 
     def get(self, key: str) -> CachedStage | None:
-        """The entry for ``key``, or None (absent, unreadable or incomplete)."""
+        """The entry for ``key``, or None (absent, unreadable or incomplete). A hit marks
+        the entry used now (its ``stage.json``'s time), which ``prune`` keeps by."""
         folder = self._folder(key)
         try:
             info = json.loads((folder / ENTRY_FILE).read_text())
@@ -104,7 +118,59 @@ class ModelCache:
             return None
         if not isinstance(info, dict) or not (folder / MODEL_FILE).is_file():
             return None
+        with contextlib.suppress(OSError):  # a read-only cache still serves
+            os.utime(folder / ENTRY_FILE)
         return CachedStage(folder, info)
+
+    def entries(self) -> list[CacheEntry]:
+        """Every complete entry, least recently used first."""
+        found = []
+        for info_file in self.root.glob(f"??/*/{ENTRY_FILE}"):
+            folder = info_file.parent
+            try:
+                info = json.loads(info_file.read_text())
+                used = info_file.stat().st_mtime
+                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict):
+                found.append(CacheEntry(folder.name, folder, size, used, info))
+        return sorted(found, key=lambda e: e.last_used)
+
+    def remove(self, entry: CacheEntry) -> None:
+        """Delete one entry: renamed away first, so no run ever sees half of it (a run's
+        own copy is another link to the file and stays)."""
+        gone = entry.folder.with_name(f".removed-{entry.key[:12]}-{os.getpid()}")
+        try:
+            entry.folder.rename(gone)
+        except OSError:
+            return  # removed meanwhile by another process
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def prune(self, *, unused_days: float | None = None, max_bytes: int | None = None,
+              now: float | None = None) -> list[CacheEntry]:
+        """Remove entries unused for ``unused_days``, then the least recently used until
+        the rest take at most ``max_bytes``; also leftovers of interrupted writes older
+        than a day. Returns the entries removed."""
+        now = time.time() if now is None else now
+        for stale in self.root.glob("??/.*"):
+            with contextlib.suppress(OSError):
+                if now - stale.stat().st_mtime > 86_400:
+                    shutil.rmtree(stale, ignore_errors=True)
+        kept = self.entries()
+        removed = []
+        if unused_days is not None:
+            removed = [e for e in kept if now - e.last_used > unused_days * 86_400]
+            kept = [e for e in kept if e not in removed]
+        if max_bytes is not None:
+            total = sum(e.size_bytes for e in kept)
+            while kept and total > max_bytes:
+                oldest = kept.pop(0)
+                removed.append(oldest)
+                total -= oldest.size_bytes
+        for entry in removed:
+            self.remove(entry)
+        return removed
 
     def put(self, key: str, model_file: Path, info: dict[str, Any]) -> None:
         """File ``model_file`` under ``key`` with ``info`` (JSON-able); an existing entry
