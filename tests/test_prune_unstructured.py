@@ -158,3 +158,4 @@ def test_prune_then_finetune_recipe_keeps_exact_sparsity(fashion_dir, tmp_path) 
     assert tuned.nonzero_params == pruned.nonzero_params  # fine-tuning revived nothing
     assert (tmp_path / "stages" / "02-prune.magnitude" / "sparsity.json").is_file()
     assert any("sparsity 0.5000" in note for note in record.stages[2].notes)
+

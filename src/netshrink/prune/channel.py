@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
+from netshrink.prune.resume import StepCheckpoints
 
 if TYPE_CHECKING:
     from netshrink.data import DataBundle
@@ -102,6 +103,8 @@ def prune_channels(
     data: DataBundle | None = None,
     device: str = "cpu",
     train_fn: TrainFn | None = None,
+    steps: StepCheckpoints | None = None,
+    log: Callable[[str], None] = print,
 ) -> nn.Module:
     """Remove channels from a copy of ``model``; the caller's model is not changed.
 
@@ -115,6 +118,9 @@ def prune_channels(
         device: where to prune (and to compute Taylor gradients).
         train_fn: called with the model between iterative steps (not after the last);
             trains it in place.
+        steps: where finished steps are kept (with a pruned spec): the pruning resumes
+            after the last one kept.
+        log: where the line saying so goes.
 
     Returns:
         The pruned copy, in eval mode, on ``device``.
@@ -130,12 +136,19 @@ def prune_channels(
                         "use 'l1', 'l2' or 'bn_scale', or pass the data")
     pruned = copy.deepcopy(model).to(device).eval()
     example = example_input.to(device)
+    initial: dict[str, int] = {}  # group root's name -> its channels before step 1
+    first = 1
+    found = steps.latest() if steps is not None else None
+    if found is not None:  # the model after a finished step, and the counts it started from
+        done, saved, extra = found
+        pruned, first = saved.to(device).eval(), done + 1
+        initial = {str(k): int(v) for k, v in extra.get("initial", {}).items()}
+        log(f"resuming after pruning step {done} of {cfg.steps}")
     _refuse_grouped_convs(pruned)
     ignored = _ignored_modules(pruned, cfg.ignore)
     with torch.no_grad():
-        out_shape = tuple(pruned(example).shape)
-    initial: dict[str, int] = {}  # group root's name -> its channels before step 1
-    for step in range(1, cfg.steps + 1):
+        out_shape = tuple(copy.deepcopy(model).to(device).eval()(example).shape)
+    for step in range(first, cfg.steps + 1):
         ratio = cfg.ratio * step / cfg.steps
         _prune_step(pruned, cfg, ratio, example, ignored, initial, data, device)
         with torch.no_grad():
@@ -147,8 +160,12 @@ def prune_channels(
                 f"e.g. 'fc') to ignore (now {cfg.ignore})"
             )
         if step < cfg.steps and train_fn is not None:
+            if steps is not None:
+                steps.current = step
             train_fn(pruned)
             pruned.to(device).eval()
+            if steps is not None:
+                steps.save(pruned, {"initial": initial})
     return pruned.eval()
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from netshrink.bench import count_macs, count_params
 from netshrink.prune.channel import ChannelPruneConfig, channel_report, prune_channels
+from netshrink.prune.resume import StepCheckpoints
 from netshrink.recipe.stages import StageContext, stage
 from netshrink.store.atomic import atomic_write_text
 
@@ -28,15 +29,22 @@ def channel_stage(model: nn.Module, cfg: ChannelPruneConfig, ctx: StageContext) 
     info = ctx.data.info
     shape = [info.in_channels, info.image_size, info.image_size]
 
+    # Finished steps are kept with a pruned spec: their widths come from the weights.
+    steps = StepCheckpoints(ctx.stage_dir, ctx.key, ctx.spec.model_copy(update={"pruned": True}),
+                            history=ctx.history)
+
     def finetune(m: nn.Module) -> None:
         result = train(m, ctx.data, FinetuneConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr),
-                       device=ctx.device, progress=ctx.progress, log=ctx.log)
+                       device=ctx.device, progress=ctx.progress, log=ctx.log,
+                       state_path=steps.train_state(),
+                       fingerprint_extra=f"{ctx.key}:{steps.current}")
         ctx.history.extend(result.history)
 
     pruned = prune_channels(
         model, cfg, example_input=torch.zeros(1, *shape), data=ctx.data, device=ctx.device,
-        train_fn=finetune if cfg.finetune_epochs > 0 else None,
+        train_fn=finetune if cfg.finetune_epochs > 0 else None, steps=steps, log=ctx.log,
     )
+    steps.clear()
     atomic_write_text(ctx.stage_dir / "channels.json",
                       json.dumps(channel_report(model, pruned), indent=2))
     params = count_params(model)[0], count_params(pruned)[0]

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from netshrink.prune.masks import Masks, apply_masks, zero_masks
+from netshrink.prune.resume import StepCheckpoints
 from netshrink.prune.select import select_layers
 
 TrainFn = Callable[[nn.Module, Masks], None]
@@ -90,7 +91,8 @@ def magnitude_masks(layers: dict[str, nn.Module], ratio: float, scope: str) -> M
 
 
 def prune_magnitude(
-    model: nn.Module, cfg: MagnitudePruneConfig, *, train_fn: TrainFn | None = None
+    model: nn.Module, cfg: MagnitudePruneConfig, *, train_fn: TrainFn | None = None,
+    steps: StepCheckpoints | None = None, log: Callable[[str], None] = print,
 ) -> tuple[nn.Module, Masks]:
     """Prune a copy of ``model`` by weight magnitude; the caller's model is not changed.
 
@@ -99,6 +101,8 @@ def prune_magnitude(
         cfg: ratio, scope, layers and schedule.
         train_fn: ``(model, masks) -> None`` fine-tunes in place keeping ``masks``; called
             between iterative steps when ``cfg.finetune_epochs`` > 0.
+        steps: where finished steps are kept: the pruning resumes after the last one kept.
+        log: where the line saying so goes.
 
     Returns:
         The pruned copy (masks applied) and the final masks of the chosen layers.
@@ -107,13 +111,26 @@ def prune_magnitude(
         UserError: a layer pattern matches nothing, or no layer is left to prune.
     """
     pruned = copy.deepcopy(model)
+    first = 0
+    found = steps.latest() if steps is not None else None
+    if found is not None:  # the weights after a finished step decide all that follows
+        done, saved, _ = found
+        pruned.load_state_dict(saved.state_dict())
+        first = done + 1
+        log(f"resuming after pruning step {first} of {cfg.steps}")
     layers = select_layers(pruned, include=cfg.include, exclude=cfg.exclude)
     masks: Masks = {}
     ratios = step_ratios(cfg.ratio, cfg.steps, cfg.schedule)
     for i, ratio in enumerate(ratios):
+        if i < first:
+            continue
         masks = magnitude_masks(layers, ratio, cfg.scope)
         apply_masks(pruned, masks)
         if i < len(ratios) - 1 and train_fn is not None and cfg.finetune_epochs > 0:
+            if steps is not None:
+                steps.current = i
             # Earlier pruning elsewhere (zeros outside the chosen layers) stays too.
             train_fn(pruned, {**zero_masks(pruned), **masks})
+            if steps is not None:
+                steps.save(pruned)
     return pruned.eval(), masks

@@ -9,6 +9,7 @@ from torch import nn
 from netshrink.prune.magnitude import MagnitudePruneConfig, prune_magnitude
 from netshrink.prune.masks import MaskHook, Masks, sparsity_table
 from netshrink.prune.nm import NMPruneConfig, prune_nm
+from netshrink.prune.resume import StepCheckpoints
 from netshrink.recipe.stages import StageContext, stage
 from netshrink.store.atomic import atomic_write_text
 
@@ -28,13 +29,17 @@ def magnitude_stage(model: nn.Module, cfg: MagnitudePruneConfig, ctx: StageConte
     from netshrink.train.loop import train
     from netshrink.train.stages import FinetuneConfig
 
+    steps = StepCheckpoints(ctx.stage_dir, ctx.key, ctx.spec, history=ctx.history)
+
     def finetune(m: nn.Module, masks: Masks) -> None:
         result = train(m, ctx.data, FinetuneConfig(epochs=cfg.finetune_epochs, lr=cfg.finetune_lr),
                        device=ctx.device, step_hooks=[MaskHook(masks)], progress=ctx.progress,
-                       log=ctx.log)
+                       log=ctx.log, state_path=steps.train_state(),
+                       fingerprint_extra=f"{ctx.key}:{steps.current}")
         ctx.history.extend(result.history)
 
-    pruned, _ = prune_magnitude(model, cfg, train_fn=finetune)
+    pruned, _ = prune_magnitude(model, cfg, train_fn=finetune, steps=steps, log=ctx.log)
+    steps.clear()
     record_sparsity(pruned, ctx)
     return pruned
 
