@@ -45,13 +45,10 @@ tensor, NaNs aside, and the model computes what it computed before.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import zstandard
 from pydantic import ValidationError
@@ -61,8 +58,21 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.quant.kmeans import Codebook
 from netshrink.store.atomic import atomic_writer
-from netshrink.store.bitpack import pack_bits, unpack_bits
+from netshrink.store.bitpack import pack_bits
 from netshrink.store.checkpoint import model_from_state
+from netshrink.store.packed_codec import (
+    _DTYPES,
+    FORMAT,
+    MAGIC,
+    VERSION,
+    Int8Weight,
+    _dtype_name,
+    _mask_bytes,
+    _plain_parts,
+    _tensor_bytes,
+    dequantize_int8,
+)
+from netshrink.store.packed_read import _read_tensors, load_packed
 
 __all__ = [
     "FORMAT",
@@ -75,137 +85,6 @@ __all__ = [
     "pack_model",
     "save_packed",
 ]
-
-MAGIC = b"NSPK1\n"
-FORMAT = "netshrink.packed"
-VERSION = 1
-ENCODINGS = ("dense", "sparse", "codebook", "int8")
-
-# ``(q, scale)`` or ``(q, scale, zero_point)``; see ``dequantize_int8``.
-Int8Weight = tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]
-
-@dataclass(frozen=True)
-class _DType:
-    torch: torch.dtype
-    itemsize: int
-    is_float: bool
-
-
-_DTYPES: dict[str, _DType] = {
-    "float32": _DType(torch.float32, 4, True),
-    "float64": _DType(torch.float64, 8, True),
-    "float16": _DType(torch.float16, 2, True),
-    "bfloat16": _DType(torch.bfloat16, 2, True),
-    "int8": _DType(torch.int8, 1, False),
-    "uint8": _DType(torch.uint8, 1, False),
-    "int16": _DType(torch.int16, 2, False),
-    "int32": _DType(torch.int32, 4, False),
-    "int64": _DType(torch.int64, 8, False),
-    "uint16": _DType(torch.uint16, 2, False),
-    "uint32": _DType(torch.uint32, 4, False),
-    "uint64": _DType(torch.uint64, 8, False),
-    "bool": _DType(torch.bool, 1, False),
-}
-_NAMES = {dt.torch: name for name, dt in _DTYPES.items()}
-
-
-class _CorruptError(Exception):
-    """Inside the reader: the file's content does not add up; becomes a UserError."""
-
-
-# ------------------------------------------------------------------------ element coding
-
-
-def _words(raw: np.ndarray, itemsize: int) -> np.ndarray:
-    """Raw element bytes seen as unsigned integers of the element's width."""
-    return raw.view(np.dtype(f"<u{itemsize}"))
-
-
-def _nonzero(words: np.ndarray, dt: _DType) -> np.ndarray:
-    if dt.is_float:
-        # Every bit but the sign: -0.0 counts as zero too (see the module docstring).
-        magnitude = np.array((1 << (8 * dt.itemsize - 1)) - 1, dtype=words.dtype)
-        return (words & magnitude) != 0
-    return words != 0
-
-
-def _mask_bytes(mask: np.ndarray) -> bytes:
-    return np.packbits(mask.reshape(-1), bitorder="little").tobytes()
-
-
-def _plain_parts(raw: np.ndarray, dt: _DType) -> tuple[str, dict[str, bytes]]:
-    """``dense`` or ``sparse``, whichever is smaller, for raw element bytes."""
-    words = _words(raw, dt.itemsize)
-    mask = _nonzero(words, dt)
-    nnz = int(mask.sum())
-    n = words.size
-    if (n + 7) // 8 + nnz * dt.itemsize < n * dt.itemsize:
-        return "sparse", {"mask": _mask_bytes(mask), "values": _shuffle(words[mask])}
-    return "dense", {"values": _shuffle(words)}
-
-
-def _shuffle(words: np.ndarray) -> bytes:
-    """Element bytes as byte planes: every element's first byte, then every second byte...
-
-    Blosc's "shuffle": the sign/exponent bytes of float weights vary little and compress,
-    the low mantissa bytes are noise and do not; interleaved, zstd finds neither. It makes
-    a pruned ResNet-18's values about 9% smaller than zstd alone.
-    """
-    return words.view(np.uint8).reshape(-1, words.dtype.itemsize).T.tobytes()
-
-
-def _unshuffle(data: memoryview, itemsize: int) -> np.ndarray:
-    planes = np.frombuffer(data, dtype=np.uint8).reshape(itemsize, -1)
-    # np.array copies: the planes are a read-only view of the file's bytes.
-    return np.array(planes.T, order="C").view(f"<u{itemsize}").reshape(-1)
-
-
-def _tensor_bytes(t: Tensor) -> np.ndarray:
-    """A tensor's row-major element bytes (any dtype, bfloat16 and bool included)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy()
-
-
-def _dtype_name(t: Tensor, name: str) -> str:
-    found = _NAMES.get(t.dtype)
-    if found is None:
-        raise UserError(f"tensor {name!r} has dtype {t.dtype}, which packed files do not "
-                        f"store; convert it to one of {', '.join(_DTYPES)}")
-    return found
-
-
-def dequantize_int8(q: Tensor, scale: Tensor, zero_point: Tensor | None = None) -> Tensor:
-    """``(q - zero_point) * scale`` in float32, the one formula packed files reload with.
-
-    A model whose weights come from this function reloads from a packed file bit for bit.
-
-    Args:
-        q: int8 values; dimension 0 is the output channel.
-        scale: one value, or one per output channel (``q.shape[0]``); cast to float32.
-        zero_point: None (symmetric), or integers shaped like ``scale``.
-
-    Returns:
-        float32 tensor shaped like ``q``: ``q.float()`` minus ``zero_point.float()``
-        (when given), times ``scale`` broadcast along dimension 0.
-
-    Raises:
-        ValueError: ``scale`` or ``zero_point`` has neither 1 nor ``q.shape[0]`` values.
-    """
-
-    def per_channel(t: Tensor, what: str) -> Tensor:
-        t = t.detach().to(device=q.device, dtype=torch.float32).reshape(-1)
-        if t.numel() == 1:
-            return t.reshape(())
-        if q.ndim == 0 or t.numel() != q.shape[0]:
-            raise ValueError(f"{what} has {t.numel()} values; expected 1 or one per output "
-                             f"channel ({q.shape[0] if q.ndim else 1})")
-        return t.reshape(-1, *[1] * (q.ndim - 1))
-
-    x = q.to(torch.float32)
-    if zero_point is not None:
-        x = x - per_channel(zero_point, "zero_point")
-    return x * per_channel(scale, "scale")
-
 
 # ---------------------------------------------------------------------------- the writer
 
@@ -352,209 +231,6 @@ def save_packed(
     header = {"format": FORMAT, "version": VERSION, "kind": "state_dict", "meta": meta or {},
               "spec": spec, "tensors": entries}
     return _write(Path(path), header, blobs, level)
-
-
-# ---------------------------------------------------------------------------- the reader
-
-
-@dataclass
-class _File:
-    path: Path
-    header: dict[str, Any]
-    blobs: memoryview
-
-    def part(self, where: Any) -> memoryview:
-        if (not isinstance(where, list) or len(where) != 2
-                or not all(isinstance(v, int) and v >= 0 for v in where)
-                or where[0] + where[1] > len(self.blobs)):
-            raise _CorruptError(f"a part's place {where!r} lies outside the data")
-        return self.blobs[where[0] : where[0] + where[1]]
-
-
-def _open(path: Path, kind: str) -> _File:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: packed model file not found; check the path")
-    data = path.read_bytes()
-    if not data.startswith(MAGIC):
-        if data[:4] == MAGIC[:4]:
-            raise UserError(f"{path}: packed format {data[:5].decode(errors='replace')!r} is "
-                            f"newer than this netshrink reads ({MAGIC[:5].decode()}); "
-                            "upgrade netshrink")
-        raise UserError(f"{path}: not a netshrink packed file (it does not start with "
-                        f"{MAGIC!r}); pass a file written by pack_model, save_packed or "
-                        "pack_onnx")
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    try:
-        payload = decompressor.decompress(data[len(MAGIC) :])
-    except zstandard.ZstdError as exc:
-        raise UserError(f"{path}: corrupt packed file ({exc}); write it again") from None
-    if not decompressor.eof:
-        raise UserError(f"{path}: truncated packed file (the compressed data ends early); "
-                        "write it again")
-    if decompressor.unused_data:
-        raise UserError(f"{path}: corrupt packed file ({len(decompressor.unused_data)} bytes "
-                        "after the end of the data); write it again")
-    try:
-        size = int.from_bytes(payload[:8], "little")
-        if len(payload) < 8 or size > len(payload) - 8:
-            raise _CorruptError("the header is longer than the data")
-        header = json.loads(payload[8 : 8 + size])
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise _CorruptError("no netshrink.packed header")
-    except (_CorruptError, ValueError) as exc:
-        raise UserError(f"{path}: corrupt packed file ({exc}); write it again") from None
-    version = header.get("version")
-    if version != VERSION:
-        raise UserError(f"{path}: packed format version {version!r}; this netshrink reads "
-                        f"version {VERSION}; upgrade netshrink")
-    if header.get("kind") != kind:
-        names = {"state_dict": "model state dict", "onnx": "ONNX model"}
-        use = {"state_dict": "load_packed or load_packed_model", "onnx": "unpack_onnx"}
-        found = header.get("kind")
-        if found not in names:
-            raise UserError(f"{path}: packed content of kind {found!r}, which this netshrink "
-                            "does not know; upgrade netshrink")
-        raise UserError(f"{path}: holds a packed {names[found]}, not a packed "
-                        f"{names[kind]}; read it with {use[found]}")
-    return _File(path, header, memoryview(payload)[8 + size :])
-
-
-def _check_sizes(f: _File) -> None:
-    """The parts must tile the data exactly: a length that disagrees means corruption."""
-    places = [w for e in f.header.get("tensors", []) if isinstance(e, dict)
-              for w in (e.get("parts") or {}).values()]
-    if "graph" in f.header:
-        places.append(f.header["graph"])
-    for where in places:
-        f.part(where)  # each inside the data
-    if sum(w[1] for w in places) != len(f.blobs):
-        raise _CorruptError(f"the header accounts for {sum(w[1] for w in places)} bytes of data, "
-                       f"the file holds {len(f.blobs)}")
-
-
-def _shape(entry: dict[str, Any]) -> tuple[list[int], int]:
-    shape = entry["shape"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise _CorruptError(f"bad shape {shape!r}")
-    return shape, math.prod(shape)
-
-
-def _mask(f: _File, parts: dict[str, Any], n: int) -> np.ndarray | None:
-    if "mask" not in parts:
-        return None
-    data = f.part(parts["mask"])
-    if len(data) != (n + 7) // 8:
-        raise _CorruptError(f"a mask of {len(data)} bytes for {n} elements")
-    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n,
-                         bitorder="little").astype(bool)
-
-
-def _plain_words(f: _File, parts: dict[str, Any], dt: _DType, n: int,
-                 sparse: bool) -> np.ndarray:
-    """Decode ``dense``/``sparse`` element bytes into unsigned words."""
-    values = f.part(parts["values"])
-    mask = _mask(f, parts, n) if sparse else None
-    count = n if mask is None else int(mask.sum())
-    if sparse and mask is None:
-        raise _CorruptError("a sparse tensor without a mask")
-    if len(values) != count * dt.itemsize:
-        raise _CorruptError(f"{len(values)} bytes of values for {count} elements of "
-                       f"{dt.itemsize} bytes")
-    words = _unshuffle(values, dt.itemsize)
-    if mask is None:
-        return words
-    out = np.zeros(n, dtype=f"<u{dt.itemsize}")
-    out[mask] = words
-    return out
-
-
-def _to_tensor(words: np.ndarray, dt: _DType, shape: list[int]) -> Tensor:
-    raw = torch.from_numpy(np.ascontiguousarray(words).view(np.uint8))
-    return raw.view(dt.torch).reshape(shape)
-
-
-def _decode(f: _File, entry: dict[str, Any]) -> Tensor:
-    dt = _DTYPES.get(entry["dtype"])
-    if dt is None:
-        raise _CorruptError(f"unknown dtype {entry['dtype']!r}")
-    shape, n = _shape(entry)
-    parts = entry["parts"]
-    encoding = entry["encoding"]
-    if encoding in ("dense", "sparse"):
-        return _to_tensor(_plain_words(f, parts, dt, n, encoding == "sparse"), dt, shape)
-    if encoding == "codebook":
-        if not dt.is_float:
-            raise _CorruptError(f"a codebook for a {entry['dtype']} tensor")
-        raw_centroids = f.part(parts["centroids"])
-        if len(raw_centroids) % 4 or len(raw_centroids) > 4 * 256:
-            raise _CorruptError(f"{len(raw_centroids)} bytes of centroids")
-        centroids = torch.from_numpy(np.frombuffer(raw_centroids, dtype="<f4").copy())
-        mask = _mask(f, parts, n)
-        count = n if mask is None else int(mask.sum())
-        bits = entry["bits"]
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise _CorruptError(f"bits {bits!r}")
-        ids = unpack_bits(f.part(parts["indices"]), bits, count)
-        if count and int(ids.max()) >= len(centroids):
-            raise _CorruptError(f"an index beyond the {len(centroids)} centroids")
-        values = torch.zeros(n, dtype=torch.float32)
-        chosen = centroids[torch.from_numpy(ids).long()]
-        if mask is None:
-            values = chosen
-        else:
-            values[torch.from_numpy(mask)] = chosen
-        return values.reshape(shape).to(dt.torch)
-    if encoding == "int8":
-        q = _to_tensor(_plain_words(f, parts, _DTYPES["int8"], n, "mask" in parts),
-                       _DTYPES["int8"], shape)
-        scale = torch.from_numpy(np.frombuffer(f.part(parts["scale"]), dtype="<f4").copy())
-        zero_point = None
-        if "zero_point" in parts:
-            zero_point = torch.from_numpy(
-                np.frombuffer(f.part(parts["zero_point"]), dtype="<i4").copy())
-        return dequantize_int8(q, scale, zero_point).to(dt.torch)
-    raise UserError(f"{f.path}: tensor {entry.get('name')!r} uses encoding {encoding!r}, "
-                    f"which this netshrink does not know ({', '.join(ENCODINGS)}); "
-                    "upgrade netshrink")
-
-
-def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    f = _open(path, "state_dict")
-    tensors: dict[str, Tensor] = {}
-    try:
-        _check_sizes(f)
-        for entry in f.header["tensors"]:
-            name = entry["name"]
-            if not isinstance(name, str) or name in tensors:
-                raise _CorruptError(f"tensor name {name!r} missing or repeated")
-            tensors[name] = _decode(f, entry)
-    except (_CorruptError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise UserError(f"{f.path}: corrupt packed file ({type(exc).__name__}: {exc}); "
-                        "write it again") from None
-    return tensors, f.header
-
-
-def load_packed(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read the tensors and metadata of a file ``save_packed`` or ``pack_model`` wrote.
-
-    Codebook tensors come back as ``centroids[indices]`` (zeros where pruned) and int8
-    tensors as ``dequantize_int8(q, scale, zero_point)``, both cast to their recorded
-    dtype: exactly the tensors that were packed (zeros as +0.0).
-
-    Args:
-        path: the packed file.
-
-    Returns:
-        ``(tensors by name on the CPU, the meta dict given when saving)``.
-
-    Raises:
-        UserError: a missing file, not a packed file, truncated or corrupt data, or an
-            encoding or version this netshrink does not know.
-    """
-    tensors, header = _read_tensors(path)
-    meta = header.get("meta") or {}
-    return tensors, meta
 
 
 # -------------------------------------------------------------------------------- models

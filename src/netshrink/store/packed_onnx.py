@@ -10,19 +10,9 @@ from typing import Any
 import numpy as np
 
 from netshrink.errors import UserError
-from netshrink.store.packed import (
-    _DTYPES,
-    FORMAT,
-    VERSION,
-    _Blobs,
-    _check_sizes,
-    _CorruptError,
-    _open,
-    _plain_parts,
-    _plain_words,
-    _shape,
-    _write,
-)
+from netshrink.store.packed import _Blobs, _write
+from netshrink.store.packed_codec import _DTYPES, FORMAT, VERSION, _CorruptError, _plain_parts
+from netshrink.store.packed_read import _check_sizes, _open, _plain_words, _shape
 
 __all__ = ["pack_onnx", "unpack_onnx"]
 
