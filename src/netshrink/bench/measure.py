@@ -6,6 +6,7 @@ Every comparison in a report (baseline vs pruned vs quantized) is between two
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from netshrink.bench.timing import time_model as _time_model
 from netshrink.data.base import Split
 from netshrink.errors import UserError
 from netshrink.runtime.base import Executable
+from netshrink.runtime.torch_exec import cuda_flags
 
 __all__ = ["artifact_size", "measure"]
 
@@ -168,7 +170,11 @@ def measure(
     throughput: Latency | None = None
     peak_mb: float | None = None
     memory_kind: str | None = None
-    with num_threads(threads):
+    # A plain torch model on a GPU runs as its label says: fp32 without TF32, with cuDNN's
+    # autotuning (a prepared Executable sets its own flags on every call).
+    flags = (cuda_flags(dev, "fp32") if dev.type == "cuda" and not isinstance(model, Executable)
+             else contextlib.nullcontext())
+    with num_threads(threads), flags:
         macs = (model.stats.macs if isinstance(model, Executable)
                 else count_macs(work, shape) or None)
         if time_model:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from netshrink.errors import UserError
 from netshrink.runtime.base import Executable, ModelStats, model_stats
 
-__all__ = ["DTYPES", "TorchExecutable", "TorchExecution", "check_execution", "prepare_torch"]
+__all__ = ["DTYPES", "TorchExecutable", "TorchExecution", "check_execution", "cuda_flags",
+           "prepare_torch"]
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
           "bf16": torch.bfloat16}
@@ -76,8 +77,9 @@ class TorchExecution(BaseModel):
 
 
 @contextmanager
-def _backend_flags(device: torch.device, precision: str) -> Iterator[None]:
-    """cuDNN autotuning on, and TF32 on only for ``tf32``; restored after.
+def cuda_flags(device: torch.device, precision: str) -> Iterator[None]:
+    """cuDNN autotuning on, and TF32 on only for ``tf32``; restored after. (torch's own
+    default lets cuDNN convolutions use TF32, so a plain "fp32" figure would not be fp32.)
 
     cuDNN's benchmark mode picks the fastest convolution algorithm per input shape on
     the first call (the warm-up pays for it); the shapes of a measurement never change.
@@ -114,7 +116,7 @@ class TorchExecutable(Executable):
         if self.execution.channels_last or self.execution.sparse24 != "off":
             # (the sparse layers' GEMMs read NHWC activations)
             x = x.contiguous(memory_format=torch.channels_last)
-        with _backend_flags(self.device, self.execution.precision):
+        with cuda_flags(self.device, self.execution.precision):
             return self.inner(x)
 
 
@@ -187,7 +189,7 @@ def prepare_torch(
         # It returns a copy with BN folded, in ``dtype``, channels_last, on ``dev``: a
         # model holding semi-structured weights must not be moved or cast again. cuDNN
         # is timed under the flags the model will run with (autotuned algorithms).
-        with _backend_flags(dev, execution.precision):
+        with cuda_flags(dev, execution.precision):
             work, report = sparsify_2to4(model, example=example, dtype=dtype, device=dev,
                                          mode=execution.sparse24,
                                          layers=execution.sparse_layers)
