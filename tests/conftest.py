@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,15 @@ def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _two_threads() -> None:
     # The tests run on 2-core machines; more threads than cores only adds contention.
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Module- and session-scoped fixtures run before any test's own cache is set: they
+    # get this one, never the user's ~/.cache.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NETSHRINK_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)
