@@ -22,9 +22,11 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
-.venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null \
+# The right version, and a CUDA build when a CUDA index was asked for.
+want_cuda=${NETSHRINK_TORCH_INDEX:+1}
+.venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version' or ('$want_cuda' == '1' and torch.version.cuda is None))" 2>/dev/null \
   || "${pip[@]}" install "torch==$torch_version" \
-       ${NETSHRINK_TORCH_INDEX:+--index-url "$NETSHRINK_TORCH_INDEX"}
+       ${NETSHRINK_TORCH_INDEX:+--index-url "$NETSHRINK_TORCH_INDEX" --force-reinstall}
 if [ -n "$extras" ]; then
   "${pip[@]}" install -e ".[$extras]"
 else

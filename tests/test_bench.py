@@ -360,3 +360,18 @@ def test_measure_on_cuda_leaves_model_on_cpu() -> None:
     assert next(model.parameters()).device.type == "cpu"
     assert m.environment.gpu and m.environment.device == "cuda" and m.memory_kind == "cuda"
     assert m.latency is not None and _ordered(m.latency)
+
+
+def test_a_runtime_that_hides_its_memory_records_none() -> None:
+    from netshrink.runtime.base import Executable, ModelStats
+
+    class Hidden(Executable):
+        memory_visible = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)[:, :3]
+
+    m = measure(Hidden(runtime="x", precision="fp32", stats=ModelStats(1, 1, None)),
+                input_shape=[1, 2, 2], batch_size=2, warmup=1, latency_runs=2,
+                throughput_warmup=1, throughput_runs=2, min_seconds=None)
+    assert m.peak_memory_mb is None and m.memory_kind is None and m.latency is not None

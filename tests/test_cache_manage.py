@@ -76,3 +76,34 @@ def test_cli_with_the_cache_off(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("NETSHRINK_CACHE", "off")
     assert main(["cache", "list"]) == 2
     assert "cache is off" in capsys.readouterr().err
+
+
+def test_writes_in_progress_are_not_entries_and_step_files_stay_out(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path / "cache")
+    _fill(cache, tmp_path, {"aa": 10})
+    busy = tmp_path / "cache" / "bb" / ".bbbbbbbbbbbb-x"  # what put() writes before renaming
+    busy.mkdir(parents=True)
+    (busy / ENTRY_FILE).write_text("{}")
+    assert [e.info["stage"] for e in cache.entries()] == ["aa"]
+    stage = tmp_path / "runs" / "cc"
+    stage.mkdir(parents=True)
+    (stage / "model.safetensors").write_bytes(b"m")
+    (stage / "sparsity.json").write_text("[]")
+    (stage / "prune_step_001.safetensors").write_bytes(b"s")
+    cache.put("cc" * 8, stage / "model.safetensors", {"stage": "cc"})
+    side = {p.name for p in (cache.get("cc" * 8).folder / "files").iterdir()}
+    assert side == {"sparsity.json"}
+
+
+def test_an_entry_pruned_while_a_run_copies_it_is_computed_instead(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path / "cache")
+    _fill(cache, tmp_path, {"aa": 10})
+    entry = cache.get("aa" * 8)
+    assert cache.prune(max_bytes=0)  # another process clears the cache meanwhile
+    dest = tmp_path / "run" / "model.safetensors"
+    assert entry.copy_to(dest) is False and not dest.exists()
+
+
+def test_cli_refuses_negative_limits(capsys: pytest.CaptureFixture) -> None:
+    assert main(["cache", "prune", "--max-size", "-1"]) == 2
+    assert "--max-size must be 0 or more" in capsys.readouterr().err

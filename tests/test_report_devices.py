@@ -48,6 +48,12 @@ def test_cpu_timings_of_gpu_stages_give_cpu_runtimes_their_ratios() -> None:
     assert int8["CPU throughput img/s @ batch (ratio)"].endswith("(2.00x)")
     assert int8["verdict"] == "smaller, faster, accuracy within budget"
     assert pruned["verdict"] == "smaller, faster, accuracy within budget"  # GPU speed decides
+    content = build_content(record, with_plots=False)
+    # The INT8 row is compared with the baseline's CPU timing: no "no ratio" warning, and the
+    # headline says which device its speed-up is on.
+    assert not [n for n in content.notes if n.startswith("int8 was measured on")]
+    assert "2.0x faster than baseline" in content.headline
+    assert "(speed: both on the CPU)" in content.headline
 
 
 def test_cpu_only_run_has_no_gpu_columns() -> None:

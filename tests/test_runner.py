@@ -142,3 +142,12 @@ def test_a_gpu_recipe_has_its_own_keys_and_auto_resolves_to_this_machine(
     here = "cuda" if torch.cuda.is_available() else "cpu"
     assert f"device: auto -> {here}" in lines
     assert record.stages[-1].measurement.environment.device == here
+
+
+def test_measure_keys_of_runs_from_before_also_cpu_are_unchanged(fashion_dir, tmp_path) -> None:
+    from netshrink.recipe.runner import _sha
+
+    cpu = recipe(fashion_dir)
+    record = run_recipe(cpu, tmp_path, log=quiet, report=False)
+    before = _sha(cpu.measure.model_dump(mode="json", exclude={"also_cpu"}))
+    assert {s.measure_key for s in record.stages} == {before}

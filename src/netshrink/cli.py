@@ -222,10 +222,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     else:
         if args.unused_days is None and args.max_size is None:
             raise UserError("cache prune needs --unused-days N and/or --max-size GB")
+        for flag, value in (("--unused-days", args.unused_days), ("--max-size", args.max_size)):
+            if value is not None and value < 0:
+                raise UserError(f"{flag} must be 0 or more, not {value:g}")
         max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
         removed = cache.prune(unused_days=args.unused_days, max_bytes=max_bytes)
     freed = sum(e.size_bytes for e in removed)
-    print(f"removed {len(removed)} entries ({freed / 1e6:.1f} MB) from {root}")
+    print(f"removed {len(removed)} entries ({freed / 1e6:.1f} MB of cache files; a run's own "
+          f"copy of a model is another link to it and keeps its bytes) from {root}")
     return 0
 
 

@@ -189,7 +189,7 @@ def measure(
                 min_seconds=min_seconds,
                 device=dev,
             )
-        if memory:
+        if memory and getattr(work, "memory_visible", True):
             peak_mb, memory_kind = peak_memory(work, batch, calls=2, device=dev)
         if data_split is not None:
             accuracy = evaluate(

@@ -135,6 +135,7 @@ def peak_memory(
     with num_threads(threads), torch.inference_mode():
         if dev.type == "cuda":
             with torch.cuda.device(dev):
+                fn(example)  # cuDNN's autotuning trials for this shape are not the peak
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()  # what earlier work cached but no longer uses
                 torch.cuda.reset_peak_memory_stats()

@@ -88,9 +88,17 @@ def tensorrt_stage(model: nn.Module, cfg: TensorRTConfig, ctx: StageContext) -> 
         ctx.notes.append(f"int8: symmetric QDQ (signed int8, zero points 0), per-channel "
                          f"weights, min-max calibration on {sum(len(b) for b in batches)} "
                          "images")
-    ctx.notes.append(f"run {result.script.name} in the stage folder to build and time the "
-                     "engines (TensorRT 10+, NVIDIA GPU); TensorRT did not run here")
-    return Deployed(file=result.files[cfg.measure], runtime=cfg.runtime,
+    options = None
+    if cfg.runtime == "tensorrt":
+        # The measured engine covers the batches the measurement uses (eval batches too).
+        options = {"opt_batch": cfg.opt_batch, "max_batch": cfg.max_batch}
+        ctx.notes.append(f"{cfg.measure} measured by TensorRT itself on the GPU (engine for "
+                         f"batches 1-{cfg.max_batch}, tuned for {cfg.opt_batch}); "
+                         f"{result.script.name} builds and times every form with trtexec")
+    else:
+        ctx.notes.append(f"run {result.script.name} in the stage folder to build and time "
+                         "the engines (TensorRT 10+, NVIDIA GPU); TensorRT did not run here")
+    return Deployed(file=result.files[cfg.measure], runtime=cfg.runtime, options=options,
                     precision=cfg.measure, stats=stats,
                     sizes={f"{form}_onnx": artifact_size(path)
                            for form, path in result.files.items()})

@@ -44,7 +44,6 @@ def channel_stage(model: nn.Module, cfg: ChannelPruneConfig, ctx: StageContext) 
         model, cfg, example_input=torch.zeros(1, *shape), data=ctx.data, device=ctx.device,
         train_fn=finetune if cfg.finetune_epochs > 0 else None, steps=steps, log=ctx.log,
     )
-    steps.clear()
     atomic_write_text(ctx.stage_dir / "channels.json",
                       json.dumps(channel_report(model, pruned), indent=2))
     params = count_params(model)[0], count_params(pruned)[0]

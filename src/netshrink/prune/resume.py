@@ -5,7 +5,8 @@ finished step it saves its model here, with the stage's key; run again after an
 interruption, it reloads the latest step of the *same* stage (same key: same input model,
 same config) and goes on from the next one. Each step's fine-tuning also resumes mid-epoch
 through the training loop's own state. What follows a step depends only on the weights
-it saved, so a resumed stage ends with the model an uninterrupted one would.
+it saved, so a resumed stage ends with the model an uninterrupted one would. The runner
+removes the step files once the stage's record is written (its measurement done).
 """
 
 from __future__ import annotations
@@ -71,7 +72,3 @@ class StepCheckpoints:
                 return int(meta["step"]), model, dict(meta.get("extra") or {})
         return None
 
-    def clear(self) -> None:
-        """Remove every step file (the stage's result is saved by then)."""
-        for path in self.folder.glob(f"{PREFIX}*"):
-            path.unlink(missing_ok=True)

@@ -39,7 +39,6 @@ def magnitude_stage(model: nn.Module, cfg: MagnitudePruneConfig, ctx: StageConte
         ctx.history.extend(result.history)
 
     pruned, _ = prune_magnitude(model, cfg, train_fn=finetune, steps=steps, log=ctx.log)
-    steps.clear()
     record_sparsity(pruned, ctx)
     return pruned
 

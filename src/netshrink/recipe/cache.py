@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netshrink.prune.resume import PREFIX as STEP_PREFIX
 from netshrink.store.atomic import temp_path
 
 CACHE_ENV = "NETSHRINK_CACHE"
@@ -90,12 +91,19 @@ class CachedStage:
     def copy_to(self, dest: Path) -> bool:
         """Put the cached model at ``dest``; False (and nothing written) if the cached
         file no longer matches its recorded hash."""
-        if file_sha256(self.model_file) != self.info.get("sha256"):
+        placed: list[Path] = []
+        try:
+            if file_sha256(self.model_file) != self.info.get("sha256"):
+                return False
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            for side in sorted((self.folder / SIDE_FILES).glob("*")):
+                placed.append(dest.parent / side.name)
+                _place(side, placed[-1])
+            _place(self.model_file, dest)
+        except OSError:  # the entry was pruned meanwhile (netshrink cache): compute it
+            for path in placed:
+                path.unlink(missing_ok=True)
             return False
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        for side in sorted((self.folder / SIDE_FILES).glob("*")):
-            _place(side, dest.parent / side.name)
-        _place(self.model_file, dest)
         return True
 
 
@@ -127,6 +135,8 @@ class ModelCache:
         found = []
         for info_file in self.root.glob(f"??/*/{ENTRY_FILE}"):
             folder = info_file.parent
+            if folder.name.startswith("."):
+                continue  # a write in progress, or one an interrupted run left
             try:
                 info = json.loads(info_file.read_text())
                 used = info_file.stat().st_mtime
@@ -137,21 +147,23 @@ class ModelCache:
                 found.append(CacheEntry(folder.name, folder, size, used, info))
         return sorted(found, key=lambda e: e.last_used)
 
-    def remove(self, entry: CacheEntry) -> None:
+    def remove(self, entry: CacheEntry) -> bool:
         """Delete one entry: renamed away first, so no run ever sees half of it (a run's
-        own copy is another link to the file and stays)."""
-        gone = entry.folder.with_name(f".removed-{entry.key[:12]}-{os.getpid()}")
+        own copy is another link to the file and stays). False if it could not be."""
         try:
-            entry.folder.rename(gone)
+            gone = Path(tempfile.mkdtemp(prefix=f".removed-{entry.key[:12]}-",
+                                         dir=entry.folder.parent))
+            entry.folder.rename(gone / entry.key)
         except OSError:
-            return  # removed meanwhile by another process
+            return False  # removed meanwhile by another process, or a read-only cache
         shutil.rmtree(gone, ignore_errors=True)
+        return True
 
     def prune(self, *, unused_days: float | None = None, max_bytes: int | None = None,
               now: float | None = None) -> list[CacheEntry]:
         """Remove entries unused for ``unused_days``, then the least recently used until
         the rest take at most ``max_bytes``; also leftovers of interrupted writes older
-        than a day. Returns the entries removed."""
+        than a day. Returns the entries removed (those it could remove)."""
         now = time.time() if now is None else now
         for stale in self.root.glob("??/.*"):
             with contextlib.suppress(OSError):
@@ -168,9 +180,7 @@ class ModelCache:
                 oldest = kept.pop(0)
                 removed.append(oldest)
                 total -= oldest.size_bytes
-        for entry in removed:
-            self.remove(entry)
-        return removed
+        return [entry for entry in removed if self.remove(entry)]
 
     def put(self, key: str, model_file: Path, info: dict[str, Any]) -> None:
         """File ``model_file`` under ``key`` with ``info`` (JSON-able); an existing entry
@@ -190,7 +200,7 @@ class ModelCache:
                 # The report reads these (per-layer sparsity, channels kept); a resumable
                 # training state is not the stage's result.
                 if side.is_file() and side != model_file and not side.name.startswith(
-                        ("train_state", ".")):
+                        ("train_state", STEP_PREFIX, ".")):
                     _place(side, tmp / SIDE_FILES / side.name)
             _place(model_file, tmp / MODEL_FILE)
             entry = {**info, "sha256": file_sha256(tmp / MODEL_FILE)}

@@ -26,12 +26,14 @@ import netshrink
 from netshrink.bench import measure
 from netshrink.data import DataBundle, build_data
 from netshrink.errors import UserError
+from netshrink.prune.resume import PREFIX as STEP_PREFIX
 from netshrink.recipe.cache import CachedStage, ModelCache, file_sha256
 from netshrink.recipe.record import EpochRecord, RunRecord, StageRecord
 from netshrink.recipe.schema import Recipe, StageEntry, stage_refs
 from netshrink.recipe.stages import STAGES, Deployed, StageContext
 from netshrink.recipe.start import start_model
 from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
+from netshrink.runtime.base import Executable
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import load_model, save_model
 
@@ -94,6 +96,14 @@ def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
         if STAGES.get(entry.kind).chains:
             chain = keys[-1]
     return keys
+
+
+def _drop_resumable_state(stage_dir: Path) -> None:
+    """Once a stage's record is written, what would have resumed it goes: its training
+    state and an iterative pruning stage's finished steps."""
+    (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
+    for step in stage_dir.glob(f"{STEP_PREFIX}*"):
+        step.unlink(missing_ok=True)
 
 
 def checkpoint_meta(data: DataBundle, *, run: str, stage: str) -> dict[str, Any]:
@@ -231,7 +241,11 @@ class Runner:
         model = open_runtime(file, runtime, stats=stats, threads=self.recipe.measure.threads,
                              precision=precision, device=self.recipe.device, options=options,
                              input_shape=[info.in_channels, info.image_size, info.image_size])
-        return self._measure(model, data, file, sizes, precision)
+        try:
+            return self._measure(model, data, file, sizes, precision)
+        finally:
+            if isinstance(model, Executable):
+                model.close()  # sessions, compiled graphs and their GPU memory go now
 
     def _remeasure(self, prior: StageRecord, data: DataBundle) -> Any:
         """Measure a finished stage's file again (the measure section changed)."""
@@ -265,7 +279,10 @@ class Runner:
         # A bad weights file fails here, before any write.
         baseline, spec = start_model(recipe.model, data, seed=recipe.seed)
         self.out.mkdir(parents=True, exist_ok=True)
-        measure_key = _sha(recipe.measure.model_dump(mode="json") | (
+        measured = recipe.measure.model_dump(mode="json")
+        if not measured["also_cpu"]:
+            del measured["also_cpu"]  # runs from before the option keep their measurements
+        measure_key = _sha(measured | (
             {"device": recipe.device} if recipe.device != "cpu" else {}))
         raw_recipe = recipe.model_dump(mode="json")
         record = RunRecord(
@@ -318,7 +335,7 @@ class Runner:
             cached = self._cached(key) if entry is not None else None
             if cached is not None and cached.copy_to(artifact):
                 t0 = time.perf_counter()
-                (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
+                _drop_resumable_state(stage_dir)
                 model, spec, _ = load_model(artifact)
                 loaded, files[name], last = artifact, artifact, name
                 stage = self._cache_record(cached, entry, index, name, key, measure_key,
@@ -383,7 +400,7 @@ class Runner:
             )
             record.stages.append(stage)
             self._write(record)
-            (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
+            _drop_resumable_state(stage_dir)
             # Only a stage whose result is its torch model is cached: a deployed file (an
             # INT8 ONNX, a packed k-means file) is what such a stage is measured as, and a
             # cache hit measures the torch model.

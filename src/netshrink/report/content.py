@@ -23,6 +23,7 @@ from netshrink.report.tables import (
     EnvironmentSummary,
     Table,
     comparison_table,
+    device_label,
     environment_summary,
     history_table,
     measurement_table,
@@ -32,6 +33,7 @@ from netshrink.report.verdict import (
     Reference,
     accuracy_budget,
     compare_all,
+    measurement_on,
     reference_stage,
     thresholds_text,
 )
@@ -101,6 +103,10 @@ def _headline(
         parts.append(f"{fmt.points(cmp.top1_delta)} points top-1"
                      + ("" if ratios else f" against {ref}"))
     said = ", ".join(parts) if parts else f"nothing comparable to {ref} was measured"
+    device = final.measurement.environment.device
+    if cmp.speedup is not None and device != reference.stage.measurement.environment.device:
+        # Its speed-up is against the reference's timing on that device (measure.also_cpu).
+        said += f" (speed: both on the {device_label(device)})"
     label = "Final stage" if i == len(stages) - 1 else "Last measured stage"
     return f"{prefix}{label} {final.name}: {said} (verdict: {cmp.verdict})."
 
@@ -114,7 +120,6 @@ def _like_for_like_notes(stages: list[StageRecord], reference: Reference | None)
     if reference is None or reference.stage.measurement is None:
         return []
     ref = reference.stage.name
-    base = reference.stage.measurement.environment
     notes = []
     for s in stages:
         m = s.measurement
@@ -123,6 +128,9 @@ def _like_for_like_notes(stages: list[StageRecord], reference: Reference | None)
         ):
             continue
         env = m.environment
+        # The reference's timing on this stage's device (its CPU timing, with also_cpu).
+        same = measurement_on(reference.stage, env.device) or reference.stage.measurement
+        base = same.environment
         changed = [
             name
             for name, a, b in (

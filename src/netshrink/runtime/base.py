@@ -58,6 +58,9 @@ class Executable(nn.Module):
         self.options = options  # how it was prepared (recorded with its measurement)
         self._close = close
 
+    # False when the runtime allocates its memory itself, out of sight of the measurement.
+    memory_visible = True
+
     def __deepcopy__(self, memo: dict) -> Executable:
         return self
 

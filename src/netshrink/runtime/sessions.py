@@ -91,14 +91,14 @@ def open_runtime(
     if path.is_dir():  # OpenVINO IR saved as a folder holding model.xml + model.bin
         path = path / "model.xml"
     extra: dict[str, Any] = {}
-    if options:
+    if options and runtime != "tensorrt":
         if runtime != "torch":
             raise UserError(f"runtime {runtime!r} takes no options (got {sorted(options)})")
         extra = {"options": options, "input_shape": input_shape}
     if runtime == "tensorrt":  # the engine's optimization profile needs the image shape
         if input_shape is None:
             raise UserError("a TensorRT engine needs the input shape of one image")
-        extra = {"input_shape": input_shape}
+        extra = {"input_shape": input_shape, **(options or {})}  # opt_batch, max_batch
     return RUNTIMES.get(runtime)(path, threads=threads, stats=stats, precision=precision,
                                  device=device, **extra)
 
@@ -158,11 +158,12 @@ def _openvino(path: Path, *, threads: int, stats: ModelStats, precision: str | N
 
 @RUNTIMES.register("tensorrt")
 def _tensorrt(path: Path, *, threads: int, stats: ModelStats, precision: str | None,
-              device: str, input_shape: Sequence[int]) -> nn.Module:
+              device: str, input_shape: Sequence[int], opt_batch: int = 64,
+              max_batch: int = 256) -> nn.Module:
     from netshrink.runtime.tensorrt_rt import open_tensorrt
 
     return open_tensorrt(path, stats=stats, precision=precision, device=device,
-                         input_shape=input_shape)
+                         input_shape=input_shape, opt_batch=opt_batch, max_batch=max_batch)
 
 
 @RUNTIMES.register("torch")

@@ -9,9 +9,10 @@ typed network for the fp16 and QDQ-INT8 files ``export.tensorrt`` writes (their 
 not builder flags, set the precision). The fp32 file builds with TF32 off, so that it
 measures fp32 as the torch fp32 rows do.
 
-The engine is built once per file and input range and saved beside it
-(``model.<form>.<min>-<opt>-<max>.plan``); inputs and outputs are torch CUDA tensors, so
-the timing code (CUDA events) measures TensorRT's own work, not host copies.
+The engine is built once and saved beside the file, named by the file's hash, TensorRT's
+version, the GPU and the batch range; inputs and outputs are torch CUDA tensors, so the
+timing code (CUDA events) measures TensorRT's own work, not host copies. Its GPU memory is
+not recorded: TensorRT allocates it out of sight of torch's allocator.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from netshrink.errors import UserError
+from netshrink.recipe.cache import file_sha256
 from netshrink.runtime.base import Executable, ModelStats
 from netshrink.store.atomic import atomic_write_bytes
 
@@ -72,9 +74,14 @@ def build_engine(onnx_file: Path, *, input_shape: Sequence[int], min_batch: int 
 class TensorRTModule(Executable):
     """A TensorRT engine called with torch CUDA tensors."""
 
+    # TensorRT allocates its activations itself, out of sight of torch's allocator: a
+    # measurement of its GPU memory would show only the inputs and outputs.
+    memory_visible = False
+
     def __init__(self, engine_bytes: bytes, *, precision: str, stats: ModelStats,
-                 device: torch.device) -> None:
-        super().__init__(runtime="tensorrt", precision=precision, stats=stats)
+                 device: torch.device, options: dict[str, object]) -> None:
+        super().__init__(runtime="tensorrt", precision=precision, stats=stats, options=options)
+        self.max_batch = int(options["max_batch"])  # type: ignore[call-overload]
         trt = _trt()
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
@@ -89,7 +96,9 @@ class TensorRTModule(Executable):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.device, torch.float32).contiguous()
-        self._context.set_input_shape(self._input, tuple(x.shape))
+        if not self._context.set_input_shape(self._input, tuple(x.shape)):
+            raise UserError(f"batch {x.shape[0]} is outside the engine's range 1..."
+                            f"{self.max_batch}; raise the stage's max_batch")
         out = torch.empty(tuple(self._context.get_tensor_shape(self._output)),
                           dtype=torch.float32, device=self.device)
         self._context.set_tensor_address(self._input, x.data_ptr())
@@ -112,11 +121,16 @@ def open_tensorrt(path: Path, *, stats: ModelStats, precision: str | None, devic
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise UserError("TensorRT runs on an NVIDIA GPU: use device cuda, or measure the "
                         "file in onnxruntime")
-    plan = path.with_name(f"{path.stem}.1-{opt_batch}-{max_batch}.plan")
+    # An engine is specific to its ONNX file, TensorRT version, GPU and batch range.
+    trt = _trt()
+    gpu = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(dev))
+    plan = path.with_name(f"{path.stem}.{file_sha256(path)[:12]}.trt{trt.__version__}."
+                          f"{gpu}.1-{opt_batch}-{max_batch}.plan")
     if plan.is_file():
         engine = plan.read_bytes()
     else:
         engine = build_engine(path, input_shape=input_shape, opt_batch=opt_batch,
                               max_batch=max_batch)
         atomic_write_bytes(plan, engine)
-    return TensorRTModule(engine, precision=precision or "fp32", stats=stats, device=dev)
+    return TensorRTModule(engine, precision=precision or "fp32", stats=stats, device=dev,
+                          options={"opt_batch": opt_batch, "max_batch": max_batch})

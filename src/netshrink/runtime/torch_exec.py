@@ -13,6 +13,7 @@ except fp16/tf32 compute and the sparse kernels, which need an NVIDIA GPU and sa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -116,22 +117,40 @@ class TorchExecutable(Executable):
         if self.execution.channels_last or self.execution.sparse24 != "off":
             # (the sparse layers' GEMMs read NHWC activations)
             x = x.contiguous(memory_format=torch.channels_last)
-        with cuda_flags(self.device, self.execution.precision):
+        with cuda_flags(self.device, self.execution.precision), self._loud_compiler():
             return self.inner(x)
 
+    def _loud_compiler(self) -> contextlib.AbstractContextManager:
+        """While a compiled model runs (and compiles), the compiler's silent fallbacks are
+        errors: a row labelled "CUDA graphs" that ran without them (Inductor only logs
+        "skipping cudagraphs"), or a model run eagerly after too many recompilations,
+        would be a false measurement."""
+        stack = contextlib.ExitStack()
+        if self.execution.compile == "off":
+            return stack
+        import torch._dynamo.config as dynamo_config
+        import torch._inductor.config as inductor_config
 
-def _loud_compiler(mode: str, device: torch.device) -> None:
-    """Make the compiler's silent fallbacks errors: a row labelled "CUDA graphs" that ran
-    without them (Inductor only logs "skipping cudagraphs"), or a model that ran eagerly
-    after too many recompilations, would be a false measurement."""
-    import torch._dynamo.config as dynamo_config
-    import torch._inductor.config as inductor_config
+        if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+            stack.enter_context(dynamo_config.patch(fail_on_recompile_limit_hit=True))
+        graphs = (self.execution.compile in ("reduce-overhead", "max-autotune")
+                  and self.device.type == "cuda")
+        if graphs and hasattr(inductor_config.triton, "cudagraph_or_error"):
+            stack.enter_context(inductor_config.patch({"triton.cudagraph_or_error": True}))
+        return stack
 
-    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
-        dynamo_config.fail_on_recompile_limit_hit = True
-    graphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
-    if graphs and hasattr(inductor_config.triton, "cudagraph_or_error"):
-        inductor_config.triton.cudagraph_or_error = True
+    def close(self) -> None:
+        """Drop what compiling left process-wide: compiled graphs (they count towards a
+        per-function recompile limit every later ResNet shares), CUDA graphs' memory pools
+        (they would count in later stages' GPU memory), cached GPU blocks."""
+        super().close()
+        if self.execution.compile != "off":
+            torch._dynamo.reset()
+            trees = getattr(torch._inductor, "cudagraph_trees", None)
+            if trees is not None and hasattr(trees, "reset_cudagraph_trees"):
+                trees.reset_cudagraph_trees()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def check_execution(execution: TorchExecution, device: str | torch.device) -> None:
@@ -201,7 +220,6 @@ def prepare_torch(
         if execution.channels_last:
             work = work.to(memory_format=torch.channels_last)
     if execution.compile != "off":
-        _loud_compiler(execution.compile, dev)
         # dynamic=False: one graph per input shape, each specialised (and, with CUDA
         # graphs, captured) for that shape; a measurement uses few shapes.
         work = torch.compile(work, mode=None if execution.compile == "default"
