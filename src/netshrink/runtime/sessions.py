@@ -78,8 +78,9 @@ def open_runtime(
             "bf16" files compute in bf16.
         device: where a torch model runs; ONNX Runtime and OpenVINO run on the CPU.
         options: for torch, a ``TorchExecution`` as a dict (fp16 compute, channels_last,
-            torch.compile, 2:4 kernels); the others take none.
-        input_shape: one image ``[C, H, W]``; needed by torch ``options``.
+            torch.compile, 2:4 kernels); for tensorrt, the engine's ``opt_batch`` and
+            ``max_batch``; the others take none.
+        input_shape: one image ``[C, H, W]``; needed by torch ``options`` and tensorrt.
 
     Raises:
         UserError: an unknown or missing runtime, or a file it cannot read.
@@ -91,14 +92,14 @@ def open_runtime(
     if path.is_dir():  # OpenVINO IR saved as a folder holding model.xml + model.bin
         path = path / "model.xml"
     extra: dict[str, Any] = {}
-    if options and runtime != "tensorrt":
-        if runtime != "torch":
-            raise UserError(f"runtime {runtime!r} takes no options (got {sorted(options)})")
-        extra = {"options": options, "input_shape": input_shape}
     if runtime == "tensorrt":  # the engine's optimization profile needs the image shape
         if input_shape is None:
             raise UserError("a TensorRT engine needs the input shape of one image")
         extra = {"input_shape": input_shape, **(options or {})}  # opt_batch, max_batch
+    elif options:
+        if runtime != "torch":
+            raise UserError(f"runtime {runtime!r} takes no options (got {sorted(options)})")
+        extra = {"options": options, "input_shape": input_shape}
     return RUNTIMES.get(runtime)(path, threads=threads, stats=stats, precision=precision,
                                  device=device, **extra)
 

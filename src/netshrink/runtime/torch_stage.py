@@ -50,7 +50,7 @@ def torch_deploy_stage(model: nn.Module, cfg: TorchExecution, ctx: StageContext)
         ctx.notes.append(f"2:4 sparse kernels kept in {len(chosen)} of {len(report)} layers "
                          "(those that timed faster than cuDNN; per layer: sparse24.md)")
         execution = cfg.model_copy(update={"sparse_layers": chosen})
-        del prepared
+        prepared.close()
     dtype = DTYPES[cfg.precision]
     path = ctx.stage_dir / f"model.{cfg.precision}.safetensors"
     save_model(copy.deepcopy(model).to(dtype), ctx.spec, path,
