@@ -87,29 +87,18 @@ class Row:
     error: str | None = None
 
 
-def _free() -> None:
-    gc.collect()
-    torch._dynamo.reset()  # compiled graphs of the last variant: memory and recompile limits
-    trees = getattr(torch._inductor, "cudagraph_trees", None)
-    if trees is not None and hasattr(trees, "reset_cudagraph_trees"):
-        trees.reset_cudagraph_trees()  # the CUDA graphs' private memory pools
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def run_variant(name: str, model_name: str, model: torch.nn.Module,
                 shape: list[int], args: argparse.Namespace) -> Row:
     execution = VARIANTS[name]
     row = Row(model=model_name, variant=name, label=execution.label())
     started = time.perf_counter()
+    prepared = None
     try:
         if execution.sparse24 != "off":  # layers chosen at the largest batch
             execution = execution.model_copy(update={"sparse_batch": max(args.batches)})
         prepared = prepare_torch(model, execution, device=args.device, input_shape=shape)
         gen = torch.Generator().manual_seed(0)
-        fmt = (torch.channels_last if execution.channels_last or execution.sparse24 != "off"
-               else torch.contiguous_format)
-        dtype = prepared.dtype
+        dtype, fmt = prepared.dtype, prepared.memory_format
 
         def ready(x: torch.Tensor) -> torch.Tensor:
             # Inputs already in the model's dtype and layout: a served model gets them so,
@@ -130,12 +119,14 @@ def run_variant(name: str, model_name: str, model: torch.nn.Module,
             used = sum(r.used for r in prepared.sparse_report)
             timed = sum(r.gemm is not None for r in prepared.sparse_report)
             row.sparse_layers = f"{used}/{timed}"
-        del prepared
     except Exception as exc:  # recorded, not raised: one refusing variant must not end the run
         first = (str(exc).splitlines() or [""])[0]
         row.error = f"{type(exc).__name__}: {first[:200]}"
+    finally:
+        if prepared is not None:
+            prepared.close()  # its compiled graphs and CUDA-graph pools: not the next row's
+        gc.collect()
     row.seconds = time.perf_counter() - started
-    _free()
     return row
 
 

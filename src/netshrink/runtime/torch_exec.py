@@ -112,11 +112,15 @@ class TorchExecutable(Executable):
         self.dtype = DTYPES[execution.precision]
         self.sparse_report = sparse_report or []
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout inputs are given in (the sparse layers' GEMMs read NHWC too)."""
+        nhwc = self.execution.channels_last or self.execution.sparse24 != "off"
+        return torch.channels_last if nhwc else torch.contiguous_format
+
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.device, self.dtype, non_blocking=True)
-        if self.execution.channels_last or self.execution.sparse24 != "off":
-            # (the sparse layers' GEMMs read NHWC activations)
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=self.memory_format)
         with cuda_flags(self.device, self.execution.precision), self._loud_compiler():
             return self.inner(x)
 
