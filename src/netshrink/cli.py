@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -181,6 +182,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from netshrink.bench import evaluate
     from netshrink.data import DataConfig, build_data
     from netshrink.store.checkpoint import load_model
@@ -189,12 +192,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     name = args.data or meta.get("dataset")
     if name is None:
         raise UserError(f"{args.weights}: the file does not say its dataset; pass --data")
-    data = build_data(DataConfig(name=name, root=args.data_dir, image_size=meta.get("image_size"),
-                                 val_size=0 if args.split == "test" else 5000))
+    stored = meta.get("dataset")
+    other = stored is not None and stored != name
+    if args.split == "val":
+        # The validation images are those the run held out of its training set: only the
+        # file knows how it cut them, and any other cut could hold training images.
+        split_meta = meta.get("split")
+        if other or not isinstance(split_meta, dict):
+            raise UserError(
+                f"{args.weights}: the file does not record the validation split it was "
+                f"trained with{' on ' + name if other else ''}, so --split val could score "
+                "training images; use --split test")
+        cut = {k: split_meta.get(k) for k in ("val_size", "seed", "train_limit")}
+    else:
+        cut = {"val_size": 0}
+    try:
+        data_cfg = DataConfig(name=name, root=args.data_dir, image_size=meta.get("image_size"),
+                              **cut)
+    except ValidationError as exc:
+        raise UserError(f"{args.weights}: its metadata describes no valid data split "
+                        f"({exc.errors()[0]['msg']}); use --split test") from None
+    data = build_data(data_cfg)
+    if data.info.num_classes != spec.num_classes:
+        raise UserError(f"{args.weights}: the model predicts {spec.num_classes} classes and "
+                        f"{name} has {data.info.num_classes}; evaluate it on its own dataset"
+                        + (f" ({stored})" if stored else ""))
+    if other:
+        print(f"netshrink: note: {args.weights} was trained on {stored}; evaluating it on "
+              f"{name}", file=sys.stderr)
     split = data.test if args.split == "test" else data.val
+    if split is None:
+        raise UserError(f"{args.weights}: its run held out no validation images; use "
+                        "--split test")
     acc = evaluate(model, split, batch_size=args.batch_size, device=args.device,  # type: ignore[arg-type]
                    split_name=args.split)
     print(json.dumps({"weights": str(args.weights), "arch": spec.arch, "dataset": name,
+                      **({"trained_on": stored} if other else {}),
                       **acc.model_dump()}, indent=2))
     return 0
 
@@ -223,8 +256,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if args.unused_days is None and args.max_size is None:
             raise UserError("cache prune needs --unused-days N and/or --max-size GB")
         for flag, value in (("--unused-days", args.unused_days), ("--max-size", args.max_size)):
-            if value is not None and value < 0:
-                raise UserError(f"{flag} must be 0 or more, not {value:g}")
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{flag} must be a finite number, 0 or more, not {value:g}")
         max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
         removed = cache.prune(unused_days=args.unused_days, max_bytes=max_bytes)
     freed = sum(e.size_bytes for e in removed)

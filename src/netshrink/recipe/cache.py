@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,6 +33,43 @@ CACHE_ENV = "NETSHRINK_CACHE"
 MODEL_FILE = "model.safetensors"
 ENTRY_FILE = "stage.json"
 SIDE_FILES = "files"  # what the stage wrote beside its model (sparsity.json, plots)
+MAX_ENTRY_BYTES = 4 << 20  # a stage.json is a few kilobytes: history, notes, provenance
+# What the cache itself names: ``ab/<64 hex key>`` entries and, beside them, the hidden
+# temporary folders of writes in progress and removals (``.<key[:12]>-…``,
+# ``.removed-<key[:12]>-…``). Nothing else under the root is the cache's to remove.
+_KEY = re.compile(r"[0-9a-f]{64}")
+_TEMP = re.compile(r"\.(removed-)?[0-9a-f]{12}-[A-Za-z0-9_]+")
+
+
+def _entry_info(folder: Path) -> dict[str, Any] | None:
+    """The entry's ``stage.json`` if the folder is an entry the cache made (its name is
+    its key, under the key's first two characters) and the file is a sound record; None
+    otherwise, and such a folder is neither served nor removed."""
+    if not _KEY.fullmatch(folder.name) or folder.parent.name != folder.name[:2]:
+        return None
+    info_file = folder / ENTRY_FILE
+    try:
+        if not info_file.is_file() or info_file.stat().st_size > MAX_ENTRY_BYTES:
+            return None
+        info = json.loads(info_file.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+        return None
+    from netshrink.recipe.record import EpochRecord  # the history a cache hit reports
+
+    try:
+        history = info.get("history", [])
+        if not isinstance(history, list):
+            return None
+        for item in history:
+            EpochRecord.model_validate(item)
+        if not all(isinstance(n, str) for n in info.get("notes", [])):
+            return None
+        float(info.get("seconds", 0))
+    except (ValueError, TypeError):
+        return None
+    return info
 
 
 def default_cache_dir() -> Path | None:
@@ -97,6 +135,8 @@ class CachedStage:
                 return False
             dest.parent.mkdir(parents=True, exist_ok=True)
             for side in sorted((self.folder / SIDE_FILES).glob("*")):
+                if not side.is_file() or side.is_symlink() or side.name.startswith("."):
+                    continue  # the cache only ever files plain files here
                 placed.append(dest.parent / side.name)
                 _place(side, placed[-1])
             _place(self.model_file, dest)
@@ -120,11 +160,8 @@ class ModelCache:
         """The entry for ``key``, or None (absent, unreadable or incomplete). A hit marks
         the entry used now (its ``stage.json``'s time), which ``prune`` keeps by."""
         folder = self._folder(key)
-        try:
-            info = json.loads((folder / ENTRY_FILE).read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(info, dict) or not (folder / MODEL_FILE).is_file():
+        info = _entry_info(folder)
+        if info is None or not (folder / MODEL_FILE).is_file():
             return None
         with contextlib.suppress(OSError):  # a read-only cache still serves
             os.utime(folder / ENTRY_FILE)
@@ -135,16 +172,16 @@ class ModelCache:
         found = []
         for info_file in self.root.glob(f"??/*/{ENTRY_FILE}"):
             folder = info_file.parent
-            if folder.name.startswith("."):
-                continue  # a write in progress, or one an interrupted run left
-            try:
-                info = json.loads(info_file.read_text())
-                used = info_file.stat().st_mtime
-                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            except (OSError, ValueError):
+            info = _entry_info(folder)  # None: a write in progress, or not the cache's
+            if info is None or folder.is_symlink():
                 continue
-            if isinstance(info, dict):
-                found.append(CacheEntry(folder.name, folder, size, used, info))
+            try:
+                used = info_file.stat().st_mtime
+                size = sum(f.stat().st_size for f in folder.rglob("*")
+                           if f.is_file() and not f.is_symlink())
+            except OSError:
+                continue
+            found.append(CacheEntry(folder.name, folder, size, used, info))
         return sorted(found, key=lambda e: e.last_used)
 
     def remove(self, entry: CacheEntry) -> bool:
@@ -166,6 +203,9 @@ class ModelCache:
         than a day. Returns the entries removed (those it could remove)."""
         now = time.time() if now is None else now
         for stale in self.root.glob("??/.*"):
+            if (not _TEMP.fullmatch(stale.name) or stale.is_symlink()
+                    or not re.fullmatch(r"[0-9a-f]{2}", stale.parent.name)):
+                continue  # not a folder the cache made: never the cache's to remove
             with contextlib.suppress(OSError):
                 if now - stale.stat().st_mtime > 86_400:
                     shutil.rmtree(stale, ignore_errors=True)

@@ -59,3 +59,5 @@ class RunRecord(BaseModel):
     created: str
     updated: str
     stages: list[StageRecord] = Field(default_factory=list)
+    # The stage folders (``NN-name``) this run made: the only ones it may remove.
+    folders: list[str] = Field(default_factory=list)

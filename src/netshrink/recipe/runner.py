@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 import netshrink
@@ -36,9 +36,20 @@ from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
 from netshrink.runtime.base import Executable
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import load_model, save_model
+from netshrink.store.layout import (
+    MODEL_FILE,
+    RUN_FILE,
+    STAGES_DIR,
+    check_inputs_outside,
+    check_name,
+    check_out_folder,
+    inside,
+    parse_stage_folder,
+    stage_path,
+)
 
-RUN_FILE = "run.json"
-MODEL_FILE = "model.safetensors"
+# A run record is a few kilobytes per stage; a file far beyond that is not one.
+MAX_RUN_FILE_BYTES = 64 << 20
 
 
 def _now() -> str:
@@ -49,18 +60,23 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_hashes(value: Any) -> list[str]:
-    """Hashes of the files a config names (a teacher, a student's weights), anywhere in it:
-    a changed file must change the key even where its path did not."""
+def config_files(value: Any) -> list[Path]:
+    """The files a config names (a teacher, a student's weights), anywhere in it."""
     if isinstance(value, Path):
-        return [file_sha256(value)] if value.is_file() else []
+        return [value]
     if isinstance(value, BaseModel):
         value = [getattr(value, name) for name in type(value).model_fields]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
-        return [h for item in value for h in _file_hashes(item)]
+        return [path for item in value for path in config_files(item)]
     return []
+
+
+def _file_hashes(value: Any) -> list[str]:
+    """Hashes of the files a config names: a changed file must change the key even where
+    its path did not."""
+    return [file_sha256(path) for path in config_files(value) if path.is_file()]
 
 
 def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
@@ -106,10 +122,14 @@ def _drop_resumable_state(stage_dir: Path) -> None:
         step.unlink(missing_ok=True)
 
 
-def checkpoint_meta(data: DataBundle, *, run: str, stage: str) -> dict[str, Any]:
-    """What ``predict`` and ``eval`` need to use a model file on its own."""
+def checkpoint_meta(data: DataBundle, *, run: str, stage: str,
+                    split: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``predict`` and ``eval`` need to use a model file on its own; ``split``: how
+    the run cut its validation images out of the training set (``eval --split val``
+    rebuilds exactly those)."""
     info = data.info
     return {
+        **({"split": split} if split is not None else {}),
         "dataset": info.name,
         "class_names": info.class_names,
         "image_size": info.image_size,
@@ -162,16 +182,69 @@ class Runner:
         )
 
     def _load_previous(self) -> RunRecord | None:
-        path = self.out / RUN_FILE
-        if not path.exists():
+        """The run record already in ``out``, its names and paths checked to stay inside
+        the folder; None for a new or empty folder.
+
+        Raises:
+            UserError: ``out`` is a file or someone else's folder, or its ``run.json`` is
+                unreadable or names paths outside it (written by hand, or tampered with).
+        """
+        if not check_out_folder(self.out):
             return None
+        path = self.out / RUN_FILE
         try:
-            return RunRecord.model_validate_json(path.read_text())
-        except ValueError as exc:
-            raise UserError(
-                f"{path}: unreadable run record ({str(exc).splitlines()[0]}); "
-                "move the folder away or choose another --out"
-            ) from None
+            if path.stat().st_size > MAX_RUN_FILE_BYTES:
+                raise UserError(f"{path}: too large to be a run record; move the folder away "
+                                "or choose another --out")
+            previous = RunRecord.model_validate_json(path.read_bytes())
+        except (ValueError, OSError, RecursionError) as exc:
+            why = (exc.errors()[0]["msg"] if isinstance(exc, ValidationError)
+                   else str(exc).splitlines()[0])
+            raise UserError(f"{path}: unreadable run record ({why[:200]}); move the folder "
+                            "away or choose another --out") from None
+        for stage in previous.stages:
+            check_name(stage.name, f"{path}: stage name")
+            if stage.artifact is not None:
+                inside(self.out, stage.artifact, f"{path}: artifact")
+                parts = Path(stage.artifact).parts
+                if (len(parts) < 3 or parts[0] != STAGES_DIR
+                        or parse_stage_folder(parts[1]) is None):
+                    raise UserError(f"{path}: artifact {stage.artifact!r} is not in a stage "
+                                    "folder (stages/NN-name/...); move the folder away or "
+                                    "choose another --out")
+        for folder in previous.folders:
+            if parse_stage_folder(folder) is None:
+                raise UserError(f"{path}: {folder!r} is not a stage folder name; move the "
+                                "folder away or choose another --out")
+        return previous
+
+    def _preflight(self, data: DataBundle, entries: list[StageEntry]) -> None:
+        """Check what the stages will read, before the run folder is touched: every file a
+        stage's config names loads as a model of this dataset's classes, and no input lies
+        where the run writes.
+
+        Raises:
+            UserError: naming the stage, the file and the fix.
+        """
+        inputs: list[tuple[str, Path]] = []
+        if self.recipe.model.weights is not None:
+            inputs.append(("model.weights", self.recipe.model.weights))
+        if self.recipe.data.root is not None:
+            inputs.append(("data.root", self.recipe.data.root))
+        for i, entry in enumerate(entries):
+            where = f"stages[{i}] ({entry.name})"
+            for path in config_files(entry.config):
+                inputs.append((f"{where}: file", path))
+                if not path.is_file():
+                    raise UserError(f"{where}: {path} not found (or not a regular file); give "
+                                    "the path of a model file")
+                _, spec, _ = load_model(path)
+                if spec.num_classes != data.info.num_classes:
+                    raise UserError(
+                        f"{where}: {path} predicts {spec.num_classes} classes but "
+                        f"{data.info.name} has {data.info.num_classes}; give a model "
+                        "trained on this dataset")
+        check_inputs_outside(self.out, inputs)
 
     def _write(self, record: RunRecord) -> None:
         record.updated = _now()
@@ -278,6 +351,7 @@ class Runner:
         keys = stage_keys(recipe, entries)
         # A bad weights file fails here, before any write.
         baseline, spec = start_model(recipe.model, data, seed=recipe.seed)
+        self._preflight(data, entries)
         self.out.mkdir(parents=True, exist_ok=True)
         measured = recipe.measure.model_dump(mode="json")
         if not measured["also_cpu"]:
@@ -292,6 +366,7 @@ class Runner:
             netshrink_version=netshrink.__version__,
             created=previous.created if previous else _now(),
             updated=_now(),
+            folders=self._owned_folders(previous),
         )
         # Finished stages are found by key, not by position: a stage removed from or added
         # to the recipe shifts the others without invalidating them.
@@ -307,7 +382,7 @@ class Runner:
         model: nn.Module | None = None
         loaded: Path | None = None  # the file ``model`` (in memory) is a copy of
         for index, (name, kind, key) in enumerate(zip(names, kinds, keys, strict=True)):
-            stage_dir = self.out / "stages" / f"{index:02d}-{name}"
+            stage_dir = stage_path(self.out, index, name)
             artifact = stage_dir / MODEL_FILE
             entry = entries[index - 1] if index > 0 else None
             source = (entry.source or last) if entry is not None else None
@@ -315,7 +390,7 @@ class Runner:
                          done[key][0] if done.get(key) else None)
             if prior is not None:
                 done[key].remove(prior)
-                self._move(prior, index, stage_dir)
+                self._move(record, prior, index, stage_dir)
                 if prior.measure_key != measure_key:
                     self.log(f"[{index}] {name}: finished before; measuring again")
                     prior.measurement = self._remeasure(prior, data)
@@ -328,11 +403,14 @@ class Runner:
                 record.stages.append(prior)
                 self._write(record)
                 continue
-            if stage_dir.exists() and old_dirs.get(name, key) != key:
+            if (stage_dir.exists() and old_dirs.get(name, key) != key
+                    and stage_dir.name in record.folders):
                 # A finished stage of an older config; a folder without a record holds the
                 # resumable state of an interrupted stage (its own key guards it), kept.
                 shutil.rmtree(stage_dir)
             cached = self._cached(key) if entry is not None else None
+            if cached is not None:
+                self._claim(record, stage_dir)
             if cached is not None and cached.copy_to(artifact):
                 t0 = time.perf_counter()
                 _drop_resumable_state(stage_dir)
@@ -350,7 +428,7 @@ class Runner:
                 continue
             if source is not None and (model is None or loaded != files[source]):
                 model, spec, _ = load_model(files[source])
-            stage_dir.mkdir(parents=True, exist_ok=True)
+            self._claim(record, stage_dir)
             started, t0 = _now(), time.perf_counter()
             ctx = StageContext(data=data, spec=spec, device=recipe.device, seed=recipe.seed,
                                run_dir=self.out, stage_dir=stage_dir, key=key, log=self.log,
@@ -363,7 +441,9 @@ class Runner:
                 model = STAGES.get(kind).fn(model, entry.config, ctx)  # type: ignore[arg-type]
             seconds = time.perf_counter() - t0
             spec = ctx.spec  # a stage that changes the structure (channel pruning) says so
-            meta = checkpoint_meta(data, run=recipe.name, stage=name)
+            meta = checkpoint_meta(data, run=recipe.name, stage=name, split={
+                "val_size": len(data.val) if data.val is not None else 0,
+                "seed": recipe.data.seed, "train_limit": recipe.data.train_limit})
             t1 = time.perf_counter()
             cpu_measurement = None
             if isinstance(model, Deployed):
@@ -413,20 +493,60 @@ class Runner:
             top1 = f"top-1 {acc.top1:.4f} " if acc is not None else ""
             self.log(f"[{index}] {name}: done in {seconds:.0f}s; {top1}"
                      f"({stage.measure_seconds:.0f}s measuring)")
-        kept = {(self.out / s.artifact).parent.resolve() for s in record.stages if s.artifact}
-        for folder in (self.out / "stages").glob("*"):
-            if folder.is_dir() and folder.resolve() not in kept:
-                shutil.rmtree(folder)  # stages no longer in the recipe
+        # Stage folders this run made for stages no longer in the recipe go; anything
+        # else in stages/ (the user's own files) is left alone.
+        kept = {Path(s.artifact).parts[1] for s in record.stages if s.artifact}
+        for name in sorted(set(record.folders) - kept):
+            folder = self.out / STAGES_DIR / name
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder)
+            record.folders.remove(name)
+        self._write(record)
         return record
 
-    def _move(self, prior: StageRecord, index: int, stage_dir: Path) -> None:
+    def _owned_folders(self, previous: RunRecord | None) -> list[str]:
+        """The stage folders netshrink made in ``out``: those its record lists, those its
+        stages' files are in, and (runs recorded before the list existed) an interrupted
+        stage's folder that has the name this recipe gives that position."""
+        if previous is None:
+            return []
+        owned = set(previous.folders)
+        owned |= {Path(s.artifact).parts[1] for s in previous.stages if s.artifact}
+        if not previous.folders:
+            names = ["baseline"] + [e.name for e in self.recipe.parsed_stages()]
+            owned |= {stage_path(self.out, i, n).name for i, n in enumerate(names)
+                      if stage_path(self.out, i, n).is_dir()}
+        return sorted(owned)
+
+    def _claim(self, record: RunRecord, folder: Path) -> None:
+        """Record ``folder`` as this run's before creating it, so that a run killed inside
+        the stage still knows the folder is its own to resume or remove.
+
+        Raises:
+            UserError: the folder exists but netshrink did not make it.
+        """
+        if folder.name not in record.folders:
+            if folder.exists() or folder.is_symlink():
+                raise UserError(f"{folder} exists but was not made by this run; move it away "
+                                "or choose another --out")
+            record.folders.append(folder.name)
+            self._write(record)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _move(self, record: RunRecord, prior: StageRecord, index: int,
+              stage_dir: Path) -> None:
         """Give a reused stage its new position's folder (stages before it came or went)."""
         assert prior.artifact is not None
         old_file = self.out / prior.artifact
         old_dir = self.out.joinpath(*Path(prior.artifact).parts[:2])  # stages/NN-name
         if old_dir.resolve() != stage_dir.resolve():
             if stage_dir.exists():
+                if stage_dir.name not in record.folders:
+                    raise UserError(f"{stage_dir} exists but was not made by this run; move "
+                                    "it away or choose another --out")
                 shutil.rmtree(stage_dir)
+            elif stage_dir.name not in record.folders:
+                record.folders.append(stage_dir.name)
             old_dir.rename(stage_dir)
             prior.artifact = str((stage_dir / old_file.relative_to(old_dir))
                                  .relative_to(self.out))

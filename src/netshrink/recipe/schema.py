@@ -7,6 +7,7 @@ the list of what is allowed, not an hour into training.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from netshrink.data import DataConfig
 from netshrink.errors import UserError
 from netshrink.recipe.stages import STAGES, load_builtin_stages
+from netshrink.store.layout import check_name
+
+# A recipe is a page of YAML: these bound what a hostile one can make the parser build.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 32
 
 
 class ModelSection(BaseModel):
@@ -130,6 +136,10 @@ class Recipe(BaseModel):
                     f"stages[{i}]: unknown stage kind {kind!r}; known: {', '.join(STAGES)}"
                 )
             name = str(body.pop("name", kind))
+            try:
+                check_name(name, f"stages[{i}] ({kind}): name")
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
             if name in seen:
                 raise ValueError(f"stages[{i}]: stage name {name!r} is used twice; "
                                  "give each stage a unique 'name'")
@@ -162,7 +172,10 @@ def _first_error(exc: ValidationError, cls: type[BaseModel] | None = None) -> st
     if err["type"] == "extra_forbidden":
         allowed = f"; allowed: {', '.join(cls.model_fields)}" if cls is not None else ""
         return f"unknown key {where!r}{allowed}"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    got = repr(err.get("input"))
+    if len(got) > 120:  # an error names the value, not a whole section of the recipe
+        got = got[:117] + "..."
+    return f"{where}: {err['msg']} (got {got})"
 
 
 def _section_class(loc: tuple) -> type[BaseModel] | None:
@@ -173,6 +186,26 @@ def _section_class(loc: tuple) -> type[BaseModel] | None:
     return Recipe
 
 
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The place of the first inf/NaN number anywhere in ``value`` (YAML's ``.inf`` and
+    ``.nan`` are numbers to pydantic, and a learning rate of inf trains a NaN model)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "(top level)"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        key = str(key)
+        found = _non_finite(item, f"{where}{key}" if key.startswith("[") or not where
+                            else f"{where}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
 def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     """Validate a recipe given as a dict.
 
@@ -181,6 +214,9 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
     """
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a recipe is a YAML mapping with model/data/stages keys")
+    where = _non_finite(raw)
+    if where is not None:
+        raise UserError(f"{source}: {where}: not a finite number; give a finite value")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -190,20 +226,52 @@ def parse_recipe(raw: Any, *, source: str = "recipe") -> Recipe:
         raise UserError(f"{source}: {_first_error(exc, _section_class(err['loc']))}") from None
 
 
+def _check_yaml_shape(text: str, path: Path) -> None:
+    """Refuse aliases and deep nesting before anything is built: an alias repeats a
+    node without costing bytes, so nested ones (``a: [*b, *b, ...]`` nine per level)
+    expand a few hundred bytes into gigabytes wherever the structure is walked."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise UserError(f"{path}: YAML aliases (*{event.anchor}) are not accepted in "
+                            "recipes; write the values out")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise UserError(f"{path}: nested more than {MAX_RECIPE_DEPTH} levels deep; "
+                                "a recipe is a few levels of mappings and lists")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file.
 
     Raises:
-        UserError: missing file, invalid YAML, or an invalid recipe.
+        UserError: missing file, not a regular file, too large, not UTF-8, invalid or
+            hostile YAML (aliases, deep nesting), or an invalid recipe.
     """
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: recipe not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder; give the recipe's .yaml file") from None
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else (
+                "not found" if not path.exists() else "not a regular file")
+            raise UserError(f"{path}: recipe {what}; give the recipe's .yaml file")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes is too large for a "
+                            f"recipe (at most {MAX_RECIPE_BYTES:,}); is it the right file?")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
     try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as "
+                        "UTF-8") from None
+    try:
+        _check_yaml_shape(text, path)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe") from None
     return parse_recipe(raw, source=str(path))

@@ -42,7 +42,11 @@ def onnx_precision(path: Path) -> str:
     """What an ONNX file computes in: int8 (QDQ / integer ops), fp16, or fp32."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # onnx raises DecodeError, ValueError, OSError… by version
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); give "
+                        "an .onnx file that netshrink or torch.onnx exported") from None
     ops = {node.op_type for node in graph.node}
     if ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}:
         return "int8-dynamic"

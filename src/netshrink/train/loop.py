@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from netshrink.data import DataBundle
+from netshrink.errors import UserError
 from netshrink.prune.masks import MaskHook, zero_masks
 from netshrink.recipe.record import EpochRecord
 from netshrink.train.config import TrainConfig
@@ -208,11 +209,13 @@ def train(
             if progress and pos.batch % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
             if time.perf_counter() - segment_start > 60 * cfg.checkpoint_minutes:
+                _check_finite(loss_sum, pos, cfg)  # never keep a diverged state to resume
                 checkpoint(segment_start)
                 segment_start = time.perf_counter()
             if pos.step >= total:
                 break
         bar.close()
+        _check_finite(loss_sum, pos, cfg)
         record = EpochRecord(
             epoch=pos.epoch + 1,
             train_loss=float(loss_sum) / max(1, seen),
@@ -233,3 +236,16 @@ def train(
     model.eval()
     model.to(memory_format=torch.contiguous_format)
     return TrainResult(history=pos.history, steps=pos.step, seconds=pos.seconds, resumed=resumed)
+
+
+def _check_finite(loss_sum: torch.Tensor, pos: Position, cfg: TrainConfig) -> None:
+    """Stop a diverged training (checked at epoch ends and checkpoints, not every step,
+    which would make a GPU wait): its weights are NaN and saving them helps nobody.
+
+    Raises:
+        UserError: the running loss is inf or NaN.
+    """
+    if not math.isfinite(float(loss_sum)):
+        raise UserError(
+            f"training diverged: the loss became {float(loss_sum)} in epoch {pos.epoch + 1} "
+            f"(by step {pos.step}) at lr {cfg.lr:g}; lower lr, add warm-up or set grad_clip")
