@@ -9,14 +9,19 @@ plain safetensors and torch ``.pth`` state dicts (torchvision's), the latter onl
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -26,8 +31,22 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec, build_model
 from netshrink.models.resize import resize_to_state
 from netshrink.store.atomic import atomic_write_bytes
+from netshrink.store.limits import bounded_json, open_regular, read_regular
 
 FORMAT = "netshrink.model/1"
+
+# What a model file may be: the largest registered model (ResNet-101) is 170 MB in
+# float32, so 2 GiB leaves room for float64 copies and foreign checkpoints, and keeps a
+# device or a runaway file from being read into memory.
+MAX_MODEL_BYTES = 2 << 30
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on its JSON header
+MAX_META_BYTES = 16 << 20  # our JSON strings in the header's __metadata__
+# Bounds on what a file's spec and metadata may ask for: a classifier of 10^12 outputs
+# or an input of 10^5 pixels a side would be an allocation, not a model.
+MAX_CLASSES = 100_000
+MAX_IN_CHANNELS = 64
+MAX_IMAGE_SIZE = 4096
+_RESAVE = "re-save it with netshrink (train and run write model files)"
 
 
 def save_model(model: nn.Module, spec: ModelSpec, path: Path, *, meta: dict[str, Any]) -> int:
@@ -52,42 +71,128 @@ def save_model(model: nn.Module, spec: ModelSpec, path: Path, *, meta: dict[str,
 def read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read tensors and header metadata from a safetensors or torch file, safely.
 
+    Only a regular file of at most ``MAX_MODEL_BYTES`` is read (a named pipe or a device
+    is refused, not waited on); a safetensors header must lie inside the file and be
+    bounded JSON; a torch file must be the zip format ``torch.save`` writes, with its
+    records stored uncompressed, and is read with ``weights_only=True``.
+
     Raises:
         UserError: missing file, unknown format, corrupt file, or a pickle that holds
             anything but tensors (it could run code when loaded).
     """
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    data = path.read_bytes()
+    path = Path(path)
+    data = read_regular(path, "checkpoint", max_bytes=MAX_MODEL_BYTES)
     if path.suffix == ".safetensors" or _looks_like_safetensors(data):
+        metadata = _safetensors_metadata(data, path)
         try:
             tensors = st_load(data)
-        except (SafetensorError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{path}: corrupt safetensors file ({exc}); re-save it") from None
-        return tensors, _safetensors_metadata(data)
+        except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
+            raise UserError(f"{path}: corrupt safetensors file ({_brief(exc)}); "
+                            "re-save it") from None
+        _check_tensors(tensors, path)
+        return tensors, metadata
+    obj = _torch_load(data, path)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # common training-script layout: {"state_dict": ..., ...}
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a dict of tensors (a state dict); save "
+                        "model.state_dict()")
+    if not all(isinstance(k, str) for k in obj):
+        bad = next(k for k in obj if not isinstance(k, str))
+        raise UserError(f"{path}: a state dict's keys are parameter names, this one has a "
+                        f"{type(bad).__name__} key; save model.state_dict()")
+    _check_tensors(obj, path)
+    # Checkpoints saved from DataParallel/DDP prefix every key with "module.".
+    tensors = {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+    return tensors, {}
+
+
+def _check_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """Weights are dense real tensors: anything else would fail (or warn) when loaded."""
+    for name, t in tensors.items():
+        if t.layout != torch.strided or t.is_complex() or t.is_quantized:
+            raise UserError(f"{path}: tensor {name[:80]!r} is {t.layout}/{t.dtype}; a state "
+                            "dict of dense real tensors is expected; save model.state_dict()")
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception's message on one short line, for a ``UserError``."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _torch_load(data: bytes, path: Path) -> Any:
+    """``torch.load(weights_only=True)`` of a zip-format file whose records are stored.
+
+    ``torch.save`` has written zip files since torch 1.6, each record stored as is. The
+    zip's directory is checked first: a record compressed in the zip could expand far
+    beyond the file (torch would allocate what the directory claims).
+    """
+    if not data.startswith(b"PK\x03\x04"):
+        if data[:1] == b"\x80":
+            called = _pickle_globals(data)
+            what = f" (it calls {', '.join(called[:3])})" if called else ""
+            raise UserError(
+                f"{path}: refusing to load: a plain pickle{what}, not the zip file torch.save "
+                "writes (since torch 1.6), and unpickling it could run code; save "
+                "model.state_dict() with a current torch.save, or as safetensors")
+        raise UserError(f"{path}: not a checkpoint netshrink reads (neither safetensors nor "
+                        "a torch.save zip file); save model.state_dict() with torch.save "
+                        "or safetensors")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError,
+            NotImplementedError, KeyError) as exc:
+        raise UserError(f"{path}: corrupt torch checkpoint (its zip directory: "
+                        f"{_brief(exc)}); save it again") from None
+    for info in infos:
+        if (info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size
+                or info.header_offset + info.file_size > len(data)):
+            raise UserError(f"{path}: corrupt torch checkpoint (record {info.filename[:80]!r} "
+                            "is compressed or lies outside the file, which torch.save never "
+                            "writes); save it again")
     try:
         with warnings.catch_warnings():
             # torch warns about pickle protocols it may not support; the refusal says more.
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message is long; the refused global is the part worth showing.
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None and "Unsupported" not in str(exc):
+            raise UserError(f"{path}: corrupt torch checkpoint ({_brief(exc)}); "
+                            "save it again") from None
         what = f" (it calls {found.group(1)})" if found else ""
         raise UserError(
             f"{path}: refusing to load: the file holds Python objects other than tensors, "
             f"which could run code{what}; save a plain state dict (model.state_dict()) "
             "or use safetensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({str(exc)[:160]})") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # common training-script layout: {"state_dict": ..., ...}
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise UserError(f"{path}: expected a dict of tensors (a state dict)")
-    # Checkpoints saved from DataParallel/DDP prefix every key with "module.".
-    tensors = {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
-    return tensors, {}
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, OverflowError, MemoryError, RecursionError,
+            zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({_brief(exc)}); "
+                        "save it again") from None
+
+
+def _pickle_globals(data: bytes, *, max_ops: int = 100_000) -> list[str]:
+    """The globals a pickle names, read from its opcodes without running any of them."""
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+            if count >= max_ops:
+                break
+            if op.name == "GLOBAL" and isinstance(arg, str):
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg[:100])
+    except Exception:  # a broken pickle: what was read so far is all there is to name
+        pass
+    return [g[:100] for g in dict.fromkeys(found)]
 
 
 def _looks_like_safetensors(data: bytes) -> bool:
@@ -97,9 +202,28 @@ def _looks_like_safetensors(data: bytes) -> bool:
     return 0 < n <= len(data) - 8 and data[8:9] == b"{"
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header, checked before any tensor."""
+    if len(data) < 8:
+        raise UserError(f"{path}: corrupt safetensors file ({len(data)} bytes, shorter than "
+                        "its 8-byte header length); re-save it")
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
+    if n > len(data) - 8 or n > MAX_HEADER_BYTES:
+        raise UserError(f"{path}: corrupt safetensors file (its header claims {n:,} bytes, "
+                        f"the file has {len(data) - 8:,} after the length); re-save it")
+    try:
+        header = bounded_json(memoryview(data)[8 : 8 + n], max_bytes=MAX_HEADER_BYTES)
+    except ValueError as exc:
+        raise UserError(f"{path}: corrupt safetensors file (header: {exc}); "
+                        "re-save it") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors file (its header is not a JSON "
+                        "object); re-save it")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise UserError(f"{path}: corrupt safetensors file (__metadata__ must map names to "
+                        "strings); re-save it")
+    return meta
 
 
 def guess_spec(state: dict[str, Tensor]) -> ModelSpec:
@@ -110,6 +234,10 @@ def guess_spec(state: dict[str, Tensor]) -> ModelSpec:
     """
     if "conv1.weight" not in state or "fc.weight" not in state:
         raise UserError("checkpoint has no conv1.weight/fc.weight: not a ResNet state dict")
+    if (state["conv1.weight"].ndim != 4 or state["fc.weight"].ndim != 2
+            or min(*state["conv1.weight"].shape, *state["fc.weight"].shape) < 1):
+        raise UserError("checkpoint's conv1.weight/fc.weight are not shaped like a ResNet's "
+                        "(4-D and 2-D, no empty dimension)")
     blocks = [
         len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)
     ]
@@ -190,18 +318,152 @@ def load_weights(model: nn.Module, spec: ModelSpec, state: dict[str, Tensor], so
 
 
 def stored_spec(path: Path) -> ModelSpec | None:
-    """The spec a netshrink model file carries, read from its header alone; else None."""
+    """The spec a netshrink model file carries, read from its header alone; else None.
+
+    Raises:
+        UserError: the file says it is a netshrink model file but its spec is missing or
+            invalid, or it is not a regular file.
+    """
+    path = Path(path)
     try:
-        with path.open("rb") as f:
+        with open_regular(path, "checkpoint") as f:
             head = f.read(8)
             size = int.from_bytes(head, "little") if len(head) == 8 else 0
-            header = json.loads(f.read(size)) if 0 < size < 100_000_000 else {}
-    except (OSError, ValueError):
+            if not 0 < size <= MAX_HEADER_BYTES:
+                return None
+            raw = f.read(size)
+    except OSError:
         return None
-    meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
-    if meta.get("format") != FORMAT:
+    if len(raw) != size:
         return None
-    return ModelSpec.model_validate_json(meta["spec"])
+    try:
+        header = bounded_json(raw, max_bytes=MAX_HEADER_BYTES)
+    except ValueError:
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    return parse_spec(meta.get("spec"), path)
+
+
+def parse_spec(raw: Any, source: Path) -> ModelSpec:
+    """The ``spec`` string of a netshrink model file as a ``ModelSpec``, within bounds.
+
+    Raises:
+        UserError: missing, not JSON, not a spec, or asking for more than a model file
+            can hold (``MAX_CLASSES`` classes, ``MAX_IN_CHANNELS`` input channels).
+    """
+    if raw is None:
+        raise UserError(f"{source}: a netshrink model file without its model spec; {_RESAVE}")
+    if not isinstance(raw, str):
+        raise UserError(f"{source}: corrupt model spec (not a JSON string); {_RESAVE}")
+    try:
+        spec = ModelSpec.model_validate(bounded_json(raw, max_bytes=MAX_META_BYTES))
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+        reason = (_validation_reason(exc) if isinstance(exc, ValidationError)
+                  else _brief(exc))
+        raise UserError(f"{source}: corrupt model spec ({reason}); {_RESAVE}") from None
+    check_spec(spec, source)
+    return spec
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "spec"
+    return _brief(f"{where}: {first.get('msg', 'invalid')}")
+
+
+def check_spec(spec: ModelSpec, source: Path) -> None:
+    """Refuse a spec that would allocate more than any model file holds.
+
+    Raises:
+        UserError: too many classes or input channels, or an over-long architecture name.
+    """
+    problems = []
+    if spec.num_classes > MAX_CLASSES:
+        problems.append(f"num_classes {spec.num_classes:,} (at most {MAX_CLASSES:,})")
+    if spec.in_channels > MAX_IN_CHANNELS:
+        problems.append(f"in_channels {spec.in_channels:,} (at most {MAX_IN_CHANNELS})")
+    if len(spec.arch) > 100:
+        problems.append(f"an architecture name of {len(spec.arch)} characters")
+    if problems:
+        raise UserError(f"{source}: model spec out of range: {', '.join(problems)}; "
+                        f"{_RESAVE}")
+
+
+def parse_meta(raw: Any, spec: ModelSpec, source: Path) -> dict[str, Any]:
+    """The ``meta`` string of a netshrink model file, its known keys checked.
+
+    Keys other code relies on must be what ``checkpoint_meta`` writes: ``class_names``
+    one string per class, ``image_size`` a whole number 1..``MAX_IMAGE_SIZE``,
+    ``in_channels`` the spec's, ``mean``/``std`` one finite number per input channel
+    (``std`` above zero), ``dataset`` a name. Other keys are kept as they are.
+
+    Raises:
+        UserError: not JSON, not an object, or a known key with a wrong value.
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, str):
+        raise UserError(f"{source}: corrupt model metadata (not a JSON string); {_RESAVE}")
+    try:
+        meta = bounded_json(raw, max_bytes=MAX_META_BYTES)
+    except ValueError as exc:
+        raise UserError(f"{source}: corrupt model metadata ({exc}); {_RESAVE}") from None
+    return check_meta(meta, spec, source)
+
+
+def check_meta(meta: Any, spec: ModelSpec, source: Path) -> dict[str, Any]:
+    """``meta`` itself, once its known keys are checked (see ``parse_meta``).
+
+    Raises:
+        UserError: not a dict, or a known key with a wrong value.
+    """
+    if not isinstance(meta, dict):
+        raise UserError(f"{source}: corrupt model metadata (not a JSON object); {_RESAVE}")
+    problem = _meta_problem(meta, spec)
+    if problem:
+        raise UserError(f"{source}: corrupt model metadata: {problem}; {_RESAVE}")
+    return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _meta_problem(meta: dict[str, Any], spec: ModelSpec) -> str | None:
+    names = meta.get("class_names")
+    if "class_names" in meta and (
+            not isinstance(names, list) or len(names) != spec.num_classes
+            or not all(isinstance(n, str) and len(n) <= 1000 for n in names)):
+        count = len(names) if isinstance(names, list) else type(names).__name__
+        return (f"class_names should be {spec.num_classes} strings (one per class of the "
+                f"model), found {count}")
+    size = meta.get("image_size")
+    if "image_size" in meta and not (_is_int(size) and 1 <= size <= MAX_IMAGE_SIZE):
+        shown = size if _is_int(size) else type(size).__name__
+        return f"image_size is {shown}, expected a whole number 1-{MAX_IMAGE_SIZE}"
+    channels = meta.get("in_channels")
+    if "in_channels" in meta and channels != spec.in_channels:
+        shown = channels if _is_int(channels) else type(channels).__name__
+        return f"in_channels is {shown}, the model takes {spec.in_channels}"
+    for key in ("mean", "std"):
+        if key not in meta:
+            continue
+        values = meta[key]
+        if (not isinstance(values, list) or len(values) != spec.in_channels
+                or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                           and math.isfinite(v) for v in values)
+                or (key == "std" and not all(v > 0 for v in values))):
+            what = "positive " if key == "std" else ""
+            found = f"{len(values)} values" if isinstance(values, list) \
+                else type(values).__name__
+            return (f"{key} should be {spec.in_channels} finite {what}number(s), one per "
+                    f"input channel, found {found}")
+    dataset = meta.get("dataset")
+    if "dataset" in meta and not (isinstance(dataset, str) and 0 < len(dataset) <= 200):
+        return "dataset should be a dataset name"
+    return None
 
 
 def load_model(path: Path, *, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec, dict]:
@@ -219,14 +481,16 @@ def load_model(path: Path, *, spec: ModelSpec | None = None) -> tuple[nn.Module,
         ``(model in eval mode, its spec, the file's metadata dict)``.
 
     Raises:
-        UserError: unreadable, unsafe, or mismatched checkpoint.
+        UserError: unreadable, unsafe, or mismatched checkpoint, or a netshrink model
+            file whose spec or metadata is missing, invalid or out of range.
     """
     state, header = read_state_dict(path)
     meta: dict[str, Any] = {}
     if header.get("format") == FORMAT:
-        meta = json.loads(header.get("meta", "{}"))
+        own = parse_spec(header.get("spec"), path)
+        meta = parse_meta(header.get("meta"), own, path)
         if spec is None:
-            spec = ModelSpec.model_validate_json(header["spec"])
+            spec = own
     if spec is None:
         spec = guess_spec(state)
     return model_from_state(spec, state, path), spec, meta
@@ -236,11 +500,25 @@ def model_from_state(spec: ModelSpec, state: dict[str, Tensor], source: Path) ->
     """Build ``spec``'s model and load ``state`` into it (eval mode).
 
     A ``pruned`` spec builds the unpruned model and gives its layers the state's widths
-    first (channel pruning never changes the input channels or class count).
+    first (channel pruning never changes the input channels or class count). The spec
+    is checked against the state on a model without storage first, so a spec that does
+    not fit is reported without allocating what it asks for.
 
     Raises:
-        UserError: the state does not fit the spec (``source`` is named in the message).
+        UserError: the spec is out of range or the state does not fit it (``source`` is
+            named in the message).
     """
+    check_spec(spec, source)
+    with torch.device("meta"):
+        shell = _shaped_model(spec, state)
+    if describe_mismatch(shell, state):
+        load_weights(shell, spec, state, source)  # raises, naming what differs
+    model = _shaped_model(spec, state)
+    load_weights(model, spec, state, source)
+    return model.eval()
+
+
+def _shaped_model(spec: ModelSpec, state: dict[str, Tensor]) -> nn.Module:
     model = build_model(spec)
     if spec.pruned:
         expected = _io_widths(model)
@@ -249,8 +527,7 @@ def model_from_state(spec: ModelSpec, state: dict[str, Tensor], source: Path) ->
             # Another input or class count is another model, not a pruned one: check the
             # file against the spec's own shapes so the mismatch is reported.
             model = build_model(spec)
-    load_weights(model, spec, state, source)
-    return model.eval()
+    return model
 
 
 def _io_widths(model: nn.Module) -> tuple[int | None, int | None]:

@@ -59,7 +59,7 @@ from netshrink.models import ModelSpec
 from netshrink.quant.kmeans import Codebook
 from netshrink.store.atomic import atomic_writer
 from netshrink.store.bitpack import pack_bits
-from netshrink.store.checkpoint import model_from_state
+from netshrink.store.checkpoint import check_meta, check_spec, model_from_state
 from netshrink.store.packed_codec import (
     _DTYPES,
     FORMAT,
@@ -160,7 +160,10 @@ def _write(path: Path, header: dict[str, Any], blobs: _Blobs, level: int) -> int
     total = 8 + len(head) + blobs.size
     # The checksum lets a flipped bit be reported as corruption rather than loaded;
     # threads=-1 uses every core for the high levels, and the output stays one frame.
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
+    # The frame declares its content size (the pledged ``size``): readers refuse frames
+    # that do not, so that what a file decompresses to is known before it is.
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True,
+                                    threads=-1)
     compressor = cctx.compressobj(size=total)
     with atomic_writer(path) as handle:
         handle.write(MAGIC)
@@ -301,4 +304,6 @@ def load_packed_model(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]
     except ValidationError as exc:
         raise UserError(f"{path}: corrupt packed file (its model spec: "
                         f"{exc.errors()[0]['msg']}); write it again") from None
-    return model_from_state(spec, tensors, Path(path)), spec, header.get("meta") or {}
+    check_spec(spec, Path(path))
+    meta = check_meta(header.get("meta") or {}, spec, Path(path))
+    return model_from_state(spec, tensors, Path(path)), spec, meta

@@ -12,7 +12,7 @@ import numpy as np
 from netshrink.errors import UserError
 from netshrink.store.packed import _Blobs, _write
 from netshrink.store.packed_codec import _DTYPES, FORMAT, VERSION, _CorruptError, _plain_parts
-from netshrink.store.packed_read import _check_sizes, _open, _plain_words, _shape
+from netshrink.store.packed_read import _check_sizes, _open, _plain_words, _shape, _short
 
 __all__ = ["pack_onnx", "unpack_onnx"]
 
@@ -107,16 +107,17 @@ def unpack_onnx(packed_path: Path) -> bytes:
             dt = _DTYPES[entry["dtype"]]
             _, n = _shape(entry)
             if entry["encoding"] not in ("dense", "sparse"):
-                raise UserError(f"{f.path}: initializer {entry.get('name')!r} uses encoding "
-                                f"{entry['encoding']!r}, which packed ONNX files do not "
-                                "use; upgrade netshrink")
+                raise UserError(f"{f.path}: initializer {_short(entry.get('name'))} uses "
+                                f"encoding {_short(entry['encoding'])}, which packed ONNX "
+                                "files do not use; upgrade netshrink")
             index = entry["index"]
             if not isinstance(index, int) or not 0 <= index < len(inits) \
                     or inits[index].name != entry["name"]:
-                raise _CorruptError(f"initializer {entry['name']!r} is not at {index!r}")
+                raise _CorruptError(f"initializer {_short(entry['name'])} is not at "
+                                    f"{_short(index)}")
             words = _plain_words(f, entry["parts"], dt, n, entry["encoding"] == "sparse")
             inits[index].raw_data = words.tobytes()
-    except (_CorruptError, DecodeError, KeyError, TypeError, ValueError) as exc:
+    except (_CorruptError, DecodeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise UserError(f"{f.path}: corrupt packed file ({type(exc).__name__}: {exc}); "
                         "write it again") from None
     return model.SerializeToString()
