@@ -34,7 +34,7 @@ from netshrink.recipe.stages import STAGES, Deployed, StageContext
 from netshrink.recipe.start import start_model
 from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
 from netshrink.runtime.base import Executable
-from netshrink.store.atomic import atomic_write_text
+from netshrink.store.atomic import atomic_write_text, is_temp_name
 from netshrink.store.checkpoint import load_model, save_model
 from netshrink.store.layout import (
     MODEL_FILE,
@@ -353,6 +353,8 @@ class Runner:
         baseline, spec = start_model(recipe.model, data, seed=recipe.seed)
         self._preflight(data, entries)
         self.out.mkdir(parents=True, exist_ok=True)
+        if previous is not None:
+            self._clear_interrupted_writes(previous)
         measured = recipe.measure.model_dump(mode="json")
         if not measured["also_cpu"]:
             del measured["also_cpu"]  # runs from before the option keep their measurements
@@ -517,6 +519,17 @@ class Runner:
             owned |= {stage_path(self.out, i, n).name for i, n in enumerate(names)
                       if stage_path(self.out, i, n).is_dir()}
         return sorted(owned)
+
+    def _clear_interrupted_writes(self, previous: RunRecord) -> None:
+        """Remove the temporary files of writes a killed run left half done (only names
+        the atomic writer makes, only in the folders this run owns)."""
+        folders = [self.out, self.out / "report_files"]
+        folders += [self.out / STAGES_DIR / name for name in self._owned_folders(previous)]
+        for folder in folders:
+            if folder.is_dir() and not folder.is_symlink():
+                for path in folder.iterdir():
+                    if is_temp_name(path.name) and path.is_file() and not path.is_symlink():
+                        path.unlink()
 
     def _claim(self, record: RunRecord, folder: Path) -> None:
         """Record ``folder`` as this run's before creating it, so that a run killed inside

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_writer", "temp_path"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_writer", "is_temp_name",
+           "temp_path"]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -25,6 +27,15 @@ def temp_path(path: Path) -> Path:
     # A leading dot keeps the half-written file out of casual listings and globs like
     # ``*.png``; the pid and random token keep concurrent writers from sharing one.
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+_TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX))
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one ``temp_path`` makes: a write that a killed process left
+    half done, which only the writer's folder's owner may clear away."""
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 def _fsync_dir(folder: Path) -> None:
