@@ -14,7 +14,9 @@ pickles go through an unpickler that only resolves the globals a numpy array nee
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,52 +27,181 @@ import torch
 
 from netshrink.data.base import RawArrays
 from netshrink.errors import UserError
+from netshrink.store.limits import element_count, read_regular
 
 _PIXELS = 3 * 32 * 32
 _DOWNLOAD_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """The only globals a pickled uint8 numpy array refers to.
+# What one CIFAR file may be: the largest real one (CIFAR-100's train.bin) is 154 MB.
+MAX_CIFAR_BYTES = 1 << 30
+MAX_NAMES_BYTES = 1 << 20
+_ALLOWED_KINDS = frozenset("biuf")  # numeric arrays only: no objects, strings or voids
+_SIMPLE_KEYS = (str, bytes, int, float, bool, type(None))
 
-    Files written by numpy 1.x name ``numpy.core.multiarray._reconstruct``; numpy 2 renamed
-    the package to ``numpy._core`` (and importing ``numpy.core`` warns), so both names map
-    to whichever object this numpy has. We hand out the objects ourselves instead of calling
-    ``super().find_class``, so nothing is imported on the file's say-so.
-    """
+
+def _reconstruct_fn() -> Any:
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
+    return _reconstruct
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
+class _NdarrayToken:
+    """What a pickle gets for ``numpy.ndarray``: only ``_reconstruct`` may use it.
+
+    Called directly (``REDUCE``/``NEWOBJ``), ``numpy.ndarray(shape)`` would allocate any
+    shape the file names; the token refuses instead.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError("the file calls numpy.ndarray directly, which CIFAR "
+                                     "batches never do")
+
+
+def _dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """``numpy.dtype(spec)`` for plain numeric types only (what a CIFAR array can be)."""
+    del align, copy  # a fresh dtype is built either way; alignment means nothing here
+    if not isinstance(spec, str | bytes) or len(spec) > 16:
+        raise pickle.UnpicklingError("a dtype that is not a short type code")
+    try:
+        dt = np.dtype(spec.decode("ascii") if isinstance(spec, bytes) else spec)
+    except (TypeError, ValueError, UnicodeDecodeError):
+        raise pickle.UnpicklingError(f"unknown dtype {spec[:16]!r}") from None
+    if dt.kind not in _ALLOWED_KINDS or dt.itemsize > 16:
+        raise pickle.UnpicklingError(f"dtype {dt.str!r}, not a numeric type")
+    return dt
+
+
+class _ArrayOnlyUnpickler(pickle._Unpickler):  # the pure-Python one: its steps can be checked
     """An unpickler that can rebuild dicts, lists, numbers, strings and numpy arrays only.
 
     A pickle can call any importable function while loading (``os.system`` is the classic
     example); CIFAR batches only ever need the numpy array constructors, so everything else
-    is refused before it is imported.
+    is refused before it is imported. What those constructors may build is bounded too:
+    numeric dtypes only, and no array larger than the file it comes from (``limit``
+    bytes), checked before it is allocated. Dict keys must be plain values (hashing a
+    crafted nest of tuples could take forever), sets are refused, and ``BUILD`` only
+    fills in arrays. The pure-Python unpickler reads from an in-memory copy of the file,
+    so no opcode can make it allocate more than the file holds.
     """
 
-    def __init__(self, file: Any, path: Path) -> None:
+    dispatch = pickle._Unpickler.dispatch.copy()
+
+    def __init__(self, file: Any, path: Path, limit: int) -> None:
         super().__init__(file, encoding="bytes")
         self._path = path
-        self._allowed = _numpy_globals()
+        self._budget = limit  # array bytes left to build: all arrays together fit the file
+        self._allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): self._reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): self._reconstruct,
+            ("numpy", "ndarray"): _NdarrayToken,
+            ("numpy", "dtype"): _dtype,
+        }
 
     def find_class(self, module: str, name: str) -> Any:
         try:
             return self._allowed[(module, name)]
-        except KeyError:
+        except (KeyError, TypeError):
             raise UserError(
-                f"refusing to unpickle {module}.{name} from {self._path}: CIFAR batches "
-                "contain only arrays; this file is not a CIFAR batch"
+                f"refusing to unpickle {str(module)[:80]}.{str(name)[:80]} from "
+                f"{self._path}: CIFAR batches contain only arrays; this file is not a "
+                "CIFAR batch"
             ) from None
+
+    def _reconstruct(self, subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        """numpy's ``_reconstruct(ndarray, shape, dtype)``, for ``ndarray`` and a size the
+        file can fill (real files pass shape ``(0,)``; ``BUILD`` sets the data)."""
+        if subtype is not _NdarrayToken:
+            raise pickle.UnpicklingError("_reconstruct of something other than an ndarray")
+        dt = dtype if isinstance(dtype, np.dtype) else _dtype(dtype)
+        if dt.kind not in _ALLOWED_KINDS:
+            raise pickle.UnpicklingError(f"dtype {dt.str!r}, not a numeric type")
+        self._check_size(shape, dt)
+        return _reconstruct_fn()(np.ndarray, tuple(shape), dt)
+
+    def _check_size(self, shape: Any, dt: np.dtype) -> int:
+        """The element count of ``shape``, taken from the budget of array bytes."""
+        if not isinstance(shape, tuple | list):
+            raise pickle.UnpicklingError("an array shape that is not a tuple")
+        try:
+            n = element_count(shape, itemsize=dt.itemsize, available=self._budget)
+        except ValueError as exc:
+            raise pickle.UnpicklingError(f"arrays larger than the file ({exc})") from None
+        self._budget -= n * dt.itemsize
+        return n
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.dtype):
+            # numpy's dtype state (version, byte order, ..., item size, alignment, flags)
+            # can change a flexible type's size; a plain numeric dtype needs none of it.
+            native = ("|", "=", "<" if np.little_endian else ">")
+            if (not isinstance(state, tuple) or len(state) < 2
+                    or state[1] not in (*native, *(c.encode() for c in native))
+                    or any(v is not None for v in state[2:5])
+                    or (len(state) > 5 and state[5] not in (-1, inst.itemsize))):
+                raise pickle.UnpicklingError("a dtype state other than a plain numeric type's")
+            return
+        if isinstance(inst, np.ndarray):
+            if not isinstance(state, tuple) or len(state) != 5:
+                raise pickle.UnpicklingError("an array state of an unknown layout")
+            _, shape, dt, _, raw = state
+            if not isinstance(dt, np.dtype) or dt.kind not in _ALLOWED_KINDS \
+                    or not isinstance(raw, bytes | bytearray):
+                raise pickle.UnpicklingError("an array state that is not numeric bytes")
+            n = self._check_size(shape, dt)
+            if n * dt.itemsize != len(raw):
+                raise pickle.UnpicklingError(f"an array of shape {tuple(shape)[:8]} with "
+                                             f"{len(raw)} bytes of data")
+            inst.__setstate__(state)
+            return
+        raise pickle.UnpicklingError(f"BUILD of a {type(inst).__name__}, which CIFAR batches "
+                                     "never hold")
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _check_keys(self, items: list[Any]) -> None:
+        if not all(isinstance(k, _SIMPLE_KEYS) for k in items[0::2]):
+            raise pickle.UnpicklingError("a dict key that is not a string or number")
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        self._check_keys(items)
+        target = self.stack[-1]
+        if not isinstance(target, dict):
+            raise pickle.UnpicklingError("SETITEMS on something other than a dict")
+        for i in range(0, len(items) - 1, 2):
+            target[items[i]] = items[i + 1]
+
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._check_keys([key, value])
+        target = self.stack[-1]
+        if not isinstance(target, dict):
+            raise pickle.UnpicklingError("SETITEM on something other than a dict")
+        target[key] = value
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_dict(self) -> None:
+        items = self.pop_mark()
+        self._check_keys(items)
+        self.append({items[i]: items[i + 1] for i in range(0, len(items) - 1, 2)})
+
+    dispatch[pickle.DICT[0]] = load_dict
+
+    def _refuse_sets(self) -> None:
+        raise pickle.UnpicklingError("a set, which CIFAR batches never hold")
+
+    for _op in (pickle.ADDITEMS, pickle.FROZENSET, pickle.EMPTY_SET):
+        dispatch[_op[0]] = _refuse_sets
+    del _op
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -79,18 +210,19 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     Raises:
         UserError: missing file, a refused global, a broken pickle, or not a dict.
     """
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: file not found; re-extract the CIFAR archive")
+    data = read_regular(path, "CIFAR batch", max_bytes=MAX_CIFAR_BYTES)
     try:
-        with path.open("rb") as f:
-            obj = _ArrayOnlyUnpickler(f, path).load()
+        obj = _ArrayOnlyUnpickler(io.BytesIO(data), path, len(data)).load()
     except UserError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, OverflowError) as exc:
+            IndexError, KeyError, OverflowError, struct.error, MemoryError) as exc:
         # Whatever the unpickler trips over, the file is the problem, not our code.
+        reason = " ".join(str(exc).split())[:160] or "the data ends early"
         raise UserError(
-            f"{path}: not a readable CIFAR python batch ({type(exc).__name__}: {exc}); "
+            f"{path}: not a readable CIFAR python batch ({type(exc).__name__}: {reason}); "
             "re-download and extract the archive"
         ) from None
     if not isinstance(obj, dict):
@@ -100,8 +232,33 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _text(value: Any, path: Path) -> str:
+    if isinstance(value, bytes | str) and len(value) <= 1000:
+        try:
+            return value.decode("utf-8") if isinstance(value, bytes) else value
+        except UnicodeDecodeError:
+            pass
+    raise UserError(f"{path}: a class name that is not a short UTF-8 string; "
+                    "re-download the archive")
+
+
+def _label_array(labels: Any, n: int, path: Path, key: str) -> np.ndarray:
+    """Labels as int64 ``[n]``: a list of ints or a 1-D integer array, nothing nested."""
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        array = labels.astype(np.int64)
+    elif isinstance(labels, list) and all(type(v) is int for v in labels):
+        try:
+            array = np.array(labels, dtype=np.int64)
+        except OverflowError:
+            raise UserError(f"{path}: {key!r} holds a number too large for a label") from None
+    else:
+        raise UserError(f"{path}: {key!r} is not a list of integers; re-download the archive")
+    if array.shape != (n,):
+        raise UserError(
+            f"{path}: {n} images but {array.shape} {key!r}; "
+            "the file is damaged, re-download it"
+        )
+    return array
 
 
 def _batch_arrays(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -119,20 +276,12 @@ def _batch_arrays(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     data, labels = batch["data"], batch[label_key]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != _PIXELS:
-        shape = getattr(data, "shape", None)
+        shape = data.shape if isinstance(data, np.ndarray) else None
         raise UserError(
             f"{path}: 'data' should be a uint8 array [N, {_PIXELS}], found "
             f"{type(data).__name__} {shape}; re-download the archive"
         )
-    try:
-        label_array = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise UserError(f"{path}: {label_key!r} is not a list of integers") from None
-    if label_array.shape != (data.shape[0],):
-        raise UserError(
-            f"{path}: {data.shape[0]} images but {label_array.shape} {label_key!r}; "
-            "the file is damaged, re-download it"
-        )
+    label_array = _label_array(labels, data.shape[0], path, label_key)
     return data.reshape(-1, 3, 32, 32), label_array
 
 
@@ -147,9 +296,10 @@ def _read_records(path: Path, label_bytes: int, label_index: int) -> tuple[np.nd
     Raises:
         UserError: the file is missing, empty, or not a whole number of records.
     """
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: file not found; re-extract the CIFAR binary archive")
-    raw = np.fromfile(path, dtype=np.uint8)
+    raw = np.frombuffer(read_regular(path, "CIFAR binary file", max_bytes=MAX_CIFAR_BYTES),
+                        dtype=np.uint8)
     record = label_bytes + _PIXELS
     if raw.size == 0 or raw.size % record:
         raise UserError(
@@ -164,10 +314,16 @@ def _read_records(path: Path, label_bytes: int, label_index: int) -> tuple[np.nd
 
 def _read_names(path: Path) -> list[str]:
     """Class names, one a line, from a binary-version ``*.txt`` file (blank lines dropped)."""
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: file not found; re-extract the CIFAR binary archive")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()]
+    raw = read_regular(path, "class-name file", max_bytes=MAX_NAMES_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start} is not); it should list "
+                        "the class names one a line; re-extract the CIFAR binary "
+                        "archive") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -257,7 +413,11 @@ def _read(root: Path, layout: _Layout) -> RawArrays:
         if layout.python_names_key not in meta:
             raise UserError(f"{meta_path}: no {layout.python_names_key!r} entry; "
                             "re-download the archive")
-        names = [_text(n) for n in meta[layout.python_names_key]]
+        raw_names = meta[layout.python_names_key]
+        if not isinstance(raw_names, list):
+            raise UserError(f"{meta_path}: {layout.python_names_key!r} is not a list of "
+                            "names; re-download the archive")
+        names = [_text(n, meta_path) for n in raw_names]
     else:
         # CIFAR-100 records start with the coarse label, then the fine one we train on.
         index = layout.label_bytes - 1

@@ -7,8 +7,8 @@ byte count, so a truncated or wrong file is named with what was expected.
 
 from __future__ import annotations
 
-import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 
 from netshrink.data.base import RawArrays
 from netshrink.errors import UserError
+from netshrink.store.limits import element_count, read_regular
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -29,34 +30,105 @@ _FILES = {
 }
 
 
+MAX_IDX_BYTES = 2 << 30  # data bytes one IDX file may declare (Fashion-MNIST's: 47 MB)
+_MAX_RANK = 16
+_REDOWNLOAD = "re-download the file"
+
+
+class _Gunzip:
+    """Reads a gzip stream's decompressed bytes, never more than asked for.
+
+    ``gzip.decompress`` would inflate a bomb whole before anything could be checked;
+    this hands out at most ``n`` bytes per ``read`` (plus one zlib block of slack), so
+    the IDX header decides how much is ever decompressed. Concatenated members are read
+    on; zero padding after the last one is ignored, other trailing bytes are an error.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._rest = data
+        self._member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._pending = b""
+        self._done = False
+
+    def read(self, n: int) -> bytes:
+        out = [self._pending[:n]]
+        self._pending = self._pending[n:]
+        have = len(out[0])
+        while have < n and not self._done:
+            before = len(self._rest)
+            chunk = self._member.decompress(self._rest, n - have)
+            self._rest = self._member.unconsumed_tail
+            out.append(chunk)
+            have += len(chunk)
+            if self._member.eof:
+                rest = self._member.unused_data
+                if not rest.strip(b"\0"):
+                    self._done = True
+                elif rest[:2] == b"\x1f\x8b":
+                    self._member = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    self._rest = rest
+                else:
+                    raise zlib.error(f"{len(rest)} bytes of something else after the data")
+            elif not chunk and (not self._rest or len(self._rest) == before):
+                raise EOFError("the compressed data ends early")
+        return b"".join(out)
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (plain or ``.gz``) into a uint8 array.
 
+    Nothing is allocated or decompressed beyond what the header declares (and at most
+    ``MAX_IDX_BYTES``): a plain file's size is checked against it first, a gzipped one
+    is inflated only that far, plus a few bytes to tell a padded file.
+
     Raises:
-        UserError: the file is missing, truncated, or not an unsigned-byte IDX file.
+        UserError: the file is missing, not a regular file, truncated, padded, or not an
+            unsigned-byte IDX file.
     """
+    path = Path(path)
+    gz = path.suffix == ".gz"
+    raw = read_regular(path, "IDX file", max_bytes=MAX_IDX_BYTES + (1 << 16))
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise UserError(f"{path}: not a readable gzip file ({exc}); re-download it") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise UserError(f"{path}: not an IDX file (expected magic 0x0000 then type and rank)")
-    dtype_code, ndim = raw[2], raw[3]
-    if dtype_code != 0x08:
-        raise UserError(f"{path}: IDX type 0x{dtype_code:02x}; expected 0x08 (unsigned byte)")
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise UserError(f"{path}: IDX header truncated (rank {ndim})")
-    shape = struct.unpack(f">{ndim}i", raw[4:header])
-    expected = int(np.prod(shape))
-    if len(raw) - header != expected:
+        if gz:
+            stream = _Gunzip(raw)
+            head = stream.read(4)
+        else:
+            head = raw[:4]
+        if len(head) < 4 or head[0] != 0 or head[1] != 0:
+            raise UserError(f"{path}: not an IDX file (expected magic 0x0000 then type and "
+                            f"rank); {_REDOWNLOAD}")
+        dtype_code, ndim = head[2], head[3]
+        if dtype_code != 0x08:
+            raise UserError(f"{path}: IDX type 0x{dtype_code:02x}; expected 0x08 "
+                            "(unsigned byte)")
+        if not 1 <= ndim <= _MAX_RANK:
+            raise UserError(f"{path}: IDX rank {ndim}; expected 1 to {_MAX_RANK} dimensions; "
+                            f"{_REDOWNLOAD}")
+        header = 4 + 4 * ndim
+        dims_raw = stream.read(4 * ndim) if gz else raw[4:header]
+        if len(dims_raw) < 4 * ndim:
+            raise UserError(f"{path}: IDX header truncated (rank {ndim}); {_REDOWNLOAD}")
+        shape = struct.unpack(f">{ndim}i", dims_raw)
+        try:
+            expected = element_count(shape, available=MAX_IDX_BYTES)
+        except ValueError as exc:
+            raise UserError(f"{path}: impossible IDX header: {exc} (an IDX file holds at "
+                            f"most {MAX_IDX_BYTES:,} bytes); {_REDOWNLOAD}") from None
+        if gz:
+            body = stream.read(expected)
+            found = len(body) + len(stream.read(16))
+        else:
+            body = memoryview(raw)[header : header + expected]  # a view: no copy
+            found = len(raw) - header
+    except (zlib.error, EOFError) as exc:
+        raise UserError(f"{path}: not a readable gzip file ({exc}); {_REDOWNLOAD}") from None
+    if found != expected:
+        more = "+" if gz and found > expected else ""
         raise UserError(
-            f"{path}: truncated or padded IDX data: shape {shape} needs {expected} bytes "
-            f"after the header, found {len(raw) - header}; re-download the file"
+            f"{path}: truncated or padded IDX data: shape {shape} needs {expected:,} bytes "
+            f"after the header, found {found:,}{more}; {_REDOWNLOAD}"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
 def _find(root: Path, stem: str) -> Path:

@@ -206,8 +206,8 @@ def element_count(shape: Any, *, itemsize: int = 1, available: int,
         dims.append(int(d))
     count = math.prod(dims)  # exact: Python integers do not overflow
     if count * itemsize > available:
-        raise ValueError(f"shape {_short(dims)} needs {count * itemsize:,} bytes, only "
-                         f"{available:,} are there")
+        raise ValueError(f"shape {_short(dims)} needs {count * itemsize:,} bytes, more than "
+                         f"{available:,}")
     return count
 
 
