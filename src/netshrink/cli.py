@@ -276,10 +276,24 @@ def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+
     from netshrink.bench import measure
+    from netshrink.bench.schema import NOISY_ROUND_SPREAD
     from netshrink.models import ModelSpec, build_model
     from netshrink.store.checkpoint import load_model
 
+    if args.json is not None:
+        # Checked before measuring: the benchmark takes minutes, the write a moment.
+        folder = args.json.parent
+        if args.json.is_dir():
+            raise UserError(f"--json {args.json} is a folder; give a file name in it, "
+                            f"e.g. {args.json / 'bench.json'}")
+        if not folder.is_dir():
+            raise UserError(f"--json {args.json}: the folder {folder} does not exist; "
+                            "create it first")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"--json {args.json}: the folder {folder} is not writable")
     if args.weights is not None:
         model, spec, meta = load_model(args.weights)
         shape = args.input or [spec.in_channels, meta.get("image_size", 224),
@@ -302,21 +316,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     threads=args.threads, batch_size=args.batch_size, seed=repeat)
         results.append(m)
         lat, thr = m.latency, m.throughput
+        assert lat is not None and thr is not None
+        rounds = (f", rounds {lat.round_spread:.1%} apart" if lat.round_spread is not None
+                  else "")
         print(f"[{repeat + 1}/{args.repeats}] {spec.arch} {'x'.join(map(str, shape))}: "
-              f"batch 1 p50 {lat.p50_ms:.2f} ms p90 {lat.p90_ms:.2f} ms; "  # type: ignore[union-attr]
-              f"batch {args.batch_size} {thr.images_per_s:.1f} img/s; "  # type: ignore[union-attr]
+              f"batch 1 p50 {lat.p50_ms:.2f} ms p90 {lat.p90_ms:.2f} ms "
+              f"(p90/p50 {lat.p90_over_p50 or float('nan'):.2f}{rounds}); "
+              f"batch {args.batch_size} {thr.images_per_s:.1f} img/s; "
               f"peak {m.peak_memory_mb:.0f} MB ({m.memory_kind})")
+        for reason in m.noise():
+            print(f"warning: repeat {repeat + 1} is noisy, {reason}: another job is probably "
+                  "using the machine; its figures are not reliable", file=sys.stderr)
     p50s = [r.latency.p50_ms for r in results]  # type: ignore[union-attr]
     tputs = [r.throughput.images_per_s for r in results]  # type: ignore[union-attr]
     first = results[0]
     macs = f"; MACs {first.macs / 1e6:,.1f} M per image" if first.macs else ""
     print(f"params {first.params:,} (non-zero {first.nonzero_params:,}){macs}")
     if len(results) > 1:
-        lat_spread = (max(p50s) / min(p50s) - 1) * 100
-        tput_spread = (max(tputs) / min(tputs) - 1) * 100
+        lat_spread = max(p50s) / min(p50s) - 1
+        tput_spread = max(tputs) / min(tputs) - 1
         print(f"run-to-run spread: batch-1 p50 {min(p50s):.2f}-{max(p50s):.2f} ms "
-              f"({lat_spread:.1f}%); throughput {min(tputs):.1f}-{max(tputs):.1f} img/s "
-              f"({tput_spread:.1f}%)")
+              f"({lat_spread:.1%}); throughput {min(tputs):.1f}-{max(tputs):.1f} img/s "
+              f"({tput_spread:.1%})")
+        if max(lat_spread, tput_spread) > NOISY_ROUND_SPREAD:
+            print(f"warning: the repeats differ by more than {NOISY_ROUND_SPREAD:.0%} "
+                  f"(batch-1 p50 {lat_spread:.1%}, throughput {tput_spread:.1%}): the machine "
+                  "was busy or changed speed while measuring; do not compare these figures, "
+                  "measure again on a quiet machine", file=sys.stderr)
     if args.json is not None:
         from netshrink.store.atomic import atomic_write_text
 
@@ -461,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "max-autotune-no-cudagraphs"], help="torch.compile mode")
     p.add_argument("--sparse24", choices=["off", "auto", "all"], default="off",
                    help="2:4 sparse kernels for 2:4-sparse layers (GPU)")
-    p.add_argument("--json", type=Path, help="also write the measurements here")
+    p.add_argument("--json", type=Path,
+                   help="also write the measurements here (checked before measuring: its "
+                        "folder must exist and be writable)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("predict", help="top-5 classes of images with a trained model")

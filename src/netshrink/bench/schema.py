@@ -27,8 +27,23 @@ class Environment(BaseModel):
     platform: str
 
 
+# When a timing is too unsteady to compare (see ``Latency.noise_reason``). On a quiet CPU a
+# forward pass's calls vary by a few percent (ResNet-18: p90/p50 about 1.05-1.15, a
+# sub-millisecond model up to ~1.3 from timer interrupts alone) and the medians of three
+# back-to-back rounds by 1-3%. A p90 half again above the median means one call in ten
+# lost the CPU for a long while; round medians 10% apart mean the machine's load changed
+# while timing. Either way a 5% speed difference (the report's "faster") cannot be read.
+NOISY_P90_OVER_P50 = 1.5
+NOISY_ROUND_SPREAD = 0.10
+
+
 class Latency(BaseModel):
-    """Per-call wall time over ``runs`` timed calls after ``warmup`` untimed ones."""
+    """Per-call wall time over ``runs`` timed calls after ``warmup`` untimed ones.
+
+    The calls are timed in ``rounds`` back-to-back rounds; the percentiles are over all
+    calls, and ``round_spread`` says how far the rounds' medians are apart. The fields
+    after ``images_per_s`` are optional so that records written before them still load.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,6 +57,35 @@ class Latency(BaseModel):
     max_ms: float
     std_ms: float
     images_per_s: float  # batch_size / (p50_ms / 1000)
+    rounds: int = 1  # the timed calls were made in this many back-to-back rounds
+    round_p50_ms: list[float] | None = None  # each round's median; None with one round
+    round_spread: float | None = None  # (max - min) / min of the rounds' medians
+    noisy: bool = False  # p90/p50 or round_spread past its threshold when timed
+    noise: str | None = None  # why it is noisy, in words
+
+    @property
+    def p90_over_p50(self) -> float | None:
+        return self.p90_ms / self.p50_ms if self.p50_ms > 0 else None
+
+    def noise_reason(self) -> str | None:
+        """Why this timing cannot be compared, or None when it can.
+
+        A record marked ``noisy`` says why; an older record without the mark is judged
+        on what it has (its p90/p50), so a noisy timing from before the mark is caught too.
+        """
+        if self.noisy:
+            return self.noise or "marked noisy"
+        return noise_reason(self.p50_ms, self.p90_ms, self.round_spread)
+
+
+def noise_reason(p50_ms: float, p90_ms: float, round_spread: float | None) -> str | None:
+    """The reason a timing with these figures is noisy, or None (thresholds above)."""
+    reasons = []
+    if p50_ms > 0 and p90_ms / p50_ms > NOISY_P90_OVER_P50:
+        reasons.append(f"p90/p50 {p90_ms / p50_ms:.2f} > {NOISY_P90_OVER_P50:g}")
+    if round_spread is not None and round_spread > NOISY_ROUND_SPREAD:
+        reasons.append(f"round medians {round_spread:.0%} apart > {NOISY_ROUND_SPREAD:.0%}")
+    return "; ".join(reasons) or None
 
 
 class Accuracy(BaseModel):
@@ -77,3 +121,14 @@ class Measurement(BaseModel):
     memory_kind: str | None = None  # "rss" (process peak, CPU) or "cuda" (peak reserved)
     accuracy: Accuracy | None = None
     environment: Environment
+
+    def noise(self) -> list[str]:
+        """``["latency: p90/p50 2.95 > 1.5", ...]``: the timings too noisy to compare."""
+        return [f"{what}: {reason}"
+                for what, lat in (("latency", self.latency), ("throughput", self.throughput))
+                if lat is not None and (reason := lat.noise_reason()) is not None]
+
+    @property
+    def noisy(self) -> bool:
+        """Whether its latency or throughput timing is too noisy to compare."""
+        return bool(self.noise())

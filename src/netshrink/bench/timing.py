@@ -3,13 +3,20 @@
 Every call is timed on its own and the record keeps percentiles, not only a mean: on a
 shared 2-core machine one descheduling adds tens of milliseconds to one call, and the
 median stays honest where the mean does not.
+
+The median is not enough when the load changes while timing (another job starts): the
+calls are made in a few back-to-back rounds sharing the same budget of calls and seconds,
+and the record keeps each round's median and how far apart they are. A timing whose
+p90/p50 or round spread passes its threshold (``NOISY_P90_OVER_P50``,
+``NOISY_ROUND_SPREAD``) is marked ``noisy`` with the reason, and the report refuses to
+call it faster or slower.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -17,14 +24,25 @@ import torch
 from torch import Tensor
 
 from netshrink.bench._common import resolve_device
-from netshrink.bench.schema import Latency
+from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Latency, noise_reason
 from netshrink.errors import UserError
 
-__all__ = ["DEFAULT_MAX_RUNS", "latency_from_times", "num_threads", "time_model"]
+__all__ = [
+    "DEFAULT_MAX_RUNS",
+    "DEFAULT_ROUNDS",
+    "NOISY_P90_OVER_P50",
+    "NOISY_ROUND_SPREAD",
+    "latency_from_times",
+    "num_threads",
+    "time_model",
+]
 
 # Upper bound on timed calls when ``min_seconds`` keeps asking for more: a model taking
 # 50 µs per call would otherwise need 40,000 calls to fill 2 s, for no better estimate.
 DEFAULT_MAX_RUNS = 10_000
+# Rounds the timed calls are split into: three medians are the fewest whose spread tells a
+# load change from one unlucky round; more would leave each round too few calls.
+DEFAULT_ROUNDS = 3
 
 
 @contextmanager
@@ -64,25 +82,39 @@ def _no_gc() -> Iterator[None]:
 
 
 def latency_from_times(
-    times_ms: list[float] | np.ndarray, *, batch_size: int, warmup: int
+    times_ms: list[float] | np.ndarray | Sequence[Sequence[float]],
+    *,
+    batch_size: int,
+    warmup: int,
 ) -> Latency:
     """Summarise per-call wall times into a ``Latency`` record.
 
     Args:
-        times_ms: one wall time per timed call, in milliseconds.
+        times_ms: one wall time per timed call, in milliseconds; or one such list per
+            round, to record each round's median and their spread.
         batch_size: images per call.
         warmup: untimed calls made before these.
 
     Returns:
-        The record, with ``images_per_s = batch_size / p50``.
+        The record, with ``images_per_s = batch_size / p50`` and ``noisy`` set (with its
+        reason) when p90/p50 or the rounds' spread passes its threshold.
 
     Raises:
-        ValueError: ``times_ms`` is empty.
+        ValueError: no times, or an empty round.
     """
-    t = np.asarray(times_ms, dtype=np.float64)
-    if t.size == 0:
+    if len(times_ms) and not np.isscalar(times_ms[0]):
+        rounds = [np.asarray(r, dtype=np.float64) for r in times_ms]  # type: ignore[union-attr]
+    else:
+        rounds = [np.asarray(times_ms, dtype=np.float64)]
+    if any(r.size == 0 for r in rounds):
         raise ValueError("no timed calls to summarise")
+    t = np.concatenate(rounds)
     p50, p90 = np.percentile(t, [50, 90])
+    medians = [float(np.median(r)) for r in rounds] if len(rounds) > 1 else None
+    spread = None
+    if medians is not None and min(medians) > 0:
+        spread = max(medians) / min(medians) - 1.0
+    reason = noise_reason(float(p50), float(p90), spread)
     return Latency(
         batch_size=batch_size,
         runs=int(t.size),
@@ -95,7 +127,17 @@ def latency_from_times(
         # Sample standard deviation: the runs are a sample of the calls the model could make.
         std_ms=float(t.std(ddof=1)) if t.size > 1 else 0.0,
         images_per_s=float(batch_size / (p50 / 1000.0)) if p50 > 0 else float("inf"),
+        rounds=len(rounds),
+        round_p50_ms=medians,
+        round_spread=spread,
+        noisy=reason is not None,
+        noise=reason,
     )
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` as ``parts`` near-equal whole counts, the larger first: 17, 3 -> 6, 6, 5."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 def time_model(
@@ -108,14 +150,17 @@ def time_model(
     max_runs: int = DEFAULT_MAX_RUNS,
     device: str | torch.device | None = None,
     threads: int | None = None,
+    rounds: int = DEFAULT_ROUNDS,
 ) -> Latency:
-    """Time ``fn(example)`` call by call.
+    """Time ``fn(example)`` call by call, in ``rounds`` back-to-back rounds.
 
     ``warmup`` untimed calls come first (they pay for lazy initialisation, allocator
     growth and oneDNN/cuDNN kernel selection). Then at least ``runs`` calls are timed; with
     ``min_seconds``, timing goes on until that many seconds have passed since the first
     timed call, up to ``max_runs`` calls, so a fast model gets many samples and a slow one
-    still finishes. Everything runs under ``torch.inference_mode`` with the garbage
+    still finishes. The calls, seconds and cap are shared out between the rounds (17 runs
+    in 3 rounds are 6 + 6 + 5), so rounds cost no extra time; there are never more rounds
+    than ``runs``. Everything runs under ``torch.inference_mode`` with the garbage
     collector paused.
 
     On CPU each call is timed with ``time.perf_counter``. On CUDA each call is bracketed
@@ -131,9 +176,11 @@ def time_model(
         max_runs: never time more calls than this.
         device: where ``fn`` runs; defaults to ``example.device``.
         threads: torch intra-op threads during timing (restored after); None keeps them.
+        rounds: split the timed calls into this many rounds (1: one block, no spread).
 
     Returns:
-        A ``Latency`` with p50/p90/mean/min/max/std in milliseconds and images per second.
+        A ``Latency`` with p50/p90/mean/min/max/std in milliseconds, images per second,
+        each round's median, their spread, and whether the timing is noisy.
 
     Raises:
         UserError: a count is out of range, or the device is not available.
@@ -146,11 +193,15 @@ def time_model(
         raise UserError(f"max_runs ({max_runs}) must be at least runs ({runs})")
     if min_seconds is not None and min_seconds < 0:
         raise UserError(f"min_seconds must be 0 or more, not {min_seconds}")
+    if rounds < 1:
+        raise UserError(f"rounds must be at least 1, not {rounds}")
     dev = resolve_device(device if device is not None else example.device)
     batch_size = int(example.shape[0]) if example.ndim > 0 else 1
-    budget = min_seconds or 0.0
+    n_rounds = min(rounds, runs)
+    budget = (min_seconds or 0.0) / n_rounds
+    plan = list(zip(_split(runs, n_rounds), _split(max_runs, n_rounds), strict=True))
 
-    times_ms: list[float] = []
+    times_ms: list[list[float]] = []
     with num_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             fn(example)
@@ -158,24 +209,30 @@ def time_model(
             with torch.cuda.device(dev):
                 torch.cuda.synchronize()
                 with _no_gc():
-                    started = time.perf_counter()
-                    while len(times_ms) < runs or (
-                        time.perf_counter() - started < budget and len(times_ms) < max_runs
-                    ):
-                        begin = torch.cuda.Event(enable_timing=True)
-                        end = torch.cuda.Event(enable_timing=True)
-                        begin.record()
-                        fn(example)
-                        end.record()
-                        end.synchronize()
-                        times_ms.append(begin.elapsed_time(end))
+                    for least, most in plan:
+                        times = []
+                        started = time.perf_counter()
+                        while len(times) < least or (
+                            time.perf_counter() - started < budget and len(times) < most
+                        ):
+                            begin = torch.cuda.Event(enable_timing=True)
+                            end = torch.cuda.Event(enable_timing=True)
+                            begin.record()
+                            fn(example)
+                            end.record()
+                            end.synchronize()
+                            times.append(begin.elapsed_time(end))
+                        times_ms.append(times)
         else:
             with _no_gc():
-                started = time.perf_counter()
-                while len(times_ms) < runs or (
-                    time.perf_counter() - started < budget and len(times_ms) < max_runs
-                ):
-                    t0 = time.perf_counter()
-                    fn(example)
-                    times_ms.append((time.perf_counter() - t0) * 1000.0)
+                for least, most in plan:
+                    times = []
+                    started = time.perf_counter()
+                    while len(times) < least or (
+                        time.perf_counter() - started < budget and len(times) < most
+                    ):
+                        t0 = time.perf_counter()
+                        fn(example)
+                        times.append((time.perf_counter() - t0) * 1000.0)
+                    times_ms.append(times)
     return latency_from_times(times_ms, batch_size=batch_size, warmup=warmup)

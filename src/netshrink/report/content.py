@@ -29,8 +29,14 @@ from netshrink.report.tables import (
     measurement_table,
 )
 from netshrink.report.verdict import (
+    FASTER,
+    NOT_FASTER,
+    NOT_RELIABLE,
+    SLOWER,
     Comparison,
     Reference,
+    SpeedJudgement,
+    SpeedSplit,
     accuracy_budget,
     compare_all,
     measurement_on,
@@ -72,6 +78,49 @@ def _speed_words(r: float) -> str:
     return f"{fmt.times(r)} faster" if r >= 1 else f"{fmt.times(1 / r)} slower"
 
 
+def _undecided(j: SpeedJudgement) -> str:
+    """A speed judgement that is not "faster"/"slower", in words with its figures."""
+    if j.word == NOT_FASTER:
+        return (f"not faster (latency {fmt.ratio(j.speedup)}, throughput "
+                f"{fmt.ratio(j.throughput_ratio)})")
+    if j.word == NOT_RELIABLE:
+        return f"speed not measured reliably ({'; '.join(j.noise)})"
+    return j.word
+
+
+def _decided(j: SpeedJudgement) -> bool:
+    return j.word in (FASTER, SLOWER) and j.speedup is not None
+
+
+def _across_runtimes(split: SpeedSplit, ref: str) -> str:
+    """The speed of a stage in another runtime than the reference: at equal runtime (the
+    compression's) and the runtime's own, never one mixed figure as the compression's."""
+    j, rt = split.overall, f"{split.stage_runtime} vs {split.reference_runtime}"
+    in_all = f", {fmt.times(j.speedup)} in all" if j.speedup is not None else ""
+    if split.is_variant:
+        said = _speed_words(j.speedup) if _decided(j) and j.speedup else _undecided(j)
+        return (f"the same model in {split.stage_runtime}: {said} than {ref} in "
+                f"{split.reference_runtime}, all of it from the runtime")
+    if split.equal is None or split.same_runtime is None:
+        said = (f"{_speed_words(j.speedup)} than {ref}" if _decided(j) and j.speedup
+                else _undecided(j))
+        return (f"{said} across runtimes ({rt}), but no stage runs {ref}'s model in "
+                f"{split.stage_runtime}, so how much of it the compression gave is unknown")
+    eq, same = split.equal, split.same_runtime.name
+    where = f"{same} ({ref} in {split.stage_runtime})"
+    if _decided(eq) and eq.speedup is not None:
+        said = f"{_speed_words(eq.speedup)} than {where} at equal runtime (compression)"
+    else:
+        said = f"at equal runtime against {where}: {_undecided(eq)}"
+    runtime = split.runtime
+    if runtime is not None and runtime.speedup is not None:
+        said += f"; ×{fmt.times(runtime.speedup).removesuffix('x')} more from the runtime ({rt})"
+        if runtime.word == NOT_RELIABLE:
+            said += ", not measured reliably"
+        said += in_all
+    return said
+
+
 def _headline(
     stages: list[StageRecord], comparisons: list[Comparison], reference: Reference | None
 ) -> str:
@@ -79,7 +128,9 @@ def _headline(
 
     Speaks of the last stage after the reference that finished with a measurement: that
     is the model the run produced. A failed or unmeasured stage after it is said first,
-    so it is not missed.
+    so it is not missed. "faster" is said only where the verdict says it (latency and
+    throughput agree, neither noisy); a stage in another runtime than the reference gets
+    its speed at equal runtime (the compression's) apart from the runtime's own.
     """
     if reference is None:
         return "No stages recorded yet: the run has not measured its baseline."
@@ -93,22 +144,77 @@ def _headline(
         return prefix + f"No stage after the reference ({ref}) has been measured yet."
     i = measured[-1]
     final, cmp = stages[i], comparisons[i]
+    split = cmp.speed
     ratios = []
     if cmp.size_ratio is not None:
         ratios.append(_size_words(cmp.size_ratio))
-    if cmp.speedup is not None:
-        ratios.append(_speed_words(cmp.speedup))
+    speed = ""
+    if split is not None and split.overall.speedup is not None:
+        if split.other_runtime:
+            speed = _across_runtimes(split, ref)
+        elif _decided(split.overall):
+            ratios.append(_speed_words(split.overall.speedup))
+        else:
+            speed = _undecided(split.overall)
     parts = [f"{', '.join(ratios)} than {ref}"] if ratios else []
+    if speed:
+        parts.append(speed)
     if cmp.top1_delta is not None:
         parts.append(f"{fmt.points(cmp.top1_delta)} points top-1"
-                     + ("" if ratios else f" against {ref}"))
-    said = ", ".join(parts) if parts else f"nothing comparable to {ref} was measured"
+                     + ("" if parts else f" against {ref}"))
+    said = (("; " if split is not None and split.other_runtime else ", ").join(parts)
+            if parts else f"nothing comparable to {ref} was measured")
     device = final.measurement.environment.device
     if cmp.speedup is not None and device != reference.stage.measurement.environment.device:
         # Its speed-up is against the reference's timing on that device (measure.also_cpu).
         said += f" (speed: both on the {device_label(device)})"
     label = "Final stage" if i == len(stages) - 1 else "Last measured stage"
     return f"{prefix}{label} {final.name}: {said} (verdict: {cmp.verdict})."
+
+
+def _noise_notes(stages: list[StageRecord]) -> list[str]:
+    """Name every timing too unsteady to compare, with why."""
+    noisy = [f"{s.name} ({device_label(m.environment.device)}) {what}"
+             for s in stages
+             for m in (s.measurement, s.cpu_measurement) if m is not None
+             for what in m.noise()]
+    if not noisy:
+        return []
+    return ["Noisy timings (another job on the machine, a thermal or power change): "
+            + "; ".join(noisy) + ". A speed verdict resting on one says \"not measured "
+            "reliably\"; measure again on a quiet machine."]
+
+
+def _runtime_notes(stages: list[StageRecord], comparisons: list[Comparison],
+                   reference: Reference | None) -> list[str]:
+    """Say, for stages in another runtime than the reference, what their speed is against."""
+    if reference is None:
+        return []
+    ref = reference.stage.name
+    judged, unmatched = [], []
+    for s, cmp in zip(stages, comparisons, strict=True):
+        split = cmp.speed
+        if s is reference.stage or split is None or not split.other_runtime:
+            continue
+        if split.is_variant:
+            judged.append(f"{s.name} is {ref} in {split.stage_runtime}")
+        elif split.same_runtime is not None:
+            judged.append(f"{s.name} against {split.same_runtime.name}")
+        else:
+            unmatched.append(f"{s.name} ({split.stage_runtime})")
+    notes = []
+    if judged:
+        notes.append(
+            f"Stages in another runtime than {ref} are judged at equal runtime, against "
+            f"{ref}'s model in their runtime: {', '.join(judged)}. Their speed brackets "
+            "read overall = at equal runtime (the compression's) × runtime (what the "
+            "runtime alone gave).")
+    if unmatched:
+        notes.append(
+            f"No stage runs {ref}'s model in the runtime of {', '.join(unmatched)}: their "
+            "speed-ups mix the runtime's gain with the compression's (add an export of "
+            f"{ref} in that runtime to the recipe to separate them).")
+    return notes
 
 
 def _like_for_like_notes(stages: list[StageRecord], reference: Reference | None) -> list[str]:
@@ -211,6 +317,8 @@ def build_content(
     environment = environment_summary(stages)
     notes.append(_measured_on(environment))
     notes.extend(_like_for_like_notes(stages, reference))
+    notes.extend(_runtime_notes(stages, comparisons, reference))
+    notes.extend(_noise_notes(stages))
     notes.extend(files.notes)
     position = reference.position if reference is not None else None
     plots: tuple[Plot, ...] = ()

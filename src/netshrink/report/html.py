@@ -60,14 +60,20 @@ pre { background: #f6f8fa; border: 1px solid #e4e7ec; padding: 12px 14px; overfl
 
 
 def _verdict_part_class(part: str) -> str:
-    """Red for a failed check, grey for the reference, an unknown or an unevaluated stage,
-    green for a pass."""
+    """Red for a failed check or a disagreement, grey for the reference, an unknown, an
+    unreliable or unseparated speed, or an unevaluated stage, green for a pass."""
     if (part == REFERENCE_VERDICT or "unknown" in part or "not comparable" in part
-            or "not evaluated" in part):
+            or "not evaluated" in part or "not measured reliably" in part
+            or "unconfirmed" in part or "across runtimes" in part):
         return "base"
-    if any(word in part for word in ("not ", "below", "failed")):
+    if any(word in part for word in ("not ", "below", "failed", "slower", "mixed")):
         return "bad"
     return "good"
+
+
+# A verdict's parts are separated by ", " outside brackets ("mixed speed (latency 1.07x,
+# throughput 0.03x)" is one part).
+_VERDICT_PARTS = re.compile(r", (?![^()]*\))")
 
 
 def _verdict(verdict: str) -> str:
@@ -75,7 +81,7 @@ def _verdict(verdict: str) -> str:
     one failure and one pass rather than all red."""
     return ", ".join(
         f'<span class="{_verdict_part_class(part)}">{escape(part)}</span>'
-        for part in verdict.split(", ")
+        for part in _VERDICT_PARTS.split(verdict)
     )
 
 

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from netshrink.bench.schema import Latency, Measurement
 from netshrink.recipe.record import StageRecord
 from netshrink.report import fmt
-from netshrink.report.verdict import Comparison, Reference, measurement_on, speed_ratios
+from netshrink.report.verdict import (
+    Comparison,
+    Reference,
+    SpeedJudgement,
+    SpeedSplit,
+    measurement_on,
+    speed_split,
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,31 @@ def _measured_cells(m: Measurement | None, cmp: Comparison, is_reference: bool) 
     )
 
 
+def _speed_note(split: SpeedSplit | None, pick: Callable[[SpeedJudgement], float | None],
+                own: Latency | None) -> str | None:
+    """The bracket after a latency or throughput figure: its ratio against the reference
+    and, for a stage in another runtime, that ratio split into equal runtime x runtime
+    (``25.17x = 5.71x at equal runtime × 4.41x runtime``); ``noisy`` when the figure is."""
+    parts = []
+    overall = pick(split.overall) if split is not None else None
+    if split is not None and overall is not None:
+        text = fmt.ratio(overall)
+        if split.other_runtime:
+            equal = pick(split.equal) if split.equal is not None else None
+            runtime = pick(split.runtime) if split.runtime is not None else None
+            if split.is_variant:
+                text += ", runtime only"
+            elif equal is not None and runtime is not None:
+                text += (f" = {fmt.ratio(equal)} at equal runtime × {fmt.ratio(runtime)} "
+                         "runtime")
+            else:
+                text += " across runtimes"
+        parts.append(text)
+    if own is not None and own.noise_reason() is not None:
+        parts.append("noisy")
+    return ", ".join(parts) or None
+
+
 def _device_cells(stage: StageRecord, cmp: Comparison, reference: Reference | None,
                   device: str) -> tuple[str, ...]:
     """Latency, throughput and peak memory if measured on ``device``, else dashes.
@@ -131,16 +163,18 @@ def _device_cells(stage: StageRecord, cmp: Comparison, reference: Reference | No
     lat = thr = mem = fmt.MISSING
     m = measurement_on(stage, device)
     if m is stage.measurement:
-        speedup, ratio, memory_ratio = cmp.speedup, cmp.throughput_ratio, cmp.memory_ratio
+        split, memory_ratio = cmp.speed, cmp.memory_ratio
     else:
-        other = measurement_on(reference.stage, device) if reference is not None else None
-        (speedup, ratio), memory_ratio = speed_ratios(m, other), None
+        split = (speed_split(stage, reference.stage, device, reference.variants)
+                 if reference is not None else None)
+        memory_ratio = None
     if m is not None:
         if m.latency is not None:
-            lat = _with(f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}", _r(speedup))
+            lat = _with(f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}",
+                        _speed_note(split, lambda j: j.speedup, m.latency))
         if m.throughput is not None:
             thr = _with(f"{_rate(m.throughput.images_per_s)} @ {m.throughput.batch_size}",
-                        _r(ratio))
+                        _speed_note(split, lambda j: j.throughput_ratio, m.throughput))
     for held in (stage.measurement, stage.cpu_measurement):
         if held is not None and held.peak_memory_mb is not None and \
                 _memory_device(held) == device:
@@ -241,9 +275,20 @@ def environment_summary(stages: Sequence[StageRecord]) -> EnvironmentSummary:
 
 
 def _timing(lat: Latency | None) -> str:
+    """``batch 1: 60 runs in 3 rounds after 10 warm-up; p90/p50 1.08, round medians 2.1%
+    apart`` and, when too unsteady to compare, ``; noisy: <why>``."""
     if lat is None:
         return fmt.MISSING
-    return f"batch {lat.batch_size}: {lat.runs} runs after {lat.warmup} warm-up"
+    rounds = f" in {lat.rounds} rounds" if lat.rounds > 1 else ""
+    text = f"batch {lat.batch_size}: {lat.runs} runs{rounds} after {lat.warmup} warm-up"
+    spread = [f"p90/p50 {ratio:.2f}"] if (ratio := lat.p90_over_p50) is not None else []
+    if lat.round_spread is not None:
+        spread.append(f"round medians {lat.round_spread:.1%} apart")
+    if spread:
+        text += "; " + ", ".join(spread)
+    if (reason := lat.noise_reason()) is not None:
+        text += f"; noisy: {reason}"
+    return text
 
 
 def measurement_table(stages: Sequence[StageRecord]) -> Table:

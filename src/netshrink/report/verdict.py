@@ -4,21 +4,35 @@ The reference is the stage the recipe's ``report.baseline`` names, by default th
 evaluated stage (:func:`reference_stage`). The thresholds are deliberately small but
 non-zero: a 1% size change is file-format noise and a 3% latency change is within
 run-to-run timing noise on a shared CPU, so neither may be called "smaller" or "faster".
+
+A speed verdict needs two timings to agree: batch-1 latency and batch-N throughput must
+both move past the threshold in the same direction, and neither timing may be noisy
+(:meth:`Latency.noise_reason`). A stage that runs in another runtime than the reference
+is judged against the reference's model in its own runtime (the teacher's ONNX export
+for an ONNX Runtime INT8 student): what the runtime gave is reported beside it, never
+as the compression's gain (:class:`SpeedSplit`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from netshrink.bench.schema import Measurement
+from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Latency, Measurement
 from netshrink.errors import UserError
 from netshrink.recipe.record import RunRecord, StageRecord
+from netshrink.report import fmt
 
 SMALLER_MIN_RATIO = 1.02  # reference size / stage size: at least ~2% smaller
 FASTER_MIN_SPEEDUP = 1.05  # reference p50 / stage p50: at least ~5% lower latency
+
+# The speed verdict's words. "mixed speed (...)" and "speed unconfirmed (...)" carry figures.
+FASTER, SLOWER, NOT_FASTER = "faster", "slower", "not faster"
+NOT_RELIABLE = "not measured reliably"
+LATENCY_UNKNOWN = "latency unknown"
+OTHER_DEVICE = "speed not comparable (other device)"
 
 # The note the runner gives a fresh init it only counted and sized (no accuracy, no speed).
 UNTRAINED_NOTE = "a fresh, untrained model"
@@ -29,11 +43,18 @@ def thresholds_text(reference: str) -> str:
     """The verdict thresholds in words, against the reference stage named ``reference``."""
     return (
         f'Verdict thresholds: "smaller" needs {reference} size / stage size ≥ '
-        f"{SMALLER_MIN_RATIO:.2f} (at least ~2% smaller on disk); \"faster\" needs "
-        f"{reference} batch-1 p50 latency / stage p50 ≥ {FASTER_MIN_SPEEDUP:.2f} (at least "
-        '~5% lower); "accuracy below budget" means top-1 fell by more than the recipe\'s '
-        f"report.accuracy_budget (points) below {reference}. Speed is compared only between "
-        "measurements on the same device (CPU or GPU)."
+        f"{SMALLER_MIN_RATIO:.2f} (at least ~2% smaller on disk); \"faster\" needs both "
+        f"{reference} batch-1 p50 latency / stage p50 and stage / {reference} batch-N "
+        f"throughput ≥ {FASTER_MIN_SPEEDUP:.2f} (at least ~5% better), or more where the "
+        "timings' own round-to-round spreads add up to more, and \"slower\" both ≤ the "
+        'inverse; where the two disagree the verdict says "mixed speed". A timing whose '
+        f"p90/p50 exceeds {NOISY_P90_OVER_P50:g} or whose rounds' medians are more than "
+        f"{NOISY_ROUND_SPREAD:.0%} apart is noisy, and a verdict resting on it says \"not "
+        'measured reliably". "accuracy below budget" means top-1 fell by more than the '
+        f"recipe's report.accuracy_budget (points) below {reference}. Speed is compared only "
+        "between measurements on the same device (CPU or GPU), and a stage in another "
+        f"runtime than {reference} is judged against {reference}'s model in that runtime "
+        "(\"at equal runtime\")."
     )
 
 
@@ -47,6 +68,9 @@ class Comparison:
     top1_delta: float | None  # stage - reference, percentage points
     verdict: str
     memory_ratio: float | None = None  # reference peak / stage peak, same kind of peak only
+    # The speed on the stage's own device split into equal runtime x runtime; None when
+    # either side has no timing there.
+    speed: SpeedSplit | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,9 @@ class Reference:
     position: int  # index into the stages ordered by their ``index``
     stage: StageRecord
     note: str
+    # The reference's model in other runtimes (the teacher's ONNX export, its deploy.torch
+    # stage): the same network at the same precision, deployed from the same torch model.
+    variants: tuple[StageRecord, ...] = ()
 
 
 def _report_section(record: RunRecord) -> dict[str, Any]:
@@ -107,11 +134,67 @@ def reference_stage(record: RunRecord, stages: Sequence[StageRecord]) -> Referen
     The recipe's ``report.baseline`` names it; by default (or while the named stage has
     no measurement, e.g. a run in progress) it is the first stage with a measured
     accuracy: the baseline, or the trained model of a recipe that starts from a fresh
-    init. ``stages`` are the run's stages ordered by index.
+    init. ``stages`` are the run's stages ordered by index. Its ``variants`` are the
+    stages that hold its model in another runtime (:func:`reference_variants`).
 
     Raises:
         UserError: ``report.baseline`` is not a stage name (a hand-edited ``run.json``).
     """
+    chosen = _pick_reference(record, stages)
+    if chosen is None:
+        return None
+    return replace(chosen, variants=reference_variants(record, stages, chosen.stage))
+
+
+def _chains(kind: str) -> bool:
+    """Whether a stage of ``kind`` leaves a torch model the next stage starts from (a
+    training or pruning stage), rather than deploying its input to a runtime."""
+    from netshrink.recipe.stages import STAGES, load_builtin_stages
+
+    load_builtin_stages()
+    return STAGES.get(kind).chains if kind in STAGES else True
+
+
+def model_origins(record: RunRecord) -> dict[str, str]:
+    """For each stage, the stage whose torch model it holds: itself for a stage that leaves
+    a torch model, the stage it started from for a deployment (``export.onnx``,
+    ``quant.ptq``, ``deploy.torch``...). Read from the recipe the record keeps (``from:``,
+    else the last stage that left a torch model)."""
+    origins = {"baseline": "baseline"}
+    current = "baseline"
+    entries = record.recipe.get("stages") if isinstance(record.recipe, dict) else None
+    for raw in entries if isinstance(entries, list) else []:
+        if not isinstance(raw, dict) or "kind" not in raw:
+            continue
+        kind = str(raw["kind"])
+        name = str(raw.get("name") or kind)
+        source = str(raw["from"]) if raw.get("from") is not None else current
+        if _chains(kind):
+            origins[name] = current = name
+        else:
+            origins[name] = source
+    return origins
+
+
+def reference_variants(record: RunRecord, stages: Sequence[StageRecord],
+                       reference: StageRecord) -> tuple[StageRecord, ...]:
+    """The stages that run the reference's model in another runtime: deployed from the
+    same torch model, at the reference's precision, with its parameter counts (the
+    teacher's ``export.onnx`` stage for a torch teacher, or the teacher for its export)."""
+    b = reference.measurement
+    if b is None:
+        return ()
+    origins = model_origins(record)
+    origin = origins.get(reference.name, reference.name)
+    return tuple(
+        s for s in stages
+        if s is not reference and _measured(s) and origins.get(s.name, s.name) == origin
+        and s.measurement is not None and s.measurement.precision == b.precision
+        and (s.measurement.params, s.measurement.nonzero_params) == (b.params, b.nonzero_params)
+    )
+
+
+def _pick_reference(record: RunRecord, stages: Sequence[StageRecord]) -> Reference | None:
     if not stages:
         return None
     wanted = _report_section(record).get("baseline")
@@ -157,7 +240,7 @@ def compare_all(
         return []
     return [
         _not_evaluated(s) if i < reference.position and _measured(s) and not _evaluated(s)
-        else compare(s, reference.stage, budget)
+        else compare(s, reference.stage, budget, reference.variants)
         for i, s in enumerate(stages)
     ]
 
@@ -190,10 +273,169 @@ def speed_ratios(m: Measurement | None, b: Measurement | None
     return speedup, ratio
 
 
-def compare(stage: StageRecord, reference: StageRecord, budget: float | None) -> Comparison:
-    """Compare ``stage`` with ``reference`` (which itself gets the verdict "reference")."""
+RUNTIME_NAMES = {"torch": "torch", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO",
+                 "tensorrt": "TensorRT"}
+
+
+def runtime_family(m: Measurement) -> tuple[Any, ...]:
+    """What decides a timing besides the model: device, runtime, and how torch runs it
+    (eager or compiled, memory layout). Precision and 2:4 kernels are the compression's,
+    so an INT8 model and its float original in one runtime are at equal runtime."""
+    family: tuple[Any, ...] = (m.environment.device, m.runtime)
+    if m.runtime == "torch":
+        opts = m.runtime_options or {}
+        family += (bool(opts.get("channels_last", False)), opts.get("compile", "off"))
+    return family
+
+
+def runtime_name(m: Measurement) -> str:
+    """``ONNX Runtime``, ``eager torch``, ``torch.compile max-autotune, channels_last``."""
+    name = RUNTIME_NAMES.get(m.runtime, m.runtime)
+    if m.runtime == "torch":
+        opts = m.runtime_options or {}
+        compiled = opts.get("compile", "off")
+        name = "eager torch" if compiled == "off" else f"torch.compile {compiled}"
+        if opts.get("channels_last"):
+            name += ", channels_last"
+    return name
+
+
+@dataclass(frozen=True)
+class SpeedJudgement:
+    """Two timings of one device compared: latency and throughput ratios and the verdict."""
+
+    speedup: float | None  # other p50 / this p50: > 1 is faster
+    throughput_ratio: float | None  # this img/s / other img/s at the same batch size
+    word: str  # faster, slower, not faster, mixed speed (...), not measured reliably, ...
+    noise: tuple[str, ...] = ()  # the noisy timings among the two, "latency: p90/p50 ..."
+
+    @property
+    def decided(self) -> bool:
+        """Whether the word is a plain verdict (faster, slower, not faster)."""
+        return self.word in (FASTER, SLOWER, NOT_FASTER)
+
+
+def _spread(lat: Latency | None) -> float:
+    return (lat.round_spread or 0.0) if lat is not None else 0.0
+
+
+def _direction(ratio: float, a: Latency | None, b: Latency | None) -> int:
+    """+1 past the threshold (and past the two timings' own round spreads), -1 past its
+    inverse, 0 in between."""
+    threshold = max(FASTER_MIN_SPEEDUP, 1.0 + _spread(a) + _spread(b))
+    return 1 if ratio >= threshold else -1 if ratio <= 1.0 / threshold else 0
+
+
+def judge_speed(m: Measurement, b: Measurement, *, names: tuple[str, str] = ("stage", "reference")
+                ) -> SpeedJudgement:
+    """Compare the timing ``m`` with ``b`` (same device): faster only if batch-1 latency
+    and batch-N throughput agree, and neither timing is noisy. ``names`` label the two in
+    the noise reasons."""
+    speedup, ratio = speed_ratios(m, b)
+    noise = tuple(
+        f"{who} {what}: {reason}"
+        for who, x in zip(names, (m, b), strict=True)
+        for what, lat in (("latency", x.latency),
+                          ("throughput", x.throughput if ratio is not None else None))
+        if lat is not None and (reason := lat.noise_reason()) is not None
+    )
+    if speedup is None:
+        return SpeedJudgement(speedup, ratio, LATENCY_UNKNOWN, noise)
+    if noise:
+        return SpeedJudgement(speedup, ratio, NOT_RELIABLE, noise)
+    if ratio is None:
+        # One figure cannot make a verdict: a p50 alone has been 1.07x "faster" at 0.03x
+        # the throughput.
+        word = f"speed unconfirmed (latency {fmt.ratio(speedup)}, no throughput to compare)"
+        return SpeedJudgement(speedup, ratio, word)
+    lat_dir = _direction(speedup, m.latency, b.latency)
+    thr_dir = _direction(ratio, m.throughput, b.throughput)
+    if lat_dir == thr_dir:
+        word = {1: FASTER, -1: SLOWER, 0: NOT_FASTER}[lat_dir]
+    else:
+        word = f"mixed speed (latency {fmt.ratio(speedup)}, throughput {fmt.ratio(ratio)})"
+    return SpeedJudgement(speedup, ratio, word)
+
+
+@dataclass(frozen=True)
+class SpeedSplit:
+    """A stage's speed against the reference on one device, split in two.
+
+    ``overall`` compares with the reference as measured. When the stage runs in another
+    runtime (ONNX Runtime against an eager torch reference), ``equal`` compares it with
+    the reference's model in the stage's own runtime (``same_runtime``: the teacher's
+    ONNX export), which is what the model change gave, and ``runtime`` compares the
+    reference with that export, which is what the runtime gave: overall = equal x runtime.
+    """
+
+    overall: SpeedJudgement
+    same_runtime: StageRecord | None  # the reference's model in the stage's runtime; None: none
+    equal: SpeedJudgement | None  # stage vs same_runtime; None when there is none
+    runtime: SpeedJudgement | None  # same_runtime vs the reference; None when the same stage
+    stage_runtime: str  # runtime_name of the stage's timing
+    reference_runtime: str
+    other_runtime: bool  # the stage runs in another runtime family than the reference
+    is_variant: bool = False  # the stage is the reference's model itself, in another runtime
+
+    @property
+    def word(self) -> str:
+        """The verdict's speed part: judged at equal runtime where the runtimes differ."""
+        if not self.other_runtime:
+            return self.overall.word
+        if self.is_variant:
+            # The same model in another runtime: all of its speed-up is the runtime's.
+            return (f"{self.overall.word} (runtime only)" if self.overall.word in (FASTER, SLOWER)
+                    else self.overall.word)
+        if self.equal is not None:
+            word = self.equal.word
+            if self.equal.decided:
+                return f"{word} at equal runtime"
+            if word.startswith("mixed speed ("):
+                return word.replace("mixed speed (", "mixed speed at equal runtime (", 1)
+            return word
+        word = self.overall.word
+        return f"{word} across runtimes (no same-runtime reference)" if self.overall.decided \
+            else word
+
+
+def speed_split(stage: StageRecord, reference: StageRecord, device: str,
+                variants: Sequence[StageRecord] = ()) -> SpeedSplit | None:
+    """The stage's speed on ``device`` against the reference's timing there, split into
+    equal runtime x runtime (None when either has no timing on ``device``)."""
+    m, b = measurement_on(stage, device), measurement_on(reference, device)
+    if m is None or b is None:
+        return None
+    overall = judge_speed(m, b, names=(stage.name, reference.name))
+    family = runtime_family(m)
+    other = family != runtime_family(b)
+    same: StageRecord | None = reference
+    equal: SpeedJudgement | None = overall
+    runtime: SpeedJudgement | None = None
+    if other:
+        same = next((v for v in variants
+                     if (vm := measurement_on(v, device)) is not None
+                     and runtime_family(vm) == family), None)
+        equal = None
+        if same is not None:
+            sm = measurement_on(same, device)
+            assert sm is not None
+            equal = judge_speed(m, sm, names=(stage.name, same.name))
+            runtime = judge_speed(sm, b, names=(same.name, reference.name))
+    return SpeedSplit(overall=overall, same_runtime=same, equal=equal, runtime=runtime,
+                      stage_runtime=runtime_name(m), reference_runtime=runtime_name(b),
+                      other_runtime=other, is_variant=same is stage)
+
+
+def compare(stage: StageRecord, reference: StageRecord, budget: float | None,
+            variants: Sequence[StageRecord] = ()) -> Comparison:
+    """Compare ``stage`` with ``reference`` (which itself gets the verdict "reference").
+
+    ``variants`` hold the reference's model in other runtimes (``Reference.variants``):
+    a stage in one of those runtimes is judged against it, at equal runtime.
+    """
     m, b = stage.measurement, reference.measurement
     size_ratio = speedup = throughput_ratio = top1_delta = memory_ratio = None
+    split: SpeedSplit | None = None
     other_device = False
     if m is not None and b is not None:
         size_ratio = _div(b.size_bytes, m.size_bytes)
@@ -203,6 +445,7 @@ def compare(stage: StageRecord, reference: StageRecord, budget: float | None) ->
         same_device = measurement_on(reference, m.environment.device)
         other_device = same_device is None
         speedup, throughput_ratio = speed_ratios(m, same_device)
+        split = speed_split(stage, reference, m.environment.device, variants)
         # Only the CUDA allocator's peak belongs to the model's calls. A CPU figure is the
         # whole process's RSS, which also holds whatever earlier stages of the run left
         # (a teacher, a dataset): a ratio of two such figures would be about the process.
@@ -218,11 +461,17 @@ def compare(stage: StageRecord, reference: StageRecord, budget: float | None) ->
     elif m is None:
         verdict = "not measured"
     else:
+        if other_device and m.latency is not None:
+            speed_word = OTHER_DEVICE
+        elif split is None or m.latency is None:
+            speed_word = LATENCY_UNKNOWN
+        else:
+            speed_word = split.word
         parts = [
             "size unknown"
             if size_ratio is None
             else ("smaller" if size_ratio >= SMALLER_MIN_RATIO else "not smaller"),
-            _speed_word(speedup, other_device and m.latency is not None),
+            speed_word,
         ]
         if budget is not None:
             if top1_delta is None:
@@ -234,12 +483,5 @@ def compare(stage: StageRecord, reference: StageRecord, budget: float | None) ->
             else:
                 parts.append("accuracy within budget")
         verdict = ", ".join(parts)
-    return Comparison(size_ratio, speedup, throughput_ratio, top1_delta, verdict, memory_ratio)
-
-
-def _speed_word(speedup: float | None, other_device: bool) -> str:
-    if other_device:
-        return "speed not comparable (other device)"
-    if speedup is None:
-        return "latency unknown"
-    return "faster" if speedup >= FASTER_MIN_SPEEDUP else "not faster"
+    return Comparison(size_ratio, speedup, throughput_ratio, top1_delta, verdict, memory_ratio,
+                      split)
