@@ -6,7 +6,8 @@ Public API::
     environment(device="cpu", threads=2, seed=0) -> Environment
     count_params(model) -> (params, nonzero_params)
     count_macs(model, [C, H, W]) -> int
-    time_model(fn, example, warmup=10, runs=20, min_seconds=2.0) -> Latency
+    time_model(fn, example, warmup=10, runs=20, min_seconds=2.0) -> Latency  (3 rounds;
+        .round_spread, .noisy and .noise say whether it can be compared)
     peak_memory(fn, example) -> (MiB, "rss" | "cuda")
     evaluate(model, split, batch_size=256) -> Accuracy
 """

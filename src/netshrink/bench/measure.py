@@ -92,7 +92,10 @@ def measure(
     Steps: parameter counts, MACs for one image, latency at batch 1, throughput at batch
     ``batch_size`` (both with ``warmup`` untimed calls and at least ``*_runs`` timed ones,
     extended to ``min_seconds`` each), peak memory over two more batch-``batch_size``
-    calls, then accuracy when ``data_split`` is given.
+    calls, then accuracy when ``data_split`` is given. Latency and throughput are each
+    timed in three back-to-back rounds sharing those calls and seconds; each records its
+    rounds' medians and spread, and is marked ``noisy`` (with why) when p90/p50 or that
+    spread passes its threshold (``bench.schema.NOISY_*``).
 
     Args:
         model: the model; inputs are cast to the dtype of its parameters.

@@ -114,7 +114,9 @@ def _across_runtimes(split: SpeedSplit, ref: str) -> str:
         said = f"at equal runtime against {where}: {_undecided(eq)}"
     runtime = split.runtime
     if runtime is not None and runtime.speedup is not None:
-        said += f"; ×{fmt.times(runtime.speedup).removesuffix('x')} more from the runtime ({rt})"
+        more = "more " if runtime.speedup >= 1 else ""
+        said += (f"; ×{fmt.times(runtime.speedup).removesuffix('x')} {more}from the runtime "
+                 f"({rt})")
         if runtime.word == NOT_RELIABLE:
             said += ", not measured reliably"
         said += in_all
