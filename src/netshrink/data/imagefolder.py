@@ -20,19 +20,23 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+import stat
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from netshrink.data.base import Batch, DataBundle, DatasetInfo
 from netshrink.errors import UserError
+from netshrink.store.limits import open_regular
 
 if TYPE_CHECKING:
     from netshrink.data import DataConfig, DatasetSpec
@@ -44,6 +48,95 @@ _LAYOUT = (
     "expected root/train/<class>/<images> and root/val/<class>/<images> "
     "(jpg, png, ...; one folder per class, the same class folders in both)"
 )
+# The largest image we decode: 8192 x 8192 (a 200 MB RGB array). Pillow's own guard
+# (Image.MAX_IMAGE_PIXELS, 89 M pixels, a warning below twice that) is left as it is for
+# other code; ``open_image`` applies this stricter one to dataset and predict images.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# The decoders an image file may use: those of IMAGE_EXTENSIONS (MPO is how Pillow names
+# many cameras' JPEGs). Pillow picks a decoder by content, not by name, and some of its
+# others are large attack surfaces or call out to programs (EPS runs Ghostscript).
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+
+
+def _formats() -> list[str]:
+    """Those of ``IMAGE_FORMATS`` this Pillow has (it registers MPO and WebP lazily)."""
+    Image.preinit()
+    if any(f not in Image.OPEN for f in IMAGE_FORMATS):
+        for plugin in ("MpoImagePlugin", "WebPImagePlugin", "TiffImagePlugin"):
+            with suppress(ImportError):  # a Pillow built without it
+                __import__(f"PIL.{plugin}")
+    return [f for f in IMAGE_FORMATS if f in Image.OPEN]
+
+
+def _brief(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """Open an image file lazily (header read, pixels not yet decoded), within bounds.
+
+    Only a regular file is opened (a named pipe would block), only with the decoders of
+    ``IMAGE_FORMATS``, and only if it has at most ``MAX_IMAGE_PIXELS`` pixels; Pillow's
+    decompression-bomb warning becomes this refusal rather than a line on stderr.
+
+    Raises:
+        UserError: missing, not a regular file, not an image of those formats, too large,
+            or a header Pillow cannot read; the message names the file and the fix.
+    """
+    with open_regular(path, "image") as f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(f, formats=_formats())
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise UserError(f"{path}: image too large to decode safely ({_brief(exc)}); "
+                            f"netshrink decodes at most {MAX_IMAGE_PIXELS:,} pixels: resize "
+                            "or remove the file") from None
+        except UnidentifiedImageError:
+            raise UserError(f"{path}: not an image netshrink reads (formats: "
+                            f"{', '.join(IMAGE_FORMATS)}); delete or replace the "
+                            "file") from None
+        except Exception as exc:  # Pillow reports bad files with many exception types
+            raise UserError(f"{path}: cannot decode image ({type(exc).__name__}: "
+                            f"{_brief(exc)}); delete or replace the file (formats read: "
+                            f"{', '.join(IMAGE_FORMATS)})") from None
+        with img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
+                raise UserError(f"{path}: image of {w} x {h} pixels; netshrink decodes at "
+                                f"most {MAX_IMAGE_PIXELS:,} pixels (8192 x 8192): resize "
+                                "or remove the file")
+            yield img
+
+
+def check_image(path: Path) -> None:
+    """Check an image file without decoding its pixels: header, size, and Pillow's
+    ``verify`` (chunk checksums for PNG, structure for the others).
+
+    Raises:
+        UserError: see ``open_image``; also a file ``verify`` finds damaged.
+    """
+    with open_image(path) as img:
+        try:
+            img.verify()
+        except Exception as exc:
+            raise UserError(f"{path}: damaged image ({type(exc).__name__}: {_brief(exc)}); "
+                            "delete or replace the file") from None
+
+
+def check_image_files(files: Iterable[Path]) -> int:
+    """``check_image`` every file; the number checked.
+
+    Raises:
+        UserError: the first bad file, named.
+    """
+    count = 0
+    for path in files:
+        check_image(path)
+        count += 1
+    return count
 
 
 # --------------------------------------------------------------------------- transforms
@@ -162,13 +255,15 @@ class _ImageDataset(Dataset):
         index, seed = key
         path = self.files[index]
         try:
-            with Image.open(path) as opened:
+            with open_image(path) as opened:
                 img = opened.convert(self.mode)  # convert() forces the full decode here
+        except UserError as exc:
+            return _Failure(str(exc))
         except Exception as exc:
             # Pillow reports bad files with many exception types (OSError, SyntaxError,
-            # ValueError, DecompressionBombError, ...); any of them means this file is bad.
+            # ValueError, ...); any of them means this file is bad.
             return _Failure(
-                f"{path}: cannot decode image ({type(exc).__name__}: {exc}); "
+                f"{path}: cannot decode image ({type(exc).__name__}: {_brief(exc)}); "
                 "delete or replace the file"
             )
         if seed < 0:
@@ -278,47 +373,115 @@ class FileSplit:
 # --------------------------------------------------------------------------- the folders
 
 
-def _class_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _inside(path: Path, root: str) -> str:
+    """``path`` resolved, which must lie in ``root`` (resolved); links are followed once.
+
+    Raises:
+        UserError: a broken link, or one that leads out of the dataset folder.
+    """
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        raise UserError(f"{path}: a broken symbolic link; remove it or restore its target")
+    if os.path.commonpath([root, real]) != root:
+        raise UserError(
+            f"{path}: leads to {real}, outside the dataset folder {root}; netshrink does not "
+            "follow links out of it: copy the files in, or pass the folder that holds "
+            "them all as --data-dir"
+        )
+    return real
 
 
-def _image_files(folder: Path) -> list[Path]:
+def _scan(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+
+
+def _class_folders(folder: Path, root: str) -> list[str]:
+    names = []
+    for entry in _scan(folder):
+        if entry.is_symlink():
+            if os.path.isdir(_inside(Path(entry.path), root)):
+                names.append(entry.name)
+        elif entry.is_dir(follow_symlinks=False):
+            names.append(entry.name)
+    return names
+
+
+def _image_files(folder: Path, root: str) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted, hidden files skipped.
 
-    os.walk rather than Path.rglob + is_file: it gets file names without a stat per file,
-    which matters for ImageNet's 1.28 million images on a network disk. Hidden files are
-    skipped because macOS leaves ``._name.jpg`` resource forks that are not images.
+    The walk never leaves ``root`` (a symbolic link is followed only to a place inside
+    it), never visits a folder twice (a link back up the tree is an error, not a loop),
+    and takes only regular files: a named pipe or device with an image's name is an
+    error, since decoding it would block or read forever. Types come from the directory
+    listing (no stat per file), which matters for ImageNet's 1.28 million images on a
+    network disk. Hidden files are skipped because macOS leaves ``._name.jpg`` resource
+    forks that are not images. The order is ``os.walk``'s: a folder's files, then its
+    subfolders, each sorted.
     """
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        base = Path(dirpath)
-        found.extend(
-            base / name for name in sorted(filenames)
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
-        )
+    visited: set[str] = set()
+    stack = [(folder, _inside(folder, root))]
+    while stack:
+        here, real = stack.pop()
+        if real in visited:
+            continue  # a second link to a folder already read: its images count once
+        visited.add(real)
+        subfolders = []
+        for entry in _scan(here):
+            path = Path(entry.path)
+            is_image = Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+            if entry.is_symlink():
+                target = _inside(path, root)
+                mode = os.stat(target).st_mode
+                if stat.S_ISDIR(mode):
+                    if os.path.commonpath([target, real]) == target:
+                        raise UserError(f"{path}: a symbolic link back to {target}, which "
+                                        "contains it (a loop); remove the link")
+                    subfolders.append((path, target))
+                elif is_image and stat.S_ISREG(mode):
+                    found.append(path)
+                elif is_image:
+                    raise UserError(f"{path}: not a regular file (a link to a pipe, device "
+                                    "or socket); remove it from the dataset")
+            elif entry.is_dir(follow_symlinks=False):
+                subfolders.append((path, os.path.join(real, entry.name)))
+            elif is_image:
+                if not entry.is_file(follow_symlinks=False):
+                    raise UserError(f"{path}: not a regular file (a named pipe, device or "
+                                    "socket); remove it from the dataset")
+                found.append(path)
+        stack.extend(reversed(subfolders))
     return found
 
 
 def scan_image_folder(
-    folder: Path, classes: list[str] | None = None
+    folder: Path, classes: list[str] | None = None, *, root: Path | None = None
 ) -> tuple[list[Path], Tensor, list[str]]:
     """List the images of one split folder.
 
     Args:
         folder: ``root/train`` or ``root/val``.
         classes: the class names it must have (those of ``train``); None to take its own.
+        root: the dataset folder no symbolic link may lead out of (default: ``folder``'s
+            parent).
 
     Returns:
         The files, their int64 labels and the class names.
 
     Raises:
         UserError: the folder is missing, has no class folders, different class folders
-            from ``classes``, or (for train) a class without images.
+            from ``classes``, (for train) a class without images, a link out of ``root``
+            or back up the tree, or an image name that is not a regular file.
     """
     if not folder.is_dir():
         raise UserError(f"{folder}: folder not found; {_LAYOUT}")
-    found = _class_folders(folder)
+    real_root = os.path.realpath(folder.parent if root is None else root)
+    _inside(folder, real_root)
+    found = _class_folders(folder, real_root)
     if not found:
         raise UserError(f"{folder}: no class folders; {_LAYOUT}")
     if classes is not None and found != classes:
@@ -331,7 +494,7 @@ def scan_image_folder(
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(found):
-        images = _image_files(folder / name)
+        images = _image_files(folder / name, real_root)
         if not images and classes is None:
             raise UserError(f"{folder / name}: class folder has no images; {_LAYOUT}")
         files.extend(images)
@@ -376,8 +539,8 @@ def build_image_folder(cfg: DataConfig, root: Path | None, spec: DatasetSpec) ->
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: folder not found; {_LAYOUT}")
-    train_files, train_labels, classes = scan_image_folder(root / "train")
-    test_files, test_labels, _ = scan_image_folder(root / "val", classes)
+    train_files, train_labels, classes = scan_image_folder(root / "train", root=root)
+    test_files, test_labels, _ = scan_image_folder(root / "val", classes, root=root)
     image_size = cfg.image_size or spec.image_size
     mode = "L" if spec.in_channels == 1 else "RGB"
 
@@ -407,3 +570,29 @@ def build_image_folder(cfg: DataConfig, root: Path | None, spec: DatasetSpec) ->
         test=split(test_files, test_labels, cfg.test_limit),
         calib=full.subset(calib_idx),
     )
+
+
+def check_image_folder(root: Path) -> int:
+    """Check every image of an image-folder dataset before anything is trained or written.
+
+    Scans ``root/train`` and ``root/val`` as ``build_image_folder`` does (same layout and
+    link rules) and checks each image with ``check_image``: a regular file, a format
+    netshrink decodes, at most ``MAX_IMAGE_PIXELS`` pixels, and a structure Pillow's
+    ``verify`` accepts. It reads headers and (for PNG) checksums, not pixels: a file
+    damaged inside its compressed pixel data can still fail when it is decoded.
+
+    Args:
+        root: the folder holding ``train/`` and ``val/``.
+
+    Returns:
+        The number of images checked.
+
+    Raises:
+        UserError: the layout is wrong or an image is bad; the message names the file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: folder not found; {_LAYOUT}")
+    train, _, classes = scan_image_folder(root / "train", root=root)
+    val, _, _ = scan_image_folder(root / "val", classes, root=root)
+    return check_image_files([*train, *val])
