@@ -385,6 +385,14 @@ def idx_rank_200(tmp: Path) -> Run:
                    gzip.compress(bytes([0, 0, 8, 200]) + b"\0\0\0\1" * 200 + b"x"))
 
 
+def idx_named_pipe(tmp: Path) -> Run:
+    run = fashion(tmp, "train-images-idx3-ubyte.gz", b"")
+    pipe = tmp / "fm" / "train-images-idx3-ubyte.gz"
+    pipe.unlink()
+    os.mkfifo(pipe)
+    return run
+
+
 def cifar_python(tmp: Path, content: bytes) -> Run:
     write_cifar10_python(tmp / "c10", 2)
     (tmp / "c10" / "cifar-10-batches-py" / "data_batch_1").write_bytes(content)
@@ -418,6 +426,16 @@ def cifar_names_not_utf8(tmp: Path) -> Run:
     write_cifar10_binary(tmp / "c10", 2)
     (tmp / "c10" / "cifar-10-batches-bin" / "batches.meta.txt").write_bytes(
         b"airplane\n\xff\xfe\xfa\n")
+    weights = model_file(tmp / "m.safetensors", RGB, rgb_meta())
+    return ["eval", "--weights", str(weights), "--data", "cifar10", "--data-dir",
+            str(tmp / "c10")]
+
+
+def cifar_binary_named_pipe(tmp: Path) -> Run:
+    write_cifar10_binary(tmp / "c10", 2)
+    pipe = tmp / "c10" / "cifar-10-batches-bin" / "test_batch.bin"
+    pipe.unlink()
+    os.mkfifo(pipe)
     weights = model_file(tmp / "m.safetensors", RGB, rgb_meta())
     return ["eval", "--weights", str(weights), "--data", "cifar10", "--data-dir",
             str(tmp / "c10")]
@@ -504,6 +522,7 @@ CASES = [
     pytest.param(idx_dims_overflow, "impossible IDX header", id="idx-dims-product-overflows"),
     pytest.param(idx_gz_bomb, "padded", id="idx-gz-bomb-50MB"),
     pytest.param(idx_rank_200, "rank 200", id="idx-rank-200"),
+    pytest.param(idx_named_pipe, "named pipe", id="idx-named-pipe"),
     pytest.param(cifar_reconstruct_huge, "larger than the file",
                  id="cifar-pickle-reconstruct-1e13"),
     pytest.param(cifar_build_huge, "larger than the file", id="cifar-pickle-build-1e13"),
@@ -513,6 +532,7 @@ CASES = [
     pytest.param(cifar_label_list_nested, "not a list of integers",
                  id="cifar-pickle-nested-labels"),
     pytest.param(cifar_names_not_utf8, "not UTF-8", id="cifar-binary-names-not-utf8"),
+    pytest.param(cifar_binary_named_pipe, "named pipe", id="cifar-binary-named-pipe"),
     pytest.param(folder_png_bomb, "bomb.png: image too large", id="imagefolder-png-20000x20000"),
     pytest.param(folder_symlink_loop, "loop", id="imagefolder-symlink-loop"),
     pytest.param(folder_symlink_out, "outside the dataset folder",

@@ -37,7 +37,7 @@ _DOWNLOAD_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 MAX_CIFAR_BYTES = 1 << 30
 MAX_NAMES_BYTES = 1 << 20
 _ALLOWED_KINDS = frozenset("biuf")  # numeric arrays only: no objects, strings or voids
-_SIMPLE_KEYS = (str, bytes, int, float, bool, type(None))
+_KEY_TYPES = (str, bytes)  # CIFAR dicts are keyed by names, nothing else
 
 
 def _reconstruct_fn() -> Any:
@@ -81,7 +81,7 @@ class _ArrayOnlyUnpickler(pickle._Unpickler):  # the pure-Python one: its steps 
     example); CIFAR batches only ever need the numpy array constructors, so everything else
     is refused before it is imported. What those constructors may build is bounded too:
     numeric dtypes only, and no array larger than the file it comes from (``limit``
-    bytes), checked before it is allocated. Dict keys must be plain values (hashing a
+    bytes), checked before it is allocated. Dict keys must be strings (hashing a
     crafted nest of tuples could take forever), sets are refused, and ``BUILD`` only
     fills in arrays. The pure-Python unpickler reads from an in-memory copy of the file,
     so no opcode can make it allocate more than the file holds.
@@ -164,8 +164,8 @@ class _ArrayOnlyUnpickler(pickle._Unpickler):  # the pure-Python one: its steps 
     dispatch[pickle.BUILD[0]] = load_build
 
     def _check_keys(self, items: list[Any]) -> None:
-        if not all(isinstance(k, _SIMPLE_KEYS) for k in items[0::2]):
-            raise pickle.UnpicklingError("a dict key that is not a string or number")
+        if not all(isinstance(k, _KEY_TYPES) for k in items[0::2]):
+            raise pickle.UnpicklingError("a dict key that is not a string")
 
     def load_setitems(self) -> None:
         items = self.pop_mark()
@@ -232,6 +232,11 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
+def _few(names: list[str]) -> str:
+    shown = ", ".join(repr(n[:40]) for n in names[:8])
+    return f"[{shown}{', ...' if len(names) > 8 else ''}]"
+
+
 def _text(value: Any, path: Path) -> str:
     if isinstance(value, bytes | str) and len(value) <= 1000:
         try:
@@ -270,7 +275,7 @@ def _batch_arrays(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     batch = _load_pickle(path)
     if "data" not in batch or label_key not in batch:
         raise UserError(
-            f"{path}: expected keys 'data' and {label_key!r}, found {sorted(batch)}; "
+            f"{path}: expected keys 'data' and {label_key!r}, found {_few(sorted(batch))}; "
             "this file is not a CIFAR batch of this dataset"
         )
     data, labels = batch["data"], batch[label_key]

@@ -133,7 +133,9 @@ def read_idx(path: Path) -> np.ndarray:
 
 def _find(root: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
-        if (root / name).is_file():
+        # exists(), not is_file(): a pipe or folder by that name is reported as what it
+        # is (read_idx refuses anything but a regular file), not as a missing file.
+        if (root / name).exists():
             return root / name
     raise UserError(
         f"{root}: missing {stem}(.gz); expected the four Fashion-MNIST IDX files there "
