@@ -153,7 +153,8 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path) -> None:
     )
     assert result.returncode == 2
     missing = tmp_path / "missing.yaml"
-    assert result.stderr.strip() == f"netshrink: error: {missing}: recipe not found"
+    assert result.stderr.strip() == (
+        f"netshrink: error: {missing}: recipe not found; give the recipe's .yaml file")
 
 
 @pytest.mark.parametrize("argv", [["bench", "--input", "3x224"], ["bench", "--threads", "0"]])
