@@ -159,17 +159,20 @@ def test_run_without_stages_renders(tmp_path: Path) -> None:
     assert not list((tmp_path / "run" / "report_files").glob("*.png"))
 
 
-def test_stale_plots_are_removed(tmp_path: Path) -> None:
+def test_stale_plots_are_removed_and_the_users_files_kept(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path / "run", make_record())
-    stale = run_dir / "report_files" / "old_plot.png"
-    stale.parent.mkdir()
-    stale.write_bytes(b"\x89PNG")
+    render_report(run_dir)  # with training histories: a plot of them
+    before = {p.name for p in (run_dir / "report_files").glob("*.png")}
+    mine = run_dir / "report_files" / "my_figure.png"
+    mine.write_bytes(b"\x89PNG")
     record = make_record()
     for stage in record.stages:
         stage.history = []
     render_report(write_run(run_dir, record))
-    names = sorted(p.name for p in (run_dir / "report_files").iterdir())
-    assert names == ["latency_vs_accuracy.png", "size_vs_accuracy.png", "top1.png"]
+    names = sorted(p.name for p in (run_dir / "report_files").glob("*.png"))
+    assert names == ["latency_vs_accuracy.png", "my_figure.png", "size_vs_accuracy.png",
+                     "top1.png"]
+    assert before - set(names)  # a plot of the first render had no data the second time
 
 
 def test_missing_run_dir_or_json_is_a_user_error(tmp_path: Path) -> None:

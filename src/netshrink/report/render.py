@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from netshrink.report.content import build_content
@@ -13,6 +15,20 @@ from netshrink.store.atomic import atomic_write_bytes, atomic_write_text
 
 MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"
+PLOT_LIST = ".rendered.json"  # the plots the last render wrote: the only ones it may remove
+_PLOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*\.png")
+
+
+def _rendered_before(plot_dir: Path) -> list[str]:
+    """The plot files the previous render listed (plain names only; anything else in
+    the list is ignored, never removed)."""
+    try:
+        names = json.loads((plot_dir / PLOT_LIST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [n for n in names if isinstance(n, str) and _PLOT_NAME.fullmatch(n)]
 
 
 def render_report(run_dir: Path) -> tuple[Path, Path]:
@@ -36,13 +52,14 @@ def render_report(run_dir: Path) -> tuple[Path, Path]:
 
     plot_dir = run_dir / PLOT_DIR
     plot_dir.mkdir(exist_ok=True)
-    wanted = {f"{plot.name}.png" for plot in content.plots}
+    wanted = sorted(f"{plot.name}.png" for plot in content.plots)
     for plot in content.plots:
         atomic_write_bytes(plot_dir / f"{plot.name}.png", plot.png)
-    # A plot that has no data any more must not linger and be mistaken for current.
-    for stale in plot_dir.glob("*.png"):
-        if stale.name not in wanted:
-            stale.unlink()
+    # A plot that has no data any more must not linger and be mistaken for current; only
+    # plots an earlier render listed as its own go (a figure the user put here stays).
+    for stale in sorted(set(_rendered_before(plot_dir)) - set(wanted)):
+        (plot_dir / stale).unlink(missing_ok=True)
+    atomic_write_text(plot_dir / PLOT_LIST, json.dumps(wanted, indent=1))
 
     md_path, html_path = run_dir / MARKDOWN_FILE, run_dir / HTML_FILE
     atomic_write_text(md_path, render_markdown(content))
