@@ -321,8 +321,8 @@ def stored_spec(path: Path) -> ModelSpec | None:
     """The spec a netshrink model file carries, read from its header alone; else None.
 
     Raises:
-        UserError: the file says it is a netshrink model file but its spec is missing or
-            invalid, or it is not a regular file.
+        UserError: the file is missing or not a regular file, or it says it is a
+            netshrink model file but its spec is missing, invalid or out of range.
     """
     path = Path(path)
     try:
