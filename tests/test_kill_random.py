@@ -173,6 +173,7 @@ def test_killed_at_the_worst_moments_resumes_bit_identical(fashion_dir, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 25 kills and their reruns: about 10 minutes on 2 cores
 def test_killed_many_times_at_random_resumes_bit_identical(fashion_dir, tmp_path) -> None:
     kills = int(os.environ.get("NETSHRINK_KILLS", "25"))
     kill_again_and_again(fashion_dir, tmp_path, kills=kills, seed=1)
