@@ -376,6 +376,19 @@ def _eval_bad_split_meta(env: Env) -> list[str]:
     return ["eval", "--weights", weights, "--split", "val", "--data-dir", str(env.fashion)]
 
 
+def _bad_image_in_val(env: Env) -> list[str]:
+    from fixtures_data import write_image_folder
+
+    written = write_image_folder(env.tmp / "images")
+    bad = written["val"][-1][0]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated: found before anything is written
+    raw = env.tiny()
+    raw["model"]["stem"] = "cifar"
+    raw["data"] = {"name": "imagefolder", "root": str(env.tmp / "images"), "image_size": 16,
+                   "val_size": 0, "calib_size": 4, "num_workers": 0}
+    return ["run", env.recipe(raw), "--out", str(env.out)]
+
+
 def _report_not_a_run(env: Env) -> list[str]:
     env.out.mkdir()
     (env.out / "notes.txt").write_text("mine")
@@ -430,6 +443,7 @@ CASES: dict[str, Callable[[Env], list[str]]] = {
     "eval-wrong-class-count": _eval_wrong_classes,
     "eval-val-bad-split-metadata": _eval_bad_split_meta,
     "report-of-a-non-run-folder": _report_not_a_run,
+    "image-folder-bad-image-in-val": _bad_image_in_val,
 }
 
 

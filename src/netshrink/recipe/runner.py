@@ -226,6 +226,13 @@ class Runner:
         Raises:
             UserError: naming the stage, the file and the fix.
         """
+        if self.recipe.data.name == "imagefolder" and self.recipe.data.root is not None:
+            # Decoded lazily while training: a bad image in val/ would otherwise surface
+            # after an epoch, with stage files already written.
+            from netshrink.data.imagefolder import check_image_folder
+
+            n = check_image_folder(self.recipe.data.root)
+            self.log(f"checked {n:,} images in {self.recipe.data.root}")
         inputs: list[tuple[str, Path]] = []
         if self.recipe.model.weights is not None:
             inputs.append(("model.weights", self.recipe.model.weights))
