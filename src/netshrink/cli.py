@@ -257,7 +257,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             raise UserError("cache prune needs --unused-days N and/or --max-size GB")
         for flag, value in (("--unused-days", args.unused_days), ("--max-size", args.max_size)):
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UserError(f"{flag} must be a finite number, 0 or more, not {value:g}")
+                raise UserError(f"{flag} must be 0 or more (and finite), not {value:g}")
         max_bytes = None if args.max_size is None else int(args.max_size * 1e9)
         removed = cache.prune(unused_days=args.unused_days, max_bytes=max_bytes)
     freed = sum(e.size_bytes for e in removed)

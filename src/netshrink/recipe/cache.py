@@ -37,7 +37,7 @@ MAX_ENTRY_BYTES = 4 << 20  # a stage.json is a few kilobytes: history, notes, pr
 # What the cache itself names: ``ab/<64 hex key>`` entries and, beside them, the hidden
 # temporary folders of writes in progress and removals (``.<key[:12]>-…``,
 # ``.removed-<key[:12]>-…``). Nothing else under the root is the cache's to remove.
-_KEY = re.compile(r"[0-9a-f]{64}")
+_KEY = re.compile(r"[0-9a-f]{16,64}")  # a stage key: hex (SHA-256, shortened in tests)
 _TEMP = re.compile(r"\.(removed-)?[0-9a-f]{12}-[A-Za-z0-9_]+")
 
 
