@@ -37,8 +37,8 @@ from torch import nn
 from netshrink.bench.timing import time_model
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, randomized_model
+from netshrink.models.fold import fold_batchnorm
 from netshrink.prune.nm import NMPruneConfig, prune_nm
-from netshrink.quant.fold import fold_batchnorm
 from netshrink.runtime.semi_sparse import (
     LayerReport,
     check_2to4_support,

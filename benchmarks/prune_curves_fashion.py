@@ -26,10 +26,10 @@ from netshrink.bench import evaluate
 from netshrink.data import DataConfig, build_data
 from netshrink.prune import MagnitudePruneConfig, MaskHook, prune_magnitude, zero_masks
 from netshrink.prune.channel import ChannelPruneConfig, prune_channels
+from netshrink.stages.train import FinetuneConfig
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import load_model
 from netshrink.train.loop import train
-from netshrink.train.stages import FinetuneConfig
 
 RATIOS = [0.1, 0.3, 0.5, 0.7, 0.9]
 

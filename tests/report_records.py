@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from netshrink.bench.schema import Accuracy, Environment, Latency, Measurement
-from netshrink.recipe.record import EpochRecord, RunRecord, StageRecord
+from netshrink.stages.record import EpochRecord, RunRecord, StageRecord
 
 ENV = Environment(
     cpu="AMD EPYC 9R14 (2 cores, avx512_vnni, avx512_bf16)",

@@ -90,7 +90,7 @@ def test_writes_in_progress_are_not_entries_and_step_files_stay_out(tmp_path: Pa
     (stage / "model.safetensors").write_bytes(b"m")
     (stage / "sparsity.json").write_text("[]")
     (stage / "prune_step_001.safetensors").write_bytes(b"s")
-    cache.put("cc" * 8, stage / "model.safetensors", {"stage": "cc"})
+    cache.put("cc" * 8, stage / "model.safetensors", {"stage": "cc"}, skip=("prune_step_*",))
     side = {p.name for p in (cache.get("cc" * 8).folder / "files").iterdir()}
     assert side == {"sparsity.json"}
 

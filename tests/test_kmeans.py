@@ -13,7 +13,7 @@ from torch import nn
 from netshrink.data import DataConfig, build_data
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, build_model
-from netshrink.prune.select import prunable_layers
+from netshrink.models.select import prunable_layers
 from netshrink.quant.kmeans import CodebookHook, KMeansConfig, kmeans_share, share_layer
 from netshrink.train.config import TrainConfig
 from netshrink.train.loop import train

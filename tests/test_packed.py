@@ -13,8 +13,8 @@ from torch import nn
 
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, build_model
+from netshrink.models.select import prunable_layers
 from netshrink.prune.channel import ChannelPruneConfig, prune_channels
-from netshrink.prune.select import prunable_layers
 from netshrink.quant.kmeans import kmeans_share
 from netshrink.store import packed
 from netshrink.store.bitpack import pack_bits, unpack_bits

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import netshrink.prune.analysis_stages as analysis_stages
+import netshrink.stages.prune_analysis as analysis_stages
 from netshrink.bench.accuracy import evaluate
 from netshrink.data import DataBundle, DataConfig, build_data
 from netshrink.errors import UserError
@@ -33,7 +33,7 @@ from netshrink.prune.sensitivity import (
     sensitivity_scan,
 )
 from netshrink.recipe import parse_recipe
-from netshrink.recipe.stages import StageContext
+from netshrink.stages.base import StageContext
 from netshrink.train.config import TrainConfig
 from netshrink.train.loop import train
 

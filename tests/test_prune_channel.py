@@ -15,7 +15,7 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec, build_model, randomized_model
 from netshrink.models.resnet import Conv2d
 from netshrink.prune.channel import ChannelPruneConfig, channel_report, prune_channels
-from netshrink.recipe.stages import StageContext
+from netshrink.stages.base import StageContext
 from netshrink.store.checkpoint import load_model, save_model
 
 SIZE = 16
@@ -227,7 +227,7 @@ def test_classifier_not_ignored_is_caught() -> None:
 
 
 def test_stage_marks_the_spec_pruned_and_records_channels(tmp_path) -> None:
-    from netshrink.prune.channel_stage import channel_stage
+    from netshrink.stages.prune import channel_stage
 
     ctx = StageContext(data=tiny_data(), spec=TINY, device="cpu", seed=0, run_dir=tmp_path,
                        stage_dir=tmp_path, log=lambda _: None, progress=False)

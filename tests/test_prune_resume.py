@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import netshrink.train.loop as loop
+import netshrink.stages.prune as prune_stages
 from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.store.checkpoint import load_model
 
@@ -35,7 +35,7 @@ def test_iterative_stage_resumes_after_its_last_finished_step(method, fashion_di
         return run_recipe(recipe(), tmp_path / folder, log=log, report=False, use_cache=False)
 
     whole = run("whole")
-    train, calls = loop.train, []
+    train, calls = prune_stages.train, []  # the loop as the pruning stages call it
 
     def cut_in_step_two(*args, **kwargs):
         calls.append(1)
@@ -44,7 +44,7 @@ def test_iterative_stage_resumes_after_its_last_finished_step(method, fashion_di
         return train(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "train", cut_in_step_two)
+        patch.setattr(prune_stages, "train", cut_in_step_two)
         with pytest.raises(KeyboardInterrupt):
             run("cut")
     lines: list[str] = []

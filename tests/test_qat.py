@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from netshrink.data.base import ArraySplit, DataBundle, DatasetInfo
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, build_model
+from netshrink.models.fold import batchnorm_pairs, fold_batchnorm
 from netshrink.models.resnet import Conv2d
-from netshrink.quant.fold import batchnorm_pairs, fold_batchnorm
 from netshrink.quant.qat import (
     ActivationFakeQuant,
     ObserverFreezeHook,

@@ -11,7 +11,7 @@ from netshrink.errors import UserError
 from netshrink.recipe import load_recipe, parse_recipe
 from netshrink.recipe.runner import stage_keys
 from netshrink.recipe.schema import StageEntry
-from netshrink.recipe.stages import STAGES
+from netshrink.stages.base import STAGES
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 

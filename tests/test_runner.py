@@ -12,8 +12,8 @@ import torch
 from netshrink.bench import evaluate
 from netshrink.data import DataConfig, build_data
 from netshrink.recipe import parse_recipe, run_recipe
-from netshrink.recipe.record import RunRecord
-from netshrink.recipe.stages import STAGES
+from netshrink.stages.base import STAGES
+from netshrink.stages.record import RunRecord
 from netshrink.store.checkpoint import load_model
 
 

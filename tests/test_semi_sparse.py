@@ -15,8 +15,8 @@ from torch import nn
 
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, build_model, randomized_model
+from netshrink.models.fold import fold_batchnorm
 from netshrink.prune.nm import NMPruneConfig, nm_mask, prune_nm
-from netshrink.quant.fold import fold_batchnorm
 from netshrink.runtime.gemm_lowering import (
     ConvAsGemm,
     LinearAsGemm,

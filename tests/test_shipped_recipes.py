@@ -26,9 +26,9 @@ import yaml
 from fixtures_data import write_cifar10_python
 from netshrink.bench._common import input_dtype
 from netshrink.recipe import parse_recipe, run_recipe
-from netshrink.recipe.record import RunRecord
 from netshrink.runtime import ModelStats, open_runtime
 from netshrink.runtime.base import Executable
+from netshrink.stages.record import RunRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

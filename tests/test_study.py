@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from netshrink.errors import UserError
-from netshrink.prune.masks import zero_masks
 from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.recipe.cache import ModelCache, default_cache_dir
 from netshrink.store.checkpoint import load_model
+from netshrink.train.masks import zero_masks
 
 
 def quiet(_: str) -> None:

@@ -126,10 +126,10 @@ def test_checker_passes_our_forms_and_names_real_violations(tiny, tmp_path) -> N
     # ONNX Runtime's operator format is refused outright.
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from netshrink.quant.ptq import _Batches
+    from netshrink.export.calibration_reader import CalibrationReader
 
     qop = tmp_path / "qop.onnx"
-    quantize_static(str(result.files["fp32"]), str(qop), _Batches(calib(1)),
+    quantize_static(str(result.files["fp32"]), str(qop), CalibrationReader(calib(1)),
                     quant_format=QuantFormat.QOperator, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8)
     assert any("QLinearConv" in p and "not supported" in p for p in tensorrt_problems(qop))

@@ -363,7 +363,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from netshrink.data import DATASETS
     from netshrink.models import MODELS
-    from netshrink.recipe.stages import STAGES, load_builtin_stages
+    from netshrink.stages.base import STAGES, load_builtin_stages
 
     load_builtin_stages()
     tables = {"models": MODELS.names(), "datasets": DATASETS.names(),

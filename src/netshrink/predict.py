@@ -10,8 +10,8 @@ from PIL import Image
 
 from netshrink.data.imagefolder import open_image
 from netshrink.errors import UserError
+from netshrink.limits import check_regular
 from netshrink.store.checkpoint import load_model
-from netshrink.store.limits import check_regular
 
 
 def load_image(path: Path, *, in_channels: int, size: int) -> torch.Tensor:

@@ -13,12 +13,12 @@ Public API::
 """
 
 from netshrink.bench.accuracy import evaluate
-from netshrink.bench.counting import count_macs, count_params
 from netshrink.bench.environment import environment
 from netshrink.bench.measure import artifact_size, measure
 from netshrink.bench.memory import peak_memory
 from netshrink.bench.schema import Accuracy, Environment, Latency, Measurement
 from netshrink.bench.timing import latency_from_times, num_threads, time_model
+from netshrink.models.counting import count_macs, count_params
 
 __all__ = [
     "Accuracy",

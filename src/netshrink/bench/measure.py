@@ -17,7 +17,6 @@ from torch import nn
 
 from netshrink.bench._common import PRECISIONS, input_dtype, resolve_device
 from netshrink.bench.accuracy import evaluate
-from netshrink.bench.counting import check_input_shape, count_macs, count_params
 from netshrink.bench.environment import environment
 from netshrink.bench.memory import peak_memory
 from netshrink.bench.schema import Accuracy, Latency, Measurement
@@ -25,6 +24,7 @@ from netshrink.bench.timing import num_threads
 from netshrink.bench.timing import time_model as _time_model
 from netshrink.data.base import Split
 from netshrink.errors import UserError
+from netshrink.models.counting import check_input_shape, count_macs, count_params
 from netshrink.runtime.base import Executable
 from netshrink.runtime.torch_exec import cuda_flags
 

@@ -27,7 +27,7 @@ import torch
 
 from netshrink.data.base import RawArrays
 from netshrink.errors import UserError
-from netshrink.store.limits import element_count, read_regular
+from netshrink.limits import element_count, read_regular
 
 _PIXELS = 3 * 32 * 32
 _DOWNLOAD_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"

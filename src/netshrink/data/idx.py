@@ -16,7 +16,7 @@ import torch
 
 from netshrink.data.base import RawArrays
 from netshrink.errors import UserError
-from netshrink.store.limits import element_count, read_regular
+from netshrink.limits import element_count, read_regular
 
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from netshrink.data.base import Batch, DataBundle, DatasetInfo
 from netshrink.errors import UserError
-from netshrink.store.limits import open_regular
+from netshrink.limits import open_regular
 
 if TYPE_CHECKING:
     from netshrink.data import DataConfig, DatasetSpec

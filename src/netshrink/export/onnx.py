@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from netshrink.bench.counting import check_input_shape
 from netshrink.errors import UserError
+from netshrink.models.counting import check_input_shape
 from netshrink.store.atomic import atomic_write_bytes
 
 __all__ = ["ONNX_INPUT", "ONNX_OUTPUT", "check_onnx", "export_onnx", "onnx_layer_name"]

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from netshrink.bench.counting import check_input_shape
 from netshrink.errors import UserError
 from netshrink.export.onnx import ONNX_INPUT, export_onnx
 from netshrink.export.tensorrt_check import FP16_MAX, tensorrt_problems
 from netshrink.export.tensorrt_int8 import quantize_int8
+from netshrink.models.counting import check_input_shape
 from netshrink.store.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [

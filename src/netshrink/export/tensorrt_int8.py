@@ -54,7 +54,7 @@ def quantize_int8(float_onnx: Path, out: Path, batches: Sequence[np.ndarray]) ->
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from netshrink.quant.ptq import _Batches
+    from netshrink.export.calibration_reader import CalibrationReader
     from netshrink.runtime.sessions import onnx_precision
 
     if not batches:
@@ -75,7 +75,7 @@ def quantize_int8(float_onnx: Path, out: Path, batches: Sequence[np.ndarray]) ->
         prepared, target = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(float_onnx), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(target), _Batches(batches), quant_format=QuantFormat.QDQ,
+            str(prepared), str(target), CalibrationReader(batches), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(INT8_OPS), per_channel=True, reduce_range=False,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, extra_options=extra,

@@ -15,9 +15,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from netshrink.prune.masks import Masks, apply_masks, zero_masks
+from netshrink.models.select import select_layers
 from netshrink.prune.resume import StepCheckpoints
-from netshrink.prune.select import select_layers
+from netshrink.train.masks import Masks, apply_masks, zero_masks
 
 TrainFn = Callable[[nn.Module, Masks], None]
 

@@ -19,12 +19,13 @@ from torch import nn
 
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec
-from netshrink.recipe.record import EpochRecord
 from netshrink.store.checkpoint import load_model, save_model
+from netshrink.train.history import EpochRecord
 
 __all__ = ["StepCheckpoints"]
 
 PREFIX = "prune_step_"
+STEP_FILES = f"{PREFIX}*"  # every file of the finished steps (models, training states)
 
 
 @dataclass

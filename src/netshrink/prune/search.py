@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from netshrink.bench.accuracy import evaluate
 from netshrink.data.base import Split
 from netshrink.errors import UserError
+from netshrink.models.select import prunable_layers
 from netshrink.prune.magnitude import MagnitudePruneConfig, magnitude_masks, prune_magnitude
-from netshrink.prune.masks import apply_masks
-from netshrink.prune.select import prunable_layers
 from netshrink.prune.sensitivity import (
     BASELINE,
     Method,
@@ -40,6 +39,7 @@ from netshrink.prune.sensitivity import (
     example_input_from,
     prune_channel_groups,
 )
+from netshrink.train.masks import apply_masks
 
 __all__ = [
     "MONOTONE_ASSUMPTION",

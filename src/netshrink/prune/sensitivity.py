@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from netshrink.bench.accuracy import evaluate
 from netshrink.data.base import Split
 from netshrink.errors import UserError
+from netshrink.models.select import prunable_layers, select_layers
 from netshrink.prune.channel import kept_channels
 from netshrink.prune.magnitude import magnitude_masks
-from netshrink.prune.masks import apply_masks
-from netshrink.prune.select import prunable_layers, select_layers
+from netshrink.train.masks import apply_masks
 
 __all__ = [
     "BASELINE",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
-from netshrink.prune.select import prunable_layers, select_layers
+from netshrink.models.select import prunable_layers, select_layers
+from netshrink.store.codebook import Codebook
 
 __all__ = ["Codebook", "CodebookHook", "KMeansConfig", "kmeans_share"]
 
@@ -73,41 +73,6 @@ class KMeansConfig(BaseModel):
     @classmethod
     def _bits_in_range(cls, value: int) -> int:
         return _check_bits(value)
-
-
-@dataclass
-class Codebook:
-    """One layer's shared weights.
-
-    Attributes:
-        centroids: float32 ``[K]``, none exactly zero, ``K <= 256`` (ascending as
-            ``kmeans_share`` makes them; fine-tuning may reorder them, which is harmless).
-        indices: uint8, shaped like the weight: the centroid of each non-zero weight.
-            Entries where ``mask`` is False are 0 and mean nothing.
-        mask: bool, shaped like the weight: True where the weight is non-zero. Kept apart
-            from the indices so that all 256 index values of 8 bits name centroids.
-    """
-
-    centroids: Tensor
-    indices: Tensor
-    mask: Tensor
-
-    @property
-    def bits(self) -> int:
-        """The fewest bits that index every centroid (at least 1)."""
-        return max(1, (len(self.centroids) - 1).bit_length())
-
-    def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight this codebook stands for: ``centroids[indices]`` where ``mask``, else 0.
-
-        Computed in float32, then cast to ``dtype``: exactly what ``kmeans_share`` and
-        ``CodebookHook`` write into the layer and what a packed file reloads.
-        """
-        if len(self.centroids) == 0:  # an all-zero layer
-            return torch.zeros(self.indices.shape, dtype=dtype, device=self.indices.device)
-        values = self.centroids.to(self.indices.device, torch.float32)[self.indices.long()]
-        return torch.where(self.mask, values, torch.zeros((), dtype=values.dtype,
-                                                          device=values.device)).to(dtype)
 
 
 def _no_exact_zero(centroids: Tensor, dtype: torch.dtype) -> Tensor:

@@ -30,7 +30,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from netshrink.errors import UserError
-from netshrink.export.onnx import ONNX_INPUT, onnx_layer_name
+from netshrink.export.calibration_reader import CalibrationReader
+from netshrink.export.onnx import onnx_layer_name
 from netshrink.runtime.sessions import onnx_precision, require
 from netshrink.store.atomic import atomic_write_bytes
 
@@ -121,28 +122,6 @@ def _check_float(path: Path) -> None:
                         "quantize the float model it came from")
 
 
-class _Batches:
-    """ONNX Runtime's calibration reader over a list of numpy batches."""
-
-    def __init__(self, batches: Sequence[np.ndarray]) -> None:
-        self._batches = list(batches)
-        self._next = 0
-
-        self._end = len(self._batches)
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._next, self._end = start_index, min(end_index, len(self._batches))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= self._end:
-            return None
-        self._next += 1
-        return {ONNX_INPUT: self._batches[self._next - 1]}
-
-
 def quantize_onnx(
     float_onnx: Path,
     out: Path,
@@ -191,7 +170,7 @@ def quantize_onnx(
         if input_ranges:
             extra["TensorQuantOverrides"] = _input_overrides(prepared, input_ranges)
         quantize_static(
-            str(prepared), str(target), _Batches(batches), quant_format=QuantFormat.QDQ,
+            str(prepared), str(target), CalibrationReader(batches), quant_format=QuantFormat.QDQ,
             per_channel=cfg.per_channel, reduce_range=cfg.reduce_range, activation_type=act,
             weight_type=QuantType.QInt8, nodes_to_exclude=excluded, calibrate_method=method,
             extra_options=extra,

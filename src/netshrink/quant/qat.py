@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from netshrink.data import DataBundle
 from netshrink.distill.options import DistillOptions
 from netshrink.errors import UserError
+from netshrink.models.fold import fold_batchnorm
 from netshrink.models.resnet import conv_forward
-from netshrink.quant.fold import fold_batchnorm
 from netshrink.train.config import TrainConfig, fractional_epochs
 from netshrink.train.loop import LossFn, TrainResult, train
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from netshrink.recipe.record import RunRecord
 from netshrink.recipe.schema import Recipe, load_recipe, parse_recipe
+from netshrink.stages.record import RunRecord
 
 __all__ = ["Recipe", "RunRecord", "load_recipe", "parse_recipe", "run_recipe", "run_recipe_file"]
 

@@ -15,19 +15,20 @@ a damaged file is never served.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import fnmatch
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netshrink.prune.resume import PREFIX as STEP_PREFIX
 from netshrink.store.atomic import temp_path
+from netshrink.store.digest import file_sha256
 
 CACHE_ENV = "NETSHRINK_CACHE"
 MODEL_FILE = "model.safetensors"
@@ -56,7 +57,7 @@ def _entry_info(folder: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
         return None
-    from netshrink.recipe.record import EpochRecord  # the history a cache hit reports
+    from netshrink.train.history import EpochRecord  # the history a cache hit reports
 
     try:
         history = info.get("history", [])
@@ -79,15 +80,6 @@ def default_cache_dir() -> Path | None:
         return None if value.strip().lower() in {"", "off", "0", "none"} else Path(value)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "netshrink" / "stages"
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _place(src: Path, dest: Path) -> None:
@@ -222,10 +214,12 @@ class ModelCache:
                 total -= oldest.size_bytes
         return [entry for entry in removed if self.remove(entry)]
 
-    def put(self, key: str, model_file: Path, info: dict[str, Any]) -> None:
+    def put(self, key: str, model_file: Path, info: dict[str, Any], *,
+            skip: Sequence[str] = ()) -> None:
         """File ``model_file`` under ``key`` with ``info`` (JSON-able); an existing entry
         is kept. A cache that cannot be written (read-only, full disk) is skipped, never
-        an error: the run's own files are complete without it."""
+        an error: the run's own files are complete without it. Files beside the model
+        go too, except those matching ``skip`` (the stage's scratch files)."""
         folder = self._folder(key)
         if (folder / ENTRY_FILE).is_file():
             return
@@ -237,10 +231,10 @@ class ModelCache:
         try:
             (tmp / SIDE_FILES).mkdir()
             for side in model_file.parent.iterdir():
-                # The report reads these (per-layer sparsity, channels kept); a resumable
-                # training state is not the stage's result.
-                if side.is_file() and side != model_file and not side.name.startswith(
-                        ("train_state", STEP_PREFIX, ".")):
+                # The report reads these (per-layer sparsity, channels kept); a stage's
+                # scratch (its resumable state) is not its result.
+                if (side.is_file() and side != model_file and not side.name.startswith(".")
+                        and not any(fnmatch.fnmatch(side.name, p) for p in skip)):
                     _place(side, tmp / SIDE_FILES / side.name)
             _place(model_file, tmp / MODEL_FILE)
             entry = {**info, "sha256": file_sha256(tmp / MODEL_FILE)}

@@ -26,14 +26,13 @@ import netshrink
 from netshrink.bench import measure
 from netshrink.data import DataBundle, build_data
 from netshrink.errors import UserError
-from netshrink.prune.resume import PREFIX as STEP_PREFIX
 from netshrink.recipe.cache import CachedStage, ModelCache, file_sha256
-from netshrink.recipe.record import EpochRecord, RunRecord, StageRecord
 from netshrink.recipe.schema import Recipe, StageEntry, stage_refs
-from netshrink.recipe.stages import STAGES, Deployed, StageContext
-from netshrink.recipe.start import start_model
 from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
 from netshrink.runtime.base import Executable
+from netshrink.stages.base import STAGES, Deployed, StageContext
+from netshrink.stages.record import EpochRecord, RunRecord, StageRecord
+from netshrink.stages.start import start_model
 from netshrink.store.atomic import atomic_write_text, is_temp_name
 from netshrink.store.checkpoint import load_model, save_model
 from netshrink.store.layout import (
@@ -114,12 +113,13 @@ def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
     return keys
 
 
-def _drop_resumable_state(stage_dir: Path) -> None:
-    """Once a stage's record is written, what would have resumed it goes: its training
-    state and an iterative pruning stage's finished steps."""
-    (stage_dir / "train_state.safetensors").unlink(missing_ok=True)
-    for step in stage_dir.glob(f"{STEP_PREFIX}*"):
-        step.unlink(missing_ok=True)
+def _drop_resumable_state(stage_dir: Path, kind: str) -> None:
+    """Once a stage's record is written, what would have resumed it goes: the scratch
+    files its kind declares (a training state, an iterative pruning stage's steps)."""
+    for pattern in STAGES.get(kind).scratch if kind in STAGES else ():
+        for path in stage_dir.glob(pattern):
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
 
 
 def checkpoint_meta(data: DataBundle, *, run: str, stage: str,
@@ -422,7 +422,7 @@ class Runner:
                 self._claim(record, stage_dir)
             if cached is not None and cached.copy_to(artifact):
                 t0 = time.perf_counter()
-                _drop_resumable_state(stage_dir)
+                _drop_resumable_state(stage_dir, kind)
                 model, spec, _ = load_model(artifact)
                 loaded, files[name], last = artifact, artifact, name
                 stage = self._cache_record(cached, entry, index, name, key, measure_key,
@@ -489,12 +489,12 @@ class Runner:
             )
             record.stages.append(stage)
             self._write(record)
-            _drop_resumable_state(stage_dir)
+            _drop_resumable_state(stage_dir, kind)
             # Only a stage whose result is its torch model is cached: a deployed file (an
             # INT8 ONNX, a packed k-means file) is what such a stage is measured as, and a
             # cache hit measures the torch model.
             if entry is not None and measured_file == artifact and self.cache is not None:
-                self.cache.put(key, artifact, {
+                self.cache.put(key, artifact, skip=STAGES.get(kind).scratch, info={
                     "run": recipe.name, "stage": name, "kind": kind, "seconds": seconds,
                     "history": [h.model_dump(mode="json") for h in ctx.history],
                     "notes": ctx.notes, "created": _now()})

@@ -16,25 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from netshrink.data import DataConfig
 from netshrink.errors import UserError
-from netshrink.recipe.stages import STAGES, load_builtin_stages
+from netshrink.stages.base import STAGES, load_builtin_stages
+from netshrink.stages.start import ModelSection
 from netshrink.store.layout import check_name
 
 # A recipe is a page of YAML: these bound what a hostile one can make the parser build.
 MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_DEPTH = 32
-
-
-class ModelSection(BaseModel):
-    """The ``model:`` section. ``num_classes``/``in_channels`` default to the dataset's."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    arch: str = "resnet18"
-    stem: Literal["imagenet", "cifar"] = "imagenet"
-    num_classes: int | None = Field(default=None, gt=0)
-    in_channels: int | None = Field(default=None, gt=0)
-    zero_init_residual: bool = True
-    weights: Path | None = None  # start from this checkpoint instead of a fresh init
 
 
 class MeasureConfig(BaseModel):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import yaml
 
-from netshrink.recipe.record import RunRecord, StageRecord
 from netshrink.report import fmt
 from netshrink.report.layer_tables import layer_tables
 from netshrink.report.plots import Plot, all_plots
@@ -43,6 +42,7 @@ from netshrink.report.verdict import (
     reference_stage,
     thresholds_text,
 )
+from netshrink.stages.record import RunRecord, StageRecord
 
 LAYER_HEADING = "Per-layer pruning"
 

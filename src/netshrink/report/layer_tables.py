@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from netshrink.recipe.record import StageRecord
 from netshrink.report.stage_files import LayerChannels, LayerSparsity, RunFiles
 from netshrink.report.tables import Table
+from netshrink.stages.record import StageRecord
 
 
 def _kept(after: int, before: int) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from netshrink.errors import UserError
-from netshrink.recipe.record import RunRecord
+from netshrink.stages.record import RunRecord
 
 RUN_FILE = "run.json"
 

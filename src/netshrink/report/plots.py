@@ -14,9 +14,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from netshrink.figures import figure_png
-from netshrink.recipe.record import StageRecord
 from netshrink.report import fmt
 from netshrink.report.tables import device_label
+from netshrink.stages.record import StageRecord
 
 # Colours by stage position so one stage has the same colour in every plot.
 PALETTE = (

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 from netshrink.figures import figure_png
 from netshrink.prune.plots import accuracy_vs_ratio, sensitivity_bars, weight_histogram
-from netshrink.recipe.record import StageRecord
 from netshrink.report.plots import Plot, literal_text
 from netshrink.report.stage_files import RunFiles, WeightPair
+from netshrink.stages.record import StageRecord
 
 # The scan stage only looks (its model is the one it was given): not a point on a curve.
 _NOT_PRUNING = {"prune.sensitivity"}

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from torch import Tensor
 
 from netshrink.errors import UserError
-from netshrink.recipe.record import RunRecord, StageRecord
 from netshrink.report.verdict import reference_stage
+from netshrink.stages.record import RunRecord, StageRecord
 from netshrink.store.checkpoint import read_state_dict
 
 

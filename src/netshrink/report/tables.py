@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from netshrink.bench.schema import Latency, Measurement
-from netshrink.recipe.record import StageRecord
 from netshrink.report import fmt
 from netshrink.report.verdict import (
     Comparison,
@@ -20,6 +19,7 @@ from netshrink.report.verdict import (
     measurement_on,
     speed_split,
 )
+from netshrink.stages.record import StageRecord
 
 
 @dataclass(frozen=True)

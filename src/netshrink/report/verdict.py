@@ -22,8 +22,8 @@ from typing import Any
 
 from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Latency, Measurement
 from netshrink.errors import UserError
-from netshrink.recipe.record import RunRecord, StageRecord
 from netshrink.report import fmt
+from netshrink.stages.record import RunRecord, StageRecord
 
 SMALLER_MIN_RATIO = 1.02  # reference size / stage size: at least ~2% smaller
 FASTER_MIN_SPEEDUP = 1.05  # reference p50 / stage p50: at least ~5% lower latency
@@ -149,7 +149,7 @@ def reference_stage(record: RunRecord, stages: Sequence[StageRecord]) -> Referen
 def _chains(kind: str) -> bool:
     """Whether a stage of ``kind`` leaves a torch model the next stage starts from (a
     training or pruning stage), rather than deploying its input to a runtime."""
-    from netshrink.recipe.stages import STAGES, load_builtin_stages
+    from netshrink.stages.base import STAGES, load_builtin_stages
 
     load_builtin_stages()
     return STAGES.get(kind).chains if kind in STAGES else True

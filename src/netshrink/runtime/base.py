@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from netshrink.models.counting import count_macs, count_params
+
 __all__ = ["Executable", "ModelStats", "RuntimeModule", "model_stats"]
 
 
@@ -32,9 +34,6 @@ class ModelStats:
 
 def model_stats(model: nn.Module, input_shape: list[int]) -> ModelStats:
     """Parameter, non-zero and MAC counts of a torch model for one ``input_shape`` image."""
-    # Imported here: the measuring code imports this module, and bench's package imports it.
-    from netshrink.bench.counting import count_macs, count_params
-
     params, nonzero = count_params(model)
     return ModelStats(params=params, nonzero_params=nonzero,
                       macs=count_macs(model, input_shape) or None)

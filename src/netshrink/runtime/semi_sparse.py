@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
-from netshrink.quant.fold import fold_batchnorm
+from netshrink.models.fold import fold_batchnorm
 from netshrink.runtime.gemm_lowering import ConvAsGemm, LinearAsGemm
 from netshrink.runtime.semi_sparse_support import (
     BACKENDS,

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from netshrink.errors import UserError
-from netshrink.prune.nm import is_nm_sparse
 from netshrink.runtime.gemm_lowering import conv_kind, unsupported_conv
+from netshrink.runtime.nm_layout import is_nm_sparse
 
 __all__ = [
     "BACKENDS",

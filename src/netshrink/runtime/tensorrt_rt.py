@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from netshrink.errors import UserError
-from netshrink.recipe.cache import file_sha256
 from netshrink.runtime.base import Executable, ModelStats
 from netshrink.store.atomic import atomic_write_bytes
+from netshrink.store.digest import file_sha256
 
 __all__ = ["TensorRTModule", "build_engine", "open_tensorrt"]
 

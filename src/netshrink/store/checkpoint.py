@@ -28,10 +28,10 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
+from netshrink.limits import bounded_json, open_regular, read_regular
 from netshrink.models import ModelSpec, build_model
 from netshrink.models.resize import resize_to_state
 from netshrink.store.atomic import atomic_write_bytes
-from netshrink.store.limits import bounded_json, open_regular, read_regular
 
 FORMAT = "netshrink.model/1"
 

@@ -56,10 +56,10 @@ from torch import Tensor, nn
 
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec
-from netshrink.quant.kmeans import Codebook
 from netshrink.store.atomic import atomic_writer
 from netshrink.store.bitpack import pack_bits
 from netshrink.store.checkpoint import check_meta, check_spec, model_from_state
+from netshrink.store.codebook import Codebook
 from netshrink.store.packed_codec import (
     _DTYPES,
     FORMAT,

@@ -14,8 +14,8 @@ import zstandard
 from torch import Tensor
 
 from netshrink.errors import UserError
+from netshrink.limits import bounded_json, element_count, read_regular
 from netshrink.store.bitpack import unpack_bits
-from netshrink.store.limits import bounded_json, element_count, read_regular
 from netshrink.store.packed_codec import (
     _DTYPES,
     ENCODINGS,

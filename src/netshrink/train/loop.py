@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
-from netshrink.prune.masks import MaskHook, zero_masks
-from netshrink.recipe.record import EpochRecord
 from netshrink.train.config import TrainConfig
+from netshrink.train.history import EpochRecord
+from netshrink.train.masks import MaskHook, zero_masks
 from netshrink.train.state import Position, load_state, save_state
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from netshrink.recipe.record import EpochRecord
 from netshrink.store.atomic import atomic_write_bytes
+from netshrink.train.history import EpochRecord
 
 
 @dataclass

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from netshrink.distill.options import DistillOptions, teacher_loss
-from netshrink.recipe.stages import StageContext, stage
+from netshrink.distill.options import DistillOptions
+from netshrink.stages.base import TRAIN_STATE, StageContext, stage
+from netshrink.stages.teacher import teacher_loss
 from netshrink.train.config import TrainConfig
 from netshrink.train.loop import LossFn, train
 
@@ -31,7 +32,7 @@ def run_training(model: nn.Module, cfg: TrainConfig, ctx: StageContext,
         cfg,
         device=ctx.device,
         loss_fn=loss_fn,
-        state_path=ctx.stage_dir / "train_state.safetensors",
+        state_path=ctx.stage_dir / TRAIN_STATE,
         progress=ctx.progress,
         log=ctx.log,
         fingerprint_extra=ctx.key,
@@ -42,11 +43,13 @@ def run_training(model: nn.Module, cfg: TrainConfig, ctx: StageContext,
     return model
 
 
-@stage("train", TrainConfig, "train the model (from its current weights) with the one loop")
+@stage("train", TrainConfig, "train the model (from its current weights) with the one loop",
+       scratch=(TRAIN_STATE,))
 def train_stage(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Module:
     return run_training(model, cfg, ctx)
 
 
-@stage("finetune", FinetuneConfig, "train briefly at a low learning rate (after compression)")
+@stage("finetune", FinetuneConfig, "train briefly at a low learning rate (after compression)",
+       scratch=(TRAIN_STATE,))
 def finetune_stage(model: nn.Module, cfg: FinetuneConfig, ctx: StageContext) -> nn.Module:
     return run_training(model, cfg, ctx, teacher_loss(cfg.distill, ctx, cfg))

@@ -18,9 +18,9 @@ from netshrink.bench.measure import artifact_size
 from netshrink.errors import UserError
 from netshrink.export.tensorrt import FILES, FORMS, export_tensorrt
 from netshrink.quant.calibration import calibration_batches
-from netshrink.quant.stages import export_checked
-from netshrink.recipe.stages import Deployed, StageContext, stage
 from netshrink.runtime import model_stats, require
+from netshrink.stages.base import Deployed, StageContext, stage
+from netshrink.stages.quant import export_checked
 
 Form = Literal["fp32", "fp16", "int8"]
 

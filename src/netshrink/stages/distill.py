@@ -5,13 +5,13 @@ from __future__ import annotations
 from pydantic import model_validator
 from torch import nn
 
-from netshrink.distill.options import TeacherFields, teacher_loss
-from netshrink.recipe.schema import ModelSection
-from netshrink.recipe.stages import StageContext, stage
-from netshrink.recipe.start import start_model
+from netshrink.distill.options import TeacherFields
+from netshrink.stages.base import TRAIN_STATE, StageContext, stage
+from netshrink.stages.start import ModelSection, start_model
+from netshrink.stages.teacher import teacher_loss
+from netshrink.stages.train import run_training
 from netshrink.store.checkpoint import load_model
 from netshrink.train.config import TrainConfig
-from netshrink.train.stages import run_training
 
 
 class KDConfig(TrainConfig, TeacherFields):
@@ -40,7 +40,8 @@ class KDConfig(TrainConfig, TeacherFields):
         return self
 
 
-@stage("distill.kd", KDConfig, "knowledge distillation from a frozen teacher (hard + soft loss)")
+@stage("distill.kd", KDConfig, "knowledge distillation from a frozen teacher (hard + soft loss)",
+       scratch=(TRAIN_STATE,))
 def kd_stage(model: nn.Module, cfg: KDConfig, ctx: StageContext) -> nn.Module:
     if cfg.student_stage is not None:
         student, ctx.spec, _ = load_model(ctx.stage_model_file(cfg.student_stage,

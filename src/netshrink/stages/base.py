@@ -22,9 +22,9 @@ from torch import nn
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec
-from netshrink.recipe.record import EpochRecord
 from netshrink.registry import Registry
 from netshrink.runtime.base import ModelStats
+from netshrink.train.history import EpochRecord
 
 
 @dataclass
@@ -99,34 +99,37 @@ class StageDef:
     # False for stages whose result runs outside torch (export, quantization): the next
     # stage gets their input model, so they are left out of later stages' keys.
     chains: bool = True
+    # Glob patterns of the files in its folder that only resume an interrupted stage:
+    # removed once the stage's record is written, never filed in the model cache.
+    scratch: tuple[str, ...] = ()
 
 
 STAGES: Registry[StageDef] = Registry("stage")
+TRAIN_STATE = "train_state.safetensors"  # a training stage's resumable state
 
 
-def stage(name: str, config: type[BaseModel], summary: str, *, chains: bool = True
-          ) -> Callable[[StageFn], StageFn]:
+def stage(name: str, config: type[BaseModel], summary: str, *, chains: bool = True,
+          scratch: tuple[str, ...] = ()) -> Callable[[StageFn], StageFn]:
     """Decorator: register ``fn`` as the recipe stage ``name`` configured by ``config``.
 
-    ``chains=False`` declares that the stage returns a ``Deployed`` without a torch model.
+    ``chains=False`` declares that the stage returns a ``Deployed`` without a torch model;
+    ``scratch`` names the resumable-state files it leaves in its folder.
     """
 
     def add(fn: StageFn) -> StageFn:
-        STAGES.register(name)(StageDef(fn=fn, config=config, summary=summary, chains=chains))
+        STAGES.register(name)(StageDef(fn=fn, config=config, summary=summary, chains=chains,
+                                       scratch=scratch))
         return fn
 
     return add
 
 
 def load_builtin_stages() -> None:
-    """Import the modules whose stages register themselves."""
-    import netshrink.distill.stage
-    import netshrink.export.tensorrt_stage
-    import netshrink.prune.analysis_stages
-    import netshrink.prune.channel_stage
-    import netshrink.prune.stages
-    import netshrink.quant.kmeans_stage
-    import netshrink.quant.qat_stage
-    import netshrink.quant.stages
-    import netshrink.runtime.torch_stage
-    import netshrink.train.stages  # noqa: F401
+    """Import the modules whose stages register themselves (one per stage family)."""
+    import netshrink.stages.deploy
+    import netshrink.stages.distill
+    import netshrink.stages.export
+    import netshrink.stages.prune
+    import netshrink.stages.prune_analysis
+    import netshrink.stages.quant
+    import netshrink.stages.train  # noqa: F401

@@ -1,4 +1,5 @@
-"""``run.json``: what a run did, stage by stage. The report reads nothing else."""
+"""``run.json``: what a run did, stage by stage. The runner writes it; the report reads
+nothing else."""
 
 from __future__ import annotations
 
@@ -7,20 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from netshrink.bench.schema import Measurement
+from netshrink.train.history import EpochRecord
 
-
-class EpochRecord(BaseModel):
-    """One epoch of a training stage."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epoch: int
-    train_loss: float
-    train_top1: float
-    lr: float
-    seconds: float
-    val_top1: float | None = None
-    val_top5: float | None = None
+__all__ = ["EpochRecord", "RunRecord", "StageRecord"]
 
 
 class StageRecord(BaseModel):

@@ -26,8 +26,11 @@ from netshrink.prune.sensitivity import (
     output_layer,
     sensitivity_scan,
 )
-from netshrink.recipe.stages import StageContext, stage
+from netshrink.stages.base import StageContext, stage
+from netshrink.stages.prune import record_sparsity
+from netshrink.stages.train import FinetuneConfig
 from netshrink.store.atomic import atomic_write_text
+from netshrink.train.loop import train
 
 __all__ = ["SearchConfig", "SensitivityConfig", "search_stage", "sensitivity_stage"]
 
@@ -147,9 +150,6 @@ def sensitivity_stage(model: nn.Module, cfg: SensitivityConfig, ctx: StageContex
 @stage("prune.search", SearchConfig,
        "bisect for the largest pruning ratio within a top-1 budget, and prune there")
 def search_stage(model: nn.Module, cfg: SearchConfig, ctx: StageContext) -> nn.Module:
-    from netshrink.train.loop import train
-    from netshrink.train.stages import FinetuneConfig
-
     split = _split(ctx, cfg.split)
 
     def finetune(m: nn.Module) -> None:
@@ -193,7 +193,5 @@ def search_stage(model: nn.Module, cfg: SearchConfig, ctx: StageContext) -> nn.M
     if cfg.method == "channel" and result["ratio"] > 0:
         ctx.spec = ctx.spec.model_copy(update={"pruned": True})  # shapes now differ
     elif cfg.method == "magnitude":
-        from netshrink.prune.stages import record_sparsity
-
         record_sparsity(pruned, ctx)
     return pruned

@@ -3,13 +3,29 @@ stage's ``student:``), fresh and seeded or loaded from its weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from netshrink.data import DataBundle
 from netshrink.models import ModelSpec, build_model
-from netshrink.recipe.schema import ModelSection
 from netshrink.store.checkpoint import load_model, stored_spec
+
+
+class ModelSection(BaseModel):
+    """The ``model:`` section. ``num_classes``/``in_channels`` default to the dataset's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = "resnet18"
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    num_classes: int | None = Field(default=None, gt=0)
+    in_channels: int | None = Field(default=None, gt=0)
+    zero_init_residual: bool = True
+    weights: Path | None = None  # start from this checkpoint instead of a fresh init
 
 
 def section_spec(section: ModelSection, data: DataBundle) -> ModelSpec:

@@ -1,5 +1,5 @@
 """Recipe stages that export and quantize: ``export.onnx``, ``quant.ptq``, ``quant.dynamic``,
-``quant.fp16``, ``quant.bf16`` (and ``quant.qat``/``quant.kmeans`` in their own modules).
+``quant.fp16``, ``quant.bf16``, ``quant.qat`` and ``quant.kmeans``.
 
 Each returns a ``Deployed``: the file a runtime executes, measured in that runtime.
 """
@@ -20,6 +20,7 @@ from netshrink.bench.measure import artifact_size
 from netshrink.errors import UserError
 from netshrink.export.onnx import check_onnx, export_onnx
 from netshrink.quant.calibration import calibration_batches
+from netshrink.quant.kmeans import CodebookHook, KMeansConfig, kmeans_share
 from netshrink.quant.ptq import (
     PTQConfig,
     auto_mixed,
@@ -28,10 +29,16 @@ from netshrink.quant.ptq import (
     quantize_onnx,
     quantize_openvino,
 )
-from netshrink.recipe.stages import Deployed, StageContext, stage
+from netshrink.quant.qat import QATConfig, run_qat
 from netshrink.runtime import ModelStats, model_stats, open_runtime
+from netshrink.stages.base import Deployed, StageContext, stage
+from netshrink.stages.teacher import teacher_loss
+from netshrink.stages.train import FinetuneConfig
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import save_model
+from netshrink.store.packed import pack_model
+from netshrink.train.config import fractional_epochs
+from netshrink.train.loop import train
 
 # How close an exported float model must be to torch; a bigger gap is an export bug.
 EXPORT_ATOL = 1e-3
@@ -204,3 +211,50 @@ def fp16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed
        chains=False)
 def bf16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
     return _half(model, cfg, ctx, "bf16")
+
+
+@stage("quant.kmeans", KMeansConfig,
+       "k-means weight sharing (2^bits values per layer, zeros kept), packed codebook file")
+def kmeans_stage(model: nn.Module, cfg: KMeansConfig, ctx: StageContext) -> Deployed:
+    codebooks = kmeans_share(model, bits=cfg.bits, include=cfg.include, exclude=cfg.exclude,
+                             max_iter=cfg.max_iter)
+    if cfg.finetune_epochs > 0:
+
+        train_cfg = fractional_epochs(FinetuneConfig(lr=cfg.finetune_lr), cfg.finetune_epochs,
+                                      len(ctx.data.train))
+        result = train(model, ctx.data, train_cfg,
+                       device=ctx.device, step_hooks=[CodebookHook(codebooks)],
+                       progress=ctx.progress, log=ctx.log)
+        ctx.history.extend(result.history)
+    model = model.cpu().eval()
+    path = ctx.stage_dir / "model.nspk"
+    pack_model(model, ctx.spec, path, codebooks=codebooks)
+    ctx.notes.append(f"{len(codebooks)} layers share at most {2 ** cfg.bits} values each; "
+                     "the packed file stores bit-packed indices, codebooks and zero bitmasks, "
+                     "zstd-coded, and reloads to these exact weights")
+    return Deployed(file=path, runtime="torch", precision=f"fp32, {cfg.bits}-bit k-means",
+                    stats=model_stats(model, ctx.input_shape), model=model)
+
+
+@stage("quant.qat", QATConfig,
+       "quantization-aware training, exported to ONNX Runtime QDQ INT8 with its learned ranges",
+       chains=False)
+def qat_stage(model: nn.Module, cfg: QATConfig, ctx: StageContext) -> Deployed:
+    stats = model_stats(model, ctx.input_shape)
+    stripped, ranges, result = run_qat(model, ctx.data, cfg, device=ctx.device, log=ctx.log,
+                                       progress=ctx.progress,
+                                       loss_fn=teacher_loss(cfg.distill, ctx, cfg))
+    ctx.history.extend(result.history)
+    stripped = stripped.cpu()
+    float_onnx = export_checked(stripped, ctx.stage_dir / "float.onnx", ctx)
+    # Weights are already on ONNX Runtime's int8 grid, and the activation ranges are the
+    # ones training adapted to; calibration only fills the tensors QAT did not observe
+    # (convolution outputs, residual adds).
+    batches = calibration_batches(ctx.data.calib, input_shape=ctx.input_shape)
+    out = ctx.stage_dir / "model.onnx"
+    quantize_onnx(float_onnx, out, batches, PTQConfig(per_channel=cfg.per_channel),
+                  input_ranges=ranges)
+    kind = "per-channel" if cfg.per_channel else "per-tensor"
+    ctx.notes.append(f"QAT ({cfg.epochs} epochs, {kind} weights) exported to ONNX Runtime "
+                     "QDQ INT8 with the learned input ranges")
+    return onnx_int8_result(float_onnx, out, stats)

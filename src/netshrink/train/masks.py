@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from netshrink.prune.select import prunable_layers
+from netshrink.models.select import prunable_layers
 
 Masks = dict[str, Tensor]
 

@@ -16,7 +16,6 @@ import json
 
 from torch import nn
 
-from netshrink.recipe.stages import Deployed, StageContext, stage
 from netshrink.runtime.base import model_stats
 from netshrink.runtime.torch_exec import (
     DTYPES,
@@ -24,6 +23,7 @@ from netshrink.runtime.torch_exec import (
     check_execution,
     prepare_torch,
 )
+from netshrink.stages.base import Deployed, StageContext, stage
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import save_model
 
