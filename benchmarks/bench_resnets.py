@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from netshrink.bench import Measurement, measure
+from netshrink.bench import Measurement, MeasureOptions, measure
 from netshrink.models import ModelSpec, build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -181,17 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             weights = Path(tmp) / f"{case.spec.arch}.safetensors"
             save_file(model.state_dict(), str(weights))
             for repeat in range(args.repeats):
-                m = measure(
-                    model,
-                    input_shape=case.input_shape,
-                    file=weights,
-                    run_dir=tmp,
-                    device=args.device,
-                    threads=args.threads,
-                    seed=repeat,
-                    batch_size=args.batch_size,
-                    **timing,  # type: ignore[arg-type]
-                )
+                options = MeasureOptions(device=args.device, threads=args.threads,
+                                         seed=repeat, batch_size=args.batch_size, **timing)
+                m = measure(model, input_shape=case.input_shape, file=weights, run_dir=tmp,
+                            options=options)
                 case.results.append(m)
                 lat, thr = m.latency, m.throughput
                 assert lat is not None and thr is not None

@@ -18,6 +18,7 @@ from torch.nn.utils import prune
 
 from netshrink.bench import (
     Latency,
+    MeasureOptions,
     count_macs,
     count_params,
     environment,
@@ -302,18 +303,12 @@ def test_measure_leaves_model_alone_and_records_size(tmp_path: Path) -> None:
     m = measure(
         model,
         input_shape=[3, 16, 16],
-        data_split=_tiny_split(),
+        data=_tiny_split(),
         file=file,
         run_dir=run_dir,
-        threads=1,
-        seed=3,
-        batch_size=4,
-        warmup=1,
-        latency_runs=3,
-        throughput_warmup=1,
-        throughput_runs=2,
-        min_seconds=None,
-        max_eval_images=5,
+        options=MeasureOptions(threads=1, seed=3, batch_size=4, warmup=1, latency_runs=3,
+                               throughput_warmup=1, throughput_runs=2, min_seconds=None,
+                               max_eval_images=5),
     )
 
     assert model.training and all(mod.training for mod in model.modules())
@@ -339,7 +334,8 @@ def test_measure_leaves_model_alone_and_records_size(tmp_path: Path) -> None:
 
 
 def test_measure_without_timing_or_memory() -> None:
-    m = measure(nn.Linear(4, 3), input_shape=[1, 1, 4], time_model=False, memory=False)
+    m = measure(nn.Linear(4, 3), input_shape=[1, 1, 4],
+                options=MeasureOptions(latency=False, memory=False))
     assert m.latency is None and m.throughput is None
     assert m.peak_memory_mb is None and m.memory_kind is None
     assert (m.params, m.nonzero_params, m.macs) == (15, 15, 12)
@@ -355,8 +351,10 @@ def test_measure_missing_file_is_a_user_error(tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measure_on_cuda_leaves_model_on_cpu() -> None:
     model = build_model(ModelSpec(arch="resnet_tiny", num_classes=10, stem="cifar"))
-    m = measure(model, input_shape=[3, 16, 16], device="cuda", batch_size=4, warmup=1,
-                latency_runs=3, throughput_warmup=1, throughput_runs=2, min_seconds=None)
+    m = measure(model, input_shape=[3, 16, 16],
+                options=MeasureOptions(device="cuda", batch_size=4, warmup=1, latency_runs=3,
+                                       throughput_warmup=1, throughput_runs=2,
+                                       min_seconds=None))
     assert next(model.parameters()).device.type == "cpu"
     assert m.environment.gpu and m.environment.device == "cuda" and m.memory_kind == "cuda"
     assert m.latency is not None and _ordered(m.latency)
@@ -372,6 +370,8 @@ def test_a_runtime_that_hides_its_memory_records_none() -> None:
             return x.flatten(1)[:, :3]
 
     m = measure(Hidden(runtime="x", precision="fp32", stats=ModelStats(1, 1, None)),
-                input_shape=[1, 2, 2], batch_size=2, warmup=1, latency_runs=2,
-                throughput_warmup=1, throughput_runs=2, min_seconds=None)
+                input_shape=[1, 2, 2],
+                options=MeasureOptions(batch_size=2, warmup=1, latency_runs=2,
+                                       throughput_warmup=1, throughput_runs=2,
+                                       min_seconds=None))
     assert m.peak_memory_mb is None and m.memory_kind is None and m.latency is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from netshrink.bench import measure
+from netshrink.bench import MeasureOptions, measure
 from netshrink.cli import main
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, randomized_model
@@ -61,8 +61,10 @@ def test_measurement_records_how_the_model_was_prepared() -> None:
     execution = TorchExecution(precision="bf16", channels_last=True)
     prepared = prepare_torch(tiny(), execution, device="cpu", input_shape=SHAPE)
     assert copy.deepcopy(prepared) is prepared  # measuring works on it, not on a copy
-    m = measure(prepared, input_shape=SHAPE, batch_size=4, warmup=1, latency_runs=2,
-                throughput_warmup=1, throughput_runs=2, min_seconds=None)
+    m = measure(prepared, input_shape=SHAPE,
+                options=MeasureOptions(batch_size=4, warmup=1, latency_runs=2,
+                                       throughput_warmup=1, throughput_runs=2,
+                                       min_seconds=None))
     assert m.runtime == "torch" and m.precision == "bf16"
     assert m.runtime_options == {"precision": "bf16", "channels_last": True}
     assert TorchExecution(**m.runtime_options) == execution
@@ -153,8 +155,10 @@ def test_cuda_preparations_match_fp32(execution: TorchExecution) -> None:
         for _ in range(3):  # CUDA graphs record on a later call: check the replayed one
             got = prepared(x).float().cpu()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
-    m = measure(prepared, input_shape=SHAPE, device="cuda", batch_size=8, warmup=3,
-                latency_runs=5, throughput_warmup=3, throughput_runs=5, min_seconds=None)
+    m = measure(prepared, input_shape=SHAPE,
+                options=MeasureOptions(device="cuda", batch_size=8, warmup=3, latency_runs=5,
+                                       throughput_warmup=3, throughput_runs=5,
+                                       min_seconds=None))
     assert m.memory_kind == "cuda" and m.peak_memory_mb > 0 and m.environment.gpu
     assert isinstance(prepared, TorchExecutable) and m.runtime_options == prepared.options
 

@@ -278,7 +278,7 @@ def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from netshrink.bench import measure
+    from netshrink.bench import MeasureOptions, measure
     from netshrink.bench.schema import NOISY_ROUND_SPREAD
     from netshrink.models import ModelSpec, build_model
     from netshrink.store.checkpoint import load_model
@@ -312,8 +312,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"torch execution: {execution.label()}")
     results = []
     for repeat in range(args.repeats):
-        m = measure(model, input_shape=shape, file=args.weights, device=args.device,
-                    threads=args.threads, batch_size=args.batch_size, seed=repeat)
+        m = measure(model, input_shape=shape, file=args.weights,
+                    options=MeasureOptions(device=args.device, threads=args.threads,
+                                           batch_size=args.batch_size, seed=repeat))
         results.append(m)
         lat, thr = m.latency, m.throughput
         assert lat is not None and thr is not None

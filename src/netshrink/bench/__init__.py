@@ -2,7 +2,8 @@
 
 Public API::
 
-    measure(model, input_shape=[3, 32, 32], data_split=test) -> Measurement
+    measure(model, input_shape=[3, 32, 32], data=test, options=MeasureOptions(...))
+        -> Measurement
     environment(device="cpu", threads=2, seed=0) -> Environment
     count_params(model) -> (params, nonzero_params)
     count_macs(model, [C, H, W]) -> int
@@ -16,6 +17,7 @@ from netshrink.bench.accuracy import evaluate
 from netshrink.bench.environment import environment
 from netshrink.bench.measure import artifact_size, measure
 from netshrink.bench.memory import peak_memory
+from netshrink.bench.options import MeasureConfig, MeasureOptions
 from netshrink.bench.schema import Accuracy, Environment, Latency, Measurement
 from netshrink.bench.timing import latency_from_times, num_threads, time_model
 from netshrink.models.counting import count_macs, count_params
@@ -24,6 +26,8 @@ __all__ = [
     "Accuracy",
     "Environment",
     "Latency",
+    "MeasureConfig",
+    "MeasureOptions",
     "Measurement",
     "artifact_size",
     "count_macs",

@@ -19,6 +19,7 @@ from netshrink.bench._common import PRECISIONS, input_dtype, resolve_device
 from netshrink.bench.accuracy import evaluate
 from netshrink.bench.environment import environment
 from netshrink.bench.memory import peak_memory
+from netshrink.bench.options import MeasureOptions
 from netshrink.bench.schema import Accuracy, Latency, Measurement
 from netshrink.bench.timing import num_threads
 from netshrink.bench.timing import time_model as _time_model
@@ -29,18 +30,6 @@ from netshrink.runtime.base import Executable
 from netshrink.runtime.torch_exec import cuda_flags
 
 __all__ = ["artifact_size", "measure"]
-
-# Defaults sized so ResNet-18 (CIFAR stem, 32x32) measures in about 10-20 s on 2 busy
-# cores: batch-1 calls take ~20-50 ms there and batch-32 calls ~1 s, so latency gets
-# 10 warm-up calls and 2 s of samples (>= 20), throughput 2 warm-up calls and >= 5 samples.
-# A faster model gets more samples from the same ``min_seconds``; a slower one
-# (ResNet-50 at 224) stops at the minimum counts.
-DEFAULT_WARMUP = 10
-DEFAULT_LATENCY_RUNS = 20
-DEFAULT_THROUGHPUT_WARMUP = 2
-DEFAULT_THROUGHPUT_RUNS = 5
-DEFAULT_MIN_SECONDS = 2.0
-
 
 def artifact_size(file: Path) -> int:
     """Bytes a saved model takes on disk: the file's size, or the sum over a directory.
@@ -58,105 +47,94 @@ def artifact_size(file: Path) -> int:
     return file.stat().st_size
 
 
+def _file_size(file: Path | str | None, run_dir: Path | str | None
+               ) -> tuple[str | None, int | None]:
+    """``file`` as recorded (relative to ``run_dir``) and its size; None, None for none."""
+    if file is None:
+        return None, None
+    path = Path(file)
+    size = artifact_size(path)
+    if run_dir is None:
+        return path.as_posix(), size
+    # relpath rather than Path.relative_to: a file outside the run dir still gets a path
+    # that resolves from the run dir ("../export/model.onnx").
+    return Path(os.path.relpath(path.resolve(), Path(run_dir).resolve())).as_posix(), size
+
+
+def _timings(work: nn.Module, one: torch.Tensor, batch: torch.Tensor, opts: MeasureOptions,
+             dev: torch.device) -> tuple[Latency | None, Latency | None]:
+    """Batch-1 latency and batch-N throughput timings, or None, None when not asked."""
+    if not opts.latency:
+        return None, None
+    latency = _time_model(work, one, warmup=opts.warmup, runs=opts.latency_runs,
+                          min_seconds=opts.min_seconds, device=dev)
+    throughput = _time_model(work, batch, warmup=opts.throughput_warmup,
+                             runs=opts.throughput_runs, min_seconds=opts.min_seconds,
+                             device=dev)
+    return latency, throughput
+
+
 def measure(
     model: nn.Module,
     *,
     input_shape: Sequence[int],
-    data_split: Split | None = None,
+    data: Split | None = None,
+    split_name: str = "test",
     file: Path | str | None = None,
     run_dir: Path | str | None = None,
-    device: str = "cpu",
-    threads: int = 2,
-    seed: int = 0,
-    batch_size: int = 32,
-    warmup: int = DEFAULT_WARMUP,
-    latency_runs: int = DEFAULT_LATENCY_RUNS,
-    throughput_warmup: int = DEFAULT_THROUGHPUT_WARMUP,
-    throughput_runs: int = DEFAULT_THROUGHPUT_RUNS,
-    min_seconds: float | None = DEFAULT_MIN_SECONDS,
-    time_model: bool = True,
-    memory: bool = True,
-    accuracy_split_name: str = "test",
-    max_eval_images: int | None = None,
-    eval_batch_size: int | None = None,
     sizes: dict[str, int] | None = None,
     precision: str | None = None,
+    options: MeasureOptions | None = None,
 ) -> Measurement:
-    """Measure a PyTorch model.
+    """Measure a PyTorch model (or an ``Executable``: a runtime's session, a compiled model).
 
-    The caller's model is never changed: a deep copy is put in eval mode and moved to
-    ``device``, and everything runs on the copy. The random inputs come from a private
-    generator seeded with ``seed``, so torch's global RNG is left alone too. Everything
-    runs with ``threads`` torch intra-op threads; the old count is restored after.
+    The caller's model is never changed: a deep copy is put in eval mode and moved to the
+    device, and everything runs on the copy. The random inputs come from a private
+    generator seeded with ``options.seed``, so torch's global RNG is left alone too.
+    Everything runs with ``options.threads`` torch intra-op threads; the old count is
+    restored after.
 
     Steps: parameter counts, MACs for one image, latency at batch 1, throughput at batch
-    ``batch_size`` (both with ``warmup`` untimed calls and at least ``*_runs`` timed ones,
-    extended to ``min_seconds`` each), peak memory over two more batch-``batch_size``
-    calls, then accuracy when ``data_split`` is given. Latency and throughput are each
-    timed in three back-to-back rounds sharing those calls and seconds; each records its
-    rounds' medians and spread, and is marked ``noisy`` (with why) when p90/p50 or that
-    spread passes its threshold (``bench.schema.NOISY_*``).
+    ``options.batch_size`` (both after untimed warm-up calls, with at least the asked
+    number of timed ones, extended to ``min_seconds`` each), peak memory over two more
+    calls, then accuracy when ``data`` is given. Latency and throughput are each timed in
+    three back-to-back rounds sharing those calls and seconds; each records its rounds'
+    medians and spread, and is marked ``noisy`` (with why) when p90/p50 or that spread
+    passes its threshold (``bench.schema.NOISY_*``).
 
     Args:
         model: the model; inputs are cast to the dtype of its parameters.
         input_shape: one image, ``[C, H, W]``.
-        data_split: labelled images for accuracy; None to skip accuracy.
+        data: labelled images for accuracy; None to skip accuracy.
+        split_name: the split name recorded with the accuracy.
         file: the saved model whose size on disk is recorded; None to record no size.
         run_dir: the run directory; ``file`` is recorded relative to it.
-        device: ``"cpu"`` or ``"cuda"``.
-        threads: torch intra-op threads.
-        seed: seed of the random inputs.
-        batch_size: batch size of the throughput measurement.
-        warmup: untimed calls before latency timing.
-        latency_runs: the least number of timed batch-1 calls.
-        throughput_warmup: untimed calls before throughput timing.
-        throughput_runs: the least number of timed batch-``batch_size`` calls.
-        min_seconds: time each of latency and throughput for at least this long; None
-            for exactly ``*_runs`` calls.
-        time_model: time latency and throughput; False leaves both None (a quick
-            measurement of size, counts and accuracy only).
-        memory: measure peak memory.
-        accuracy_split_name: the split name recorded with the accuracy.
-        max_eval_images: evaluate only the first this many images; None for all.
-        eval_batch_size: batch size for accuracy; defaults to ``batch_size``.
         sizes: bytes of other files of the same model worth comparing (the packed file,
             the float file it came from), by role.
         precision: the precision to record when the inputs' dtype does not tell it
             (an fp16 file computed in fp32 on a CPU).
+        options: how to measure (device, threads, batch sizes, what to time); defaults.
 
-    An ``Executable`` (an ONNX Runtime or OpenVINO session, a compiled torch model) is
-    measured by the same code; its counts come from the torch model it was made from.
+    An ``Executable``'s counts come from the torch model it was made from.
 
     Returns:
         A ``Measurement``. ``macs`` is None when torch's counter counted nothing (e.g.
         quantized kernels it has no formula for).
 
     Raises:
-        UserError: a bad shape, count, device or missing ``file``.
+        UserError: a bad shape, device or missing ``file``.
     """
+    opts = options or MeasureOptions()
     shape = check_input_shape(input_shape)
-    if batch_size < 1:
-        raise UserError(f"batch_size must be at least 1, not {batch_size}")
-    env = environment(device=device, threads=threads, seed=seed)
-    dev = resolve_device(device)
+    env = environment(device=opts.device, threads=opts.threads, seed=opts.seed)
+    dev = resolve_device(opts.device)
+    rel_file, size_bytes = _file_size(file, run_dir)
 
-    rel_file: str | None = None
-    size_bytes: int | None = None
-    if file is not None:
-        path = Path(file)
-        size_bytes = artifact_size(path)
-        rel_file = path.as_posix()
-        if run_dir is not None:
-            # relpath rather than Path.relative_to: a file outside the run dir still gets a
-            # path that resolves from the run dir ("../export/model.onnx").
-            rel_file = Path(os.path.relpath(path.resolve(), Path(run_dir).resolve())).as_posix()
-
-    runtime = "torch"
-    options = None
+    runtime, runtime_options = "torch", None
     if isinstance(model, Executable):
         params, nonzero = model.stats.params, model.stats.nonzero_params
         runtime, precision = model.runtime, precision or model.precision
-        options = model.options
+        runtime_options = model.options
     else:
         params, nonzero = count_params(model)
 
@@ -164,51 +142,33 @@ def measure(
     # model, and the copy can be dropped whole afterwards.
     work = copy.deepcopy(model).eval().to(dev)
     dtype = input_dtype(work)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(opts.seed)
     one = torch.randn(1, *shape, generator=gen).to(dev, dtype=dtype)
-    batch = torch.randn(batch_size, *shape, generator=gen).to(dev, dtype=dtype)
+    batch = torch.randn(opts.batch_size, *shape, generator=gen).to(dev, dtype=dtype)
 
     accuracy: Accuracy | None = None
-    latency: Latency | None = None
-    throughput: Latency | None = None
     peak_mb: float | None = None
     memory_kind: str | None = None
     # A plain torch model on a GPU runs as its label says: fp32 without TF32, with cuDNN's
     # autotuning (a prepared Executable sets its own flags on every call).
     flags = (cuda_flags(dev, "fp32") if dev.type == "cuda" and not isinstance(model, Executable)
              else contextlib.nullcontext())
-    with num_threads(threads), flags:
+    with num_threads(opts.threads), flags:
         macs = (model.stats.macs if isinstance(model, Executable)
                 else count_macs(work, shape) or None)
-        if time_model:
-            latency = _time_model(
-                work, one, warmup=warmup, runs=latency_runs, min_seconds=min_seconds, device=dev
-            )
-            throughput = _time_model(
-                work,
-                batch,
-                warmup=throughput_warmup,
-                runs=throughput_runs,
-                min_seconds=min_seconds,
-                device=dev,
-            )
-        if memory and getattr(work, "memory_visible", True):
+        latency, throughput = _timings(work, one, batch, opts, dev)
+        if opts.memory and getattr(work, "memory_visible", True):
             peak_mb, memory_kind = peak_memory(work, batch, calls=2, device=dev)
-        if data_split is not None:
-            accuracy = evaluate(
-                work,
-                data_split,
-                batch_size=eval_batch_size or batch_size,
-                device=dev,
-                max_images=max_eval_images,
-                split_name=accuracy_split_name,
-            )
+        if data is not None:
+            accuracy = evaluate(work, data, batch_size=opts.eval_batch_size or opts.batch_size,
+                                device=dev, max_images=opts.max_eval_images,
+                                split_name=split_name)
     del work
 
     return Measurement(
         runtime=runtime,
         precision=precision or PRECISIONS.get(dtype, str(dtype).removeprefix("torch.")),
-        runtime_options=options or None,
+        runtime_options=runtime_options or None,
         input_shape=shape,
         file=rel_file,
         size_bytes=size_bytes,

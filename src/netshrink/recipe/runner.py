@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 import netshrink
-from netshrink.bench import measure
+from netshrink.bench import MeasureOptions, measure
 from netshrink.data import DataBundle, build_data
 from netshrink.errors import UserError
 from netshrink.recipe.cache import CachedStage, ModelCache, file_sha256
@@ -268,24 +268,15 @@ class Runner:
         if split is None:
             raise UserError("measure.split is 'val' but data.val_size is 0; set one of them")
         info = data.info
-        return measure(
-            model,
-            input_shape=[info.in_channels, info.image_size, info.image_size],
-            data_split=None if counts_only else split,
-            accuracy_split_name=m.split,
-            max_eval_images=m.max_eval_images,
-            file=file,
-            run_dir=self.out,
-            device=self.recipe.device if not isinstance(model, RuntimeModule) else "cpu",
-            threads=m.threads,
-            sizes=sizes or None,
-            precision=precision,
-            seed=self.recipe.seed,
-            batch_size=m.batch_size,
-            eval_batch_size=self.recipe.data.batch_size,
-            time_model=m.latency and not counts_only,
-            memory=not counts_only,
-        )
+        device = self.recipe.device if not isinstance(model, RuntimeModule) else "cpu"
+        options = m.options(device=device, seed=self.recipe.seed,
+                            eval_batch_size=self.recipe.data.batch_size)
+        if counts_only:
+            options = options.model_copy(update={"latency": False, "memory": False})
+        return measure(model, input_shape=[info.in_channels, info.image_size, info.image_size],
+                       data=None if counts_only else split, split_name=m.split, file=file,
+                       run_dir=self.out, sizes=sizes or None, precision=precision,
+                       options=options)
 
     def _cpu_timing(self, model: nn.Module, data: DataBundle, file: Path) -> Any:
         """The torch ``model`` timed on the CPU as well, when ``measure.also_cpu`` asks for
@@ -295,9 +286,10 @@ class Runner:
             return None
         m = self.recipe.measure
         info = data.info
+        options = MeasureOptions(device="cpu", threads=m.threads, seed=self.recipe.seed,
+                                 batch_size=m.batch_size)
         return measure(model, input_shape=[info.in_channels, info.image_size, info.image_size],
-                       file=file, run_dir=self.out, device="cpu", threads=m.threads,
-                       seed=self.recipe.seed, batch_size=m.batch_size)
+                       file=file, run_dir=self.out, options=options)
 
     def _wants_cpu_timing(self) -> bool:
         m = self.recipe.measure

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from netshrink.bench.options import MeasureConfig
 from netshrink.data import DataConfig
 from netshrink.errors import UserError
 from netshrink.stages.base import STAGES, load_builtin_stages
@@ -23,21 +24,6 @@ from netshrink.store.layout import check_name
 # A recipe is a page of YAML: these bound what a hostile one can make the parser build.
 MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_DEPTH = 32
-
-
-class MeasureConfig(BaseModel):
-    """The ``measure:`` section: how each stage's model is measured."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    split: Literal["test", "val"] = "test"
-    max_eval_images: int | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=32, gt=0)
-    threads: int = Field(default=2, gt=0)
-    latency: bool = True  # time batch-1 latency and batch-N throughput
-    # In a GPU recipe, also time every torch stage on the CPU (no accuracy: same weights),
-    # so that the stages CPU runtimes run (ONNX Runtime INT8) get speed ratios too.
-    also_cpu: bool = False
 
 
 class ReportConfig(BaseModel):
