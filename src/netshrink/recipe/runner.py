@@ -30,7 +30,7 @@ from netshrink.recipe.cache import CachedStage, ModelCache, file_sha256
 from netshrink.recipe.schema import Recipe, StageEntry, stage_refs
 from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
 from netshrink.runtime.base import Executable
-from netshrink.stages.base import STAGES, Deployed, StageContext
+from netshrink.stages.base import STAGES, Deployed, StageContext, checkpoint_meta
 from netshrink.stages.record import EpochRecord, RunRecord, StageRecord
 from netshrink.stages.start import start_model
 from netshrink.store.atomic import atomic_write_text, is_temp_name
@@ -120,26 +120,6 @@ def _drop_resumable_state(stage_dir: Path, kind: str) -> None:
         for path in stage_dir.glob(pattern):
             if path.is_file() and not path.is_symlink():
                 path.unlink()
-
-
-def checkpoint_meta(data: DataBundle, *, run: str, stage: str,
-                    split: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What ``predict`` and ``eval`` need to use a model file on its own; ``split``: how
-    the run cut its validation images out of the training set (``eval --split val``
-    rebuilds exactly those)."""
-    info = data.info
-    return {
-        **({"split": split} if split is not None else {}),
-        "dataset": info.name,
-        "class_names": info.class_names,
-        "image_size": info.image_size,
-        "in_channels": info.in_channels,
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "run": run,
-        "stage": stage,
-        "netshrink_version": netshrink.__version__,
-    }
 
 
 class Runner:
@@ -431,9 +411,12 @@ class Runner:
                 model, spec, _ = load_model(files[source])
             self._claim(record, stage_dir)
             started, t0 = _now(), time.perf_counter()
+            meta = checkpoint_meta(data, run=recipe.name, stage=name, split={
+                "val_size": len(data.val) if data.val is not None else 0,
+                "seed": recipe.data.seed, "train_limit": recipe.data.train_limit})
             ctx = StageContext(data=data, spec=spec, device=recipe.device, seed=recipe.seed,
                                run_dir=self.out, stage_dir=stage_dir, key=key, log=self.log,
-                               progress=self.progress)
+                               progress=self.progress, meta=meta)
             self.log(f"[{index}] {name} ({kind}): running")
             if entry is None:
                 model = baseline
@@ -442,9 +425,6 @@ class Runner:
                 model = STAGES.get(kind).fn(model, entry.config, ctx)  # type: ignore[arg-type]
             seconds = time.perf_counter() - t0
             spec = ctx.spec  # a stage that changes the structure (channel pruning) says so
-            meta = checkpoint_meta(data, run=recipe.name, stage=name, split={
-                "val_size": len(data.val) if data.val is not None else 0,
-                "seed": recipe.data.seed, "train_limit": recipe.data.train_limit})
             t1 = time.perf_counter()
             cpu_measurement = None
             if isinstance(model, Deployed):

@@ -19,12 +19,33 @@ from typing import Any
 from pydantic import BaseModel
 from torch import nn
 
+from netshrink import __version__
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.registry import Registry
 from netshrink.runtime.base import ModelStats
 from netshrink.train.history import EpochRecord
+
+
+def checkpoint_meta(data: DataBundle, *, run: str, stage: str,
+                    split: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``predict`` and ``eval`` need to use a model file on its own; ``split``: how
+    the run cut its validation images out of the training set (``eval --split val``
+    rebuilds exactly those)."""
+    info = data.info
+    return {
+        **({"split": split} if split is not None else {}),
+        "dataset": info.name,
+        "class_names": info.class_names,
+        "image_size": info.image_size,
+        "in_channels": info.in_channels,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "run": run,
+        "stage": stage,
+        "netshrink_version": __version__,
+    }
 
 
 @dataclass
@@ -42,6 +63,7 @@ class StageContext:
     run_dir: Path
     stage_dir: Path  # the stage's own folder: resumable state, extra artifacts
     key: str = ""  # the stage's key: a resumable state must come from the same one
+    meta: dict[str, Any] = field(default_factory=dict)  # checkpoint_meta of its model files
     log: Callable[[str], None] = print
     progress: bool | None = None
     # Filled by the stage for the run record:
