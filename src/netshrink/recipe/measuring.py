@@ -1,0 +1,110 @@
+"""How a run measures its stages: as the recipe's ``measure:`` section says, each model in
+the runtime it runs in, a finished stage again when the section changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from netshrink.bench import Measurement, MeasureOptions, measure
+from netshrink.data import DataBundle
+from netshrink.errors import UserError
+from netshrink.recipe.schema import Recipe
+from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
+from netshrink.runtime.base import Executable
+from netshrink.stages.record import StageRecord
+from netshrink.store.checkpoint import load_model
+from netshrink.store.layout import MODEL_FILE
+
+__all__ = ["StageMeasurer"]
+
+
+class StageMeasurer:
+    """Measures the models of one run (the recipe's settings, its folder)."""
+
+    def __init__(self, recipe: Recipe, out: Path, data: DataBundle) -> None:
+        self.recipe = recipe
+        self.out = out
+        self.data = data
+
+    def model(self, model: nn.Module, file: Path, sizes: dict[str, int] | None = None,
+              precision: str | None = None, *, counts_only: bool = False) -> Measurement:
+        """Measure ``model`` (saved as ``file``) as the measure section says;
+        ``counts_only``: params, MACs and size alone (a fresh, untrained model, whose
+        accuracy is chance and whose speed the stage that trains it measures)."""
+        m = self.recipe.measure
+        data = self.data
+        split = data.test if m.split == "test" else data.val
+        if split is None:
+            raise UserError("measure.split is 'val' but data.val_size is 0; set one of them")
+        info = data.info
+        device = self.recipe.device if not isinstance(model, RuntimeModule) else "cpu"
+        options = m.options(device=device, seed=self.recipe.seed,
+                            eval_batch_size=self.recipe.data.batch_size)
+        if counts_only:
+            options = options.model_copy(update={"latency": False, "memory": False})
+        return measure(model, input_shape=[info.in_channels, info.image_size, info.image_size],
+                       data=None if counts_only else split, split_name=m.split, file=file,
+                       run_dir=self.out, sizes=sizes or None, precision=precision,
+                       options=options)
+
+    def cpu_timing(self, model: nn.Module, file: Path) -> Measurement | None:
+        """The torch ``model`` timed on the CPU as well, when ``measure.also_cpu`` asks for
+        it in a GPU recipe (speed and memory only: the same weights give the same answers);
+        None otherwise."""
+        if not self.wants_cpu_timing():
+            return None
+        m = self.recipe.measure
+        info = self.data.info
+        options = MeasureOptions(device="cpu", threads=m.threads, seed=self.recipe.seed,
+                                 batch_size=m.batch_size)
+        return measure(model, input_shape=[info.in_channels, info.image_size, info.image_size],
+                       file=file, run_dir=self.out, options=options)
+
+    def wants_cpu_timing(self) -> bool:
+        """Whether torch stages are also timed on the CPU (``measure.also_cpu``, GPU)."""
+        m = self.recipe.measure
+        return m.also_cpu and m.latency and self.recipe.device != "cpu"
+
+    def remeasure_cpu(self, prior: StageRecord) -> Measurement | None:
+        """``cpu_timing`` of a finished stage whose result is a plain torch model file."""
+        old = prior.measurement
+        if (not self.wants_cpu_timing() or old is None or old.runtime != "torch"
+                or old.runtime_options or old.accuracy is None or prior.artifact is None
+                or not prior.artifact.endswith(MODEL_FILE)):
+            return None
+        return self.cpu_timing(load_model(self.out / prior.artifact)[0],
+                               self.out / prior.artifact)
+
+    def saved_file(self, file: Path, runtime: str, stats: ModelStats, precision: str | None,
+                   sizes: dict[str, int] | None, options: dict[str, Any] | None = None
+                   ) -> Measurement:
+        """Open a saved model in its runtime (prepared as ``options`` say) and measure it."""
+        info = self.data.info
+        model = open_runtime(file, runtime, stats=stats, threads=self.recipe.measure.threads,
+                             precision=precision, device=self.recipe.device, options=options,
+                             input_shape=[info.in_channels, info.image_size, info.image_size])
+        try:
+            return self.model(model, file, sizes, precision)
+        finally:
+            if isinstance(model, Executable):
+                model.close()  # sessions, compiled graphs and their GPU memory go now
+
+    def remeasure(self, prior: StageRecord) -> Measurement:
+        """Measure a finished stage's file again (the measure section changed)."""
+        old = prior.measurement
+        assert old is not None and prior.artifact is not None  # a finished stage has both
+        # Every file reopens in the runtime it was measured in (torch files too), with the
+        # counts it was measured with (a runtime's graph hides them).
+        stats = ModelStats(params=old.params, nonzero_params=old.nonzero_params, macs=old.macs)
+        if prior.index == 0 and self.untrained_start():
+            return self.model(load_model(self.out / prior.artifact)[0],
+                              self.out / prior.artifact, counts_only=True)
+        return self.saved_file(self.out / prior.artifact, old.runtime, stats, old.precision,
+                               old.sizes, old.runtime_options)
+
+    def untrained_start(self) -> bool:
+        """The baseline is a fresh init that later stages train: not worth evaluating."""
+        return self.recipe.model.weights is None and bool(self.recipe.stages)
