@@ -29,7 +29,7 @@ from netshrink.models.counting import check_input_shape, count_macs, count_param
 from netshrink.runtime.base import Executable
 from netshrink.runtime.torch_exec import cuda_flags
 
-__all__ = ["artifact_size", "measure"]
+__all__ = ["artifact_size", "file_size", "measure"]
 
 def artifact_size(file: Path) -> int:
     """Bytes a saved model takes on disk: the file's size, or the sum over a directory.
@@ -47,7 +47,7 @@ def artifact_size(file: Path) -> int:
     return file.stat().st_size
 
 
-def _file_size(file: Path | str | None, run_dir: Path | str | None
+def file_size(file: Path | str | None, run_dir: Path | str | None
                ) -> tuple[str | None, int | None]:
     """``file`` as recorded (relative to ``run_dir``) and its size; None, None for none."""
     if file is None:
@@ -128,7 +128,7 @@ def measure(
     shape = check_input_shape(input_shape)
     env = environment(device=opts.device, threads=opts.threads, seed=opts.seed)
     dev = resolve_device(opts.device)
-    rel_file, size_bytes = _file_size(file, run_dir)
+    rel_file, size_bytes = file_size(file, run_dir)
 
     runtime, runtime_options = "torch", None
     if isinstance(model, Executable):

@@ -19,12 +19,15 @@ def run_recipe(
     log: Callable[[str], None] = print,
     progress: bool | None = None,
     use_cache: bool = True,
+    reuse_baseline_measurement: bool = False,
 ) -> RunRecord:
     """Run (or resume) ``recipe`` into the folder ``out``; render its report.
 
     Args:
         use_cache: take stage models from, and file them in, the model cache that every
             run shares (``$NETSHRINK_CACHE``; see ``netshrink.recipe.cache``).
+        reuse_baseline_measurement: measure a weights file's baseline once per file,
+            settings and machine (kept in the cache), as one-off commands do.
 
     Returns:
         The run record also written to ``out/run.json``.
@@ -40,7 +43,8 @@ def run_recipe(
         log(f"device: auto -> {recipe.device}")
     root = default_cache_dir() if use_cache else None
     cache = ModelCache(root) if root is not None else None
-    record = Runner(recipe, out, log=log, progress=progress, cache=cache).run()
+    record = Runner(recipe, out, log=log, progress=progress, cache=cache,
+                    reuse_baseline_measurement=reuse_baseline_measurement).run()
     if report:
         from netshrink.report import render_report
 

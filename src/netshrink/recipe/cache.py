@@ -34,6 +34,7 @@ CACHE_ENV = "NETSHRINK_CACHE"
 MODEL_FILE = "model.safetensors"
 ENTRY_FILE = "stage.json"
 SIDE_FILES = "files"  # what the stage wrote beside its model (sparsity.json, plots)
+MEASUREMENTS_DIR = "measurements"  # baseline measurements one-off commands reuse, by key
 MAX_ENTRY_BYTES = 4 << 20  # a stage.json is a few kilobytes: history, notes, provenance
 # What the cache itself names: ``ab/<64 hex key>`` entries and, beside them, the hidden
 # temporary folders of writes in progress and removals (``.<key[:12]>-…``,

@@ -3,31 +3,77 @@ the runtime it runs in, a finished stage again when the section changed."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from netshrink.bench import Measurement, MeasureOptions, measure
+from netshrink.bench import Measurement, MeasureOptions, environment, measure
+from netshrink.bench.measure import file_size
+from netshrink.bench.schema import Environment
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
+from netshrink.limits import read_regular
+from netshrink.recipe.keys import measure_key, sha
 from netshrink.recipe.schema import Recipe
 from netshrink.runtime import ModelStats, RuntimeModule, open_runtime
 from netshrink.runtime.base import Executable
 from netshrink.stages.record import StageRecord
+from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import load_model
+from netshrink.store.digest import file_sha256
 from netshrink.store.layout import MODEL_FILE
 
 __all__ = ["StageMeasurer"]
 
+MAX_KEPT_BYTES = 1 << 20  # a kept measurement is a few kilobytes of JSON
+
 
 class StageMeasurer:
-    """Measures the models of one run (the recipe's settings, its folder)."""
+    """Measures the models of one run (the recipe's settings, its folder).
 
-    def __init__(self, recipe: Recipe, out: Path, data: DataBundle) -> None:
+    ``reuse``: a folder of earlier measurements of baseline files. A one-off command
+    (``netshrink prune --weights F``) measures the same input file every call; with it,
+    the baseline is measured once per file (by its SHA-256), per settings and per
+    machine, and later calls take that measurement, saying so in the stage's notes.
+    """
+
+    def __init__(self, recipe: Recipe, out: Path, data: DataBundle,
+                 reuse: Path | None = None) -> None:
         self.recipe = recipe
         self.out = out
         self.data = data
+        self.reuse = reuse
+
+    def baseline(self, model: nn.Module, file: Path, notes: list[str]) -> Measurement:
+        """The baseline's measurement: an earlier one of the same weights file, settings
+        and machine when ``reuse`` allows, else measured now (and kept for next time)."""
+        weights = self.recipe.model.weights
+        if self.reuse is None or weights is None or self.untrained_start():
+            return self.model(model, file)
+        key = sha([file_sha256(weights), measure_key(self.recipe),
+                   self.recipe.data.model_dump(mode="json", exclude={"num_workers"}),
+                   self.recipe.model.model_dump(mode="json", exclude={"weights"})])
+        kept = self.reuse / f"{key}.json"
+        here = environment(device=self.recipe.device, threads=self.recipe.measure.threads,
+                           seed=self.recipe.seed)
+        try:
+            old = Measurement.model_validate_json(
+                read_regular(kept, "kept measurement", max_bytes=MAX_KEPT_BYTES))
+        except (UserError, ValueError):
+            old = None
+        if old is not None and _same_machine(old.environment, here):
+            notes.append(f"measurement of {weights.name} reused from an earlier run on this "
+                         "machine with the same settings (same file by SHA-256): not "
+                         "measured again")
+            rel, size = file_size(file, self.out)
+            return old.model_copy(update={"file": rel, "size_bytes": size})
+        measured = self.model(model, file)
+        with contextlib.suppress(OSError):  # a cache that cannot be written: measured anyway
+            self.reuse.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(kept, measured.model_dump_json())
+        return measured
 
     def model(self, model: nn.Module, file: Path, sizes: dict[str, int] | None = None,
               precision: str | None = None, *, counts_only: bool = False) -> Measurement:
@@ -108,3 +154,10 @@ class StageMeasurer:
     def untrained_start(self) -> bool:
         """The baseline is a fresh init that later stages train: not worth evaluating."""
         return self.recipe.model.weights is None and bool(self.recipe.stages)
+
+
+def _same_machine(a: Environment, b: Environment) -> bool:
+    """Whether two measurements were taken where their timings compare: the same CPU,
+    cores, GPU, device, threads and versions."""
+    keys = ("cpu", "cores", "gpu", "device", "threads", "versions", "python")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)

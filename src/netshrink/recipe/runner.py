@@ -24,7 +24,7 @@ from torch import nn
 import netshrink
 from netshrink.data import DataBundle, build_data
 from netshrink.models import ModelSpec
-from netshrink.recipe.cache import CachedStage, ModelCache
+from netshrink.recipe.cache import MEASUREMENTS_DIR, CachedStage, ModelCache
 from netshrink.recipe.keys import config_files, measure_key, sha, stage_keys
 from netshrink.recipe.measuring import StageMeasurer
 from netshrink.recipe.run_folder import RunFolder, now
@@ -95,8 +95,11 @@ class Runner:
         log: Callable[[str], None] = print,
         progress: bool | None = None,
         cache: ModelCache | None = None,
+        reuse_baseline_measurement: bool = False,
     ) -> None:
         self.recipe = recipe
+        self.reuse = (cache.root / MEASUREMENTS_DIR
+                      if cache is not None and reuse_baseline_measurement else None)
         self.out = out
         self.log = log
         self.progress = progress
@@ -151,7 +154,7 @@ class Runner:
             created=previous.created if previous else now(), updated=now(),
             folders=self.folder.owned_folders(previous),
         )
-        self.measurer = StageMeasurer(recipe, self.out, data)
+        self.measurer = StageMeasurer(recipe, self.out, data, reuse=self.reuse)
         chain = _Chain(record=record, data=data, measure_key=measure_key(recipe),
                        baseline=baseline, spec=spec)
         return chain, previous, keys
@@ -288,7 +291,8 @@ class Runner:
             if untrained:
                 ctx.notes.append("a fresh, untrained model: parameters, MACs and size "
                                  "recorded; accuracy and speed are measured once trained")
-            measurement = measurer.model(model, slot.artifact, counts_only=untrained)
+            measurement = (measurer.baseline(model, slot.artifact, ctx.notes) if not slot.index
+                           else measurer.model(model, slot.artifact, counts_only=untrained))
             if not untrained:
                 cpu_measurement = measurer.cpu_timing(model, slot.artifact)
         # The stage changed its input in place, or left it as the next stage's input.
