@@ -3,15 +3,16 @@
 Unstructured pruning leaves a dense model full of zeros; this one makes a genuinely
 smaller dense model, with fewer parameters and multiply-accumulates on any hardware.
 
-Torch-Pruning's dependency graph, traced from one forward pass, finds the *groups* of
-coupled channels: a conv's filters, its batch norm, the next conv's input channels, and,
-across a residual add, every conv, BN and shortcut that writes into the same tensor (in a
-ResNet stage: each block's last conv, the downsample conv and their BNs). Removing
-channel i of a group removes it from all of them, so the model stays well-formed.
-Torch-Pruning's criteria score each group's channels (the group's L1 or L2 filter norms,
-BN scales, or first-order Taylor scores, each averaged over the group's layers and
-divided by the group's mean so that groups compare in global ranking); this module
-decides how many channels each group loses, and Torch-Pruning does the surgery.
+The channel-group engine (``prune.groups``) traces the model with Torch-Pruning's
+dependency graph and finds the *groups* of coupled channels: a conv's filters, its batch
+norm, the next conv's input channels, and, across a residual add, every conv, BN and
+shortcut that writes into the same tensor (in a ResNet stage: each block's last conv, the
+downsample conv and their BNs). Removing channel i of a group removes it from all of
+them, so the model stays well-formed. Torch-Pruning's criteria score each group's
+channels (the group's L1 or L2 norms, BN scales, or first-order Taylor scores, each
+averaged over the group's layers and divided by the group's mean so that groups compare
+in global ranking); this module decides how many channels each group loses, and the
+engine removes the lowest-scored.
 
 How many (the rules of Torch-Pruning's ``MetaPruner``, plus a cap it lacks):
   * ``layer`` scope: a group of ``c`` channels keeps ``floor(c * (1 - ratio))``.
@@ -36,12 +37,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
-import torch.nn.functional as F
-import torch_pruning as tp
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
+from netshrink.prune.groups import (
+    FLOAT_SLACK,
+    ChannelGraph,
+    check_importance,
+    kept_channels,
+    lowest,
+    output_layer,
+)
 from netshrink.prune.resume import StepCheckpoints
 
 if TYPE_CHECKING:
@@ -50,14 +57,6 @@ if TYPE_CHECKING:
 __all__ = ["ChannelPruneConfig", "channel_report", "prune_channels"]
 
 TrainFn = Callable[[nn.Module], object]
-
-# Taylor importance: gradients summed over this many calibration batches of this size.
-# Enough for a stable ranking, small enough to take seconds on a CPU.
-TAYLOR_BATCHES = 4
-TAYLOR_BATCH_SIZE = 64
-
-# Slack for float error in ``c * (1 - ratio)``: 10 * (1 - 0.3) is 6.999..., not 7.
-_EPS = 1e-9
 
 
 class ChannelPruneConfig(BaseModel):
@@ -76,8 +75,10 @@ class ChannelPruneConfig(BaseModel):
         finetune_epochs / finetune_lr: fine-tuning between iterative steps (not after the
             last one: a recipe adds a ``finetune`` stage for that).
         ignore: patterns (``fnmatch``) of module names whose *output* channels must stay,
-            with everything coupled to them; the classifier by default, whose outputs
-            are the classes. Submodules of a matched module are kept too.
+            with everything coupled to them; submodules of a matched module are kept
+            too. By default (None) the output layer, the last conv/linear layer in model
+            order (``fc``, ``head``, ``classifier.1``...), whose outputs are the classes;
+            an empty list protects nothing.
         round_to: keep channel counts multiples of this (8 suits tensor cores).
         max_layer_ratio: in ``global`` scope, the most any group may lose.
     """
@@ -90,7 +91,7 @@ class ChannelPruneConfig(BaseModel):
     steps: int = Field(default=1, ge=1)
     finetune_epochs: int = Field(default=0, ge=0)
     finetune_lr: float = Field(default=0.01, gt=0)
-    ignore: list[str] = Field(default_factory=lambda: ["fc"])
+    ignore: list[str] | None = None
     round_to: int | None = Field(default=None, ge=1)
     max_layer_ratio: float = Field(default=0.95, gt=0, lt=1)
 
@@ -128,12 +129,10 @@ def prune_channels(
     Raises:
         UserError: an ``ignore`` pattern matches no module; nothing to prune (no conv,
             or every conv's output is ignored); ``taylor`` without data; grouped convs;
-            pruning that would change the model's output shape (its classifier is not
-            in ``ignore``).
+            pruning that would change the model's output shape (the layer producing it
+            is not the last conv/linear, nor in ``ignore``).
     """
-    if cfg.importance == "taylor" and data is None:
-        raise UserError("importance 'taylor' needs data for its gradients; "
-                        "use 'l1', 'l2' or 'bn_scale', or pass the data")
+    check_importance(cfg.importance, data)
     pruned = copy.deepcopy(model).to(device).eval()
     example = example_input.to(device)
     initial: dict[str, int] = {}  # group root's name -> its channels before step 1
@@ -144,7 +143,6 @@ def prune_channels(
         pruned, first = saved.to(device).eval(), done + 1
         initial = {str(k): int(v) for k, v in extra.get("initial", {}).items()}
         log(f"resuming after pruning step {done} of {cfg.steps}")
-    _refuse_grouped_convs(pruned)
     ignored = _ignored_modules(pruned, cfg.ignore)
     with torch.no_grad():
         out_shape = tuple(copy.deepcopy(model).to(device).eval()(example).shape)
@@ -154,11 +152,7 @@ def prune_channels(
         with torch.no_grad():
             now = tuple(pruned(example).shape)
         if now != out_shape:
-            raise UserError(
-                f"channel pruning changed the model's output from {list(out_shape)} to "
-                f"{list(now)}: add the layer that produces the output (the classifier, "
-                f"e.g. 'fc') to ignore (now {cfg.ignore})"
-            )
+            raise UserError(_changed_output(out_shape, now, cfg.ignore, model))
         if step < cfg.steps and train_fn is not None:
             if steps is not None:
                 steps.current = step
@@ -167,6 +161,16 @@ def prune_channels(
             if steps is not None:
                 steps.save(pruned, {"initial": initial})
     return pruned.eval()
+
+
+def _changed_output(before: tuple, after: tuple, ignore: list[str] | None,
+                    model: nn.Module) -> str:
+    changed = f"channel pruning changed the model's output from {list(before)} to {list(after)}"
+    if ignore is None:
+        return (f"{changed}: the output layer was taken to be {output_layer(model)!r} (the "
+                "last conv/linear layer); name the layer that produces the output in ignore")
+    return (f"{changed}: add the layer that produces the output (the classifier, e.g. "
+            f"'fc') to ignore (now {ignore})")
 
 
 def channel_report(before: nn.Module, after: nn.Module) -> list[dict[str, object]]:
@@ -208,26 +212,16 @@ def _width(layer: nn.Module, *, out: bool) -> int:
     return layer.out_features if out else layer.in_features
 
 
-def _refuse_grouped_convs(model: nn.Module) -> None:
-    # A grouped conv (1 < groups < channels) needs the same channels removed from every
-    # group; the counting here does not do that, so refuse rather than break the model.
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and not (
-            m.groups == m.in_channels == m.out_channels
-        ):
-            raise UserError(
-                f"{name}: grouped convolution (groups={m.groups}) is not supported by "
-                "channel pruning; only plain and depthwise convs are"
-            )
-
-
-def _ignored_modules(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
-    """The modules matched by ``patterns`` and all their submodules.
+def _ignored_modules(model: nn.Module, patterns: list[str] | None) -> list[nn.Module]:
+    """The modules matched by ``patterns`` and all their submodules; for None, the output
+    layer (``output_layer``: the last conv/linear layer).
 
     Raises:
         UserError: a pattern matches no module (its message shows real names).
     """
     named = dict(model.named_modules())
+    if patterns is None:
+        return list(named[output_layer(model)].modules())
     names = [n for n in named if n]
     ignored: dict[int, nn.Module] = {}
     for pattern in patterns:
@@ -245,33 +239,6 @@ def _ignored_modules(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
     return list(ignored.values())
 
 
-def _importance(kind: str) -> tp.importance.Importance:
-    # Torch-Pruning's defaults otherwise: each channel's score is the mean over the
-    # group's layers, divided by the group's mean score (comparable across groups).
-    if kind == "l1":
-        return tp.importance.MagnitudeImportance(p=1)
-    if kind == "l2":
-        return tp.importance.MagnitudeImportance(p=2)
-    if kind == "bn_scale":
-        return tp.importance.BNScaleImportance()
-    return tp.importance.TaylorImportance()
-
-
-def _taylor_gradients(model: nn.Module, data: DataBundle, device: str) -> None:
-    """Accumulate loss gradients over a few calibration batches, in eval mode.
-
-    Eval mode: BN uses its running statistics, as the deployed model will, and training
-    mode would change those statistics (the model must only lose channels here).
-    """
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    with torch.enable_grad():
-        for i, (x, y) in enumerate(data.calib.batches(TAYLOR_BATCH_SIZE)):
-            if i >= TAYLOR_BATCHES:
-                break
-            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
-
-
 def _prune_step(
     model: nn.Module,
     cfg: ChannelPruneConfig,
@@ -284,73 +251,42 @@ def _prune_step(
 ) -> None:
     """Prune ``model`` in place to ``ratio`` of the ``initial`` channel counts."""
     # Traced afresh each step: cheap, and nothing stale survives fine-tuning in between.
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                      verbose=False)
-    names = {m: n for n, m in model.named_modules()}
-    groups = list(graph.get_all_groups(ignored_layers=ignored,
-                                       root_module_types=(nn.Conv2d, nn.Linear)))
-    if not any(isinstance(dep.target.module, nn.Conv2d)
-               and graph.is_out_channel_pruning_fn(dep.handler)
-               for group in groups for dep, _ in group):
+    graph = ChannelGraph(model, example)
+    groups = graph.groups(ignored)
+    if not any(group.convs for group in groups):
+        shown = cfg.ignore if cfg.ignore is not None else [output_layer(model)]
         raise UserError(
             "nothing to channel-prune: the model has no conv layer whose output channels "
-            f"may change (no Conv2d, or ignore {cfg.ignore} covers them all)"
+            f"may change (no Conv2d, or ignore {shown} covers them all)"
         )
-    scorer = _importance(cfg.importance)
-    if cfg.importance == "taylor":
-        assert data is not None  # checked by prune_channels
-        _taylor_gradients(model, data, device)
-
-    plans: list[tuple[nn.Module, Callable, int, int, Tensor]] = []
-    for group in groups:
-        root, _ = group[0]
-        module = root.target.module
-        scores = scorer(group)
-        if scores is None:  # e.g. bn_scale on a group without a BN: nothing to rank by
-            continue
-        current = int(graph.get_out_channels(module))
-        start = initial.setdefault(names[module], current)
-        plans.append((module, root.handler, current, start, scores.detach().float().cpu()))
-    if cfg.importance == "taylor":
-        model.zero_grad(set_to_none=True)
-
+    scores = graph.scores(groups, cfg.importance, data=data, device=device)
+    # A group the criterion cannot rank (bn_scale without a BN) keeps its channels.
+    ranked = [(g, s) for g, s in zip(groups, scores, strict=True) if s is not None]
+    currents = [group.channels for group, _ in ranked]
+    starts = [initial.setdefault(group.root, group.channels) for group, _ in ranked]
     if cfg.scope == "layer":
-        keeps = [kept_channels(start, ratio) for _, _, _, start, _ in plans]
+        keeps = [kept_channels(start, ratio) for start in starts]
     else:
-        keeps = _global_keeps(plans, ratio, cfg.max_layer_ratio)
-
-    for (module, handler, current, _, scores), keep in zip(plans, keeps, strict=True):
+        keeps = _global_keeps(currents, starts, [s for _, s in ranked], ratio,
+                              cfg.max_layer_ratio)
+    for (group, channel_scores), current, keep in zip(ranked, currents, keeps, strict=True):
         keep = _rounded(max(1, keep), current, cfg.round_to)
-        if keep >= current:
-            continue
-        # The lowest scores go; a stable sort breaks ties by position, deterministically.
-        drop = torch.argsort(scores, stable=True)[: current - keep]
-        group = graph.get_pruning_group(module, handler, sorted(drop.tolist()))
-        if graph.check_pruning_group(group):  # refuses only to empty a layer
-            group.prune()
-
-
-def kept_channels(channels: int, ratio: float) -> int:
-    """Channels a group of ``channels`` keeps at ``ratio``: ``floor(channels * (1 - ratio))``
-    as Torch-Pruning's ``MetaPruner`` keeps them (the epsilon absorbs float error such as
-    64 * (1 - 0.5) landing a hair below 32); the caller guarantees at least one."""
-    return math.floor(channels * (1 - ratio) + _EPS)
+        if keep < current:  # the lowest scores go (ties by position)
+            graph.remove(group, lowest(channel_scores, current - keep))
 
 
 def _global_keeps(
-    plans: list[tuple[nn.Module, Callable, int, int, Tensor]], ratio: float, max_layer: float
+    currents: list[int], starts: list[int], scores: list[Tensor], ratio: float,
+    max_layer: float,
 ) -> list[int]:
     """Channels each group keeps when all groups' channels are ranked together."""
-    currents = [current for _, _, current, _, _ in plans]
-    total_start = sum(start for _, _, _, start, _ in plans)
-    to_remove = sum(currents) - kept_channels(total_start, ratio)
+    to_remove = sum(currents) - kept_channels(sum(starts), ratio)
     # No group may fall below this many (a capped group's share goes to the next-lowest).
-    floors = [max(1, math.ceil(start * (1 - max_layer) - _EPS)) for _, _, _, start, _ in plans]
+    floors = [max(1, math.ceil(start * (1 - max_layer) - FLOAT_SLACK)) for start in starts]
     room = [max(0, c - f) for c, f in zip(currents, floors, strict=True)]
-    owners = torch.cat([torch.full((len(s),), i) for i, (*_, s) in enumerate(plans)])
-    order = torch.argsort(torch.cat([s for *_, s in plans]), stable=True)
-    removed = [0] * len(plans)
+    owners = torch.cat([torch.full((len(s),), i) for i, s in enumerate(scores)])
+    order = torch.argsort(torch.cat(scores), stable=True)
+    removed = [0] * len(currents)
     for owner in owners[order].tolist():
         if to_remove <= 0:
             break

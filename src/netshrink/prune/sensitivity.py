@@ -6,12 +6,14 @@ unit matters. Two kinds of unit:
 
 * ``magnitude``: one conv/linear layer, its smallest ``ratio`` of weights zeroed
   (unstructured L1 magnitude, exactly ``round(ratio * n)`` weights).
-* ``channel``: one *coupled group* of channels as Torch-Pruning's dependency graph finds
-  it. Across a residual add, a block's last conv, the shortcut (downsample) conv, their
-  BNs and the next blocks' input convs all share one channel index; scanning the convs
-  one by one would report the block's last conv as free to prune when it is not (its
-  channels cannot go without the shortcut's). So a group is pruned as a whole: the
-  lowest-L1 ``ratio`` of its channels leave every member at once.
+* ``channel``: one *coupled group* of channels as the channel-group engine
+  (``prune.groups``, on Torch-Pruning's dependency graph) finds it. Across a residual
+  add, a block's last conv, the shortcut (downsample) conv, their BNs and the next
+  blocks' input convs all share one channel index; scanning the convs one by one would
+  report the block's last conv as free to prune when it is not (its channels cannot go
+  without the shortcut's). So a group is pruned as a whole: the ``ratio`` of its
+  channels whose filters have the lowest L1 norms (``filter_l1``) leave every member
+  at once.
 
 The caller's model is never changed: every scan works on deep copies.
 """
@@ -19,27 +21,25 @@ The caller's model is never changed: every scan works on deep copies.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from netshrink.bench.accuracy import evaluate
 from netshrink.data.base import Split
 from netshrink.errors import UserError
 from netshrink.models.select import prunable_layers, select_layers
-from netshrink.prune.channel import kept_channels
+from netshrink.prune.groups import ChannelGraph, ChannelGroup, kept_channels, lowest, output_layer
 from netshrink.prune.magnitude import magnitude_masks
 from netshrink.train.masks import apply_masks
 
 __all__ = [
     "BASELINE",
     "METHODS",
-    "ChannelGroup",
     "Method",
     "channel_groups",
     "check_method",
@@ -47,7 +47,6 @@ __all__ = [
     "check_split",
     "example_input_from",
     "layer_param_table",
-    "output_layer",
     "prune_channel_groups",
     "sensitivity_scan",
 ]
@@ -134,128 +133,22 @@ def example_input_from(split: Split, device: str | torch.device = "cpu") -> Tens
 # --------------------------------------------------------------------------- channel groups
 
 
-@dataclass(frozen=True)
-class ChannelGroup:
-    """One coupled group of channels: removing channel i removes it from every member.
-
-    Attributes:
-        name: ``outputs`` joined with ``+`` (model order): what a scan row calls it.
-        root: the conv/linear the dependency graph grew the group from.
-        outputs: conv/linear layers that lose output channels (filters).
-        inputs: conv/linear layers that lose input channels.
-        norms: batch norms that lose channels.
-        channels: channels in the group.
-        params: conv/linear/BN parameters the group's channels hold (all of them gone if
-            every channel went).
-        order: position of its first output layer in ``model.named_modules()``.
-    """
-
-    name: str
-    root: str
-    outputs: list[str]
-    inputs: list[str]
-    norms: list[str]
-    channels: int
-    params: int
-    order: int
-    scores: list[float] = field(default_factory=list, repr=False, compare=False)
-
-
-def _channel_params(module: nn.Module, out: bool) -> int:
-    """Parameters one channel of ``module`` holds along its output (or input) dimension."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return 2 if module.affine else 0
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-        w = module.weight
-        if out:
-            return w[0].numel() + (1 if module.bias is not None else 0)
-        return w[:, 0].numel()
-    return 0  # element-wise ops, reshapes: nothing to hold
-
-
-def _trace(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, tp.DependencyGraph]:
-    """A deep copy of ``model`` and its dependency graph (traced in eval mode).
-
-    Eval mode matters twice: a training-mode forward would move the BN running statistics
-    of the copy, and netshrink's ``Conv2d`` computes 1x1-output convs as a matmul in
-    training, which the tracer would not recognise as a conv.
-    """
-    work = copy.deepcopy(model).eval()
-    with torch.enable_grad():  # the graph is traced through autograd
-        dg = tp.DependencyGraph().build_dependency(work, example_inputs=example_input,
-                                                   verbose=False)
-    return work, dg
-
-
-def output_layer(model: nn.Module) -> str:
-    """The classifier: the last conv/linear layer in model order (its outputs are logits).
-
-    Raises:
-        UserError: the model has no conv/linear layer.
-    """
-    layers = prunable_layers(model)
-    if not layers:
-        raise UserError(f"{type(model).__name__} has no Conv2d or Linear layer: nothing to prune")
-    return list(layers)[-1]
-
-
 def _groups(
-    work: nn.Module,
-    dg: tp.DependencyGraph,
-    *,
-    include: list[str] | None,
-    exclude: list[str] | None,
-) -> list[tuple[ChannelGroup, Any]]:
-    """The prunable groups of ``work`` (traced as ``dg``) with TP's group objects."""
+    graph: ChannelGraph, *, include: list[str] | None, exclude: list[str] | None
+) -> list[ChannelGroup]:
+    """The groups of ``graph``'s model that a scan offers, in model order."""
+    work = graph.model
     chosen = set(select_layers(work, include=include, exclude=exclude))  # checks patterns
     modules = dict(work.named_modules())
-    order = {name: i for i, name in enumerate(modules)}
-    names = {id(m): name for name, m in modules.items()}
     classifier = output_layer(work)
     excluded = set(prunable_layers(work)) - set(select_layers(work, exclude=exclude))
     # The classifier (its outputs are the classes) and excluded layers are ignored: a
     # group that would remove their output channels is not offered at all. They may still
     # lose *input* channels, when the layer feeding them is pruned.
     ignored = [modules[classifier]] + [modules[n] for n in sorted(excluded)]
-    found: list[tuple[ChannelGroup, Any]] = []
-    for group in dg.get_all_groups(ignored_layers=ignored,
-                                   root_module_types=[nn.Conv2d, nn.Linear]):
-        outputs, inputs, norms = [], [], []
-        params = 0
-        channels = len(group[0].idxs)
-        scores = torch.zeros(channels, dtype=torch.float64)
-        for item in group.items:
-            module = item.dep.target.module
-            name = names.get(id(module))
-            if name is None:  # an op (add, reshape), not a module with weights
-                continue
-            out = dg.is_out_channel_pruning_fn(item.dep.handler)
-            params += _channel_params(module, out) * len(item.idxs)
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                (outputs if out else inputs).append(name)
-                if out:
-                    # The group's L1 score of a channel: the L1 norms of the filters that
-                    # produce it, summed over every conv/linear that writes that channel.
-                    l1 = module.weight.detach().abs().flatten(1).sum(1).double().cpu()
-                    idx = torch.as_tensor(list(item.idxs), dtype=torch.long)
-                    root = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
-                    scores.index_add_(0, root, l1[idx])
-            elif out:
-                norms.append(name)
-        if not outputs:
-            continue
-        outputs.sort(key=order.__getitem__)
-        inputs.sort(key=order.__getitem__)
-        norms.sort(key=order.__getitem__)
-        if include is not None and not any(n in chosen for n in outputs):
-            continue
-        info = ChannelGroup(
-            name="+".join(outputs), root=names[id(group[0].dep.target.module)],
-            outputs=outputs, inputs=inputs, norms=norms, channels=channels, params=params,
-            order=order[outputs[0]], scores=scores.tolist(),
-        )
-        found.append((info, group))
-    found.sort(key=lambda pair: pair[0].order)
+    found = [g for g in graph.groups(ignored) if g.outputs
+             and (include is None or any(n in chosen for n in g.outputs))]
+    found.sort(key=lambda g: g.order)
     if not found:
         raise UserError(f"include={include} exclude={exclude} leave no channel group to prune "
                         f"(the classifier {classifier!r} is never pruned on its outputs)")
@@ -279,14 +172,16 @@ def channel_groups(
             (the last conv/linear layer) is always excluded.
 
     Returns:
-        One ``ChannelGroup`` per group; every conv/linear layer but the classifier is an
-        output layer of exactly one group (unless excluded).
+        One ``ChannelGroup`` per group (without Torch-Pruning's group: the traced copy is
+        let go); every conv/linear layer but the classifier is an output layer of exactly
+        one group (unless excluded).
 
     Raises:
         UserError: a pattern matches no layer, or nothing is left to prune.
     """
-    work, dg = _trace(model, example_input)
-    return [info for info, _ in _groups(work, dg, include=include, exclude=exclude)]
+    graph = ChannelGraph(copy.deepcopy(model).eval(), example_input)
+    return [dataclasses.replace(g, group=None)
+            for g in _groups(graph, include=include, exclude=exclude)]
 
 
 def _removed(channels: int, ratio: float) -> int:
@@ -296,12 +191,6 @@ def _removed(channels: int, ratio: float) -> int:
     keeps ``floor(channels * (1 - ratio))`` channels, never fewer than one.
     """
     return channels - max(1, kept_channels(channels, ratio))
-
-
-def _lowest(scores: Sequence[float], k: int) -> list[int]:
-    """Indices of the ``k`` lowest scores (ties by position), sorted."""
-    order = torch.argsort(torch.tensor(scores, dtype=torch.float64), stable=True)
-    return sorted(int(i) for i in order[:k])
 
 
 def _count(model: nn.Module) -> int:
@@ -320,7 +209,8 @@ def prune_channel_groups(
     """A copy of ``model`` with the lowest-L1 ``ratio`` of each group's channels removed.
 
     Every group keeps ``floor(channels * (1 - ratio))`` channels (at least one). Channels
-    are scored on the unpruned model, so the order groups are pruned in does not matter.
+    are scored (``filter_l1``: the L1 norms of the filters producing them) on the unpruned
+    model, so the order groups are pruned in does not matter.
 
     Args:
         model: the model (not changed).
@@ -337,22 +227,23 @@ def prune_channel_groups(
             output shape changed (the classifier was not recognised).
     """
     check_ratio(ratio)
-    work, dg = _trace(model, example_input)
-    groups = _groups(work, dg, include=include, exclude=exclude)
+    work = copy.deepcopy(model).eval()
+    graph = ChannelGraph(work, example_input)
+    groups = _groups(graph, include=include, exclude=exclude)
     if only is not None:
         wanted = set(only)
-        unknown = wanted - {info.name for info, _ in groups}
+        unknown = wanted - {g.name for g in groups}
         if unknown:
             raise UserError(f"no channel group named {sorted(unknown)}")
-        groups = [(info, g) for info, g in groups if info.name in wanted]
+        groups = [g for g in groups if g.name in wanted]
+    scores = graph.scores(groups, "filter_l1")
     with torch.no_grad():
         before = work(example_input).shape
-    for info, group in groups:
-        k = _removed(info.channels, ratio)
+    for group, channel_scores in zip(groups, scores, strict=True):
+        k = _removed(group.channels, ratio)
         if k > 0:
-            # ``Group.prune(idxs)`` rebuilds the group from its root with these channel
-            # indices, so it is valid after other groups (disjoint outputs) were pruned.
-            group.prune(_lowest(info.scores, k))
+            assert channel_scores is not None  # filter_l1 ranks every group
+            graph.remove(group, lowest(channel_scores, k))
     with torch.no_grad():
         after = work(example_input).shape
     if after != before:

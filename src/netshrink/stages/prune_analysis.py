@@ -17,15 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from netshrink.data.base import Split
+from netshrink.prune.groups import output_layer
 from netshrink.prune.plots import plot_accuracy_vs_ratio, plot_sensitivity, plot_weight_histogram
 from netshrink.prune.search import search_max_ratio
-from netshrink.prune.sensitivity import (
-    BASELINE,
-    check_split,
-    layer_param_table,
-    output_layer,
-    sensitivity_scan,
-)
+from netshrink.prune.sensitivity import BASELINE, check_split, layer_param_table, sensitivity_scan
 from netshrink.stages.base import StageContext, stage
 from netshrink.stages.prune import record_sparsity
 from netshrink.stages.train import FinetuneConfig

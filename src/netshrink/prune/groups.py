@@ -1,0 +1,306 @@
+"""The channel-group engine: coupled channels found, scored and removed on Torch-Pruning's graph.
+
+Every structured (channel) pruning in netshrink goes through here: ``prune.channel``
+(uniform or global ratios, iterative steps, rounding) and the sensitivity scan and
+search (one group, or every group, at one ratio). The steps:
+
+1. ``ChannelGraph(model, example_input)`` traces the model once with Torch-Pruning's
+   ``DependencyGraph`` (in place: the caller passes a copy it may change).
+2. ``graph.groups(ignored)`` enumerates the *coupled groups*: a conv's filters, its batch
+   norm, the next conv's input channels and, across a residual add, every conv, BN and
+   shortcut that writes into the same tensor. Each ``ChannelGroup`` names its member
+   layers and counts the parameters its channels hold. A group that would take output
+   channels from an ``ignored`` module (the classifier, whose outputs are the classes) is
+   not offered; such a module may still lose *input* channels.
+3. ``graph.scores(groups, importance)`` scores every group's channels, all before any
+   surgery (so the order groups are pruned in does not matter).
+4. ``graph.remove(group, indices)`` removes those channels from every member at once.
+
+Importances: Torch-Pruning's criteria ``l1`` / ``l2`` (group norms: output filters, input
+slices and BN scales of every member, averaged over the members and divided by the
+group's mean, so that groups compare in a global ranking), ``bn_scale`` and ``taylor``
+(|weight x gradient| from a few calibration batches); and ``filter_l1``, the L1 norms of
+the filters that produce a channel summed over the group's output layers (no input
+slices, no BN, no normalisation), which the sensitivity scan and search rank by. The
+two L1 criteria are different rankings: each caller keeps the one it always used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from netshrink.errors import UserError
+from netshrink.models.select import prunable_layers
+
+if TYPE_CHECKING:
+    from netshrink.data import DataBundle
+
+__all__ = [
+    "FLOAT_SLACK",
+    "ChannelGraph",
+    "ChannelGroup",
+    "Importance",
+    "check_importance",
+    "kept_channels",
+    "lowest",
+    "output_layer",
+    "refuse_grouped_convs",
+]
+
+Importance = Literal["l1", "l2", "bn_scale", "taylor", "filter_l1"]
+
+# Taylor importance: gradients summed over this many calibration batches of this size.
+# Enough for a stable ranking, small enough to take seconds on a CPU.
+TAYLOR_BATCHES = 4
+TAYLOR_BATCH_SIZE = 64
+
+# Slack for float error in ``c * (1 - ratio)``: 10 * (1 - 0.3) is 6.999..., not 7.
+FLOAT_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One coupled group of channels: removing channel i removes it from every member.
+
+    Attributes:
+        name: ``outputs`` joined with ``+`` (model order): what a scan row calls it.
+        root: the conv/linear the dependency graph grew the group from.
+        outputs: conv/linear layers that lose output channels (filters).
+        inputs: conv/linear layers that lose input channels.
+        norms: batch norms that lose channels.
+        channels: channels in the group.
+        params: conv/linear/BN parameters the group's channels hold (all of them gone if
+            every channel went).
+        order: position of its first output layer in ``model.named_modules()``.
+        convs: whether a conv loses output channels in it (not only linear layers).
+        group: Torch-Pruning's group (every channel), what ``ChannelGraph`` works on.
+    """
+
+    name: str
+    root: str
+    outputs: list[str]
+    inputs: list[str]
+    norms: list[str]
+    channels: int
+    params: int
+    order: int
+    convs: bool = field(default=False, repr=False, compare=False)
+    group: Any = field(default=None, repr=False, compare=False)
+
+
+def output_layer(model: nn.Module) -> str:
+    """The classifier: the last conv/linear layer in model order (its outputs are logits).
+
+    Raises:
+        UserError: the model has no conv/linear layer.
+    """
+    layers = prunable_layers(model)
+    if not layers:
+        raise UserError(f"{type(model).__name__} has no Conv2d or Linear layer: nothing to prune")
+    return list(layers)[-1]
+
+
+def refuse_grouped_convs(model: nn.Module) -> None:
+    """Raise ``UserError`` on a grouped conv (1 < groups < channels).
+
+    Such a conv needs the same channels removed from every one of its groups; the
+    counting here does not do that, so refuse rather than break the model. Plain and
+    depthwise convs are fine.
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and not (
+            m.groups == m.in_channels == m.out_channels
+        ):
+            raise UserError(
+                f"{name}: grouped convolution (groups={m.groups}) is not supported by "
+                "channel pruning; only plain and depthwise convs are"
+            )
+
+
+def kept_channels(channels: int, ratio: float) -> int:
+    """Channels a group of ``channels`` keeps at ``ratio``: ``floor(channels * (1 - ratio))``
+    as Torch-Pruning's ``MetaPruner`` keeps them (the epsilon absorbs float error such as
+    64 * (1 - 0.5) landing a hair below 32); the caller guarantees at least one."""
+    return math.floor(channels * (1 - ratio) + FLOAT_SLACK)
+
+
+def check_importance(importance: str, data: DataBundle | None) -> None:
+    """Raise ``UserError`` if ``importance`` needs data (``taylor``) and there is none."""
+    if importance == "taylor" and data is None:
+        raise UserError("importance 'taylor' needs data for its gradients; "
+                        "use 'l1', 'l2' or 'bn_scale', or pass the data")
+
+
+def lowest(scores: Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` lowest scores, sorted; ties go by position (a stable sort)."""
+    return sorted(int(i) for i in torch.argsort(scores, stable=True)[:k])
+
+
+class ChannelGraph:
+    """One traced model: its coupled channel groups, their scores, and the surgery.
+
+    Args:
+        model: the model to prune *in place* (pass a copy to keep the original), in eval
+            mode: a training-mode forward would move BN running statistics, and
+            netshrink's ``Conv2d`` computes 1x1-output convs as a matmul in training,
+            which the tracer would not recognise as a conv.
+        example_input: one batch the model accepts, on its device.
+
+    Raises:
+        UserError: the model has a grouped conv.
+    """
+
+    def __init__(self, model: nn.Module, example_input: Tensor) -> None:
+        refuse_grouped_convs(model)
+        self.model = model
+        with torch.enable_grad():  # the graph is traced through autograd
+            self.graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input, verbose=False)
+        self._modules = dict(model.named_modules())
+        self._names = {id(m): name for name, m in self._modules.items()}
+        self._order = {name: i for i, name in enumerate(self._modules)}
+
+    def groups(self, ignored: Iterable[nn.Module] = ()) -> list[ChannelGroup]:
+        """Every coupled group rooted at a conv/linear layer, in Torch-Pruning's order.
+
+        Args:
+            ignored: modules whose output channels must stay; a group that would remove
+                any of them is left out (with its root, when a member is ignored).
+        """
+        found = self.graph.get_all_groups(ignored_layers=list(ignored),
+                                          root_module_types=(nn.Conv2d, nn.Linear))
+        return [self._describe(group) for group in found]
+
+    def _describe(self, group: Any) -> ChannelGroup:
+        outputs: list[str] = []
+        inputs: list[str] = []
+        norms: list[str] = []
+        params = 0
+        for item in group.items:
+            module = item.dep.target.module
+            name = self._names.get(id(module))
+            if name is None:  # an op (add, reshape), not a module with weights
+                continue
+            out = self.graph.is_out_channel_pruning_fn(item.dep.handler)
+            params += _channel_params(module, out) * len(item.idxs)
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                (outputs if out else inputs).append(name)
+            elif out:
+                norms.append(name)
+        for names in (outputs, inputs, norms):
+            names.sort(key=self._order.__getitem__)
+        root = self._names[id(group[0].dep.target.module)]
+        return ChannelGroup(
+            name="+".join(outputs), root=root, outputs=outputs, inputs=inputs, norms=norms,
+            channels=len(group[0].idxs), params=params,
+            order=self._order[outputs[0]] if outputs else len(self._order),
+            convs=any(isinstance(self._modules[n], nn.Conv2d) for n in outputs), group=group,
+        )
+
+    def scores(
+        self,
+        groups: Sequence[ChannelGroup],
+        importance: Importance,
+        *,
+        data: DataBundle | None = None,
+        device: str = "cpu",
+    ) -> list[Tensor | None]:
+        """Each group's channel scores (low: removed first), taken before any surgery.
+
+        ``None`` for a group the criterion cannot rank (``bn_scale`` without a BN).
+        ``taylor`` takes gradients on ``data.calib`` (in eval mode: BN uses its running
+        statistics, as the deployed model will) and clears them afterwards.
+
+        Raises:
+            UserError: ``taylor`` without data.
+        """
+        if importance == "filter_l1":
+            return [self._filter_l1(g) for g in groups]
+        check_importance(importance, data)
+        if importance == "taylor":
+            assert data is not None
+            _taylor_gradients(self.model, data, device)
+        scorer = _criterion(importance)
+        try:
+            found = [scorer(g.group) for g in groups]
+            return [None if s is None else s.detach().float().cpu() for s in found]
+        finally:
+            if importance == "taylor":
+                self.model.zero_grad(set_to_none=True)
+
+    def _filter_l1(self, group: ChannelGroup) -> Tensor:
+        """The L1 norms of the filters producing each channel, summed over the group."""
+        scores = torch.zeros(group.channels, dtype=torch.float64)
+        for item in group.group.items:
+            module = item.dep.target.module
+            if not (isinstance(module, (nn.Conv2d, nn.Linear))
+                    and id(module) in self._names
+                    and self.graph.is_out_channel_pruning_fn(item.dep.handler)):
+                continue
+            l1 = module.weight.detach().abs().flatten(1).sum(1).double().cpu()
+            idx = torch.as_tensor(list(item.idxs), dtype=torch.long)
+            root = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+            scores.index_add_(0, root, l1[idx])
+        return scores
+
+    def remove(self, group: ChannelGroup, indices: Sequence[int]) -> bool:
+        """Remove channels ``indices`` of ``group`` from every member; False (and nothing
+        removed) if that would empty a layer.
+
+        The group is rebuilt from its root with these indices, so it stays valid after
+        other groups (disjoint outputs) were pruned.
+        """
+        root = group.group[0].dep
+        chosen = self.graph.get_pruning_group(root.target.module, root.handler,
+                                              sorted(indices))
+        if not self.graph.check_pruning_group(chosen):
+            return False
+        chosen.prune()
+        return True
+
+
+def _channel_params(module: nn.Module, out: bool) -> int:
+    """Parameters one channel of ``module`` holds along its output (or input) dimension."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return 2 if module.affine else 0
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        w = module.weight
+        if out:
+            return w[0].numel() + (1 if module.bias is not None else 0)
+        return w[:, 0].numel()
+    return 0  # element-wise ops, reshapes: nothing to hold
+
+
+def _criterion(kind: str) -> tp.importance.Importance:
+    # Torch-Pruning's defaults otherwise: each channel's score is the mean over the
+    # group's layers, divided by the group's mean score (comparable across groups).
+    if kind == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if kind == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    if kind == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    return tp.importance.TaylorImportance()
+
+
+def _taylor_gradients(model: nn.Module, data: DataBundle, device: str) -> None:
+    """Accumulate loss gradients over a few calibration batches, in eval mode.
+
+    Eval mode: BN uses its running statistics, as the deployed model will, and training
+    mode would change those statistics (the model must only lose channels here).
+    """
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.enable_grad():
+        for i, (x, y) in enumerate(data.calib.batches(TAYLOR_BATCH_SIZE)):
+            if i >= TAYLOR_BATCHES:
+                break
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
