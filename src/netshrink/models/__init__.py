@@ -54,12 +54,16 @@ def build_model(spec: ModelSpec) -> nn.Module:
         UserError: the architecture is not registered.
     """
     factory = MODELS.get(spec.arch)
-    return factory(
+    model = factory(
         num_classes=spec.num_classes,
         in_channels=spec.in_channels,
         stem=spec.stem,
         zero_init_residual=spec.zero_init_residual,
     )
+    # The spec travels with the module, so the Python API can save what it was given
+    # (``netshrink.prune(model, ...)`` on a model this built) without being told.
+    model.netshrink_spec = spec
+    return model
 
 
 def _resnet_factory(block, layers) -> Factory:

@@ -1,0 +1,152 @@
+"""What every verb returns: a model, or a deployable file with the runtime that runs it,
+that can be called on a batch, evaluated, measured and saved (and loaded back)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from netshrink.api.custom import save_custom
+from netshrink.api.data import Data, as_split
+from netshrink.bench import Accuracy, Measurement, MeasureOptions, evaluate, measure
+from netshrink.errors import UserError
+from netshrink.models import ModelSpec
+from netshrink.runtime import ModelStats, model_stats, open_runtime
+from netshrink.runtime.base import Executable
+from netshrink.store.checkpoint import save_model
+from netshrink.store.codebook import Codebook
+from netshrink.store.packed import pack_model
+
+__all__ = ["Compressed"]
+
+
+@dataclass
+class Compressed:
+    """A model as a verb left it.
+
+    Attributes:
+        model: the torch model (for a deployable file: the float model it was made from,
+            or None when loaded from such a file alone).
+        file: the deployable file (INT8 ONNX, OpenVINO IR, packed ``.nspk``) when the
+            result runs outside torch; None for a torch model.
+        runtime: what runs it: ``torch``, ``onnxruntime`` or ``openvino``.
+        precision: ``fp32``, ``int8``, ... as the runtime computes it.
+        spec: the netshrink architecture (``ModelSpec``) when it is one of netshrink's
+            models; None for the user's own.
+        factory: for the user's own model, the ``module:function`` that builds it (needed
+            to save it; see ``save``).
+        meta: what a saved file carries for ``eval``/``predict`` (class names, image size,
+            mean/std, dataset).
+        input_shape: one image ``[C, H, W]``.
+        notes: what the verb did, in words.
+        codebooks: k-means codebooks by layer (packed into ``.nspk`` files on save).
+    """
+
+    model: nn.Module | None
+    input_shape: list[int]
+    file: Path | None = None
+    runtime: str = "torch"
+    precision: str = "fp32"
+    spec: ModelSpec | None = None
+    factory: str | None = None
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    codebooks: dict[str, Codebook] | None = None
+    stats: ModelStats | None = None
+    _session: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def module(self) -> nn.Module:
+        """What runs it: the torch model, or the runtime's session over ``file``."""
+        if self.file is None or self.runtime == "torch":
+            if self.model is None:
+                raise UserError("this result holds no model to run")
+            return self.model
+        if self._session is None:
+            stats = self.stats or (model_stats(self.model, self.input_shape)
+                                   if self.model is not None else ModelStats(0, 0, None))
+            self._session = open_runtime(self.file, self.runtime, stats=stats,
+                                         precision=self.precision if self.runtime ==
+                                         "openvino" else None)
+        return self._session
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """Logits for a batch of images ``[N, C, H, W]``."""
+        module = self.module
+        with torch.inference_mode():
+            return module(images)
+
+    def evaluate(self, data: Data, *, device: str = "cpu") -> Accuracy:
+        """Top-1/top-5 on labelled data (a DataLoader or iterable of ``(images, labels)``)."""
+        split = as_split(data, "data")
+        assert split is not None
+        module = self.module
+        if not isinstance(module, Executable):
+            module = module.to(device)
+        return evaluate(module, split, device=device if not isinstance(module, Executable)
+                        else "cpu")
+
+    def measure(self, data: Data | None = None, *, options: MeasureOptions | None = None
+                ) -> Measurement:
+        """Size (of the saved or deployable file), params, MACs, latency, throughput,
+        memory and, with ``data``, top-1/top-5 — ``netshrink.bench.measure``."""
+        split = as_split(data, "data")
+        size_file = self.file
+        return measure(self.module, input_shape=self.input_shape, data=split,
+                       file=size_file, options=options)
+
+    def save(self, path: str | Path, *, factory: str | None = None,
+             factory_kwargs: dict[str, Any] | None = None,
+             meta: dict[str, Any] | None = None) -> Path:
+        """Write the result where ``netshrink.load`` (and ``eval``/``predict``/``bench``)
+        read it back: a torch model as ``.safetensors`` (``.nspk`` packs it, k-means
+        codebooks and zeros bit-packed), a deployable file as a copy.
+
+        Args:
+            factory: for a model netshrink did not build: ``"package.module:function"``
+                that builds it (with ``factory_kwargs``); loading calls it only when the
+                loader trusts it. Without one such a model is refused here, not at load.
+            meta: facts for ``eval``/``predict`` (``class_names``, ``mean``, ``std``,
+                ``image_size``, ``dataset``), over what the result already has.
+
+        Raises:
+            UserError: a model netshrink did not build and no factory, or a suffix this
+                kind of result is not written as.
+        """
+        path = Path(path)
+        facts = {**self.meta, **(meta or {})}
+        if self.file is not None and (self.runtime != "torch" or self.model is None
+                                      or path.suffix == self.file.suffix):
+            if path.suffix != self.file.suffix:
+                raise UserError(f"{path}: this result is a {self.file.suffix} file; save it "
+                                f"under that suffix")
+            shutil.copyfile(self.file, path)
+            if self.file.suffix == ".xml":  # OpenVINO IR: the weights file goes with it
+                shutil.copyfile(self.file.with_suffix(".bin"), path.with_suffix(".bin"))
+            return path
+        model = self.module.cpu()
+        factory = factory or self.factory
+        if path.suffix == ".nspk":
+            if self.spec is None:
+                raise UserError("packed .nspk files hold netshrink's own architectures; save "
+                                "this model as .safetensors with factory=")
+            pack_model(model, self.spec, path, codebooks=self.codebooks, meta=facts)
+        elif path.suffix != ".safetensors":
+            raise UserError(f"{path}: save a torch model as .safetensors (or .nspk)")
+        elif self.spec is not None:
+            save_model(model, self.spec, path, meta=facts)
+        elif factory is not None:
+            save_custom(model, path, factory=factory,
+                        factory_kwargs=factory_kwargs or self.factory_kwargs, meta=facts)
+        else:
+            raise UserError(
+                f"{type(model).__name__} is not one of netshrink's models: save it with the "
+                "import path of the function that builds it, save(path, factory="
+                "'package.module:function'); load(path, trust=[...]) calls it to rebuild")
+        return path
