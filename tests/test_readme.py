@@ -70,6 +70,8 @@ def readme_commands(text: str) -> list[tuple[str, list[list[str]]]]:
     for block in code_blocks(text):
         for line in block.replace("\\\n", " ").splitlines():
             for part in re.split(r"&&|;", _strip_comment(line)):
+                if not any(program in part for program in PROGRAMS):
+                    continue  # not a command line (Python in the API section, prose)
                 words = shlex.split(part)
                 while words and ENV_ASSIGNMENT.fullmatch(words[0]):
                     words.pop(0)
