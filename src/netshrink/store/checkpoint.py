@@ -32,6 +32,7 @@ from netshrink.limits import bounded_json, open_regular, read_regular
 from netshrink.models import ModelSpec, build_model
 from netshrink.models.resize import resize_to_state
 from netshrink.store.atomic import atomic_write_bytes
+from netshrink.store.kinds import ACCEPTED, DESCRIBED, kind_of_bytes
 
 FORMAT = "netshrink.model/1"
 
@@ -82,7 +83,19 @@ def read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """
     path = Path(path)
     data = read_regular(path, "checkpoint", max_bytes=MAX_MODEL_BYTES)
-    if path.suffix == ".safetensors" or _looks_like_safetensors(data):
+    # Told by content, not by name: a safetensors header, the zip torch.save writes (or
+    # an old plain pickle, refused below); the other kinds get a message of their own.
+    safetensors = _looks_like_safetensors(data)
+    if not safetensors and not data.startswith(b"PK\x03\x04") and data[:1] != b"\x80":
+        kind = kind_of_bytes(data)
+        if kind is not None and kind not in ("safetensors", "torch"):
+            raise UserError(
+                f"{path}: {DESCRIBED[kind]}, not torch weights; this needs the model's "
+                "torch weights (.safetensors or .pth, such as the model.safetensors of the "
+                "stage that made it); netshrink eval, predict, bench and export take this "
+                "file as it is")
+        safetensors = path.suffix == ".safetensors"  # damaged: say what is wrong with it
+    if safetensors:
         metadata = _safetensors_metadata(data, path)
         try:
             tensors = st_load(data)
@@ -136,9 +149,7 @@ def _torch_load(data: bytes, path: Path) -> Any:
                 f"{path}: refusing to load: a plain pickle{what}, not the zip file torch.save "
                 "writes (since torch 1.6), and unpickling it could run code; save "
                 "model.state_dict() with a current torch.save, or as safetensors")
-        raise UserError(f"{path}: not a checkpoint netshrink reads (neither safetensors nor "
-                        "a torch.save zip file); save model.state_dict() with torch.save "
-                        "or safetensors")
+        raise UserError(f"{path}: not a model file netshrink reads; it reads {ACCEPTED}")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             infos = archive.infolist()
