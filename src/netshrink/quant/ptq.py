@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import json
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
@@ -31,9 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from netshrink.errors import UserError
 from netshrink.export.calibration_reader import CalibrationReader
-from netshrink.export.onnx import onnx_layer_name
+from netshrink.export.onnx import onnx_info_text, onnx_layer_name, with_onnx_info
 from netshrink.runtime.sessions import onnx_precision, require
 from netshrink.store.atomic import atomic_write_bytes
+from netshrink.store.kinds import IR_INFO_KEY
 
 __all__ = [
     "PTQConfig",
@@ -176,8 +178,16 @@ def quantize_onnx(
             extra_options=extra,
             calibration_cache_path=str(calibration_cache) if calibration_cache else None,
         )
-        atomic_write_bytes(out, target.read_bytes())
+        atomic_write_bytes(out, _keep_info(float_onnx, target.read_bytes()))
     return out
+
+
+def _keep_info(float_onnx: Path, quantized: bytes) -> bytes:
+    """The quantized model with the float model's netshrink metadata (ONNX Runtime's
+    pre-processing and quantizers do not all keep ``metadata_props``): dataset, class
+    names, preprocessing and counts stay with the file ``eval`` and ``predict`` read."""
+    raw = onnx_info_text(float_onnx)
+    return quantized if raw is None else with_onnx_info(quantized, raw)
 
 
 def _input_overrides(onnx_file: Path, ranges: dict[str, tuple[float, float]]
@@ -205,7 +215,7 @@ def quantize_dynamic_onnx(float_onnx: Path, out: Path, *, per_channel: bool = Tr
         target = Path(tmp) / "dynamic.onnx"
         quantize_dynamic(str(float_onnx), str(target), per_channel=per_channel,
                          weight_type=QuantType.QInt8)
-        atomic_write_bytes(out, target.read_bytes())
+        atomic_write_bytes(out, _keep_info(float_onnx, target.read_bytes()))
     return out
 
 
@@ -253,6 +263,11 @@ def quantize_openvino(
         ignored_scope=nncf.IgnoredScope(names=ignored, validate=False) if ignored else None,
         advanced_parameters=advanced,
     )
+    raw = onnx_info_text(float_onnx)
+    if raw is not None:  # the IR carries what the ONNX file carried, as the run runs it
+        info = json.loads(raw)
+        info.update(runtime="openvino", precision="int8")
+        quantized.set_rt_info(json.dumps(info), [IR_INFO_KEY])
     with tempfile.TemporaryDirectory(dir=out_xml.parent) as tmp:
         xml = Path(tmp) / out_xml.name
         ov.save_model(quantized, str(xml), compress_to_fp16=False)

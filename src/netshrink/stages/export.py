@@ -16,6 +16,7 @@ from torch import nn
 
 from netshrink.bench.measure import artifact_size
 from netshrink.errors import UserError
+from netshrink.export.onnx import copy_onnx_info
 from netshrink.export.tensorrt import FILES, FORMS, export_tensorrt
 from netshrink.quant.calibration import calibration_batches
 from netshrink.runtime import model_stats, require
@@ -74,6 +75,9 @@ def tensorrt_stage(model: nn.Module, cfg: TensorRTConfig, ctx: StageContext) -> 
                                  batches=batches, forms=cfg.forms, opset=cfg.opset,
                                  opt_batch=cfg.opt_batch, max_batch=cfg.max_batch,
                                  float_onnx=fp32)
+        for path in result.files.values():  # each form carries the stage's meta and counts
+            if path != fp32:
+                copy_onnx_info(fp32, path)
     source = f"{result.images} calibration images" if batches else \
         f"{result.images} random images"
     for form, path in result.files.items():

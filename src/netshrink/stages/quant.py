@@ -81,8 +81,12 @@ class HalfConfig(BaseModel):
     runtime: Literal["torch", "openvino"] = "torch"
 
 
-def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: int = 17) -> Path:
+def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: int = 17,
+                   runtime: str | None = None, precision: str | None = None) -> Path:
     """Export ``model`` to ONNX, run the checker and compare with torch; note the result.
+
+    The file carries the stage's checkpoint meta, spec and counts (``export_onnx``), and
+    ``runtime``/``precision`` when the run measures it other than in ONNX Runtime as is.
 
     Raises:
         UserError: the export differs from torch by more than ``EXPORT_ATOL``.
@@ -90,7 +94,8 @@ def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: in
     if any(not p.dtype.is_floating_point for p in model.parameters()):
         raise UserError("the model holds integer weights (already quantized); export the "
                         "float model it came from")
-    export_onnx(model, path, input_shape=ctx.input_shape, opset=opset)
+    export_onnx(model, path, input_shape=ctx.input_shape, opset=opset, meta=ctx.meta,
+                spec=ctx.spec, runtime=runtime, precision=precision)
     diff = check_onnx(path, model, input_shape=ctx.input_shape)
     if diff > EXPORT_ATOL:
         raise UserError(f"{path}: the ONNX export differs from torch by {diff:.2e} "
@@ -116,7 +121,8 @@ def onnx_int8_result(float_onnx: Path, int8_onnx: Path, stats: ModelStats,
 @stage("export.onnx", ExportConfig, "float ONNX export, run in ONNX Runtime or OpenVINO",
        chains=False)
 def export_stage(model: nn.Module, cfg: ExportConfig, ctx: StageContext) -> Deployed:
-    path = export_checked(model, ctx.stage_dir / "model.onnx", ctx, opset=cfg.opset)
+    path = export_checked(model, ctx.stage_dir / "model.onnx", ctx, opset=cfg.opset,
+                          runtime=cfg.runtime, precision="fp32")
     return Deployed(file=path, runtime=cfg.runtime, precision="fp32",
                     stats=model_stats(model, ctx.input_shape))
 
@@ -188,13 +194,14 @@ def dynamic_stage(model: nn.Module, cfg: DynamicConfig, ctx: StageContext) -> De
 def _half(model: nn.Module, cfg: HalfConfig, ctx: StageContext, precision: str) -> Deployed:
     stats = model_stats(model, ctx.input_shape)
     if cfg.runtime == "openvino":
-        path = export_checked(model, ctx.stage_dir / "model.onnx", ctx)
+        path = export_checked(model, ctx.stage_dir / "model.onnx", ctx, runtime="openvino",
+                              precision=precision)
         ctx.notes.append(f"OpenVINO runs the float ONNX with inference precision {precision}; "
                          "it falls back to fp32 on CPUs without native support")
         return Deployed(file=path, runtime="openvino", precision=precision, stats=stats)
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     path = ctx.stage_dir / f"model.{precision}.safetensors"
-    save_model(model.to(dtype), ctx.spec, path, meta={"precision": precision})
+    save_model(model.to(dtype), ctx.spec, path, meta={**ctx.meta, "precision": precision})
     if precision == "fp16" and ctx.device == "cpu":
         ctx.notes.append("fp16 is a storage format on a CPU: the file is half the size and "
                          "the model computes in fp32 (emulated fp16 is several times slower)")
@@ -228,7 +235,7 @@ def kmeans_stage(model: nn.Module, cfg: KMeansConfig, ctx: StageContext) -> Depl
         ctx.history.extend(result.history)
     model = model.cpu().eval()
     path = ctx.stage_dir / "model.nspk"
-    pack_model(model, ctx.spec, path, codebooks=codebooks)
+    pack_model(model, ctx.spec, path, codebooks=codebooks, meta=ctx.meta)
     ctx.notes.append(f"{len(codebooks)} layers share at most {2 ** cfg.bits} values each; "
                      "the packed file stores bit-packed indices, codebooks and zero bitmasks, "
                      "zstd-coded, and reloads to these exact weights")
