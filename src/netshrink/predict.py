@@ -1,8 +1,9 @@
-"""``netshrink predict``: classify image files with a trained netshrink model file."""
+"""``netshrink predict``: classify image files with any model file netshrink writes."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from PIL import Image
 from netshrink.data.imagefolder import open_image
 from netshrink.errors import UserError
 from netshrink.limits import check_regular
-from netshrink.store.checkpoint import load_model
+from netshrink.runtime.files import OpenedModel, open_model_file
 
 
 def load_image(path: Path, *, in_channels: int, size: int) -> torch.Tensor:
@@ -46,34 +47,74 @@ def load_image(path: Path, *, in_channels: int, size: int) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
+def _dataset_facts(name: str, root: Path | None) -> dict[str, Any]:
+    """Class names and preprocessing of the dataset ``name``, for a model file that does
+    not carry them."""
+    from netshrink.data import DataConfig, build_data
+
+    info = build_data(DataConfig(name=name, root=root, val_size=0, augment=False)).info
+    return {"dataset": info.name, "class_names": list(info.class_names),
+            "image_size": info.image_size, "in_channels": info.in_channels,
+            "mean": list(info.mean), "std": list(info.std)}
+
+
 def predict_files(
-    weights: Path, images: list[Path], *, k: int = 5
+    weights: Path, images: list[Path], *, k: int = 5, data: str | None = None,
+    data_dir: Path | None = None, runtime: str | None = None,
 ) -> list[tuple[Path, list[tuple[str, float]]]]:
     """Top-``k`` (class name, probability) for each image.
 
+    ``weights`` is any model file netshrink writes (``.safetensors``, ``.onnx``, ``.nspk``,
+    OpenVINO ``.xml``), told by content. Class names and preprocessing come from the
+    file; for a file that lacks them (an ONNX model from elsewhere), from the dataset
+    ``data`` (read from ``data_dir``, or its default place).
+
     Raises:
-        UserError: the model file lacks the preprocessing facts, or an image is unreadable.
+        UserError: the model file lacks the preprocessing facts and no ``data`` was
+            given, or an image is unreadable.
     """
     for path in images:  # before the model loads: a bad path fails fast, a pipe never blocks
         check_regular(Path(path), "image")
-    model, spec, meta = load_model(weights)
-    needed = ("class_names", "image_size", "mean", "std")
-    if not all(key in meta for key in needed):
-        raise UserError(
-            f"{weights}: not a netshrink model file with class names and preprocessing; "
-            "use a model.safetensors written by `netshrink train` or `netshrink run`"
-        )
-    names: list[str] = meta["class_names"]
-    mean = torch.tensor(meta["mean"]).view(-1, 1, 1)
-    std = torch.tensor(meta["std"]).view(-1, 1, 1)
-    batch = torch.stack([
-        (load_image(p, in_channels=spec.in_channels, size=meta["image_size"]) - mean) / std
-        for p in images
-    ])
-    with torch.inference_mode():
-        probs = model(batch).softmax(dim=1)
+    opened = open_model_file(weights, runtime=runtime)
+    try:
+        needed = ("class_names", "image_size", "mean", "std")
+        meta = opened.meta
+        if data is not None and data != meta.get("dataset"):
+            meta = {**meta, **_dataset_facts(data, data_dir)}
+        missing = [key for key in needed if key not in meta]
+        if missing:
+            raise UserError(
+                f"{weights}: {opened.describe()} without netshrink's metadata, so its class "
+                "names and preprocessing are unknown; pass --data NAME (and --data-dir) for "
+                "the dataset it was trained on (netshrink list datasets)")
+        names: list[str] = meta["class_names"]
+        if opened.num_classes is not None and len(names) != opened.num_classes:
+            raise UserError(f"{weights}: the model predicts {opened.num_classes} classes and "
+                            f"{meta.get('dataset', 'the dataset')} has {len(names)}; pass the "
+                            "dataset it was trained on")
+        channels = meta.get("in_channels") or (opened.spec.in_channels if opened.spec else 3)
+        mean = torch.tensor(meta["mean"]).view(-1, 1, 1)
+        std = torch.tensor(meta["std"]).view(-1, 1, 1)
+        batch = torch.stack([
+            (load_image(p, in_channels=channels, size=meta["image_size"]) - mean) / std
+            for p in images
+        ])
+        logits = _run(opened, batch)
+    finally:
+        opened.close()
+    probs = logits.float().softmax(dim=1)
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [
         (path, [(names[int(i)], float(p)) for p, i in zip(vals, idx, strict=True)])
         for path, vals, idx in zip(images, top.values, top.indices, strict=True)
     ]
+
+
+def _run(opened: OpenedModel, batch: torch.Tensor) -> torch.Tensor:
+    """Logits of ``batch``, one image at a time when the graph's batch is fixed at 1."""
+    model = opened.module
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    with torch.inference_mode():
+        if opened.fixed_batch == 1:
+            return torch.cat([model(x[None].to(opened.device, dtype)).cpu() for x in batch])
+        return model(batch.to(opened.device, dtype)).cpu()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,8 +16,16 @@ from torch import nn
 from netshrink.errors import UserError
 from netshrink.registry import Registry
 from netshrink.runtime.base import ModelStats, RuntimeModule
+from netshrink.store.kinds import (
+    DESCRIBED,
+    file_kind,
+    is_packed,
+    locate_model,
+    packed_header,
+    read_onnx,
+)
 
-__all__ = ["RUNTIMES", "onnx_precision", "open_runtime", "require"]
+__all__ = ["RUNTIMES", "load_onnx", "onnx_precision", "open_runtime", "require"]
 
 # The pip extra that installs each optional runtime.
 EXTRAS = {"openvino": "openvino", "nncf": "openvino", "tensorrt": "tensorrt"}
@@ -38,15 +48,34 @@ def require(module: str) -> ModuleType:
         ) from None
 
 
-def onnx_precision(path: Path) -> str:
-    """What an ONNX file computes in: int8 (QDQ / integer ops), fp16, or fp32."""
+def load_onnx(path: Path) -> Any:
+    """The ``onnx.ModelProto`` of an ONNX file, or of the ONNX model a packed ``.nspk``
+    file holds (``store.packed_onnx.pack_onnx``), told by content and read bounded.
+
+    Raises:
+        UserError: another kind of file, or an unreadable, damaged or external-data one.
+    """
     import onnx
 
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as exc:  # onnx raises DecodeError, ValueError, OSError… by version
-        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__}); give "
-                        "an .onnx file that netshrink or torch.onnx exported") from None
+    path, kind = locate_model(path)
+    if kind == "onnx":
+        return read_onnx(path)
+    if kind == "nspk" and packed_header(path).get("kind") == "onnx":
+        from netshrink.store.packed_onnx import unpack_onnx
+
+        model = onnx.ModelProto()
+        model.ParseFromString(unpack_onnx(path))
+        return model
+    raise UserError(f"{path}: {DESCRIBED[kind]}, not an ONNX model; give the .onnx file "
+                    "netshrink or torch.onnx exported")
+
+
+def onnx_precision(path: Path | Any) -> str:
+    """What an ONNX model (a file, a packed ONNX file, or a ``ModelProto``) computes in:
+    int8 (QDQ / integer ops), int8-dynamic, fp16, or fp32."""
+    import onnx
+
+    graph = (path if isinstance(path, onnx.ModelProto) else load_onnx(path)).graph
     ops = {node.op_type for node in graph.node}
     if ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}:
         return "int8-dynamic"
@@ -55,6 +84,20 @@ def onnx_precision(path: Path) -> str:
     if any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer):
         return "fp16"
     return "fp32"
+
+
+@contextmanager
+def _onnx_file(path: Path) -> Iterator[tuple[Path | bytes, Any]]:
+    """``(what a runtime opens, its ModelProto or None)``: the path itself, or for a packed
+    ONNX file its unpacked bytes (ONNX Runtime) / a temporary copy (OpenVINO)."""
+    if not is_packed(path):
+        yield path, None
+        return
+    model = load_onnx(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "model.onnx"
+        copy.write_bytes(model.SerializeToString())
+        yield copy, model
 
 
 def open_runtime(
@@ -116,18 +159,20 @@ def _onnxruntime(path: Path, *, threads: int, stats: ModelStats, precision: str 
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-        first = str(exc).splitlines()[0]
-        raise UserError(f"{path}: ONNX Runtime cannot load it: {first}") from None
+    with _onnx_file(path) as (source, proto):
+        try:
+            session = ort.InferenceSession(str(source), options,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            first = str(exc).splitlines()[0]
+            raise UserError(f"{path}: ONNX Runtime cannot load it: {first}") from None
+        recorded = precision or onnx_precision(proto if proto is not None else path)
     name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(None, {name: x})[0]
 
-    return RuntimeModule(run, runtime="onnxruntime", precision=precision or onnx_precision(path),
-                         stats=stats)
+    return RuntimeModule(run, runtime="onnxruntime", precision=recorded, stats=stats)
 
 
 @RUNTIMES.register("openvino")
@@ -139,21 +184,23 @@ def _openvino(path: Path, *, threads: int, stats: ModelStats, precision: str | N
     if hint is None:
         raise UserError(f"OpenVINO precision {precision!r} is not one of fp32, bf16, fp16, int8")
     core = ov.Core()
-    try:
-        compiled = core.compile_model(str(path), "CPU", {
-            "INFERENCE_NUM_THREADS": threads,
-            # OpenVINO computes float layers in bf16 by default on CPUs that have it; an
-            # "fp32" measurement must say f32 or it silently measures bf16.
-            "INFERENCE_PRECISION_HINT": hint,
-            "PERFORMANCE_HINT": "LATENCY",
-        })
-    except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
-        raise UserError(f"{path}: OpenVINO cannot load it: {str(exc).splitlines()[0]}") from None
+    with _onnx_file(path) as (source, proto):
+        try:
+            compiled = core.compile_model(str(source), "CPU", {
+                "INFERENCE_NUM_THREADS": threads,
+                # OpenVINO computes float layers in bf16 by default on CPUs that have it;
+                # an "fp32" measurement must say f32 or it silently measures bf16.
+                "INFERENCE_PRECISION_HINT": hint,
+                "PERFORMANCE_HINT": "LATENCY",
+            })
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with long texts
+            raise UserError(f"{path}: OpenVINO cannot load it: "
+                            f"{str(exc).splitlines()[0]}") from None
+        recorded = precision or "fp32"
+        if proto is not None or file_kind(path) == "onnx":  # IR says nothing of its own
+            in_file = onnx_precision(proto if proto is not None else path)
+            recorded = in_file if in_file.startswith("int8") else recorded
     request = compiled.create_infer_request()
-    recorded = precision or "fp32"
-    if path.suffix == ".onnx":
-        in_file = onnx_precision(path)
-        recorded = in_file if in_file.startswith("int8") else recorded
 
     def run(x: np.ndarray) -> np.ndarray:
         return next(iter(request.infer({0: x}).values()))
@@ -177,7 +224,7 @@ def _torch(path: Path, *, threads: int, stats: ModelStats, precision: str | None
            input_shape: Sequence[int] | None = None) -> nn.Module:
     import torch
 
-    if path.suffix == ".nspk":
+    if is_packed(path):  # told by content: a .nspk renamed is still one
         from netshrink.store.packed import load_packed_model
 
         model, _, _ = load_packed_model(path)
