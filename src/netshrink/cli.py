@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,11 @@ from typing import TYPE_CHECKING
 from netshrink.errors import UserError
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from netshrink.bench.schema import Measurement
     from netshrink.recipe import RunRecord
+    from netshrink.runtime.files import OpenedModel
     from netshrink.runtime.torch_exec import TorchExecution
 
 
@@ -42,8 +47,11 @@ def _input_shape(text: str) -> list[int]:
 
 
 def _data_args(p: argparse.ArgumentParser, *, default: str | None = "fashion_mnist") -> None:
-    p.add_argument("--data", default=default, help="dataset name (netshrink list datasets)")
-    p.add_argument("--data-dir", type=Path, help="folder holding the dataset's files")
+    p.add_argument("--data", default=default,
+                   help="dataset name (netshrink list datasets)" + (
+                       "" if default else "; default: the one the model file records"))
+    p.add_argument("--data-dir", type=Path,
+                   help="folder holding the dataset's files (default: its usual place)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -97,6 +105,8 @@ def _run_as_recipe(
         "data": {**data, "root": str(args.data_dir) if args.data_dir else None},
         "stages": stages,
     }
+    if getattr(args, "no_timing", False):
+        raw["measure"] = {"latency": False}
     record = run_recipe(parse_recipe(raw, source=source), args.out)
     print(f"model: {args.out / record.stages[-1].artifact}")  # type: ignore[operator]
     return record
@@ -152,15 +162,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from netshrink.runtime.sessions import onnx_precision
+    from netshrink.store.kinds import DESCRIBED, locate_model, packed_header
 
-    if args.weights.suffix in (".onnx", ".xml", ".nspk"):
-        precision = onnx_precision(args.weights) if (
-            args.weights.suffix == ".onnx" and args.weights.is_file()) else "fp32"
+    path, kind = locate_model(args.weights)  # by content: a renamed file is what it is
+    if kind not in ("safetensors", "torch"):
+        onnx_inside = kind == "onnx" or (kind == "nspk" and
+                                         packed_header(path).get("kind") == "onnx")
+        precision = onnx_precision(path) if onnx_inside else (
+            "int8" if kind == "openvino" else "fp32")
         if precision != "fp32":
             raise UserError(f"{args.weights}: the model is already quantized ({precision}); "
                             "quantize the float checkpoint it came from")
-        raise UserError(f"{args.weights}: quantize takes the float torch checkpoint "
-                        "(.safetensors or .pth) the exported file came from")
+        raise UserError(f"{args.weights}: {DESCRIBED[kind]}; quantize takes the float torch "
+                        "checkpoint (.safetensors or .pth) it came from")
     stage: dict[str, object] = {"kind": f"quant.{args.method}"}
     if args.method in ("ptq", "qat"):
         stage.update(per_channel=not args.per_tensor)
@@ -182,16 +196,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from netshrink.runtime.files import open_model_file
+
+    opened = open_model_file(args.weights, device=args.device, threads=args.threads,
+                             runtime=args.runtime)
+    try:
+        result = _evaluate_opened(args, opened)
+    finally:
+        opened.close()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str, object]:
+    """``eval``'s figures for an opened model file, on the split ``args`` name."""
     from pydantic import ValidationError
 
     from netshrink.bench import evaluate
     from netshrink.data import DataConfig, build_data
-    from netshrink.store.checkpoint import load_model
 
-    model, spec, meta = load_model(args.weights)
+    meta = opened.meta
     name = args.data or meta.get("dataset")
     if name is None:
-        raise UserError(f"{args.weights}: the file does not say its dataset; pass --data")
+        raise UserError(f"{args.weights}: {opened.describe()} that does not say its dataset "
+                        "(it carries no netshrink metadata); pass --data NAME (netshrink list "
+                        "datasets) and --data-dir for its files")
     stored = meta.get("dataset")
     other = stored is not None and stored != name
     if args.split == "val":
@@ -206,17 +235,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cut = {k: split_meta.get(k) for k in ("val_size", "seed", "train_limit")}
     else:
         cut = {"val_size": 0}
+    size = meta.get("image_size") or (opened.input_shape[-1] if opened.input_shape else None)
     try:
-        data_cfg = DataConfig(name=name, root=args.data_dir, image_size=meta.get("image_size"),
-                              **cut)
+        data_cfg = DataConfig(name=name, root=args.data_dir, image_size=size, **cut)
     except ValidationError as exc:
         raise UserError(f"{args.weights}: its metadata describes no valid data split "
                         f"({exc.errors()[0]['msg']}); use --split test") from None
     data = build_data(data_cfg)
-    if data.info.num_classes != spec.num_classes:
-        raise UserError(f"{args.weights}: the model predicts {spec.num_classes} classes and "
+    classes = opened.num_classes
+    if classes is not None and data.info.num_classes != classes:
+        raise UserError(f"{args.weights}: the model predicts {classes} classes and "
                         f"{name} has {data.info.num_classes}; evaluate it on its own dataset"
                         + (f" ({stored})" if stored else ""))
+    if opened.input_shape is not None and opened.input_shape[0] != data.info.in_channels:
+        raise UserError(f"{args.weights}: the model takes {opened.input_shape[0]}-channel "
+                        f"images and {name} has {data.info.in_channels}-channel ones; "
+                        "evaluate it on its own dataset")
     if other:
         print(f"netshrink: note: {args.weights} was trained on {stored}; evaluating it on "
               f"{name}", file=sys.stderr)
@@ -224,12 +258,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if split is None:
         raise UserError(f"{args.weights}: its run held out no validation images; use "
                         "--split test")
-    acc = evaluate(model, split, batch_size=args.batch_size, device=args.device,  # type: ignore[arg-type]
+    batch = opened.fixed_batch or args.batch_size
+    if batch != args.batch_size:
+        print(f"netshrink: note: {args.weights} takes batches of exactly {batch}; evaluating "
+              f"{batch} at a time", file=sys.stderr)
+    acc = evaluate(opened.module, split, batch_size=batch, device=opened.device,
                    split_name=args.split)
-    print(json.dumps({"weights": str(args.weights), "arch": spec.arch, "dataset": name,
-                      **({"trained_on": stored} if other else {}),
-                      **acc.model_dump()}, indent=2))
-    return 0
+    return {"weights": str(args.weights), "kind": opened.kind, "runtime": opened.runtime,
+            "precision": opened.precision, "arch": opened.spec.arch if opened.spec else None,
+            "dataset": name, **({"trained_on": stored} if other else {}), **acc.model_dump()}
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -278,10 +315,7 @@ def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import os
 
-    from netshrink.bench import MeasureOptions, measure
-    from netshrink.bench.schema import NOISY_ROUND_SPREAD
     from netshrink.models import ModelSpec, build_model
-    from netshrink.store.checkpoint import load_model
 
     if args.json is not None:
         # Checked before measuring: the benchmark takes minutes, the write a moment.
@@ -294,40 +328,92 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             "create it first")
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UserError(f"--json {args.json}: the folder {folder} is not writable")
+    opened = None
+    execution = _torch_execution(args)
+    batch_size = args.batch_size
     if args.weights is not None:
-        model, spec, meta = load_model(args.weights)
-        shape = args.input or [spec.in_channels, meta.get("image_size", 224),
-                               meta.get("image_size", 224)]
+        from netshrink.runtime.files import open_model_file
+
+        opened = open_model_file(args.weights, device=args.device, threads=args.threads,
+                                 runtime=args.runtime)
+        shape = args.input or opened.input_shape
+        if shape is None:
+            opened.close()
+            raise UserError(f"{args.weights}: {opened.describe()} that does not say its "
+                            "input shape; pass --input CxHxW (e.g. 3x224x224)")
+        if execution is not None and opened.runtime != "torch":
+            opened.close()
+            raise UserError(f"--precision, --channels-last, --compile and --sparse24 prepare "
+                            f"a torch model; {args.weights} runs in {opened.runtime}")
+        if opened.fixed_batch is not None and opened.fixed_batch != batch_size:
+            batch_size = opened.fixed_batch
+            print(f"netshrink: note: {args.weights} takes batches of exactly {batch_size}; "
+                  "throughput is timed at that batch", file=sys.stderr)
+        model, label = opened.module, opened.spec.arch if opened.spec else opened.kind
+        print(f"{args.weights}: {opened.describe()}, {opened.size_bytes / 1e6:,.2f} MB on disk")
+        if not opened.info:
+            print(f"netshrink: note: {args.weights} carries no netshrink metadata: its "
+                  "parameters are counted from its weights, MACs unknown", file=sys.stderr)
     else:
+        if args.runtime is not None:
+            raise UserError("--runtime chooses where a model file runs; pass --weights")
         side = 32 if args.stem == "cifar" else 224
         shape = args.input or [3, side, side]
         spec = ModelSpec(arch=args.arch, stem=args.stem, num_classes=args.num_classes,
                          in_channels=shape[0])
-        model = build_model(spec).eval()
-    execution = _torch_execution(args)
+        model, label = build_model(spec).eval(), spec.arch
     if execution is not None:
         from netshrink.runtime.torch_exec import prepare_torch
 
         model = prepare_torch(model, execution, device=args.device, input_shape=shape)
         print(f"torch execution: {execution.label()}")
+    try:
+        results = _bench_repeats(args, model, label, shape, batch_size,
+                                 opened.path if opened is not None else None)
+    finally:
+        if opened is not None:
+            opened.close()
+    _bench_summary(results)
+    if args.json is not None:
+        from netshrink.store.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps([r.model_dump() for r in results], indent=2))
+    return 0
+
+
+def _bench_repeats(args: argparse.Namespace, model: object, label: str, shape: list[int],
+                   batch_size: int, file: Path | None) -> list[Measurement]:
+    """``args.repeats`` whole measurements of ``model``, each printed as it finishes."""
+    from netshrink.bench import MeasureOptions, measure
+    from netshrink.runtime.base import RuntimeModule
+
+    # ONNX Runtime and OpenVINO sessions run on the CPU, whatever --device says.
+    device = "cpu" if isinstance(model, RuntimeModule) else args.device
     results = []
     for repeat in range(args.repeats):
-        m = measure(model, input_shape=shape, file=args.weights,
-                    options=MeasureOptions(device=args.device, threads=args.threads,
-                                           batch_size=args.batch_size, seed=repeat))
+        m = measure(model, input_shape=shape, file=file,  # type: ignore[arg-type]
+                    options=MeasureOptions(device=device, threads=args.threads,
+                                           batch_size=batch_size, seed=repeat))
         results.append(m)
         lat, thr = m.latency, m.throughput
         assert lat is not None and thr is not None
         rounds = (f", rounds {lat.round_spread:.1%} apart" if lat.round_spread is not None
                   else "")
-        print(f"[{repeat + 1}/{args.repeats}] {spec.arch} {'x'.join(map(str, shape))}: "
+        print(f"[{repeat + 1}/{args.repeats}] {label} {'x'.join(map(str, shape))}: "
               f"batch 1 p50 {lat.p50_ms:.2f} ms p90 {lat.p90_ms:.2f} ms "
               f"(p90/p50 {lat.p90_over_p50 or float('nan'):.2f}{rounds}); "
-              f"batch {args.batch_size} {thr.images_per_s:.1f} img/s; "
+              f"batch {batch_size} {thr.images_per_s:.1f} img/s; "
               f"peak {m.peak_memory_mb:.0f} MB ({m.memory_kind})")
         for reason in m.noise():
             print(f"warning: repeat {repeat + 1} is noisy, {reason}: another job is probably "
                   "using the machine; its figures are not reliable", file=sys.stderr)
+    return results
+
+
+def _bench_summary(results: list[Measurement]) -> None:
+    """The counts, and the spread between repeats (with a warning when it is large)."""
+    from netshrink.bench.schema import NOISY_ROUND_SPREAD
+
     p50s = [r.latency.p50_ms for r in results]  # type: ignore[union-attr]
     tputs = [r.throughput.images_per_s for r in results]  # type: ignore[union-attr]
     first = results[0]
@@ -344,21 +430,147 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"(batch-1 p50 {lat_spread:.1%}, throughput {tput_spread:.1%}): the machine "
                   "was busy or changed speed while measuring; do not compare these figures, "
                   "measure again on a quiet machine", file=sys.stderr)
-    if args.json is not None:
-        from netshrink.store.atomic import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps([r.model_dump() for r in results], indent=2))
-    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from netshrink.predict import predict_files
 
-    for path, top in predict_files(args.weights, args.images, k=args.top):
+    for path, top in predict_files(args.weights, args.images, k=args.top, data=args.data,
+                                   data_dir=args.data_dir, runtime=args.runtime):
         print(f"{path}:")
         for label, prob in top:
             print(f"  {prob * 100:6.2f}%  {label}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from netshrink.runtime.files import open_model_file
+
+    out: Path = args.out
+    if args.format == "openvino" and out.suffix != ".xml":
+        raise UserError(f"--out {out}: OpenVINO IR is an .xml file with its .bin beside it; "
+                        f"name the .xml (e.g. {out.with_suffix('.xml')})")
+    if args.format != "tensorrt-onnx" and out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name in it, e.g. "
+                        f"{out / ('model.xml' if args.format == 'openvino' else 'model.onnx')}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    opened = open_model_file(args.weights, runtime=None)
+    try:
+        if opened.runtime != "torch":
+            if args.format == "openvino" and opened.kind in ("onnx", "nspk"):
+                return _onnx_to_ir(args, opened)
+            raise UserError(f"{args.weights}: {opened.describe()}; export takes torch weights "
+                            "(.safetensors, .pth or a packed state dict), or an ONNX file "
+                            "for --format openvino")
+        shape = args.input or opened.input_shape
+        if shape is None:
+            raise UserError(f"{args.weights}: the file does not say its input image size; "
+                            "pass --input CxHxW (e.g. 3x224x224)")
+        model = opened.module.float().cpu().eval()  # a 16-bit file exports as float32
+        if args.format == "tensorrt-onnx":
+            return _export_tensorrt(args, opened, model, shape)
+        return _export_onnx_or_ir(args, opened, model, shape)
+    finally:
+        opened.close()
+
+
+def _export_onnx_or_ir(args: argparse.Namespace, opened: OpenedModel, model: nn.Module,
+                       shape: list[int]) -> int:
+    import tempfile
+
+    from netshrink.export.onnx import check_onnx, export_onnx, onnx_to_openvino
+    from netshrink.stages.quant import EXPORT_ATOL
+
+    out: Path = args.out
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        onnx_file = out if args.format == "onnx" else Path(tmp) / "model.onnx"
+        export_onnx(model, onnx_file, input_shape=shape, opset=args.opset, meta=opened.meta,
+                    spec=opened.spec)
+        diff = check_onnx(onnx_file, model, input_shape=shape)
+        if diff > EXPORT_ATOL:
+            onnx_file.unlink()
+            raise UserError(f"{args.weights}: the ONNX export differs from torch by "
+                            f"{diff:.2e} (more than {EXPORT_ATOL}); report this model as an "
+                            "export bug")
+        if args.format == "onnx":
+            print(f"wrote {out} ({out.stat().st_size / 1e6:,.2f} MB): ONNX opset {args.opset}, "
+                  f"passes onnx.checker; max |ONNX Runtime - torch| = {diff:.1e} on 4 random "
+                  "images")
+            return 0
+        ir_diff = onnx_to_openvino(onnx_file, out, model=model, input_shape=shape)
+    size = out.stat().st_size + out.with_suffix(".bin").stat().st_size
+    print(f"wrote {out} and {out.with_suffix('.bin').name} ({size / 1e6:,.2f} MB): OpenVINO "
+          f"IR from ONNX opset {args.opset}; max |OpenVINO - torch| = {ir_diff:.1e} on 4 "
+          "random images")
+    return 0
+
+
+def _onnx_to_ir(args: argparse.Namespace, opened: OpenedModel) -> int:
+    import tempfile
+
+    from netshrink.export.onnx import onnx_to_openvino
+    from netshrink.runtime.sessions import load_onnx
+
+    out: Path = args.out
+    shape = args.input or opened.input_shape
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        onnx_file = Path(tmp) / "model.onnx"  # a packed ONNX file unpacked first
+        onnx_file.write_bytes(load_onnx(opened.path).SerializeToString())
+        diff = onnx_to_openvino(onnx_file, out, model=opened.module, input_shape=shape)
+    compared = (f"; max |OpenVINO - ONNX Runtime| = {diff:.1e} on 4 random images"
+                if shape is not None else "")
+    print(f"wrote {out} and {out.with_suffix('.bin').name}: OpenVINO IR of {opened.describe()}"
+          + compared)
+    return 0
+
+
+def _export_tensorrt(args: argparse.Namespace, opened: OpenedModel, model: nn.Module,
+                     shape: list[int]) -> int:
+    import tempfile
+
+    from netshrink.export.onnx import copy_onnx_info, export_onnx
+    from netshrink.export.tensorrt import export_tensorrt
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file; tensorrt-onnx writes a folder of forms and "
+                        "trtexec.sh, name a folder")
+    batches: list = []
+    if "int8" in args.forms:
+        batches = _calibration(args, opened, shape)
+    out.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        fp32 = Path(tmp) / "float.onnx"
+        export_onnx(model, fp32, input_shape=shape, opset=args.opset, meta=opened.meta,
+                    spec=opened.spec)
+        result = export_tensorrt(model, out, input_shape=shape, batches=batches,
+                                 forms=args.forms, opset=args.opset, float_onnx=fp32)
+        for path in result.files.values():
+            copy_onnx_info(fp32, path)
+    for form, path in result.files.items():
+        print(f"wrote {path} ({path.stat().st_size / 1e6:,.2f} MB): passes onnx.checker and "
+              f"the static TensorRT checks; max |ONNX Runtime - torch| = "
+              f"{result.max_diff[form]:.1e} (SNR {result.snr_db[form]:.1f} dB) on "
+              f"{result.images} images")
+    print(f"wrote {result.script}: the trtexec commands that build and time each engine "
+          "(TensorRT 10+, NVIDIA GPU)")
+    return 0
+
+
+def _calibration(args: argparse.Namespace, opened: OpenedModel, shape: list[int]) -> list:
+    """Calibration batches for an INT8 form, from the dataset the file records."""
+    from netshrink.data import DataConfig, build_data
+    from netshrink.quant.calibration import calibration_batches
+
+    name = args.data or opened.meta.get("dataset")
+    if name is None:
+        raise UserError(f"{args.weights}: the int8 form calibrates on the training images and "
+                        "the file does not say its dataset; pass --data NAME, or --forms "
+                        "fp32 fp16")
+    data = build_data(DataConfig(name=name, root=args.data_dir, image_size=shape[-1],
+                                 augment=False))
+    return calibration_batches(data.calib, input_shape=shape)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -376,141 +588,332 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="netshrink", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout, and shows each option's default where it has one."""
 
-    p = sub.add_parser("run", help="run a YAML recipe (resumes an interrupted run)")
-    p.add_argument("recipe", type=Path)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and action.option_strings and default is not None
+                and default is not False and default != argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str, summary: str, *examples: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows defaults and ends with examples."""
+    lines = "\n".join(f"  {e}" for e in examples)
+    text = textwrap.fill(description or summary[0].upper() + summary[1:] + ".", 88)
+    return sub.add_parser(name, help=summary, description=text,
+                          formatter_class=_Help,
+                          epilog=f"example{'s' if len(examples) > 1 else ''}:\n{lines}")
+
+
+_FILE_KINDS = ("any model file netshrink writes, told by its content: .safetensors, torch "
+               ".pth, .onnx (float or INT8), .nspk, OpenVINO .xml (with its .bin)")
+
+
+def _device_arg(p: argparse.ArgumentParser, *, trains: bool = True) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the model trains and torch models are measured" if trains
+                   else "where torch models run (ONNX Runtime and OpenVINO run on the CPU)")
+
+
+def _no_timing_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-timing", action="store_true",
+                   help="measure accuracy, size and counts but not latency/throughput (the "
+                        "recipe's measure: {latency: false}); much faster")
+
+
+def _runtime_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"],
+                   help="run an ONNX file in this runtime (default: the one its run measured "
+                        "it in, else onnxruntime)")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "run", "run a YAML recipe (resumes an interrupted run)",
+                    "netshrink run recipes/quickstart.yaml --out runs/quickstart")
+    p.add_argument("recipe", type=Path, help="the recipe's .yaml file")
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
     p.add_argument("--data-dir", type=Path, help="override the recipe's data.root")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"],
-                   help="override the recipe's device (auto: cuda when there is a GPU)")
+                   help="override the recipe's device (auto: cuda when there is a GPU; "
+                        "default: the recipe's)")
     p.add_argument("--no-report", action="store_true", help="skip rendering the report")
     p.add_argument("--no-cache", action="store_true",
                    help="neither take stage models from nor add them to the shared model "
                         "cache ($NETSHRINK_CACHE, default ~/.cache/netshrink/stages)")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("report", help="render report.md and report.html from a run's run.json")
-    p.add_argument("run_dir", type=Path)
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "report", "render report.md and report.html from a run's run.json",
+                    "netshrink report runs/quickstart",
+                    description="Render report.md, report.html and report_files/ from "
+                                "RUN_DIR/run.json, by default into RUN_DIR itself.")
+    p.add_argument("run_dir", type=Path, help="the run's folder (holding run.json)")
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("train", help="train a model (a one-stage recipe)")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
-    p.add_argument("--weights", type=Path, help="start from this checkpoint")
+
+def _training_args(p: argparse.ArgumentParser, *, arch_help: str, weights_help: str) -> None:
+    p.add_argument("--arch", default="resnet18", help=arch_help)
+    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet",
+                   help="imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv, no pool")
+    p.add_argument("--weights", type=Path, help=weights_help)
+
+
+def _schedule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")  # checked: > 0
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "train", "train a model (a one-stage recipe)",
+                    "netshrink train --arch resnet18 --data fashion_mnist --epochs 3 "
+                    "--out runs/r18")
+    _training_args(p, arch_help="architecture (netshrink list models)",
+                   weights_help="start from this checkpoint (default: a fresh init)")
     _data_args(p)
-    p.add_argument("--epochs", type=int, default=3)  # validated by the recipe: >0
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, required=True)
+    _schedule_args(p)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer")
+    _device_arg(p)
+    _no_timing_arg(p)
+    p.add_argument("--out", type=Path, required=True, help="the run's folder")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("distill", help="train a student against a frozen teacher (a recipe)")
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "distill", "train a student against a frozen teacher (a recipe)",
+                    "netshrink distill --teacher runs/quickstart/stages/01-teacher/"
+                    "model.safetensors --arch resnet18 --epochs 3 --out runs/kd")
     p.add_argument("--teacher", type=Path, required=True, help="the teacher's model file")
-    p.add_argument("--arch", default="resnet18", help="the student's architecture")
-    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
-    p.add_argument("--weights", type=Path, help="start the student from this checkpoint")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label loss")
-    p.add_argument("--temperature", type=float, default=4.0)
+    _training_args(p, arch_help="the student's architecture",
+                   weights_help="start the student from this checkpoint (default: fresh)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the hard-label loss (1: plain training)")
+    p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature")
     _data_args(p)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--out", type=Path, required=True)
+    _schedule_args(p)
+    _device_arg(p)
+    _no_timing_arg(p)
+    p.add_argument("--out", type=Path, required=True, help="the run's folder")
     p.set_defaults(fn=cmd_distill)
 
-    p = sub.add_parser("prune", help="prune a model file and measure before/after (a recipe)")
-    p.add_argument("--weights", type=Path, required=True)
-    p.add_argument("--method", choices=["magnitude", "channel", "nm"], required=True)
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction removed, in [0, 1)")
-    p.add_argument("--scope", choices=["layer", "global"], default="layer")
-    p.add_argument("--steps", type=_positive_int, default=1, help="iterative steps")
+
+_RATIO_HELP = (
+    "how much to prune, in [0, 1). magnitude: the fraction of weights set to zero (in each "
+    "layer, or over all of them with --scope global). channel: the fraction of each "
+    "layer's channels removed; a conv loses that share of its inputs and of its outputs, "
+    "so about 1-(1-r)^2 of the conv parameters go (0.5 removes about 75%%). nm: not used "
+    "(--n of every --m weights are kept)")
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "prune", "prune a model file and measure before/after (a recipe)",
+                    "netshrink prune --weights MODEL.safetensors --method channel --ratio 0.5 "
+                    "--out runs/ch50",
+                    "netshrink prune --weights MODEL.safetensors --method magnitude --ratio 0.7 "
+                    "--scope global --exclude fc --no-timing --out runs/l1-70")
+    p.add_argument("--weights", type=Path, required=True,
+                   help="the torch model file (.safetensors or .pth)")
+    p.add_argument("--method", choices=["magnitude", "channel", "nm"], required=True,
+                   help="magnitude: zero the smallest weights; channel: remove whole "
+                        "channels (smaller and faster anywhere); nm: N of every M weights")
+    p.add_argument("--ratio", type=float, default=0.5, help=_RATIO_HELP)
+    p.add_argument("--scope", choices=["layer", "global"], default="layer",
+                   help="layer: every layer loses --ratio; global: rank across layers")
+    p.add_argument("--steps", type=_positive_int, default=1,
+                   help="iterative steps (step s prunes to ratio*s/steps)")
     p.add_argument("--importance", choices=["l1", "l2", "bn_scale", "taylor"], default="l1",
                    help="channel ranking (channel method)")
-    p.add_argument("--include", nargs="+", help="layer-name patterns to prune (e.g. 'layer4.*')")
-    p.add_argument("--exclude", nargs="+", help="layer-name patterns to leave alone (e.g. fc)")
-    p.add_argument("--n", type=_positive_int, default=2, help="N of N:M")
-    p.add_argument("--m", type=_positive_int, default=4, help="M of N:M")
-    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--include", nargs="+",
+                   help="layer-name patterns to prune (e.g. 'layer4.*'; default: all)")
+    p.add_argument("--exclude", nargs="+",
+                   help="layer-name patterns to leave alone (e.g. fc; channel's default: fc)")
+    p.add_argument("--n", type=_positive_int, default=2, help="N of N:M (nm method)")
+    p.add_argument("--m", type=_positive_int, default=4, help="M of N:M (nm method)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune after pruning, zeros kept (0: no fine-tuning)")
     _data_args(p, default=None)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _device_arg(p)
+    _no_timing_arg(p)
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
     p.set_defaults(fn=cmd_prune)
 
-    p = sub.add_parser("quantize", help="quantize a model file into a runtime's INT8/16-bit "
-                       "format and measure before/after (a recipe)")
-    p.add_argument("--weights", type=Path, required=True, help="the float torch checkpoint")
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "quantize", "quantize a model file into a runtime's INT8/16-bit "
+                    "format and measure before/after (a recipe)",
+                    "netshrink quantize --weights MODEL.safetensors --method ptq --out runs/int8",
+                    "netshrink quantize --weights MODEL.safetensors --method kmeans --bits 4 "
+                    "--epochs 1 --no-timing --out runs/km4")
+    p.add_argument("--weights", type=Path, required=True,
+                   help="the float torch checkpoint (.safetensors or .pth)")
     p.add_argument("--method", choices=["ptq", "dynamic", "qat", "fp16", "bf16", "kmeans"],
-                   required=True)
-    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
-    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
+                   required=True, help="ptq: static INT8; dynamic: INT8 weights only; qat: "
+                   "training with fake quantization; fp16/bf16: 16-bit floats; kmeans: "
+                   "weight sharing (--bits)")
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="the runtime that executes the result (ptq; fp16/bf16: openvino or "
+                        "torch)")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one weight scale per tensor (default: one per output channel)")
     p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"],
-                   default="minmax")
+                   default="minmax", help="how activation ranges are calibrated (ptq)")
     p.add_argument("--keep-float", nargs="+", help="layer patterns left in float (e.g. fc)")
     p.add_argument("--accuracy-budget", type=float,
                    help="automatic mixed precision: top-1 points the INT8 model may lose")
     p.add_argument("--val-size", type=int, help="held-out training images (for the budget)")
-    p.add_argument("--bits", type=int, help="bits per weight (8 for INT8; 1-8 for kmeans)")
-    p.add_argument("--epochs", type=float, help="QAT / k-means fine-tuning epochs")
+    p.add_argument("--bits", type=int,
+                   help="bits per weight (8 for INT8; 1-8 for kmeans; default: 8, kmeans 4)")
+    p.add_argument("--epochs", type=float,
+                   help="QAT / k-means fine-tuning epochs (default: the stage's)")
     _data_args(p, default=None)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _device_arg(p)
+    _no_timing_arg(p)
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
     p.set_defaults(fn=cmd_quantize)
 
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset split")
-    p.add_argument("--weights", type=Path, required=True)
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "eval", "top-1/top-5 of any model file on a dataset split",
+                    "netshrink eval --weights runs/quickstart/stages/06-int8/model.onnx",
+                    "netshrink eval --weights someone_elses.onnx --data fashion_mnist",
+                    description="Top-1/top-5 of a model file on a dataset split, in the "
+                                f"runtime it runs in. It takes {_FILE_KINDS}.")
+    p.add_argument("--weights", type=Path, required=True, metavar="MODEL",
+                   help="the model file")
     _data_args(p, default=None)
-    p.add_argument("--split", choices=["test", "val"], default="test")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="val: the images the file's run held out of training (the file "
+                        "must record that split)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per call")
+    p.add_argument("--threads", type=_positive_int, default=2,
+                   help="ONNX Runtime / OpenVINO threads")
+    _runtime_arg(p)
+    _device_arg(p, trains=False)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("bench", help="size, params, MACs, latency, throughput, memory")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
-    p.add_argument("--num-classes", type=_positive_int, default=1000)
-    p.add_argument("--weights", type=Path, help="measure this checkpoint instead")
-    p.add_argument("--input", type=_input_shape, help="one image's shape, e.g. 3x224x224")
-    p.add_argument("--threads", type=_positive_int, default=2)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--repeats", type=_positive_int, default=3)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "bench", "size, params, MACs, latency, throughput, memory",
+                    "netshrink bench --weights runs/quickstart/stages/06-int8/model.onnx",
+                    "netshrink bench --arch resnet50 --input 3x224x224 --repeats 3",
+                    description="Size, params, MACs, latency, throughput and memory of a "
+                                f"model file ({_FILE_KINDS}), or of a fresh --arch.")
+    p.add_argument("--arch", default="resnet18", help="architecture, without --weights")
+    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet",
+                   help="stem of --arch")
+    p.add_argument("--num-classes", type=_positive_int, default=1000,
+                   help="classes of --arch")
+    p.add_argument("--weights", type=Path, metavar="MODEL",
+                   help="measure this model file instead")
+    p.add_argument("--input", type=_input_shape,
+                   help="one image's shape, e.g. 3x224x224 (default: what the file says; "
+                        "224 a side for --arch, 32 with the cifar stem)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="threads to run with")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="batch of the throughput timing")
+    p.add_argument("--repeats", type=_positive_int, default=3,
+                   help="whole measurements, to see the run-to-run spread")
+    _runtime_arg(p)
+    _device_arg(p, trains=False)
     p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
-                   help="compute precision (fp16/tf32 on a GPU)")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+                   help="torch compute precision (fp16/tf32 on a GPU)")
+    p.add_argument("--channels-last", action="store_true", help="torch: NHWC memory format")
     p.add_argument("--compile", default="off",
                    choices=["off", "default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"], help="torch.compile mode")
     p.add_argument("--sparse24", choices=["off", "auto", "all"], default="off",
-                   help="2:4 sparse kernels for 2:4-sparse layers (GPU)")
+                   help="torch: 2:4 sparse kernels for 2:4-sparse layers (GPU)")
     p.add_argument("--json", type=Path,
                    help="also write the measurements here (checked before measuring: its "
                         "folder must exist and be writable)")
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("predict", help="top-5 classes of images with a trained model")
-    p.add_argument("--weights", type=Path, required=True)
-    p.add_argument("--top", type=_positive_int, default=5)
-    p.add_argument("images", type=Path, nargs="+")
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "predict", "top classes of images with any model file",
+                    "netshrink predict --weights runs/quickstart/stages/06-int8/model.onnx "
+                    "shirt.png boot.jpg",
+                    description=f"Top classes of image files. It takes {_FILE_KINDS}; "
+                                "class names and preprocessing come from the file, or from "
+                                "--data for a file without them.")
+    p.add_argument("--weights", type=Path, required=True, metavar="MODEL",
+                   help="the model file")
+    p.add_argument("--top", type=_positive_int, default=5, help="classes shown per image")
+    p.add_argument("--data", help="dataset whose class names and preprocessing to use "
+                   "(default: the file's)")
+    p.add_argument("--data-dir", type=Path, help="folder holding --data's files")
+    _runtime_arg(p)
+    p.add_argument("images", type=Path, nargs="+", help="image files (PNG, JPEG, ...)")
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("cache", help="list or prune the shared model cache "
-                       "($NETSHRINK_CACHE, default ~/.cache/netshrink/stages)")
-    p.add_argument("action", choices=["list", "prune", "clear"])
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(
+        sub, "export", "write a model file as ONNX, OpenVINO IR or TensorRT-ready ONNX",
+        "netshrink export --weights MODEL.safetensors --format onnx --out model.onnx",
+        "netshrink export --weights MODEL.safetensors --format openvino --out ir/model.xml",
+        "netshrink export --weights MODEL.safetensors --format tensorrt-onnx --out trt/",
+        description="Export torch weights (.safetensors, .pth, a packed state dict) as "
+                    "ONNX checked by onnx.checker and against torch, as OpenVINO IR (also "
+                    "from an ONNX file), or as TensorRT-ready ONNX forms with their trtexec "
+                    "commands. The files carry the model's metadata, so eval, predict and "
+                    "bench take them as they are.")
+    p.add_argument("--weights", type=Path, required=True, metavar="MODEL",
+                   help="the model file")
+    p.add_argument("--format", choices=["onnx", "openvino", "tensorrt-onnx"], required=True,
+                   help="onnx: one .onnx file; openvino: --out names the .xml (its .bin "
+                        "beside it); tensorrt-onnx: --out is a folder of model.<form>.onnx "
+                        "and trtexec.sh")
+    p.add_argument("--out", type=Path, required=True, help="the file (or folder) to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (13-20)")
+    p.add_argument("--forms", nargs="+", choices=["fp32", "fp16", "int8"],
+                   default=["fp32", "fp16", "int8"],
+                   help="tensorrt-onnx: the forms to write (int8 calibrates on the dataset)")
+    p.add_argument("--input", type=_input_shape,
+                   help="one image's shape, e.g. 1x28x28 (default: what the file says)")
+    _data_args(p, default=None)
+    p.set_defaults(fn=cmd_export)
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "cache", "list or prune the shared model cache "
+                    "($NETSHRINK_CACHE, default ~/.cache/netshrink/stages)",
+                    "netshrink cache list", "netshrink cache prune --unused-days 30 --max-size 20")
+    p.add_argument("action", choices=["list", "prune", "clear"],
+                   help="list the entries, prune them, or clear them all")
     p.add_argument("--unused-days", type=float,
-                   help="prune: remove entries no run has used for this many days")
+                   help="prune: remove entries no run has used for this many days "
+                        "(default: no age limit)")
     p.add_argument("--max-size", type=float,
-                   help="prune: then remove the least recently used until at most this many GB")
+                   help="prune: then remove the least recently used until at most this many "
+                        "GB (default: no size limit)")
     p.set_defaults(fn=cmd_cache)
 
-    p = sub.add_parser("list", help="registered models, datasets and stages")
-    p.add_argument("what", nargs="?", choices=["models", "datasets", "stages"])
+
+def _add_list(sub: argparse._SubParsersAction) -> None:
+    p = _subcommand(sub, "list", "registered models, datasets and stages",
+                    "netshrink list stages")
+    p.add_argument("what", nargs="?", choices=["models", "datasets", "stages"],
+                   help="what to list (default: all three)")
     p.set_defaults(fn=cmd_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netshrink", description=__doc__.splitlines()[0],
+                                     formatter_class=_Help,
+                                     epilog="example:\n  netshrink run recipes/quickstart.yaml "
+                                            "--out runs/quickstart\n\n'netshrink COMMAND "
+                                            "--help' shows a command's options and defaults.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_report, _add_train, _add_distill, _add_prune, _add_quantize,
+                _add_eval, _add_predict, _add_bench, _add_export, _add_cache, _add_list):
+        add(sub)
     return parser
 
 
