@@ -267,3 +267,18 @@ def test_recipe_prunes_finetunes_and_restarts_from_the_pruned_file(fashion_dir, 
                        report=False)
     assert again.stages[0].measurement.params == tuned.params
     assert again.stages[0].measurement.accuracy.top1 == pytest.approx(tuned.accuracy.top1)
+
+
+def test_one_selection_vocabulary_include_and_exclude() -> None:
+    # ``exclude`` is the key every method uses; ``ignore`` (its older name) still reads.
+    assert ChannelPruneConfig(ratio=0.5, ignore=["fc"]) == ChannelPruneConfig(
+        ratio=0.5, exclude=["fc"])
+    assert "exclude" in ChannelPruneConfig(ratio=0.5, ignore=["fc"]).model_dump()
+    pruned = prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, include=["layer4.*"]),
+                            example_input=EXAMPLE)
+    w = widths(pruned)
+    # Only layer4's own (not residual-coupled) channels go; everything else stays whole.
+    assert w["layer4.0.conv1"] == 32 and w["layer3.0.conv2"] == 32 and w["conv1"] == 8
+    with pytest.raises(UserError, match="include pattern 'nope' matches no module"):
+        prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, include=["nope"]),
+                       example_input=EXAMPLE)

@@ -99,7 +99,7 @@ def test_a_classifier_defined_first_is_not_guessed_and_the_message_says_so() -> 
 
     model = HeadFirst().eval()
     assert output_layer(model) == "wide.0"  # the last in model order, not in data flow
-    with pytest.raises(UserError, match=r"taken to be 'wide\.0'.*in ignore"):
+    with pytest.raises(UserError, match=r"taken to be 'wide\.0'.*in exclude"):
         prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
     pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5, ignore=["head"]),
                             example_input=EXAMPLE)

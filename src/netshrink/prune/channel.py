@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
@@ -74,11 +74,14 @@ class ChannelPruneConfig(BaseModel):
         steps: 1 for one-shot; N > 1 prunes in N equal steps.
         finetune_epochs / finetune_lr: fine-tuning between iterative steps (not after the
             last one: a recipe adds a ``finetune`` stage for that).
-        ignore: patterns (``fnmatch``) of module names whose *output* channels must stay,
-            with everything coupled to them; submodules of a matched module are kept
-            too. By default (None) the output layer, the last conv/linear layer in model
-            order (``fc``, ``head``, ``classifier.1``...), whose outputs are the classes;
-            an empty list protects nothing.
+        include: patterns (``fnmatch``) of the conv/linear layers whose output channels
+            may go (empty: all of them); the others are left whole.
+        exclude: patterns of module names whose *output* channels must stay, with
+            everything coupled to them; submodules of a matched module are kept too. By
+            default (None) the output layer, the last conv/linear layer in model order
+            (``fc``, ``head``, ``classifier.1``...), whose outputs are the classes; an
+            empty list protects nothing. (``ignore``, its older name, is accepted.)
+            Every layer selection in netshrink is these two keys.
         round_to: keep channel counts multiples of this (8 suits tensor cores).
         max_layer_ratio: in ``global`` scope, the most any group may lose.
     """
@@ -91,7 +94,9 @@ class ChannelPruneConfig(BaseModel):
     steps: int = Field(default=1, ge=1)
     finetune_epochs: int = Field(default=0, ge=0)
     finetune_lr: float = Field(default=0.01, gt=0)
-    ignore: list[str] | None = None
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] | None = Field(
+        default=None, validation_alias=AliasChoices("exclude", "ignore"))
     round_to: int | None = Field(default=None, ge=1)
     max_layer_ratio: float = Field(default=0.95, gt=0, lt=1)
 
@@ -127,10 +132,10 @@ def prune_channels(
         The pruned copy, in eval mode, on ``device``.
 
     Raises:
-        UserError: an ``ignore`` pattern matches no module; nothing to prune (no conv,
+        UserError: an ``include``/``exclude`` pattern matches no module; nothing to prune (no conv,
             or every conv's output is ignored); ``taylor`` without data; grouped convs;
             pruning that would change the model's output shape (the layer producing it
-            is not the last conv/linear, nor in ``ignore``).
+            is not the last conv/linear, nor in ``exclude``).
     """
     check_importance(cfg.importance, data)
     pruned = copy.deepcopy(model).to(device).eval()
@@ -143,7 +148,7 @@ def prune_channels(
         pruned, first = saved.to(device).eval(), done + 1
         initial = {str(k): int(v) for k, v in extra.get("initial", {}).items()}
         log(f"resuming after pruning step {done} of {cfg.steps}")
-    ignored = _ignored_modules(pruned, cfg.ignore)
+    ignored = _ignored_modules(pruned, cfg.exclude, cfg.include)
     with torch.no_grad():
         out_shape = tuple(copy.deepcopy(model).to(device).eval()(example).shape)
     for step in range(first, cfg.steps + 1):
@@ -152,7 +157,7 @@ def prune_channels(
         with torch.no_grad():
             now = tuple(pruned(example).shape)
         if now != out_shape:
-            raise UserError(_changed_output(out_shape, now, cfg.ignore, model))
+            raise UserError(_changed_output(out_shape, now, cfg.exclude, model))
         if step < cfg.steps and train_fn is not None:
             if steps is not None:
                 steps.current = step
@@ -163,14 +168,14 @@ def prune_channels(
     return pruned.eval()
 
 
-def _changed_output(before: tuple, after: tuple, ignore: list[str] | None,
+def _changed_output(before: tuple, after: tuple, exclude: list[str] | None,
                     model: nn.Module) -> str:
     changed = f"channel pruning changed the model's output from {list(before)} to {list(after)}"
-    if ignore is None:
+    if exclude is None:
         return (f"{changed}: the output layer was taken to be {output_layer(model)!r} (the "
-                "last conv/linear layer); name the layer that produces the output in ignore")
+                "last conv/linear layer); name the layer that produces the output in exclude")
     return (f"{changed}: add the layer that produces the output (the classifier, e.g. "
-            f"'fc') to ignore (now {ignore})")
+            f"'fc') to exclude (or ignore, its older name; now {exclude})")
 
 
 def channel_report(before: nn.Module, after: nn.Module) -> list[dict[str, object]]:
@@ -212,30 +217,43 @@ def _width(layer: nn.Module, *, out: bool) -> int:
     return layer.out_features if out else layer.in_features
 
 
-def _ignored_modules(model: nn.Module, patterns: list[str] | None) -> list[nn.Module]:
-    """The modules matched by ``patterns`` and all their submodules; for None, the output
-    layer (``output_layer``: the last conv/linear layer).
+def _matching(named: dict[str, nn.Module], pattern: str, key: str) -> list[str]:
+    """Module names ``pattern`` matches.
 
     Raises:
-        UserError: a pattern matches no module (its message shows real names).
+        UserError: it matches none (the message shows real names).
+    """
+    names = [n for n in named if n]
+    matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not matched:
+        layers = [n for n in names if isinstance(named[n], nn.Conv2d | nn.Linear)]
+        examples = layers[:3] + (["..."] if len(layers) > 5 else []) + layers[3:][-2:]
+        raise UserError(
+            f"{key} pattern {pattern!r} matches no module; module names look like: "
+            f"{', '.join(examples) or 'none'} (patterns use fnmatch: 'layer4.*')")
+    return matched
+
+
+def _ignored_modules(model: nn.Module, exclude: list[str] | None,
+                     include: list[str] = ()) -> list[nn.Module]:  # type: ignore[assignment]
+    """The modules whose output channels stay: those ``exclude`` matches and all their
+    submodules (for None, the output layer: ``output_layer``, the last conv/linear), and
+    with ``include``, every conv/linear layer it does not match.
+
+    Raises:
+        UserError: a pattern matches no module.
     """
     named = dict(model.named_modules())
-    if patterns is None:
-        return list(named[output_layer(model)].modules())
-    names = [n for n in named if n]
     ignored: dict[int, nn.Module] = {}
-    for pattern in patterns:
-        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            layers = [n for n in names if isinstance(named[n], nn.Conv2d | nn.Linear)]
-            examples = layers[:3] + (["..."] if len(layers) > 5 else []) + layers[3:][-2:]
-            raise UserError(
-                f"ignore pattern {pattern!r} matches no module; module names look like: "
-                f"{', '.join(examples) or 'none'} (patterns use fnmatch: 'layer4.*')"
-            )
-        for n in matched:
-            for m in named[n].modules():
-                ignored[id(m)] = m
+    chosen = [output_layer(model)] if exclude is None else [
+        n for pattern in exclude for n in _matching(named, pattern, "exclude")]
+    if include:
+        kept = {n for pattern in include for n in _matching(named, pattern, "include")}
+        chosen += [n for n, m in named.items()
+                   if isinstance(m, nn.Conv2d | nn.Linear) and n not in kept]
+    for n in chosen:
+        for m in named[n].modules():
+            ignored[id(m)] = m
     return list(ignored.values())
 
 
@@ -254,10 +272,10 @@ def _prune_step(
     graph = ChannelGraph(model, example)
     groups = graph.groups(ignored)
     if not any(group.convs for group in groups):
-        shown = cfg.ignore if cfg.ignore is not None else [output_layer(model)]
+        shown = cfg.exclude if cfg.exclude is not None else [output_layer(model)]
         raise UserError(
             "nothing to channel-prune: the model has no conv layer whose output channels "
-            f"may change (no Conv2d, or ignore {shown} covers them all)"
+            f"may change (no Conv2d, or exclude {shown} covers them all)"
         )
     scores = graph.scores(groups, cfg.importance, data=data, device=device)
     # A group the criterion cannot rank (bn_scale without a BN) keeps its channels.
