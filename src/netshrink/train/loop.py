@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from netshrink.bench import evaluate
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
 from netshrink.train.config import TrainConfig
@@ -122,120 +123,148 @@ def train(
 
     Returns:
         The per-epoch history, the steps taken, seconds spent (across resumes).
+
+    Raises:
+        UserError: the loss became inf or NaN (a diverged training saves nothing).
     """
-    from netshrink.bench import evaluate  # late: bench imports models, not train
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        # Every batch has the same shape (but the last): let cuDNN pick its fastest
-        # convolution algorithms once instead of using its heuristics every step.
-        torch.backends.cudnn.benchmark = True
-    model.to(dev)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(memory_format=fmt)
-    if cfg.keep_zeros:
-        masks = zero_masks(model)  # before any resumed state: the zeros of the input model
-        if masks:
-            step_hooks = [MaskHook(masks), *step_hooks]
-    optimizer = make_optimizer(model, cfg)
-    loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    autocast, scaler = _autocast(cfg, dev)
-    key = fingerprint(cfg, model, fingerprint_extra)
-
-    pos = None
-    if state_path is not None:
-        pos = load_state(state_path, model=model, optimizer=optimizer, fingerprint=key)
-    resumed = pos is not None
-    pos = pos or Position()
-    if resumed:
+    loop = _Loop(model, data, cfg, device=device, state_path=state_path, loss_fn=loss_fn,
+                 step_hooks=step_hooks, log=log, fingerprint_extra=fingerprint_extra)
+    if loop.resumed:
+        pos = loop.pos
         log(f"resuming training at epoch {pos.epoch + 1}, batch {pos.batch}, step {pos.step}")
-    if progress is None:
-        progress = sys.stderr.isatty()
-
-    def checkpoint(started: float) -> None:
-        pos.seconds += time.perf_counter() - started
-        if state_path is not None:
-            save_state(state_path, model=model, optimizer=optimizer, position=pos,
-                       fingerprint=key)
-
     model.train()
-    while pos.step < total and pos.epoch < cfg.epochs:
+    while loop.pos.step < loop.total and loop.pos.epoch < cfg.epochs:
+        loop.epoch(progress if progress is not None else sys.stderr.isatty())
+    model.eval()
+    model.to(memory_format=torch.contiguous_format)
+    pos = loop.pos
+    return TrainResult(history=pos.history, steps=pos.step, seconds=pos.seconds,
+                       resumed=loop.resumed)
+
+
+class _Loop:
+    """The state of one training: model, optimizer, schedule and where it stands."""
+
+    def __init__(self, model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str,
+                 state_path: Path | None, loss_fn: LossFn | None,
+                 step_hooks: Sequence[StepHook], log: Callable[[str], None],
+                 fingerprint_extra: str) -> None:
+        self.model, self.data, self.cfg, self.log = model, data, cfg, log
+        self.device, self.state_path = device, state_path
+        self.dev = torch.device(device)
+        if self.dev.type == "cuda":
+            # Every batch has the same shape (but the last): let cuDNN pick its fastest
+            # convolution algorithms once instead of using its heuristics every step.
+            torch.backends.cudnn.benchmark = True
+        model.to(self.dev)
+        self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model.to(memory_format=self.fmt)
+        if cfg.keep_zeros:
+            masks = zero_masks(model)  # before any resumed state: the input model's zeros
+            if masks:
+                step_hooks = [MaskHook(masks), *step_hooks]
+        self.step_hooks = step_hooks
+        self.optimizer = make_optimizer(model, cfg)
+        self.loss_fn = loss_fn or cross_entropy_loss(cfg.label_smoothing)
+        self.steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+        total = cfg.epochs * self.steps_per_epoch
+        self.total = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        self.warmup = min(self.total, round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.autocast, self.scaler = _autocast(cfg, self.dev)
+        self.key = fingerprint(cfg, model, fingerprint_extra)
+        pos = None
+        if state_path is not None:
+            pos = load_state(state_path, model=model, optimizer=self.optimizer,
+                             fingerprint=self.key)
+        self.resumed = pos is not None
+        self.pos = pos or Position()
+
+    def checkpoint(self, started: float) -> None:
+        """Add the time since ``started`` and keep a resumable state."""
+        self.pos.seconds += time.perf_counter() - started
+        if self.state_path is not None:
+            save_state(self.state_path, model=self.model, optimizer=self.optimizer,
+                       position=self.pos, fingerprint=self.key)
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimizer step on a batch; returns its loss and logits."""
+        cfg, pos, optimizer = self.cfg, self.pos, self.optimizer
+        x = x.to(self.dev, non_blocking=True).contiguous(memory_format=self.fmt)
+        y = y.to(self.dev, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(pos.step, total=self.total, warmup=self.warmup,
+                                             schedule=cfg.schedule)
+        with self.autocast:
+            loss, logits = self.loss_fn(self.model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        for hook in self.step_hooks:
+            hook(self.model)
+        return loss, logits
+
+    def epoch(self, progress: bool) -> None:
+        """Train one epoch (or what is left of it), evaluate, keep a state, log a line."""
+        cfg, pos = self.cfg, self.pos
         epoch_start = time.perf_counter()
         segment_start = epoch_start
         # Running sums stay on the device: reading them every step would make the CPU wait
         # for the GPU each step instead of queueing the next one (float64, as Python sums).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dev)
+        correct = torch.zeros((), dtype=torch.int64, device=self.dev)
         seen = 0
-        bar = tqdm(total=steps_per_epoch, initial=pos.batch, disable=not progress, leave=False,
-                   desc=f"epoch {pos.epoch + 1}/{cfg.epochs}")
-        batches = data.train.batches(cfg.batch_size, shuffle=True, augment=True,
-                                     seed=cfg.seed * 100_003 + pos.epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=pos.batch, disable=not progress,
+                   leave=False, desc=f"epoch {pos.epoch + 1}/{cfg.epochs}")
+        batches = self.data.train.batches(cfg.batch_size, shuffle=True, augment=True,
+                                          seed=cfg.seed * 100_003 + pos.epoch)
         for index, (x, y) in enumerate(batches):
             if index < pos.batch:  # resuming: the same seeded order, skip what was done
                 continue
-            x = x.to(dev, non_blocking=True).contiguous(memory_format=fmt)
-            y = y.to(dev, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(pos.step, total=total, warmup=warmup,
-                                                 schedule=cfg.schedule)
-            with autocast:
-                loss, logits = loss_fn(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            for hook in step_hooks:
-                hook(model)
+            loss, logits = self.step(x, y)
             pos.batch, pos.step = index + 1, pos.step + 1
             loss_sum += loss.detach().to(torch.float64) * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+            correct += (logits.detach().argmax(1) == y.to(self.dev)).sum()
             seen += len(y)
             bar.update(1)
             if progress and pos.batch % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
             if time.perf_counter() - segment_start > 60 * cfg.checkpoint_minutes:
                 _check_finite(loss_sum, pos, cfg)  # never keep a diverged state to resume
-                checkpoint(segment_start)
+                self.checkpoint(segment_start)
                 segment_start = time.perf_counter()
-            if pos.step >= total:
+            if pos.step >= self.total:
                 break
         bar.close()
         _check_finite(loss_sum, pos, cfg)
-        record = EpochRecord(
-            epoch=pos.epoch + 1,
-            train_loss=float(loss_sum) / max(1, seen),
-            train_top1=int(correct) / max(1, seen),
-            lr=optimizer.param_groups[0]["lr"],
-            seconds=time.perf_counter() - epoch_start,
-        )
-        if data.val is not None and cfg.eval_every and (pos.epoch + 1) % cfg.eval_every == 0:
-            acc = evaluate(model, data.val, batch_size=512, device=device, split_name="val")
+        self.end_epoch(EpochRecord(
+            epoch=pos.epoch + 1, train_loss=float(loss_sum) / max(1, seen),
+            train_top1=int(correct) / max(1, seen), lr=self.optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - epoch_start), segment_start)
+
+    def end_epoch(self, record: EpochRecord, segment_start: float) -> None:
+        """Evaluate on ``val`` when due, record the epoch, keep a state, log its line."""
+        cfg, pos = self.cfg, self.pos
+        if self.data.val is not None and cfg.eval_every and (pos.epoch + 1) % cfg.eval_every == 0:
+            acc = evaluate(self.model, self.data.val, batch_size=512, device=self.device,
+                           split_name="val")
             record.val_top1, record.val_top5 = acc.top1, acc.top5
-            model.train()
+            self.model.train()
         pos.history.append(record)
         pos.epoch, pos.batch = pos.epoch + 1, 0
-        checkpoint(segment_start)
+        self.checkpoint(segment_start)
         val = f" val top-1 {record.val_top1:.4f}" if record.val_top1 is not None else ""
-        log(f"epoch {record.epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
-            f"train top-1 {record.train_top1:.4f}{val} ({record.seconds:.0f}s)")
-    model.eval()
-    model.to(memory_format=torch.contiguous_format)
-    return TrainResult(history=pos.history, steps=pos.step, seconds=pos.seconds, resumed=resumed)
+        self.log(f"epoch {record.epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
+                 f"train top-1 {record.train_top1:.4f}{val} ({record.seconds:.0f}s)")
 
 
 def _check_finite(loss_sum: torch.Tensor, pos: Position, cfg: TrainConfig) -> None:
