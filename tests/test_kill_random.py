@@ -64,7 +64,7 @@ sys.exit(main(sys.argv[3:]))
 '''
 
 
-def recipe(fashion: Path) -> dict:
+def recipe(fashion: Path, epochs: int = 2) -> dict:
     return {
         "name": "killed",
         "model": {"arch": "resnet_tiny"},
@@ -73,7 +73,7 @@ def recipe(fashion: Path) -> dict:
         "measure": {"latency": False},
         "stages": [
             # A resumable state every few batches: kills land before, in and after them.
-            {"kind": "train", "epochs": 2, "batch_size": 32, "lr": 0.05,
+            {"kind": "train", "epochs": epochs, "batch_size": 32, "lr": 0.05,
              "checkpoint_minutes": 0.0005},
             {"kind": "prune.magnitude", "ratio": 0.5},
             {"kind": "finetune", "epochs": 1, "batch_size": 32, "lr": 0.01,
@@ -118,9 +118,10 @@ def finish_and_compare(tmp: Path, recipe_file: Path, out: Path, cache: Path,
             assert torch.equal(got[stage][name], tensor), (out.name, stage, name)
 
 
-def kill_again_and_again(fashion: Path, tmp: Path, kills: int, seed: int) -> None:
+def kill_again_and_again(fashion: Path, tmp: Path, kills: int, seed: int,
+                         epochs: int = 2) -> None:
     recipe_file = tmp / "r.yaml"
-    recipe_file.write_text(yaml.safe_dump(recipe(fashion)))
+    recipe_file.write_text(yaml.safe_dump(recipe(fashion, epochs)))
     # The reference: never interrupted, no cache.
     t0 = time.monotonic()
     ref = start(tmp, recipe_file, tmp / "reference", tmp / "ref-cache")
@@ -176,4 +177,5 @@ def test_killed_at_the_worst_moments_resumes_bit_identical(fashion_dir, tmp_path
 @pytest.mark.timeout(3600)  # 25 kills and their reruns: about 10 minutes on 2 cores
 def test_killed_many_times_at_random_resumes_bit_identical(fashion_dir, tmp_path) -> None:
     kills = int(os.environ.get("NETSHRINK_KILLS", "25"))
-    kill_again_and_again(fashion_dir, tmp_path, kills=kills, seed=1)
+    # Longer training, so that most random moments fall in the work, not the start-up.
+    kill_again_and_again(fashion_dir, tmp_path, kills=kills, seed=1, epochs=12)
