@@ -259,6 +259,10 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
         raise UserError(f"{args.weights}: its run held out no validation images; use "
                         "--split test")
     batch = opened.fixed_batch or args.batch_size
+    if batch > 1 and opened.fixed_batch and len(split) % batch:
+        raise UserError(f"{args.weights}: the model takes batches of exactly {batch} images "
+                        f"and the split has {len(split)}; export it with a dynamic batch "
+                        "(netshrink's exports have one)")
     if batch != args.batch_size:
         print(f"netshrink: note: {args.weights} takes batches of exactly {batch}; evaluating "
               f"{batch} at a time", file=sys.stderr)
@@ -345,6 +349,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             opened.close()
             raise UserError(f"--precision, --channels-last, --compile and --sparse24 prepare "
                             f"a torch model; {args.weights} runs in {opened.runtime}")
+        if opened.fixed_batch is not None and opened.fixed_batch > 1:
+            opened.close()
+            raise UserError(f"{args.weights}: the model takes batches of exactly "
+                            f"{opened.fixed_batch} images, and bench times batch 1 and batch "
+                            "--batch-size; export it with a dynamic batch (netshrink's exports "
+                            "have one)")
         if opened.fixed_batch is not None and opened.fixed_batch != batch_size:
             batch_size = opened.fixed_batch
             print(f"netshrink: note: {args.weights} takes batches of exactly {batch_size}; "
@@ -905,7 +915,10 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="netshrink", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="netshrink",
+                                     description="Make CNNs smaller and faster (pruning, "
+                                                 "quantization, distillation, runtimes) and "
+                                                 "measure what was really gained.",
                                      formatter_class=_Help,
                                      epilog="example:\n  netshrink run recipes/quickstart.yaml "
                                             "--out runs/quickstart\n\n'netshrink COMMAND "

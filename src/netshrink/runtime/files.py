@@ -146,6 +146,9 @@ def _open_torch(path: Path, kind: Kind, *, device: str, runtime: str | None) -> 
         raise UserError(f"{path}: {DESCRIBED[kind]} holding torch weights runs in torch; to "
                         f"run it in {runtime}, export it first (netshrink export --weights "
                         f"{path} --format onnx --out model.onnx)")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is available here (torch "
+                        f"{torch.__version__}); use --device cpu")
     if kind == "nspk":
         from netshrink.store.packed import load_packed_model
 

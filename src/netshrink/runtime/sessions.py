@@ -87,9 +87,10 @@ def onnx_precision(path: Path | Any) -> str:
 
 
 @contextmanager
-def _onnx_file(path: Path) -> Iterator[tuple[Path | bytes, Any]]:
-    """``(what a runtime opens, its ModelProto or None)``: the path itself, or for a packed
-    ONNX file its unpacked bytes (ONNX Runtime) / a temporary copy (OpenVINO)."""
+def _onnx_file(path: Path) -> Iterator[tuple[Path, Any]]:
+    """``(the file a runtime opens, its ModelProto or None)``: the path itself, or for a
+    packed ONNX file a temporary copy of the ONNX model it holds (removed once opened:
+    both runtimes read the whole model when they load it)."""
     if not is_packed(path):
         yield path, None
         return
