@@ -291,7 +291,8 @@ class Runner:
             if untrained:
                 ctx.notes.append("a fresh, untrained model: parameters, MACs and size "
                                  "recorded; accuracy and speed are measured once trained")
-            measurement = (measurer.baseline(model, slot.artifact, ctx.notes) if not slot.index
+            measurement = (measurer.baseline(model, slot.artifact, ctx.notes)
+                           if slot.index == 0 and not untrained
                            else measurer.model(model, slot.artifact, counts_only=untrained))
             if not untrained:
                 cpu_measurement = measurer.cpu_timing(model, slot.artifact)
