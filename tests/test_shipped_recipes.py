@@ -119,8 +119,8 @@ STAGE_RULES: dict[str, dict[str, Any]] = {
         # between steps: FinetuneConfig(epochs=finetune_epochs), one step of the tiny split
         "steps": _at_most(3), "finetune_epochs": _at_most(1)},
     "prune.channel": {
-        **dict.fromkeys(["ratio", "importance", "scope", "ignore", "round_to",
-                         "max_layer_ratio", "finetune_lr"], KEEP),
+        **dict.fromkeys(["ratio", "importance", "scope", "ignore", "include", "exclude",
+                         "round_to", "max_layer_ratio", "finetune_lr"], KEEP),
         "steps": _at_most(3), "finetune_epochs": _at_most(1)},
     "prune.nm": dict.fromkeys(["n", "m", "include", "exclude"], KEEP),
     "prune.sensitivity": {
@@ -133,7 +133,8 @@ STAGE_RULES: dict[str, dict[str, Any]] = {
         "finetune_batch_size": SMALL, "batch_size": SMALL},
     "quant.ptq": {
         **dict.fromkeys(["runtime", "bits", "per_channel", "calibration", "percentile",
-                         "activations", "reduce_range", "keep_float", "accuracy_budget"],
+                         "activations", "reduce_range", "keep_float", "include", "exclude",
+                         "accuracy_budget"],
                         KEEP),
         "calibration_images": _at_most(SMALL), "budget_images": SMALL},
     "quant.dynamic": dict.fromkeys(["per_channel", "bits"], KEEP),

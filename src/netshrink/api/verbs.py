@@ -251,7 +251,7 @@ def quantize(model: Model,
                         f"not {type(config).__name__}")
     if config.accuracy_budget is not None:
         raise UserError("accuracy_budget (automatic mixed precision) needs held-out data "
-                        "and runs as the quant.ptq recipe stage; here give keep_float=[...]")
+                        "and runs as the quant.ptq recipe stage; here give exclude=[...]")
     if config.runtime == "openvino":
         path = quantize_openvino(float_onnx, folder / "model.xml", batches, config)
     else:

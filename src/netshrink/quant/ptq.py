@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from netshrink.errors import UserError
 from netshrink.export.calibration_reader import CalibrationReader
@@ -62,7 +62,11 @@ class PTQConfig(BaseModel):
     calibration_images: int | None = Field(default=None, gt=0)  # default: the calib split
     activations: Literal["uint8", "int8"] = "uint8"
     reduce_range: bool = False  # 7-bit weights, for CPUs whose int8 dot products saturate
-    keep_float: list[str] = Field(default_factory=list)  # layer patterns left in float
+    # Layer selection, as every method says it: the layers quantized (empty: all) and
+    # those left in float (mixed precision; ``keep_float``, its older name, still reads).
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list,
+                               validation_alias=AliasChoices("exclude", "keep_float"))
     # Automatic mixed precision: return layers to float, most sensitive first, until the
     # top-1 drop on ``budget_images`` validation images is at most this many points.
     accuracy_budget: float | None = Field(default=None, gt=0, le=100)
@@ -72,6 +76,11 @@ class PTQConfig(BaseModel):
     @classmethod
     def _only_int8(cls, bits: int) -> int:
         return check_int8_bits(bits)
+
+    @property
+    def keep_float(self) -> list[str]:
+        """The layers left in float: ``exclude`` by its older name."""
+        return self.exclude
 
 
 def check_int8_bits(bits: int) -> int:
@@ -101,7 +110,8 @@ def quantizable_layers(float_onnx: Path) -> dict[str, str]:
     return {layer: node.name for layer, node in _layer_nodes(float_onnx).items()}
 
 
-def match_layers(patterns: Sequence[str], layers: dict[str, str]) -> list[str]:
+def match_layers(patterns: Sequence[str], layers: dict[str, str], key: str = "exclude"
+                 ) -> list[str]:
     """ONNX node names of the layers matching any pattern.
 
     Raises:
@@ -111,9 +121,20 @@ def match_layers(patterns: Sequence[str], layers: dict[str, str]) -> list[str]:
     for pattern in patterns:
         hits = [node for layer, node in layers.items() if fnmatch.fnmatchcase(layer, pattern)]
         if not hits:
-            raise UserError(f"keep_float pattern {pattern!r} matches no quantizable layer; "
+            raise UserError(f"{key} pattern {pattern!r} matches no quantizable layer; "
                             f"layers: {', '.join(layers)}")
         nodes.extend(h for h in hits if h not in nodes)
+    return nodes
+
+
+def float_layers(cfg: PTQConfig, float_onnx: Path) -> list[str]:
+    """ONNX node names ``cfg`` leaves in float: ``exclude``'s, and with ``include`` every
+    layer it does not name."""
+    layers = quantizable_layers(float_onnx)
+    nodes = match_layers(cfg.exclude, layers)
+    if cfg.include:
+        chosen = set(match_layers(cfg.include, layers, key="include"))
+        nodes += [node for node in layers.values() if node not in chosen and node not in nodes]
     return nodes
 
 
@@ -141,7 +162,7 @@ def quantize_onnx(
         out: the INT8 ``.onnx`` to write (atomically).
         batches: calibration images, float32 ``[N, C, H, W]``.
         cfg: the settings.
-        exclude_nodes: ONNX node names left in float (besides ``cfg.keep_float``).
+        exclude_nodes: ONNX node names left in float (besides ``cfg``'s selection).
         calibration_cache: a JSON file of tensor ranges: reused when it exists, written
             when it does not (the automatic mixed mode quantizes many times).
         input_ranges: ``(rmin, rmax)`` of the input of torch layers by name, used instead
@@ -156,7 +177,7 @@ def quantize_onnx(
     _check_float(float_onnx)
     if not batches:
         raise UserError("the calibration set is empty; give at least one batch of images")
-    excluded = match_layers(cfg.keep_float, quantizable_layers(float_onnx)) + list(exclude_nodes)
+    excluded = float_layers(cfg, float_onnx) + list(exclude_nodes)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibration]
     # "Strided" calibration feeds one batch at a time and merges its ranges or histograms
@@ -233,7 +254,7 @@ def quantize_openvino(
 
     Raises:
         UserError: OpenVINO/NNCF missing (names the extra), an unsupported calibration,
-            an already quantized input or a bad ``keep_float`` pattern.
+            an already quantized input or a bad ``include``/``exclude`` pattern.
     """
     ov = require("openvino")
     nncf = require("nncf")
@@ -252,7 +273,7 @@ def quantize_openvino(
                         "them itself for runtime openvino")
     if not batches:
         raise UserError("the calibration set is empty; give at least one batch of images")
-    ignored = match_layers(cfg.keep_float, quantizable_layers(float_onnx))
+    ignored = float_layers(cfg, float_onnx)
     model = ov.Core().read_model(str(float_onnx))
     advanced = AdvancedQuantizationParameters(
         weights_quantization_params=QuantizationParameters(per_channel=cfg.per_channel),

@@ -170,8 +170,8 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> Deployed:
                          f"{', '.join(kept) or 'none'}")
     else:
         quantize_onnx(float_onnx, out, batches, cfg)
-        if cfg.keep_float:
-            ctx.notes.append(f"layers kept in float: {', '.join(cfg.keep_float)}")
+        if cfg.exclude:
+            ctx.notes.append(f"layers kept in float: {', '.join(cfg.exclude)}")
     ctx.notes.append(f"ONNX Runtime QDQ INT8: {cfg.activations} activations, int8 "
                      f"{'per-channel' if cfg.per_channel else 'per-tensor'} weights, "
                      f"{cfg.calibration} calibration on {images} images")
