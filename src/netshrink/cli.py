@@ -150,7 +150,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         stage.update(ratio=args.ratio, scope=args.scope, steps=args.steps)
     if args.method == "channel":
-        stage.update(importance=args.importance, ignore=args.exclude or ["fc"])
+        # No --exclude: the config protects the detected output layer (fc, head, ...).
+        stage.update(importance=args.importance, include=args.include or [],
+                     exclude=args.exclude)
     else:
         stage.update(include=args.include, exclude=args.exclude)
     stages: list[dict[str, object]] = [stage]
@@ -180,9 +182,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         stage.update(per_channel=not args.per_tensor)
     if args.method == "ptq":
         stage.update(runtime=args.runtime, calibration=args.calibration,
-                     keep_float=args.keep_float or [])
+                     include=args.include or [], exclude=args.exclude or [])
         if args.accuracy_budget is not None:
             stage.update(accuracy_budget=args.accuracy_budget)
+    if args.method == "kmeans":
+        stage.update(include=args.include or [], exclude=args.exclude or [])
     if args.method in ("ptq", "dynamic", "kmeans") and args.bits is not None:
         stage.update(bits=args.bits)
     if args.method in ("fp16", "bf16"):
@@ -742,7 +746,8 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", nargs="+",
                    help="layer-name patterns to prune (e.g. 'layer4.*'; default: all)")
     p.add_argument("--exclude", nargs="+",
-                   help="layer-name patterns to leave alone (e.g. fc; channel's default: fc)")
+                   help="layer-name patterns to leave alone (e.g. fc; channel's default: the "
+                        "output layer, whatever its name)")
     p.add_argument("--n", type=_positive_int, default=2, help="N of N:M (nm method)")
     p.add_argument("--m", type=_positive_int, default=4, help="M of N:M (nm method)")
     p.add_argument("--finetune-epochs", type=int, default=0,
@@ -773,7 +778,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="one weight scale per tensor (default: one per output channel)")
     p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"],
                    default="minmax", help="how activation ranges are calibrated (ptq)")
-    p.add_argument("--keep-float", nargs="+", help="layer patterns left in float (e.g. fc)")
+    p.add_argument("--include", nargs="+",
+                   help="layer patterns to quantize (ptq, kmeans; default: all)")
+    p.add_argument("--exclude", "--keep-float", nargs="+", dest="exclude",
+                   help="layer patterns left in float (ptq, kmeans; e.g. fc: mixed precision)")
     p.add_argument("--accuracy-budget", type=float,
                    help="automatic mixed precision: top-1 points the INT8 model may lose")
     p.add_argument("--val-size", type=int, help="held-out training images (for the budget)")
