@@ -87,3 +87,18 @@ def test_without_the_flag_every_run_measures(fashion_dir, weights, tmp_path) -> 
         record = run_recipe(recipe(fashion_dir, weights), tmp_path / name, log=lambda _: None,
                             report=False)
         assert not any("reused" in n for n in record.stages[0].notes)
+
+
+def test_cache_clear_removes_kept_measurements_only(tmp_path, monkeypatch, capsys) -> None:
+    from netshrink.cli import main
+    from netshrink.recipe.cache import MEASUREMENTS_DIR
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("NETSHRINK_CACHE", str(root))
+    folder = root / MEASUREMENTS_DIR
+    folder.mkdir(parents=True)
+    kept, mine = folder / ("ab" * 32 + ".json"), folder / "notes.json"
+    kept.write_text("{}")
+    mine.write_text("{}")
+    assert main(["cache", "clear"]) == 0
+    assert not kept.exists() and mine.exists()

@@ -202,6 +202,7 @@ class ModelCache:
             with contextlib.suppress(OSError):
                 if now - stale.stat().st_mtime > 86_400:
                     shutil.rmtree(stale, ignore_errors=True)
+        self._prune_measurements(unused_days, max_bytes, now)
         kept = self.entries()
         removed = []
         if unused_days is not None:
@@ -214,6 +215,19 @@ class ModelCache:
                 removed.append(oldest)
                 total -= oldest.size_bytes
         return [entry for entry in removed if self.remove(entry)]
+
+    def _prune_measurements(self, unused_days: float | None, max_bytes: int | None,
+                            now: float) -> None:
+        """Kept baseline measurements (a few kilobytes each) go with ``clear`` and when
+        older than ``unused_days``; only files named as the cache names them."""
+        for kept in (self.root / MEASUREMENTS_DIR).glob("*.json"):
+            if not _KEY.fullmatch(kept.stem) or kept.is_symlink() or not kept.is_file():
+                continue
+            with contextlib.suppress(OSError):
+                old = unused_days is not None and now - kept.stat().st_mtime > (
+                    unused_days * 86_400)
+                if max_bytes == 0 or old:
+                    kept.unlink()
 
     def put(self, key: str, model_file: Path, info: dict[str, Any], *,
             skip: Sequence[str] = ()) -> None:
