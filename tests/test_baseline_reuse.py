@@ -102,3 +102,18 @@ def test_cache_clear_removes_kept_measurements_only(tmp_path, monkeypatch, capsy
     mine.write_text("{}")
     assert main(["cache", "clear"]) == 0
     assert not kept.exists() and mine.exists()
+
+
+def test_the_cli_measures_a_files_baseline_once(fashion_dir, weights, tmp_path) -> None:
+    import json
+
+    from netshrink.cli import main
+
+    for name in ("a", "b"):
+        assert main(["prune", "--weights", str(weights), "--method", "magnitude",
+                     "--ratio", "0.5", "--data-dir", str(fashion_dir),
+                     "--out", str(tmp_path / name)]) == 0
+    notes = [json.loads((tmp_path / n / "run.json").read_text())["stages"][0]["notes"]
+             for n in ("a", "b")]
+    assert not any("reused" in x for x in notes[0])
+    assert any("reused from an earlier run" in x for x in notes[1])
