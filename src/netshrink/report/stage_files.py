@@ -25,6 +25,7 @@ from netshrink.errors import UserError
 from netshrink.report.verdict import reference_stage
 from netshrink.stages.record import RunRecord, StageRecord
 from netshrink.store.checkpoint import read_state_dict
+from netshrink.store.layout import STAGES_DIR, recorded_stage_folder
 
 
 class _Loose(BaseModel):
@@ -141,11 +142,7 @@ def stage_folder(stage: StageRecord) -> Path:
     Taken from the artifact path when there is one: a stage renamed or renumbered by a
     later run keeps its files where its artifact says.
     """
-    if stage.artifact:
-        parts = Path(stage.artifact).parts
-        if len(parts) >= 3 and parts[0] == "stages":
-            return Path(*parts[:2])
-    return Path("stages") / f"{stage.index:02d}-{stage.name}"
+    return recorded_stage_folder(stage.artifact, stage.index, stage.name)
 
 
 def _read_stage(run_dir: Path, stage: StageRecord, notes: list[str]) -> StageFiles:
@@ -214,10 +211,10 @@ def load_run_files(run_dir: Path, record: RunRecord) -> RunFiles:
     """Read the per-layer files and the weights the report plots, from ``run_dir``."""
     run_dir = Path(run_dir)
     stages = sorted(record.stages, key=lambda s: s.index)
-    if not (run_dir / "stages").is_dir():
+    if not (run_dir / STAGES_DIR).is_dir():
         if any(s.artifact for s in stages):
             # One note rather than one per file: the whole folder went missing.
-            return RunFiles(notes=(f"{run_dir / 'stages'} not found (run.json copied without "
+            return RunFiles(notes=(f"{run_dir / STAGES_DIR} not found (run.json copied without "
                                    "it?): the weight histogram and per-layer pruning details "
                                    "are skipped.",))
         return RunFiles()

@@ -25,6 +25,7 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.registry import Registry
 from netshrink.runtime.base import ModelStats
+from netshrink.store.layout import earlier_stage_file, parse_stage_folder
 from netshrink.train.history import EpochRecord
 
 
@@ -77,13 +78,12 @@ class StageContext:
         Raises:
             UserError: no earlier stage of that name saved a torch model.
         """
-        here = int(self.stage_dir.name.split("-", 1)[0])
-        files = sorted((self.run_dir / "stages").glob(f"[0-9][0-9]-{name}/model.safetensors"))
-        hits = [p for p in files if int(p.parent.name.split("-", 1)[0]) < here]
-        if not hits:
+        here = parse_stage_folder(self.stage_dir.name)
+        found = earlier_stage_file(self.run_dir, name, here[0] if here else 0)
+        if found is None:
             raise UserError(f"{option} {name!r}: no earlier stage of that name saved a torch "
                             "model; name a stage that comes before this one (e.g. baseline)")
-        return hits[0]
+        return found
 
     @property
     def input_shape(self) -> list[int]:

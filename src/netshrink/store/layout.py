@@ -50,6 +50,30 @@ def stage_path(out: Path, index: int, name: str) -> Path:
     return out / STAGES_DIR / stage_folder_name(index, name)
 
 
+def recorded_stage_folder(artifact: str | None, index: int, name: str) -> Path:
+    """A stage's folder relative to the run (``stages/NN-name``): the one its artifact is
+    in (a stage renamed or renumbered by a later run keeps its files there), else the
+    folder its position and name give."""
+    if artifact:
+        parts = Path(artifact).parts
+        if len(parts) >= 3 and parts[0] == STAGES_DIR:
+            return Path(*parts[:2])
+    return Path(STAGES_DIR) / stage_folder_name(index, name)
+
+
+def earlier_stage_file(out: Path, name: str, before: int, file: str = MODEL_FILE
+                       ) -> Path | None:
+    """``file`` in the folder of the stage ``name`` that comes before position ``before``
+    in the run ``out`` (the first such), or None."""
+    hits = []
+    for folder in (out / STAGES_DIR).glob(f"*-{name}"):
+        parsed = parse_stage_folder(folder.name)
+        if parsed is not None and parsed[1] == name and parsed[0] < before and (
+                folder / file).is_file():
+            hits.append((parsed[0], folder / file))
+    return min(hits)[1] if hits else None
+
+
 def parse_stage_folder(folder_name: str) -> tuple[int, str] | None:
     """``(index, name)`` of a ``NN-name`` folder name; None for anything else."""
     found = _STAGE_FOLDER.fullmatch(folder_name)
