@@ -445,3 +445,15 @@ def test_valid_files_of_every_kind_read(work: Path, valid) -> None:
     for kind, (path, data) in valid.items():
         read_kind(kind, _write(path, data))
     assert len(valid) == 9
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_an_empty_dimension_beside_huge_ones_is_refused(tmp_path: Path, gz: bool) -> None:
+    # Found by the slow fuzz run: dims (0, ..., 9811656, 512, 1836020325) count 0 bytes,
+    # yet numpy refuses to shape even an empty array that way (a ValueError, not ours).
+    dims = (0, 0, 0, 0, 0, 9811656, 512, 1836020325)
+    data = bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}i", *dims)
+    path = tmp_path / ("x-idx3-ubyte.gz" if gz else "x-idx3-ubyte")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    with pytest.raises(UserError, match="empty dimension"):
+        read_idx(path)

@@ -208,6 +208,11 @@ def element_count(shape: Any, *, itemsize: int = 1, available: int,
     if count * itemsize > available:
         raise ValueError(f"shape {_short(dims)} needs {count * itemsize:,} bytes, more than "
                          f"{available:,}")
+    # An empty dimension makes the count 0 whatever the others are, but numpy still
+    # refuses a shape whose other dimensions multiply past what it can index.
+    if math.prod(d for d in dims if d) * itemsize > max(available, 1 << 31):
+        raise ValueError(f"shape {_short(dims)} has an empty dimension beside dimensions "
+                         "too large for any array")
     return count
 
 
