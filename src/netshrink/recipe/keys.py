@@ -76,15 +76,6 @@ def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
     return keys
 
 
-def _drop_resumable_state(stage_dir: Path, kind: str) -> None:
-    """Once a stage's record is written, what would have resumed it goes: the scratch
-    files its kind declares (a training state, an iterative pruning stage's steps)."""
-    for pattern in STAGES.get(kind).scratch if kind in STAGES else ():
-        for path in stage_dir.glob(pattern):
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
-
-
 def measure_key(recipe: Recipe) -> str:
     """The key of how stages are measured: a changed ``measure:`` section (or device)
     re-measures finished stages without recomputing them."""
