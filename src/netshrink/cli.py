@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netshrink.errors import UserError
+from netshrink.study.command import add_study, normalize_argv
 
 if TYPE_CHECKING:
     from torch import nn
@@ -938,11 +939,13 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_run, _add_report, _add_train, _add_distill, _add_prune, _add_quantize,
                 _add_eval, _add_predict, _add_bench, _add_export, _add_cache, _add_list):
         add(sub)
+    add_study(sub, _subcommand)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(
+        normalize_argv(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.fn(args))
     except UserError as exc:

@@ -20,6 +20,7 @@ def run_recipe(
     progress: bool | None = None,
     use_cache: bool = True,
     reuse_baseline_measurement: bool = False,
+    reuse_measurements: bool = False,
 ) -> RunRecord:
     """Run (or resume) ``recipe`` into the folder ``out``; render its report.
 
@@ -28,6 +29,8 @@ def run_recipe(
             run shares (``$NETSHRINK_CACHE``; see ``netshrink.recipe.cache``).
         reuse_baseline_measurement: measure a weights file's baseline once per file,
             settings and machine (kept in the cache), as one-off commands do.
+        reuse_measurements: the same for every torch model a stage leaves (a study's
+            cells share their trained models through the cache: each is measured once).
 
     Returns:
         The run record also written to ``out/run.json``.
@@ -44,7 +47,8 @@ def run_recipe(
     root = default_cache_dir() if use_cache else None
     cache = ModelCache(root) if root is not None else None
     record = Runner(recipe, out, log=log, progress=progress, cache=cache,
-                    reuse_baseline_measurement=reuse_baseline_measurement).run()
+                    reuse_baseline_measurement=reuse_baseline_measurement,
+                    reuse_measurements=reuse_measurements).run()
     if report:
         from netshrink.report import render_report
 

@@ -33,26 +33,45 @@ MAX_KEPT_BYTES = 1 << 20  # a kept measurement is a few kilobytes of JSON
 class StageMeasurer:
     """Measures the models of one run (the recipe's settings, its folder).
 
-    ``reuse``: a folder of earlier measurements of baseline files. A one-off command
-    (``netshrink prune --weights F``) measures the same input file every call; with it,
-    the baseline is measured once per file (by its SHA-256), per settings and per
-    machine, and later calls take that measurement, saying so in the stage's notes.
+    ``reuse``: a folder of earlier measurements, kept by the SHA-256 of the measured file,
+    the settings and the machine. A one-off command (``netshrink prune --weights F``)
+    measures the same input file every call; with ``reuse`` the baseline is measured once
+    per file, and later calls take that measurement, saying so in the stage's notes.
+    ``reuse_all`` extends this to every torch model a stage leaves: the cells of a study
+    share their trained models through the cache (the same file, byte for byte), so each
+    is measured once, not once per cell.
     """
 
     def __init__(self, recipe: Recipe, out: Path, data: DataBundle,
-                 reuse: Path | None = None) -> None:
+                 reuse: Path | None = None, *, reuse_all: bool = False) -> None:
         self.recipe = recipe
         self.out = out
         self.data = data
         self.reuse = reuse
+        self.reuse_all = reuse_all and reuse is not None
 
     def baseline(self, model: nn.Module, file: Path, notes: list[str]) -> Measurement:
         """The baseline's measurement: an earlier one of the same weights file, settings
         and machine when ``reuse`` allows, else measured now (and kept for next time)."""
         weights = self.recipe.model.weights
-        if self.reuse is None or weights is None or self.untrained_start():
+        if weights is None or self.untrained_start():
+            return self.torch_stage(model, file, notes)
+        return self._kept(model, file, weights, notes)
+
+    def torch_stage(self, model: nn.Module, file: Path, notes: list[str]) -> Measurement:
+        """A stage's torch model (saved as ``file``): kept and reused by the file's
+        SHA-256 when ``reuse_all``, else measured now."""
+        if not self.reuse_all:
             return self.model(model, file)
-        key = sha([file_sha256(weights), measure_key(self.recipe),
+        return self._kept(model, file, file, notes)
+
+    def _kept(self, model: nn.Module, file: Path, identity: Path, notes: list[str]
+              ) -> Measurement:
+        """An earlier measurement of the file ``identity`` (by SHA-256) with these
+        settings on this machine, else ``model`` measured now and kept."""
+        if self.reuse is None:
+            return self.model(model, file)
+        key = sha([file_sha256(identity), measure_key(self.recipe),
                    self.recipe.data.model_dump(mode="json", exclude={"num_workers"}),
                    self.recipe.model.model_dump(mode="json", exclude={"weights"})])
         kept = self.reuse / f"{key}.json"
@@ -64,7 +83,7 @@ class StageMeasurer:
         except (UserError, ValueError):
             old = None
         if old is not None and _same_machine(old.environment, here):
-            notes.append(f"measurement of {weights.name} reused from an earlier run on this "
+            notes.append(f"measurement of {identity.name} reused from an earlier run on this "
                          "machine with the same settings (same file by SHA-256): not "
                          "measured again")
             rel, size = file_size(file, self.out)

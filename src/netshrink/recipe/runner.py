@@ -96,10 +96,12 @@ class Runner:
         progress: bool | None = None,
         cache: ModelCache | None = None,
         reuse_baseline_measurement: bool = False,
+        reuse_measurements: bool = False,
     ) -> None:
         self.recipe = recipe
-        self.reuse = (cache.root / MEASUREMENTS_DIR
-                      if cache is not None and reuse_baseline_measurement else None)
+        wants_reuse = reuse_baseline_measurement or reuse_measurements
+        self.reuse = cache.root / MEASUREMENTS_DIR if cache is not None and wants_reuse else None
+        self.reuse_all = reuse_measurements
         self.out = out
         self.log = log
         self.progress = progress
@@ -154,7 +156,8 @@ class Runner:
             created=previous.created if previous else now(), updated=now(),
             folders=self.folder.owned_folders(previous),
         )
-        self.measurer = StageMeasurer(recipe, self.out, data, reuse=self.reuse)
+        self.measurer = StageMeasurer(recipe, self.out, data, reuse=self.reuse,
+                                      reuse_all=self.reuse_all)
         chain = _Chain(record=record, data=data, measure_key=measure_key(recipe),
                        baseline=baseline, spec=spec)
         return chain, previous, keys
@@ -291,9 +294,12 @@ class Runner:
             if untrained:
                 ctx.notes.append("a fresh, untrained model: parameters, MACs and size "
                                  "recorded; accuracy and speed are measured once trained")
-            measurement = (measurer.baseline(model, slot.artifact, ctx.notes)
-                           if slot.index == 0 and not untrained
-                           else measurer.model(model, slot.artifact, counts_only=untrained))
+            if untrained:
+                measurement = measurer.model(model, slot.artifact, counts_only=True)
+            elif slot.index == 0:
+                measurement = measurer.baseline(model, slot.artifact, ctx.notes)
+            else:
+                measurement = measurer.torch_stage(model, slot.artifact, ctx.notes)
             if not untrained:
                 cpu_measurement = measurer.cpu_timing(model, slot.artifact)
         # The stage changed its input in place, or left it as the next stage's input.
@@ -328,13 +334,14 @@ class Runner:
         made = (f"model from the cache: made by run {info.get('run')!r}, stage "
                 f"{info.get('stage')!r} in {float(info.get('seconds', 0)):.0f} s; "
                 "not recomputed")
+        notes = [*info.get("notes", []), made]
         stage = StageRecord(
             index=slot.index, name=slot.name, kind=slot.kind, key=slot.key,
             measure_key=chain.measure_key, config=slot.entry.config.model_dump(mode="json"),
             artifact=str(slot.artifact.relative_to(self.out)),
-            measurement=self.measurer.model(chain.model, slot.artifact),
+            measurement=self.measurer.torch_stage(chain.model, slot.artifact, notes),
             history=[EpochRecord.model_validate(h) for h in info.get("history", [])],
-            started=now(), notes=[*info.get("notes", []), made],
+            started=now(), notes=notes,
         )
         stage.cpu_measurement = self.measurer.cpu_timing(chain.model, slot.artifact)
         stage.seconds, stage.finished = time.perf_counter() - t0, now()

@@ -218,6 +218,38 @@ def _check_yaml_shape(text: str, path: Path) -> None:
             depth -= 1
 
 
+def read_yaml(path: Path, what: str = "recipe") -> Any:
+    """The YAML document in ``path``, read with every bound a recipe has.
+
+    Raises:
+        UserError: missing file, not a regular file, too large, not UTF-8, or invalid or
+            hostile YAML (aliases, deep nesting).
+    """
+    try:
+        if not path.is_file():
+            state = "is a folder" if path.is_dir() else (
+                "not found" if not path.exists() else "not a regular file")
+            raise UserError(f"{path}: {what} {state}; give the {what}'s .yaml file")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"{path}: {path.stat().st_size:,} bytes is too large for a "
+                            f"{what} (at most {MAX_RECIPE_BYTES:,}); is it the right file?")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as "
+                        "UTF-8") from None
+    try:
+        _check_yaml_shape(text, path)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a {what}") from None
+
+
 def load_recipe(path: Path) -> Recipe:
     """Read and validate a recipe file.
 
@@ -225,27 +257,4 @@ def load_recipe(path: Path) -> Recipe:
         UserError: missing file, not a regular file, too large, not UTF-8, invalid or
             hostile YAML (aliases, deep nesting), or an invalid recipe.
     """
-    try:
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else (
-                "not found" if not path.exists() else "not a regular file")
-            raise UserError(f"{path}: recipe {what}; give the recipe's .yaml file")
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise UserError(f"{path}: {path.stat().st_size:,} bytes is too large for a "
-                            f"recipe (at most {MAX_RECIPE_BYTES:,}); is it the right file?")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as "
-                        "UTF-8") from None
-    try:
-        _check_yaml_shape(text, path)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
-    except RecursionError:
-        raise UserError(f"{path}: nested too deeply to be a recipe") from None
-    return parse_recipe(raw, source=str(path))
+    return parse_recipe(read_yaml(path), source=str(path))

@@ -9,7 +9,7 @@ from netshrink.report.content import ReportContent, build_content
 from netshrink.report.html import render_html
 from netshrink.report.load import load_run
 from netshrink.report.markdown import render_markdown
-from netshrink.report.render import render_report
+from netshrink.report.render import render_report, write_report
 from netshrink.report.stage_files import RunFiles, load_run_files
 from netshrink.report.verdict import FASTER_MIN_SPEEDUP, SMALLER_MIN_RATIO
 
@@ -24,4 +24,5 @@ __all__ = [
     "render_html",
     "render_markdown",
     "render_report",
+    "write_report",
 ]

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from netshrink.report.content import build_content
+from netshrink.report.content import ReportContent, build_content
 from netshrink.report.html import render_html
 from netshrink.report.load import load_run
 from netshrink.report.markdown import PLOT_DIR, render_markdown
@@ -48,9 +48,13 @@ def render_report(run_dir: Path) -> tuple[Path, Path]:
     """
     run_dir = Path(run_dir)
     record = load_run(run_dir)
-    content = build_content(record, load_run_files(run_dir, record))
+    return write_report(run_dir, build_content(record, load_run_files(run_dir, record)))
 
-    plot_dir = run_dir / PLOT_DIR
+
+def write_report(folder: Path, content: ReportContent) -> tuple[Path, Path]:
+    """Write ``content`` as ``report.md``, ``report.html`` and their plots in ``folder``
+    (a run's, or a study's), each file atomically; returns the two reports' paths."""
+    plot_dir = folder / PLOT_DIR
     plot_dir.mkdir(exist_ok=True)
     wanted = sorted(f"{plot.name}.png" for plot in content.plots)
     for plot in content.plots:
@@ -61,7 +65,7 @@ def render_report(run_dir: Path) -> tuple[Path, Path]:
         (plot_dir / stale).unlink(missing_ok=True)
     atomic_write_text(plot_dir / PLOT_LIST, json.dumps(wanted, indent=1))
 
-    md_path, html_path = run_dir / MARKDOWN_FILE, run_dir / HTML_FILE
+    md_path, html_path = folder / MARKDOWN_FILE, folder / HTML_FILE
     atomic_write_text(md_path, render_markdown(content))
     atomic_write_text(html_path, render_html(content))
     return md_path, html_path

@@ -108,8 +108,9 @@ def inside(root: Path, relative: str, what: str) -> Path:
     return target
 
 
-def check_out_folder(out: Path) -> bool:
-    """Whether ``out`` already holds a run; refuses what a run must not write into.
+def check_out_folder(out: Path, mark: str = RUN_FILE, what: str = "run") -> bool:
+    """Whether ``out`` already holds a run (or a study: ``mark`` is its record's name);
+    refuses what a run must not write into.
 
     A run writes into a new or empty folder, or into a folder holding a ``run.json`` (the
     mark of a netshrink run folder, whose files it owns). A file, or a non-empty folder
@@ -122,16 +123,16 @@ def check_out_folder(out: Path) -> bool:
         raise UserError(f"--out {out}: a broken symbolic link; give a folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder; give a new or empty folder "
-                        "(or a run folder netshrink wrote)")
+                        f"(or a {what} folder netshrink wrote)")
     if not out.exists():
         return False
-    if (out / RUN_FILE).is_file():
+    if (out / mark).is_file():
         return True
     if any(out.iterdir()):
         raise UserError(
-            f"--out {out}: the folder is not empty and holds no {RUN_FILE}, so it is not a "
-            "netshrink run folder; a run only writes into a new or empty folder or one of "
-            "its own runs: choose another --out")
+            f"--out {out}: the folder is not empty and holds no {mark}, so it is not a "
+            f"netshrink {what} folder; a {what} only writes into a new or empty folder or "
+            f"one of its own {what}s: choose another --out")
     return False
 
 

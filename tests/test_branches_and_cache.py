@@ -1,5 +1,5 @@
-"""Studies and the shared model cache: stages that branch from a named stage (``from:``),
-a teacher trained once serving every recipe that asks for it, and distillation into a
+"""Branching recipes and the shared model cache: stages that branch from a named stage
+(``from:``), a teacher trained once serving every recipe that asks for it, and distillation into a
 fresh student that continues the chain."""
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""``netshrink study``: run a study file, show or export its results.
+
+    netshrink study STUDY.yaml --out DIR [--db PATH] [--workers N]
+    netshrink study show DIR [--db PATH] [--csv FILE] [--all]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+VERBS = ("run", "show")
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """``study FILE ...`` is ``study run FILE ...`` (the verb may be left out)."""
+    argv = list(argv)
+    if len(argv) > 1 and argv[0] == "study" and argv[1] not in (*VERBS, "-h", "--help"):
+        argv.insert(1, "run")
+    return argv
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from netshrink.study.execute import run_study
+    from netshrink.study.schema import load_study
+
+    study = load_study(args.study)
+    outcome = run_study(study, args.out, db=args.db, workers=args.workers,
+                        report=not args.no_report)
+    print(f"study {study.name}: {len(outcome.ran)} cells run, {len(outcome.skipped)} "
+          f"recorded before, {len(outcome.failed)} failed; results: {outcome.db}")
+    for cell, error in outcome.failed.items():
+        print(f"  failed: {cell}: {error}")
+    return 1 if outcome.failed else 0
+
+
+def cmd_study_show(args: argparse.Namespace) -> int:
+    from netshrink.report.markdown import md_table
+    from netshrink.study.report import read_study_record, study_content
+    from netshrink.study.results import ResultsStore
+
+    if args.all or args.csv:
+        db = args.db or Path(read_study_record(args.folder).get("db")
+                             or args.folder / "results.sqlite")
+        name = read_study_record(args.folder)["name"]
+        with ResultsStore(db, create=False) as store:
+            if args.csv:
+                n = store.write_csv(args.csv, name)
+                print(f"wrote {n} rows to {args.csv}")
+                return 0
+            for row in store.rows(name):
+                print(row["cell"], row["stage"], row["top1"], row["size_bytes"],
+                      row["latency_p50_ms"], sep="\t")
+        return 0
+    content = study_content(args.folder, args.db)
+    print(content.headline)
+    print("\n".join(md_table(content.comparison)))
+    return 0
+
+
+def add_study(sub: argparse._SubParsersAction,
+              subcommand: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``study`` command and its verbs, on the main parser's subparsers."""
+    p = subcommand(sub, "study", "run a study (a matrix of recipes) or show its results",
+                   "netshrink study recipes/studies/fashion_finegrained_vs_channel.yaml "
+                   "--out runs/study-fc",
+                   "netshrink study show runs/study-fc",
+                   "netshrink study show runs/study-fc --csv results.csv")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    run = verbs.add_parser("run", help="run (or resume) a study file")
+    run.add_argument("study", type=Path, help="the study's .yaml file")
+    run.add_argument("--out", type=Path, required=True,
+                     help="the study's folder (cells/, study.json, the report)")
+    run.add_argument("--db", type=Path,
+                     help="results database to write (default: OUT/results.sqlite); "
+                          "several studies may share one")
+    run.add_argument("--workers", type=int, default=1,
+                     help="cells run at once in a local process pool (timings of cells "
+                          "that run side by side share the CPU)")
+    run.add_argument("--no-report", action="store_true", help="skip the study report")
+    run.set_defaults(fn=cmd_study_run)
+    show = verbs.add_parser("show", help="the study's table, or its rows as CSV")
+    show.add_argument("folder", type=Path, help="the study's --out folder")
+    show.add_argument("--db", type=Path, help="the results database, if not the study's")
+    show.add_argument("--csv", type=Path, help="write every row (all columns) to this file")
+    show.add_argument("--all", action="store_true",
+                      help="every row of every cell (shared stages once per cell)")
+    show.set_defaults(fn=cmd_study_show)
+

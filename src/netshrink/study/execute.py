@@ -1,0 +1,211 @@
+"""Running a study: each cell a recipe run in its own folder (``cells/<cell>/``) through
+the shared model cache, its measured stages recorded in the results store.
+
+Order: a stage several cells share (the trained model every pruning cell starts from)
+is made by the first cell that has it, its *owner*; a cell starts only after the owners
+of its shared stages finished, so the others take those stages from the cache instead
+of computing them at the same time. With one worker (the default) the cells simply run
+in matrix order in this process; with more, in a local process pool, each worker with
+its share of the cores.
+
+Resuming: a cell the store records as done with the same recipe is not run again; an
+interrupted cell resumes inside its run folder (its finished stages are kept) and its
+rows go into the store in one transaction when it finishes, so a killed study loses no
+row and duplicates none.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import netshrink
+from netshrink.errors import UserError
+from netshrink.recipe.keys import stage_keys
+from netshrink.recipe.run_folder import now
+from netshrink.stages.base import STAGES
+from netshrink.store.atomic import atomic_write_text
+from netshrink.store.layout import check_out_folder
+from netshrink.study.report import STUDY_FILE, read_study_record, render_study_report
+from netshrink.study.results import ResultsStore
+from netshrink.study.schema import Cell, Study
+
+CELLS_DIR = "cells"
+DB_FILE = "results.sqlite"
+
+__all__ = ["CELLS_DIR", "DB_FILE", "StudyOutcome", "run_study"]
+
+
+@dataclass
+class StudyOutcome:
+    """What one ``run_study`` call did."""
+
+    out: Path
+    db: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # recorded as done before
+    failed: dict[str, str] = field(default_factory=dict)  # cell -> error
+    report: Path | None = None
+
+
+def _dependencies(cells: tuple[Cell, ...]) -> dict[str, set[str]]:
+    """Cell -> the cells that own (make first) a cached stage it also needs."""
+    owner: dict[str, str] = {}
+    needs: dict[str, set[str]] = {}
+    for cell in cells:
+        entries = cell.recipe.parsed_stages()
+        keys = stage_keys(cell.recipe, entries)[1:]
+        needs[cell.name] = set()
+        for entry, key in zip(entries, keys, strict=True):
+            if not STAGES.get(entry.kind).chains:
+                continue  # deployments are not cached: nothing to share
+            if key in owner:
+                needs[cell.name].add(owner[key])
+            else:
+                owner[key] = cell.name
+    return needs
+
+
+def _write_study_record(study: Study, out: Path, db: Path) -> None:
+    previous = read_study_record(out) if (out / STUDY_FILE).is_file() else {}
+    atomic_write_text(out / STUDY_FILE, json.dumps({
+        "name": study.name, "netshrink": netshrink.__version__,
+        "created": previous.get("created", now()), "updated": now(),
+        "db": str(db), "report": study.spec.report.model_dump(mode="json"),
+        "spec": study.spec.model_dump(mode="json"),
+        "merged": study.merged,
+        "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
+                   "recipe": c.recipe.model_dump(mode="json")} for c in study.cells],
+    }, indent=1))
+
+
+def run_cell(study: str, cell: str, axes: dict[str, str], recipe: dict[str, Any],
+             folder: str, db: str, threads: int | None = None,
+             log: Callable[[str], None] | None = None) -> float:
+    """Run one cell's recipe into ``folder`` and record its rows in ``db``; returns its
+    wall time. Top level and plain arguments, so a process pool or a Ray task can call it.
+    """
+    import torch
+
+    from netshrink.recipe import parse_recipe, run_recipe
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    say = log or (lambda line: print(f"[{cell}] {line}", flush=True))
+    parsed = parse_recipe(recipe, source=f"cell {cell}")
+    t0 = time.perf_counter()
+    record = run_recipe(parsed, Path(folder), report=False, log=say,
+                        progress=False if log is None else None, reuse_measurements=True)
+    seconds = time.perf_counter() - t0
+    with ResultsStore(Path(db)) as store:
+        store.record_cell(study, cell, axes, record.recipe_sha256, folder, record.stages,
+                          seconds)
+    return seconds
+
+
+def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int = 1,
+              log: Callable[[str], None] = print, report: bool = True) -> StudyOutcome:
+    """Run (or resume) every cell of ``study`` into ``out``; render the study report.
+
+    Raises:
+        UserError: ``out`` is not a new, empty or study folder; the store cannot be
+            opened; ``workers`` < 1.
+    """
+    if workers < 1:
+        raise UserError(f"--workers {workers}: give 1 or more")
+    check_out_folder(out, mark=STUDY_FILE, what="study")
+    db = Path(db) if db is not None else out / DB_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    outcome = StudyOutcome(out=out, db=db)
+    with ResultsStore(db) as store:  # refuses a bad database before anything runs
+        _write_study_record(study, out, db)
+        done = {c.cell: c.recipe_sha256 for c in store.cells(study.name) if c.status == "done"}
+    todo = [c for c in study.cells if done.get(c.name) != c.recipe_sha256]
+    outcome.skipped = [c.name for c in study.cells if c not in todo]
+    total = len(study.cells)
+    log(f"study {study.name}: {total} cells; {len(outcome.skipped)} recorded before, "
+        f"{len(todo)} to run" + (f" on {workers} workers" if workers > 1 else ""))
+    if todo:
+        runner = _run_in_process if workers == 1 else _run_in_pool
+        runner(study, todo, out, db, workers, log, outcome)
+    if report:
+        outcome.report = render_study_report(out, db)[0]
+        log(f"study report: {outcome.report}")
+    return outcome
+
+
+def _progress(outcome: StudyOutcome, total: int, started: float) -> str:
+    finished = len(outcome.ran) + len(outcome.failed)
+    elapsed = time.perf_counter() - started
+    left = total - finished
+    eta = f", about {elapsed / finished * left / 60:.0f} min left" if finished and left else ""
+    return f"{finished} of {total} cells this call, {elapsed / 60:.1f} min{eta}"
+
+
+def _run_in_process(study: Study, todo: list[Cell], out: Path, db: Path, workers: int,
+                    log: Callable[[str], None], outcome: StudyOutcome) -> None:
+    started = time.perf_counter()
+    for k, cell in enumerate(todo, 1):
+        log(f"cell {k} of {len(todo)}: {cell.name}")
+        try:
+            seconds = run_cell(study.name, cell.name, cell.axes,
+                               cell.recipe.model_dump(mode="json"),
+                               str(out / CELLS_DIR / cell.name), str(db),
+                               log=lambda line, c=cell.name: log(f"  [{c}] {line}"))
+        except UserError as exc:
+            outcome.failed[cell.name] = str(exc)
+            log(f"cell {cell.name}: failed: {exc}")
+            continue
+        outcome.ran.append(cell.name)
+        log(f"cell {cell.name}: done in {seconds:.0f} s; "
+            + _progress(outcome, len(todo), started))
+
+
+def _run_in_pool(study: Study, todo: list[Cell], out: Path, db: Path, workers: int,
+                 log: Callable[[str], None], outcome: StudyOutcome) -> None:
+    needs = _dependencies(study.cells)
+    pending = {c.name: c for c in todo}
+    unfinished = set(pending)  # owners that have not finished (or failed) in this call
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    started = time.perf_counter()
+    # spawn: a forked copy of a process that already ran torch's thread pools can hang
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        running: dict[cf.Future[float], str] = {}
+        while pending or running:
+            ready = [n for n in pending if not (needs[n] & unfinished - {n})]
+            if not ready and not running:  # cannot happen: an owner comes before its users
+                raise RuntimeError(f"study cells wait on each other: {sorted(pending)}")
+            for name in ready[: workers - len(running)]:
+                cell = pending.pop(name)
+                log(f"cell {cell.name}: starting")
+                running[pool.submit(run_cell, study.name, cell.name, cell.axes,
+                                    cell.recipe.model_dump(mode="json"),
+                                    str(out / CELLS_DIR / cell.name), str(db),
+                                    threads)] = cell.name
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                unfinished.discard(name)
+                try:
+                    seconds = future.result()
+                except cf.process.BrokenProcessPool:
+                    raise UserError(
+                        f"cell {name}: a worker process died (killed, out of memory, or a "
+                        "script that starts a study without an `if __name__ == "
+                        "\"__main__\":` guard); finished cells are recorded: run the same "
+                        "command to resume") from None
+                except UserError as exc:
+                    outcome.failed[name] = str(exc)
+                    log(f"cell {name}: failed: {exc}")
+                    continue
+                outcome.ran.append(name)
+                log(f"cell {name}: done in {seconds:.0f} s; "
+                    + _progress(outcome, len(todo), started))

@@ -1,0 +1,263 @@
+"""A study file: one recipe's common part and a matrix of axes; each combination of one
+value per axis is a cell, itself a whole recipe.
+
+    name: finegrained-vs-channel
+    recipe:                    # what every cell shares (model, data, measure, stages)
+      model: {arch: resnet18}
+      stages:
+        - {kind: train, name: train, epochs: 2}
+    matrix:
+      method:                  # a named value adds stages and/or sets recipe keys
+        fine: {stages: [{kind: prune.magnitude, name: prune, from: train, ratio: ${ratio}}]}
+        channel: {stages: [{kind: prune.channel, name: prune, from: train, ratio: ${ratio}}]}
+      ratio: [0.1, 0.3, 0.5]   # plain values are substituted where ${ratio} is written
+    exclude:
+      - {method: fine, ratio: 0.1}
+
+``${axis}`` standing alone keeps the value's type (``ratio: ${ratio}`` is a number);
+inside a longer string it is spliced in as text. A named value's ``set`` is merged into
+the recipe (``set: {model: {arch: resnet50}}``), its ``stages`` appended in axis order.
+Two cells whose recipes come out identical are one cell (a ratio axis that a dense
+method ignores), so nothing is run or stored twice. Every cell is validated as a recipe
+before the first one runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from netshrink.errors import UserError
+from netshrink.recipe.keys import sha
+from netshrink.recipe.schema import Recipe, parse_recipe, read_yaml
+from netshrink.store.layout import check_name
+
+MAX_CELLS = 1000  # a study is a grid someone reads; more is a typo in an axis
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
+Scalar = str | int | float | bool
+
+
+class AxisValue(BaseModel):
+    """A named value of an axis: recipe keys it sets and stages it appends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    set: dict[str, Any] = Field(default_factory=dict)
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class StudyReport(BaseModel):
+    """The ``report:`` section of a study: the budget and the reference of its report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accuracy_budget: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # ``stage`` (shared by every cell) or ``cell/stage``; None: the first evaluated stage
+    baseline: str | None = None
+
+
+class StudyFile(BaseModel):
+    """The study file as written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    matrix: dict[str, list[Any] | dict[str, Any]]  # checked axis by axis (_axis_items)
+    exclude: list[dict[str, Scalar]] = Field(default_factory=list)
+    report: StudyReport = Field(default_factory=StudyReport)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination: its name (the axis labels joined by ``-``), the label chosen on
+    each axis, and its validated recipe."""
+
+    name: str
+    axes: dict[str, str]
+    recipe: Recipe
+
+    @property
+    def recipe_sha256(self) -> str:
+        """The hash a run of this recipe records (``run.json``'s ``recipe_sha256``)."""
+        return sha(self.recipe.model_dump(mode="json"))
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study: its file and its cells, in matrix order."""
+
+    name: str
+    spec: StudyFile
+    cells: tuple[Cell, ...]
+    merged: dict[str, list[str]]  # a cell left out as identical to another -> its labels
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, mappings key by key (``extra`` wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _substitute(value: Any, values: dict[str, Scalar], where: str) -> Any:
+    """``value`` with every ``${axis}`` replaced (see the module docstring)."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, values, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, values, where) for v in value]
+    if not isinstance(value, str):
+        return value
+    for name in _PLACEHOLDER.findall(value):
+        if name not in values:
+            raise UserError(f"{where}: ${{{name}}} names no axis of the matrix; axes: "
+                            f"{', '.join(values)}")
+    whole = _PLACEHOLDER.fullmatch(value)
+    if whole is not None:
+        return values[whole.group(1)]
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), value)
+
+
+def _named_value(axis: str, label: str, raw: Any) -> AxisValue:
+    try:
+        return AxisValue.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        what = (f"unknown key {where!r}; a named value has: set, stages"
+                if err["type"] == "extra_forbidden" else f"{where}: {err['msg']}")
+        raise UserError(f"matrix.{axis}.{label}: {what}") from None
+
+
+def _axis_items(axis: str, values: list[Any] | dict[str, Any]
+                ) -> list[tuple[str, Scalar, AxisValue]]:
+    """``(label, value substituted for ${axis}, what it adds)`` for each value."""
+    if not values:
+        raise UserError(f"matrix.{axis}: an axis needs at least one value")
+    if isinstance(values, dict):
+        items = [(str(label), str(label), _named_value(axis, str(label), raw))
+                 for label, raw in values.items()]
+    else:
+        for v in values:
+            if not isinstance(v, (str, int, float, bool)):
+                raise UserError(f"matrix.{axis}: {v!r} is not a plain value; list numbers "
+                                "or words, or name each value (name: {set:, stages:})")
+        items = [(json.dumps(v) if isinstance(v, bool) else str(v), v, AxisValue())
+                 for v in values]
+    labels = [label for label, _, _ in items]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"matrix.{axis}: a value is listed twice ({labels})")
+    for label in labels:
+        check_name(label, f"matrix.{axis}: value")
+    return items
+
+
+def _excluded(labels: dict[str, str], exclude: list[dict[str, str]]) -> bool:
+    return any(all(labels[a] == v for a, v in rule.items()) for rule in exclude)
+
+
+def _check_exclude(spec: StudyFile, items: dict[str, list[tuple[str, Scalar, AxisValue]]]
+                   ) -> list[dict[str, str]]:
+    rules = []
+    for i, rule in enumerate(spec.exclude):
+        for axis, value in rule.items():
+            if axis not in items:
+                raise UserError(f"exclude[{i}]: {axis!r} is not an axis; axes: "
+                                f"{', '.join(items)}")
+            labels = [label for label, _, _ in items[axis]]
+            if str(value) not in labels and json.dumps(value) not in labels:
+                raise UserError(f"exclude[{i}]: {axis}={value!r} is not a value of that "
+                                f"axis; values: {', '.join(labels)}")
+        rules.append({a: (str(v) if str(v) in [x for x, _, _ in items[a]] else json.dumps(v))
+                      for a, v in rule.items()})
+    return rules
+
+
+def expand(spec: StudyFile, source: str = "study") -> Study:
+    """The cells of ``spec``, each validated as a recipe.
+
+    Raises:
+        UserError: an unknown placeholder, axis or value; a cell that is not a valid
+            recipe (named with its cell); too many cells.
+    """
+    check_name(spec.name, f"{source}: name")
+    items = {axis: _axis_items(axis, values) for axis, values in spec.matrix.items()}
+    if not items:
+        raise UserError(f"{source}: matrix has no axes; give at least one")
+    for axis in items:
+        check_name(axis, f"{source}: matrix axis")
+    combinations = math.prod(len(v) for v in items.values())
+    if combinations > MAX_CELLS:
+        raise UserError(f"{source}: the matrix has {combinations:,} combinations, more than "
+                        f"{MAX_CELLS} cells; is an axis too long?")
+    rules = _check_exclude(spec, items)
+    cells: list[Cell] = []
+    seen: dict[str, str] = {}
+    merged: dict[str, list[str]] = {}
+    for combo in itertools.product(*items.values()):
+        labels = {axis: label for axis, (label, _, _) in zip(items, combo, strict=True)}
+        if _excluded(labels, rules):
+            continue
+        name = "-".join(labels.values())
+        where = f"{source}: cell {name}"
+        raw = copy.deepcopy(spec.recipe)
+        raw.setdefault("stages", [])
+        for _, _, added in combo:
+            raw = _merge(raw, added.set)
+            raw["stages"] = [*raw.get("stages", []), *copy.deepcopy(added.stages)]
+        values = {axis: value for axis, (_, value, _) in zip(items, combo, strict=True)}
+        raw = _substitute(raw, values, where)
+        raw["name"] = f"{spec.name}.{name}"
+        recipe = parse_recipe(raw, source=where)
+        body = sha(recipe.model_dump(mode="json", exclude={"name"}))
+        if body in seen:
+            merged.setdefault(seen[body], []).append(name)
+            continue
+        seen[body] = name
+        cells.append(Cell(name=check_name(name, f"{source}: cell name"), axes=labels,
+                          recipe=recipe))
+    if not cells:
+        raise UserError(f"{source}: every cell is excluded; nothing to run")
+    return Study(name=spec.name, spec=spec, cells=tuple(cells), merged=merged)
+
+
+def parse_study(raw: Any, source: str = "study") -> Study:
+    """Validate a study given as a mapping and expand it into its cells.
+
+    Raises:
+        UserError: what is wrong, with its place.
+    """
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a study is a YAML mapping with name, recipe and matrix")
+    try:
+        spec = StudyFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"{source}: unknown key {where!r}; a study has: "
+                            f"{', '.join(StudyFile.model_fields)}; a named axis value has: "
+                            "set, stages") from None
+        raise UserError(f"{source}: {where}: {err['msg']}") from None
+    return expand(spec, source)
+
+
+def load_study(path: Path) -> Study:
+    """Read, validate and expand a study file (the bounds a recipe file has).
+
+    Raises:
+        UserError: an unreadable or invalid study, or a cell that is not a valid recipe.
+    """
+    return parse_study(read_yaml(path, "study"), source=str(path))
