@@ -2,7 +2,7 @@
 import cycle between packages. Read from the code with ast (nothing is imported), every
 import counted (a late import inside a function is still an edge).
 
-    cli ─► api ─► study ─► recipe ─► report ─► stages ─► quant
+    cli ─► api ─► compress ─► study ─► recipe ─► report ─► stages ─► quant
         ─► prune · distill · export · predict ─► train ─► bench ─► runtime ─► store
         ─► models · data ─► limits · registry · figures ─► errors
 """
@@ -19,7 +19,8 @@ SRC = Path(netshrink.__file__).parent
 
 # Higher imports lower, never the other way; equal ranks do not import each other.
 RANKS = {
-    "__main__": 12, "cli": 11, "api": 10, "study": 9.5, "recipe": 9, "report": 8, "stages": 7, "quant": 6,
+    "__main__": 12, "cli": 11, "api": 10, "compress": 9.7, "study": 9.5,
+    "recipe": 9, "report": 8, "stages": 7, "quant": 6,
     "prune": 5, "distill": 5, "export": 5, "predict": 5,
     "train": 4, "bench": 3, "runtime": 2.5, "store": 2, "models": 1, "data": 1,
     "limits": 0.5, "registry": 0.5, "figures": 0.5, "errors": 0,

@@ -1,7 +1,7 @@
 """netshrink: make CNNs smaller and faster, and prove what was gained.
 
 The front door is one verb per task: ``netshrink.prune``, ``quantize``, ``distill``,
-``finetune``, ``measure``, ``export``, ``load`` and ``run``, with their typed configs
+``finetune``, ``measure``, ``export``, ``load``, ``run`` and ``compress``, with their typed configs
 (``netshrink.ChannelPruneConfig(ratio=0.3)``, ``netshrink.PTQConfig()``...). They are
 imported on first use, so ``import netshrink`` stays cheap.
 
@@ -18,12 +18,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = frozenset({
-    "ChannelPruneConfig", "Compressed", "DistillConfig", "DynamicConfig", "IterableSplit",
+    "ChannelPruneConfig", "CompressConfig", "Compressed", "DistillConfig", "DynamicConfig",
+    "IterableSplit",
     "KMeansConfig", "MagnitudePruneConfig", "MeasureOptions", "ModelSpec", "NMPruneConfig",
     "PTQConfig", "QATConfig", "TrainConfig", "as_split", "build_model", "finetune",
     "load", "measure", "quantize", "run",
 })
-_VERB_PACKAGES = frozenset({"prune", "distill", "export"})
+_VERB_PACKAGES = frozenset({"prune", "distill", "export", "compress", "study"})
 
 __all__ = ["__version__", *sorted(_API | _VERB_PACKAGES)]
 
@@ -39,7 +40,8 @@ class VerbPackage(ModuleType):
 
 
 def make_verb_package(name: str) -> None:
-    """Make the package ``name`` (one of ``prune``, ``distill``, ``export``) callable;
+    """Make the package ``name`` (``prune``, ``distill``, ``export``, ``compress``,
+    ``study``) callable;
     each calls this on itself as it is imported."""
     sys.modules[name].__class__ = VerbPackage
 

@@ -13,6 +13,7 @@ Every verb returns a ``Compressed``: call it on a batch, ``evaluate``, ``measure
 from netshrink.api.data import IterableSplit, as_split
 from netshrink.api.result import Compressed
 from netshrink.api.run import run
+from netshrink.api.search import compress, study
 from netshrink.api.verbs import (
     DistillConfig,
     distill,
@@ -24,6 +25,7 @@ from netshrink.api.verbs import (
     train_model,
 )
 from netshrink.bench import MeasureOptions
+from netshrink.compress import CompressConfig
 from netshrink.models import ModelSpec, build_model
 from netshrink.prune.channel import ChannelPruneConfig
 from netshrink.prune.magnitude import MagnitudePruneConfig
@@ -36,6 +38,7 @@ from netshrink.train.config import TrainConfig
 
 __all__ = [
     "ChannelPruneConfig",
+    "CompressConfig",
     "Compressed",
     "DistillConfig",
     "DynamicConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "as_split",
     "build_model",
+    "compress",
     "distill",
     "export",
     "finetune",
@@ -58,6 +62,7 @@ __all__ = [
     "prune",
     "quantize",
     "run",
+    "study",
 ]
 
 # ``netshrink.train`` is the training package: the verb is ``finetune``.

@@ -6,7 +6,15 @@ study report, ``netshrink study show`` and the CSV export read.
     outcome = run_study(load_study(Path("recipes/studies/x.yaml")), Path("runs/x"))
 """
 
-from netshrink.study.execute import CELLS_DIR, DB_FILE, StudyOutcome, run_cell, run_study
+from netshrink import make_verb_package
+from netshrink.study.execute import (
+    CELLS_DIR,
+    DB_FILE,
+    StudyOutcome,
+    run_cell,
+    run_study,
+    write_study_record,
+)
 from netshrink.study.report import render_study_report, study_content
 from netshrink.study.results import COLUMNS, ResultsStore
 from netshrink.study.schema import Cell, Study, load_study, parse_study
@@ -25,4 +33,7 @@ __all__ = [
     "run_cell",
     "run_study",
     "study_content",
+    "write_study_record",
 ]
+
+make_verb_package(__name__)

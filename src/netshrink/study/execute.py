@@ -40,7 +40,7 @@ from netshrink.study.schema import Cell, Study
 CELLS_DIR = "cells"
 DB_FILE = "results.sqlite"
 
-__all__ = ["CELLS_DIR", "DB_FILE", "StudyOutcome", "run_study"]
+__all__ = ["CELLS_DIR", "DB_FILE", "StudyOutcome", "run_cell", "run_study", "write_study_record"]
 
 
 @dataclass
@@ -73,16 +73,20 @@ def _dependencies(cells: tuple[Cell, ...]) -> dict[str, set[str]]:
     return needs
 
 
-def _write_study_record(study: Study, out: Path, db: Path) -> None:
+def write_study_record(out: Path, name: str, cells: list[Cell] | tuple[Cell, ...], db: Path,
+                       *, spec: dict[str, Any], report: dict[str, Any],
+                       merged: dict[str, list[str]] | None = None,
+                       chosen: str | None = None) -> None:
+    """``out/study.json``: the cells (with their recipes) the report and ``show`` read;
+    ``chosen``: the cell whose final stage the report marks (a compress search's pick)."""
     previous = read_study_record(out) if (out / STUDY_FILE).is_file() else {}
     atomic_write_text(out / STUDY_FILE, json.dumps({
-        "name": study.name, "netshrink": netshrink.__version__,
+        "name": name, "netshrink": netshrink.__version__,
         "created": previous.get("created", now()), "updated": now(),
-        "db": str(db), "report": study.spec.report.model_dump(mode="json"),
-        "spec": study.spec.model_dump(mode="json"),
-        "merged": study.merged,
+        "db": str(db), "report": report, "spec": spec, "merged": merged or {},
+        "chosen": chosen,
         "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
-                   "recipe": c.recipe.model_dump(mode="json")} for c in study.cells],
+                   "recipe": c.recipe.model_dump(mode="json")} for c in cells],
     }, indent=1))
 
 
@@ -125,7 +129,10 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
     out.mkdir(parents=True, exist_ok=True)
     outcome = StudyOutcome(out=out, db=db)
     with ResultsStore(db) as store:  # refuses a bad database before anything runs
-        _write_study_record(study, out, db)
+        write_study_record(out, study.name, study.cells, db,
+                           spec=study.spec.model_dump(mode="json"),
+                           report=study.spec.report.model_dump(mode="json"),
+                           merged=study.merged)
         done = {c.cell: c.recipe_sha256 for c in store.cells(study.name) if c.status == "done"}
     todo = [c for c in study.cells if done.get(c.name) != c.recipe_sha256]
     outcome.skipped = [c.name for c in study.cells if c not in todo]

@@ -55,6 +55,9 @@ def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRec
     for row in rows:
         if row["cell"] in cells:
             by_key.setdefault(row["stage_key"], []).append(row)
+    last = {}  # cell -> its final stage's index
+    for row in rows:
+        last[row["cell"]] = max(last.get(row["cell"], 0), row["stage_index"])
     names: dict[tuple[str, str], str] = {}  # (cell, stage) -> shown name
     shown: list[tuple[str, StageRecord, dict[str, Any]]] = []
     for key_rows in by_key.values():
@@ -63,6 +66,8 @@ def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRec
         common = [v for a, v in sharing[0].items() if all(s.get(a) == v for s in sharing)]
         if len(key_rows) == 1:
             name = f"{first['cell']}/{first['stage']}"
+            if first["cell"] == study.get("chosen") and first["stage_index"] == last[first["cell"]]:
+                name += " (chosen)"
         else:
             name = "/".join([*common, first["stage"]]) if common else first["stage"]
         for r in key_rows:

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from netshrink.cli.compress import add_compress
+from netshrink.cli.study import add_study, normalize_argv
 from netshrink.errors import UserError
-from netshrink.study.command import add_study, normalize_argv
 
 if TYPE_CHECKING:
     from torch import nn
@@ -939,6 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_run, _add_report, _add_train, _add_distill, _add_prune, _add_quantize,
                 _add_eval, _add_predict, _add_bench, _add_export, _add_cache, _add_list):
         add(sub)
+    add_compress(sub, _subcommand)
     add_study(sub, _subcommand)
     return parser
 

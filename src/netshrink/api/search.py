@@ -1,0 +1,80 @@
+"""Searches from Python: ``netshrink.compress`` (the smallest or fastest deployable file
+within an accuracy budget) and ``netshrink.study`` (a matrix of recipes), as the
+``netshrink compress`` and ``netshrink study`` commands run them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from netshrink.compress import CompressConfig, CompressResult
+from netshrink.compress import compress as run_compress
+from netshrink.compress.options import compress_config
+from netshrink.errors import UserError
+from netshrink.store.checkpoint import load_model, save_model
+from netshrink.study import StudyOutcome, load_study, parse_study, run_study
+
+__all__ = ["compress", "study"]
+
+
+def _model_section(model: str | Path | nn.Module, out: Path) -> tuple[dict[str, Any], dict]:
+    """The recipe model section of ``model`` and the metadata its file carries; a
+    netshrink-built module is saved into ``out/input`` first (candidates are recipes,
+    and a recipe starts from a file)."""
+    if isinstance(model, nn.Module):
+        spec = getattr(model, "netshrink_spec", None)
+        if spec is None:
+            raise UserError("compress takes a model file, or a model netshrink built "
+                            "(netshrink.build_model / netshrink.load); save a custom "
+                            "module with a factory first (Compressed.save)")
+        path = out / "input" / "model.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, spec, path, meta={})
+        model = path
+    path = Path(model)
+    _, spec, meta = load_model(path)
+    return {"arch": spec.arch, "stem": spec.stem, "weights": str(path)}, meta
+
+
+def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None = None,
+             data_dir: str | Path | None = None, config: CompressConfig | None = None,
+             device: str = "cpu", quiet: bool = False, **settings: Any) -> CompressResult:
+    """Search channel pruning, sparsity, k-means sharing or INT8 on ``model`` for the
+    smallest (``target="size"``) or fastest (``"latency"``) deployable file within
+    ``budget_points`` of top-1 on a held-out validation split.
+
+    Args:
+        model: a model file netshrink reads, or a model it built.
+        out: the search's folder (candidates, results store, report, ``chosen/``).
+        data: a registered dataset's name (default: the one the model file names).
+        data_dir: where its files are (default: the dataset's usual place).
+        config / settings: a ``CompressConfig``, or its fields as keywords
+            (``budget_points=1.0, target="latency"``).
+
+    Returns:
+        The trials, the Pareto front, the chosen candidate and its deployable file.
+
+    Raises:
+        UserError: bad settings, model, data or folder (before anything runs).
+    """
+    out = Path(out)
+    cfg = config or compress_config(settings)
+    section, meta = _model_section(model, out)
+    dataset = data or meta.get("dataset")
+    if dataset is None:
+        raise UserError("the model file does not say its dataset; pass data=NAME")
+    data_section = {"name": dataset, "root": str(data_dir) if data_dir else None}
+    if meta.get("image_size"):
+        data_section["image_size"] = meta["image_size"]
+    return run_compress(section, data_section, out, cfg, device=device,
+                        log=(lambda _: None) if quiet else print)
+
+
+def study(spec: str | Path | dict[str, Any], out: str | Path, *, db: str | Path | None = None,
+          workers: int = 1, quiet: bool = False) -> StudyOutcome:
+    """Run or resume a study (a YAML file or a dict) into ``out``; see ``netshrink.study``."""
+    parsed = load_study(Path(spec)) if isinstance(spec, (str, Path)) else parse_study(spec)
+    return run_study(parsed, Path(out), db=Path(db) if db else None, workers=workers,
+                     log=(lambda _: None) if quiet else print)

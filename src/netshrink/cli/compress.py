@@ -1,0 +1,83 @@
+"""``netshrink compress``: the search as a command."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give fractions separated by commas, e.g. 0.2,0.35,0.5") from None
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from netshrink.api.search import compress
+    from netshrink.compress.options import compress_config
+
+    settings = {"budget_points": args.budget_points, "target": args.target,
+                "runtime": args.runtime, "finetune_epochs": args.finetune_epochs,
+                "val_size": args.val_size, "timing": not args.no_timing,
+                "kmeans_bits": args.kmeans_bits, "max_steps": args.max_steps}
+    if args.channel_ratios is not None:
+        settings["channel_ratios"] = args.channel_ratios
+    if args.sparsities is not None:
+        settings["sparsities"] = args.sparsities
+    cfg = compress_config({k: v for k, v in settings.items() if v is not None}, flags=True)
+    result = compress(args.weights, args.out, data=args.data, data_dir=args.data_dir,
+                      config=cfg, device=args.device)
+    print(f"candidates: {len(result.trials)}; Pareto front: {', '.join(result.front)}")
+    if result.chosen is None:
+        print("no candidate within the budget; the report shows how far each fell")
+        return 1
+    test = result.test.get("chosen", {}).get("accuracy") or {}
+    ref = result.test.get("reference", {}).get("accuracy") or {}
+    print(f"chosen: {result.chosen.candidate.name} -> {result.deployable}")
+    if test and ref:
+        print(f"test split ({test['images']} images): top-1 {test['top1']:.2%} "
+              f"(input model {ref['top1']:.2%})")
+    print(f"report: {result.report}")
+    return 0
+
+
+def add_compress(sub: argparse._SubParsersAction,
+                 subcommand: Callable[..., argparse.ArgumentParser]) -> None:
+    """The ``compress`` command on the main parser's subparsers."""
+    p = subcommand(
+        sub, "compress", "search composed methods for the smallest or fastest deployable "
+        "file within an accuracy budget",
+        "netshrink compress --weights runs/quickstart/stages/03-student/model.safetensors "
+        "--budget-points 1.0 --out runs/compress",
+        "netshrink compress --weights model.safetensors --target latency --runtime openvino "
+        "--out runs/compress-latency")
+    p.add_argument("--weights", type=Path, required=True,
+                   help="the trained model (.safetensors or .pth netshrink reads)")
+    p.add_argument("--data", help="dataset name (default: the one the model file names)")
+    p.add_argument("--data-dir", type=Path, help="where the dataset's files are")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the search's folder: candidates, results.sqlite, report, chosen/")
+    p.add_argument("--budget-points", type=float, default=1.0,
+                   help="top-1 points the deployable file may lose (validation split)")
+    p.add_argument("--target", choices=["size", "latency"], default="size",
+                   help="what to minimise: bytes on disk, or batch-1 latency on --runtime")
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="the runtime latency candidates run in")
+    p.add_argument("--channel-ratios", type=_ratios,
+                   help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6)")
+    p.add_argument("--sparsities", type=_ratios,
+                   help="sparsities to try with --target size (default 0.5,0.7,0.8,0.9)")
+    p.add_argument("--kmeans-bits", type=int, help="weight-sharing bits (default 4)")
+    p.add_argument("--finetune-epochs", type=int,
+                   help="KD fine-tuning epochs after each pruning step (default 1)")
+    p.add_argument("--val-size", type=int,
+                   help="images held out of training to decide on (default 5000)")
+    p.add_argument("--max-steps", type=int, help="cap each fine-tuning (quick trials)")
+    p.add_argument("--no-timing", action="store_true",
+                   help="do not time candidates (faster; not with --target latency)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where candidates are fine-tuned")
+    p.set_defaults(fn=cmd_compress)

@@ -1,0 +1,84 @@
+"""What ``netshrink compress`` searches over, and how much each candidate is trained."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from netshrink.errors import UserError
+
+
+class CompressConfig(BaseModel):
+    """Settings of the compression search.
+
+    Args:
+        budget_points: the most top-1 (percentage points, on the validation split) the
+            deployable file may lose against the input model.
+        target: ``size`` (bytes on disk of the deployable file: channel pruning, then
+            unstructured sparsity, then k-means weight sharing in the packed format) or
+            ``latency`` (batch-1 p50 on ``runtime``: channel pruning, then INT8 with
+            float fallback of the layers that cost accuracy).
+        runtime: where latency candidates run and are timed.
+        channel_ratios: fractions of every coupled channel group removed, tried in
+            increasing order until one breaks the budget (0, no channel pruning, is
+            always tried first).
+        sparsities: global unstructured sparsities tried on the chosen channel ratio
+            (``size`` only), increasing, until one breaks the budget.
+        kmeans_bits: index width of the weight sharing (``size``): 2**bits values a layer.
+        kmeans_finetune_epochs: epochs of fine-tuning the shared values (0: none).
+        finetune_epochs / finetune_lr / batch_size: the knowledge-distillation fine-tuning
+            after each pruning step (the input model is the teacher).
+        alpha / temperature: that distillation's soft-loss weight and temperature.
+        val_size: images held out of the training split to decide on (never the test
+            split); calib_size: calibration images for INT8.
+        timing: time every candidate (batch 1 and ``measure_batch``); ``latency`` needs it.
+        measure_batch: the throughput batch size.
+        threads: threads while timing.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget_points: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False)
+    target: Literal["size", "latency"] = "size"
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    channel_ratios: list[float] = Field(default_factory=lambda: [0.2, 0.35, 0.5, 0.6])
+    sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
+    kmeans_bits: int = Field(default=4, ge=1, le=8)
+    kmeans_finetune_epochs: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    finetune_epochs: int = Field(default=1, gt=0)
+    finetune_lr: float = Field(default=0.01, gt=0, allow_inf_nan=False)
+    batch_size: int = Field(default=256, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)
+    val_size: int = Field(default=5000, gt=0)
+    calib_size: int = Field(default=512, gt=0)
+    timing: bool = True
+    measure_batch: int = Field(default=32, gt=0)
+    threads: int | None = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)  # per fine-tuning (quick trials)
+
+    @field_validator("channel_ratios", "sparsities")
+    @classmethod
+    def _ascending_fractions(cls, values: list[float]) -> list[float]:
+        for v in values:
+            if not 0 < v < 1:
+                raise ValueError(f"{v} is not a fraction in (0, 1)")
+        if values != sorted(set(values)):
+            raise ValueError(f"{values}: list each ratio once, in increasing order")
+        return values
+
+
+def compress_config(settings: dict[str, object], *, flags: bool = False) -> CompressConfig:
+    """``settings`` validated; a bad one is a ``UserError`` naming it (as a command-line
+    flag, ``--budget-points``, when ``flags``)."""
+    try:
+        return CompressConfig.model_validate(settings)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        where = "--" + name.replace("_", "-") if flags else name
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"{where}: unknown setting; known: "
+                            f"{', '.join(CompressConfig.model_fields)}") from None
+        raise UserError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None

@@ -1,0 +1,285 @@
+"""The compression search: composed methods on the input model, each candidate a recipe
+run through the model cache and recorded in the results store, judged on a held-out
+validation split, the chosen one then measured on the test split.
+
+A candidate is (channel ratio, sparsity) followed by the deployment the target asks
+for. Its recipe, on the input weights:
+
+    prune.channel (l2, every coupled group)  -> finetune with KD from the input model
+    prune.magnitude (global)                 -> finetune with KD (zeros kept)
+    size:    quant.kmeans (2**bits shared values a layer, packed .nspk file)
+    latency: quant.ptq on the runtime, layers that cost accuracy left in float
+
+The search walks the channel ratios upwards (0 first) until a candidate's deployable
+file loses more than the budget on the validation images; for ``size`` it then walks the
+sparsities upwards on the last channel ratio that held. Candidates share their prefixes
+through the cache (the 0.5-sparsity model of ratio 0.35 is fine-tuned once), and a
+finished candidate is never run again: an interrupted search resumes where it stopped.
+Of every candidate within the budget the smallest file (or lowest batch-1 latency) is
+chosen; it is then run once more with the test split measured, which is what the
+report quotes, so the images that decided are never the images that report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netshrink.compress.options import CompressConfig
+from netshrink.errors import UserError
+from netshrink.recipe import parse_recipe, run_recipe
+from netshrink.recipe.schema import Recipe
+from netshrink.store.layout import check_out_folder
+from netshrink.study.execute import CELLS_DIR, DB_FILE, run_cell, write_study_record
+from netshrink.study.report import STUDY_FILE, render_study_report
+from netshrink.study.results import ResultsStore
+from netshrink.study.schema import Cell
+
+CHOSEN_DIR = "chosen"  # the chosen candidate, measured on the test split
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search space."""
+
+    channels: float
+    sparsity: float
+
+    @property
+    def name(self) -> str:
+        return f"ch{self.channels:g}-sp{self.sparsity:g}"
+
+
+@dataclass
+class Trial:
+    """A finished candidate: its deployable file's figures on the validation split."""
+
+    candidate: Candidate
+    top1: float
+    size_bytes: int | None
+    p50_ms: float | None
+    artifact: str | None
+    within: bool
+
+    def describe(self, ref_top1: float) -> str:
+        size = f"{self.size_bytes / 1e6:.3f} MB" if self.size_bytes else "size ?"
+        p50 = f", p50 {self.p50_ms:.3f} ms" if self.p50_ms else ""
+        return (f"{self.candidate.name}: val top-1 {self.top1:.2%} "
+                f"({(self.top1 - ref_top1) * 100:+.2f} points), {size}{p50}")
+
+
+@dataclass
+class CompressResult:
+    """What the search found. ``deployable`` is the chosen file in ``out/chosen``."""
+
+    out: Path
+    reference_top1: float  # the input model on the validation split
+    trials: list[Trial] = field(default_factory=list)
+    front: list[str] = field(default_factory=list)  # Pareto (size, latency, top-1)
+    chosen: Trial | None = None
+    deployable: Path | None = None
+    test: dict[str, Any] = field(default_factory=dict)  # the chosen and reference on test
+    report: Path | None = None
+
+
+def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any]]:
+    """The stages of one candidate (see the module docstring)."""
+    kd = {"teacher_stage": "baseline", "alpha": cfg.alpha, "temperature": cfg.temperature}
+    finetune = {"kind": "finetune", "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
+                "batch_size": cfg.batch_size, "distill": kd}
+    if cfg.max_steps is not None:
+        finetune["max_steps"] = cfg.max_steps
+    stages: list[dict[str, Any]] = []
+    if cand.channels:
+        stages += [{"kind": "prune.channel", "name": "channels", "ratio": cand.channels,
+                    "importance": "l2"}, {**finetune, "name": "channels-ft"}]
+    if cand.sparsity:
+        stages += [{"kind": "prune.magnitude", "name": "sparse", "ratio": cand.sparsity,
+                    "scope": "global", "finetune_epochs": 0},
+                   {**finetune, "name": "sparse-ft"}]
+    if cfg.target == "size":
+        stages.append({"kind": "quant.kmeans", "name": "deploy", "bits": cfg.kmeans_bits,
+                       "finetune_epochs": cfg.kmeans_finetune_epochs,
+                       "finetune_lr": cfg.finetune_lr})
+    else:
+        ptq: dict[str, Any] = {"kind": "quant.ptq", "name": "deploy", "runtime": cfg.runtime,
+                               "budget_images": min(2000, cfg.val_size)}
+        if cfg.budget_points > 0:
+            # INT8 may spend half the budget; the whole candidate is judged on all of it
+            ptq["accuracy_budget"] = cfg.budget_points / 2
+        stages.append(ptq)
+    return stages
+
+
+def base_recipe(model: dict[str, Any], data: dict[str, Any], cfg: CompressConfig,
+                device: str, split: str = "val") -> dict[str, Any]:
+    """The part every candidate's recipe shares: the input model, data with a held-out
+    validation split, and measurements on ``split``."""
+    measure: dict[str, Any] = {"split": split, "latency": cfg.timing,
+                               "batch_size": cfg.measure_batch}
+    if cfg.threads is not None:
+        measure["threads"] = cfg.threads
+    return {"seed": 0, "device": device, "model": model,
+            "data": {**data, "val_size": cfg.val_size, "calib_size": cfg.calib_size},
+            "measure": measure, "report": {"accuracy_budget": cfg.budget_points}}
+
+
+def _recipe(base: dict[str, Any], cfg: CompressConfig, cand: Candidate, name: str) -> Recipe:
+    return parse_recipe({**base, "name": name, "stages": candidate_stages(cfg, cand)},
+                        source=f"compress candidate {cand.name}")
+
+
+class Search:
+    """One search into ``out`` (see the module docstring)."""
+
+    def __init__(self, model: dict[str, Any], data: dict[str, Any], cfg: CompressConfig,
+                 out: Path, *, device: str = "cpu", log: Callable[[str], None] = print
+                 ) -> None:
+        if cfg.target == "latency" and not cfg.timing:
+            raise UserError("--target latency needs timing; leave out --no-timing")
+        self.cfg, self.out, self.log, self.device = cfg, out, log, device
+        self.name = f"compress-{out.resolve().name}"
+        self.base = base_recipe(model, data, cfg, device)
+        self.base_test = base_recipe(model, data, cfg, device, split="test")
+        self.db = out / DB_FILE
+        self.cells: list[Cell] = []
+        self.ref_top1: float | None = None
+        self.started = time.perf_counter()
+
+    def _most(self) -> int:
+        return 1 + len(self.cfg.channel_ratios) + (
+            len(self.cfg.sparsities) if self.cfg.target == "size" else 0)
+
+    def run(self) -> CompressResult:
+        check_out_folder(self.out, mark=STUDY_FILE, what="compress")
+        # every candidate's recipe is valid before the first one runs
+        for cand in [Candidate(c, 0.0) for c in (0.0, *self.cfg.channel_ratios)]:
+            _recipe(self.base, self.cfg, cand, self.name)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with ResultsStore(self.db):
+            pass  # refuses a bad database before anything runs
+        self.log(f"compress: target {self.cfg.target}, budget {self.cfg.budget_points:g} "
+                 f"points of validation top-1, at most {self._most()} candidates")
+        trials: list[Trial] = []
+        channels = 0.0
+        for ratio in (0.0, *self.cfg.channel_ratios):
+            trial = self._trial(Candidate(ratio, 0.0), trials)
+            if not trial.within:
+                break
+            channels = ratio
+        if self.cfg.target == "size" and any(t.within for t in trials):
+            for sparsity in self.cfg.sparsities:
+                if not self._trial(Candidate(channels, sparsity), trials).within:
+                    break
+        return self._finish(trials)
+
+    def _trial(self, cand: Candidate, trials: list[Trial]) -> Trial:
+        recipe = _recipe(self.base, self.cfg, cand, f"{self.name}.{cand.name}")
+        cell = Cell(name=cand.name, axes={"channels": f"{cand.channels:g}",
+                                          "sparsity": f"{cand.sparsity:g}"}, recipe=recipe)
+        self.cells.append(cell)
+        self._write_record()
+        k = len(trials) + 1
+        with ResultsStore(self.db) as store:
+            done = {c.cell: c.recipe_sha256 for c in store.cells(self.name)}
+        if done.get(cell.name) == cell.recipe_sha256:
+            self.log(f"candidate {k} of at most {self._most()}: {cand.name} (recorded before)")
+        else:
+            self.log(f"candidate {k} of at most {self._most()}: {cand.name}: running")
+            run_cell(self.name, cell.name, cell.axes, recipe.model_dump(mode="json"),
+                     str(self.out / CELLS_DIR / cell.name), str(self.db),
+                     log=lambda line: self.log(f"  [{cand.name}] {line}"))
+        trial = self._read_trial(cand)
+        trials.append(trial)
+        assert self.ref_top1 is not None
+        best = self._best(trials)
+        elapsed = (time.perf_counter() - self.started) / 60
+        self.log(f"candidate {k}: {trial.describe(self.ref_top1)}; "
+                 f"{'within' if trial.within else 'over'} the budget; best so far: "
+                 + (best.describe(self.ref_top1) if best else "none") + f"; {elapsed:.1f} min")
+        return trial
+
+    def _read_trial(self, cand: Candidate) -> Trial:
+        with ResultsStore(self.db) as store:
+            rows = [r for r in store.rows(self.name) if r["cell"] == cand.name]
+        baseline, deploy = rows[0], rows[-1]
+        if baseline["top1"] is None or deploy["top1"] is None:
+            raise UserError(f"candidate {cand.name}: no validation top-1 was measured; "
+                            "the data needs a validation split (--val-size)")
+        if self.ref_top1 is None:
+            self.ref_top1 = baseline["top1"]
+        floor = self.ref_top1 - self.cfg.budget_points / 100
+        return Trial(candidate=cand, top1=deploy["top1"], size_bytes=deploy["size_bytes"],
+                     p50_ms=deploy["latency_p50_ms"], artifact=deploy["artifact"],
+                     within=deploy["top1"] >= floor - 1e-12)
+
+    def _best(self, trials: list[Trial]) -> Trial | None:
+        within = [t for t in trials if t.within]
+        if self.cfg.target == "latency":
+            within = [t for t in within if t.p50_ms]
+            return min(within, key=lambda t: t.p50_ms or 0.0, default=None)
+        return min(within, key=lambda t: t.size_bytes or 0, default=None)
+
+    def _write_record(self, chosen: str | None = None) -> None:
+        write_study_record(self.out, self.name, self.cells, self.db,
+                           spec={"compress": self.cfg.model_dump(mode="json"),
+                                 "recipe": self.base},
+                           report={"accuracy_budget": self.cfg.budget_points,
+                                   "baseline": "baseline"}, chosen=chosen)
+
+    def _finish(self, trials: list[Trial]) -> CompressResult:
+        assert self.ref_top1 is not None
+        result = CompressResult(out=self.out, reference_top1=self.ref_top1, trials=trials)
+        # the front in three dimensions: no other candidate is as small, as fast and as
+        # accurate and better in one (without timing, in size and top-1 alone)
+        result.front = [t.candidate.name for t in trials
+                        if not any(_dominates(o, t) for o in trials if o is not t)]
+        result.chosen = self._best(trials)
+        if result.chosen is None:
+            self.log("compress: no candidate stays within the budget (not even the "
+                     "deployment of the unpruned model); raise --budget-points")
+        else:
+            self.log(f"compress: chosen {result.chosen.candidate.name}; measuring it on the "
+                     "test split")
+            self._measure_on_test(result)
+            self._write_record(chosen=result.chosen.candidate.name)
+        result.report = render_study_report(self.out, self.db)[0]
+        return result
+
+    def _measure_on_test(self, result: CompressResult) -> None:
+        assert result.chosen is not None
+        cand = result.chosen.candidate
+        recipe = _recipe(self.base_test, self.cfg, cand, f"{self.name}.{CHOSEN_DIR}")
+        folder = self.out / CHOSEN_DIR
+        record = run_recipe(recipe, folder, log=lambda line: self.log(f"  [test] {line}"),
+                            reuse_measurements=True)
+        first, last = record.stages[0], record.stages[-1]
+        assert first.measurement is not None and last.measurement is not None
+        result.deployable = folder / last.artifact if last.artifact else None
+        result.test = {"split": "test", "reference": first.measurement.model_dump(mode="json"),
+                       "chosen": last.measurement.model_dump(mode="json")}
+
+
+def _dominates(a: Trial, b: Trial) -> bool:
+    """``a`` is at least as small, as fast and as accurate as ``b``, and better in one."""
+    ge = ((a.size_bytes or 0) <= (b.size_bytes or 0) and (a.p50_ms or 0) <= (b.p50_ms or 0)
+          and a.top1 >= b.top1)
+    gt = ((a.size_bytes or 0) < (b.size_bytes or 0) or (a.p50_ms or 0) < (b.p50_ms or 0)
+          or a.top1 > b.top1)
+    return ge and gt
+
+
+def compress(model: dict[str, Any], data: dict[str, Any], out: Path,
+             cfg: CompressConfig | None = None, *, device: str = "cpu",
+             log: Callable[[str], None] = print) -> CompressResult:
+    """Search composed methods on the model ``model`` (a recipe's model section, with
+    ``weights``) for the smallest (or fastest) deployable file within the budget.
+
+    Raises:
+        UserError: bad settings, model, data or ``out`` (before anything is written).
+    """
+    return Search(model, data, cfg or CompressConfig(), Path(out), device=device,
+                  log=log).run()

@@ -1,0 +1,134 @@
+"""``netshrink compress``: the search walks composed candidates, decides on the validation
+split, keeps every candidate in the results store, resumes without rerunning one, and
+reports the chosen file measured on the test split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from netshrink.cli import main
+from netshrink.compress import Candidate, CompressConfig, candidate_stages, compress
+from netshrink.errors import UserError
+from netshrink.recipe import parse_recipe, run_recipe
+from netshrink.store.packed import load_packed_model
+from netshrink.study import ResultsStore
+
+QUICK = {"val_size": 100, "calib_size": 16, "batch_size": 64, "max_steps": 6,
+         "kmeans_finetune_epochs": 0.1, "channel_ratios": [0.3, 0.9],
+         "sparsities": [0.5, 0.95], "timing": False, "budget_points": 8.0}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("trained")
+    record = run_recipe(parse_recipe({
+        "name": "t", "model": {"arch": "resnet_tiny"},
+        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 0},
+        "measure": {"latency": False},
+        "stages": [{"kind": "train", "epochs": 3, "lr": 0.05, "batch_size": 64}]}),
+        out, report=False, log=lambda _: None)
+    assert record.stages[-1].measurement.accuracy.top1 > 0.6  # type: ignore[union-attr]
+    return out / str(record.stages[-1].artifact)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory, trained: Path, fashion_dir: Path
+             ) -> tuple[Path, object, list[str]]:
+    out = tmp_path_factory.mktemp("compress") / "out"
+    lines: list[str] = []
+    result = compress({"arch": "resnet_tiny", "weights": str(trained)},
+                      {"name": "fashion_mnist", "root": str(fashion_dir)}, out,
+                      CompressConfig(**QUICK), log=lines.append)
+    return out, result, lines
+
+
+def test_candidates_compose_the_methods_the_target_asks_for() -> None:
+    size = candidate_stages(CompressConfig(), Candidate(0.35, 0.7))
+    assert [s["kind"] for s in size] == ["prune.channel", "finetune", "prune.magnitude",
+                                         "finetune", "quant.kmeans"]
+    assert size[1]["distill"]["teacher_stage"] == "baseline"  # KD from the input model
+    latency = candidate_stages(CompressConfig(target="latency", runtime="openvino"),
+                               Candidate(0.0, 0.0))
+    assert [s["kind"] for s in latency] == ["quant.ptq"]
+    assert latency[0]["runtime"] == "openvino" and latency[0]["accuracy_budget"] == 0.5
+
+
+def test_the_search_stops_at_the_budget_and_chooses_the_smallest(searched) -> None:
+    _, result, lines = searched
+    trials = result.trials
+    walk = [t for t in trials if t.candidate.sparsity == 0]
+    # the channel walk: 0, then each ratio in turn, up to and including the first that
+    # breaks the budget
+    assert [t.candidate.channels for t in walk] == [0.0, 0.3, 0.9][:len(walk)]
+    assert all(t.within for t in walk[:-1])
+    if len(walk) < 3:  # stopped early: by a candidate over the budget
+        assert not walk[-1].within
+    kept = max((t.candidate.channels for t in walk if t.within), default=None)
+    sparse = [t for t in trials if t.candidate.sparsity > 0]
+    # the sparsity walk: on the last channel ratio that held, until one breaks the budget
+    assert all(t.candidate.channels == kept for t in sparse)
+    assert [t.candidate.sparsity for t in sparse] == [0.5, 0.95][:len(sparse)]
+    assert all(t.within for t in sparse[:-1])
+    if len(sparse) < 2 and sparse:
+        assert not sparse[-1].within
+    within = [t for t in trials if t.within]
+    assert result.chosen == min(within, key=lambda t: t.size_bytes)
+    for t in trials:  # the budget is judged against the input model on val
+        assert t.within == (t.top1 >= result.reference_top1 - 0.08 - 1e-12)
+    assert any("candidate 2 of at most 5" in line for line in lines)
+    assert any("best so far" in line for line in lines)
+    # the front holds no candidate that another beats in both size and top-1
+    for t in (t for t in trials if t.candidate.name in result.front):
+        assert not any(o.size_bytes < t.size_bytes and o.top1 > t.top1 for o in trials)
+
+
+def test_the_chosen_file_is_deployable_and_reported_on_the_test_split(searched) -> None:
+    out, result, _ = searched
+    assert result.deployable is not None and result.deployable.suffix == ".nspk"
+    assert result.deployable.is_relative_to(out / "chosen")
+    load_packed_model(result.deployable)  # it loads back
+    assert result.test["chosen"]["accuracy"]["split"] == "test"
+    assert result.test["reference"]["accuracy"]["split"] == "test"
+    with ResultsStore(out / "results.sqlite") as store:
+        rows = store.rows()
+    assert {r["split"] for r in rows if r["split"]} == {"val"}  # decisions: val only
+    report = (out / "report.md").read_text()
+    assert f"{result.chosen.candidate.name}/deploy (chosen)" in report
+    assert (out / "report_files" / "size_vs_accuracy.png").is_file()
+
+
+def test_a_rerun_runs_no_candidate_again(searched, trained: Path, fashion_dir: Path) -> None:
+    out, first, _ = searched
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/run.json")}
+    lines: list[str] = []
+    again = compress({"arch": "resnet_tiny", "weights": str(trained)},
+                     {"name": "fashion_mnist", "root": str(fashion_dir)}, out,
+                     CompressConfig(**QUICK), log=lines.append)
+    assert [t.candidate.name for t in again.trials] == [t.candidate.name for t in first.trials]
+    assert sum("recorded before" in line for line in lines) == len(first.trials)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again.chosen == first.chosen
+
+
+def test_compress_command_refuses_bad_settings_in_one_line(trained: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    base = ["compress", "--weights", str(trained), "--out", str(tmp_path / "o")]
+    assert main([*base, "--budget-points", "-1"]) == 2
+    assert "--budget-points" in capsys.readouterr().err
+    assert main([*base, "--channel-ratios", "0.5,0.2"]) == 2
+    assert "increasing order" in capsys.readouterr().err
+    assert main([*base, "--target", "latency", "--no-timing"]) == 2
+    assert "needs timing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compress_from_python_takes_a_model_file(searched, trained: Path) -> None:
+    import netshrink
+
+    with pytest.raises(UserError, match="budget_points"):
+        netshrink.compress(trained, "unused", budget_points=float("nan"))
+    cfg = json.loads((searched[0] / "study.json").read_text())["spec"]["compress"]
+    assert cfg["budget_points"] == 8.0
