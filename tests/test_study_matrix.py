@@ -262,6 +262,21 @@ def test_a_pool_of_workers_gives_the_same_rows(finished_study: Path, fashion_dir
     assert rows(out / "results.sqlite") == rows(finished_study / "results.sqlite")
 
 
+@pytest.mark.slow  # a local Ray cluster takes ~10 s to start
+def test_a_ray_cluster_gives_the_same_rows(finished_study: Path, fashion_dir: Path,
+                                           tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    outcome = run_study(parse_study(study_dict(fashion_dir)), out, workers=2,
+                        executor="ray", log=lambda _: None)
+    assert sorted(outcome.ran) == ["channel-0.3", "channel-0.5", "fine-0.3", "fine-0.5"]
+    keep = ("cell", "stage", "stage_key", "top1", "params", "nonzero_params", "macs")
+    with ResultsStore(out / "results.sqlite") as a, \
+            ResultsStore(finished_study / "results.sqlite") as b:
+        assert [tuple(r[k] for k in keep) for r in a.rows("tiny-study")] == \
+            [tuple(r[k] for k in keep) for r in b.rows("tiny-study")]
+
+
 def test_study_out_must_be_a_study_folder(tmp_path: Path, fashion_dir: Path,
                                           capsys) -> None:
     mine = tmp_path / "mine"

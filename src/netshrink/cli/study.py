@@ -27,6 +27,7 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     outcome = run_study(study, args.out, db=args.db, workers=args.workers,
+                        executor=args.executor, address=args.address,
                         report=not args.no_report)
     print(f"study {study.name}: {len(outcome.ran)} cells run, {len(outcome.skipped)} "
           f"recorded before, {len(outcome.failed)} failed; results: {outcome.db}")
@@ -78,6 +79,12 @@ def add_study(sub: argparse._SubParsersAction,
     run.add_argument("--workers", type=int, default=1,
                      help="cells run at once in a local process pool (timings of cells "
                           "that run side by side share the CPU)")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: this process, or a process pool with --workers > 1; "
+                          "ray: cells as Ray tasks (pip install 'netshrink[ray]')")
+    run.add_argument("--address",
+                     help="with --executor ray: the cluster (auto, or ray://HOST:10001); "
+                          "default: start a local one")
     run.add_argument("--no-report", action="store_true", help="skip the study report")
     run.set_defaults(fn=cmd_study_run)
     show = verbs.add_parser("show", help="the study's table, or its rows as CSV")

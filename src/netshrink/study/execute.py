@@ -16,10 +16,7 @@ row and duplicates none.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
-import multiprocessing
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +30,7 @@ from netshrink.recipe.run_folder import now
 from netshrink.stages.base import STAGES
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.layout import check_out_folder
+from netshrink.study.dispatch import Dispatcher, PoolDispatcher, RayDispatcher
 from netshrink.study.report import STUDY_FILE, read_study_record, render_study_report
 from netshrink.study.results import ResultsStore
 from netshrink.study.schema import Cell, Study
@@ -115,8 +113,15 @@ def run_cell(study: str, cell: str, axes: dict[str, str], recipe: dict[str, Any]
 
 
 def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int = 1,
+              executor: str = "local", address: str | None = None,
               log: Callable[[str], None] = print, report: bool = True) -> StudyOutcome:
     """Run (or resume) every cell of ``study`` into ``out``; render the study report.
+
+    ``executor``: ``local`` (this process with one worker, else a process pool of
+    ``workers``) or ``ray`` (``workers`` cells at once as Ray tasks, on the cluster at
+    ``address``, or on a local one started here when None). Every worker must see ``out``,
+    the results store and the model cache at the same paths (one machine, or a shared
+    filesystem).
 
     Raises:
         UserError: ``out`` is not a new, empty or study folder; the store cannot be
@@ -124,6 +129,8 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
     """
     if workers < 1:
         raise UserError(f"--workers {workers}: give 1 or more")
+    if executor not in ("local", "ray"):
+        raise UserError(f"--executor {executor!r}: choose local or ray")
     check_out_folder(out, mark=STUDY_FILE, what="study")
     db = Path(db) if db is not None else out / DB_FILE
     out.mkdir(parents=True, exist_ok=True)
@@ -139,9 +146,12 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
     total = len(study.cells)
     log(f"study {study.name}: {total} cells; {len(outcome.skipped)} recorded before, "
         f"{len(todo)} to run" + (f" on {workers} workers" if workers > 1 else ""))
-    if todo:
-        runner = _run_in_process if workers == 1 else _run_in_pool
-        runner(study, todo, out, db, workers, log, outcome)
+    if todo and executor == "local" and workers == 1:
+        _run_in_process(study, todo, out, db, log, outcome)
+    elif todo:
+        dispatcher = (PoolDispatcher(workers) if executor == "local"
+                      else RayDispatcher(workers, address))
+        _run_dispatched(study, todo, out, db, dispatcher, log, outcome)
     if report:
         outcome.report = render_study_report(out, db)[0]
         log(f"study report: {outcome.report}")
@@ -156,7 +166,7 @@ def _progress(outcome: StudyOutcome, total: int, started: float) -> str:
     return f"{finished} of {total} cells this call, {elapsed / 60:.1f} min{eta}"
 
 
-def _run_in_process(study: Study, todo: list[Cell], out: Path, db: Path, workers: int,
+def _run_in_process(study: Study, todo: list[Cell], out: Path, db: Path,
                     log: Callable[[str], None], outcome: StudyOutcome) -> None:
     started = time.perf_counter()
     for k, cell in enumerate(todo, 1):
@@ -175,40 +185,32 @@ def _run_in_process(study: Study, todo: list[Cell], out: Path, db: Path, workers
             + _progress(outcome, len(todo), started))
 
 
-def _run_in_pool(study: Study, todo: list[Cell], out: Path, db: Path, workers: int,
-                 log: Callable[[str], None], outcome: StudyOutcome) -> None:
+def _run_dispatched(study: Study, todo: list[Cell], out: Path, db: Path,
+                    dispatcher: Dispatcher, log: Callable[[str], None],
+                    outcome: StudyOutcome) -> None:
+    """Run ``todo`` through ``dispatcher`` (a process pool, a Ray cluster), at most
+    ``dispatcher.slots`` at once, each cell after the owners of its shared stages."""
     needs = _dependencies(study.cells)
     pending = {c.name: c for c in todo}
     unfinished = set(pending)  # owners that have not finished (or failed) in this call
-    threads = max(1, (os.cpu_count() or 1) // workers)
     started = time.perf_counter()
-    # spawn: a forked copy of a process that already ran torch's thread pools can hang
-    context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        running: dict[cf.Future[float], str] = {}
+    running: dict[Any, str] = {}
+    try:
         while pending or running:
             ready = [n for n in pending if not (needs[n] & unfinished - {n})]
             if not ready and not running:  # cannot happen: an owner comes before its users
                 raise RuntimeError(f"study cells wait on each other: {sorted(pending)}")
-            for name in ready[: workers - len(running)]:
+            for name in ready[: dispatcher.slots - len(running)]:
                 cell = pending.pop(name)
                 log(f"cell {cell.name}: starting")
-                running[pool.submit(run_cell, study.name, cell.name, cell.axes,
-                                    cell.recipe.model_dump(mode="json"),
-                                    str(out / CELLS_DIR / cell.name), str(db),
-                                    threads)] = cell.name
-            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                name = running.pop(future)
+                running[dispatcher.submit(
+                    study.name, cell.name, cell.axes, cell.recipe.model_dump(mode="json"),
+                    str(out / CELLS_DIR / cell.name), str(db))] = cell.name
+            for handle in dispatcher.wait(list(running)):
+                name = running.pop(handle)
                 unfinished.discard(name)
                 try:
-                    seconds = future.result()
-                except cf.process.BrokenProcessPool:
-                    raise UserError(
-                        f"cell {name}: a worker process died (killed, out of memory, or a "
-                        "script that starts a study without an `if __name__ == "
-                        "\"__main__\":` guard); finished cells are recorded: run the same "
-                        "command to resume") from None
+                    seconds = dispatcher.result(handle, name)
                 except UserError as exc:
                     outcome.failed[name] = str(exc)
                     log(f"cell {name}: failed: {exc}")
@@ -216,3 +218,5 @@ def _run_in_pool(study: Study, todo: list[Cell], out: Path, db: Path, workers: i
                 outcome.ran.append(name)
                 log(f"cell {name}: done in {seconds:.0f} s; "
                     + _progress(outcome, len(todo), started))
+    finally:
+        dispatcher.close()
