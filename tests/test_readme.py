@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from netshrink.cli import build_parser
+from netshrink.cli.study import normalize_argv
 from netshrink.quant.ptq import PTQConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -98,7 +99,7 @@ def test_readme_command_parses(text: str, variants: list[list[str]],
     parser = build_parser()
     for argv in variants:
         try:
-            parser.parse_args(argv)
+            parser.parse_args(normalize_argv(argv))  # as main() reads argv
         except SystemExit as exc:
             pytest.fail(f"README.md: `{text}` does not parse (as {argv}): "
                         f"{capsys.readouterr().err.strip()} (exit {exc.code})")
