@@ -132,3 +132,18 @@ def test_compress_from_python_takes_a_model_file(searched, trained: Path) -> Non
         netshrink.compress(trained, "unused", budget_points=float("nan"))
     cfg = json.loads((searched[0] / "study.json").read_text())["spec"]["compress"]
     assert cfg["budget_points"] == 8.0
+
+
+def test_a_latency_search_deploys_int8_in_the_runtime(trained: Path, fashion_dir: Path,
+                                                      tmp_path: Path) -> None:
+    cfg = CompressConfig(**{**QUICK, "target": "latency", "timing": True,
+                            "channel_ratios": [0.3], "measure_batch": 8})
+    result = compress({"arch": "resnet_tiny", "weights": str(trained)},
+                      {"name": "fashion_mnist", "root": str(fashion_dir)}, tmp_path / "out",
+                      cfg, log=lambda _: None)
+    assert [t.candidate.name for t in result.trials] == ["ch0-sp0", "ch0.3-sp0"]
+    assert all(t.p50_ms and t.p50_ms > 0 for t in result.trials)
+    assert result.chosen is not None and result.deployable is not None
+    chosen = result.test["chosen"]
+    assert chosen["runtime"] == "onnxruntime" and chosen["latency"]["p50_ms"] > 0
+    assert result.chosen.p50_ms == min(t.p50_ms for t in result.trials if t.within)
