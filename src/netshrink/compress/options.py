@@ -23,6 +23,10 @@ class CompressConfig(BaseModel):
         channel_ratios: fractions of every coupled channel group removed, tried in
             increasing order until one breaks the budget (0, no channel pruning, is
             always tried first).
+        channel_scope: ``sensitivity``: each channel ratio is shared out among the
+            coupled groups by a channel sensitivity scan on the validation split (robust
+            and large groups lose more, as many parameters in all); ``layer``: every
+            group loses the same fraction.
         sparsities: global unstructured sparsities tried on the chosen channel ratio
             (``size`` only), increasing, until one breaks the budget.
         kmeans_bits: index width of the weight sharing (``size``): 2**bits values a layer.
@@ -43,6 +47,7 @@ class CompressConfig(BaseModel):
     target: Literal["size", "latency"] = "size"
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     channel_ratios: list[float] = Field(default_factory=lambda: [0.2, 0.35, 0.5, 0.6])
+    channel_scope: Literal["sensitivity", "layer"] = "sensitivity"
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
     kmeans_bits: int = Field(default=4, ge=1, le=8)
     kmeans_finetune_epochs: float = Field(default=1.0, ge=0, allow_inf_nan=False)

@@ -5,7 +5,8 @@ validation split, the chosen one then measured on the test split.
 A candidate is (channel ratio, sparsity) followed by the deployment the target asks
 for. Its recipe, on the input weights:
 
-    prune.channel (l2, every coupled group)  -> finetune with KD from the input model
+    prune.channel (l2; the ratio shared out among the coupled groups by a sensitivity
+                   scan on the validation split) -> finetune with KD from the input model
     prune.magnitude (global)                 -> finetune with KD (zeros kept)
     size:    quant.kmeans (2**bits shared values a layer, packed .nspk file)
     latency: quant.ptq on the runtime, layers that cost accuracy left in float
@@ -95,7 +96,9 @@ def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any
     stages: list[dict[str, Any]] = []
     if cand.channels:
         stages += [{"kind": "prune.channel", "name": "channels", "ratio": cand.channels,
-                    "importance": "l2"}, {**finetune, "name": "channels-ft"}]
+                    "importance": "l2", "scope": cfg.channel_scope,
+                    "scan_images": min(1000, cfg.val_size)},
+                   {**finetune, "name": "channels-ft"}]
     if cand.sparsity:
         stages += [{"kind": "prune.magnitude", "name": "sparse", "ratio": cand.sparsity,
                     "scope": "global", "finetune_epochs": 0},

@@ -69,8 +69,9 @@ class ChannelPruneConfig(BaseModel):
         importance: how channels are scored: ``l1`` / ``l2`` filter norms, ``bn_scale``
             (the BN's gamma, "network slimming") or ``taylor`` (|weight x gradient|,
             gradients from a few calibration batches).
-        scope: ``layer`` (every group loses ``ratio``) or ``global`` (the lowest scores
-            anywhere go, so redundant layers lose more).
+        scope: ``layer`` (every group loses ``ratio``), ``global`` (the lowest scores
+            anywhere go, so redundant layers lose more) or ``sensitivity`` (per-group
+            ratios from a channel sensitivity scan on the validation split).
         steps: 1 for one-shot; N > 1 prunes in N equal steps.
         finetune_epochs / finetune_lr: fine-tuning between iterative steps (not after the
             last one: a recipe adds a ``finetune`` stage for that).
@@ -83,14 +84,19 @@ class ChannelPruneConfig(BaseModel):
             empty list protects nothing. (``ignore``, its older name, is accepted.)
             Every layer selection in netshrink is these two keys.
         round_to: keep channel counts multiples of this (8 suits tensor cores).
-        max_layer_ratio: in ``global`` scope, the most any group may lose.
+        max_layer_ratio: in ``global`` and ``sensitivity`` scope, the most any group
+            may lose.
+        scan_ratio / scan_images: ``sensitivity`` scope: each group alone loses this
+            fraction of its channels, measured on this many validation images; the ratios
+            then follow ``prune.allocation`` (robust and large groups lose more, as many
+            parameters in all as ``ratio`` removes uniformly).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     ratio: float = Field(ge=0, lt=1)
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l1"
-    scope: Literal["layer", "global"] = "layer"
+    scope: Literal["layer", "global", "sensitivity"] = "layer"
     steps: int = Field(default=1, ge=1)
     finetune_epochs: int = Field(default=0, ge=0)
     finetune_lr: float = Field(default=0.01, gt=0)
@@ -99,6 +105,8 @@ class ChannelPruneConfig(BaseModel):
         default=None, validation_alias=AliasChoices("exclude", "ignore"))
     round_to: int | None = Field(default=None, ge=1)
     max_layer_ratio: float = Field(default=0.95, gt=0, lt=1)
+    scan_ratio: float = Field(default=0.5, gt=0, lt=1)
+    scan_images: int = Field(default=1000, gt=0)
 
 
 def prune_channels(
@@ -151,9 +159,12 @@ def prune_channels(
     ignored = _ignored_modules(pruned, cfg.exclude, cfg.include)
     with torch.no_grad():
         out_shape = tuple(copy.deepcopy(model).to(device).eval()(example).shape)
+    allocated = (_sensitivity_ratios(model, cfg, example, data, device, log)
+                 if cfg.scope == "sensitivity" else None)
     for step in range(first, cfg.steps + 1):
         ratio = cfg.ratio * step / cfg.steps
-        _prune_step(pruned, cfg, ratio, example, ignored, initial, data, device)
+        _prune_step(pruned, cfg, ratio, example, ignored, initial, data, device,
+                    allocated and {g: r * step / cfg.steps for g, r in allocated.items()})
         with torch.no_grad():
             now = tuple(pruned(example).shape)
         if now != out_shape:
@@ -266,8 +277,10 @@ def _prune_step(
     initial: dict[str, int],
     data: DataBundle | None,
     device: str,
+    allocated: dict[str, float] | None = None,
 ) -> None:
-    """Prune ``model`` in place to ``ratio`` of the ``initial`` channel counts."""
+    """Prune ``model`` in place to ``ratio`` of the ``initial`` channel counts (each group
+    to its ``allocated`` ratio, by group name, where given)."""
     # Traced afresh each step: cheap, and nothing stale survives fine-tuning in between.
     graph = ChannelGraph(model, example)
     groups = graph.groups(ignored)
@@ -282,7 +295,10 @@ def _prune_step(
     ranked = [(g, s) for g, s in zip(groups, scores, strict=True) if s is not None]
     currents = [group.channels for group, _ in ranked]
     starts = [initial.setdefault(group.root, group.channels) for group, _ in ranked]
-    if cfg.scope == "layer":
+    if allocated is not None:
+        keeps = [kept_channels(start, allocated.get(group.name, ratio))
+                 for (group, _), start in zip(ranked, starts, strict=True)]
+    elif cfg.scope == "layer":
         keeps = [kept_channels(start, ratio) for start in starts]
     else:
         keeps = _global_keeps(currents, starts, [s for _, s in ranked], ratio,
@@ -291,6 +307,33 @@ def _prune_step(
         keep = _rounded(max(1, keep), current, cfg.round_to)
         if keep < current:  # the lowest scores go (ties by position)
             graph.remove(group, lowest(channel_scores, current - keep))
+
+
+def _sensitivity_ratios(model: nn.Module, cfg: ChannelPruneConfig, example: Tensor,
+                        data: DataBundle | None, device: str,
+                        log: Callable[[str], None]) -> dict[str, float]:
+    """Per-group ratios from a channel scan of the unpruned ``model`` (``scope:
+    sensitivity``).
+
+    Raises:
+        UserError: no validation split to scan on.
+    """
+    from netshrink.prune.allocation import allocate_channel_ratios
+    from netshrink.prune.sensitivity import sensitivity_scan
+
+    if data is None or data.val is None or len(data.val) == 0:
+        raise UserError("prune.channel scope: sensitivity scans on the validation split; "
+                        "set data.val_size > 0 (or use scope: layer)")
+    log(f"channel sensitivity scan: each group alone at {cfg.scan_ratio:g}, "
+        f"{min(cfg.scan_images, len(data.val))} validation images")
+    rows = sensitivity_scan(model, data.val, method="channel", ratio=cfg.scan_ratio,
+                            include=cfg.include or None,
+                            exclude=cfg.exclude, example_input=example[:1],
+                            max_images=cfg.scan_images, device=device)
+    ratios = allocate_channel_ratios(rows, cfg.ratio, max_ratio=cfg.max_layer_ratio)
+    log("channel ratios by sensitivity: " + ", ".join(
+        f"{name.split('+')[0]} {r:.2f}" for name, r in ratios.items()))
+    return ratios
 
 
 def _global_keeps(
