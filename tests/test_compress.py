@@ -97,6 +97,8 @@ def test_the_chosen_file_is_deployable_and_reported_on_the_test_split(searched) 
     assert {r["split"] for r in rows if r["split"]} == {"val"}  # decisions: val only
     report = (out / "report.md").read_text()
     assert f"{result.chosen.candidate.name}/deploy (chosen)" in report
+    assert "Decided on the validation split: 100 images" in report
+    assert "Reported on the test split" in report
     assert (out / "report_files" / "size_vs_accuracy.png").is_file()
 
 

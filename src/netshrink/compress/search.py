@@ -226,12 +226,31 @@ class Search:
             return min(within, key=lambda t: t.p50_ms or 0.0, default=None)
         return min(within, key=lambda t: t.size_bytes or 0, default=None)
 
-    def _write_record(self, chosen: str | None = None) -> None:
+    def _split_notes(self, result: CompressResult) -> list[str]:
+        """Which images decided, and which report (the report's first lines)."""
+        test = result.test.get("chosen", {}).get("accuracy") or {}
+        ref = result.test.get("reference", {}).get("accuracy") or {}
+        with ResultsStore(self.db) as store:
+            images = next((r["images"] for r in store.rows(self.name) if r["images"]), None)
+        lines = [f"Decided on the validation split: {images or self.cfg.val_size:,} images "
+                 "held out of the training images (data.val_size); the candidates were "
+                 "fine-tuned without them. Every figure below is on those images."]
+        if test and ref:
+            lines.append(
+                f"Reported on the test split ({test['images']:,} images, never used to "
+                f"decide): the chosen {result.chosen.candidate.name if result.chosen else ''}"
+                f" {test['top1']:.2%} top-1 against the input model's {ref['top1']:.2%} "
+                f"({(test['top1'] - ref['top1']) * 100:+.2f} points); its run with every "
+                f"figure on the test split: {CHOSEN_DIR}/report.md.")
+        return lines
+
+    def _write_record(self, chosen: str | None = None, notes: list[str] | None = None
+                      ) -> None:
         write_study_record(self.out, self.name, self.cells, self.db,
                            spec={"compress": self.cfg.model_dump(mode="json"),
                                  "recipe": self.base},
                            report={"accuracy_budget": self.cfg.budget_points,
-                                   "baseline": "baseline"}, chosen=chosen)
+                                   "baseline": "baseline"}, chosen=chosen, notes=notes)
 
     def _finish(self, trials: list[Trial]) -> CompressResult:
         assert self.ref_top1 is not None
@@ -248,7 +267,8 @@ class Search:
             self.log(f"compress: chosen {result.chosen.candidate.name}; measuring it on the "
                      "test split")
             self._measure_on_test(result)
-            self._write_record(chosen=result.chosen.candidate.name)
+            self._write_record(chosen=result.chosen.candidate.name,
+                               notes=self._split_notes(result))
         result.report = render_study_report(self.out, self.db)[0]
         return result
 

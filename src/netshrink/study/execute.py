@@ -74,15 +74,16 @@ def _dependencies(cells: tuple[Cell, ...]) -> dict[str, set[str]]:
 def write_study_record(out: Path, name: str, cells: list[Cell] | tuple[Cell, ...], db: Path,
                        *, spec: dict[str, Any], report: dict[str, Any],
                        merged: dict[str, list[str]] | None = None,
-                       chosen: str | None = None) -> None:
+                       chosen: str | None = None, notes: list[str] | None = None) -> None:
     """``out/study.json``: the cells (with their recipes) the report and ``show`` read;
-    ``chosen``: the cell whose final stage the report marks (a compress search's pick)."""
+    ``chosen``: the cell whose final stage the report marks (a compress search's pick);
+    ``notes``: lines the report shows first."""
     previous = read_study_record(out) if (out / STUDY_FILE).is_file() else {}
     atomic_write_text(out / STUDY_FILE, json.dumps({
         "name": name, "netshrink": netshrink.__version__,
         "created": previous.get("created", now()), "updated": now(),
         "db": str(db), "report": report, "spec": spec, "merged": merged or {},
-        "chosen": chosen,
+        "chosen": chosen, "notes": notes or [],
         "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
                    "recipe": c.recipe.model_dump(mode="json")} for c in cells],
     }, indent=1))

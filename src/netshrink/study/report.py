@@ -152,7 +152,8 @@ def study_content(out: Path, db: Path | None = None) -> ReportContent:
     status = f"Study of {len(study['cells'])} cells; {recorded} recorded in {db}."
     if waiting:
         status += f" Not yet recorded: {', '.join(waiting)}."
-    notes = [status, *content.notes]
+    extra = [str(n) for n in study.get("notes") or [] if isinstance(n, str)]
+    notes = [*extra, status, *content.notes]
     return dataclasses.replace(content, title=f"netshrink study: {study['name']}",
                                notes=tuple(notes))
 
