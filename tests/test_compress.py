@@ -149,3 +149,23 @@ def test_a_latency_search_deploys_int8_in_the_runtime(trained: Path, fashion_dir
     chosen = result.test["chosen"]
     assert chosen["runtime"] == "onnxruntime" and chosen["latency"]["p50_ms"] > 0
     assert result.chosen.p50_ms == min(t.p50_ms for t in result.trials if t.within)
+
+
+def test_a_size_search_with_int8_counts_and_chooses_the_packed_file(
+        trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+    cfg = CompressConfig(**{**QUICK, "deploy": "int8", "channel_ratios": [0.3],
+                            "sparsities": [0.5]})
+    result = compress({"arch": "resnet_tiny", "weights": str(trained)},
+                      {"name": "fashion_mnist", "root": str(fashion_dir)}, tmp_path / "out",
+                      cfg, log=lambda _: None)
+    assert result.deployable is not None and result.deployable.suffix == ".nspk"
+    assert result.deployable.stat().st_size == result.test["chosen"]["sizes"]["packed"]
+    # the candidate's file, made again in chosen/ (only the run name in its metadata differs)
+    assert result.deployable.stat().st_size == pytest.approx(result.chosen.size_bytes, rel=1e-3)
+    onnx = result.deployable.with_suffix(".onnx")
+    assert onnx.is_file() and onnx.stat().st_size > result.chosen.size_bytes
+    from netshrink.runtime.files import open_model_file
+
+    opened = open_model_file(result.deployable)  # the packed file runs in ONNX Runtime
+    assert opened.runtime == "onnxruntime" and opened.precision == "int8"
+    opened.close()

@@ -20,7 +20,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from netshrink.compress.options import compress_config
 
     settings = {"budget_points": args.budget_points, "target": args.target,
-                "runtime": args.runtime, "finetune_epochs": args.finetune_epochs,
+                "runtime": args.runtime, "deploy": args.deploy,
+                "finetune_epochs": args.finetune_epochs,
                 "val_size": args.val_size, "timing": not args.no_timing,
                 "kmeans_bits": args.kmeans_bits, "max_steps": args.max_steps}
     if args.channel_ratios is not None:
@@ -66,6 +67,10 @@ def add_compress(sub: argparse._SubParsersAction,
                    help="what to minimise: bytes on disk, or batch-1 latency on --runtime")
     p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
                    help="the runtime latency candidates run in")
+    p.add_argument("--deploy", choices=["auto", "kmeans", "int8"], default="auto",
+                   help="the last step: k-means sharing (packed .nspk, smallest; float in "
+                        "torch) or INT8 on --runtime (for size, its packed .nspk counts: "
+                        "small and fast); auto: kmeans for size, int8 for latency")
     p.add_argument("--channel-ratios", type=_ratios,
                    help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6)")
     p.add_argument("--sparsities", type=_ratios,

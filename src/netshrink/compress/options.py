@@ -19,7 +19,12 @@ class CompressConfig(BaseModel):
             unstructured sparsity, then k-means weight sharing in the packed format) or
             ``latency`` (batch-1 p50 on ``runtime``: channel pruning, then INT8 with
             float fallback of the layers that cost accuracy).
-        runtime: where latency candidates run and are timed.
+        runtime: where INT8 candidates run and are timed.
+        deploy: the last step: ``kmeans`` (shared weight values in the packed ``.nspk``,
+            the smallest file; it runs as float in torch), ``int8`` (static INT8 on
+            ``runtime`` with float fallback; for ``size`` its packed ``.nspk``, sparse
+            int8 weights and zstd, is the file counted and chosen: small *and* fast), or
+            ``auto``: ``kmeans`` for ``size``, ``int8`` for ``latency``.
         channel_ratios: fractions of every coupled channel group removed, tried in
             increasing order until one breaks the budget (0, no channel pruning, is
             always tried first).
@@ -46,6 +51,7 @@ class CompressConfig(BaseModel):
     budget_points: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False)
     target: Literal["size", "latency"] = "size"
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    deploy: Literal["auto", "kmeans", "int8"] = "auto"
     channel_ratios: list[float] = Field(default_factory=lambda: [0.2, 0.35, 0.5, 0.6])
     channel_scope: Literal["sensitivity", "layer"] = "sensitivity"
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
@@ -62,6 +68,13 @@ class CompressConfig(BaseModel):
     measure_batch: int = Field(default=32, gt=0)
     threads: int | None = Field(default=None, gt=0)
     max_steps: int | None = Field(default=None, gt=0)  # per fine-tuning (quick trials)
+
+    @property
+    def deploy_method(self) -> str:
+        """``kmeans`` or ``int8``: ``deploy`` with ``auto`` resolved by the target."""
+        if self.deploy != "auto":
+            return self.deploy
+        return "kmeans" if self.target == "size" else "int8"
 
     @field_validator("channel_ratios", "sparsities")
     @classmethod

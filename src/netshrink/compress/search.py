@@ -103,7 +103,7 @@ def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any
         stages += [{"kind": "prune.magnitude", "name": "sparse", "ratio": cand.sparsity,
                     "scope": "global", "finetune_epochs": 0},
                    {**finetune, "name": "sparse-ft"}]
-    if cfg.target == "size":
+    if cfg.deploy_method == "kmeans":
         stages.append({"kind": "quant.kmeans", "name": "deploy", "bits": cfg.kmeans_bits,
                        "finetune_epochs": cfg.kmeans_finetune_epochs,
                        "finetune_lr": cfg.finetune_lr})
@@ -209,14 +209,19 @@ class Search:
         with ResultsStore(self.db) as store:
             rows = [r for r in store.rows(self.name) if r["cell"] == cand.name]
         baseline, deploy = rows[0], rows[-1]
+        size, artifact = deploy["size_bytes"], deploy["artifact"]
+        packed = _packed_size(deploy["record"])
+        if self.cfg.target == "size" and packed is not None and artifact:
+            # the INT8 model's packed file loads and runs in the runtime too: the small one
+            size, artifact = packed, str(Path(artifact).with_suffix(".nspk"))
         if baseline["top1"] is None or deploy["top1"] is None:
             raise UserError(f"candidate {cand.name}: no validation top-1 was measured; "
                             "the data needs a validation split (--val-size)")
         if self.ref_top1 is None:
             self.ref_top1 = baseline["top1"]
         floor = self.ref_top1 - self.cfg.budget_points / 100
-        return Trial(candidate=cand, top1=deploy["top1"], size_bytes=deploy["size_bytes"],
-                     p50_ms=deploy["latency_p50_ms"], artifact=deploy["artifact"],
+        return Trial(candidate=cand, top1=deploy["top1"], size_bytes=size,
+                     p50_ms=deploy["latency_p50_ms"], artifact=artifact,
                      within=deploy["top1"] >= floor - 1e-12)
 
     def _best(self, trials: list[Trial]) -> Trial | None:
@@ -282,8 +287,19 @@ class Search:
         first, last = record.stages[0], record.stages[-1]
         assert first.measurement is not None and last.measurement is not None
         result.deployable = folder / last.artifact if last.artifact else None
+        sizes = last.measurement.sizes or {}
+        if self.cfg.target == "size" and "packed" in sizes and result.deployable:
+            result.deployable = result.deployable.with_suffix(".nspk")
         result.test = {"split": "test", "reference": first.measurement.model_dump(mode="json"),
                        "chosen": last.measurement.model_dump(mode="json")}
+
+
+def _packed_size(record_json: str) -> int | None:
+    """The packed ``.nspk`` size an INT8 stage's record lists, if any."""
+    from netshrink.stages.record import StageRecord
+
+    m = StageRecord.model_validate_json(record_json).measurement
+    return (m.sizes or {}).get("packed") if m is not None else None
 
 
 def _dominates(a: Trial, b: Trial) -> bool:
