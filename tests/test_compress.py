@@ -17,7 +17,7 @@ from netshrink.store.packed import load_packed_model
 from netshrink.study import ResultsStore
 
 QUICK = {"val_size": 100, "calib_size": 16, "batch_size": 64, "max_steps": 6,
-         "kmeans_finetune_epochs": 0.1, "channel_ratios": [0.3, 0.9],
+         "kmeans_finetune_epochs": 0.1, "kmeans_bits": [3, 8], "channel_ratios": [0.3, 0.9],
          "sparsities": [0.5, 0.95], "timing": False, "budget_points": 8.0}
 
 
@@ -59,26 +59,39 @@ def test_candidates_compose_the_methods_the_target_asks_for() -> None:
 def test_the_search_stops_at_the_budget_and_chooses_the_smallest(searched) -> None:
     _, result, lines = searched
     trials = result.trials
-    walk = [t for t in trials if t.candidate.sparsity == 0]
-    # the channel walk: 0, then each ratio in turn, up to and including the first that
-    # breaks the budget
-    assert [t.candidate.channels for t in walk] == [0.0, 0.3, 0.9][:len(walk)]
-    assert all(t.within for t in walk[:-1])
-    if len(walk) < 3:  # stopped early: by a candidate over the budget
-        assert not walk[-1].within
-    kept = max((t.candidate.channels for t in walk if t.within), default=None)
-    sparse = [t for t in trials if t.candidate.sparsity > 0]
+    structures: dict[tuple[float, float], list] = {}
+    for t in trials:  # in the order tried
+        structures.setdefault((t.candidate.channels, t.candidate.sparsity), []).append(t)
+    held = {k: any(t.within for t in ts) for k, ts in structures.items()}
+    order = list(structures)
+    # each structure tries widths upwards from the one the last structure needed, and
+    # stops at the first that keeps the budget
+    needed = 0
+    for key in order:
+        bits = [t.candidate.bits for t in structures[key]]
+        assert bits == sorted(bits) and bits[0] >= needed
+        assert all(not t.within for t in structures[key][:-1])
+        if held[key]:
+            needed = bits[-1]
+    # the channel walk: 0, then each ratio in turn, up to the first structure that breaks
+    walk = [k for k in order if k[1] == 0]
+    assert [c for c, _ in walk] == [0.0, 0.3, 0.9][:len(walk)]
+    assert all(held[k] for k in walk[:-1])
+    if len(walk) < 3:  # stopped early: by a structure over the budget at every width
+        assert not held[walk[-1]]
+    kept = max((c for c, _ in walk if held[(c, 0.0)]), default=None)
+    sparse = [k for k in order if k[1] > 0]
     # the sparsity walk: on the last channel ratio that held, until one breaks the budget
-    assert all(t.candidate.channels == kept for t in sparse)
-    assert [t.candidate.sparsity for t in sparse] == [0.5, 0.95][:len(sparse)]
-    assert all(t.within for t in sparse[:-1])
+    assert all(c == kept for c, _ in sparse)
+    assert [sp for _, sp in sparse] == [0.5, 0.95][:len(sparse)]
+    assert all(held[k] for k in sparse[:-1])
     if len(sparse) < 2 and sparse:
-        assert not sparse[-1].within
+        assert not held[sparse[-1]]
     within = [t for t in trials if t.within]
     assert result.chosen == min(within, key=lambda t: t.size_bytes)
     for t in trials:  # the budget is judged against the input model on val
         assert t.within == (t.top1 >= result.reference_top1 - 0.08 - 1e-12)
-    assert any("candidate 2 of at most 5" in line for line in lines)
+    assert any("candidate 2 of at most 6" in line for line in lines)
     assert any("best so far" in line for line in lines)
     # the front holds no candidate that another beats in both size and top-1
     for t in (t for t in trials if t.candidate.name in result.front):

@@ -75,7 +75,9 @@ def add_compress(sub: argparse._SubParsersAction,
                    help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6)")
     p.add_argument("--sparsities", type=_ratios,
                    help="sparsities to try with --target size (default 0.5,0.7,0.8,0.9)")
-    p.add_argument("--kmeans-bits", type=int, help="weight-sharing bits (default 4)")
+    p.add_argument("--kmeans-bits", type=lambda t: [int(x) for x in t.split(",")],
+                   help="k-means widths tried in turn until one keeps the budget "
+                        "(default 4,5,6,8)")
     p.add_argument("--finetune-epochs", type=int,
                    help="KD fine-tuning epochs after each pruning step (default 1)")
     p.add_argument("--val-size", type=int,

@@ -34,7 +34,9 @@ class CompressConfig(BaseModel):
             group loses the same fraction.
         sparsities: global unstructured sparsities tried on the chosen channel ratio
             (``size`` only), increasing, until one breaks the budget.
-        kmeans_bits: index width of the weight sharing (``size``): 2**bits values a layer.
+        kmeans_bits: index widths of the weight sharing (2**bits values a layer), tried
+            in this order for each structure until one keeps the budget; a later structure
+            starts from the width the previous one needed.
         kmeans_finetune_epochs: epochs of fine-tuning the shared values (0: none).
         finetune_epochs / finetune_lr / batch_size: the knowledge-distillation fine-tuning
             after each pruning step (the input model is the teacher).
@@ -55,7 +57,7 @@ class CompressConfig(BaseModel):
     channel_ratios: list[float] = Field(default_factory=lambda: [0.2, 0.35, 0.5, 0.6])
     channel_scope: Literal["sensitivity", "layer"] = "sensitivity"
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
-    kmeans_bits: int = Field(default=4, ge=1, le=8)
+    kmeans_bits: list[int] = Field(default_factory=lambda: [4, 5, 6, 8])
     kmeans_finetune_epochs: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     finetune_epochs: int = Field(default=1, gt=0)
     finetune_lr: float = Field(default=0.01, gt=0, allow_inf_nan=False)
@@ -75,6 +77,15 @@ class CompressConfig(BaseModel):
         if self.deploy != "auto":
             return self.deploy
         return "kmeans" if self.target == "size" else "int8"
+
+    @field_validator("kmeans_bits")
+    @classmethod
+    def _bits(cls, values: list[int]) -> list[int]:
+        if not values or any(not 1 <= b <= 8 for b in values):
+            raise ValueError(f"{values}: give one or more widths from 1 to 8")
+        if values != sorted(set(values)):
+            raise ValueError(f"{values}: list each width once, in increasing order")
+        return values
 
     @field_validator("channel_ratios", "sparsities")
     @classmethod

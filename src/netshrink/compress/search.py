@@ -48,10 +48,12 @@ class Candidate:
 
     channels: float
     sparsity: float
+    bits: int | None = None  # k-means index width; None: INT8
 
     @property
     def name(self) -> str:
-        return f"ch{self.channels:g}-sp{self.sparsity:g}"
+        name = f"ch{self.channels:g}-sp{self.sparsity:g}"
+        return name if self.bits is None else f"{name}-b{self.bits}"
 
 
 @dataclass
@@ -104,7 +106,8 @@ def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any
                     "scope": "global", "finetune_epochs": 0},
                    {**finetune, "name": "sparse-ft"}]
     if cfg.deploy_method == "kmeans":
-        stages.append({"kind": "quant.kmeans", "name": "deploy", "bits": cfg.kmeans_bits,
+        stages.append({"kind": "quant.kmeans", "name": "deploy",
+                       "bits": cand.bits or cfg.kmeans_bits[0],
                        "finetune_epochs": cfg.kmeans_finetune_epochs,
                        "finetune_lr": cfg.finetune_lr})
     else:
@@ -153,14 +156,17 @@ class Search:
         self.started = time.perf_counter()
 
     def _most(self) -> int:
-        return 1 + len(self.cfg.channel_ratios) + (
+        structures = 1 + len(self.cfg.channel_ratios) + (
             len(self.cfg.sparsities) if self.cfg.target == "size" else 0)
+        if self.cfg.deploy_method == "kmeans":  # each width at most once more than that
+            return structures + len(self.cfg.kmeans_bits) - 1
+        return structures
 
     def run(self) -> CompressResult:
         check_out_folder(self.out, mark=STUDY_FILE, what="compress")
         # every candidate's recipe is valid before the first one runs
-        for cand in [Candidate(c, 0.0) for c in (0.0, *self.cfg.channel_ratios)]:
-            _recipe(self.base, self.cfg, cand, self.name)
+        for ratio in (0.0, *self.cfg.channel_ratios):
+            _recipe(self.base, self.cfg, Candidate(ratio, 0.0), self.name)
         self.out.mkdir(parents=True, exist_ok=True)
         with ResultsStore(self.db):
             pass  # refuses a bad database before anything runs
@@ -169,20 +175,31 @@ class Search:
         trials: list[Trial] = []
         channels = 0.0
         for ratio in (0.0, *self.cfg.channel_ratios):
-            trial = self._trial(Candidate(ratio, 0.0), trials)
-            if not trial.within:
+            if not self._structure(ratio, 0.0, trials):
                 break
             channels = ratio
         if self.cfg.target == "size" and any(t.within for t in trials):
             for sparsity in self.cfg.sparsities:
-                if not self._trial(Candidate(channels, sparsity), trials).within:
+                if not self._structure(channels, sparsity, trials):
                     break
         return self._finish(trials)
 
+    def _structure(self, channels: float, sparsity: float, trials: list[Trial]) -> bool:
+        """Deploy one structure; with k-means, the narrowest width (from the one the last
+        structure needed) that keeps the budget. Whether it kept it."""
+        if self.cfg.deploy_method != "kmeans":
+            return self._trial(Candidate(channels, sparsity), trials).within
+        held = [t.candidate.bits for t in trials if t.within and t.candidate.bits]
+        widths = [b for b in self.cfg.kmeans_bits if b >= (held[-1] if held else 0)]
+        return any(self._trial(Candidate(channels, sparsity, b), trials).within
+                   for b in widths)
+
     def _trial(self, cand: Candidate, trials: list[Trial]) -> Trial:
         recipe = _recipe(self.base, self.cfg, cand, f"{self.name}.{cand.name}")
-        cell = Cell(name=cand.name, axes={"channels": f"{cand.channels:g}",
-                                          "sparsity": f"{cand.sparsity:g}"}, recipe=recipe)
+        axes = {"channels": f"{cand.channels:g}", "sparsity": f"{cand.sparsity:g}"}
+        if cand.bits is not None:
+            axes["bits"] = str(cand.bits)
+        cell = Cell(name=cand.name, axes=axes, recipe=recipe)
         self.cells.append(cell)
         self._write_record()
         k = len(trials) + 1
