@@ -149,6 +149,7 @@ def test_compress_from_python_takes_a_model_file(searched, trained: Path) -> Non
     assert cfg["budget_points"] == 8.0
 
 
+@pytest.mark.slow  # ~25 s: timing every candidate; the INT8 path is covered by the next test
 def test_a_latency_search_deploys_int8_in_the_runtime(trained: Path, fashion_dir: Path,
                                                       tmp_path: Path) -> None:
     cfg = CompressConfig(**{**QUICK, "target": "latency", "timing": True,
