@@ -50,14 +50,25 @@ def cmd_study_show(args: argparse.Namespace) -> int:
                 n = store.write_csv(args.csv, name)
                 print(f"wrote {n} rows to {args.csv}")
                 return 0
-            for row in store.rows(name):
-                print(row["cell"], row["stage"], row["top1"], row["size_bytes"],
-                      row["latency_p50_ms"], sep="\t")
+            rows = store.rows(name)
+        print("| cell | stage | kind | runtime | top-1 % | size B | non-zero params | "
+              "b1 p50 ms | img/s | noisy |")
+        print("|:---|:---|:---|:---|---:|---:|---:|---:|---:|:---|")
+        for r in rows:
+            print(f"| {r['cell']} | {r['stage']} | {r['kind']} | {r['runtime']} "
+                  f"| {_num(r['top1'], 100, '.2f')} | {_num(r['size_bytes'], 1, ',')} "
+                  f"| {_num(r['nonzero_params'], 1, ',')} | {_num(r['latency_p50_ms'], 1, '.3f')} "
+                  f"| {_num(r['throughput_images_per_s'], 1, ',.0f')} "
+                  f"| {'yes' if r['noisy'] else ''} |")
         return 0
     content = study_content(args.folder, args.db)
     print(content.headline)
     print("\n".join(md_table(content.comparison)))
     return 0
+
+
+def _num(value: float | None, scale: float, spec: str) -> str:
+    return "–" if value is None else format(value * scale, spec)
 
 
 def add_study(sub: argparse._SubParsersAction,
