@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -945,10 +946,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that run a recipe, so train data-parallel under torchrun.
+_DATA_PARALLEL = ("run", "train", "distill", "prune", "quantize")
+
+
+def _data_parallel(args: argparse.Namespace) -> None:
+    """Under torchrun with several processes: only the commands that train run, and only
+    rank 0 prints (the others train with it; see ``netshrink.train.distributed``).
+
+    Raises:
+        UserError: the command does not train (every rank would do the same work).
+    """
+    from netshrink.train.distributed import launched
+
+    world = launched()
+    if not world.parallel:
+        return
+    name = args.fn.__name__.removeprefix("cmd_").replace("_", " ")
+    if name not in _DATA_PARALLEL:
+        raise UserError(f"netshrink {name} does not train, so it does not run under torchrun "
+                        f"with several processes; run it as one process (torchrun trains "
+                        f"data-parallel for: {', '.join(_DATA_PARALLEL)})")
+    if not world.leader:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(
         normalize_argv(sys.argv[1:] if argv is None else argv))
     try:
+        _data_parallel(args)
         return int(args.fn(args))
     except UserError as exc:
         print(f"netshrink: error: {exc}", file=sys.stderr)
