@@ -75,7 +75,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     stage = {"kind": "train", "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "optimizer": args.optimizer}
+             "batch_size": args.batch_size, "optimizer": args.optimizer,
+             "sync_bn": args.sync_bn}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
     _run_as_recipe(args, "netshrink train", model=model, data={"name": args.data},
@@ -86,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     stage = {"kind": "distill.kd", "teacher": str(args.teacher), "alpha": args.alpha,
              "temperature": args.temperature, "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size}
+             "batch_size": args.batch_size, "sync_bn": args.sync_bn}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
     _run_as_recipe(args, "netshrink distill", model=model, data={"name": args.data},
@@ -687,7 +688,10 @@ def _training_args(p: argparse.ArgumentParser, *, arch_help: str, weights_help: 
 def _schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=3, help="training epochs")  # checked: > 0
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="training batch size (the global batch under torchrun)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, batch norm over the global batch (as one process)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
