@@ -235,6 +235,69 @@ def test_killed_data_parallel_training_resumes(fashion_dir: Path, tmp_path: Path
     assert difference < 1e-6, difference
 
 
+def _spmd_setup() -> tuple:
+    """A fresh tiny model and 9 training images: batches of 4, 4 and 1 (with two ranks,
+    rank 1 has no image of the last)."""
+    from netshrink.data import DataBundle, DatasetInfo
+    from netshrink.models import ModelSpec, build_model
+    from netshrink.train.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet_tiny", stem="cifar", num_classes=3,
+                                  in_channels=1))
+    gen = torch.Generator().manual_seed(1)
+    split = ArraySplit(torch.randint(0, 256, (9, 1, 12, 12), dtype=torch.uint8, generator=gen),
+                       torch.arange(9) % 3, (0.5,), (0.25,), augmentation=Augment(hflip=True))
+    info = DatasetInfo("toy", 3, 1, 12, ["a", "b", "c"], (0.5,), (0.25,))
+    data = DataBundle(info=info, train=split, val=None, test=split, calib=split)
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=4, warmup_epochs=0, eval_every=0,
+                      sync_bn=True)
+    return model, data, cfg
+
+
+def _spmd_worker(rank: int, port: int, folder: Path) -> None:
+    from netshrink.train.loop import train
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    model, data, cfg = _spmd_setup()
+    lines: list[str] = []
+    train(model, data, cfg, progress=False, log=lines.append)
+    torch.save({"state": model.state_dict(), "lines": lines}, folder / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@needs_gloo
+def test_every_rank_calling_the_loop_trains_as_one_process(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A script every rank runs (no recipe, no rank 0 leading): the loop is collective;
+    a rank whose share of the last batch is empty still takes the step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from netshrink.train.loop import train
+
+    for key, value in _env(tmp_path).items():
+        if key in ("GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS"):
+            monkeypatch.setenv(key, value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spmd_worker, args=(port, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model, data, cfg = _spmd_setup()
+    train(model, data, cfg, progress=False, log=lambda _: None)
+    for name, value in model.state_dict().items():
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+        scale = max(1.0, float(value.abs().max())) if value.is_floating_point() else 1.0
+        assert float((ranks[0]["state"][name].double() - value.double()).abs().max()) <= (
+            1e-5 * scale), name
+    assert len(ranks[0]["lines"]) == 2 and ranks[1]["lines"] == []  # rank 0 alone logs
+
+
 # ------------------------------------------------------------------ shares, no processes
 
 

@@ -154,10 +154,10 @@ def train(
         while loop.pos.step < loop.total and loop.pos.epoch < cfg.epochs:
             loop.epoch(progress if progress is not None else sys.stderr.isatty())
         model.eval()
+    model.to(memory_format=torch.contiguous_format)
     if world.parallel:
         # Each rank's last step left its own batch-norm statistics: all end as rank 0.
         distributed.broadcast_module(model)
-    model.to(memory_format=torch.contiguous_format)
     ended()
     pos = loop.pos
     return TrainResult(history=pos.history, steps=pos.step, seconds=pos.seconds,
