@@ -36,9 +36,8 @@ from netshrink.data import Split, shard_rows
 from netshrink.errors import UserError
 
 __all__ = ["GlobalBatchNorm2d", "World", "announce_training", "broadcast_module", "check_same",
-           "current",
-           "follow", "global_batch_norm", "init", "launched", "leading", "rank_batches",
-           "sum_across", "wait_for_leader", "wrap"]
+           "current", "follow", "global_batch_norm", "init", "launched", "leading",
+           "rank_batches", "sum_across", "wait_for_leader", "wrap"]
 
 # Rank 0 may measure, export or analyse for a long while between two trainings, while
 # the other ranks wait for its next message: far longer than torch's default timeouts.

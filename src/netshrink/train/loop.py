@@ -128,6 +128,10 @@ def train(
         log: where one line per epoch goes.
         fingerprint_extra: anything else that must match for a state to resume.
 
+    Under torchrun with several processes every rank calls this together (or rank 0
+    does, leading: see ``netshrink.train.distributed``); ``cfg.batch_size`` is the
+    global batch, and every rank ends with rank 0's weights.
+
     Returns:
         The per-epoch history, the steps taken, seconds spent (across resumes).
 
