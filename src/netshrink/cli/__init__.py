@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -74,7 +75,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     stage = {"kind": "train", "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "optimizer": args.optimizer}
+             "batch_size": args.batch_size, "optimizer": args.optimizer,
+             "sync_bn": args.sync_bn}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
     _run_as_recipe(args, "netshrink train", model=model, data={"name": args.data},
@@ -85,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     stage = {"kind": "distill.kd", "teacher": str(args.teacher), "alpha": args.alpha,
              "temperature": args.temperature, "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size}
+             "batch_size": args.batch_size, "sync_bn": args.sync_bn}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
     _run_as_recipe(args, "netshrink distill", model=model, data={"name": args.data},
@@ -686,7 +688,10 @@ def _training_args(p: argparse.ArgumentParser, *, arch_help: str, weights_help: 
 def _schedule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=3, help="training epochs")  # checked: > 0
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="training batch size (the global batch under torchrun)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, batch norm over the global batch (as one process)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -945,10 +950,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that run a recipe, so train data-parallel under torchrun.
+_DATA_PARALLEL = ("run", "train", "distill", "prune", "quantize")
+
+
+def _data_parallel(args: argparse.Namespace) -> None:
+    """Under torchrun with several processes: only the commands that train run, and only
+    rank 0 prints (the others train with it; see ``netshrink.train.distributed``).
+
+    Raises:
+        UserError: the command does not train (every rank would do the same work).
+    """
+    from netshrink.train.distributed import launched
+
+    world = launched()
+    if not world.parallel:
+        return
+    name = args.fn.__name__.removeprefix("cmd_").replace("_", " ")
+    if name not in _DATA_PARALLEL:
+        raise UserError(f"netshrink {name} does not train, so it does not run under torchrun "
+                        f"with several processes; run it as one process (torchrun trains "
+                        f"data-parallel for: {', '.join(_DATA_PARALLEL)})")
+    if not world.leader:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(
         normalize_argv(sys.argv[1:] if argv is None else argv))
     try:
+        _data_parallel(args)
         return int(args.fn(args))
     except UserError as exc:
         print(f"netshrink: error: {exc}", file=sys.stderr)

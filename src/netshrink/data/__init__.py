@@ -23,13 +23,14 @@ from netshrink.data.base import (
     DatasetInfo,
     RawArrays,
     Split,
+    shard_rows,
 )
 from netshrink.errors import UserError
 from netshrink.registry import Registry
 
 __all__ = [
     "DATASETS", "ArraySplit", "Augment", "Batch", "DataBundle", "DataConfig", "DatasetInfo",
-    "RawArrays", "Split", "build_data", "split_indices",
+    "RawArrays", "Split", "build_data", "shard_rows", "split_indices",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

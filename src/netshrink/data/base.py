@@ -55,6 +55,15 @@ class Split(Protocol):
     ) -> Iterator[Batch]: ...
 
 
+def shard_rows(n: int, rank: int, size: int) -> slice:
+    """Rank ``rank`` of ``size``'s rows of a batch of ``n`` (data-parallel training):
+    contiguous, the shares' sizes differ by at most one (the first ranks take the extra
+    rows), together exactly the batch."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
 @dataclass
 class ArraySplit:
     """An in-memory split: uint8 images ``[N, C, H, W]`` and int64 labels ``[N]``."""
@@ -95,23 +104,30 @@ class ArraySplit:
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)
 
-    def _augment(self, x: Tensor, gen: torch.Generator) -> Tensor:
+    def _augment(self, x: Tensor, gen: torch.Generator, n: int | None = None,
+                 rows: slice | None = None) -> Tensor:
+        """Augment ``x``: the rows ``rows`` of a batch of ``n`` images (all of it by
+        default). The random draws are made for the whole batch, so a rank's share of a
+        batch is augmented exactly as in the whole batch one process gets."""
         aug = self.augmentation
-        n, _, h, w = x.shape
+        _, _, h, w = x.shape
+        m = x.shape[0]
+        n = m if n is None else n
+        rows = slice(0, n) if rows is None else rows
         if aug.crop_padding > 0:
             p = aug.crop_padding
             padded = F.pad(x, (p, p, p, p), mode="reflect")
             # One random offset per image, gathered with index arithmetic: no Python loop.
-            dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-            dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-            rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1)
-            cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w)
-            batch = torch.arange(n).view(n, 1, 1, 1)
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)[rows]
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)[rows]
+            rows_i = (dy.view(m, 1) + torch.arange(h)).view(m, 1, h, 1)
+            cols = (dx.view(m, 1) + torch.arange(w)).view(m, 1, 1, w)
+            batch = torch.arange(m).view(m, 1, 1, 1)
             chan = torch.arange(x.shape[1]).view(1, -1, 1, 1)
-            x = padded[batch, chan, rows, cols]
+            x = padded[batch, chan, rows_i, cols]
         if aug.hflip:
-            flip = torch.rand(n, generator=gen) < 0.5
-            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+            flip = (torch.rand(n, generator=gen) < 0.5)[rows]
+            x = torch.where(flip.view(m, 1, 1, 1), x.flip(-1), x)
         return x
 
     def batches(
@@ -125,6 +141,23 @@ class ArraySplit:
             if augment:
                 x = self._augment(x, gen)
             yield x, self.labels[idx]
+
+    def shard_batches(
+        self, batch_size: int, *, rank: int, size: int, shuffle: bool = False,
+        augment: bool = False, seed: int = 0,
+    ) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """Rank ``rank`` of ``size``'s share of each batch ``batches`` yields (the same
+        images, augmented the same way), with the whole batch's size: data-parallel
+        training loads only its own share."""
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            idx = order[start : start + batch_size]
+            rows = shard_rows(len(idx), rank, size)
+            x = self.to_float(self.images[idx[rows]])
+            if augment:
+                x = self._augment(x, gen, len(idx), rows)
+            yield x, self.labels[idx[rows]], len(idx)
 
 
 @dataclass

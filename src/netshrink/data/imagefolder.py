@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from netshrink.data.base import Batch, DataBundle, DatasetInfo
+from netshrink.data.base import Batch, DataBundle, DatasetInfo, shard_rows
 from netshrink.errors import UserError
 from netshrink.limits import open_regular
 
@@ -334,14 +334,8 @@ class FileSplit:
             num_workers=self.num_workers, augmentation=self.augmentation,
         )
 
-    def batches(
-        self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0
-    ) -> Iterator[Batch]:
-        """Yield ``(images [B, C, S, S] float, labels [B] int64)``.
-
-        Raises:
-            UserError: an image cannot be decoded (the message names the file).
-        """
+    def _keys(self, *, shuffle: bool, augment: bool, seed: int) -> list[tuple[int, int]]:
+        """``(index, seed)`` of every image in the order batches take them."""
         gen = torch.Generator().manual_seed(seed)
         n = len(self)
         order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
@@ -351,23 +345,59 @@ class FileSplit:
             seeds = torch.randint(0, 2**62, (n,), generator=gen).tolist()
         else:
             seeds = [-1] * n
-        keys = list(zip(order.tolist(), seeds, strict=True))
+        return list(zip(order.tolist(), seeds, strict=True))
+
+    def _loader(self, seed: int, **batching: Any) -> Iterator[Batch]:
         dataset = _ImageDataset(self.files, self.labels, self.image_size, self.mode,
                                 self.mean, self.std)
         loader = DataLoader(
             dataset,  # type: ignore[arg-type]
-            batch_size=batch_size,
-            sampler=keys,  # type: ignore[arg-type]
             num_workers=self.num_workers,
             collate_fn=_collate,
             # Our own generator: otherwise worker start-up would draw from the global RNG
             # and shift the model's initialisation or dropout between runs.
             generator=torch.Generator().manual_seed(seed),
+            **batching,
         )
         for batch in loader:
             if isinstance(batch, _Failure):
                 raise UserError(batch.message)
             yield batch
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0
+    ) -> Iterator[Batch]:
+        """Yield ``(images [B, C, S, S] float, labels [B] int64)``.
+
+        Raises:
+            UserError: an image cannot be decoded (the message names the file).
+        """
+        keys = self._keys(shuffle=shuffle, augment=augment, seed=seed)
+        yield from self._loader(seed, batch_size=batch_size, sampler=keys)
+
+    def shard_batches(
+        self, batch_size: int, *, rank: int, size: int, shuffle: bool = False,
+        augment: bool = False, seed: int = 0,
+    ) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """Rank ``rank`` of ``size``'s share of each batch ``batches`` yields (the same
+        images, transformed with the same seeds), with the whole batch's size: each rank
+        of a data-parallel training decodes only its own share.
+
+        Raises:
+            UserError: an image cannot be decoded (the message names the file).
+        """
+        keys = self._keys(shuffle=shuffle, augment=augment, seed=seed)
+        groups = [keys[start : start + batch_size] for start in range(0, len(keys), batch_size)]
+        shares = [group[shard_rows(len(group), rank, size)] for group in groups]
+        loaded = self._loader(seed, batch_sampler=[share for share in shares if share])
+        channels = 3 if self.mode == "RGB" else 1
+        for group, share in zip(groups, shares, strict=True):
+            if share:
+                x, y = next(loaded)
+            else:  # a last batch smaller than the ranks: this rank has no image of it
+                side = self.image_size
+                x, y = torch.zeros(0, channels, side, side), torch.zeros(0, dtype=torch.int64)
+            yield x, y, len(group)
 
 
 # --------------------------------------------------------------------------- the folders

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TeacherOutputs", "kd_loss", "kd_loss_fn"]
+__all__ = ["KDLoss", "TeacherOutputs", "kd_loss", "kd_loss_fn"]
 
 
 def kd_loss(
@@ -78,6 +78,33 @@ class TeacherOutputs:
         return torch.stack(out).to(x.device)
 
 
+class KDLoss:
+    """The training-loop loss hook ``(student, x, y) -> (loss, student logits)`` of
+    distillation from a frozen teacher.
+
+    A class rather than a closure: data-parallel training sends the loss hook to the
+    other ranks (pickled), and each rank keeps a teacher-logits memo of its own.
+    """
+
+    def __init__(self, teacher: nn.Module, *, alpha: float, temperature: float,
+                 label_smoothing: float = 0.0) -> None:
+        self.outputs = TeacherOutputs(teacher)
+        self.alpha, self.temperature, self.label_smoothing = alpha, temperature, label_smoothing
+
+    def __call__(self, student: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = student(x)
+        target = self.outputs(x)
+        return kd_loss(logits, target, y, alpha=self.alpha, temperature=self.temperature,
+                       label_smoothing=self.label_smoothing), logits
+
+    def __getstate__(self) -> dict:
+        # Sent to another rank: the teacher, not the logits memo of this rank's images.
+        state = dict(self.__dict__)
+        outputs = TeacherOutputs(self.outputs.teacher, max_bytes=self.outputs.max_bytes)
+        state["outputs"] = outputs
+        return state
+
+
 def kd_loss_fn(
     teacher: nn.Module,
     *,
@@ -93,12 +120,5 @@ def kd_loss_fn(
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    outputs = TeacherOutputs(teacher)
-
-    def loss_fn(student: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = student(x)
-        target = outputs(x)
-        return kd_loss(logits, target, y, alpha=alpha, temperature=temperature,
-                       label_smoothing=label_smoothing), logits
-
-    return loss_fn
+    return KDLoss(teacher, alpha=alpha, temperature=temperature,
+                  label_smoothing=label_smoothing)

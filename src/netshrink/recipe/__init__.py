@@ -34,26 +34,38 @@ def run_recipe(
 
     Returns:
         The run record also written to ``out/run.json``.
+
+    Under ``torchrun`` with several processes, rank 0 runs the recipe and writes every
+    file; the other ranks only train with it (``netshrink.train.distributed``) and return
+    rank 0's record.
     """
     from netshrink.recipe.cache import ModelCache, default_cache_dir
     from netshrink.recipe.runner import Runner
+    from netshrink.train import distributed
+    from netshrink.train.loop import follow
 
     if recipe.device == "auto":
         import torch
 
         recipe = recipe.model_copy(
             update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
-        log(f"device: auto -> {recipe.device}")
-    root = default_cache_dir() if use_cache else None
-    cache = ModelCache(root) if root is not None else None
-    record = Runner(recipe, out, log=log, progress=progress, cache=cache,
-                    reuse_baseline_measurement=reuse_baseline_measurement,
-                    reuse_measurements=reuse_measurements).run()
-    if report:
-        from netshrink.report import render_report
+        if distributed.launched().leader:
+            log(f"device: auto -> {recipe.device}")
+    world = distributed.init(recipe.device)
+    if not world.leader:
+        return follow()  # type: ignore[return-value]
+    with distributed.leading(world) as lead:
+        root = default_cache_dir() if use_cache else None
+        cache = ModelCache(root) if root is not None else None
+        record = Runner(recipe, out, log=log, progress=progress, cache=cache,
+                        reuse_baseline_measurement=reuse_baseline_measurement,
+                        reuse_measurements=reuse_measurements).run()
+        if report:
+            from netshrink.report import render_report
 
-        md, html = render_report(out)
-        log(f"report: {md} and {html}")
+            md, html = render_report(out)
+            log(f"report: {md} and {html}")
+        lead.result = record
     return record
 
 

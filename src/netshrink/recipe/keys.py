@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from netshrink.recipe.schema import Recipe, StageEntry, stage_refs
 from netshrink.stages.base import STAGES
 from netshrink.store.digest import file_sha256
+from netshrink.train import distributed
 
 __all__ = ["config_files", "measure_key", "sha", "stage_keys"]
 
@@ -61,6 +62,13 @@ def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
         # A GPU trains with other kernels and bf16 autocast: not the CPU's model, so not
         # its cache entry or its finished stage. (CPU keys stay as they always were.)
         root["device"] = recipe.device
+    world = distributed.current()
+    if world.parallel:
+        # Data-parallel training equals one process's only to float rounding (and without
+        # sync_bn normalises each rank's share alone): its models are not the single
+        # process's, so not its cache entries or finished stages. (One process's keys
+        # stay as they always were.)
+        root["data_parallel"] = world.size
     keys = [sha(root)]
     by_name = {"baseline": keys[0]}
     chain = keys[0]

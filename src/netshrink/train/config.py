@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 
 class TrainConfig(BaseModel):
@@ -31,6 +37,9 @@ class TrainConfig(BaseModel):
         keep_zeros: conv/linear weights that are exactly zero when training starts were
             pruned, and stay zero through every step (fine-tuning a pruned model).
         seed: initialisation of shuffling and augmentation.
+        sync_bn: with several processes (``torchrun``), batch norm normalises with the
+            statistics of the global batch, as one process would, instead of each rank's
+            share alone (which changes the training); no effect in one process.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -53,6 +62,16 @@ class TrainConfig(BaseModel):
     checkpoint_minutes: float = Field(default=2.0, gt=0)
     keep_zeros: bool = True
     seed: int = 0
+    sync_bn: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_default_sync_bn(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # Stage keys, resumable states and run records are made of this dump: configs
+        # from before the option (or without it) keep the keys and files they had.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("sync_bn") is False:
+            del data["sync_bn"]
+        return data
 
 
 def fractional_epochs(cfg: TrainConfig, epochs: float, n_train: int) -> TrainConfig:

@@ -3,6 +3,12 @@
 Those later methods plug in through two hooks rather than loops of their own:
 ``loss_fn(model, images, labels) -> (loss, logits)`` (distillation swaps the loss) and
 ``step_hooks`` called after every optimizer step (pruning re-applies its masks there).
+
+Under ``torchrun`` (several processes) the loop trains data-parallel: the model wrapped
+in ``DistributedDataParallel``, each rank a share of every global batch (the batches one
+process takes), the loss scaled so the averaged gradient is the global batch's mean, the
+epoch's figures summed over the ranks; rank 0 alone evaluates, logs and keeps the
+resumable state (see ``netshrink.train.distributed``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from tqdm import tqdm
 from netshrink.bench import evaluate
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
+from netshrink.train import distributed
 from netshrink.train.config import TrainConfig
 from netshrink.train.history import EpochRecord
 from netshrink.train.masks import MaskHook, zero_masks
@@ -121,25 +128,54 @@ def train(
         log: where one line per epoch goes.
         fingerprint_extra: anything else that must match for a state to resume.
 
+    Under torchrun with several processes every rank calls this together (or rank 0
+    does, leading: see ``netshrink.train.distributed``); ``cfg.batch_size`` is the
+    global batch, and every rank ends with rank 0's weights.
+
     Returns:
         The per-epoch history, the steps taken, seconds spent (across resumes).
 
     Raises:
         UserError: the loss became inf or NaN (a diverged training saves nothing).
     """
-    loop = _Loop(model, data, cfg, device=device, state_path=state_path, loss_fn=loss_fn,
-                 step_hooks=step_hooks, log=log, fingerprint_extra=fingerprint_extra)
-    if loop.resumed:
-        pos = loop.pos
-        log(f"resuming training at epoch {pos.epoch + 1}, batch {pos.batch}, step {pos.step}")
-    model.train()
-    while loop.pos.step < loop.total and loop.pos.epoch < cfg.epochs:
-        loop.epoch(progress if progress is not None else sys.stderr.isatty())
-    model.eval()
+    # While rank 0 leads a recipe, the other ranks run this same call (sent to them).
+    ended = distributed.announce_training({
+        "model": model, "data": data, "cfg": cfg, "device": device, "state_path": state_path,
+        "loss_fn": loss_fn, "step_hooks": list(step_hooks),
+        "fingerprint_extra": fingerprint_extra})
+    world = distributed.init(device)
+    if not world.leader:
+        progress, log = False, _quiet
+    with distributed.global_batch_norm(model, cfg.sync_bn and world.parallel):
+        loop = _Loop(model, data, cfg, device=device, state_path=state_path, loss_fn=loss_fn,
+                     step_hooks=step_hooks, log=log, fingerprint_extra=fingerprint_extra,
+                     world=world)
+        if loop.resumed:
+            pos = loop.pos
+            log(f"resuming training at epoch {pos.epoch + 1}, batch {pos.batch}, "
+                f"step {pos.step}")
+        model.train()
+        while loop.pos.step < loop.total and loop.pos.epoch < cfg.epochs:
+            loop.epoch(progress if progress is not None else sys.stderr.isatty())
+        model.eval()
     model.to(memory_format=torch.contiguous_format)
+    if world.parallel:
+        # Each rank's last step left its own batch-norm statistics: all end as rank 0.
+        distributed.broadcast_module(model)
+    ended()
     pos = loop.pos
     return TrainResult(history=pos.history, steps=pos.step, seconds=pos.seconds,
                        resumed=loop.resumed)
+
+
+def follow() -> object:
+    """A non-zero rank while rank 0 leads a recipe: train whenever rank 0 trains (each
+    call as rank 0 makes it); returns rank 0's result once it is done."""
+    return distributed.follow(train)
+
+
+def _quiet(_: str) -> None:
+    """Where a non-zero rank's log lines go: rank 0 alone logs."""
 
 
 class _Loop:
@@ -148,8 +184,9 @@ class _Loop:
     def __init__(self, model: nn.Module, data: DataBundle, cfg: TrainConfig, *, device: str,
                  state_path: Path | None, loss_fn: LossFn | None,
                  step_hooks: Sequence[StepHook], log: Callable[[str], None],
-                 fingerprint_extra: str) -> None:
+                 fingerprint_extra: str, world: distributed.World) -> None:
         self.model, self.data, self.cfg, self.log = model, data, cfg, log
+        self.world = world
         self.device, self.state_path = device, state_path
         self.dev = torch.device(device)
         if self.dev.type == "cuda":
@@ -178,16 +215,23 @@ class _Loop:
                              fingerprint=self.key)
         self.resumed = pos is not None
         self.pos = pos or Position()
+        self.net: nn.Module = model
+        if world.parallel:
+            # Every rank read the state rank 0 wrote: a rank that found none (another
+            # machine's disk) would train from elsewhere.
+            distributed.check_same(self.pos.step, "the step training resumes at")
+            self.net = distributed.wrap(model, self.dev)
 
     def checkpoint(self, started: float) -> None:
-        """Add the time since ``started`` and keep a resumable state."""
+        """Add the time since ``started`` and keep a resumable state (rank 0 alone)."""
         self.pos.seconds += time.perf_counter() - started
-        if self.state_path is not None:
+        if self.state_path is not None and self.world.leader:
             save_state(self.state_path, model=self.model, optimizer=self.optimizer,
                        position=self.pos, fingerprint=self.key)
 
-    def step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One optimizer step on a batch; returns its loss and logits."""
+    def step(self, x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """One optimizer step on a batch of ``n`` images, of which ``x``/``y`` are this
+        rank's share (all of it in one process); returns the share's loss and logits."""
         cfg, pos, optimizer = self.cfg, self.pos, self.optimizer
         x = x.to(self.dev, non_blocking=True).contiguous(memory_format=self.fmt)
         y = y.to(self.dev, non_blocking=True)
@@ -195,13 +239,25 @@ class _Loop:
             group["lr"] = cfg.lr * lr_factor(pos.step, total=self.total, warmup=self.warmup,
                                              schedule=cfg.schedule)
         with self.autocast:
-            loss, logits = self.loss_fn(self.model, x, y)
+            if len(y) == 0:
+                # A last batch smaller than the ranks left this one no image; it still
+                # takes part in the gradient all-reduce, adding zeros.
+                logits = self.net(x)
+                loss = logits.sum() * 0.0
+            else:
+                loss, logits = self.loss_fn(self.net, x, y)
         optimizer.zero_grad(set_to_none=True)
+        grad_loss = loss
+        if self.world.parallel:
+            # DDP averages the ranks' gradients; weighted by its share of the batch, the
+            # average is the gradient of the global batch's mean loss, as in one process
+            # (shares may differ by an image).
+            grad_loss = loss * (len(y) * self.world.size / n)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(grad_loss).backward()
             self.scaler.unscale_(optimizer)
         else:
-            loss.backward()
+            grad_loss.backward()
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if self.scaler is not None:
@@ -225,12 +281,12 @@ class _Loop:
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, initial=pos.batch, disable=not progress,
                    leave=False, desc=f"epoch {pos.epoch + 1}/{cfg.epochs}")
-        batches = self.data.train.batches(cfg.batch_size, shuffle=True, augment=True,
-                                          seed=cfg.seed * 100_003 + pos.epoch)
-        for index, (x, y) in enumerate(batches):
+        batches = distributed.rank_batches(self.data.train, cfg.batch_size,
+                                           seed=cfg.seed * 100_003 + pos.epoch, world=self.world)
+        for index, (x, y, n) in enumerate(batches):
             if index < pos.batch:  # resuming: the same seeded order, skip what was done
                 continue
-            loss, logits = self.step(x, y)
+            loss, logits = self.step(x, y, n)
             pos.batch, pos.step = index + 1, pos.step + 1
             loss_sum += loss.detach().to(torch.float64) * len(y)
             correct += (logits.detach().argmax(1) == y.to(self.dev)).sum()
@@ -238,13 +294,18 @@ class _Loop:
             bar.update(1)
             if progress and pos.batch % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
-            if time.perf_counter() - segment_start > 60 * cfg.checkpoint_minutes:
+            if (self.world.leader
+                    and time.perf_counter() - segment_start > 60 * cfg.checkpoint_minutes):
                 _check_finite(loss_sum, pos, cfg)  # never keep a diverged state to resume
                 self.checkpoint(segment_start)
                 segment_start = time.perf_counter()
             if pos.step >= self.total:
                 break
         bar.close()
+        if self.world.parallel:  # the epoch's figures are the global batch's
+            loss_sum, correct, total_seen = distributed.sum_across(
+                loss_sum, correct, torch.tensor(seen, device=self.dev))
+            seen = int(total_seen)
         _check_finite(loss_sum, pos, cfg)
         self.end_epoch(EpochRecord(
             epoch=pos.epoch + 1, train_loss=float(loss_sum) / max(1, seen),
@@ -254,7 +315,8 @@ class _Loop:
     def end_epoch(self, record: EpochRecord, segment_start: float) -> None:
         """Evaluate on ``val`` when due, record the epoch, keep a state, log its line."""
         cfg, pos = self.cfg, self.pos
-        if self.data.val is not None and cfg.eval_every and (pos.epoch + 1) % cfg.eval_every == 0:
+        if (self.world.leader and self.data.val is not None and cfg.eval_every
+                and (pos.epoch + 1) % cfg.eval_every == 0):
             acc = evaluate(self.model, self.data.val, batch_size=512, device=self.device,
                            split_name="val")
             record.val_top1, record.val_top5 = acc.top1, acc.top5
@@ -262,6 +324,10 @@ class _Loop:
         pos.history.append(record)
         pos.epoch, pos.batch = pos.epoch + 1, 0
         self.checkpoint(segment_start)
+        if self.world.parallel:
+            # The others wait for rank 0's evaluation and state here, not in the next
+            # step's all-reduce (whose NCCL timeout is minutes).
+            distributed.wait_for_leader()
         val = f" val top-1 {record.val_top1:.4f}" if record.val_top1 is not None else ""
         self.log(f"epoch {record.epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
                  f"train top-1 {record.train_top1:.4f}{val} ({record.seconds:.0f}s)")
