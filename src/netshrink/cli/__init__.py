@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netshrink.cli.compress import add_compress
+from netshrink.cli.output import output_mode, split_flags
 from netshrink.cli.study import add_study, normalize_argv
 from netshrink.errors import UserError
 
@@ -941,6 +942,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="example:\n  netshrink run recipes/quickstart.yaml "
                                             "--out runs/quickstart\n\n'netshrink COMMAND "
                                             "--help' shows a command's options and defaults.")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress lines or bars (errors still print); also "
+                             "accepted after the command")
+    parser.add_argument("--json-log", action="store_true",
+                        help="each progress line as a JSON object {time, elapsed_s, "
+                             "message}; no bars; also accepted after the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_run, _add_report, _add_train, _add_distill, _add_prune, _add_quantize,
                 _add_eval, _add_predict, _add_bench, _add_export, _add_cache, _add_list):
@@ -976,11 +983,12 @@ def _data_parallel(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(
-        normalize_argv(sys.argv[1:] if argv is None else argv))
+    rest, mode = split_flags(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(normalize_argv(rest))
     try:
         _data_parallel(args)
-        return int(args.fn(args))
+        with output_mode(mode):
+            return int(args.fn(args))
     except UserError as exc:
         print(f"netshrink: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,16 +56,21 @@ def run_recipe(
     if not world.leader:
         return follow()  # type: ignore[return-value]
     with distributed.leading(world) as lead:
+        started = time.perf_counter()
         root = default_cache_dir() if use_cache else None
         cache = ModelCache(root) if root is not None else None
         record = Runner(recipe, out, log=log, progress=progress, cache=cache,
                         reuse_baseline_measurement=reuse_baseline_measurement,
                         reuse_measurements=reuse_measurements).run()
         if report:
-            from netshrink.report import render_report
+            from netshrink.report import build_content, load_run, render_report
 
+            log("rendering the report")
             md, html = render_report(out)
-            log(f"report: {md} and {html}")
+            # the end of the log says what came of it: the report's one-sentence verdict
+            log(build_content(load_run(out), with_plots=False).headline.replace("**", ""))
+            log(f"finished in {(time.perf_counter() - started) / 60:.1f} min; report: {md} "
+                f"and {html}")
         lead.result = record
     return record
 

@@ -219,6 +219,7 @@ class Runner:
         chain.model, chain.spec, _ = load_model(slot.artifact)
         chain.loaded = slot.artifact
         chain.left_model(slot)
+        self.log(f"[{slot.index}] {slot.name}: model from the cache; {self._measuring()}")
         stage = self._cache_record(cached, chain, slot, t0)
         chain.record.stages.append(stage)
         self.folder.write(chain.record)
@@ -249,6 +250,10 @@ class Runner:
         seconds = time.perf_counter() - t0
         chain.spec = ctx.spec  # a stage that changes the structure (channel pruning) says so
         t1 = time.perf_counter()
+        fresh = entry is None and self.measurer.untrained_start()
+        self.log(f"[{slot.index}] {slot.name}: ran in {seconds:.0f}s; "
+                 + ("counting parameters and MACs (a fresh model)" if fresh
+                    else self._measuring()))
         stage = self._save_and_measure(chain, slot, ctx, result)
         stage.seconds, stage.started = seconds, started
         stage.measure_seconds, stage.finished = time.perf_counter() - t1, now()
@@ -266,6 +271,14 @@ class Runner:
                  f"({stage.measure_seconds:.0f}s measuring)")
 
     # ------------------------------------------------------------------ the parts
+
+    def _measuring(self) -> str:
+        """What measuring a stage is about to do, for the log (it can take a while)."""
+        m = self.recipe.measure
+        what = [f"top-1 on the {m.split} split"]
+        if m.latency:
+            what.append(f"latency at batch 1 and {m.batch_size}")
+        return "measuring: " + ", ".join(what)
 
     def _meta(self, data: DataBundle, stage: str) -> dict:
         """What a model file of ``stage`` carries for ``eval``/``predict`` on its own."""

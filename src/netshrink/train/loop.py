@@ -37,6 +37,8 @@ from netshrink.train.masks import MaskHook, zero_masks
 from netshrink.train.state import Position, load_state, save_state
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+# Without a progress bar (output to a file), a line this often within an epoch.
+PROGRESS_LINE_SECONDS = 30.0
 StepHook = Callable[[nn.Module], None]
 
 
@@ -281,6 +283,8 @@ class _Loop:
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, initial=pos.batch, disable=not progress,
                    leave=False, desc=f"epoch {pos.epoch + 1}/{cfg.epochs}")
+        last_line = epoch_start  # without a bar (a log file), a line every so often
+        self.pos_at_epoch_start = pos.batch  # a resumed epoch times only its own steps
         batches = distributed.rank_batches(self.data.train, cfg.batch_size,
                                            seed=cfg.seed * 100_003 + pos.epoch, world=self.world)
         for index, (x, y, n) in enumerate(batches):
@@ -301,6 +305,10 @@ class _Loop:
                 segment_start = time.perf_counter()
             if pos.step >= self.total:
                 break
+            elif not progress and self.world.leader and (
+                    time.perf_counter() - last_line > PROGRESS_LINE_SECONDS):
+                last_line = time.perf_counter()
+                self._progress_line(index + 1, last_line - epoch_start, loss_sum, seen)
         bar.close()
         if self.world.parallel:  # the epoch's figures are the global batch's
             loss_sum, correct, total_seen = distributed.sum_across(
@@ -311,6 +319,20 @@ class _Loop:
             epoch=pos.epoch + 1, train_loss=float(loss_sum) / max(1, seen),
             train_top1=int(correct) / max(1, seen), lr=self.optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - epoch_start), segment_start)
+
+    def _progress_line(self, done: int, elapsed: float, loss_sum: torch.Tensor,
+                       seen: int) -> None:
+        """What a bar shows, as one line for a log file: where the epoch is, the running
+        loss, and about how long the epoch and the stage have left."""
+        steps = self.steps_per_epoch
+        per_step = elapsed / max(1, done - self.pos_at_epoch_start)
+        left = per_step * max(0, steps - done)
+        epochs_after = self.cfg.epochs - self.pos.epoch - 1
+        stage_left = left + per_step * steps * epochs_after
+        self.log(f"epoch {self.pos.epoch + 1}/{self.cfg.epochs}: step {done}/{steps} "
+                 f"({done / max(1, steps):.0%}), loss {float(loss_sum) / max(1, seen):.4f}, "
+                 f"{_duration(elapsed)} in; about {_duration(left)} left in the epoch"
+                 + (f", {_duration(stage_left)} in the stage" if epochs_after else ""))
 
     def end_epoch(self, record: EpochRecord, segment_start: float) -> None:
         """Evaluate on ``val`` when due, record the epoch, keep a state, log its line."""
@@ -329,8 +351,20 @@ class _Loop:
             # step's all-reduce (whose NCCL timeout is minutes).
             distributed.wait_for_leader()
         val = f" val top-1 {record.val_top1:.4f}" if record.val_top1 is not None else ""
+        left = cfg.epochs - record.epoch
+        eta = f"; about {_duration(record.seconds * left)} left" if left > 0 else ""
         self.log(f"epoch {record.epoch}/{cfg.epochs}: loss {record.train_loss:.4f} "
-                 f"train top-1 {record.train_top1:.4f}{val} ({record.seconds:.0f}s)")
+                 f"train top-1 {record.train_top1:.4f}{val} ({record.seconds:.0f}s{eta})")
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 def _check_finite(loss_sum: torch.Tensor, pos: Position, cfg: TrainConfig) -> None:
