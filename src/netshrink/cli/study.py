@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -79,8 +80,14 @@ def add_study(sub: argparse._SubParsersAction,
                    "--out runs/study-fc",
                    "netshrink study show runs/study-fc",
                    "netshrink study show runs/study-fc --csv results.csv")
+    p.description = textwrap.fill((p.description or "") + (
+        " 'netshrink study FILE' is 'netshrink study run FILE'; 'netshrink study run --help' "
+        "and 'netshrink study show --help' list each verb's options with their defaults "
+        "(by default one worker, in this process)."), 88)
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    run = verbs.add_parser("run", help="run (or resume) a study file")
+    run = subcommand(verbs, "run", "run (or resume) a study file",
+                     "netshrink study run recipes/studies/fashion_nm_24.yaml --out runs/nm24",
+                     "netshrink study run STUDY.yaml --out DIR --executor ray --workers 4")
     run.add_argument("study", type=Path, help="the study's .yaml file")
     run.add_argument("--out", type=Path, required=True,
                      help="the study's folder (cells/, study.json, the report)")
@@ -98,7 +105,9 @@ def add_study(sub: argparse._SubParsersAction,
                           "default: start a local one")
     run.add_argument("--no-report", action="store_true", help="skip the study report")
     run.set_defaults(fn=cmd_study_run)
-    show = verbs.add_parser("show", help="the study's table, or its rows as CSV")
+    show = subcommand(verbs, "show", "the study's table, or its rows as CSV",
+                      "netshrink study show runs/nm24",
+                      "netshrink study show runs/nm24 --csv rows.csv")
     show.add_argument("folder", type=Path, help="the study's --out folder")
     show.add_argument("--db", type=Path, help="the results database, if not the study's")
     show.add_argument("--csv", type=Path, help="write every row (all columns) to this file")
