@@ -183,3 +183,16 @@ def test_a_size_search_with_int8_counts_and_chooses_the_packed_file(
     opened = open_model_file(result.deployable)  # the packed file runs in ONNX Runtime
     assert opened.runtime == "onnxruntime" and opened.precision == "int8"
     opened.close()
+
+
+def test_decisions_use_the_input_models_own_held_out_images() -> None:
+    from netshrink.api.search import held_out_split
+
+    data: dict = {"name": "fashion_mnist"}
+    cfg, notes = held_out_split(CompressConfig(), data, {"val_size": 3000, "seed": 7,
+                                                         "train_limit": None})
+    assert cfg.val_size == 3000 and data["seed"] == 7  # the same images its run held out
+    assert "own validation split" in notes[0]
+    cfg, notes = held_out_split(CompressConfig(), {}, {"val_size": 0, "seed": 0})
+    assert cfg.val_size == 5000 and "trained on every training image" in notes[0]
+    assert held_out_split(CompressConfig(), {}, None) == (CompressConfig(), [])

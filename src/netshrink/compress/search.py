@@ -142,8 +142,8 @@ class Search:
     """One search into ``out`` (see the module docstring)."""
 
     def __init__(self, model: dict[str, Any], data: dict[str, Any], cfg: CompressConfig,
-                 out: Path, *, device: str = "cpu", log: Callable[[str], None] = print
-                 ) -> None:
+                 out: Path, *, device: str = "cpu", log: Callable[[str], None] = print,
+                 notes: list[str] | None = None) -> None:
         if cfg.target == "latency" and not cfg.timing:
             raise UserError("--target latency needs timing; leave out --no-timing")
         self.cfg, self.out, self.log, self.device = cfg, out, log, device
@@ -152,6 +152,7 @@ class Search:
         self.base_test = base_recipe(model, data, cfg, device, split="test")
         self.db = out / DB_FILE
         self.cells: list[Cell] = []
+        self.notes = list(notes or [])  # the report's first lines (about the split)
         self.ref_top1: float | None = None
         self.started = time.perf_counter()
 
@@ -256,7 +257,8 @@ class Search:
             images = next((r["images"] for r in store.rows(self.name) if r["images"]), None)
         lines = [f"Decided on the validation split: {images or self.cfg.val_size:,} images "
                  "held out of the training images (data.val_size); the candidates were "
-                 "fine-tuned without them. Every figure below is on those images."]
+                 "fine-tuned without them. Every figure below is on those images.",
+                 *(n[0].upper() + n[1:].rstrip(".") + "." for n in self.notes)]
         if test and ref:
             lines.append(
                 f"Reported on the test split ({test['images']:,} images, never used to "
@@ -330,7 +332,8 @@ def _dominates(a: Trial, b: Trial) -> bool:
 
 def compress(model: dict[str, Any], data: dict[str, Any], out: Path,
              cfg: CompressConfig | None = None, *, device: str = "cpu",
-             log: Callable[[str], None] = print) -> CompressResult:
+             log: Callable[[str], None] = print, notes: list[str] | None = None
+             ) -> CompressResult:
     """Search composed methods on the model ``model`` (a recipe's model section, with
     ``weights``) for the smallest (or fastest) deployable file within the budget.
 
@@ -338,4 +341,4 @@ def compress(model: dict[str, Any], data: dict[str, Any], out: Path,
         UserError: bad settings, model, data or ``out`` (before anything is written).
     """
     return Search(model, data, cfg or CompressConfig(), Path(out), device=device,
-                  log=log).run()
+                  log=log, notes=notes).run()
