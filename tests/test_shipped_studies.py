@@ -81,3 +81,19 @@ def test_a_shipped_study_runs_shrunk(path: Path, tmp_path: Path) -> None:
     assert len(rows) == expected
     assert all(r["top1"] is not None for r in rows if r["stage_index"] > 0)
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+def test_the_kd_study_takes_the_quickstarts_teacher_and_student() -> None:
+    from netshrink.recipe import load_recipe
+    from netshrink.recipe.keys import stage_keys
+
+    def keys(recipe) -> dict[str, str]:
+        entries = recipe.parsed_stages()
+        names = ["baseline", *(e.name for e in entries)]
+        return dict(zip(names, stage_keys(recipe, entries), strict=True))
+
+    quickstart = keys(load_recipe(ROOT / "recipes" / "quickstart.yaml"))
+    study = load_study(ROOT / "recipes" / "studies" / "fashion_kd.yaml")
+    scratch_kd = keys(next(c for c in study.cells if c.name == "scratch-0.5").recipe)
+    assert scratch_kd["teacher"] == quickstart["teacher"]
+    assert scratch_kd["student"] == quickstart["student"]
