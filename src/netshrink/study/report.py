@@ -104,6 +104,16 @@ def _p50(stage: StageRecord) -> float | None:
     return m.latency.p50_ms if m is not None and m.latency is not None else None
 
 
+def _size(stage: StageRecord) -> int | None:
+    """Bytes of the stage's smallest file that loads back: its artifact, or the packed
+    ``.nspk`` an INT8 stage writes beside it."""
+    m = stage.measurement
+    if m is None or not m.size_bytes:
+        return None
+    packed = (m.sizes or {}).get("packed")
+    return min(m.size_bytes, packed) if packed else m.size_bytes
+
+
 def study_headline(record: RunRecord) -> str:
     """The smallest and the fastest model within the accuracy budget of the reference."""
     stages = list(record.stages)
@@ -119,12 +129,14 @@ def study_headline(record: RunRecord) -> str:
     scope = (f"Within {budget:g} points of {ref} ({ref_m.accuracy.top1:.2%} top-1)"
              if budget is not None else f"At no loss of top-1 against {ref} (no budget set)")
     parts = [scope + f", {len(within)} of {len(stages)} models"]
-    sized = [s for s in within if s.measurement and s.measurement.size_bytes]
+    sized = [s for s in within if _size(s)]
     if sized and ref_m.size_bytes:
-        small = min(sized, key=lambda s: s.measurement.size_bytes)  # type: ignore[union-attr]
+        small = min(sized, key=lambda s: _size(s) or 0)
         m = small.measurement
-        assert m is not None and m.accuracy is not None and m.size_bytes
-        parts.append(f"smallest: {small.name}, {ref_m.size_bytes / m.size_bytes:.2f}x smaller "
+        assert m is not None and m.accuracy is not None
+        packed = " (its packed file)" if _size(small) != m.size_bytes else ""
+        parts.append(f"smallest: {small.name}{packed}, "
+                     f"{ref_m.size_bytes / (_size(small) or 1):.2f}x smaller "
                      f"({m.accuracy.top1:.2%} top-1)")
     timed = [s for s in within if _p50(s) and s.measurement is not None
              and s.measurement.environment.device == ref_m.environment.device]
