@@ -3,7 +3,8 @@ budget and against the dense model quantized by NNCF for OpenVINO, timed side by
 one process.
 
 Every deployable file (the compress pick, each study cell's final file, the dense model's
-NNCF INT8 OpenVINO IR) is opened where it runs and timed round-robin: in each round every
+NNCF INT8 OpenVINO IR; for an INT8 ONNX stage its packed ``.nspk``, the smaller file that
+runs the same) is opened where it runs and timed round-robin: in each round every
 file gets its batch-1 latency and batch-N throughput timing in turn, so a change of load
 on the machine hits them all alike; the table gives the median over rounds. Top-1 comes
 from the records the runs wrote (the test split, as each run measured it); a study cell is
@@ -73,9 +74,19 @@ def study_entries(folder: Path) -> list[Entry]:
             (r for r in mine if r["top1"] is not None), None)
         last = mine[-1]
         entries.append(Entry(f"{study['name']}/{cell['name']}",
-                             folder / "cells" / cell["name"] / last["artifact"],
+                             smallest_file(folder / "cells" / cell["name"] / last["artifact"],
+                                           json.loads(last["record"])["measurement"]),
                              last["top1"], ref["top1"] if ref else None))
     return entries
+
+
+def smallest_file(artifact: Path, measurement: dict) -> Path:
+    """The stage's smallest file that loads and runs: an INT8 stage's packed ``.nspk``
+    (sparse int8 weights, zstd; it runs in the same runtime) where it wrote one."""
+    packed = artifact.with_suffix(".nspk")
+    if (measurement.get("sizes") or {}).get("packed") and packed.is_file():
+        return packed
+    return artifact
 
 
 def run_entry(folder: Path, label: str) -> Entry:
@@ -85,7 +96,8 @@ def run_entry(folder: Path, label: str) -> Entry:
     first = next(s for s in record.stages if s.measurement and s.measurement.accuracy)
     assert last.measurement is not None and last.artifact is not None
     acc = last.measurement.accuracy
-    return Entry(label, folder / last.artifact, acc.top1 if acc else None,
+    file = smallest_file(folder / last.artifact, last.measurement.model_dump(mode="json"))
+    return Entry(label, file, acc.top1 if acc else None,
                  first.measurement.accuracy.top1)  # type: ignore[union-attr]
 
 
