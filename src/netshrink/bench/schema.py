@@ -129,6 +129,15 @@ class Measurement(BaseModel):
                 if lat is not None and (reason := lat.noise_reason()) is not None]
 
     @property
+    def smallest_size(self) -> int | None:
+        """Bytes of the smallest file of this model that loads back and runs the same:
+        the artifact, or the packed ``.nspk`` an INT8 stage writes beside it."""
+        packed = (self.sizes or {}).get("packed")
+        if not self.size_bytes:
+            return None
+        return min(self.size_bytes, packed) if packed else self.size_bytes
+
+    @property
     def noisy(self) -> bool:
         """Whether its latency or throughput timing is too noisy to compare."""
         return bool(self.noise())

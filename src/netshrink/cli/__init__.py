@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from netshrink.cli.args import data_args
 from netshrink.cli.compress import add_compress
 from netshrink.cli.output import output_mode, split_flags
 from netshrink.cli.study import add_study, normalize_argv
@@ -48,14 +49,6 @@ def _input_shape(text: str) -> list[int]:
     if len(dims) != 3 or min(dims) <= 0:
         raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x224x224, got {text!r}")
     return dims
-
-
-def _data_args(p: argparse.ArgumentParser, *, default: str | None = "fashion_mnist") -> None:
-    p.add_argument("--data", default=default,
-                   help="dataset name (netshrink list datasets)" + (
-                       "" if default else "; default: the one the model file records"))
-    p.add_argument("--data-dir", type=Path,
-                   help="folder holding the dataset's files (default: its usual place)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -701,7 +694,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     "--out runs/r18")
     _training_args(p, arch_help="architecture (netshrink list models)",
                    weights_help="start from this checkpoint (default: a fresh init)")
-    _data_args(p)
+    data_args(p)
     _schedule_args(p)
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer")
     _device_arg(p)
@@ -720,7 +713,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.5,
                    help="weight of the hard-label loss (1: plain training)")
     p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature")
-    _data_args(p)
+    data_args(p)
     _schedule_args(p)
     _device_arg(p)
     _no_timing_arg(p)
@@ -763,7 +756,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--m", type=_positive_int, default=4, help="M of N:M (nm method)")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune after pruning, zeros kept (0: no fine-tuning)")
-    _data_args(p, default=None)
+    data_args(p, default=None)
     _device_arg(p)
     _no_timing_arg(p)
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
@@ -800,7 +793,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="bits per weight (8 for INT8; 1-8 for kmeans; default: 8, kmeans 4)")
     p.add_argument("--epochs", type=float,
                    help="QAT / k-means fine-tuning epochs (default: the stage's)")
-    _data_args(p, default=None)
+    data_args(p, default=None)
     _device_arg(p)
     _no_timing_arg(p)
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
@@ -815,7 +808,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                 f"runtime it runs in. It takes {_FILE_KINDS}.")
     p.add_argument("--weights", type=Path, required=True, metavar="MODEL",
                    help="the model file")
-    _data_args(p, default=None)
+    data_args(p, default=None)
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="val: the images the file's run held out of training (the file "
                         "must record that split)")
@@ -906,7 +899,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="tensorrt-onnx: the forms to write (int8 calibrates on the dataset)")
     p.add_argument("--input", type=_input_shape,
                    help="one image's shape, e.g. 1x28x28 (default: what the file says)")
-    _data_args(p, default=None)
+    data_args(p, default=None)
     p.set_defaults(fn=cmd_export)
 
 

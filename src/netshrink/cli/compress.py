@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from netshrink.cli.args import data_args
+
 
 def _ratios(text: str) -> list[float]:
     try:
@@ -57,8 +59,7 @@ def add_compress(sub: argparse._SubParsersAction,
         "--out runs/compress-latency")
     p.add_argument("--weights", type=Path, required=True,
                    help="the trained model (.safetensors or .pth netshrink reads)")
-    p.add_argument("--data", help="dataset name (default: the one the model file names)")
-    p.add_argument("--data-dir", type=Path, help="where the dataset's files are")
+    data_args(p, default=None)
     p.add_argument("--out", type=Path, required=True,
                    help="the search's folder: candidates, results.sqlite, report, chosen/")
     p.add_argument("--budget-points", type=float, default=1.0,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netshrink.bench.schema import Measurement
 from netshrink.compress.options import CompressConfig
 from netshrink.errors import UserError
 from netshrink.recipe import parse_recipe, run_recipe
@@ -228,10 +229,10 @@ class Search:
             rows = [r for r in store.rows(self.name) if r["cell"] == cand.name]
         baseline, deploy = rows[0], rows[-1]
         size, artifact = deploy["size_bytes"], deploy["artifact"]
-        packed = _packed_size(deploy["record"])
-        if self.cfg.target == "size" and packed is not None and artifact:
+        smallest = _measurement(deploy["record"]).smallest_size
+        if self.cfg.target == "size" and smallest is not None and smallest != size and artifact:
             # the INT8 model's packed file loads and runs in the runtime too: the small one
-            size, artifact = packed, str(Path(artifact).with_suffix(".nspk"))
+            size, artifact = smallest, str(Path(artifact).with_suffix(".nspk"))
         if baseline["top1"] is None or deploy["top1"] is None:
             raise UserError(f"candidate {cand.name}: no validation top-1 was measured; "
                             "the data needs a validation split (--val-size)")
@@ -313,12 +314,13 @@ class Search:
                        "chosen": last.measurement.model_dump(mode="json")}
 
 
-def _packed_size(record_json: str) -> int | None:
-    """The packed ``.nspk`` size an INT8 stage's record lists, if any."""
+def _measurement(record_json: str) -> Measurement:
+    """The measurement in a results-store row's stage record."""
     from netshrink.stages.record import StageRecord
 
     m = StageRecord.model_validate_json(record_json).measurement
-    return (m.sizes or {}).get("packed") if m is not None else None
+    assert m is not None  # the store keeps measured stages only
+    return m
 
 
 def _dominates(a: Trial, b: Trial) -> bool:

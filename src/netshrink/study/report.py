@@ -105,13 +105,7 @@ def _p50(stage: StageRecord) -> float | None:
 
 
 def _size(stage: StageRecord) -> int | None:
-    """Bytes of the stage's smallest file that loads back: its artifact, or the packed
-    ``.nspk`` an INT8 stage writes beside it."""
-    m = stage.measurement
-    if m is None or not m.size_bytes:
-        return None
-    packed = (m.sizes or {}).get("packed")
-    return min(m.size_bytes, packed) if packed else m.size_bytes
+    return stage.measurement.smallest_size if stage.measurement is not None else None
 
 
 def study_headline(record: RunRecord) -> str:

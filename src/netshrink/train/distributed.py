@@ -309,6 +309,9 @@ def _send(message: object) -> None:
 def _receive() -> Any:
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0, group=_control())
+    # Not a file: rank 0 of this same job pickled its own model, loss and hooks a moment
+    # ago (broadcast_object_list itself unpickles whatever rank 0 sends). weights_only
+    # cannot rebuild a loss or hook object, so the full loader is the only one that works.
     return torch.load(io.BytesIO(box[0]), map_location="cpu", weights_only=False)
 
 
