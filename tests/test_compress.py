@@ -186,7 +186,7 @@ def test_a_size_search_with_int8_counts_and_chooses_the_packed_file(
 
 
 def test_decisions_use_the_input_models_own_held_out_images() -> None:
-    from netshrink.api.search import held_out_split
+    from netshrink.compress.options import held_out_split
 
     data: dict = {"name": "fashion_mnist"}
     cfg, notes = held_out_split(CompressConfig(), data, {"val_size": 3000, "seed": 7,
@@ -196,3 +196,39 @@ def test_decisions_use_the_input_models_own_held_out_images() -> None:
     cfg, notes = held_out_split(CompressConfig(), {}, {"val_size": 0, "seed": 0})
     assert cfg.val_size == 5000 and "trained on every training image" in notes[0]
     assert held_out_split(CompressConfig(), {}, None) == (CompressConfig(), [])
+
+
+def test_compress_is_a_recipe_stage_that_hands_on_the_chosen_file(
+        trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+    """``train -> compress`` style: the stage searches the chain's model on the recipe's
+    own held-out images and its artifact is the chosen file; a rerun runs nothing again."""
+    settings = {k: v for k, v in QUICK.items() if k != "val_size"}
+    raw = {"name": "chain", "model": {"arch": "resnet_tiny", "weights": str(trained)},
+           "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 120,
+                    "calib_size": 16},
+           "measure": {"latency": False},
+           "stages": [{"kind": "compress", "name": "small", **settings,
+                       "channel_ratios": [0.3], "sparsities": [0.5]}]}
+    out = tmp_path / "run"
+    lines: list[str] = []
+    record = run_recipe(parse_recipe(raw), out, report=False, log=lines.append)
+    stage = record.stages[-1]
+    assert stage.kind == "compress" and stage.artifact is not None
+    search = out / Path(stage.artifact).parts[0] / Path(stage.artifact).parts[1] / "search"
+    study = json.loads((search / "study.json").read_text())
+    chosen = study["chosen"]
+    assert "/search/chosen/" in stage.artifact
+    # decided on the recipe's own 120 held-out images
+    assert any("recipe's validation split (120 images" in n for n in stage.notes)
+    assert any(f"chosen {chosen}" in n for n in stage.notes)
+    assert stage.measurement is not None and stage.measurement.accuracy is not None
+    assert (out / stage.artifact).is_file()
+    with ResultsStore(search / "results.sqlite") as store:
+        cells = {c.cell for c in store.cells(f"compress-{search.name}")}
+    assert chosen in cells
+    # the stage's size is the chosen file's, as the search measured it on the test split
+    assert stage.measurement.size_bytes == (out / stage.artifact).stat().st_size
+    lines.clear()
+    run_recipe(parse_recipe(raw), out, report=False, log=lines.append)
+    assert not any("running" in line and "candidate" in line for line in lines)
+

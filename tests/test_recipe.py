@@ -137,18 +137,24 @@ def test_study_recipes_share_their_trained_model(first: str, second: str) -> Non
     assert keys[0] == keys[1]
 
 
-def test_quickstart_teacher_and_student_serve_the_kd_study() -> None:
-    """The KD study's teacher and distilled student are the quickstart's, stage for stage:
-    after the quickstart only its no-teacher control and later stages are computed."""
+@pytest.mark.parametrize("name,teacher,student", [
+    ("study_kd_prune_ptq.yaml", "r50-teacher", "r18-kd"),
+    ("fashion_compress.yaml", "teacher", "student"),
+])
+def test_quickstart_teacher_and_student_serve_later_recipes(name: str, teacher: str,
+                                                            student: str) -> None:
+    """The KD study's and the compress recipe's teacher and distilled student are the
+    quickstart's, stage for stage: after the quickstart only their later stages are
+    computed."""
     def keys(name: str) -> dict[str, str]:
         recipe = load_recipe(RECIPES[0].parent / name)
         entries = recipe.parsed_stages()
         return dict(zip(["baseline"] + [e.name for e in entries],
                         stage_keys(recipe, entries), strict=True))
 
-    quick, study = keys("quickstart.yaml"), keys("study_kd_prune_ptq.yaml")
-    assert quick["teacher"] == study["r50-teacher"]
-    assert quick["student"] == study["r18-kd"]
+    quick, later = keys("quickstart.yaml"), keys(name)
+    assert quick["teacher"] == later[teacher]
+    assert quick["student"] == later[student]
 
 
 def test_readme_lists_every_study_recipe() -> None:
@@ -174,7 +180,7 @@ def minimal(**changes) -> dict:
         (minimal(stages=[{"kind": "train", "epoch": 3}]),
          r"stages\[0\] \(train\): unknown key 'epoch'; allowed: epochs, max_steps"),
         (minimal(stages=[{"kind": "prune.magic"}]),
-         r"unknown stage kind 'prune.magic'; known: deploy.torch, distill.kd, export.onnx, "
+         r"unknown stage kind 'prune.magic'; known: compress, deploy.torch, distill.kd, export.onnx, "
          r"export.tensorrt, finetune, "
          r".*prune\.magnitude.*, quant\.ptq.*, train$"),
         (minimal(stages=[{"epochs": 3}]), r"stages\[0\] needs a 'kind'"),

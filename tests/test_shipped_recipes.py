@@ -57,6 +57,8 @@ SLOW = {
     "study_r18_quant_prune.yaml": "~15 s",
     "study_finegrained_vs_channel.yaml": "~11 s",
     "fashion_quant.yaml": "~35-45 s: automatic mixed precision quantizes layer by layer",
+    "fashion_compress.yaml": "~100-180 s: a search of up to 7 candidates, each a recipe "
+                             "with an INT8 ResNet-18 (the stage itself: test_compress.py)",
 }
 
 
@@ -147,6 +149,12 @@ STAGE_RULES: dict[str, dict[str, Any]] = {
     "export.tensorrt": {
         **dict.fromkeys(["forms", "measure", "opt_batch", "max_batch", "opset"], KEEP),
         "calibration_images": _at_most(SMALL), "runtime": _no_tensorrt},
+    "compress": {
+        **dict.fromkeys(["budget_points", "target", "runtime", "deploy", "channel_ratios",
+                         "channel_scope", "sparsities", "kmeans_bits", "finetune_lr",
+                         "alpha", "temperature", "threads", "measure_batch"], KEEP),
+        "finetune_epochs": 1, "max_steps": 1, "kmeans_finetune_epochs": _at_most(0.1),
+        "batch_size": SMALL, "val_size": SMALL, "calib_size": SMALL, "timing": False},
     "deploy.torch": {
         **dict.fromkeys(["channels_last", "sparse24", "sparse_batch", "sparse_layers"], KEEP),
         "precision": _cpu_precision, "compile": _cpu_compile},

@@ -97,18 +97,3 @@ def test_the_kd_study_takes_the_quickstarts_teacher_and_student() -> None:
     scratch_kd = keys(next(c for c in study.cells if c.name == "scratch-0.5").recipe)
     assert scratch_kd["teacher"] == quickstart["teacher"]
     assert scratch_kd["student"] == quickstart["student"]
-
-
-def test_the_kd_recipe_takes_the_quickstarts_teacher_and_student() -> None:
-    from netshrink.recipe import load_recipe
-    from netshrink.recipe.keys import stage_keys
-
-    def keys(name: str) -> dict[str, str]:
-        recipe = load_recipe(ROOT / "recipes" / name)
-        entries = recipe.parsed_stages()
-        return dict(zip(["baseline", *(e.name for e in entries)],
-                        stage_keys(recipe, entries), strict=True))
-
-    quickstart, study = keys("quickstart.yaml"), keys("study_kd_prune_ptq.yaml")
-    assert study["r50-teacher"] == quickstart["teacher"]
-    assert study["r18-kd"] == quickstart["student"]

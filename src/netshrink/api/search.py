@@ -11,7 +11,7 @@ from torch import nn
 
 from netshrink.compress import CompressConfig, CompressResult
 from netshrink.compress import compress as run_compress
-from netshrink.compress.options import compress_config
+from netshrink.compress.options import compress_config, held_out_split
 from netshrink.errors import UserError
 from netshrink.store.checkpoint import load_model, save_model
 from netshrink.study import StudyOutcome, load_study, parse_study, run_study
@@ -74,34 +74,6 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
     for note in notes:
         log(f"compress: {note}")
     return run_compress(section, data_section, out, cfg, device=device, log=log, notes=notes)
-
-
-def held_out_split(cfg: CompressConfig, data: dict[str, Any], split: Any
-                   ) -> tuple[CompressConfig, list[str]]:
-    """Decide on the images the input model never saw: its own run's validation split
-    (the same size and seed, so the same images) when its file records one. A model
-    trained on every training image has no such images; say what that does to the
-    decisions.
-    """
-    if not isinstance(split, dict):
-        return cfg, []
-    val_size = split.get("val_size")
-    if isinstance(val_size, int) and val_size > 0:
-        data["seed"] = int(split.get("seed") or 0)
-        if split.get("train_limit"):
-            data["train_limit"] = int(split["train_limit"])
-        return cfg.model_copy(update={"val_size": val_size}), [
-            f"deciding on the input model's own validation split ({val_size:,} images it "
-            "was not trained on)"]
-    if val_size == 0:
-        return cfg, [
-            "the input model was trained on every training image, so the validation "
-            f"images ({cfg.val_size:,}, held out of the candidates' fine-tuning) are not new "
-            "to it: its validation top-1 overstates it against the candidates, and the "
-            "budget is judged conservatively (a candidate the test split would accept may "
-            "be turned down). Train the model with data.val_size > 0 to decide on images "
-            "it never saw."]
-    return cfg, []
 
 
 def study(spec: str | Path | dict[str, Any], out: str | Path, *, db: str | Path | None = None,

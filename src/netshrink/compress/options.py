@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -111,3 +111,31 @@ def compress_config(settings: dict[str, object], *, flags: bool = False) -> Comp
             raise UserError(f"{where}: unknown setting; known: "
                             f"{', '.join(CompressConfig.model_fields)}") from None
         raise UserError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def held_out_split(cfg: CompressConfig, data: dict[str, Any], split: Any
+                   ) -> tuple[CompressConfig, list[str]]:
+    """Decide on the images the input model never saw: its own run's validation split
+    (the same size and seed, so the same images) when its file records one. A model
+    trained on every training image has no such images; say what that does to the
+    decisions.
+    """
+    if not isinstance(split, dict):
+        return cfg, []
+    val_size = split.get("val_size")
+    if isinstance(val_size, int) and val_size > 0:
+        data["seed"] = int(split.get("seed") or 0)
+        if split.get("train_limit"):
+            data["train_limit"] = int(split["train_limit"])
+        return cfg.model_copy(update={"val_size": val_size}), [
+            f"deciding on the input model's own validation split ({val_size:,} images it "
+            "was not trained on)"]
+    if val_size == 0:
+        return cfg, [
+            "the input model was trained on every training image, so the validation "
+            f"images ({cfg.val_size:,}, held out of the candidates' fine-tuning) are not new "
+            "to it: its validation top-1 overstates it against the candidates, and the "
+            "budget is judged conservatively (a candidate the test split would accept may "
+            "be turned down). Train the model with data.val_size > 0 to decide on images "
+            "it never saw."]
+    return cfg, []

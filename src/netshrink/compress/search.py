@@ -34,6 +34,7 @@ from netshrink.compress.options import CompressConfig
 from netshrink.errors import UserError
 from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.recipe.schema import Recipe
+from netshrink.stages.record import StageRecord
 from netshrink.store.layout import check_out_folder
 from netshrink.study.execute import CELLS_DIR, DB_FILE, run_cell, write_study_record
 from netshrink.study.report import STUDY_FILE, render_study_report
@@ -87,6 +88,9 @@ class CompressResult:
     deployable: Path | None = None
     test: dict[str, Any] = field(default_factory=dict)  # the chosen and reference on test
     report: Path | None = None
+    # The chosen candidate's deploying stage in its test-split run (``out/chosen``):
+    # its file, runtime and measurement, for a recipe stage to hand on.
+    deploy_stage: StageRecord | None = None
 
 
 def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any]]:
@@ -307,6 +311,7 @@ class Search:
         first, last = record.stages[0], record.stages[-1]
         assert first.measurement is not None and last.measurement is not None
         result.deployable = folder / last.artifact if last.artifact else None
+        result.deploy_stage = last
         sizes = last.measurement.sizes or {}
         if self.cfg.target == "size" and "packed" in sizes and result.deployable:
             result.deployable = result.deployable.with_suffix(".nspk")
@@ -316,8 +321,6 @@ class Search:
 
 def _measurement(record_json: str) -> Measurement:
     """The measurement in a results-store row's stage record."""
-    from netshrink.stages.record import StageRecord
-
     m = StageRecord.model_validate_json(record_json).measurement
     assert m is not None  # the store keeps measured stages only
     return m

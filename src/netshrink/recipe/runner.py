@@ -240,7 +240,8 @@ class Runner:
         ctx = StageContext(data=chain.data, spec=chain.spec, device=recipe.device,
                            seed=recipe.seed, run_dir=self.out, stage_dir=slot.folder,
                            key=slot.key, log=self.log, progress=self.progress,
-                           meta=self._meta(chain.data, slot.name))
+                           meta=self._meta(chain.data, slot.name),
+                           data_config=recipe.data.model_dump(mode="json"))
         self.log(f"[{slot.index}] {slot.name} ({slot.kind}): running")
         if entry is None:
             result: nn.Module | Deployed = chain.baseline

@@ -65,6 +65,9 @@ class StageContext:
     stage_dir: Path  # the stage's own folder: resumable state, extra artifacts
     key: str = ""  # the stage's key: a resumable state must come from the same one
     meta: dict[str, Any] = field(default_factory=dict)  # checkpoint_meta of its model files
+    # The recipe's data section as written: for a stage that runs recipes of its own
+    # (``compress``) on the same images.
+    data_config: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
     progress: bool | None = None
     # Filled by the stage for the run record:
@@ -146,8 +149,17 @@ def stage(name: str, config: type[BaseModel], summary: str, *, chains: bool = Tr
     return add
 
 
+PLUGIN_GROUP = "netshrink.stages"  # entry points whose modules register more stages
+_plugins_loaded = False
+
+
 def load_builtin_stages() -> None:
-    """Import the modules whose stages register themselves (one per stage family)."""
+    """Import the modules whose stages register themselves (one per stage family), then
+    the ``netshrink.stages`` entry points: stages of packages above the recipe layer
+    (``compress``, which runs recipes itself) and of other installed packages register
+    there, so the recipe layer never imports them and every process that parses a recipe
+    (a study's pool or Ray workers too) knows them."""
+    global _plugins_loaded
     import netshrink.stages.deploy
     import netshrink.stages.distill
     import netshrink.stages.export
@@ -155,3 +167,15 @@ def load_builtin_stages() -> None:
     import netshrink.stages.prune_analysis
     import netshrink.stages.quant
     import netshrink.stages.train  # noqa: F401
+
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=PLUGIN_GROUP):
+        try:
+            point.load()
+        except Exception as exc:  # a broken plug-in names itself, not a traceback
+            raise UserError(f"stage plug-in {point.name!r} ({point.value}) failed to load: "
+                            f"{exc}; reinstall or remove the package that provides it") from exc
