@@ -50,6 +50,13 @@ def test_candidates_compose_the_methods_the_target_asks_for() -> None:
     assert [s["kind"] for s in size] == ["prune.channel", "finetune", "prune.magnitude",
                                          "finetune", "quant.kmeans"]
     assert size[1]["distill"]["teacher_stage"] == "baseline"  # KD from the input model
+    deep = candidate_stages(CompressConfig(), Candidate(0.35, 0.7, blocks=2))
+    assert [s["kind"] for s in deep] == ["prune.channel", "finetune", "prune.blocks",
+                                         "finetune", "prune.magnitude", "finetune",
+                                         "quant.kmeans"]
+    assert deep[2]["count"] == 2
+    assert Candidate(0.35, 0.7, blocks=2).name == "ch0.35-d2-sp0.7"
+    assert Candidate(0.35, 0.7, 4).name == "ch0.35-sp0.7-b4"  # names of older searches kept
     latency = candidate_stages(CompressConfig(target="latency", runtime="openvino"),
                                Candidate(0.0, 0.0))
     assert [s["kind"] for s in latency] == ["quant.ptq"]
@@ -232,3 +239,44 @@ def test_compress_is_a_recipe_stage_that_hands_on_the_chosen_file(
     run_recipe(parse_recipe(raw), out, report=False, log=lines.append)
     assert not any("running" in line and "candidate" in line for line in lines)
 
+
+
+@pytest.mark.parametrize("target,limit,expected", [
+    # channels up to the first ratio that breaks, blocks on the last ratio that held, then
+    # (size) sparsities on the last structure that held
+    ("size", {"channels": 0.35, "blocks": 1, "sparsity": 0.7},
+     ["ch0-sp0", "ch0.2-sp0", "ch0.35-sp0", "ch0.5-sp0", "ch0.35-d1-sp0", "ch0.35-d2-sp0",
+      "ch0.35-d1-sp0.5", "ch0.35-d1-sp0.7", "ch0.35-d1-sp0.8"]),
+    ("latency", {"channels": 0.0, "blocks": 3, "sparsity": 0.0},
+     ["ch0-sp0", "ch0.2-sp0", "ch0-d1-sp0", "ch0-d2-sp0", "ch0-d3-sp0"]),
+])
+def test_the_walk_order_of_channels_blocks_and_sparsity(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, target: str, limit: dict,
+        expected: list[str]) -> None:
+    """Which candidates the search tries, with a stand-in for running one: a candidate is
+    within the budget while it stays within ``limit`` in every dimension."""
+    from netshrink.compress.search import Search, Trial
+    from netshrink.models import ModelSpec, build_model
+    from netshrink.store.checkpoint import save_model
+
+    weights = tmp_path / "r18.safetensors"
+    spec = ModelSpec(arch="resnet18", num_classes=10, in_channels=1)
+    save_model(build_model(spec), spec, weights, meta={})
+    tried: list[str] = []
+
+    def trial(self: Search, cand: Candidate, trials: list[Trial]) -> Trial:
+        tried.append(cand.name)
+        within = (cand.channels <= limit["channels"] and cand.blocks <= limit["blocks"]
+                  and cand.sparsity <= limit["sparsity"])
+        self.ref_top1 = 0.9
+        t = Trial(cand, 0.9 if within else 0.5, 1000, 1.0, None, within)
+        trials.append(t)
+        return t
+
+    monkeypatch.setattr(Search, "_trial", trial)
+    monkeypatch.setattr(Search, "_finish", lambda self, trials: trials)
+    cfg = CompressConfig(target=target, deploy="int8", channel_ratios=[0.2, 0.35, 0.5],
+                         sparsities=[0.5, 0.7, 0.8])
+    Search({"arch": "resnet18", "weights": str(weights)}, {"name": "fashion_mnist"}, cfg,
+           tmp_path / "out", log=lambda _: None).run()
+    assert tried == expected

@@ -17,6 +17,17 @@ def _ratios(text: str) -> list[float]:
             f"{text!r}: give fractions separated by commas, e.g. 0.2,0.35,0.5") from None
 
 
+def _counts(text: str) -> list[int]:
+    """``1,2,3``; ``0`` or ``none``: an empty list."""
+    if text.strip().lower() in ("0", "none", ""):
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give whole numbers separated by commas, e.g. 1,2,3 (or 0)") from None
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from netshrink.api.search import compress
     from netshrink.compress.options import compress_config
@@ -30,6 +41,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         settings["channel_ratios"] = args.channel_ratios
     if args.sparsities is not None:
         settings["sparsities"] = args.sparsities
+    if args.drop_blocks is not None:
+        settings["drop_blocks"] = args.drop_blocks
     cfg = compress_config({k: v for k, v in settings.items() if v is not None}, flags=True)
     result = compress(args.weights, args.out, data=args.data, data_dir=args.data_dir,
                       config=cfg, device=args.device)
@@ -74,6 +87,9 @@ def add_compress(sub: argparse._SubParsersAction,
                         "small and fast); auto: kmeans for size, int8 for latency")
     p.add_argument("--channel-ratios", type=_ratios,
                    help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6)")
+    p.add_argument("--drop-blocks", type=_counts,
+                   help="numbers of residual blocks to remove, tried increasing on the last "
+                        "channel ratio that held (default 1,2,3; 0: none)")
     p.add_argument("--sparsities", type=_ratios,
                    help="sparsities to try with --target size (default 0.5,0.7,0.8,0.9)")
     p.add_argument("--kmeans-bits", type=lambda t: [int(x) for x in t.split(",")],

@@ -32,8 +32,11 @@ class CompressConfig(BaseModel):
             coupled groups by a channel sensitivity scan on the validation split (robust
             and large groups lose more, as many parameters in all); ``layer``: every
             group loses the same fraction.
-        sparsities: global unstructured sparsities tried on the chosen channel ratio
-            (``size`` only), increasing, until one breaks the budget.
+        drop_blocks: numbers of residual blocks removed (depth pruning, the least harmful
+            first by a scan on the validation split), tried in increasing order on the last
+            channel ratio that held, until one breaks the budget (``[]``: none).
+        sparsities: global unstructured sparsities tried on the chosen channel ratio and
+            depth (``size`` only), increasing, until one breaks the budget.
         kmeans_bits: index widths of the weight sharing (2**bits values a layer), tried
             in this order for each structure until one keeps the budget; a later structure
             starts from the width the previous one needed.
@@ -56,6 +59,7 @@ class CompressConfig(BaseModel):
     deploy: Literal["auto", "kmeans", "int8"] = "auto"
     channel_ratios: list[float] = Field(default_factory=lambda: [0.2, 0.35, 0.5, 0.6])
     channel_scope: Literal["sensitivity", "layer"] = "sensitivity"
+    drop_blocks: list[int] = Field(default_factory=lambda: [1, 2, 3])
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
     kmeans_bits: list[int] = Field(default_factory=lambda: [4, 5, 6, 8])
     kmeans_finetune_epochs: float = Field(default=1.0, ge=0, allow_inf_nan=False)
@@ -85,6 +89,13 @@ class CompressConfig(BaseModel):
             raise ValueError(f"{values}: give one or more widths from 1 to 8")
         if values != sorted(set(values)):
             raise ValueError(f"{values}: list each width once, in increasing order")
+        return values
+
+    @field_validator("drop_blocks")
+    @classmethod
+    def _ascending_counts(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values) or values != sorted(set(values)):
+            raise ValueError(f"{values}: list block counts of 1 or more once each, increasing")
         return values
 
     @field_validator("channel_ratios", "sparsities")

@@ -2,18 +2,20 @@
 run through the model cache and recorded in the results store, judged on a held-out
 validation split, the chosen one then measured on the test split.
 
-A candidate is (channel ratio, sparsity) followed by the deployment the target asks
-for. Its recipe, on the input weights:
+A candidate is (channel ratio, residual blocks removed, sparsity) followed by the
+deployment the target asks for. Its recipe, on the input weights:
 
     prune.channel (l2; the ratio shared out among the coupled groups by a sensitivity
                    scan on the validation split) -> finetune with KD from the input model
+    prune.blocks  (the least harmful blocks, by a scan) -> finetune with KD
     prune.magnitude (global)                 -> finetune with KD (zeros kept)
     size:    quant.kmeans (2**bits shared values a layer, packed .nspk file)
     latency: quant.ptq on the runtime, layers that cost accuracy left in float
 
 The search walks the channel ratios upwards (0 first) until a candidate's deployable
-file loses more than the budget on the validation images; for ``size`` it then walks the
-sparsities upwards on the last channel ratio that held. Candidates share their prefixes
+file loses more than the budget on the validation images, then the numbers of blocks
+removed on the last ratio that held, and for ``size`` then the sparsities on the last
+structure that held. Candidates share their prefixes
 through the cache (the 0.5-sparsity model of ratio 0.35 is fine-tuned once), and a
 finished candidate is never run again: an interrupted search resumes where it stopped.
 Of every candidate within the budget the smallest file (or lowest batch-1 latency) is
@@ -51,10 +53,12 @@ class Candidate:
     channels: float
     sparsity: float
     bits: int | None = None  # k-means index width; None: INT8
+    blocks: int = 0  # residual blocks removed
 
     @property
     def name(self) -> str:
-        name = f"ch{self.channels:g}-sp{self.sparsity:g}"
+        name = f"ch{self.channels:g}" + (f"-d{self.blocks}" if self.blocks else "")
+        name += f"-sp{self.sparsity:g}"
         return name if self.bits is None else f"{name}-b{self.bits}"
 
 
@@ -106,6 +110,10 @@ def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any
                     "importance": "l2", "scope": cfg.channel_scope,
                     "scan_images": min(1000, cfg.val_size)},
                    {**finetune, "name": "channels-ft"}]
+    if cand.blocks:
+        stages += [{"kind": "prune.blocks", "name": "blocks", "count": cand.blocks,
+                    "scan_images": min(1000, cfg.val_size)},
+                   {**finetune, "name": "blocks-ft"}]
     if cand.sparsity:
         stages += [{"kind": "prune.magnitude", "name": "sparse", "ratio": cand.sparsity,
                     "scope": "global", "finetune_epochs": 0},
@@ -160,9 +168,12 @@ class Search:
         self.notes = list(notes or [])  # the report's first lines (about the split)
         self.ref_top1: float | None = None
         self.started = time.perf_counter()
+        # depth pruning as far as the network allows (every stage keeps one block)
+        most = _removable_blocks(model)
+        self.drop_blocks = [n for n in cfg.drop_blocks if n <= most]
 
     def _most(self) -> int:
-        structures = 1 + len(self.cfg.channel_ratios) + (
+        structures = 1 + len(self.cfg.channel_ratios) + len(self.drop_blocks) + (
             len(self.cfg.sparsities) if self.cfg.target == "size" else 0)
         if self.cfg.deploy_method == "kmeans":  # each width at most once more than that
             return structures + len(self.cfg.kmeans_bits) - 1
@@ -179,30 +190,37 @@ class Search:
         self.log(f"compress: target {self.cfg.target}, budget {self.cfg.budget_points:g} "
                  f"points of validation top-1, at most {self._most()} candidates")
         trials: list[Trial] = []
-        channels = 0.0
+        channels, blocks = 0.0, 0
         for ratio in (0.0, *self.cfg.channel_ratios):
             if not self._structure(ratio, 0.0, trials):
                 break
             channels = ratio
+        if any(t.within for t in trials):
+            for count in self.drop_blocks:
+                if not self._structure(channels, 0.0, trials, blocks=count):
+                    break
+                blocks = count
         if self.cfg.target == "size" and any(t.within for t in trials):
             for sparsity in self.cfg.sparsities:
-                if not self._structure(channels, sparsity, trials):
+                if not self._structure(channels, sparsity, trials, blocks=blocks):
                     break
         return self._finish(trials)
 
-    def _structure(self, channels: float, sparsity: float, trials: list[Trial]) -> bool:
+    def _structure(self, channels: float, sparsity: float, trials: list[Trial],
+                   blocks: int = 0) -> bool:
         """Deploy one structure; with k-means, the narrowest width (from the one the last
         structure needed) that keeps the budget. Whether it kept it."""
         if self.cfg.deploy_method != "kmeans":
-            return self._trial(Candidate(channels, sparsity), trials).within
+            return self._trial(Candidate(channels, sparsity, blocks=blocks), trials).within
         held = [t.candidate.bits for t in trials if t.within and t.candidate.bits]
         widths = [b for b in self.cfg.kmeans_bits if b >= (held[-1] if held else 0)]
-        return any(self._trial(Candidate(channels, sparsity, b), trials).within
+        return any(self._trial(Candidate(channels, sparsity, b, blocks), trials).within
                    for b in widths)
 
     def _trial(self, cand: Candidate, trials: list[Trial]) -> Trial:
         recipe = _recipe(self.base, self.cfg, cand, f"{self.name}.{cand.name}")
-        axes = {"channels": f"{cand.channels:g}", "sparsity": f"{cand.sparsity:g}"}
+        axes = {"channels": f"{cand.channels:g}", "blocks": str(cand.blocks),
+                "sparsity": f"{cand.sparsity:g}"}
         if cand.bits is not None:
             axes["bits"] = str(cand.bits)
         cell = Cell(name=cand.name, axes=axes, recipe=recipe)
@@ -317,6 +335,16 @@ class Search:
             result.deployable = result.deployable.with_suffix(".nspk")
         result.test = {"split": "test", "reference": first.measurement.model_dump(mode="json"),
                        "chosen": last.measurement.model_dump(mode="json")}
+
+
+def _removable_blocks(model: dict[str, Any]) -> int:
+    """How many residual blocks depth pruning may remove from the model section's
+    network (0 for a network that is not a ResNet)."""
+    from netshrink.models.resnet import stage_blocks
+    from netshrink.store.checkpoint import load_model
+
+    blocks = stage_blocks(load_model(Path(model["weights"]))[0]) if model.get("weights") else None
+    return sum(n - 1 for n in blocks) if blocks else 0
 
 
 def _measurement(record_json: str) -> Measurement:

@@ -13,7 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from netshrink.models.resnet import ARCHITECTURES, BasicBlock, ResNet
+from netshrink.models.resnet import ARCHITECTURES, BasicBlock, ResNet, keep_blocks
 from netshrink.registry import Registry
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "randomized_model"]
@@ -32,6 +32,8 @@ class ModelSpec(BaseModel):
         stem: ``imagenet`` (7x7/2 conv + max-pool) or ``cifar`` (3x3/1 conv, no pool).
         zero_init_residual: start each residual branch's last BN at zero.
         pruned: channels were removed: conv/BN/linear shapes come from the weights file.
+        blocks: residual blocks kept per stage, from each stage's first (a depth-pruned
+            ResNet, ``prune.blocks``); None: the architecture's own.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,6 +44,7 @@ class ModelSpec(BaseModel):
     stem: Literal["imagenet", "cifar"] = "imagenet"
     zero_init_residual: bool = False
     pruned: bool = False
+    blocks: list[int] | None = None
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -60,6 +63,8 @@ def build_model(spec: ModelSpec) -> nn.Module:
         stem=spec.stem,
         zero_init_residual=spec.zero_init_residual,
     )
+    if spec.blocks is not None:
+        keep_blocks(model, spec.blocks)
     # The spec travels with the module, so the Python API can save what it was given
     # (``netshrink.prune(model, ...)`` on a model this built) without being told.
     model.netshrink_spec = spec

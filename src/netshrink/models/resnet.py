@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from netshrink.errors import UserError
+
 Stem = Literal["imagenet", "cifar"]
 
 
@@ -186,6 +188,33 @@ class ResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
+
+
+STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def stage_blocks(model: nn.Module) -> list[int] | None:
+    """Residual blocks in each of a ResNet's four stages; None for another network."""
+    stages = [getattr(model, name, None) for name in STAGE_NAMES]
+    if not all(isinstance(s, nn.Sequential) for s in stages):
+        return None
+    return [len(s) for s in stages]  # type: ignore[arg-type]
+
+
+def keep_blocks(model: nn.Module, blocks: list[int]) -> None:
+    """Keep the first ``blocks[i]`` residual blocks of stage ``i`` (in place): what a
+    depth-pruned spec rebuilds.
+
+    Raises:
+        UserError: not a ResNet, or a count the architecture does not have.
+    """
+    have = stage_blocks(model)
+    if have is None or len(blocks) != len(have) or any(
+            not 1 <= k <= n for k, n in zip(blocks, have, strict=True)):
+        raise UserError(f"blocks {blocks}: a ResNet keeps 1 to {have or '?'} blocks in each "
+                        "of its four stages")
+    for name, k in zip(STAGE_NAMES, blocks, strict=True):
+        setattr(model, name, getattr(model, name)[:k])
 
 
 ARCHITECTURES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {

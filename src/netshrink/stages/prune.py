@@ -1,8 +1,10 @@
-"""The pruning stages: ``prune.magnitude``, ``prune.nm`` and ``prune.channel``.
+"""The pruning stages: ``prune.magnitude``, ``prune.nm``, ``prune.channel`` and
+``prune.blocks``.
 
 ``prune.channel``'s model has other layer widths than the spec builds, so the stage marks
 the spec ``pruned``; the model file then reloads by resizing each layer to the stored
-tensors.
+tensors. ``prune.blocks``'s model has fewer residual blocks: the spec records how many
+each stage keeps.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 from torch import nn
 
 from netshrink.bench import count_macs, count_params
+from netshrink.models.resnet import stage_blocks
+from netshrink.prune.blocks import BlockPruneConfig, prune_blocks
 from netshrink.prune.channel import ChannelPruneConfig, channel_report, prune_channels
 from netshrink.prune.magnitude import MagnitudePruneConfig, prune_magnitude
 from netshrink.prune.nm import NMPruneConfig, prune_nm
@@ -98,4 +102,23 @@ def channel_stage(model: nn.Module, cfg: ChannelPruneConfig, ctx: StageContext) 
     )
     # The runner saves the model with ctx.spec: pruned widths come from the weights file.
     ctx.spec = ctx.spec.model_copy(update={"pruned": True})
+    return pruned
+
+
+@stage("prune.blocks", BlockPruneConfig,
+       "depth pruning: remove whole residual blocks of a ResNet, the least harmful first "
+       "(a scan on the validation split); fewer layers, lower batch-1 latency")
+def blocks_stage(model: nn.Module, cfg: BlockPruneConfig, ctx: StageContext) -> nn.Module:
+    info = ctx.data.info
+    shape = [info.in_channels, info.image_size, info.image_size]
+    pruned, removed = prune_blocks(model, cfg, ctx.data.val, device=ctx.device, log=ctx.log)
+    atomic_write_text(ctx.stage_dir / "blocks.json", json.dumps(removed, indent=2))
+    params = count_params(model)[0], count_params(pruned)[0]
+    macs = count_macs(model, shape), count_macs(pruned, shape)
+    kept = stage_blocks(pruned)
+    ctx.notes.append(
+        f"residual blocks removed: {', '.join(r['block'] for r in removed)} (blocks per "
+        f"stage now {kept}); params {params[0]:,} → {params[1]:,}, MACs {macs[0]:,} → "
+        f"{macs[1]:,}")
+    ctx.spec = ctx.spec.model_copy(update={"blocks": kept})
     return pruned
