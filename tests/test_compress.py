@@ -96,8 +96,8 @@ def test_the_search_stops_at_the_budget_and_chooses_the_smallest(searched) -> No
         assert not held[sparse[-1]]
     within = [t for t in trials if t.within]
     assert result.chosen == min(within, key=lambda t: t.size_bytes)
-    for t in trials:  # the budget is judged against the input model on val
-        assert t.within == (t.top1 >= result.reference_top1 - 0.08 - 1e-12)
+    for t in trials:  # the budget less its reserve, against the input model on val
+        assert t.within == (t.top1 >= result.reference_top1 - (0.08 - 0.0025) - 1e-12)
     assert any("candidate 2 of at most 6" in line for line in lines)
     assert any("best so far" in line for line in lines)
     # the front holds no candidate that another beats in both size and top-1

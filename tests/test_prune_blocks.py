@@ -112,3 +112,37 @@ def test_prune_blocks_stage_then_channels_then_int8(tmp_path: Path, fashion_dir:
     assert spec.pruned and sum(spec.blocks or []) == 6
     assert by_name["int8"].measurement.params == by_name["channels"].measurement.params
     assert by_name["depth"].measurement.params < by_name["train"].measurement.params
+
+
+def test_prune_from_python_removes_blocks_and_the_result_reloads(tmp_path: Path) -> None:
+    import netshrink
+
+    model = build_model(SPEC)
+    result = netshrink.prune(model, netshrink.BlockPruneConfig(blocks=["layer4.1"]))
+    assert result.spec is not None and result.spec.blocks == [2, 2, 2, 1]
+    path = result.save(tmp_path / "d1.safetensors")
+    loaded = netshrink.load(path)
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(result.model.eval()(x), loaded.model.eval()(x))
+    with pytest.raises(UserError, match="give data="):
+        netshrink.prune(model, netshrink.BlockPruneConfig(count=1))  # a scan needs images
+
+
+def test_prune_command_removes_blocks(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                      fashion_dir: Path) -> None:
+    from netshrink.cli import main
+
+    weights = tmp_path / "r18.safetensors"
+    save_model(randomized_model(SPEC), SPEC, weights, meta={"dataset": "fashion_mnist"})
+    capsys.readouterr()
+    code = main(["prune", "--weights", str(weights), "--method", "blocks", "--count", "2",
+                 "--val-size", "64", "--data-dir", str(fashion_dir), "--no-timing",
+                 "--out", str(tmp_path / "depth")])
+    out = capsys.readouterr().out
+    assert code == 0
+    before, after = (int(line.split()[1].replace(",", "")) for line in out.splitlines()
+                     if line.startswith(("before:", "after:")))
+    assert after < before
+    files = list((tmp_path / "depth" / "stages").glob("01-*/model.safetensors"))
+    assert sum(load_model(files[0])[1].blocks or []) == 6

@@ -180,8 +180,8 @@ def minimal(**changes) -> dict:
         (minimal(stages=[{"kind": "train", "epoch": 3}]),
          r"stages\[0\] \(train\): unknown key 'epoch'; allowed: epochs, max_steps"),
         (minimal(stages=[{"kind": "prune.magic"}]),
-         r"unknown stage kind 'prune.magic'; known: compress, deploy.torch, distill.kd, export.onnx, "
-         r"export.tensorrt, finetune, "
+         r"unknown stage kind 'prune.magic'; known: compress, deploy.torch, distill.kd, "
+         r"export.onnx, export.tensorrt, finetune, "
          r".*prune\.magnitude.*, quant\.ptq.*, train$"),
         (minimal(stages=[{"epochs": 3}]), r"stages\[0\] needs a 'kind'"),
         (minimal(stages=[{"kind": "train", "epochs": -1}]),

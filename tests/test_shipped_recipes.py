@@ -57,8 +57,6 @@ SLOW = {
     "study_r18_quant_prune.yaml": "~15 s",
     "study_finegrained_vs_channel.yaml": "~11 s",
     "fashion_quant.yaml": "~35-45 s: automatic mixed precision quantizes layer by layer",
-    "fashion_compress.yaml": "~100-180 s: a search of up to 7 candidates, each a recipe "
-                             "with an INT8 ResNet-18 (the stage itself: test_compress.py)",
 }
 
 
@@ -150,9 +148,12 @@ STAGE_RULES: dict[str, dict[str, Any]] = {
         **dict.fromkeys(["forms", "measure", "opt_batch", "max_batch", "opset"], KEEP),
         "calibration_images": _at_most(SMALL), "runtime": _no_tensorrt},
     "compress": {
-        **dict.fromkeys(["budget_points", "target", "runtime", "deploy", "channel_ratios",
-                         "channel_scope", "sparsities", "kmeans_bits", "finetune_lr",
-                         "alpha", "temperature", "threads", "measure_batch"], KEEP),
+        **dict.fromkeys(["budget_points", "reserve_points", "target", "runtime", "deploy",
+                         "channel_scope", "finetune_lr", "alpha", "temperature", "threads",
+                         "measure_batch"], KEEP),
+        # each walk's first step only: every kind of candidate, a few of them
+        **dict.fromkeys(["channel_ratios", "sparsities", "kmeans_bits", "drop_blocks"],
+                        lambda values: values[:1]),
         "finetune_epochs": 1, "max_steps": 1, "kmeans_finetune_epochs": _at_most(0.1),
         "batch_size": SMALL, "val_size": SMALL, "calib_size": SMALL, "timing": False},
     "deploy.torch": {

@@ -18,8 +18,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = frozenset({
-    "ChannelPruneConfig", "CompressConfig", "Compressed", "DistillConfig", "DynamicConfig",
-    "IterableSplit",
+    "BlockPruneConfig", "ChannelPruneConfig", "CompressConfig", "Compressed", "DistillConfig",
+    "DynamicConfig", "IterableSplit",
     "KMeansConfig", "MagnitudePruneConfig", "MeasureOptions", "ModelSpec", "NMPruneConfig",
     "PTQConfig", "QATConfig", "TrainConfig", "as_split", "build_model", "finetune",
     "load", "measure", "quantize", "run",

@@ -27,6 +27,7 @@ from netshrink.api.verbs import (
 from netshrink.bench import MeasureOptions
 from netshrink.compress import CompressConfig
 from netshrink.models import ModelSpec, build_model
+from netshrink.prune.blocks import BlockPruneConfig
 from netshrink.prune.channel import ChannelPruneConfig
 from netshrink.prune.magnitude import MagnitudePruneConfig
 from netshrink.prune.nm import NMPruneConfig
@@ -37,6 +38,7 @@ from netshrink.stages.quant import DynamicConfig
 from netshrink.train.config import TrainConfig
 
 __all__ = [
+    "BlockPruneConfig",
     "ChannelPruneConfig",
     "CompressConfig",
     "Compressed",

