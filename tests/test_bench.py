@@ -375,3 +375,26 @@ def test_a_runtime_that_hides_its_memory_records_none() -> None:
                                        throughput_warmup=1, throughput_runs=2,
                                        min_seconds=None))
     assert m.peak_memory_mb is None and m.memory_kind is None and m.latency is not None
+
+
+def test_a_noisy_timing_is_timed_again_and_the_steadiest_kept() -> None:
+    from netshrink.bench.measure import steadiest
+    from netshrink.bench.timing import latency_from_times
+
+    def timing(rounds: list[list[float]]):
+        return latency_from_times(rounds, batch_size=1, warmup=0)
+
+    load_change = timing([[1.0] * 9, [1.3] * 9, [1.0] * 9])  # medians 30% apart
+    milder = timing([[1.0] * 9, [1.15] * 9, [1.0] * 9])  # 15%: still noisy, but less
+    quiet = timing([[1.0] * 9, [1.02] * 9, [1.0] * 9])
+    assert load_change.noisy and milder.noisy and not quiet.noisy
+    made = iter([load_change, milder, quiet])
+    kept = steadiest(lambda: next(made), retries=2)
+    assert kept.p50_ms == quiet.p50_ms and not kept.noisy and kept.attempts == 3
+    made = iter([load_change, milder, load_change])
+    kept = steadiest(lambda: next(made), retries=2)  # never quiet: the mildest, still marked
+    assert kept.round_spread == milder.round_spread and kept.noisy and kept.attempts == 3
+    made = iter([quiet, load_change])
+    assert steadiest(lambda: next(made), retries=2).attempts == 1  # a quiet one is kept
+    made = iter([load_change, quiet])
+    assert steadiest(lambda: next(made), retries=0).noisy  # no retries: as timed

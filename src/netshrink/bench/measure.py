@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -66,12 +66,25 @@ def _timings(work: nn.Module, one: torch.Tensor, batch: torch.Tensor, opts: Meas
     """Batch-1 latency and batch-N throughput timings, or None, None when not asked."""
     if not opts.latency:
         return None, None
-    latency = _time_model(work, one, warmup=opts.warmup, runs=opts.latency_runs,
-                          min_seconds=opts.min_seconds, device=dev)
-    throughput = _time_model(work, batch, warmup=opts.throughput_warmup,
-                             runs=opts.throughput_runs, min_seconds=opts.min_seconds,
-                             device=dev)
+    latency = steadiest(lambda: _time_model(
+        work, one, warmup=opts.warmup, runs=opts.latency_runs, min_seconds=opts.min_seconds,
+        device=dev), opts.noisy_retries)
+    throughput = steadiest(lambda: _time_model(
+        work, batch, warmup=opts.throughput_warmup, runs=opts.throughput_runs,
+        min_seconds=opts.min_seconds, device=dev), opts.noisy_retries)
     return latency, throughput
+
+
+def steadiest(time_once: Callable[[], Latency], retries: int) -> Latency:
+    """``time_once()``, timed again while noisy (up to ``retries`` more times); the
+    steadiest of the timings made, with how many there were."""
+    best, attempts = time_once(), 1
+    while best.noisy and attempts <= retries:
+        again = time_once()
+        attempts += 1
+        if again.unsteadiness < best.unsteadiness:
+            best = again
+    return best.model_copy(update={"attempts": attempts})
 
 
 def measure(

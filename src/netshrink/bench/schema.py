@@ -62,6 +62,15 @@ class Latency(BaseModel):
     round_spread: float | None = None  # (max - min) / min of the rounds' medians
     noisy: bool = False  # p90/p50 or round_spread past its threshold when timed
     noise: str | None = None  # why it is noisy, in words
+    # Timings made: a noisy one is timed again (``MeasureOptions.noisy_retries``) and the
+    # steadiest kept; still noisy after the last, it stays marked so.
+    attempts: int = 1
+
+    @property
+    def unsteadiness(self) -> float:
+        """How far past its thresholds this timing is (above 1: noisy)."""
+        ratio = (self.p90_ms / self.p50_ms / NOISY_P90_OVER_P50) if self.p50_ms > 0 else 0.0
+        return max(ratio, (self.round_spread or 0.0) / NOISY_ROUND_SPREAD)
 
     @property
     def p90_over_p50(self) -> float | None:
