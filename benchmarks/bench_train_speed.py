@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
+from bench_train_options import step_seconds  # same folder: the script's sys.path[0]
 from torch import nn
 
 from netshrink.models import ModelSpec, build_model
@@ -36,18 +35,6 @@ def with_plain_convs(model: nn.Module) -> nn.Module:
     return plain
 
 
-def step_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - start) / steps
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
@@ -64,11 +51,13 @@ def main() -> None:
     x = torch.randn(args.batch_size, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,))
     times: dict[str, list[float]] = {name: [] for name in models}
-    for m in models.values():  # warm-up: oneDNN picks and caches its kernels
-        step_seconds(m, x, y, 2)
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+                  for name, m in models.items()}
+    for name, m in models.items():  # warm-up: oneDNN picks and caches its kernels
+        step_seconds(m.train(), optimizers[name], x, y, False, 2)
     for _ in range(args.rounds):
         for name, m in models.items():
-            times[name].append(step_seconds(m, x, y, args.steps))
+            times[name].append(step_seconds(m, optimizers[name], x, y, False, args.steps))
     print(f"ResNet-18, ImageNet stem, 1x28x28, batch {args.batch_size}, {args.threads} threads, "
           f"torch {torch.__version__}, kernels {torch.backends.cpu.get_cpu_capability()}")
     rate = {n: args.batch_size / statistics.median(t) for n, t in times.items()}

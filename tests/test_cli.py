@@ -85,8 +85,8 @@ def test_recipe_with_unknown_key_or_stage(capsys, tmp_path, fashion_dir) -> None
                              .replace("kind: train", "kind: trian"))
     code, _, err = run_cli(capsys, "run", str(bad_stage), "--out", str(tmp_path / "b"))
     assert_one_line_error(code, err, "unknown stage kind 'trian'",
-                          "known: deploy.torch, distill.kd, export.onnx, export.tensorrt, "
-                          "finetune, ", ", train")
+                          "known: compress, deploy.torch, distill.kd, export.onnx, "
+                          "export.tensorrt, finetune, ", ", train")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -150,7 +150,7 @@ STAGE_RULES: dict[str, dict[str, Any]] = {
     "compress": {
         **dict.fromkeys(["budget_points", "reserve_points", "target", "runtime", "deploy",
                          "channel_scope", "finetune_lr", "alpha", "temperature", "threads",
-                         "measure_batch"], KEEP),
+                         "measure_batch", "amp"], KEEP),
         # each walk's first step only: every kind of candidate, a few of them
         **dict.fromkeys(["channel_ratios", "sparsities", "kmeans_bits", "drop_blocks"],
                         lambda values: values[:1]),

@@ -49,6 +49,8 @@ class CompressConfig(BaseModel):
         finetune_epochs / finetune_lr / batch_size: the knowledge-distillation fine-tuning
             after each pruning step (the input model is the teacher).
         alpha / temperature: that distillation's soft-loss weight and temperature.
+        amp: the fine-tunings' mixed precision (``native``: bf16 autocast where the device
+            computes bf16 natively, fp32 elsewhere; see ``TrainConfig.amp``).
         val_size: images held out of the training split to decide on (never the test
             split); calib_size: calibration images for INT8.
         timing: time every candidate (batch 1 and ``measure_batch``); ``latency`` needs it.
@@ -74,6 +76,7 @@ class CompressConfig(BaseModel):
     batch_size: int = Field(default=256, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)
+    amp: Literal["auto", "native", "off", "bf16", "fp16"] = "native"
     val_size: int = Field(default=5000, gt=0)
     calib_size: int = Field(default=512, gt=0)
     timing: bool = True

@@ -101,7 +101,7 @@ def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any
     """The stages of one candidate (see the module docstring)."""
     kd = {"teacher_stage": "baseline", "alpha": cfg.alpha, "temperature": cfg.temperature}
     finetune = {"kind": "finetune", "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
-                "batch_size": cfg.batch_size, "distill": kd}
+                "batch_size": cfg.batch_size, "distill": kd, "amp": cfg.amp}
     if cfg.max_steps is not None:
         finetune["max_steps"] = cfg.max_steps
     stages: list[dict[str, Any]] = []
