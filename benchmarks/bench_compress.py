@@ -12,7 +12,7 @@ from the records the runs wrote (the test split, as each run measured it); a stu
 reference stage, the compress pick when it is at most that below its input model.
 
     python benchmarks/bench_compress.py --compress runs/compress \\
-        --studies runs/studies/* --nncf runs/nncf-int8 [--rounds 3] [--budget 1.0]
+        --studies runs/studies/* --nncf runs/nncf-int8 [--runs RUN ...] [--rounds 3]
 
 ``--nncf`` names the run folder of ``netshrink quantize --weights DENSE --runtime openvino
 --out runs/nncf-int8`` (its final stage is the IR).
@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compress", type=Path, required=True)
     parser.add_argument("--studies", type=Path, nargs="*", default=[])
     parser.add_argument("--nncf", type=Path, help="run folder of the dense NNCF INT8 IR")
+    parser.add_argument("--runs", type=Path, nargs="*", default=[],
+                        help="more run folders whose final file is timed alongside (the "
+                             "pick's structure in another runtime, say), labelled by name")
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = [chosen]
     if args.nncf:
         entries.append(run_entry(args.nncf, "dense NNCF INT8 (OpenVINO)"))
+    entries += [run_entry(folder, folder.name) for folder in args.runs]
     cells = [e for folder in args.studies for e in study_entries(folder)]
     within = [e for e in cells if e.drop_points is not None and e.drop_points <= args.budget]
     print(f"{len(cells)} study cells, {len(within)} within {args.budget:g} points")

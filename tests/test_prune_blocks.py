@@ -112,6 +112,13 @@ def test_prune_blocks_stage_then_channels_then_int8(tmp_path: Path, fashion_dir:
     assert spec.pruned and sum(spec.blocks or []) == 6
     assert by_name["int8"].measurement.params == by_name["channels"].measurement.params
     assert by_name["depth"].measurement.params < by_name["train"].measurement.params
+    # a recipe that starts from the depth- and channel-pruned file keeps its structure
+    again = {**raw, "model": {"arch": "resnet18",
+                              "weights": str(tmp_path / "run" / str(by_name["channels"].artifact))},
+             "stages": [{"kind": "quant.ptq", "name": "int8"}]}
+    record = run_recipe(parse_recipe(again), tmp_path / "again", report=False,
+                        log=lambda _: None)
+    assert record.stages[0].measurement.params == by_name["channels"].measurement.params
 
 
 def test_prune_from_python_removes_blocks_and_the_result_reloads(tmp_path: Path) -> None:

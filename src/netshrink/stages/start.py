@@ -42,7 +42,7 @@ def section_spec(section: ModelSection, data: DataBundle) -> ModelSpec:
 def start_model(section: ModelSection, data: DataBundle, *, seed: int
                 ) -> tuple[nn.Module, ModelSpec]:
     """A fresh model initialised from ``seed``, or ``section.weights`` loaded into the
-    section's structure (a channel-pruned file keeps its own widths).
+    section's structure (a channel- or depth-pruned file keeps its own widths and blocks).
 
     Raises:
         UserError: the weights file is missing, unreadable or does not fit the section.
@@ -52,7 +52,8 @@ def start_model(section: ModelSection, data: DataBundle, *, seed: int
         torch.manual_seed(seed)
         return build_model(spec), spec
     stored = stored_spec(section.weights)
-    if stored is not None and stored.pruned:
-        spec = spec.model_copy(update={"pruned": True})
+    if stored is not None:
+        # the file's own structure: channel widths (pruned) and blocks kept (depth-pruned)
+        spec = spec.model_copy(update={"pruned": stored.pruned, "blocks": stored.blocks})
     model, spec, _ = load_model(section.weights, spec=spec)
     return model, spec
