@@ -42,8 +42,8 @@ class MeasureOptions(BaseModel):
         min_seconds: time each of latency and throughput for at least this long; None
             for exactly ``*_runs`` calls.
         noisy_retries: time a noisy latency or throughput again up to this many times and
-            keep the steadiest (a load change on a shared VM lands in one timing, seldom
-            in the next); 0: one timing, noisy or not.
+            keep the steadier (a load change on a shared VM lands in one timing, seldom
+            in the next); 0: one timing, noisy or not. Each retry costs ``min_seconds``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -61,7 +61,7 @@ class MeasureOptions(BaseModel):
     throughput_warmup: int = Field(default=DEFAULT_THROUGHPUT_WARMUP, ge=0)
     throughput_runs: int = Field(default=DEFAULT_THROUGHPUT_RUNS, gt=0)
     min_seconds: float | None = Field(default=DEFAULT_MIN_SECONDS, ge=0)
-    noisy_retries: int = Field(default=2, ge=0)
+    noisy_retries: int = Field(default=1, ge=0)
 
 
 class MeasureConfig(BaseModel):
