@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from netshrink.errors import UserError
+from netshrink.train.config import AmpMode
 
 
 class CompressConfig(BaseModel):
@@ -76,7 +77,7 @@ class CompressConfig(BaseModel):
     batch_size: int = Field(default=256, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)
-    amp: Literal["auto", "native", "off", "bf16", "fp16"] = "native"
+    amp: AmpMode = "native"
     val_size: int = Field(default=5000, gt=0)
     calib_size: int = Field(default=512, gt=0)
     timing: bool = True

@@ -13,6 +13,10 @@ from pydantic import (
     model_serializer,
 )
 
+# Mixed precision of a training loop (see ``TrainConfig.amp``); the compress search's
+# fine-tunings take the same values.
+AmpMode = Literal["auto", "native", "off", "bf16", "fp16"]
+
 
 class TrainConfig(BaseModel):
     """How to train.
@@ -59,7 +63,7 @@ class TrainConfig(BaseModel):
     warmup_epochs: float = Field(default=0.2, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
-    amp: Literal["auto", "native", "off", "bf16", "fp16"] = "auto"
+    amp: AmpMode = "auto"
     channels_last: bool = True
     grad_clip: float | None = Field(default=None, gt=0)
     eval_every: int = Field(default=1, ge=0)

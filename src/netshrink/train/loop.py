@@ -91,10 +91,10 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively (CUDA; a CPU whose oneDNN has bf16
-    kernels: AVX512-BF16 or AMX)."""
+    """Whether ``device`` computes bf16 natively (a GPU that torch says supports it; a CPU
+    whose oneDNN has bf16 kernels: AVX512-BF16 or AMX)."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
