@@ -62,6 +62,12 @@ def test_candidates_compose_the_methods_the_target_asks_for() -> None:
                                Candidate(0.0, 0.0))
     assert [s["kind"] for s in latency] == ["quant.ptq"]
     assert latency[0]["runtime"] == "openvino" and latency[0]["accuracy_budget"] == 0.5
+    # INT8 kernels work in blocks of 16 channels: latency keeps widths multiples of 16
+    pruned = candidate_stages(CompressConfig(target="latency"), Candidate(0.5, 0.0))
+    assert pruned[0]["kind"] == "prune.channel" and pruned[0]["round_to"] == 16
+    assert "round_to" not in size[0]
+    assert candidate_stages(CompressConfig(channel_round_to=8),
+                            Candidate(0.5, 0.0))[0]["round_to"] == 8
 
 
 def test_the_search_stops_at_the_budget_and_chooses_the_smallest(searched) -> None:

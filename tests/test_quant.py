@@ -111,6 +111,22 @@ def test_openvino_nncf_quantizes_and_keeps_fc_float(r18, tmp_path) -> None:
     assert snr_db(ref, out) > 20
 
 
+def test_openvino_runs_each_batch_size_compiled_for_it_and_returns_its_own_arrays(
+        r18) -> None:
+    model, fp32 = r18
+    module = open_runtime(fp32, "openvino", stats=model_stats(model, SHAPE))
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(n, *SHAPE, generator=gen) for n in (1, 5, 1, 3)]
+    outs = [module(x) for x in batches]  # kept: the runtime's buffers are reused
+    with torch.no_grad():
+        for x, out in zip(batches, outs, strict=True):
+            assert out.shape == (x.shape[0], 10)
+            assert torch.allclose(out, model(x), atol=1e-3, rtol=1e-3)
+    requests = module._run
+    assert sorted(requests.compiled) == [(1, 1, 28, 28), (3, 1, 28, 28), (5, 1, 28, 28)]
+    assert all(r is not requests.dynamic for r in requests.compiled.values())
+
+
 def test_keep_float_leaves_named_layers_in_float(r18, tmp_path) -> None:
     _, fp32 = r18
     out = quantize_onnx(fp32, tmp_path / "mixed.onnx", calib(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 
@@ -14,3 +15,67 @@ def data_args(p: argparse.ArgumentParser, *, default: str | None = "fashion_mnis
                        "" if default else "; default: the one the model file records"))
     p.add_argument("--data-dir", type=Path,
                    help="folder holding the dataset's files (default: its usual place)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def input_shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != 3 or min(dims) <= 0:
+        raise argparse.ArgumentTypeError(f"expected CxHxW such as 3x224x224, got {text!r}")
+    return dims
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout, and shows each option's default where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and action.option_strings and default is not None
+                and default is not False and default != argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def subcommand(sub: argparse._SubParsersAction, name: str, summary: str, *examples: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows defaults and ends with examples."""
+    lines = "\n".join(f"  {e}" for e in examples)
+    text = textwrap.fill(description or summary[0].upper() + summary[1:] + ".", 88)
+    return sub.add_parser(name, help=summary, description=text,
+                          formatter_class=HelpFormatter,
+                          epilog=f"example{'s' if len(examples) > 1 else ''}:\n{lines}")
+
+
+FILE_KINDS = ("any model file netshrink writes, told by its content: .safetensors, torch "
+               ".pth, .onnx (float or INT8), .nspk, OpenVINO .xml (with its .bin)")
+
+
+def device_arg(p: argparse.ArgumentParser, *, trains: bool = True) -> None:
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the model trains and torch models are measured" if trains
+                   else "where torch models run (ONNX Runtime and OpenVINO run on the CPU)")
+
+
+def no_timing_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-timing", action="store_true",
+                   help="measure accuracy, size and counts but not latency/throughput (the "
+                        "recipe's measure: {latency: false}); much faster")
+
+
+def runtime_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"],
+                   help="run an ONNX file in this runtime (default: the one its run measured "
+                        "it in, else onnxruntime)")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
-from netshrink.cli.args import data_args
+from netshrink.cli.args import data_args, subcommand
 
 
 def _ratios(text: str) -> list[float]:
@@ -44,6 +43,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         settings["sparsities"] = args.sparsities
     if args.drop_blocks is not None:
         settings["drop_blocks"] = args.drop_blocks
+    if args.channel_round_to is not None:
+        settings["channel_round_to"] = args.channel_round_to
     cfg = compress_config({k: v for k, v in settings.items() if v is not None}, flags=True)
     result = compress(args.weights, args.out, data=args.data, data_dir=args.data_dir,
                       config=cfg, device=args.device)
@@ -61,8 +62,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_compress(sub: argparse._SubParsersAction,
-                 subcommand: Callable[..., argparse.ArgumentParser]) -> None:
+def add_compress(sub: argparse._SubParsersAction) -> None:
     """The ``compress`` command on the main parser's subparsers."""
     p = subcommand(
         sub, "compress", "search composed methods for the smallest or fastest deployable "
@@ -93,7 +93,10 @@ def add_compress(sub: argparse._SubParsersAction,
                    help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6)")
     p.add_argument("--drop-blocks", type=_counts,
                    help="numbers of residual blocks to remove, tried increasing on the last "
-                        "channel ratio that held (default 1,2,3; 0: none)")
+                        "channel ratio that held (default 1,2,3,4; 0: none)")
+    p.add_argument("--channel-round-to", type=int,
+                   help="keep channel counts multiples of this (default 16 for --target "
+                        "latency: INT8 kernels work in blocks of 16 channels; 1 for size)")
     p.add_argument("--sparsities", type=_ratios,
                    help="sparsities to try with --target size (default 0.5,0.7,0.8,0.9)")
     p.add_argument("--kmeans-bits", type=lambda t: [int(x) for x in t.split(",")],

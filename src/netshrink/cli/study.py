@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+
+from netshrink.cli.args import subcommand
 
 VERBS = ("run", "show")
 
@@ -72,8 +74,7 @@ def _num(value: float | None, scale: float, spec: str) -> str:
     return "–" if value is None else format(value * scale, spec)
 
 
-def add_study(sub: argparse._SubParsersAction,
-              subcommand: Callable[..., argparse.ArgumentParser]) -> None:
+def add_study(sub: argparse._SubParsersAction) -> None:
     """The ``study`` command and its verbs, on the main parser's subparsers."""
     p = subcommand(sub, "study", "run a study (a matrix of recipes) or show its results",
                    "netshrink study recipes/studies/fashion_finegrained_vs_channel.yaml "

@@ -108,7 +108,8 @@ def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any
     if cand.channels:
         stages += [{"kind": "prune.channel", "name": "channels", "ratio": cand.channels,
                     "importance": "l2", "scope": cfg.channel_scope,
-                    "scan_images": min(1000, cfg.val_size)},
+                    "scan_images": min(1000, cfg.val_size)}
+                   | ({"round_to": cfg.round_to} if cfg.round_to > 1 else {}),
                    {**finetune, "name": "channels-ft"}]
     if cand.blocks:
         stages += [{"kind": "prune.blocks", "name": "blocks", "count": cand.blocks,

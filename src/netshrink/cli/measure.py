@@ -1,0 +1,325 @@
+"""The commands that run a model file: ``eval``, ``predict`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from netshrink.cli.args import (
+    FILE_KINDS,
+    data_args,
+    device_arg,
+    input_shape,
+    positive_int,
+    runtime_arg,
+    subcommand,
+)
+from netshrink.errors import UserError
+
+if TYPE_CHECKING:
+
+    from netshrink.bench.schema import Measurement
+    from netshrink.runtime.files import OpenedModel
+    from netshrink.runtime.torch_exec import TorchExecution
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from netshrink.runtime.files import open_model_file
+
+    opened = open_model_file(args.weights, device=args.device, threads=args.threads,
+                             runtime=args.runtime)
+    try:
+        result = _evaluate_opened(args, opened)
+    finally:
+        opened.close()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str, object]:
+    """``eval``'s figures for an opened model file, on the split ``args`` name."""
+    from pydantic import ValidationError
+
+    from netshrink.bench import evaluate
+    from netshrink.data import DataConfig, build_data
+
+    meta = opened.meta
+    name = args.data or meta.get("dataset")
+    if name is None:
+        raise UserError(f"{args.weights}: {opened.describe()} that does not say its dataset "
+                        "(it carries no netshrink metadata); pass --data NAME (netshrink list "
+                        "datasets) and --data-dir for its files")
+    stored = meta.get("dataset")
+    other = stored is not None and stored != name
+    if args.split == "val":
+        # The validation images are those the run held out of its training set: only the
+        # file knows how it cut them, and any other cut could hold training images.
+        split_meta = meta.get("split")
+        if other or not isinstance(split_meta, dict):
+            raise UserError(
+                f"{args.weights}: the file does not record the validation split it was "
+                f"trained with{' on ' + name if other else ''}, so --split val could score "
+                "training images; use --split test")
+        cut = {k: split_meta.get(k) for k in ("val_size", "seed", "train_limit")}
+    else:
+        cut = {"val_size": 0}
+    size = meta.get("image_size") or (opened.input_shape[-1] if opened.input_shape else None)
+    try:
+        data_cfg = DataConfig(name=name, root=args.data_dir, image_size=size, **cut)
+    except ValidationError as exc:
+        raise UserError(f"{args.weights}: its metadata describes no valid data split "
+                        f"({exc.errors()[0]['msg']}); use --split test") from None
+    data = build_data(data_cfg)
+    classes = opened.num_classes
+    if classes is not None and data.info.num_classes != classes:
+        raise UserError(f"{args.weights}: the model predicts {classes} classes and "
+                        f"{name} has {data.info.num_classes}; evaluate it on its own dataset"
+                        + (f" ({stored})" if stored else ""))
+    if opened.input_shape is not None and opened.input_shape[0] != data.info.in_channels:
+        raise UserError(f"{args.weights}: the model takes {opened.input_shape[0]}-channel "
+                        f"images and {name} has {data.info.in_channels}-channel ones; "
+                        "evaluate it on its own dataset")
+    if other:
+        print(f"netshrink: note: {args.weights} was trained on {stored}; evaluating it on "
+              f"{name}", file=sys.stderr)
+    split = data.test if args.split == "test" else data.val
+    if split is None:
+        raise UserError(f"{args.weights}: its run held out no validation images; use "
+                        "--split test")
+    batch = opened.fixed_batch or args.batch_size
+    if batch > 1 and opened.fixed_batch and len(split) % batch:
+        raise UserError(f"{args.weights}: the model takes batches of exactly {batch} images "
+                        f"and the split has {len(split)}; export it with a dynamic batch "
+                        "(netshrink's exports have one)")
+    if batch != args.batch_size:
+        print(f"netshrink: note: {args.weights} takes batches of exactly {batch}; evaluating "
+              f"{batch} at a time", file=sys.stderr)
+    acc = evaluate(opened.module, split, batch_size=batch, device=opened.device,
+                   split_name=args.split)
+    return {"weights": str(args.weights), "kind": opened.kind, "runtime": opened.runtime,
+            "precision": opened.precision, "arch": opened.spec.arch if opened.spec else None,
+            "dataset": name, **({"trained_on": stored} if other else {}), **acc.model_dump()}
+
+
+def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
+    """The ``TorchExecution`` the bench flags ask for; None for the model as loaded."""
+    from netshrink.runtime.torch_exec import TorchExecution
+
+    execution = TorchExecution(precision=args.precision, channels_last=args.channels_last,
+                               compile=args.compile, sparse24=args.sparse24)
+    return execution if execution != TorchExecution() else None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+
+    from netshrink.models import ModelSpec, build_model
+
+    if args.json is not None:
+        # Checked before measuring: the benchmark takes minutes, the write a moment.
+        folder = args.json.parent
+        if args.json.is_dir():
+            raise UserError(f"--json {args.json} is a folder; give a file name in it, "
+                            f"e.g. {args.json / 'bench.json'}")
+        if not folder.is_dir():
+            raise UserError(f"--json {args.json}: the folder {folder} does not exist; "
+                            "create it first")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"--json {args.json}: the folder {folder} is not writable")
+    opened = None
+    execution = _torch_execution(args)
+    batch_size = args.batch_size
+    if args.weights is not None:
+        from netshrink.runtime.files import open_model_file
+
+        opened = open_model_file(args.weights, device=args.device, threads=args.threads,
+                                 runtime=args.runtime)
+        shape = args.input or opened.input_shape
+        if shape is None:
+            opened.close()
+            raise UserError(f"{args.weights}: {opened.describe()} that does not say its "
+                            "input shape; pass --input CxHxW (e.g. 3x224x224)")
+        if execution is not None and opened.runtime != "torch":
+            opened.close()
+            raise UserError(f"--precision, --channels-last, --compile and --sparse24 prepare "
+                            f"a torch model; {args.weights} runs in {opened.runtime}")
+        if opened.fixed_batch is not None and opened.fixed_batch > 1:
+            opened.close()
+            raise UserError(f"{args.weights}: the model takes batches of exactly "
+                            f"{opened.fixed_batch} images, and bench times batch 1 and batch "
+                            "--batch-size; export it with a dynamic batch (netshrink's exports "
+                            "have one)")
+        if opened.fixed_batch is not None and opened.fixed_batch != batch_size:
+            batch_size = opened.fixed_batch
+            print(f"netshrink: note: {args.weights} takes batches of exactly {batch_size}; "
+                  "throughput is timed at that batch", file=sys.stderr)
+        model, label = opened.module, opened.spec.arch if opened.spec else opened.kind
+        print(f"{args.weights}: {opened.describe()}, {opened.size_bytes / 1e6:,.2f} MB on disk")
+        if not opened.info:
+            print(f"netshrink: note: {args.weights} carries no netshrink metadata: its "
+                  "parameters are counted from its weights, MACs unknown", file=sys.stderr)
+    else:
+        if args.runtime is not None:
+            raise UserError("--runtime chooses where a model file runs; pass --weights")
+        side = 32 if args.stem == "cifar" else 224
+        shape = args.input or [3, side, side]
+        spec = ModelSpec(arch=args.arch, stem=args.stem, num_classes=args.num_classes,
+                         in_channels=shape[0])
+        model, label = build_model(spec).eval(), spec.arch
+    if execution is not None:
+        from netshrink.runtime.torch_exec import prepare_torch
+
+        model = prepare_torch(model, execution, device=args.device, input_shape=shape)
+        print(f"torch execution: {execution.label()}")
+    try:
+        results = _bench_repeats(args, model, label, shape, batch_size,
+                                 opened.path if opened is not None else None)
+    finally:
+        if opened is not None:
+            opened.close()
+    _bench_summary(results)
+    if args.json is not None:
+        from netshrink.store.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps([r.model_dump() for r in results], indent=2))
+    return 0
+
+
+def _bench_repeats(args: argparse.Namespace, model: object, label: str, shape: list[int],
+                   batch_size: int, file: Path | None) -> list[Measurement]:
+    """``args.repeats`` whole measurements of ``model``, each printed as it finishes."""
+    from netshrink.bench import MeasureOptions, measure
+    from netshrink.runtime.base import RuntimeModule
+
+    # ONNX Runtime and OpenVINO sessions run on the CPU, whatever --device says.
+    device = "cpu" if isinstance(model, RuntimeModule) else args.device
+    results = []
+    for repeat in range(args.repeats):
+        m = measure(model, input_shape=shape, file=file,  # type: ignore[arg-type]
+                    options=MeasureOptions(device=device, threads=args.threads,
+                                           batch_size=batch_size, seed=repeat))
+        results.append(m)
+        lat, thr = m.latency, m.throughput
+        assert lat is not None and thr is not None
+        rounds = (f", rounds {lat.round_spread:.1%} apart" if lat.round_spread is not None
+                  else "")
+        print(f"[{repeat + 1}/{args.repeats}] {label} {'x'.join(map(str, shape))}: "
+              f"batch 1 p50 {lat.p50_ms:.2f} ms p90 {lat.p90_ms:.2f} ms "
+              f"(p90/p50 {lat.p90_over_p50 or float('nan'):.2f}{rounds}); "
+              f"batch {batch_size} {thr.images_per_s:.1f} img/s; "
+              f"peak {m.peak_memory_mb:.0f} MB ({m.memory_kind})")
+        for reason in m.noise():
+            print(f"warning: repeat {repeat + 1} is noisy, {reason}: another job is probably "
+                  "using the machine; its figures are not reliable", file=sys.stderr)
+    return results
+
+
+def _bench_summary(results: list[Measurement]) -> None:
+    """The counts, and the spread between repeats (with a warning when it is large)."""
+    from netshrink.bench.schema import NOISY_ROUND_SPREAD
+
+    p50s = [r.latency.p50_ms for r in results]  # type: ignore[union-attr]
+    tputs = [r.throughput.images_per_s for r in results]  # type: ignore[union-attr]
+    first = results[0]
+    macs = f"; MACs {first.macs / 1e6:,.1f} M per image" if first.macs else ""
+    print(f"params {first.params:,} (non-zero {first.nonzero_params:,}){macs}")
+    if len(results) > 1:
+        lat_spread = max(p50s) / min(p50s) - 1
+        tput_spread = max(tputs) / min(tputs) - 1
+        print(f"run-to-run spread: batch-1 p50 {min(p50s):.2f}-{max(p50s):.2f} ms "
+              f"({lat_spread:.1%}); throughput {min(tputs):.1f}-{max(tputs):.1f} img/s "
+              f"({tput_spread:.1%})")
+        if max(lat_spread, tput_spread) > NOISY_ROUND_SPREAD:
+            print(f"warning: the repeats differ by more than {NOISY_ROUND_SPREAD:.0%} "
+                  f"(batch-1 p50 {lat_spread:.1%}, throughput {tput_spread:.1%}): the machine "
+                  "was busy or changed speed while measuring; do not compare these figures, "
+                  "measure again on a quiet machine", file=sys.stderr)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from netshrink.predict import predict_files
+
+    for path, top in predict_files(args.weights, args.images, k=args.top, data=args.data,
+                                   data_dir=args.data_dir, runtime=args.runtime):
+        print(f"{path}:")
+        for label, prob in top:
+            print(f"  {prob * 100:6.2f}%  {label}")
+    return 0
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(sub, "eval", "top-1/top-5 of any model file on a dataset split",
+                   "netshrink eval --weights runs/quickstart/stages/06-int8/model.onnx",
+                   "netshrink eval --weights someone_elses.onnx --data fashion_mnist",
+                   description="Top-1/top-5 of a model file on a dataset split, in the "
+                               f"runtime it runs in. It takes {FILE_KINDS}.")
+    p.add_argument("--weights", type=Path, required=True, metavar="MODEL",
+                   help="the model file")
+    data_args(p, default=None)
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="val: the images the file's run held out of training (the file "
+                        "must record that split)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per call")
+    p.add_argument("--threads", type=positive_int, default=2,
+                   help="ONNX Runtime / OpenVINO threads")
+    runtime_arg(p)
+    device_arg(p, trains=False)
+    p.set_defaults(fn=cmd_eval)
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(sub, "predict", "top classes of images with any model file",
+                   "netshrink predict --weights runs/quickstart/stages/06-int8/model.onnx "
+                   "shirt.png boot.jpg",
+                   description=f"Top classes of image files. It takes {FILE_KINDS}; "
+                               "class names and preprocessing come from the file, or from "
+                               "--data for a file without them.")
+    p.add_argument("--weights", type=Path, required=True, metavar="MODEL",
+                   help="the model file")
+    p.add_argument("--top", type=positive_int, default=5, help="classes shown per image")
+    p.add_argument("--data", help="dataset whose class names and preprocessing to use "
+                   "(default: the file's)")
+    p.add_argument("--data-dir", type=Path, help="folder holding --data's files")
+    runtime_arg(p)
+    p.add_argument("images", type=Path, nargs="+", help="image files (PNG, JPEG, ...)")
+    p.set_defaults(fn=cmd_predict)
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = subcommand(sub, "bench", "size, params, MACs, latency, throughput, memory",
+                   "netshrink bench --weights runs/quickstart/stages/06-int8/model.onnx",
+                   "netshrink bench --arch resnet50 --input 3x224x224 --repeats 3",
+                   description="Size, params, MACs, latency, throughput and memory of a "
+                               f"model file ({FILE_KINDS}), or of a fresh --arch.")
+    p.add_argument("--arch", default="resnet18", help="architecture, without --weights")
+    p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet",
+                   help="stem of --arch")
+    p.add_argument("--num-classes", type=positive_int, default=1000,
+                   help="classes of --arch")
+    p.add_argument("--weights", type=Path, metavar="MODEL",
+                   help="measure this model file instead")
+    p.add_argument("--input", type=input_shape,
+                   help="one image's shape, e.g. 3x224x224 (default: what the file says; "
+                        "224 a side for --arch, 32 with the cifar stem)")
+    p.add_argument("--threads", type=positive_int, default=2, help="threads to run with")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="batch of the throughput timing")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="whole measurements, to see the run-to-run spread")
+    runtime_arg(p)
+    device_arg(p, trains=False)
+    p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
+                   help="torch compute precision (fp16/tf32 on a GPU)")
+    p.add_argument("--channels-last", action="store_true", help="torch: NHWC memory format")
+    p.add_argument("--compile", default="off",
+                   choices=["off", "default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"], help="torch.compile mode")
+    p.add_argument("--sparse24", choices=["off", "auto", "all"], default="off",
+                   help="torch: 2:4 sparse kernels for 2:4-sparse layers (GPU)")
+    p.add_argument("--json", type=Path,
+                   help="also write the measurements here (checked before measuring: its "
+                        "folder must exist and be writable)")
+    p.set_defaults(fn=cmd_bench)
