@@ -212,6 +212,21 @@ def test_decisions_use_the_input_models_own_held_out_images() -> None:
     assert held_out_split(CompressConfig(), {}, None) == (CompressConfig(), [])
 
 
+def test_fine_tunings_augment_as_the_input_models_run_did_unless_told() -> None:
+    from netshrink.compress.options import held_out_split
+    from netshrink.compress.search import base_recipe
+
+    recorded = {"val_size": 5000, "seed": 0, "augment": False}
+    cfg, _ = held_out_split(CompressConfig(), {}, recorded)
+    assert cfg.augment is False
+    assert base_recipe({}, {"name": "fashion_mnist"}, cfg, "cpu")["data"]["augment"] is False
+    told, _ = held_out_split(CompressConfig(augment=True), {}, recorded)
+    assert told.augment is True  # the setting wins over the record
+    unrecorded, _ = held_out_split(CompressConfig(), {}, {"val_size": 5000, "seed": 0})
+    assert "augment" not in base_recipe({}, {"name": "fashion_mnist"}, unrecorded,
+                                        "cpu")["data"]  # the dataset's default
+
+
 def test_compress_is_a_recipe_stage_that_hands_on_the_chosen_file(
         trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
     """``train -> compress`` style: the stage searches the chain's model on the recipe's

@@ -121,6 +121,14 @@ def test_int8_onnx_keeps_the_validation_split(capsys, run) -> None:
     assert got["split"] == "val" and got["images"] == 50 and got["precision"] == "int8"
 
 
+def test_a_model_file_records_how_its_run_cut_and_fed_the_training_images(run) -> None:
+    from netshrink.store.checkpoint import load_model
+
+    meta = load_model(run["folders"]["train"] / "model.safetensors")[2]
+    # compress decides on these images and fine-tunes with the same augmentation
+    assert meta["split"] == {"val_size": 50, "seed": 0, "train_limit": None, "augment": True}
+
+
 def test_a_renamed_file_is_told_by_its_content(capsys, run, tmp_path) -> None:
     onnx_named_st = tmp_path / "model.safetensors"
     shutil.copy(run["folders"]["quant.ptq"] / "model.onnx", onnx_named_st)

@@ -43,6 +43,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         settings["sparsities"] = args.sparsities
     if args.drop_blocks is not None:
         settings["drop_blocks"] = args.drop_blocks
+    if args.augment is not None:
+        settings["augment"] = args.augment
     if args.channel_round_to is not None:
         settings["channel_round_to"] = args.channel_round_to
     cfg = compress_config({k: v for k, v in settings.items() if v is not None}, flags=True)
@@ -94,6 +96,9 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-blocks", type=_counts,
                    help="numbers of residual blocks to remove, tried increasing on the last "
                         "channel ratio that held (default 1,2,3,4; 0: none)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="augment the fine-tunings' training images (default: as the input "
+                        "model's run did, where its file records it; else on)")
     p.add_argument("--channel-round-to", type=int,
                    help="keep channel counts multiples of this (default 16 for --target "
                         "latency: INT8 kernels work in blocks of 16 channels; 1 for size)")

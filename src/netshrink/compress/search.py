@@ -143,7 +143,8 @@ def base_recipe(model: dict[str, Any], data: dict[str, Any], cfg: CompressConfig
     if cfg.threads is not None:
         measure["threads"] = cfg.threads
     return {"seed": 0, "device": device, "model": model,
-            "data": {**data, "val_size": cfg.val_size, "calib_size": cfg.calib_size},
+            "data": {**data, "val_size": cfg.val_size, "calib_size": cfg.calib_size,
+                     **({"augment": cfg.augment} if cfg.augment is not None else {})},
             "measure": measure, "report": {"accuracy_budget": cfg.budget_points}}
 
 

@@ -286,7 +286,7 @@ class Runner:
         cut = self.recipe.data
         return checkpoint_meta(data, run=self.recipe.name, stage=stage, split={
             "val_size": len(data.val) if data.val is not None else 0,
-            "seed": cut.seed, "train_limit": cut.train_limit})
+            "seed": cut.seed, "train_limit": cut.train_limit, "augment": cut.augment})
 
     def _save_and_measure(self, chain: _Chain, slot: _Slot, ctx: StageContext,
                           result: nn.Module | Deployed) -> StageRecord:
