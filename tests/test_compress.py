@@ -65,7 +65,12 @@ def test_candidates_compose_the_methods_the_target_asks_for() -> None:
     # INT8 kernels work in blocks of 16 channels: latency keeps widths multiples of 16
     pruned = candidate_stages(CompressConfig(target="latency"), Candidate(0.5, 0.0))
     assert pruned[0]["kind"] == "prune.channel" and pruned[0]["round_to"] == 16
-    assert "round_to" not in size[0]
+    assert "round_to" not in size[0] and "share_by" not in size[0]
+    assert pruned[0]["share_by"] == "macs"  # latency shares the ratio out by compute
+    # latency removes blocks before channels, as its search walks them
+    assert [s["kind"] for s in candidate_stages(CompressConfig(target="latency"),
+                                                Candidate(0.5, 0.0, blocks=2))] == [
+        "prune.blocks", "finetune", "prune.channel", "finetune", "quant.ptq"]
     assert candidate_stages(CompressConfig(channel_round_to=8),
                             Candidate(0.5, 0.0))[0]["round_to"] == 8
 
@@ -269,8 +274,13 @@ def test_compress_is_a_recipe_stage_that_hands_on_the_chosen_file(
     ("size", {"channels": 0.35, "blocks": 1, "sparsity": 0.7},
      ["ch0-sp0", "ch0.2-sp0", "ch0.35-sp0", "ch0.5-sp0", "ch0.35-d1-sp0", "ch0.35-d2-sp0",
       "ch0.35-d1-sp0.5", "ch0.35-d1-sp0.7", "ch0.35-d1-sp0.8"]),
-    ("latency", {"channels": 0.0, "blocks": 3, "sparsity": 0.0},
-     ["ch0-sp0", "ch0.2-sp0", "ch0-d1-sp0", "ch0-d2-sp0", "ch0-d3-sp0"]),
+    # latency: blocks first (up to 4 of a ResNet-18's 8), then channels on the deepest cut
+    ("latency", {"channels": 0.35, "blocks": 2, "sparsity": 0.0},
+     ["ch0-sp0", "ch0-d1-sp0", "ch0-d2-sp0", "ch0-d3-sp0", "ch0.2-d2-sp0", "ch0.35-d2-sp0",
+      "ch0.5-d2-sp0"]),
+    ("latency", {"channels": 0.2, "blocks": 4, "sparsity": 0.0},
+     ["ch0-sp0", "ch0-d1-sp0", "ch0-d2-sp0", "ch0-d3-sp0", "ch0-d4-sp0", "ch0.2-d4-sp0",
+      "ch0.35-d4-sp0"]),
 ])
 def test_the_walk_order_of_channels_blocks_and_sparsity(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, target: str, limit: dict,

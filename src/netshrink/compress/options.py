@@ -47,7 +47,13 @@ class CompressConfig(BaseModel):
             16).
         drop_blocks: numbers of residual blocks removed (depth pruning, the least harmful
             first by a scan on the validation split), tried in increasing order on the last
-            channel ratio that held, until one breaks the budget (``[]``: none).
+            channel ratio that held, until one breaks the budget (``[]``: none). For
+            ``latency`` the blocks come first and the channel ratios are walked on the
+            deepest cut that held (``blocks_first``): at batch 1 a removed layer saves its
+            whole per-call cost, and depth costs little accuracy (the quickstart student
+            lost 0.26 points of validation top-1 without 4 of its 8 blocks, 2.2 without
+            half of every layer's channels), while the channel ratio is shared out by
+            compute (MACs), not parameters.
         sparsities: global unstructured sparsities tried on the chosen channel ratio and
             depth (``size`` only), increasing, until one breaks the budget.
         kmeans_bits: index widths of the weight sharing (2**bits values a layer), tried
@@ -105,6 +111,11 @@ class CompressConfig(BaseModel):
         if self.deploy != "auto":
             return self.deploy
         return "kmeans" if self.target == "size" else "int8"
+
+    @property
+    def blocks_first(self) -> bool:
+        """Whether depth pruning is walked before the channel ratios (``latency``)."""
+        return self.target == "latency"
 
     @property
     def round_to(self) -> int:

@@ -15,7 +15,9 @@ deployment the target asks for. Its recipe, on the input weights:
 The search walks the channel ratios upwards (0 first) until a candidate's deployable
 file loses more than the budget on the validation images, then the numbers of blocks
 removed on the last ratio that held, and for ``size`` then the sparsities on the last
-structure that held. Candidates share their prefixes
+structure that held. For ``latency`` blocks come first (then the channel ratios on the
+deepest cut that held, shared out by compute): at batch 1 a layer removed saves its
+whole per-call cost, whatever its width. Candidates share their prefixes
 through the cache (the 0.5-sparsity model of ratio 0.35 is fine-tuned once), and a
 finished candidate is never run again: an interrupted search resumes where it stopped.
 Of every candidate within the budget the smallest file (or lowest batch-1 latency) is
@@ -104,17 +106,22 @@ def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any
                 "batch_size": cfg.batch_size, "distill": kd, "amp": cfg.amp}
     if cfg.max_steps is not None:
         finetune["max_steps"] = cfg.max_steps
-    stages: list[dict[str, Any]] = []
+    channels: list[dict[str, Any]] = []
     if cand.channels:
-        stages += [{"kind": "prune.channel", "name": "channels", "ratio": cand.channels,
-                    "importance": "l2", "scope": cfg.channel_scope,
-                    "scan_images": min(1000, cfg.val_size)}
-                   | ({"round_to": cfg.round_to} if cfg.round_to > 1 else {}),
-                   {**finetune, "name": "channels-ft"}]
+        channels = [{"kind": "prune.channel", "name": "channels", "ratio": cand.channels,
+                     "importance": "l2", "scope": cfg.channel_scope,
+                     "scan_images": min(1000, cfg.val_size)}
+                    | ({"round_to": cfg.round_to} if cfg.round_to > 1 else {})
+                    | ({"share_by": "macs"} if cfg.target == "latency" else {}),
+                    {**finetune, "name": "channels-ft"}]
+    blocks: list[dict[str, Any]] = []
     if cand.blocks:
-        stages += [{"kind": "prune.blocks", "name": "blocks", "count": cand.blocks,
-                    "scan_images": min(1000, cfg.val_size)},
-                   {**finetune, "name": "blocks-ft"}]
+        blocks = [{"kind": "prune.blocks", "name": "blocks", "count": cand.blocks,
+                   "scan_images": min(1000, cfg.val_size)},
+                  {**finetune, "name": "blocks-ft"}]
+    # the order the search walks them, so a candidate starts from the one before it
+    # (shared through the model cache)
+    stages = blocks + channels if cfg.blocks_first else channels + blocks
     if cand.sparsity:
         stages += [{"kind": "prune.magnitude", "name": "sparse", "ratio": cand.sparsity,
                     "scope": "global", "finetune_epochs": 0},
@@ -194,20 +201,41 @@ class Search:
                  f"at most {self._most()} candidates")
         trials: list[Trial] = []
         channels, blocks = 0.0, 0
-        for ratio in (0.0, *self.cfg.channel_ratios):
-            if not self._structure(ratio, 0.0, trials):
-                break
-            channels = ratio
-        if any(t.within for t in trials):
-            for count in self.drop_blocks:
-                if not self._structure(channels, 0.0, trials, blocks=count):
-                    break
-                blocks = count
+        if self.cfg.blocks_first:
+            blocks = self._walk_blocks(channels, trials, first=True)
+            if any(t.within for t in trials):
+                channels = self._walk_channels(blocks, trials)
+        else:
+            channels = self._walk_channels(blocks, trials, first=True)
+            if any(t.within for t in trials):
+                blocks = self._walk_blocks(channels, trials)
         if self.cfg.target == "size" and any(t.within for t in trials):
             for sparsity in self.cfg.sparsities:
                 if not self._structure(channels, sparsity, trials, blocks=blocks):
                     break
         return self._finish(trials)
+
+    def _walk_channels(self, blocks: int, trials: list[Trial], first: bool = False
+                       ) -> float:
+        """The channel ratios upwards (from 0 when ``first``) on ``blocks``: the last
+        that held."""
+        held = 0.0
+        for ratio in ((0.0,) if first else ()) + tuple(self.cfg.channel_ratios):
+            if not self._structure(ratio, 0.0, trials, blocks=blocks):
+                break
+            held = ratio
+        return held
+
+    def _walk_blocks(self, channels: float, trials: list[Trial], first: bool = False
+                     ) -> int:
+        """The block counts upwards (from 0 when ``first``) on ``channels``: the last
+        that held."""
+        held = 0
+        for count in ((0,) if first else ()) + tuple(self.drop_blocks):
+            if not self._structure(channels, 0.0, trials, blocks=count):
+                break
+            held = count
+        return held
 
     def _structure(self, channels: float, sparsity: float, trials: list[Trial],
                    blocks: int = 0) -> bool:

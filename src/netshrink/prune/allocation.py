@@ -11,17 +11,25 @@ removing as many parameters as the uniform ratio ``r`` does (``sum P_g r_g = r s
 below at a quarter of the mean drop (a group whose scan drop was 0 on a small subset is
 robust, not free), and no group loses more than ``max_ratio`` (its share goes to the
 others). If no group showed a drop, the scan says nothing and every group gets ``r``.
+
+With ``cost="macs"`` the same is done with ``P_g`` the multiply-accumulates the group's
+channels compute (what the scan's pruning removed, over the scan ratio) instead of the
+parameters they hold: the ratio then removes compute where it costs least accuracy,
+which is what latency follows. In a ResNet on small images the two differ most: the
+last stage holds most parameters at 1x1 spatial size, the first most compute per
+parameter.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 DROP_EXPONENT = 5.0
 
 
 def allocate_channel_ratios(rows: list[dict[str, Any]], ratio: float, *,
-                            max_ratio: float = 0.95, exponent: float = DROP_EXPONENT
+                            max_ratio: float = 0.95, exponent: float = DROP_EXPONENT,
+                            cost: Literal["params", "macs"] = "params"
                             ) -> dict[str, float]:
     """Group name -> its channel ratio (see the module docstring).
 
@@ -30,6 +38,8 @@ def allocate_channel_ratios(rows: list[dict[str, Any]], ratio: float, *,
         ratio: the uniform ratio whose parameter total is matched, in [0, 1).
         max_ratio: the most any group loses.
         exponent: the power of the drop model (> 1).
+        cost: what the ratio is a share of: ``params`` (size) or ``macs`` (compute;
+            the rows need ``macs_removed``).
     """
     groups = [r for r in rows if r.get("kind") == "group"]
     if not groups or ratio <= 0:
@@ -38,7 +48,10 @@ def allocate_channel_ratios(rows: list[dict[str, Any]], ratio: float, *,
     mean = sum(drops) / len(drops)
     if mean <= 0:
         return {r["layer"]: ratio for r in groups}
-    params = [float(r["params"]) for r in groups]
+    if cost == "macs":  # the group's compute: what the scan removed, per unit of ratio
+        params = [max(float(r["macs_removed"]) / float(r["ratio"]), 1.0) for r in groups]
+    else:
+        params = [float(r["params"]) for r in groups]
     weight = [(p / max(d, mean / 4)) ** (1 / (exponent - 1))
               for p, d in zip(params, drops, strict=True)]
     target = ratio * sum(params)

@@ -90,6 +90,9 @@ class ChannelPruneConfig(BaseModel):
             fraction of its channels, measured on this many validation images; the ratios
             then follow ``prune.allocation`` (robust and large groups lose more, as many
             parameters in all as ``ratio`` removes uniformly).
+        share_by: ``sensitivity`` scope: what ``ratio`` is shared out as, ``params``
+            (as many parameters as the uniform ratio removes: size) or ``macs`` (as
+            much compute: latency).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -107,6 +110,7 @@ class ChannelPruneConfig(BaseModel):
     max_layer_ratio: float = Field(default=0.95, gt=0, lt=1)
     scan_ratio: float = Field(default=0.5, gt=0, lt=1)
     scan_images: int = Field(default=1000, gt=0)
+    share_by: Literal["params", "macs"] = "params"
 
 
 def prune_channels(
@@ -330,7 +334,8 @@ def _sensitivity_ratios(model: nn.Module, cfg: ChannelPruneConfig, example: Tens
                             include=cfg.include or None,
                             exclude=cfg.exclude, example_input=example[:1],
                             max_images=cfg.scan_images, device=device)
-    ratios = allocate_channel_ratios(rows, cfg.ratio, max_ratio=cfg.max_layer_ratio)
+    ratios = allocate_channel_ratios(rows, cfg.ratio, max_ratio=cfg.max_layer_ratio,
+                                     cost=cfg.share_by)
     log("channel ratios by sensitivity: " + ", ".join(
         f"{name.split('+')[0]} {r:.2f}" for name, r in ratios.items()))
     return ratios

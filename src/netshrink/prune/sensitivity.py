@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from netshrink.bench.accuracy import evaluate
 from netshrink.data.base import Split
 from netshrink.errors import UserError
+from netshrink.models.counting import count_macs
 from netshrink.models.select import prunable_layers, select_layers
 from netshrink.prune.groups import ChannelGraph, ChannelGroup, kept_channels, lowest, output_layer
 from netshrink.prune.magnitude import magnitude_masks
@@ -291,9 +292,10 @@ def sensitivity_scan(
         or group in model order: ``{"layer", "params", "top1", "drop", "removed",
         "ratio", "kind"}``; ``drop`` is baseline top-1 minus this top-1 (a fraction; it
         can be slightly negative: pruning may help on a small subset by chance). Group rows
-        add ``outputs``, ``inputs``, ``channels`` and ``pruned_channels``; ``params`` is
-        the layer's weights or the parameters the group's channels hold, ``removed`` how
-        many were zeroed (magnitude) or removed (channel).
+        add ``outputs``, ``inputs``, ``channels``, ``pruned_channels`` and
+        ``macs_removed`` (multiply-accumulates of one image the pruning removed);
+        ``params`` is the layer's weights or the parameters the group's channels hold,
+        ``removed`` how many were zeroed (magnitude) or removed (channel).
 
     Raises:
         UserError: unknown method, ratio outside [0, 1), a bad pattern, an empty split.
@@ -331,12 +333,15 @@ def sensitivity_scan(
         example_input = example_input_from(data_split, device)
     example_input = example_input.to(device)
     total = _count(work)
+    shape = list(example_input.shape[1:])
+    macs = count_macs(work, shape)
     for info in channel_groups(work, example_input, include=include, exclude=exclude):
         pruned = prune_channel_groups(work, ratio, example_input, only=[info.name],
                                       include=include, exclude=exclude)
         acc = top1(pruned)
         rows.append({"layer": info.name, "kind": "group", "ratio": ratio,
                      "params": info.params, "removed": total - _count(pruned),
+                     "macs_removed": macs - count_macs(pruned, shape),
                      "top1": acc, "drop": base - acc, "root": info.root,
                      "outputs": info.outputs, "inputs": info.inputs,
                      "channels": info.channels,
