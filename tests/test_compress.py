@@ -156,6 +156,8 @@ def test_compress_command_refuses_bad_settings_in_one_line(trained: Path, tmp_pa
     assert "increasing order" in capsys.readouterr().err
     assert main([*base, "--target", "latency", "--no-timing"]) == 2
     assert "needs timing" in capsys.readouterr().err
+    assert main([*base, "--channel-round-to", "0", "--no-augment"]) == 2
+    assert "--channel-round-to" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -182,6 +184,14 @@ def test_a_latency_search_deploys_int8_in_the_runtime(trained: Path, fashion_dir
     chosen = result.test["chosen"]
     assert chosen["runtime"] == "onnxruntime" and chosen["latency"]["p50_ms"] > 0
     assert result.chosen.p50_ms == min(t.p50_ms for t in result.trials if t.within)
+    # chosen on timings taken again side by side, which the report states
+    within = [t.candidate.name for t in result.trials if t.within]
+    report = (tmp_path / "out" / "report.md").read_text()
+    if len(within) > 1:
+        assert "timed again side by side" in report
+        assert all(f"{name} {t.p50_ms:.3f} ms" in report
+                   for name, t in zip(within, [t for t in result.trials if t.within],
+                                      strict=True))
 
 
 def test_a_size_search_with_int8_counts_and_chooses_the_packed_file(

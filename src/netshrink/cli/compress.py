@@ -43,6 +43,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         settings["sparsities"] = args.sparsities
     if args.drop_blocks is not None:
         settings["drop_blocks"] = args.drop_blocks
+    if args.channel_scope is not None:
+        settings["channel_scope"] = args.channel_scope
     if args.augment is not None:
         settings["augment"] = args.augment
     if args.channel_round_to is not None:
@@ -96,6 +98,9 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-blocks", type=_counts,
                    help="numbers of residual blocks to remove, tried increasing on the last "
                         "channel ratio that held (default 1,2,3,4; 0: none)")
+    p.add_argument("--channel-scope", choices=["sensitivity", "layer"],
+                   help="how a channel ratio is shared out: by a sensitivity scan (robust "
+                        "groups lose more) or the same in every layer (default sensitivity)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="augment the fine-tunings' training images (default: as the input "
                         "model's run did, where its file records it; else on)")
