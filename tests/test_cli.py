@@ -172,8 +172,11 @@ def trained_tiny(fashion_dir, tmp_path_factory) -> Path:
     return out / "stages" / "01-train" / "model.safetensors"
 
 
-@pytest.mark.parametrize("method,extra", [("magnitude", ["--scope", "global"]), ("nm", []),
-                                          ("channel", ["--importance", "l2"])])
+@pytest.mark.parametrize("method,extra", [
+    # ~20 s each; the same command path as channel, which stays in the default run
+    pytest.param("magnitude", ["--scope", "global"], marks=pytest.mark.slow),
+    pytest.param("nm", [], marks=pytest.mark.slow),
+    ("channel", ["--importance", "l2"])])
 def test_prune_command_measures_before_and_after(capsys, tmp_path, fashion_dir, trained_tiny,
                                                  method, extra) -> None:
     capsys.readouterr()

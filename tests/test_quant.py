@@ -163,6 +163,7 @@ def test_pruned_zeros_stay_zero_in_int8_and_the_packed_file(tmp_path) -> None:
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # ~24 s: a ResNet-18 quantized layer by layer; the compress tests run it
 def test_auto_mixed_returns_the_most_sensitive_layers_to_float(r18, tmp_path) -> None:
     _, fp32 = r18
     layers = quantizable_layers(fp32)

@@ -98,6 +98,7 @@ def _deploy_recipe(fashion_dir: Path, deploy: dict, *, batch_size: int = 8) -> o
     })
 
 
+@pytest.mark.slow  # ~32 s: two timed deploy runs; the options' effects are tested above
 def test_deploy_stage_measures_the_prepared_model_and_remeasures_it_alike(
         fashion_dir: Path, tmp_path: Path) -> None:
     deploy = {"precision": "bf16", "channels_last": True}
