@@ -116,6 +116,7 @@ def test_pickle_that_would_run_code(capsys, tmp_path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow  # ~28 s: eval/predict/bench of every file kind run in tests/test_file_kinds.py
 def test_train_eval_predict_bench_happy_path(capsys, tmp_path, fashion_dir) -> None:
     out = tmp_path / "run"
     code, stdout, _ = run_cli(capsys, "train", "--arch", "resnet_tiny", "--epochs", "2",

@@ -57,10 +57,6 @@ SLOW = {
     "study_r18_quant_prune.yaml": "~15 s",
     "study_finegrained_vs_channel.yaml": "~11 s",
     "fashion_quant.yaml": "~35-45 s: automatic mixed precision quantizes layer by layer",
-    # the default run's 10 minutes: these repeat stages the other shrunk recipes run
-    "fashion_channel_quant.yaml": "~28 s: channel pruning + INT8, as fashion_prune_quant",
-    "quickstart_gpu.yaml": "~12 s: the quickstart's stages (its GPU parts skip on a CPU)",
-    "study_r18_cifar_ptq_prune.yaml": "~11 s: PTQ and pruning, as fashion_prune_quant",
 }
 
 
