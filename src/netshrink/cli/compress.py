@@ -31,24 +31,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from netshrink.api.search import compress
     from netshrink.compress.options import compress_config
 
-    settings = {"budget_points": args.budget_points, "reserve_points": args.reserve_points,
-                "target": args.target,
-                "runtime": args.runtime, "deploy": args.deploy,
-                "finetune_epochs": args.finetune_epochs,
-                "val_size": args.val_size, "timing": not args.no_timing,
-                "kmeans_bits": args.kmeans_bits, "max_steps": args.max_steps}
-    if args.channel_ratios is not None:
-        settings["channel_ratios"] = args.channel_ratios
-    if args.sparsities is not None:
-        settings["sparsities"] = args.sparsities
-    if args.drop_blocks is not None:
-        settings["drop_blocks"] = args.drop_blocks
-    if args.channel_scope is not None:
-        settings["channel_scope"] = args.channel_scope
-    if args.augment is not None:
-        settings["augment"] = args.augment
-    if args.channel_round_to is not None:
-        settings["channel_round_to"] = args.channel_round_to
+    # flags left out (None) keep CompressConfig's defaults
+    names = ("budget_points", "reserve_points", "target", "runtime", "deploy",
+             "finetune_epochs", "val_size", "kmeans_bits", "max_steps", "channel_ratios",
+             "sparsities", "drop_blocks", "channel_scope", "augment", "channel_round_to")
+    settings = {name: getattr(args, name) for name in names}
+    settings["timing"] = not args.no_timing
     cfg = compress_config({k: v for k, v in settings.items() if v is not None}, flags=True)
     result = compress(args.weights, args.out, data=args.data, data_dir=args.data_dir,
                       config=cfg, device=args.device)
