@@ -483,16 +483,22 @@ def test_hostile_input_is_refused_and_nothing_changes(
 ) -> None:
     env = Env(tmp_path / "case", fashion_dir, trained_run)
     env.tmp.mkdir()
-    argv = CASES[case](env)
+    assert_refused_untouched(CASES[case](env), capsys, tmp_path)
+
+
+def assert_refused_untouched(argv: list[str], capsys: pytest.CaptureFixture[str],
+                             root: Path) -> None:
+    """``netshrink argv`` exits 2 with one ``netshrink: error:`` line, no traceback, and
+    nothing under ``root`` written, moved or removed."""
     capsys.readouterr()
-    before = snapshot(tmp_path)
+    before = snapshot(root)
     code = main(argv)
     _, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("netshrink: error: "), err
     assert "Traceback" not in err and len(lines[0]) < 600, err
-    assert snapshot(tmp_path) == before  # nothing written, moved or removed, anywhere
+    assert snapshot(root) == before  # nothing written, moved or removed, anywhere
 
 
 def test_the_table_covers_the_issue() -> None:

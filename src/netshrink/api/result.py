@@ -3,7 +3,6 @@ that can be called on a batch, evaluated, measured and saved (and loaded back)."
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,11 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.runtime import ModelStats, model_stats, open_runtime
 from netshrink.runtime.base import Executable
+from netshrink.store.atomic import atomic_write_bytes
 from netshrink.store.checkpoint import save_model
 from netshrink.store.codebook import Codebook
+from netshrink.store.kinds import file_kind
+from netshrink.store.outputs import check_output_file, is_model_kind
 from netshrink.store.packed import pack_model
 
 __all__ = ["Compressed"]
@@ -126,10 +128,20 @@ class Compressed:
             if path.suffix != self.file.suffix:
                 raise UserError(f"{path}: this result is a {self.file.suffix} file; save it "
                                 f"under that suffix")
-            shutil.copyfile(self.file, path)
-            if self.file.suffix == ".xml":  # OpenVINO IR: the weights file goes with it
-                shutil.copyfile(self.file.with_suffix(".bin"), path.with_suffix(".bin"))
+            ir = self.file.suffix == ".xml"  # OpenVINO IR: the weights file goes with it
+            pairs = [(self.file, path)] + ([(self.file.with_suffix(".bin"),
+                                             path.with_suffix(".bin"))] if ir else [])
+            check_output_file(path, flag="save path", writes=f"a {self.file.suffix} model",
+                              replaceable=is_model_kind(file_kind(self.file)),
+                              inputs=[src for src, _ in pairs],
+                              companions=[dest for _, dest in pairs[1:]])
+            for src, dest in reversed(pairs):  # the .bin before the .xml that names it
+                atomic_write_bytes(dest, src.read_bytes())
             return path
+        kind = {".nspk": "nspk", ".safetensors": "safetensors"}.get(path.suffix)
+        if kind is not None:
+            check_output_file(path, flag="save path", writes=f"a {path.suffix} model",
+                              replaceable=is_model_kind(kind))
         model = self.module.cpu()
         factory = factory or self.factory
         if path.suffix == ".nspk":

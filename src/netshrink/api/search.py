@@ -4,6 +4,7 @@ within an accuracy budget) and ``netshrink.study`` (a matrix of recipes), as the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,17 @@ from netshrink.compress import compress as run_compress
 from netshrink.compress.options import compress_config, held_out_split
 from netshrink.errors import UserError
 from netshrink.store.checkpoint import load_model, save_model
+from netshrink.store.walls import make_dirs
 from netshrink.study import StudyOutcome, load_study, parse_study, run_study
 
 __all__ = ["compress", "study"]
 
 
-def _model_section(model: str | Path | nn.Module, out: Path) -> tuple[dict[str, Any], dict]:
-    """The recipe model section of ``model`` and the metadata its file carries; a
-    netshrink-built module is saved into ``out/input`` first (candidates are recipes,
-    and a recipe starts from a file)."""
+def _model_section(model: str | Path | nn.Module, out: Path
+                   ) -> tuple[dict[str, Any], dict, Callable[[], None] | None]:
+    """The recipe model section of ``model``, the metadata its file carries, and for a
+    netshrink-built module the writer that saves it into ``out/input`` (candidates are
+    recipes, and a recipe starts from a file) once every check has passed."""
     if isinstance(model, nn.Module):
         spec = getattr(model, "netshrink_spec", None)
         if spec is None:
@@ -30,12 +33,16 @@ def _model_section(model: str | Path | nn.Module, out: Path) -> tuple[dict[str, 
                             "(netshrink.build_model / netshrink.load); save a custom "
                             "module with a factory first (Compressed.save)")
         path = out / "input" / "model.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_model(model, spec, path, meta={})
-        model = path
+        module = model
+
+        def write_input() -> None:
+            make_dirs(path.parent)
+            save_model(module, spec, path, meta={})
+
+        return {"arch": spec.arch, "stem": spec.stem, "weights": str(path)}, {}, write_input
     path = Path(model)
     _, spec, meta = load_model(path)
-    return {"arch": spec.arch, "stem": spec.stem, "weights": str(path)}, meta
+    return {"arch": spec.arch, "stem": spec.stem, "weights": str(path)}, meta, None
 
 
 def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None = None,
@@ -61,7 +68,7 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
     """
     out = Path(out)
     cfg = config or compress_config(settings)
-    section, meta = _model_section(model, out)
+    section, meta, write_input = _model_section(model, out)
     dataset = data or meta.get("dataset")
     if dataset is None:
         raise UserError("the model file does not say its dataset; pass data=NAME")
@@ -73,7 +80,9 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
     log = (lambda _: None) if quiet else print
     for note in notes:
         log(f"compress: {note}")
-    return run_compress(section, data_section, out, cfg, device=device, log=log, notes=notes)
+    return run_compress(section, data_section, out, cfg, device=device, log=log, notes=notes,
+                        module=model if isinstance(model, nn.Module) else None,
+                        before_first_write=write_input)
 
 
 def study(spec: str | Path | dict[str, Any], out: str | Path, *, db: str | Path | None = None,

@@ -40,6 +40,7 @@ from netshrink.quant.qat import QATConfig, run_qat
 from netshrink.runtime import model_stats
 from netshrink.stages.quant import DynamicConfig
 from netshrink.store.checkpoint import read_state_dict
+from netshrink.store.outputs import check_output_file, is_model_kind
 from netshrink.train.config import TrainConfig, fractional_epochs
 from netshrink.train.loop import train
 from netshrink.train.masks import MaskHook, Masks
@@ -354,6 +355,9 @@ def export(model: Model, path: str | Path, *, example_input: Tensor | None = Non
     if path.suffix != ".onnx":
         raise UserError(f"{path}: export writes ONNX; give a path ending in .onnx (for "
                         "OpenVINO IR or TensorRT forms use `netshrink export --format`)")
+    check_output_file(path, flag="export path", writes="an ONNX file",
+                      replaceable=is_model_kind("onnx"),
+                      inputs=[base.file] if base.file is not None else [])
     export_onnx(module, path, input_shape=shape, meta=base.meta, spec=base.spec)
     check_onnx(path, module, input_shape=shape)
     return _derived(base, module, shape, "exported to ONNX", file=path, runtime="onnxruntime",

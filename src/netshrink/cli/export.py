@@ -27,8 +27,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                         f"{out / ('model.xml' if args.format == 'openvino' else 'model.onnx')}")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    if args.format == "tensorrt-onnx":
+        _check_tensorrt_out(out)
     opened = open_model_file(args.weights, runtime=None)
     try:
+        if args.format != "tensorrt-onnx":
+            _check_out(args, opened)
         if opened.runtime != "torch":
             if args.format == "openvino" and opened.kind in ("onnx", "nspk"):
                 return _onnx_to_ir(args, opened)
@@ -47,8 +51,55 @@ def cmd_export(args: argparse.Namespace) -> int:
         opened.close()
 
 
+def _check_out(args: argparse.Namespace, opened: OpenedModel) -> None:
+    """``--out`` (and an IR's ``.bin``) may be written: not the input, not a file of
+    another kind (see ``netshrink.store.outputs``)."""
+    from netshrink.store.outputs import check_output_file, is_model_kind
+
+    out: Path = args.out
+    inputs = [args.weights, opened.path]
+    if opened.kind == "openvino":
+        inputs.append(opened.path.with_suffix(".bin"))
+    if args.format == "openvino":
+        check_output_file(out, flag="--out", writes="an OpenVINO IR", inputs=inputs,
+                          replaceable=is_model_kind("openvino"),
+                          companions=[out.with_suffix(".bin")])
+    else:
+        check_output_file(out, flag="--out", writes="an ONNX file", inputs=inputs,
+                          replaceable=is_model_kind("onnx"))
+
+
+def _check_tensorrt_out(out: Path) -> None:
+    """A tensorrt-onnx folder may hold earlier forms and script (replaced), never another
+    file of the same name."""
+    from netshrink.export.tensorrt import FILES, SCRIPT
+    from netshrink.limits import read_regular
+    from netshrink.store.outputs import check_output_file, is_model_kind
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file; tensorrt-onnx writes a folder of forms and "
+                        "trtexec.sh, name a folder")
+    if not out.is_dir():
+        return  # a new folder: nothing in it to replace
+    for name in FILES.values():
+        check_output_file(out / name, flag="--out", writes="an ONNX file",
+                          replaceable=is_model_kind("onnx"))
+    script = out / SCRIPT
+
+    def is_our_script(path: Path) -> bool:
+        try:
+            head = read_regular(path, "script", max_bytes=1 << 20)[:200]
+        except UserError:
+            return False
+        return b"Build and time TensorRT engines" in head
+
+    check_output_file(script, flag="--out", writes="the trtexec.sh netshrink writes",
+                      replaceable=is_our_script)
+
+
 def _export_onnx_or_ir(args: argparse.Namespace, opened: OpenedModel, model: nn.Module,
                        shape: list[int]) -> int:
+    import os
     import tempfile
 
     from netshrink.export.onnx import check_onnx, export_onnx, onnx_to_openvino
@@ -56,16 +107,18 @@ def _export_onnx_or_ir(args: argparse.Namespace, opened: OpenedModel, model: nn.
 
     out: Path = args.out
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        onnx_file = out if args.format == "onnx" else Path(tmp) / "model.onnx"
+        # Exported and checked beside ``out``, then renamed over it: a failed check leaves
+        # an earlier file at ``out`` as it was.
+        onnx_file = Path(tmp) / "model.onnx"
         export_onnx(model, onnx_file, input_shape=shape, opset=args.opset, meta=opened.meta,
                     spec=opened.spec)
         diff = check_onnx(onnx_file, model, input_shape=shape)
         if diff > EXPORT_ATOL:
-            onnx_file.unlink()
             raise UserError(f"{args.weights}: the ONNX export differs from torch by "
                             f"{diff:.2e} (more than {EXPORT_ATOL}); report this model as an "
                             "export bug")
         if args.format == "onnx":
+            os.replace(onnx_file, out)
             print(f"wrote {out} ({out.stat().st_size / 1e6:,.2f} MB): ONNX opset {args.opset}, "
                   f"passes onnx.checker; max |ONNX Runtime - torch| = {diff:.1e} on 4 random "
                   "images")
@@ -105,9 +158,6 @@ def _export_tensorrt(args: argparse.Namespace, opened: OpenedModel, model: nn.Mo
     from netshrink.export.tensorrt import export_tensorrt
 
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: a file; tensorrt-onnx writes a folder of forms and "
-                        "trtexec.sh, name a folder")
     batches: list = []
     if "int8" in args.forms:
         batches = _calibration(args, opened, shape)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from netshrink.bench.options import MeasureOptions
 from netshrink.bench.schema import Measurement
@@ -46,7 +47,9 @@ from netshrink.recipe.schema import Recipe
 from netshrink.runtime.files import open_model_file
 from netshrink.stages.record import StageRecord
 from netshrink.store.layout import check_out_folder
+from netshrink.store.walls import make_dirs, owned_folder
 from netshrink.study.execute import CELLS_DIR, DB_FILE, run_cell, write_study_record
+from netshrink.study.folder_walls import refuse_study_links
 from netshrink.study.report import STUDY_FILE, render_study_report
 from netshrink.study.results import ResultsStore
 from netshrink.study.schema import Cell
@@ -172,7 +175,8 @@ class Search:
 
     def __init__(self, model: dict[str, Any], data: dict[str, Any], cfg: CompressConfig,
                  out: Path, *, device: str = "cpu", log: Callable[[str], None] = print,
-                 notes: list[str] | None = None) -> None:
+                 notes: list[str] | None = None, module: nn.Module | None = None,
+                 before_first_write: Callable[[], None] | None = None) -> None:
         if cfg.target == "latency" and not cfg.timing:
             raise UserError("--target latency needs timing; leave out --no-timing")
         self.cfg, self.out, self.log, self.device = cfg, out, log, device
@@ -185,8 +189,11 @@ class Search:
         self.ref_top1: float | None = None
         self.retimed: dict[str, float] = {}  # the side-by-side batch-1 p50s that chose
         self.started = time.perf_counter()
+        # what must be written into ``out`` once every check has passed (the input
+        # model of ``netshrink.compress(module, ...)``, which the candidates start from)
+        self.before_first_write = before_first_write
         # depth pruning as far as the network allows (every stage keeps one block)
-        most = _removable_blocks(model)
+        most = _removable_blocks(model, module)
         self.drop_blocks = [n for n in cfg.drop_blocks if n <= most]
 
     def _most(self) -> int:
@@ -197,13 +204,24 @@ class Search:
         return structures
 
     def run(self) -> CompressResult:
+        # Every write and removal under ``out`` is checked for planted links.
+        with owned_folder(self.out, "compress"):
+            return self._run()
+
+    def _run(self) -> CompressResult:
         check_out_folder(self.out, mark=STUDY_FILE, what="compress")
+        refuse_study_links(self.out, "compress")
         # every candidate's recipe is valid before the first one runs
         for ratio in (0.0, *self.cfg.channel_ratios):
             _recipe(self.base, self.cfg, Candidate(ratio, 0.0), self.name)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.db.exists():
+            with ResultsStore(self.db):
+                pass  # refuses a bad database before anything is written
+        make_dirs(self.out)
+        if self.before_first_write is not None:
+            self.before_first_write()
         with ResultsStore(self.db):
-            pass  # refuses a bad database before anything runs
+            pass
         self.log(f"compress: target {self.cfg.target}, budget {self.cfg.budget_points:g} "
                  f"points of validation top-1 ({self.cfg.reserve_points:g} kept in reserve), "
                  f"at most {self._most()} candidates")
@@ -417,13 +435,15 @@ class Search:
                        "chosen": last.measurement.model_dump(mode="json")}
 
 
-def _removable_blocks(model: dict[str, Any]) -> int:
+def _removable_blocks(model: dict[str, Any], module: nn.Module | None = None) -> int:
     """How many residual blocks depth pruning may remove from the model section's
-    network (0 for a network that is not a ResNet)."""
+    network, or from ``module`` when given (0 for a network that is not a ResNet)."""
     from netshrink.models.resnet import stage_blocks
     from netshrink.store.checkpoint import load_model
 
-    blocks = stage_blocks(load_model(Path(model["weights"]))[0]) if model.get("weights") else None
+    if module is None and model.get("weights"):
+        module = load_model(Path(model["weights"]))[0]
+    blocks = stage_blocks(module) if module is not None else None
     return sum(n - 1 for n in blocks) if blocks else 0
 
 
@@ -445,13 +465,18 @@ def _dominates(a: Trial, b: Trial) -> bool:
 
 def compress(model: dict[str, Any], data: dict[str, Any], out: Path,
              cfg: CompressConfig | None = None, *, device: str = "cpu",
-             log: Callable[[str], None] = print, notes: list[str] | None = None
-             ) -> CompressResult:
+             log: Callable[[str], None] = print, notes: list[str] | None = None,
+             module: nn.Module | None = None,
+             before_first_write: Callable[[], None] | None = None) -> CompressResult:
     """Search composed methods on the model ``model`` (a recipe's model section, with
     ``weights``) for the smallest (or fastest) deployable file within the budget.
+
+    ``module`` is the model itself when its weights file is yet to be written (by
+    ``before_first_write``, called once every check has passed).
 
     Raises:
         UserError: bad settings, model, data or ``out`` (before anything is written).
     """
     return Search(model, data, cfg or CompressConfig(), Path(out), device=device,
-                  log=log, notes=notes).run()
+                  log=log, notes=notes, module=module,
+                  before_first_write=before_first_write).run()

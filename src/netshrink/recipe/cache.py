@@ -29,6 +29,7 @@ from typing import Any
 
 from netshrink.store.atomic import temp_path
 from netshrink.store.digest import file_sha256
+from netshrink.store.walls import check_owned_path, make_dirs, owned_folder, refuse_links
 
 CACHE_ENV = "NETSHRINK_CACHE"
 MODEL_FILE = "model.safetensors"
@@ -49,6 +50,8 @@ def _entry_info(folder: Path) -> dict[str, Any] | None:
     otherwise, and such a folder is neither served nor removed."""
     if not _KEY.fullmatch(folder.name) or folder.parent.name != folder.name[:2]:
         return None
+    if folder.is_symlink() or folder.parent.is_symlink():
+        return None  # the cache never makes links: not an entry it made
     info_file = folder / ENTRY_FILE
     try:
         if not info_file.is_file() or info_file.stat().st_size > MAX_ENTRY_BYTES:
@@ -86,6 +89,7 @@ def default_cache_dir() -> Path | None:
 def _place(src: Path, dest: Path) -> None:
     """``dest`` becomes a copy of ``src`` (a hard link where possible: no second copy of
     a large model on disk; files are only ever replaced, never changed in place)."""
+    check_owned_path(dest)
     tmp = temp_path(dest)
     try:
         try:
@@ -126,7 +130,7 @@ class CachedStage:
         try:
             if file_sha256(self.model_file) != self.info.get("sha256"):
                 return False
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(dest.parent)
             for side in sorted((self.folder / SIDE_FILES).glob("*")):
                 if not side.is_file() or side.is_symlink() or side.name.startswith("."):
                     continue  # the cache only ever files plain files here
@@ -145,6 +149,21 @@ class ModelCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def refuse_planted_links(self) -> None:
+        """Refuse a symbolic link among the cache's own folders (``ab/`` of the entries,
+        ``measurements/``): the cache never makes one, and would write or remove through
+        it. The cache folder itself may be a link (a cache on another disk).
+
+        Raises:
+            UserError: naming the link.
+        """
+        try:
+            names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+        except OSError:
+            return  # an unreadable cache is skipped like an unwritable one
+        owned = [n for n in names if n == MEASUREMENTS_DIR or re.fullmatch(r"[0-9a-f]{2}", n)]
+        refuse_links(self.root, owned, what="model cache")
 
     def _folder(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -193,10 +212,21 @@ class ModelCache:
               now: float | None = None) -> list[CacheEntry]:
         """Remove entries unused for ``unused_days``, then the least recently used until
         the rest take at most ``max_bytes``; also leftovers of interrupted writes older
-        than a day. Returns the entries removed (those it could remove)."""
-        now = time.time() if now is None else now
+        than a day. Returns the entries removed (those it could remove).
+
+        Raises:
+            UserError: a symbolic link planted among the cache's folders (nothing removed).
+        """
+        self.refuse_planted_links()
+        with owned_folder(self.root, "model cache"):
+            return self._prune(unused_days, max_bytes,
+                               time.time() if now is None else now)
+
+    def _prune(self, unused_days: float | None, max_bytes: int | None, now: float
+               ) -> list[CacheEntry]:
         for stale in self.root.glob("??/.*"):
             if (not _TEMP.fullmatch(stale.name) or stale.is_symlink()
+                    or stale.parent.is_symlink()
                     or not re.fullmatch(r"[0-9a-f]{2}", stale.parent.name)):
                 continue  # not a folder the cache made: never the cache's to remove
             with contextlib.suppress(OSError):
@@ -236,10 +266,10 @@ class ModelCache:
         an error: the run's own files are complete without it. Files beside the model
         go too, except those matching ``skip`` (the stage's scratch files)."""
         folder = self._folder(key)
-        if (folder / ENTRY_FILE).is_file():
+        if (folder / ENTRY_FILE).is_file() or folder.is_symlink():
             return
         try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(folder.parent)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=folder.parent))
         except OSError:
             return

@@ -9,7 +9,6 @@ only they are ever removed or moved), and the clean-up of writes a killed run le
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,13 @@ from netshrink.store.layout import (
     inside,
     parse_stage_folder,
     stage_path,
+)
+from netshrink.store.walls import (
+    make_dirs,
+    refuse_links,
+    remove_file,
+    remove_tree,
+    rename_owned,
 )
 
 __all__ = ["MAX_RUN_FILE_BYTES", "RunFolder", "now"]
@@ -92,7 +98,20 @@ class RunFolder:
             if parse_stage_folder(folder) is None:
                 raise UserError(f"{path}: {folder!r} is not a stage folder name; move the "
                                 "folder away or choose another --out")
+        self.refuse_planted_links(previous)
         return previous
+
+    def refuse_planted_links(self, previous: RunRecord) -> None:
+        """Refuse a symbolic link wherever this run will write or remove: its record and
+        reports, ``stages/`` and ``report_files/``, and every stage folder it owns, whole.
+        (A folder of the user's own in ``stages/`` is never touched, link or not.)
+
+        Raises:
+            UserError: naming the link.
+        """
+        owned = [f"{STAGES_DIR}/{name}" for name in self.owned_folders(previous)]
+        refuse_links(self.out, [RUN_FILE, "report.md", "report.html", STAGES_DIR],
+                     what="run", deep=["report_files", *owned])
 
     def preflight(self, data: DataBundle, entries: list[StageEntry]) -> None:
         """Check what the stages will read, before the run folder is touched: every file a
@@ -152,7 +171,7 @@ class RunFolder:
             if folder.is_dir() and not folder.is_symlink():
                 for path in folder.iterdir():
                     if is_temp_name(path.name) and path.is_file() and not path.is_symlink():
-                        path.unlink()
+                        remove_file(path)
 
     def claim(self, record: RunRecord, folder: Path) -> None:
         """Record ``folder`` as this run's before creating it, so that a run killed inside
@@ -167,7 +186,7 @@ class RunFolder:
                                 "or choose another --out")
             record.folders.append(folder.name)
             self.write(record)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder)
 
     def move(self, record: RunRecord, prior: StageRecord, index: int,
               stage_dir: Path) -> None:
@@ -180,10 +199,10 @@ class RunFolder:
                 if stage_dir.name not in record.folders:
                     raise UserError(f"{stage_dir} exists but was not made by this run; move "
                                     "it away or choose another --out")
-                shutil.rmtree(stage_dir)
+                remove_tree(stage_dir)
             elif stage_dir.name not in record.folders:
                 record.folders.append(stage_dir.name)
-            old_dir.rename(stage_dir)
+            rename_owned(old_dir, stage_dir)
             prior.artifact = str((stage_dir / old_file.relative_to(old_dir))
                                  .relative_to(self.out))
         prior.index = index
@@ -196,6 +215,6 @@ class RunFolder:
         for name in sorted(set(record.folders) - kept):
             folder = self.out / STAGES_DIR / name
             if folder.is_dir() and not folder.is_symlink():
-                shutil.rmtree(folder)
+                remove_tree(folder)
             record.folders.remove(name)
         self.write(record)

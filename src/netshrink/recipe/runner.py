@@ -12,7 +12,7 @@ from the shared model cache, or executed; all three leave the same kind of recor
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from netshrink.stages.record import EpochRecord, RunRecord, StageRecord
 from netshrink.stages.start import start_model
 from netshrink.store.checkpoint import load_model, save_model
 from netshrink.store.layout import MODEL_FILE, stage_path
+from netshrink.store.walls import make_dirs, owned_folder, remove_file, remove_tree
 
 __all__ = ["Runner", "config_files", "stage_keys"]
 
@@ -46,7 +47,7 @@ def _drop_resumable_state(stage_dir: Path, kind: str) -> None:
     for pattern in STAGES.get(kind).scratch if kind in STAGES else ():
         for path in stage_dir.glob(pattern):
             if path.is_file() and not path.is_symlink():
-                path.unlink()
+                remove_file(path)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,15 @@ class Runner:
             UserError: bad data, weights or recipe values (found before anything is
                 written), or a training that diverged.
         """
+        # Every write and removal under the run folder and the cache is checked for
+        # planted links (netshrink.store.walls).
+        with contextlib.ExitStack() as walls:
+            walls.enter_context(owned_folder(self.out, "run"))
+            if self.cache is not None:
+                walls.enter_context(owned_folder(self.cache.root, "model cache"))
+            return self._run()
+
+    def _run(self) -> RunRecord:
         entries = self.recipe.parsed_stages()
         chain, previous, keys = self._prepare(entries)
         done = self._finished_by_key(previous)
@@ -128,7 +138,7 @@ class Runner:
                     and slot.folder.name in chain.record.folders):
                 # A finished stage of an older config; a folder without a record holds the
                 # resumable state of an interrupted stage (its own key guards it), kept.
-                shutil.rmtree(slot.folder)
+                remove_tree(slot.folder)
             if not self._from_cache(chain, slot):
                 self._execute(chain, slot)
         self.folder.remove_dropped(chain.record)
@@ -142,11 +152,13 @@ class Runner:
         folder; the chain starts at the baseline model."""
         recipe = self.recipe
         previous = self.folder.load_previous()
+        if self.cache is not None:
+            self.cache.refuse_planted_links()
         data = build_data(recipe.data)
         keys = stage_keys(recipe, entries)
         baseline, spec = start_model(recipe.model, data, seed=recipe.seed)  # bad weights: here
         self.folder.preflight(data, entries)
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.out)
         if previous is not None:
             self.folder.clear_interrupted_writes(previous)
         raw_recipe = recipe.model_dump(mode="json")

@@ -12,6 +12,7 @@ from netshrink.report.load import load_run
 from netshrink.report.markdown import PLOT_DIR, render_markdown
 from netshrink.report.stage_files import load_run_files
 from netshrink.store.atomic import atomic_write_bytes, atomic_write_text
+from netshrink.store.walls import make_dirs, owned_folder, refuse_links, remove_file
 
 MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"
@@ -53,19 +54,26 @@ def render_report(run_dir: Path) -> tuple[Path, Path]:
 
 def write_report(folder: Path, content: ReportContent) -> tuple[Path, Path]:
     """Write ``content`` as ``report.md``, ``report.html`` and their plots in ``folder``
-    (a run's, or a study's), each file atomically; returns the two reports' paths."""
-    plot_dir = folder / PLOT_DIR
-    plot_dir.mkdir(exist_ok=True)
-    wanted = sorted(f"{plot.name}.png" for plot in content.plots)
-    for plot in content.plots:
-        atomic_write_bytes(plot_dir / f"{plot.name}.png", plot.png)
-    # A plot that has no data any more must not linger and be mistaken for current; only
-    # plots an earlier render listed as its own go (a figure the user put here stays).
-    for stale in sorted(set(_rendered_before(plot_dir)) - set(wanted)):
-        (plot_dir / stale).unlink(missing_ok=True)
-    atomic_write_text(plot_dir / PLOT_LIST, json.dumps(wanted, indent=1))
+    (a run's, or a study's), each file atomically; returns the two reports' paths.
 
-    md_path, html_path = folder / MARKDOWN_FILE, folder / HTML_FILE
-    atomic_write_text(md_path, render_markdown(content))
-    atomic_write_text(html_path, render_html(content))
+    Raises:
+        UserError: a symbolic link where the report goes (``report_files`` linked to a
+            folder of the user's, say): refused before the first file is written.
+    """
+    with owned_folder(folder, "report"):
+        refuse_links(folder, [MARKDOWN_FILE, HTML_FILE], what="report", deep=[PLOT_DIR])
+        plot_dir = make_dirs(folder / PLOT_DIR)
+        wanted = sorted(f"{plot.name}.png" for plot in content.plots)
+        for plot in content.plots:
+            atomic_write_bytes(plot_dir / f"{plot.name}.png", plot.png)
+        # A plot that has no data any more must not linger and be mistaken for current;
+        # only plots an earlier render listed as its own go (a figure the user put here
+        # stays).
+        for stale in sorted(set(_rendered_before(plot_dir)) - set(wanted)):
+            remove_file(plot_dir / stale)
+        atomic_write_text(plot_dir / PLOT_LIST, json.dumps(wanted, indent=1))
+
+        md_path, html_path = folder / MARKDOWN_FILE, folder / HTML_FILE
+        atomic_write_text(md_path, render_markdown(content))
+        atomic_write_text(html_path, render_html(content))
     return md_path, html_path

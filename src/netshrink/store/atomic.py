@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from netshrink.store.walls import check_owned_path
+
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_writer", "is_temp_name",
            "temp_path"]
 
@@ -64,6 +66,7 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     is deleted and ``path`` keeps its previous content (or stays absent).
     """
     target = Path(path)
+    check_owned_path(target)  # never through a link planted in a folder netshrink owns
     tmp = temp_path(target)
     # os.open with O_EXCL rather than tempfile.mkstemp: mkstemp forces mode 0600, while
     # 0666 here is filtered by the umask like any ordinary file the user creates.
