@@ -361,8 +361,8 @@ def _eval_wrong_classes(env: Env) -> list[str]:
     return ["eval", "--weights", env.model_file(classes=3), "--data-dir", str(env.fashion)]
 
 
-def _eval_bad_split_meta(env: Env) -> list[str]:
-    weights = env.model_file()
+def edit_meta(weights: str, **changes: object) -> str:
+    """The model file ``weights`` with keys of its ``meta`` changed (tensors kept)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -370,9 +370,14 @@ def _eval_bad_split_meta(env: Env) -> list[str]:
         header = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
     meta = json.loads(header["meta"])
-    meta["split"] = {"val_size": -5, "seed": "x"}
+    meta.update(changes)
     header["meta"] = json.dumps(meta)
     save_file(tensors, weights, metadata=header)
+    return weights
+
+
+def _eval_bad_split_meta(env: Env) -> list[str]:
+    weights = edit_meta(env.model_file(), split={"val_size": -5, "seed": "x"})
     return ["eval", "--weights", weights, "--split", "val", "--data-dir", str(env.fashion)]
 
 
@@ -481,9 +486,15 @@ def test_hostile_input_is_refused_and_nothing_changes(
     case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
     trained_run: Path,
 ) -> None:
+    refuse_case(CASES[case], capsys, tmp_path, fashion_dir, trained_run)
+
+
+def refuse_case(build: Callable[[Env], list[str]], capsys: pytest.CaptureFixture[str],
+                tmp_path: Path, fashion_dir: Path, trained_run: Path) -> None:
+    """Build a case in ``tmp_path/case`` and check it is refused with nothing changed."""
     env = Env(tmp_path / "case", fashion_dir, trained_run)
     env.tmp.mkdir()
-    assert_refused_untouched(CASES[case](env), capsys, tmp_path)
+    assert_refused_untouched(build(env), capsys, tmp_path)
 
 
 def assert_refused_untouched(argv: list[str], capsys: pytest.CaptureFixture[str],

@@ -20,7 +20,7 @@ import torch
 from netshrink.errors import UserError
 from test_hostile_runs import (  # noqa: F401 (trained_run: a fixture)
     Env,
-    assert_refused_untouched,
+    refuse_case,
     snapshot,
     trained_run,
 )
@@ -284,9 +284,7 @@ def test_planted_links_and_foreign_outputs_are_refused(
     case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
     trained_run: Path,  # noqa: F811 (the fixture imported above)
 ) -> None:
-    env = Env(tmp_path / "case", fashion_dir, trained_run)
-    env.tmp.mkdir()
-    assert_refused_untouched(CASES[case](env), capsys, tmp_path)
+    refuse_case(CASES[case], capsys, tmp_path, fashion_dir, trained_run)
 
 
 # ---------------------------------------------------------------- the same through the API

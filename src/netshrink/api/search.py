@@ -76,7 +76,8 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
                                     "root": str(data_dir) if data_dir else None}
     if meta.get("image_size"):
         data_section["image_size"] = meta["image_size"]
-    cfg, notes = held_out_split(cfg, data_section, meta.get("split"))
+    cfg, notes = held_out_split(cfg, data_section, meta.get("split"),
+                                source=str(model) if isinstance(model, str | Path) else "model")
     log = (lambda _: None) if quiet else print
     for note in notes:
         log(f"compress: {note}")

@@ -172,23 +172,47 @@ def compress_config(settings: dict[str, object], *, flags: bool = False) -> Comp
         raise UserError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
 
 
-def held_out_split(cfg: CompressConfig, data: dict[str, Any], split: Any
-                   ) -> tuple[CompressConfig, list[str]]:
+class RecordedSplit(BaseModel):
+    """The held-out split a model file records (``meta.split``, written by the run that
+    trained it), checked before the search builds its data from it: a file edited by hand
+    must not turn into a traceback (``int("x")``) or a seed no generator takes."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    val_size: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=0, ge=-(2**63), le=2**64 - 1)  # torch's seed range
+    train_limit: int | None = Field(default=None, gt=0)
+    augment: bool | None = None
+
+
+def held_out_split(cfg: CompressConfig, data: dict[str, Any], split: Any,
+                   source: str = "the input model") -> tuple[CompressConfig, list[str]]:
     """Decide on the images the input model never saw: its own run's validation split
     (the same size and seed, so the same images) when its file records one, and fine-tune
     with its run's augmentation unless ``cfg.augment`` says otherwise. A model
     trained on every training image has no such images; say what that does to the
     decisions.
+
+    Raises:
+        UserError: the recorded split is not one netshrink writes (edited by hand).
     """
     if not isinstance(split, dict):
         return cfg, []
-    if cfg.augment is None and isinstance(split.get("augment"), bool):
-        cfg = cfg.model_copy(update={"augment": split["augment"]})
-    val_size = split.get("val_size")
-    if isinstance(val_size, int) and val_size > 0:
-        data["seed"] = int(split.get("seed") or 0)
-        if split.get("train_limit"):
-            data["train_limit"] = int(split["train_limit"])
+    try:
+        recorded = RecordedSplit.model_validate(split)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{source}: corrupt model metadata: split.{where}: {err['msg']} "
+                        "(the held-out split its run recorded); re-save it with netshrink "
+                        "(train and run write model files)") from None
+    if cfg.augment is None and recorded.augment is not None:
+        cfg = cfg.model_copy(update={"augment": recorded.augment})
+    val_size = recorded.val_size
+    if val_size:
+        data["seed"] = recorded.seed or 0
+        if recorded.train_limit:
+            data["train_limit"] = recorded.train_limit
         return cfg.model_copy(update={"val_size": val_size}), [
             f"deciding on the input model's own validation split ({val_size:,} images it "
             "was not trained on)"]

@@ -18,7 +18,7 @@ from netshrink.data import DataBundle
 from netshrink.errors import UserError
 from netshrink.recipe.keys import config_files
 from netshrink.recipe.schema import Recipe, StageEntry
-from netshrink.stages.record import RunRecord, StageRecord
+from netshrink.stages.record import MAX_RUN_FILE_BYTES, RunRecord, StageRecord
 from netshrink.store.atomic import atomic_write_text, is_temp_name
 from netshrink.store.checkpoint import load_model
 from netshrink.store.layout import (
@@ -40,9 +40,6 @@ from netshrink.store.walls import (
 )
 
 __all__ = ["MAX_RUN_FILE_BYTES", "RunFolder", "now"]
-
-# A run record is a few kilobytes per stage; a file far beyond that is not one.
-MAX_RUN_FILE_BYTES = 64 << 20
 
 
 def now() -> str:

@@ -24,6 +24,13 @@ from netshrink.store.layout import check_name
 # A recipe is a page of YAML: these bound what a hostile one can make the parser build.
 MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_DEPTH = 32
+# A recipe chains a handful of stages (the shipped ones have at most a dozen). The runner
+# rewrites run.json after every stage, so its work grows with the square of the count: a
+# list of thousands is a mistake (or a hostile file), refused before anything runs.
+MAX_RECIPE_STAGES = 256
+# libyaml's safe loader where PyYAML was built with it (10x faster on a large file; the
+# same documents), else the pure-Python one: both build plain data only.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class ReportConfig(BaseModel):
@@ -86,6 +93,10 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:
+        if len(self.stages) > MAX_RECIPE_STAGES:
+            raise ValueError(
+                f"stages: {len(self.stages):,} stages, more than the {MAX_RECIPE_STAGES} a "
+                "recipe may have; split the work into several recipes, or a study")
         entries = self.parsed_stages()
         reference = self.report.baseline
         names = ["baseline", *(e.name for e in entries)]
@@ -205,7 +216,7 @@ def _check_yaml_shape(text: str, path: Path) -> None:
     node without costing bytes, so nested ones (``a: [*b, *b, ...]`` nine per level)
     expand a few hundred bytes into gigabytes wherever the structure is walked."""
     depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=_LOADER):
         if isinstance(event, yaml.AliasEvent):
             raise UserError(f"{path}: YAML aliases (*{event.anchor}) are not accepted in "
                             "recipes; write the values out")
@@ -243,7 +254,7 @@ def read_yaml(path: Path, what: str = "recipe") -> Any:
                         "UTF-8") from None
     try:
         _check_yaml_shape(text, path)
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_LOADER)  # a safe loader: plain data only
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
     except RecursionError:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from netshrink.errors import UserError
-from netshrink.stages.record import RunRecord
+from netshrink.limits import bounded_json, read_regular
+from netshrink.stages.record import MAX_RUN_FILE_BYTES, RunRecord
 
 RUN_FILE = "run.json"
 
@@ -35,17 +35,11 @@ def load_run(run_dir: Path) -> RunRecord:
             f"{run_dir}: no {RUN_FILE}; run `netshrink run RECIPE --out {run_dir}` first"
         )
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
-            "the run was interrupted mid-write or the file was edited by hand"
-        ) from exc
+        data = bounded_json(read_regular(path, "run record", max_bytes=MAX_RUN_FILE_BYTES))
+    except ValueError as exc:
+        raise UserError(f"{path}: not a run record netshrink reads ({exc}); the run was "
+                        "interrupted mid-write or the file was edited by hand") from None
     try:
         return RunRecord.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"{path}: not a netshrink run record: {_first_problem(exc)}") from exc
+        raise UserError(f"{path}: not a netshrink run record: {_first_problem(exc)}") from None

@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from netshrink.bench.schema import Measurement
 from netshrink.train.history import EpochRecord
 
-__all__ = ["EpochRecord", "RunRecord", "StageRecord"]
+__all__ = ["MAX_RUN_FILE_BYTES", "EpochRecord", "RunRecord", "StageRecord"]
+
+# A run record is a few kilobytes per stage; a file far beyond that is not one.
+MAX_RUN_FILE_BYTES = 64 << 20
 
 
 class StageRecord(BaseModel):

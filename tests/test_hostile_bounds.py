@@ -1,0 +1,74 @@
+"""Hostile sizes and metadata that passed every earlier check (issue 23): recipes of
+thousands of stages, run records nested deep, model files whose recorded split is
+edited. Same rules as ``test_hostile_runs``: exit 2, one line, nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_hostile_runs import (  # noqa: F401 (trained_run: a fixture)
+    Env,
+    edit_meta,
+    refuse_case,
+    trained_run,
+)
+
+
+def _many_stages(env: Env) -> list[str]:
+    raw = env.tiny()
+    raw["stages"] = [{"kind": "prune.nm"}] * 20_000  # 400 KB: within the size bound
+    return ["run", env.recipe(json.dumps(raw, separators=(",", ":"))), "--out", str(env.out)]
+
+
+def _deep_run_json_for_report(env: Env) -> list[str]:
+    out = env.run_copy()
+    record = (out / "run.json").read_text()
+    (out / "run.json").write_text(record.replace('"config": {',
+                                                 '"config": {"x": ' + "[" * 100_000
+                                                 + "]" * 100_000 + ", ", 1))
+    return ["report", str(out)]
+
+
+def _huge_run_json_for_report(env: Env) -> list[str]:
+    out = env.run_copy()
+    with (out / "run.json").open("ab") as f:
+        f.truncate(65 << 20)  # sparse: no disk spent
+    return ["report", str(out)]
+
+
+def _compress_split(**split: Any) -> Callable[[Env], list[str]]:
+    """``compress`` on a model file whose recorded split was edited to ``split``."""
+    def build(env: Env) -> list[str]:
+        weights = edit_meta(env.model_file(), split=split)
+        return ["compress", "--weights", weights, "--data-dir", str(env.fashion),
+                "--out", str(env.out)]
+    return build
+
+
+CASES: dict[str, Callable[[Env], list[str]]] = {
+    "recipe-20000-stages": _many_stages,
+    "report-run-json-100k-deep": _deep_run_json_for_report,
+    "report-run-json-65mb": _huge_run_json_for_report,
+    "compress-split-seed-text": _compress_split(val_size=50, seed="x"),
+    "compress-split-seed-beyond-uint64": _compress_split(val_size=50, seed=10**30),
+    "compress-split-seed-list": _compress_split(val_size=50, seed=[1]),
+    "compress-split-train-limit-text": _compress_split(val_size=50, seed=0,
+                                                       train_limit="abc"),
+    "compress-split-train-limit-float": _compress_split(val_size=50, seed=0,
+                                                        train_limit=1.5e300),
+    "compress-split-val-size-bool": _compress_split(val_size=True, seed=0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_sizes_and_metadata_are_refused(
+    case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
+    trained_run: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    refuse_case(CASES[case], capsys, tmp_path, fashion_dir, trained_run)
