@@ -342,3 +342,37 @@ def test_the_table_covers_the_classes() -> None:
     for word in ("resume", "report", "cache", "compress", "export"):
         assert word in names
     assert len(CASES) >= 20
+
+
+def test_api_quantize_checks_everything_before_a_file_and_leaves_no_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tempfile
+
+    import netshrink
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.onnx").write_text("the user's notes")
+    x = torch.zeros(2, 1, 28, 28)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match="calibrates"):  # found before the float export
+        netshrink.quantize(_tiny_module(), example_input=x)
+    with pytest.raises(UserError, match="QAT trains"):
+        netshrink.quantize(_tiny_module(), netshrink.QATConfig(), example_input=x, out=mine)
+    with pytest.raises(UserError, match=r"model\.onnx: the file exists and is not"):
+        netshrink.quantize(_tiny_module(), netshrink.DynamicConfig(), example_input=x,
+                           out=mine)
+    assert snapshot(tmp_path) == before  # no netshrink-* folder left in the temp folder
+    # a failure past the checks (here: an exporter that cannot trace) removes its folder
+    monkeypatch.setattr("netshrink.api.verbs.export_onnx", _fails)
+    with pytest.raises(UserError, match="cannot export"):
+        netshrink.quantize(_tiny_module(), netshrink.DynamicConfig(), example_input=x)
+    assert snapshot(tmp_path) == before
+
+
+def _fails(*args: object, **kwargs: object) -> None:
+    raise UserError("cannot export the model to ONNX: (a test)")

@@ -10,8 +10,11 @@ plain data, with a typed config that selects the method — as torchao's
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from netshrink.runtime import model_stats
 from netshrink.stages.quant import DynamicConfig
 from netshrink.store.checkpoint import read_state_dict
 from netshrink.store.outputs import check_output_file, is_model_kind
+from netshrink.store.walls import make_dirs
 from netshrink.train.config import TrainConfig, fractional_epochs
 from netshrink.train.loop import train
 from netshrink.train.masks import MaskHook, Masks
@@ -123,11 +127,37 @@ def _fitted(cfg: TrainConfig, data: DataBundle) -> TrainConfig:
     return cfg if size is None else cfg.model_copy(update={"batch_size": size})
 
 
-def _workdir(out: str | Path | None) -> Path:
-    """Where a verb writes its files: ``out``, or a fresh temporary folder."""
-    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="netshrink-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+@contextlib.contextmanager
+def _workdir(out: str | Path | None, writes: dict[str, Callable[[Path], bool]]
+             ) -> Iterator[Path]:
+    """Where a verb writes its files: ``out``, or a fresh temporary folder, removed again
+    if the verb fails. ``writes`` names the files it may write there, each with the test
+    an existing file of that name must pass to be replaced (an earlier output): a file of
+    the user's is never written over.
+
+    Raises:
+        UserError: ``out`` is a file, or holds a file of the user's under one of the names.
+    """
+    if out is None:
+        folder = Path(tempfile.mkdtemp(prefix="netshrink-"))
+        try:
+            yield folder
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"out={folder}: a file; give a folder for the files quantize writes")
+    if folder.is_dir():
+        for name, replaceable in writes.items():
+            target = folder / name  # an IR's .xml comes with its .bin
+            check_output_file(target, flag="out=", writes="an earlier output",
+                              replaceable=replaceable,
+                              companions=[target.with_suffix(".bin")] if name.endswith(".xml")
+                              else [])
+    make_dirs(folder)
+    yield folder
 
 
 # ---------------------------------------------------------------------------- verbs
@@ -234,11 +264,41 @@ def quantize(model: Model,
                       hooks=[CodebookHook(codebooks)], device=device, what="k-means")
         return _derived(base, shared.cpu().eval(), shape, f"k-means {config.bits} bits",
                         codebooks=codebooks, precision=f"fp32, {config.bits}-bit k-means")
-    folder = _workdir(out)
+    _check_quantize(config, calibration, data)  # every argument, before a file is written
+    onnx_file = is_model_kind("onnx")
+    writes = {"float.onnx": onnx_file, "model.onnx": onnx_file,
+              "model.xml": is_model_kind("openvino")}
+    with _workdir(out, writes) as folder:
+        return _quantize_to_files(base, module, config, shape, folder, calibration, data,
+                                  device)
+
+
+def _check_quantize(config: Any, calibration: Data | None, data: Data | None) -> None:
+    """The checks of ``quantize``'s arguments that need no model run.
+
+    Raises:
+        UserError: an unknown config, or the data its method needs missing.
+    """
+    if not isinstance(config, PTQConfig | DynamicConfig | QATConfig):
+        raise UserError(f"quantize takes PTQConfig, DynamicConfig, KMeansConfig or QATConfig, "
+                        f"not {type(config).__name__}")
+    if isinstance(config, QATConfig) and data is None:
+        raise UserError("QAT trains: give data= (a DataLoader of training batches)")
+    if not isinstance(config, DynamicConfig) and calibration is None:
+        raise UserError("static INT8 calibrates: give calibration= (a DataLoader of a few "
+                        "hundred training images)")
+    if isinstance(config, PTQConfig) and config.accuracy_budget is not None:
+        raise UserError("accuracy_budget (automatic mixed precision) needs held-out data "
+                        "and runs as the quant.ptq recipe stage; here give exclude=[...]")
+
+
+def _quantize_to_files(base: Compressed, module: nn.Module,
+                       config: PTQConfig | DynamicConfig | QATConfig, shape: list[int],
+                       folder: Path, calibration: Data | None, data: Data | None,
+                       device: str) -> Compressed:
+    """``quantize`` of the methods that write files (float ONNX, then INT8) in ``folder``."""
     ranges = None
     if isinstance(config, QATConfig):
-        if data is None:
-            raise UserError("QAT trains: give data= (a DataLoader of training batches)")
         qat_data = bundle(module, train=data)
         module, ranges, _ = run_qat(module, qat_data, _fitted(config, qat_data), device=device,
                                     log=lambda _: None)
@@ -253,9 +313,7 @@ def quantize(model: Model,
         return _derived(base, module, shape, "dynamic INT8 (ONNX Runtime)", file=path,
                         runtime="onnxruntime", precision="int8-dynamic", stats=stats)
     calib = as_split(calibration, "calibration")
-    if calib is None:
-        raise UserError("static INT8 calibrates: give calibration= (a DataLoader of a few "
-                        "hundred training images)")
+    assert calib is not None  # _check_quantize
     batches = calibration_batches(calib, input_shape=shape, images=getattr(
         config, "calibration_images", None))
     if isinstance(config, QATConfig):
@@ -263,12 +321,6 @@ def quantize(model: Model,
                              PTQConfig(per_channel=config.per_channel), input_ranges=ranges)
         return _derived(base, module, shape, "QAT, then INT8 (ONNX Runtime)", file=path,
                         runtime="onnxruntime", precision="int8", stats=stats)
-    if not isinstance(config, PTQConfig):
-        raise UserError(f"quantize takes PTQConfig, DynamicConfig, KMeansConfig or QATConfig, "
-                        f"not {type(config).__name__}")
-    if config.accuracy_budget is not None:
-        raise UserError("accuracy_budget (automatic mixed precision) needs held-out data "
-                        "and runs as the quant.ptq recipe stage; here give exclude=[...]")
     if config.runtime == "openvino":
         path = quantize_openvino(float_onnx, folder / "model.xml", batches, config)
     else:
