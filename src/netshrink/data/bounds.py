@@ -82,7 +82,7 @@ def _bound(name: str) -> int:
 
 def raise_hint(name: str) -> str:
     """How a refusal says to raise the bound ``name``."""
-    return f"set {name} to raise this bound (now {_bound(name):,})"
+    return f"set the environment variable {name} to raise this bound"
 
 
 def max_image_pixels() -> int:
