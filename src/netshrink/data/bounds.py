@@ -17,9 +17,10 @@ variable set for one command (or inherited by a DataLoader worker) applies to it
   the model sees. Classification CNNs are trained at 224 to 600 pixels (the largest
   published ImageNet resolutions are about 800); 2048 leaves room for high-resolution
   medical or satellite crops. One RGB image at 2048 is already 50 MB as floats.
-* ``NETSHRINK_MAX_BATCH_BYTES`` (default 4 GiB): one batch of float images, images x
-  channels x side x side x 4 bytes. ImageNet's batch of 256 at 224 px is 154 MB; 256 at
-  1024 px (3.2 GB) still passes.
+* ``NETSHRINK_MAX_BATCH_BYTES`` (default 2 GiB): one batch of float images, images x
+  channels x side x side x 4 bytes, as one process loads it. ImageNet's batch of 256 at
+  224 px is 154 MB, a large-batch 2,048 at 224 px 1.2 GB; at 1024 px a batch of 170
+  passes (the activations of such a batch are many times that anyway).
 * ``NETSHRINK_MAX_IDX_BYTES`` (default 256 MiB): the data one IDX file declares.
   Fashion-MNIST's largest file holds 47 MB, EMNIST-digits' 188 MB.
 * ``NETSHRINK_MAX_CLASSES`` (default 100,000): class folders of an image-folder dataset
@@ -31,12 +32,17 @@ variable set for one command (or inherited by a DataLoader worker) applies to it
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from pydantic import BaseModel
 
 from netshrink.errors import UserError
 
 __all__ = [
     "batch_bytes",
+    "batch_sizes",
     "check_batch",
+    "check_config_batches",
     "check_image_shape",
     "check_image_size",
     "max_batch_bytes",
@@ -53,7 +59,7 @@ _DEFAULTS = {
     "NETSHRINK_MAX_IMAGE_PIXELS": 1 << 27,
     "NETSHRINK_MAX_IMAGE_ASPECT": 50,
     "NETSHRINK_MAX_IMAGE_SIZE": 2048,
-    "NETSHRINK_MAX_BATCH_BYTES": 4 << 30,
+    "NETSHRINK_MAX_BATCH_BYTES": 2 << 30,
     "NETSHRINK_MAX_IDX_BYTES": 256 << 20,
     "NETSHRINK_MAX_CLASSES": 100_000,
     "NETSHRINK_MAX_IMAGE_FILES": 20_000_000,
@@ -172,6 +178,39 @@ def check_batch(images: int, channels: int, size: int, what: str) -> None:
     need, limit = batch_bytes(images, channels, size), max_batch_bytes()
     if need > limit:
         raise UserError(f"{what} {images:,} at {channels} x {size} x {size} needs "
-                        f"{need / 1e9:,.1f} GB per batch, more than the {limit:,} bytes "
-                        "netshrink allows one batch: lower the batch size or the image "
+                        f"{need / 1e9:,.1f} GB per batch, more than the {limit / 1e9:,.1f} "
+                        f"GB ({limit:,} bytes) netshrink allows one batch: lower the batch "
+                        "size or the image "
                         f"size, or {raise_hint('NETSHRINK_MAX_BATCH_BYTES')}")
+
+
+def batch_sizes(config: Any, where: str = "") -> list[tuple[str, int]]:
+    """Every ``*batch_size`` setting in a (pydantic) stage config, with its place, so a
+    run can check the batches its stages will load before it writes anything."""
+    if isinstance(config, BaseModel):
+        found = []
+        for name in type(config).model_fields:
+            value = getattr(config, name)
+            place = f"{where}.{name}" if where else name
+            if name.endswith("batch_size") and isinstance(value, int) \
+                    and not isinstance(value, bool):
+                found.append((place, value))
+            else:
+                found.extend(batch_sizes(value, place))
+        return found
+    if isinstance(config, list | tuple):
+        return [found for i, item in enumerate(config)
+                for found in batch_sizes(item, f"{where}[{i}]")]
+    return []
+
+
+def check_config_batches(config: Any, where: str, *, channels: int, size: int,
+                         largest: int) -> None:
+    """``check_batch`` for every ``*batch_size`` of ``config`` (``batch_sizes``), where a
+    batch is at most ``largest`` images (the largest split it can be cut from).
+
+    Raises:
+        UserError: naming ``where`` and the setting.
+    """
+    for place, batch in batch_sizes(config):
+        check_batch(min(batch, largest), channels, size, f"{where}: {place}")
