@@ -101,8 +101,8 @@ def check_eval_batch(cfg: DataConfig, info: DatasetInfo, largest_split: int) -> 
     Raises:
         UserError: naming ``data.batch_size`` and the fix.
     """
-    check_batch(min(cfg.batch_size, largest_split), info.in_channels, info.image_size,
-                "data.batch_size")
+    check_batch("data.batch_size", cfg.batch_size, largest=largest_split,
+                channels=info.in_channels, size=info.image_size)
 
 
 def split_indices(

@@ -140,8 +140,8 @@ class ArraySplit:
             UserError: naming the batch size and the fix.
         """
         _, channels, h, w = self.images.shape
-        check_batch(min(batch_size, len(self)), int(channels),
-                    self.image_size or int(max(h, w)), "batch_size")
+        check_batch("batch_size", batch_size, largest=len(self), channels=int(channels),
+                    size=self.image_size or int(max(h, w)))
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0
@@ -163,7 +163,7 @@ class ArraySplit:
         """Rank ``rank`` of ``size``'s share of each batch ``batches`` yields (the same
         images, augmented the same way), with the whole batch's size: data-parallel
         training loads only its own share."""
-        self.check_batch_size(batch_size)
+        self.check_batch_size(-(-batch_size // size))  # this rank's share
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):

@@ -164,24 +164,30 @@ def batch_bytes(images: int, channels: int, size: int) -> int:
     return images * channels * size * size * _FLOAT
 
 
-def check_batch(images: int, channels: int, size: int, what: str) -> None:
-    """Refuse a batch of float images larger than ``NETSHRINK_MAX_BATCH_BYTES``.
+def check_batch(setting: str, batch_size: int, *, largest: int, channels: int,
+                size: int) -> None:
+    """Refuse a batch size whose batches of float images would pass
+    ``NETSHRINK_MAX_BATCH_BYTES``.
 
     Args:
-        images: images in the batch (the batch size, or fewer when the split is smaller).
+        setting: where the batch size was set, for the message (``data.batch_size``).
+        batch_size: its value.
+        largest: images in the largest split it cuts (a batch holds at most that many).
         channels / size: of each image.
-        what: the setting that chose the batch size, for the message.
 
     Raises:
         UserError: the batch would be larger than the bound.
     """
+    images = min(batch_size, largest)
     need, limit = batch_bytes(images, channels, size), max_batch_bytes()
     if need > limit:
-        raise UserError(f"{what} {images:,} at {channels} x {size} x {size} needs "
-                        f"{need / 1e9:,.1f} GB per batch, more than the {limit / 1e9:,.1f} "
-                        f"GB ({limit:,} bytes) netshrink allows one batch: lower the batch "
-                        "size or the image "
-                        f"size, or {raise_hint('NETSHRINK_MAX_BATCH_BYTES')}")
+        shown = f"{batch_size:,}" if images == batch_size else \
+            f"{batch_size:,} (batches of {images:,} images here)"
+        raise UserError(f"{setting} {shown} at {channels} x {size} x {size} needs "
+                        f"{need / 1e9:,.1f} GB a batch, more than the {limit / 1e9:,.1f} GB "
+                        f"({limit:,} bytes) netshrink allows one batch: lower the batch "
+                        "size or the image size, or "
+                        f"{raise_hint('NETSHRINK_MAX_BATCH_BYTES')}")
 
 
 def batch_sizes(config: Any, where: str = "") -> list[tuple[str, int]]:
@@ -213,4 +219,5 @@ def check_config_batches(config: Any, where: str, *, channels: int, size: int,
         UserError: naming ``where`` and the setting.
     """
     for place, batch in batch_sizes(config):
-        check_batch(min(batch, largest), channels, size, f"{where}: {place}")
+        check_batch(f"{where}: {place}", batch, largest=largest, channels=channels,
+                    size=size)

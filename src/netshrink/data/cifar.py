@@ -38,8 +38,9 @@ _DOWNLOAD_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 MAX_CIFAR_BYTES = 256 << 20
 # Opcodes one pickle may run. Each can make the pure-Python unpickler hold a new object
 # (a 1-byte EMPTY_LIST or MARK is a 56-byte list), so a file of a few hundred MB of them
-# would take gigabytes; CIFAR-100's train file, the largest, runs about 200,000.
-MAX_PICKLE_OPS = 1 << 20
+# would take gigabytes; CIFAR-100's train file, the largest, runs about 200,000 (also
+# when re-saved by Python 3, which memoizes each string as its own opcode).
+MAX_PICKLE_OPS = 1 << 19
 MAX_NAMES_BYTES = 1 << 20
 _ALLOWED_KINDS = frozenset("biuf")  # numeric arrays only: no objects, strings or voids
 _KEY_TYPES = (str, bytes)  # CIFAR dicts are keyed by names, nothing else

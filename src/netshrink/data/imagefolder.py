@@ -78,6 +78,15 @@ def _brief(exc: BaseException) -> str:
 
 
 @contextmanager
+def _quiet() -> Iterator[None]:
+    """Pillow's warnings silenced: they would be lines on stderr beside the one a bad
+    file gets (or noise where the file decodes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextmanager
 def open_image(path: Path) -> Iterator[Image.Image]:
     """Open an image file lazily (header read, pixels not yet decoded), within bounds.
 
@@ -95,8 +104,7 @@ def open_image(path: Path) -> Iterator[Image.Image]:
     """
     with open_regular(path, "image") as f:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with _quiet():
                 img = Image.open(f, formats=_formats())
         except Image.DecompressionBombError as exc:
             raise UserError(f"{path}: image too large to decode safely ({_brief(exc)}); "
@@ -129,8 +137,9 @@ def decode(opened: Image.Image, mode: str, path: Path) -> Image.Image:
             types: OSError, SyntaxError, ValueError, ...).
     """
     try:
-        img = opened if opened.mode == mode else opened.convert(mode)
-        img.load()
+        with _quiet():
+            img = opened if opened.mode == mode else opened.convert(mode)
+            img.load()
     except Exception as exc:
         raise UserError(f"{path}: cannot decode image ({type(exc).__name__}: {_brief(exc)}); "
                         "delete or replace the file") from None
@@ -146,7 +155,8 @@ def check_image(path: Path) -> None:
     """
     with open_image(path) as img:
         try:
-            img.verify()
+            with _quiet():
+                img.verify()
         except Exception as exc:
             raise UserError(f"{path}: damaged image ({type(exc).__name__}: {_brief(exc)}); "
                             "delete or replace the file") from None
@@ -390,8 +400,8 @@ class FileSplit:
         Raises:
             UserError: naming the batch size and the fix.
         """
-        check_batch(min(batch_size, len(self)), 3 if self.mode == "RGB" else 1,
-                    self.image_size, "batch_size")
+        check_batch("batch_size", batch_size, largest=len(self),
+                    channels=3 if self.mode == "RGB" else 1, size=self.image_size)
 
     def _loader(self, seed: int, **batching: Any) -> Iterator[Batch]:
         dataset = _ImageDataset(self.files, self.labels, self.image_size, self.mode,
@@ -433,7 +443,7 @@ class FileSplit:
         Raises:
             UserError: an image cannot be decoded (the message names the file).
         """
-        self.check_batch_size(batch_size)
+        self.check_batch_size(-(-batch_size // size))  # this rank's share
         keys = self._keys(shuffle=shuffle, augment=augment, seed=seed)
         groups = [keys[start : start + batch_size] for start in range(0, len(keys), batch_size)]
         shares = [group[shard_rows(len(group), rank, size)] for group in groups]
