@@ -11,6 +11,7 @@ import torch
 from netshrink.data.bounds import batch_bytes, check_image_size, max_batch_bytes
 from netshrink.data.imagefolder import decode, open_image, resize_crop
 from netshrink.errors import UserError
+from netshrink.limits import check_regular
 from netshrink.runtime.files import OpenedModel, open_model_file
 
 
@@ -71,11 +72,8 @@ def predict_files(
         UserError: the model file lacks the preprocessing facts and no ``data`` was
             given, or an image is unreadable.
     """
-    for path in images:
-        # Headers only, before the model loads: a bad path, a pipe, a format netshrink
-        # does not read or a size beyond the bounds fails fast, before anything decodes.
-        with open_image(Path(path)):
-            pass
+    for path in images:  # before the model loads: a bad path fails fast, a pipe never blocks
+        check_regular(Path(path), "image")
     opened = open_model_file(weights, runtime=runtime)
     try:
         needed = ("class_names", "image_size", "mean", "std")
@@ -98,6 +96,11 @@ def predict_files(
         std = torch.tensor(meta["std"]).view(-1, 1, 1)
         size = meta["image_size"]
         check_image_size(size, "the model's image_size")
+        for path in images:
+            # Headers only: a format netshrink does not read or a shape beyond the bounds
+            # is refused before any image is decoded (they are decoded a chunk at a time).
+            with open_image(Path(path)):
+                pass
         parts = []
         for chunk in _chunks(images, channels, size):
             batch = torch.stack([(load_image(p, in_channels=channels, size=size) - mean) / std
