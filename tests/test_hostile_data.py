@@ -504,26 +504,45 @@ def _image_readers(path: Path, size: int) -> None:
 
 
 @st.composite
-def fashion_idx(draw) -> tuple[str, bytes]:
-    """One of the four Fashion-MNIST files with any header (rank, dims, declared size),
-    a body of zeros of about that size or a bomb, maybe gzipped and mutated."""
+def fashion_idx(draw) -> tuple[str, bytes, bool, bool, list[tuple[int, int]], int | None]:
+    """One of the four Fashion-MNIST files with its real header or any other (rank, dims,
+    declared size) and a body of zeros of about that size; then what ``build_idx`` does
+    to it: a 5 MB bomb appended or not, gzipped or not, bytes of its first 4 KB changed,
+    cut short.
+
+    The large bytes are made in ``build_idx``, outside hypothesis (which keeps what it
+    draws: 5 MB bodies drawn here grew the test process by gigabytes)."""
     name = draw(st.sampled_from(["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]))
-    dims = draw(st.lists(st.one_of(st.integers(0, 40), st.just(28),
-                                   st.integers(-(2**31), 2**31 - 1)), min_size=0, max_size=4))
+    real = [600 if name.startswith("train") else 200] + ([28, 28] if "images" in name else [])
+    dims = draw(st.one_of(st.just(real), st.lists(
+        st.one_of(st.integers(0, 40), st.just(28), st.integers(-(2**31), 2**31 - 1)),
+        min_size=0, max_size=4)))
     head = bytes([0, 0, draw(st.sampled_from([8, 8, 9])), len(dims)])
     head += struct.pack(f">{len(dims)}i", *dims)
-    count = int(np.prod(dims)) if dims and all(0 <= d <= 40 for d in dims) else 0
-    body = bytes(max(0, min(count, 100_000) + draw(st.integers(-2, 2))))
-    body += draw(st.sampled_from([b"", bytes(5_000_000)]))  # a bomb, sometimes
-    raw = head + body
-    gz = draw(st.booleans())
+    count = int(np.prod(dims)) if dims and all(0 <= d <= 600 for d in dims) else 0
+    raw = head + bytes(max(0, min(count, 500_000) + draw(st.sampled_from([0, 0, -1, 1]))))
+    changes = draw(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)),
+                            max_size=draw(st.sampled_from([0, 0, 8]))))
+    cut = draw(st.one_of(st.none(), st.integers(0, 4096)))
+    return name, raw, draw(st.booleans()), draw(st.booleans()), changes, cut
+
+
+def build_idx(value: tuple[str, bytes, bool, bool, list[tuple[int, int]], int | None]
+              ) -> tuple[str, bytes]:
+    """The file name and bytes ``fashion_idx`` describes."""
+    name, raw, bomb, gz, changes, cut = value
+    if bomb:
+        raw += bytes(5_000_000)
     if gz:
-        raw = gzip.compress(raw, compresslevel=1)
-        name += ".gz"
-    if draw(st.booleans()):
-        raw = draw(mutated(raw[:4096])) + raw[4096:]
-    return name, raw
+        raw, name = gzip.compress(raw, compresslevel=1), name + ".gz"
+    data = bytearray(raw)
+    for where, byte in changes:
+        if data:
+            data[where % min(len(data), 4096)] = byte
+    if cut is not None:
+        data = data[: min(cut, len(data))]
+    return name, bytes(data)
 
 
 def fuzz_readers(work: Path, fashion: Path) -> dict:
@@ -543,8 +562,8 @@ def fuzz_readers(work: Path, fashion: Path) -> dict:
             (root / path.name).write_bytes(path.read_bytes())
     originals = {p.name: p.read_bytes() for p in root.iterdir()}
 
-    def idx(value: tuple[str, bytes]) -> None:
-        name, data = value
+    def idx(value: tuple) -> None:
+        name, data = build_idx(value)
         for stem in (name, name + ".gz", name.removesuffix(".gz")):
             (root / stem).unlink(missing_ok=True)
         (root / name).write_bytes(data)
