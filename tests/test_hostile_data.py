@@ -318,6 +318,8 @@ CASES: dict[str, Case] = {
                                                     image_size=2048),
     "recipe-stage-batch-100000-at-2048": (_stage_batch, "stages[0] (train): batch_size"),
     "recipe-image-size-variable-junk": (_size_variable_junk, "NETSHRINK_MAX_IMAGE_SIZE"),
+    "recipe-num-workers-100000": _recipe("data.num_workers 100,000", num_workers=100_000),
+    "recipe-data-seed-2-to-the-70": _recipe("data.seed", seed=2**70),
     # item 3: IDX headers checked before any data is read or inflated
     "idx-gz-declares-2-gb": _idx("train-images-idx3-ubyte.gz",
                                  lambda: gzip.compress(idx_head(2_700_000, 28, 28)),

@@ -8,6 +8,7 @@ test set we report on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,20 @@ class DataConfig(BaseModel):
     train_limit: int | None = Field(default=None, gt=0)
     test_limit: int | None = Field(default=None, gt=0)
     num_workers: int = Field(default=2, ge=0)
-    seed: int = 0
+    # What torch.Generator.manual_seed takes (more raised a ValueError from deep inside).
+    seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _bounded_workers(cls, workers: int) -> int:
+        # Each worker is a process holding its own batches: thousands would exhaust the
+        # machine before a single image is decoded.
+        limit = max(64, 2 * (os.cpu_count() or 1))
+        if workers > limit:
+            raise ValueError(f"data.num_workers {workers:,} is more than {limit} (twice the "
+                             "cores here, at least 64); decoding processes beyond the cores "
+                             "only wait: lower it")
+        return workers
 
     @field_validator("image_size")
     @classmethod
