@@ -107,9 +107,12 @@ def open_image(path: Path) -> Iterator[Image.Image]:
             with _quiet():
                 img = Image.open(f, formats=_formats())
         except Image.DecompressionBombError as exc:
+            # Pillow's own refusal (past twice PIL.Image.MAX_IMAGE_PIXELS), above our
+            # default bound: raising NETSHRINK_MAX_IMAGE_PIXELS cannot pass it.
             raise UserError(f"{path}: image too large to decode safely ({_brief(exc)}); "
-                            f"netshrink decodes at most {max_image_pixels():,} pixels: "
-                            "resize or remove the file") from None
+                            f"netshrink decodes at most {max_image_pixels():,} pixels and "
+                            "Pillow refuses this one whatever that bound says: resize or "
+                            "remove the file") from None
         except UnidentifiedImageError:
             raise UserError(f"{path}: not an image netshrink reads (formats: "
                             f"{', '.join(IMAGE_FORMATS)}); delete or replace the "
