@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from netshrink.data.imagefolder import open_image
+from netshrink.data.bounds import batch_bytes, check_image_size, max_batch_bytes
+from netshrink.data.imagefolder import decode, open_image, resize_crop
 from netshrink.errors import UserError
 from netshrink.limits import check_regular
 from netshrink.runtime.files import OpenedModel, open_model_file
@@ -18,30 +18,29 @@ from netshrink.runtime.files import OpenedModel, open_model_file
 def load_image(path: Path, *, in_channels: int, size: int) -> torch.Tensor:
     """Decode ``path`` into a float tensor [C, size, size] in [0, 1].
 
-    Only a regular image file of a format netshrink reads and at most
-    ``MAX_IMAGE_PIXELS`` pixels is decoded (see ``netshrink.data.imagefolder.open_image``):
-    a named pipe is refused rather than waited on, a decompression bomb before decoding.
+    Only a regular image file of a format netshrink reads, within the pixel-count and
+    aspect-ratio bounds of ``netshrink.data.bounds``, is decoded (see
+    ``netshrink.data.imagefolder.open_image``): a named pipe is refused rather than
+    waited on, a decompression bomb or a 3,000,000 x 1 strip before decoding. ``size``
+    is bounded too (``NETSHRINK_MAX_IMAGE_SIZE``).
 
     Fashion-MNIST's images are light clothes on black; a photo of clothes on a light
     background is the negative of that, so users should invert such photos themselves.
 
     Raises:
-        UserError: missing, not a regular file, not a readable image, or too large.
+        UserError: missing, not a regular file, not a readable image, too large or too
+            long, or ``size`` beyond the bound.
     """
+    check_image_size(size, "the model's image_size")
+    mode = "L" if in_channels == 1 else "RGB"
     with open_image(Path(path)) as opened:
-        try:
-            img = opened.convert("L" if in_channels == 1 else "RGB")
-        except Exception as exc:  # Pillow reports damaged pixel data with many types
-            raise UserError(f"{path}: not a readable image ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:160]}); replace the file") from None
-    # Resize the shorter side, then center-crop a square, as evaluation does.
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                     Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+        img = decode(opened, mode, path)
+        # Resize the shorter side, then center-crop a square, as evaluation does.
+        w, h = img.size
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = resize_crop(img, (new_w, new_h), ((new_w - size) // 2, (new_h - size) // 2),
+                          size)
     array = np.asarray(img, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array)
     return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
@@ -95,11 +94,19 @@ def predict_files(
         channels = meta.get("in_channels") or (opened.spec.in_channels if opened.spec else 3)
         mean = torch.tensor(meta["mean"]).view(-1, 1, 1)
         std = torch.tensor(meta["std"]).view(-1, 1, 1)
-        batch = torch.stack([
-            (load_image(p, in_channels=channels, size=meta["image_size"]) - mean) / std
-            for p in images
-        ])
-        logits = _run(opened, batch)
+        size = meta["image_size"]
+        check_image_size(size, "the model's image_size")
+        for path in images:
+            # Headers only: a format netshrink does not read or a shape beyond the bounds
+            # is refused before any image is decoded (they are decoded a chunk at a time).
+            with open_image(Path(path)):
+                pass
+        parts = []
+        for chunk in _chunks(images, channels, size):
+            batch = torch.stack([(load_image(p, in_channels=channels, size=size) - mean) / std
+                                 for p in chunk])
+            parts.append(_run(opened, batch))
+        logits = torch.cat(parts)
     finally:
         opened.close()
     probs = logits.float().softmax(dim=1)
@@ -108,6 +115,18 @@ def predict_files(
         (path, [(names[int(i)], float(p)) for p, i in zip(vals, idx, strict=True)])
         for path, vals, idx in zip(images, top.values, top.indices, strict=True)
     ]
+
+
+# Images decoded and run together: enough to keep the model busy, few enough that a
+# command line of thousands of photos never holds them all as floats at once.
+PREDICT_CHUNK = 64
+
+
+def _chunks(images: list[Path], channels: int, size: int) -> list[list[Path]]:
+    """``images`` in groups whose float batch stays within ``NETSHRINK_MAX_BATCH_BYTES``."""
+    per_image = batch_bytes(1, channels, size)
+    n = max(1, min(PREDICT_CHUNK, max_batch_bytes() // per_image))
+    return [images[i : i + n] for i in range(0, len(images), n)]
 
 
 def _run(opened: OpenedModel, batch: torch.Tensor) -> torch.Tensor:

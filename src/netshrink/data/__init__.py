@@ -8,12 +8,13 @@ test set we report on.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from netshrink.data.base import (
     ArraySplit,
@@ -25,6 +26,7 @@ from netshrink.data.base import (
     Split,
     shard_rows,
 )
+from netshrink.data.bounds import check_batch, check_image_size
 from netshrink.errors import UserError
 from netshrink.registry import Registry
 
@@ -59,7 +61,8 @@ class DataConfig(BaseModel):
     Args:
         name: a registered dataset (``netshrink list datasets``).
         root: folder holding the files; each dataset has a default where one exists.
-        image_size: side the model sees; in-memory datasets are resized to it.
+        image_size: side the model sees; in-memory datasets are resized to it. At most
+            ``NETSHRINK_MAX_IMAGE_SIZE`` (2048; see ``netshrink.data.bounds``).
         val_size: images held out of the training set for validation (0: none; default
             10% of the training set, at most 5000).
         calib_size: training images kept aside as the quantization calibration subset.
@@ -82,7 +85,38 @@ class DataConfig(BaseModel):
     train_limit: int | None = Field(default=None, gt=0)
     test_limit: int | None = Field(default=None, gt=0)
     num_workers: int = Field(default=2, ge=0)
-    seed: int = 0
+    # What torch.Generator.manual_seed takes (more raised a ValueError from deep inside).
+    seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _bounded_workers(cls, workers: int) -> int:
+        # Each worker is a process holding its own batches: thousands would exhaust the
+        # machine before a single image is decoded.
+        limit = max(64, 2 * (os.cpu_count() or 1))
+        if workers > limit:
+            raise ValueError(f"data.num_workers {workers:,} is more than {limit} (twice the "
+                             "cores here, at least 64); decoding processes beyond the cores "
+                             "only wait: lower it")
+        return workers
+
+    @field_validator("image_size")
+    @classmethod
+    def _bounded_image_size(cls, size: int | None) -> int | None:
+        # Every batch is images x channels x size^2 floats: 4096 at the default batch of
+        # 256 asked for 51 GB. check_image_size raises UserError, which pydantic passes on.
+        return size if size is None else check_image_size(size)
+
+
+def check_eval_batch(cfg: DataConfig, info: DatasetInfo, largest_split: int) -> None:
+    """Refuse ``cfg.batch_size`` if one evaluation batch of ``info``'s images would pass
+    ``NETSHRINK_MAX_BATCH_BYTES`` (a split smaller than the batch makes a smaller one).
+
+    Raises:
+        UserError: naming ``data.batch_size`` and the fix.
+    """
+    check_batch("data.batch_size", cfg.batch_size, largest=largest_split,
+                channels=info.in_channels, size=info.image_size)
 
 
 def split_indices(
@@ -136,6 +170,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
     limit = cfg.train_limit
     train_images, train_labels = raw.train_images[:limit], raw.train_labels[:limit]
     test_images, test_labels = raw.test_images[: cfg.test_limit], raw.test_labels[: cfg.test_limit]
+    check_eval_batch(cfg, info, max(len(train_images), len(test_images)))
     full = split(train_images, train_labels)
     train_idx, val_idx, calib_idx = split_indices(len(full), cfg.val_size, cfg.calib_size,
                                                   cfg.seed)

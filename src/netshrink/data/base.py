@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from netshrink.data.bounds import check_batch
+
 Batch = tuple[Tensor, Tensor]
 
 
@@ -130,9 +132,21 @@ class ArraySplit:
             x = torch.where(flip.view(m, 1, 1, 1), x.flip(-1), x)
         return x
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse a batch size whose float batches would pass ``NETSHRINK_MAX_BATCH_BYTES``
+        (the last wall: recipes and commands check their own batch sizes first).
+
+        Raises:
+            UserError: naming the batch size and the fix.
+        """
+        _, channels, h, w = self.images.shape
+        check_batch("batch_size", batch_size, largest=len(self), channels=int(channels),
+                    size=self.image_size or int(max(h, w)))
+
     def batches(
         self, batch_size: int, *, shuffle: bool = False, augment: bool = False, seed: int = 0
     ) -> Iterator[Batch]:
+        self.check_batch_size(batch_size)
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
@@ -149,6 +163,7 @@ class ArraySplit:
         """Rank ``rank`` of ``size``'s share of each batch ``batches`` yields (the same
         images, augmented the same way), with the whole batch's size: data-parallel
         training loads only its own share."""
+        self.check_batch_size(-(-batch_size // size))  # this rank's share
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self), generator=gen) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,8 +33,14 @@ _PIXELS = 3 * 32 * 32
 _DOWNLOAD_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
-# What one CIFAR file may be: the largest real one (CIFAR-100's train.bin) is 154 MB.
-MAX_CIFAR_BYTES = 1 << 30
+# What one CIFAR file may be: the largest real ones (CIFAR-100's train and train.bin)
+# are 155 MB.
+MAX_CIFAR_BYTES = 256 << 20
+# Opcodes one pickle may run. Each can make the pure-Python unpickler hold a new object
+# (a 1-byte EMPTY_LIST or MARK is a 56-byte list), so a file of a few hundred MB of them
+# would take gigabytes; CIFAR-100's train file, the largest, runs about 200,000 (also
+# when re-saved by Python 3, which memoizes each string as its own opcode).
+MAX_PICKLE_OPS = 1 << 19
 MAX_NAMES_BYTES = 1 << 20
 _ALLOWED_KINDS = frozenset("biuf")  # numeric arrays only: no objects, strings or voids
 _KEY_TYPES = (str, bytes)  # CIFAR dicts are keyed by names, nothing else
@@ -74,6 +80,14 @@ def _dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
     return dt
 
 
+def _counted(op: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``op``, an unpickler's handler of one opcode, counting the opcode first."""
+    def step(unpickler: Any) -> None:
+        unpickler._count()
+        op(unpickler)
+    return step
+
+
 class _ArrayOnlyUnpickler(pickle._Unpickler):  # the pure-Python one: its steps can be checked
     """An unpickler that can rebuild dicts, lists, numbers, strings and numpy arrays only.
 
@@ -93,6 +107,7 @@ class _ArrayOnlyUnpickler(pickle._Unpickler):  # the pure-Python one: its steps 
         super().__init__(file, encoding="bytes")
         self._path = path
         self._budget = limit  # array bytes left to build: all arrays together fit the file
+        self._ops = 0
         self._allowed = {
             ("numpy.core.multiarray", "_reconstruct"): self._reconstruct,
             ("numpy._core.multiarray", "_reconstruct"): self._reconstruct,
@@ -202,6 +217,17 @@ class _ArrayOnlyUnpickler(pickle._Unpickler):  # the pure-Python one: its steps 
     for _op in (pickle.ADDITEMS, pickle.FROZENSET, pickle.EMPTY_SET):
         dispatch[_op[0]] = _refuse_sets
     del _op
+
+    def _count(self) -> None:
+        self._ops += 1
+        if self._ops > MAX_PICKLE_OPS:
+            raise pickle.UnpicklingError(f"more than {MAX_PICKLE_OPS:,} pickle operations, "
+                                         "far more than a CIFAR batch holds")
+
+    # Every opcode counts (the loop in ``load`` looks each one up here), so what the
+    # unpickler holds is bounded by the file's bytes plus a few dozen bytes an opcode.
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = {
+        code: _counted(op) for code, op in dispatch.items()}
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -440,14 +466,16 @@ def _read(root: Path, layout: _Layout) -> RawArrays:
                 f"{folder}: {split} labels outside 0..{layout.num_classes - 1}; "
                 f"these are not {layout.title} files"
             )
-    # np.fromfile / unpickled arrays may be read-only or views; torch wants its own copy.
-    return RawArrays(
-        torch.from_numpy(np.ascontiguousarray(train[0]).copy()),
-        torch.from_numpy(train[1]),
-        torch.from_numpy(np.ascontiguousarray(test[0]).copy()),
-        torch.from_numpy(test[1]),
-        names,
-    )
+    return RawArrays(_tensor(train[0]), torch.from_numpy(train[1]), _tensor(test[0]),
+                     torch.from_numpy(test[1]), names)
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    """``images`` as a tensor of its own memory: arrays over a file's bytes are read-only
+    views and torch wants writable ones, but a second copy of an array that already is
+    one (a concatenation) would double the peak for nothing."""
+    images = np.ascontiguousarray(images)
+    return torch.from_numpy(images if images.flags.writeable else images.copy())
 
 
 def read_cifar10(root: Path) -> RawArrays:

@@ -35,6 +35,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from netshrink.data.base import Batch, DataBundle, DatasetInfo, shard_rows
+from netshrink.data.bounds import (
+    check_batch,
+    check_image_shape,
+    max_classes,
+    max_image_files,
+    max_image_pixels,
+    raise_hint,
+)
 from netshrink.errors import UserError
 from netshrink.limits import open_regular
 
@@ -48,10 +56,6 @@ _LAYOUT = (
     "expected root/train/<class>/<images> and root/val/<class>/<images> "
     "(jpg, png, ...; one folder per class, the same class folders in both)"
 )
-# The largest image we decode: 8192 x 8192 (a 200 MB RGB array). Pillow's own guard
-# (Image.MAX_IMAGE_PIXELS, 89 M pixels, a warning below twice that) is left as it is for
-# other code; ``open_image`` applies this stricter one to dataset and predict images.
-MAX_IMAGE_PIXELS = 8192 * 8192
 # The decoders an image file may use: those of IMAGE_EXTENSIONS (MPO is how Pillow names
 # many cameras' JPEGs). Pillow picks a decoder by content, not by name, and some of its
 # others are large attack surfaces or call out to programs (EPS runs Ghostscript).
@@ -74,26 +78,41 @@ def _brief(exc: BaseException) -> str:
 
 
 @contextmanager
+def _quiet() -> Iterator[None]:
+    """Pillow's warnings silenced: they would be lines on stderr beside the one a bad
+    file gets (or noise where the file decodes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextmanager
 def open_image(path: Path) -> Iterator[Image.Image]:
     """Open an image file lazily (header read, pixels not yet decoded), within bounds.
 
     Only a regular file is opened (a named pipe would block), only with the decoders of
-    ``IMAGE_FORMATS``, and only if it has at most ``MAX_IMAGE_PIXELS`` pixels; Pillow's
-    decompression-bomb warning becomes this refusal rather than a line on stderr.
+    ``IMAGE_FORMATS``, and only if its header's width and height pass
+    ``netshrink.data.bounds.check_image_shape`` (pixel count and aspect ratio), so nothing
+    a crafted header claims is ever decoded or resized. Pillow's decompression-bomb
+    warning is left to that check (its threshold is below ours); Pillow's own refusal,
+    at twice its threshold, becomes the same one-line error.
 
     Raises:
-        UserError: missing, not a regular file, not an image of those formats, too large,
-            or a header Pillow cannot read; the message names the file and the fix.
+        UserError: missing, not a regular file, not an image of those formats, too large
+            or too long, or a header Pillow cannot read; the message names the file and
+            the fix.
     """
     with open_regular(path, "image") as f:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with _quiet():
                 img = Image.open(f, formats=_formats())
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except Image.DecompressionBombError as exc:
+            # Pillow's own refusal (past twice PIL.Image.MAX_IMAGE_PIXELS), above our
+            # default bound: raising NETSHRINK_MAX_IMAGE_PIXELS cannot pass it.
             raise UserError(f"{path}: image too large to decode safely ({_brief(exc)}); "
-                            f"netshrink decodes at most {MAX_IMAGE_PIXELS:,} pixels: resize "
-                            "or remove the file") from None
+                            f"netshrink decodes at most {max_image_pixels():,} pixels and "
+                            "Pillow refuses this one whatever that bound says: resize or "
+                            "remove the file") from None
         except UnidentifiedImageError:
             raise UserError(f"{path}: not an image netshrink reads (formats: "
                             f"{', '.join(IMAGE_FORMATS)}); delete or replace the "
@@ -103,12 +122,31 @@ def open_image(path: Path) -> Iterator[Image.Image]:
                             f"{_brief(exc)}); delete or replace the file (formats read: "
                             f"{', '.join(IMAGE_FORMATS)})") from None
         with img:
-            w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
-                raise UserError(f"{path}: image of {w} x {h} pixels; netshrink decodes at "
-                                f"most {MAX_IMAGE_PIXELS:,} pixels (8192 x 8192): resize "
-                                "or remove the file")
+            why = check_image_shape(*img.size)
+            if why is not None:
+                raise UserError(f"{path}: {why}")
             yield img
+
+
+def decode(opened: Image.Image, mode: str, path: Path) -> Image.Image:
+    """The pixels of ``opened`` (from ``open_image``) in ``mode`` (``"RGB"`` or ``"L"``).
+
+    An image already in ``mode`` is decoded in place rather than converted, since
+    ``convert`` to the same mode copies it: half the memory for a large photo. Use the
+    result inside ``open_image``'s block.
+
+    Raises:
+        UserError: the pixel data is damaged (Pillow reports that with many exception
+            types: OSError, SyntaxError, ValueError, ...).
+    """
+    try:
+        with _quiet():
+            img = opened if opened.mode == mode else opened.convert(mode)
+            img.load()
+    except Exception as exc:
+        raise UserError(f"{path}: cannot decode image ({type(exc).__name__}: {_brief(exc)}); "
+                        "delete or replace the file") from None
+    return img
 
 
 def check_image(path: Path) -> None:
@@ -120,7 +158,8 @@ def check_image(path: Path) -> None:
     """
     with open_image(path) as img:
         try:
-            img.verify()
+            with _quiet():
+                img.verify()
         except Exception as exc:
             raise UserError(f"{path}: damaged image ({type(exc).__name__}: {_brief(exc)}); "
                             "delete or replace the file") from None
@@ -142,29 +181,43 @@ def check_image_files(files: Iterable[Path]) -> int:
 # --------------------------------------------------------------------------- transforms
 
 
-def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size``, keeping the aspect ratio (bilinear)."""
-    w, h = img.size
-    if min(w, h) == size:
-        return img
-    if w <= h:
-        new_w, new_h = size, max(1, int(size * h / w))
-    else:
-        new_w, new_h = max(1, int(size * w / h)), size
-    return img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Crop the central ``size`` x ``size`` square (the image must be at least that big)."""
-    w, h = img.size
-    top = round((h - size) / 2.0)
-    left = round((w - size) / 2.0)
-    return img.crop((left, top, left + size, top + size))
-
-
 def eval_transform(img: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to ``round(size * 256 / 224)``, then centre-crop ``size``."""
-    return center_crop(resize_shorter(img, round(size * 256 / 224)), size)
+    w, h = img.size
+    short = round(size * 256 / 224)
+    if w <= h:
+        new_w, new_h = short, max(1, int(short * h / w))
+    else:
+        new_w, new_h = max(1, int(short * w / h)), short
+    top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+    return resize_crop(img, (new_w, new_h), (left, top), size)
+
+
+# Above this many pixels, the resized image is never made whole (see ``resize_crop``).
+_WHOLE_RESIZE_PIXELS = 1 << 22
+
+
+def resize_crop(img: Image.Image, resized: tuple[int, int], corner: tuple[int, int],
+                size: int) -> Image.Image:
+    """The ``size`` x ``size`` square at ``corner`` (left, top) of ``img`` resized to
+    ``resized`` (bilinear).
+
+    An image within the aspect bound can still resize to a long strip (50:1 at the
+    largest image size is hundreds of MB), so when the resized image would be large only
+    the crop's box is resized: Pillow places each output pixel's filter at the same
+    source position either way, so the two agree to a level or two of rounding. Ordinary
+    images keep the whole resize, bit for bit what they always gave.
+    """
+    w, h = img.size
+    new_w, new_h = resized
+    left, top = corner
+    if new_w * new_h <= max(_WHOLE_RESIZE_PIXELS, 4 * size * size):
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        return img.crop((left, top, left + size, top + size))
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
 def random_resized_crop(
@@ -253,19 +306,15 @@ class _ImageDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int] | _Failure:
         index, seed = key
-        path = self.files[index]
         try:
-            with open_image(path) as opened:
-                img = opened.convert(self.mode)  # convert() forces the full decode here
+            with open_image(self.files[index]) as opened:
+                # Transformed while the decoded image is open: no copy of a large image.
+                img = decode(opened, self.mode, self.files[index])
+                return self._transform(img, seed), int(self.labels[index])
         except UserError as exc:
             return _Failure(str(exc))
-        except Exception as exc:
-            # Pillow reports bad files with many exception types (OSError, SyntaxError,
-            # ValueError, ...); any of them means this file is bad.
-            return _Failure(
-                f"{path}: cannot decode image ({type(exc).__name__}: {_brief(exc)}); "
-                "delete or replace the file"
-            )
+
+    def _transform(self, img: Image.Image, seed: int) -> Tensor:
         if seed < 0:
             img = eval_transform(img, self.image_size)
         else:
@@ -273,7 +322,7 @@ class _ImageDataset(Dataset):
             img = random_resized_crop(img, self.image_size, gen)
             if float(torch.rand((), generator=gen)) < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img, self.mean, self.std), int(self.labels[index])
+        return to_tensor(img, self.mean, self.std)
 
 
 def _collate(items: list[tuple[Tensor, int] | _Failure]) -> Batch | _Failure:
@@ -347,6 +396,16 @@ class FileSplit:
             seeds = [-1] * n
         return list(zip(order.tolist(), seeds, strict=True))
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse a batch size whose float batches would pass ``NETSHRINK_MAX_BATCH_BYTES``
+        (the last wall: recipes and commands check their own batch sizes first).
+
+        Raises:
+            UserError: naming the batch size and the fix.
+        """
+        check_batch("batch_size", batch_size, largest=len(self),
+                    channels=3 if self.mode == "RGB" else 1, size=self.image_size)
+
     def _loader(self, seed: int, **batching: Any) -> Iterator[Batch]:
         dataset = _ImageDataset(self.files, self.labels, self.image_size, self.mode,
                                 self.mean, self.std)
@@ -372,6 +431,7 @@ class FileSplit:
         Raises:
             UserError: an image cannot be decoded (the message names the file).
         """
+        self.check_batch_size(batch_size)
         keys = self._keys(shuffle=shuffle, augment=augment, seed=seed)
         yield from self._loader(seed, batch_size=batch_size, sampler=keys)
 
@@ -386,6 +446,7 @@ class FileSplit:
         Raises:
             UserError: an image cannot be decoded (the message names the file).
         """
+        self.check_batch_size(-(-batch_size // size))  # this rank's share
         keys = self._keys(shuffle=shuffle, augment=augment, seed=seed)
         groups = [keys[start : start + batch_size] for start in range(0, len(keys), batch_size)]
         shares = [group[shard_rows(len(group), rank, size)] for group in groups]
@@ -421,17 +482,35 @@ def _inside(path: Path, root: str) -> str:
     return real
 
 
-def _scan(folder: Path) -> list[os.DirEntry]:
+def _scan(folder: Path, limit: int, what: str, hint: str) -> list[os.DirEntry]:
+    """The visible entries of ``folder``, sorted by name; at most ``limit`` of them.
+
+    Counted while listing, so a folder of millions of entries is refused after ``limit``
+    rather than held in memory whole.
+
+    Raises:
+        UserError: the folder cannot be listed, or holds more than ``limit`` entries
+            (``what`` names them in the message, ``hint`` says how to raise the bound).
+    """
+    entries: list[os.DirEntry] = []
     try:
         with os.scandir(folder) as it:
-            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                if len(entries) >= limit:
+                    raise UserError(f"{folder}: more than {limit:,} {what}; this is not a "
+                                    f"dataset netshrink reads: {hint}")
+                entries.append(entry)
     except OSError as exc:
         raise UserError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    return sorted(entries, key=lambda e: e.name)
 
 
 def _class_folders(folder: Path, root: str) -> list[str]:
     names = []
-    for entry in _scan(folder):
+    for entry in _scan(folder, max_classes(), "class folders",
+                       raise_hint("NETSHRINK_MAX_CLASSES")):
         if entry.is_symlink():
             if os.path.isdir(_inside(Path(entry.path), root)):
                 names.append(entry.name)
@@ -452,6 +531,7 @@ def _image_files(folder: Path, root: str) -> list[Path]:
     forks that are not images. The order is ``os.walk``'s: a folder's files, then its
     subfolders, each sorted.
     """
+    limit, hint = max_image_files(), raise_hint("NETSHRINK_MAX_IMAGE_FILES")
     found: list[Path] = []
     visited: set[str] = set()
     stack = [(folder, _inside(folder, root))]
@@ -461,7 +541,7 @@ def _image_files(folder: Path, root: str) -> list[Path]:
             continue  # a second link to a folder already read: its images count once
         visited.add(real)
         subfolders = []
-        for entry in _scan(here):
+        for entry in _scan(here, limit, "entries", hint):
             path = Path(entry.path)
             is_image = Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
             if entry.is_symlink():
@@ -484,6 +564,9 @@ def _image_files(folder: Path, root: str) -> list[Path]:
                     raise UserError(f"{path}: not a regular file (a named pipe, device or "
                                     "socket); remove it from the dataset")
                 found.append(path)
+        if len(found) + len(visited) > limit:
+            raise UserError(f"{folder}: more than {limit:,} image files and folders; this "
+                            f"is not a dataset netshrink reads: {hint}")
         stack.extend(reversed(subfolders))
     return found
 
@@ -529,6 +612,10 @@ def scan_image_folder(
             raise UserError(f"{folder / name}: class folder has no images; {_LAYOUT}")
         files.extend(images)
         labels.extend([label] * len(images))
+        if len(files) > max_image_files():
+            raise UserError(f"{folder}: more than {max_image_files():,} image files; "
+                            f"this is not a dataset netshrink reads: "
+                            f"{raise_hint('NETSHRINK_MAX_IMAGE_FILES')}")
     if not files:
         raise UserError(f"{folder}: no images found; {_LAYOUT}")
     return files, torch.tensor(labels, dtype=torch.int64), found
@@ -562,7 +649,7 @@ def build_image_folder(cfg: DataConfig, root: Path | None, spec: DatasetSpec) ->
         UserError: no root given, missing folders, mismatched classes, no images, or
             ``val_size`` too large.
     """
-    from netshrink.data import split_indices
+    from netshrink.data import check_eval_batch, split_indices
 
     if root is None:
         raise UserError(f"the imagefolder dataset needs a folder: pass --data-dir; {_LAYOUT}")
@@ -593,11 +680,13 @@ def build_image_folder(cfg: DataConfig, root: Path | None, spec: DatasetSpec) ->
         mean=spec.mean,
         std=spec.std,
     )
+    test = split(test_files, test_labels, cfg.test_limit)
+    check_eval_batch(cfg, info, max(len(full), len(test)))
     return DataBundle(
         info=info,
         train=full.subset(train_idx),
         val=full.subset(val_idx) if len(val_idx) else None,
-        test=split(test_files, test_labels, cfg.test_limit),
+        test=test,
         calib=full.subset(calib_idx),
     )
 
@@ -607,9 +696,10 @@ def check_image_folder(root: Path) -> int:
 
     Scans ``root/train`` and ``root/val`` as ``build_image_folder`` does (same layout and
     link rules) and checks each image with ``check_image``: a regular file, a format
-    netshrink decodes, at most ``MAX_IMAGE_PIXELS`` pixels, and a structure Pillow's
-    ``verify`` accepts. It reads headers and (for PNG) checksums, not pixels: a file
-    damaged inside its compressed pixel data can still fail when it is decoded.
+    netshrink decodes, a width and height within the pixel and aspect bounds of
+    ``netshrink.data.bounds``, and a structure Pillow's ``verify`` accepts. It reads
+    headers and (for PNG) checksums, not pixels: a file damaged inside its compressed
+    pixel data can still fail when it is decoded.
 
     Args:
         root: the folder holding ``train/`` and ``val/``.

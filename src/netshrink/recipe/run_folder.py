@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from netshrink.data import DataBundle
+from netshrink.data.bounds import check_config_batches
 from netshrink.errors import UserError
 from netshrink.recipe.keys import config_files
 from netshrink.recipe.schema import Recipe, StageEntry
@@ -130,8 +131,11 @@ class RunFolder:
             inputs.append(("model.weights", self.recipe.model.weights))
         if self.recipe.data.root is not None:
             inputs.append(("data.root", self.recipe.data.root))
+        largest = max(len(data.train), len(data.test))
         for i, entry in enumerate(entries):
             where = f"stages[{i}] ({entry.name})"
+            check_config_batches(entry.config, where, channels=data.info.in_channels,
+                                 size=data.info.image_size, largest=largest)
             for path in config_files(entry.config):
                 inputs.append((f"{where}: file", path))
                 if not path.is_file():
