@@ -173,9 +173,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise
         model, label = opened.module, opened.spec.arch if opened.spec else opened.kind
         print(f"{args.weights}: {opened.describe()}, {opened.size_bytes / 1e6:,.2f} MB on disk")
-        if not opened.info:
-            print(f"netshrink: note: {args.weights} carries no netshrink metadata: its "
-                  "parameters are counted from its weights, MACs unknown", file=sys.stderr)
     else:
         if args.runtime is not None:
             raise UserError("--runtime chooses where a model file runs; pass --weights")
@@ -205,6 +202,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if opened is not None:
             opened.close()
     _bench_summary(results)
+    if opened is not None and not opened.info:  # after: an error stays the only line
+        print(f"netshrink: note: {args.weights} carries no netshrink metadata: its "
+              "parameters are counted from its weights, MACs unknown", file=sys.stderr)
     if args.json is not None:
         from netshrink.store.atomic import atomic_write_text
 
