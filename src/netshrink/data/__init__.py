@@ -26,6 +26,7 @@ from netshrink.data.base import (
     shard_rows,
 )
 from netshrink.errors import UserError
+from netshrink.limits import MAX_SEED
 from netshrink.registry import Registry
 
 __all__ = [
@@ -82,7 +83,7 @@ class DataConfig(BaseModel):
     train_limit: int | None = Field(default=None, gt=0)
     test_limit: int | None = Field(default=None, gt=0)
     num_workers: int = Field(default=2, ge=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
 def split_indices(
