@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from pathlib import Path
@@ -224,7 +225,9 @@ def _check_shell(fn: Callable[..., Any], kwargs: dict[str, Any], factory: str,
     """
     yours = f"pass them yourself: load(path, trust={{{factory!r}: {{...}}}})"
     try:
-        with torch.device("meta"):
+        # Its warnings (a zero-width layer's init) come again from the real build.
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             shell = _call(fn, kwargs, factory, path)
     except NotImplementedError as exc:
         raise UserError(f"{path}: {factory} does not build on the meta device ({exc}), so "

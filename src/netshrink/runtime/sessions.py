@@ -176,8 +176,9 @@ def _onnxruntime(path: Path, *, threads: int, stats: ModelStats, precision: str 
         try:
             return session.run(None, {name: x})[0]
         except errors as exc:  # a graph that loads but cannot run on what it is given
-            raise UserError(f"{path}: ONNX Runtime cannot run it on a "
-                            f"{'x'.join(map(str, x.shape))} {x.dtype} input: "
+            shape = "x".join(map(str, getattr(x, "shape", ()))) or "scalar"
+            raise UserError(f"{path}: ONNX Runtime cannot run it on a {shape} "
+                            f"{getattr(x, 'dtype', type(x).__name__)} input: "
                             f"{_brief(exc)}") from None
 
     return RuntimeModule(run, runtime="onnxruntime", precision=recorded, stats=stats)
