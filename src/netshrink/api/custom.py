@@ -118,7 +118,7 @@ def load_custom(path: Path, state: dict[str, Tensor], header: dict[str, str],
         raise UserError(f"{path}: unreadable meta ({exc})") from None
     _check_custom_meta(meta, path)
     chosen = isinstance(trust, Mapping)
-    kwargs = (_caller_kwargs(trust[factory], factory) if isinstance(trust, Mapping)
+    kwargs = (_caller_kwargs(trust[factory], factory) if isinstance(trust, Mapping)  # yours
               else _file_kwargs(header.get("factory_kwargs", "{}"), factory, path))
     module_name, function = factory.split(":")
     try:

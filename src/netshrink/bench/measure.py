@@ -88,8 +88,8 @@ def steadiest(time_once: Callable[[], Latency], retries: int) -> Latency:
     return best.model_copy(update={"attempts": attempts})
 
 
-def largest_activation(model: nn.Module, shape: list[int]) -> int:
-    """Bytes of the largest tensor one ``shape`` image makes ``model`` compute, its input
+def activation_bytes(model: nn.Module, shape: list[int]) -> int:
+    """Bytes of activations one ``shape`` image makes ``model`` hold at once, its input
     included, known before measuring allocates any (``models.footprint``).
 
     A torch model runs on the ``meta`` device; a runtime's session carries what its file
@@ -153,14 +153,14 @@ def measure(
         quantized kernels it has no formula for).
 
     Raises:
-        UserError: a bad shape, device or missing ``file``; or a model whose largest
-            activation at ``options.batch_size`` (or the accuracy batch) would take more
-            than ``models.footprint`` allows, refused before any input is made.
+        UserError: a bad shape, device or missing ``file``; or a model whose activations
+            at ``options.batch_size`` (or the accuracy batch) would take more than
+            ``models.footprint`` allows, refused before any input is made.
     """
     opts = options or MeasureOptions()
     shape = check_input_shape(input_shape)
     batches = [opts.batch_size] + ([opts.eval_batch_size or opts.batch_size] if data else [])
-    check_activation(largest_activation(model, shape), max(batches),
+    check_activation(activation_bytes(model, shape), max(batches),
                      str(file) if file is not None else f"{type(model).__name__} model")
     env = environment(device=opts.device, threads=opts.threads, seed=opts.seed)
     dev = resolve_device(opts.device)

@@ -123,7 +123,7 @@ def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from netshrink.bench.measure import largest_activation
+    from netshrink.bench.measure import activation_bytes
     from netshrink.models import ModelSpec, build_model
     from netshrink.models.footprint import check_activation
     from netshrink.store.checkpoint import MAX_CLASSES, MAX_IN_CHANNELS
@@ -187,7 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         spec = ModelSpec(arch=args.arch, stem=args.stem, num_classes=args.num_classes,
                          in_channels=shape[0])
         with torch.device("meta"):  # its activations are checked before it is built
-            check_activation(largest_activation(build_model(spec), shape), batch_size,
+            check_activation(activation_bytes(build_model(spec), shape), batch_size,
                              f"--arch {args.arch} on {'x'.join(map(str, shape))} images")
         model, label = build_model(spec).eval(), spec.arch
     if execution is not None:

@@ -64,9 +64,10 @@ class OpenedModel:
         device: where ``module`` runs.
         files: every file the model consists of (an IR's ``.xml`` and ``.bin``).
         info: whether the file carries netshrink's metadata (meta and counts).
-        activation_bytes: bytes of the largest tensor one ``input_shape`` image makes it
-            compute, its input included (``models.footprint``), when known; checked at
-            batch 1 when the file is opened, and by ``check_batch`` at the batch it runs.
+        activation_bytes: bytes of activations one ``input_shape`` image makes it hold at
+            once, its input included (``models.footprint``), when known; checked at batch
+            1 (or its fixed batch) when the file is opened, and by ``check_batch`` at the
+            batch it runs with.
     """
 
     path: Path
@@ -101,7 +102,7 @@ class OpenedModel:
 
     def check_batch(self, batch: int, shape: Sequence[int] | None = None) -> None:
         """Refuse to run ``batch`` images of ``shape`` (default: the file's own input)
-        when its largest activation would take more than ``models.footprint`` allows.
+        when its activations would take more than ``models.footprint`` allows.
 
         A torch model is run on the ``meta`` device for another shape; a runtime's graph
         is known at its own input shape only, so for another one its input counts.
@@ -230,9 +231,9 @@ def _open_torch(path: Path, kind: Kind, *, device: str, runtime: str | None) -> 
 
 def torch_footprint(model: nn.Module, shape: Sequence[int], path: Path
                     ) -> tuple[int | None, int | None]:
-    """``(largest activation of one image in bytes, MACs)`` of a file's torch model, run
-    on the ``meta`` device (``models.footprint.meta_forward``); None, None when it has
-    an op without a meta kernel.
+    """``(bytes of activations one image makes it hold at once, MACs)`` of a file's torch
+    model, run on the ``meta`` device (``models.footprint.meta_forward``); None, None
+    when it has an op without a meta kernel.
 
     Raises:
         UserError: its layers do not run on ``shape`` images (a file's widths that do not
@@ -400,12 +401,12 @@ def _onnx_peak(graph: Any) -> int | None:
 
 
 def onnx_footprint(model: Any) -> int | None:
-    """Bytes of activations one image makes an ONNX graph hold at once, its input
-    included (``_live_peak`` over its nodes): ONNX shape inference with the first
-    input's batch dimension set to 1, on a copy of the graph without its float weights
-    (a millisecond, not a copy of the whole model); None when no value's size is known
-    (an input of free height and width). Values whose size depends on a free dimension
-    count 0.
+    """Bytes of activations an ONNX graph holds at once, its input included
+    (``_live_peak`` over its nodes), for one image (a free batch dimension is set to 1;
+    a fixed one stays): ONNX shape inference on a copy of the graph without its float
+    weights (a millisecond, not a copy of the whole model). None when no value's size
+    is known (an input of free height and width); values whose size depends on a free
+    dimension count 0.
     """
     import onnx
     from onnx import TensorProto
@@ -435,11 +436,15 @@ def onnx_footprint(model: Any) -> int | None:
     return _onnx_peak(inferred.graph)
 
 
-def _with_input(per_image: int | None, shape: list[int] | None) -> int | None:
-    """The larger of a graph's largest value and the image it is given."""
+def _per_image(footprint: int | None, batch: int | None, shape: list[int] | None
+               ) -> int | None:
+    """A graph's activations for one image: its footprint (for its fixed ``batch`` when
+    it has one, else for one image), and never less than the image it is given."""
+    if footprint is not None and batch:
+        footprint = -(-footprint // batch)
     if shape is None:
-        return per_image
-    return max(per_image or 0, input_bytes(shape))
+        return footprint
+    return max(footprint or 0, input_bytes(shape))
 
 
 def _open_onnx(path: Path, kind: Kind, *, runtime: str | None, threads: int) -> OpenedModel:
@@ -460,8 +465,8 @@ def _open_onnx(path: Path, kind: Kind, *, runtime: str | None, threads: int) -> 
     input_shape = _image_shape(meta, spec.in_channels if spec else None) or shape
     # Before any session exists: ONNX Runtime and OpenVINO size their buffers by the
     # graph's shapes, and a run's input is as large as the file says.
-    per_image = _with_input(onnx_footprint(model), input_shape)
-    check_activation(per_image, 1, str(path))
+    per_image = _per_image(onnx_footprint(model), batch, input_shape)
+    check_activation(per_image, batch or 1, str(path))
     if stats is None:
         stats = _onnx_counts(model)
     stored = (info or {}).get("runtime")
@@ -528,8 +533,8 @@ def _open_ir(path: Path, *, runtime: str | None, threads: int) -> OpenedModel:
     shape, classes, batch = _shapes(_dims(raw), out_dims)
     input_shape = _image_shape(meta, spec.in_channels if spec else None) or shape
     # Before compiling: OpenVINO allocates a static graph's buffers when it compiles.
-    per_image = _with_input(_ir_footprint(model), input_shape)
-    check_activation(per_image, 1, str(path))
+    per_image = _per_image(_ir_footprint(model), batch, input_shape)
+    check_activation(per_image, batch or 1, str(path))
     if stats is None:
         stats = _ir_counts(model)
     quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
@@ -548,10 +553,11 @@ def _open_ir(path: Path, *, runtime: str | None, threads: int) -> OpenedModel:
 
 
 def _ir_footprint(model: Any) -> int | None:
-    """Bytes of activations one image makes an IR hold at once (``_live_peak`` over its
-    operations in order; weights excepted: they are the ``.bin`` itself). OpenVINO
-    infers every output's shape when it reads the model; a free batch dimension counts
-    as 1, an output with another free dimension counts 0. None when none is known."""
+    """Bytes of activations an IR holds at once (``_live_peak`` over its operations in
+    order; weights excepted: they are the ``.bin`` itself). OpenVINO infers every
+    output's shape when it reads the model; a free batch dimension counts as 1 (a fixed
+    one stays), an output with another free dimension counts 0. None when none is
+    known."""
     ops = model.get_ordered_ops()
     sizes: dict[str, int] = {}
     steps = []
