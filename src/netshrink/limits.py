@@ -25,6 +25,7 @@ from netshrink.errors import UserError
 __all__ = [
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
+    "MAX_SEED",
     "bounded_json",
     "check_regular",
     "element_count",
@@ -35,6 +36,9 @@ __all__ = [
 
 MAX_JSON_BYTES = 64 << 20  # JSON we parse from a file's header or metadata
 MAX_JSON_DEPTH = 64  # nesting levels; our own headers use fewer than ten
+# Seeds a recipe, a stage or a measurement may set: torch takes up to 2**64 - 1, numpy's
+# legacy generators less than 2**32; a run adds stage indices to its seed: 32 bits.
+MAX_SEED = 2**32 - 1
 
 _KINDS = (
     (stat.S_ISDIR, "a folder"),

@@ -92,6 +92,8 @@ def predict_files(
                             f"{meta.get('dataset', 'the dataset')} has {len(names)}; pass the "
                             "dataset it was trained on")
         channels = meta.get("in_channels") or (opened.spec.in_channels if opened.spec else 3)
+        opened.check_images(channels, meta["image_size"], batch=len(images),
+                            data=meta.get("dataset") or "the file's metadata")
         mean = torch.tensor(meta["mean"]).view(-1, 1, 1)
         std = torch.tensor(meta["std"]).view(-1, 1, 1)
         size = meta["image_size"]

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from netshrink.api.custom import CUSTOM_FORMAT, load_custom
+from netshrink.api.custom import CUSTOM_FORMAT, Trust, load_custom
 from netshrink.api.data import Data, as_split, batch_size_of, bundle, first_images
 from netshrink.api.result import Compressed
 from netshrink.bench import Measurement, MeasureOptions
@@ -386,7 +386,7 @@ def train_model(model: Model, data: Data, config: TrainConfig | None = None, *,
 
 def measure(model: Model | str | Path, *, data: Data | None = None,
             example_input: Tensor | None = None, options: MeasureOptions | None = None,
-            trust: tuple[str, ...] = ()) -> Measurement:
+            trust: Trust = ()) -> Measurement:
     """Size, params, non-zero params, MACs, latency p50/p90, throughput, memory and
     (with labelled ``data``) top-1/top-5 of a model, a result, or a file (any kind
     netshrink writes)."""
@@ -416,10 +416,14 @@ def export(model: Model, path: str | Path, *, example_input: Tensor | None = Non
                     precision="fp32", stats=model_stats(module, shape))
 
 
-def load(path: str | Path, *, trust: tuple[str, ...] | list[str] = ()) -> Compressed:
+def load(path: str | Path, *, trust: Trust = ()) -> Compressed:
     """Load any file netshrink writes (or a torchvision checkpoint): a netshrink model,
     a custom model saved with its factory (built only if ``trust`` names it), ONNX (float
     or INT8), OpenVINO IR, or a packed ``.nspk`` file — told apart by content.
+
+    ``trust`` names the factories a custom file may call: a list of names (the file's
+    own ``factory_kwargs`` are used, plain values within bounds, checked against its
+    weights before anything is built), or ``{name: kwargs}`` to call it with yours.
 
     Raises:
         UserError: an unknown kind, an unsafe or corrupt file, an untrusted factory.
@@ -432,10 +436,10 @@ def load(path: str | Path, *, trust: tuple[str, ...] | list[str] = ()) -> Compre
     if kind == "safetensors":
         state, header = read_state_dict(path)
         if header.get("format") == CUSTOM_FORMAT:
-            model, factory, meta = load_custom(path, state, header, tuple(trust))
+            model, factory, meta, kwargs = load_custom(path, state, header, trust)
             shape = _meta_shape(meta)
             return Compressed(model=model, input_shape=shape, factory=factory, meta=meta,
-                              factory_kwargs={}, notes=[f"loaded from {path}"])
+                              factory_kwargs=kwargs, notes=[f"loaded from {path}"])
     opened = open_model_file(path)
     meta = dict(opened.meta or {})
     in_torch = opened.runtime == "torch"

@@ -26,6 +26,7 @@ from netshrink.bench.timing import time_model as _time_model
 from netshrink.data.base import Split
 from netshrink.errors import UserError
 from netshrink.models.counting import check_input_shape, count_macs, count_params
+from netshrink.models.footprint import check_activation, input_bytes, meta_forward
 from netshrink.runtime.base import Executable
 from netshrink.runtime.torch_exec import cuda_flags
 
@@ -87,6 +88,23 @@ def steadiest(time_once: Callable[[], Latency], retries: int) -> Latency:
     return best.model_copy(update={"attempts": attempts})
 
 
+def activation_bytes(model: nn.Module, shape: list[int]) -> int:
+    """Bytes of activations one ``shape`` image makes ``model`` hold at once, its input
+    included, known before measuring allocates any (``models.footprint``).
+
+    A torch model runs on the ``meta`` device; a runtime's session carries what its file
+    said (``activation_bytes``, set by ``runtime.files``). Where neither tells (a model
+    with ops that have no meta kernel), the input is what is known.
+    """
+    known = input_bytes(shape)
+    if isinstance(model, Executable):
+        return max(known, getattr(model, "activation_bytes", None) or 0)
+    try:
+        return max(known, meta_forward(model, shape)[0])
+    except Exception:  # the caller's own model: measuring will show it
+        return known
+
+
 def measure(
     model: nn.Module,
     *,
@@ -135,10 +153,15 @@ def measure(
         quantized kernels it has no formula for).
 
     Raises:
-        UserError: a bad shape, device or missing ``file``.
+        UserError: a bad shape, device or missing ``file``; or a model whose activations
+            at ``options.batch_size`` (or the accuracy batch) would take more than
+            ``models.footprint`` allows, refused before any input is made.
     """
     opts = options or MeasureOptions()
     shape = check_input_shape(input_shape)
+    batches = [opts.batch_size] + ([opts.eval_batch_size or opts.batch_size] if data else [])
+    check_activation(activation_bytes(model, shape), max(batches),
+                     str(file) if file is not None else f"{type(model).__name__} model")
     env = environment(device=opts.device, threads=opts.threads, seed=opts.seed)
     dev = resolve_device(opts.device)
     rel_file, size_bytes = file_size(file, run_dir)

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from netshrink.limits import MAX_SEED
+
 __all__ = ["MeasureConfig", "MeasureOptions"]
 
 # Defaults sized so ResNet-18 (CIFAR stem, 32x32) measures in about 10-20 s on 2 busy
@@ -50,7 +52,7 @@ class MeasureOptions(BaseModel):
 
     device: str = "cpu"
     threads: int = Field(default=2, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     batch_size: int = Field(default=32, gt=0)
     eval_batch_size: int | None = Field(default=None, gt=0)
     max_eval_images: int | None = Field(default=None, gt=0)

@@ -68,6 +68,11 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
     else:
         cut = {"val_size": 0}
     size = meta.get("image_size") or (opened.input_shape[-1] if opened.input_shape else None)
+    batch = opened.fixed_batch or args.batch_size
+    if size is not None:  # before the data is read at that size
+        channels = (opened.input_shape[0] if opened.input_shape else
+                    opened.spec.in_channels if opened.spec else 3)
+        opened.check_images(channels, size, batch=batch, data=name)
     try:
         data_cfg = DataConfig(name=name, root=args.data_dir, image_size=size, **cut)
     except ValidationError as exc:
@@ -90,7 +95,8 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
     if split is None:
         raise UserError(f"{args.weights}: its run held out no validation images; use "
                         "--split test")
-    batch = opened.fixed_batch or args.batch_size
+    side = data.info.image_size
+    opened.check_images(data.info.in_channels, side, batch=batch, data=name)
     if batch > 1 and opened.fixed_batch and len(split) % batch:
         raise UserError(f"{args.weights}: the model takes batches of exactly {batch} images "
                         f"and the split has {len(split)}; export it with a dynamic batch "
@@ -115,8 +121,12 @@ def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
 
+    from netshrink.bench.measure import activation_bytes
     from netshrink.models import ModelSpec, build_model
+    from netshrink.models.footprint import check_activation
+    from netshrink.store.checkpoint import MAX_CLASSES, MAX_IN_CHANNELS
 
     if args.json is not None:
         # Checked before measuring: the benchmark takes minutes, the write a moment.
@@ -156,18 +166,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
             batch_size = opened.fixed_batch
             print(f"netshrink: note: {args.weights} takes batches of exactly {batch_size}; "
                   "throughput is timed at that batch", file=sys.stderr)
+        try:
+            opened.check_batch(batch_size, shape)
+        except UserError:
+            opened.close()
+            raise
         model, label = opened.module, opened.spec.arch if opened.spec else opened.kind
         print(f"{args.weights}: {opened.describe()}, {opened.size_bytes / 1e6:,.2f} MB on disk")
-        if not opened.info:
-            print(f"netshrink: note: {args.weights} carries no netshrink metadata: its "
-                  "parameters are counted from its weights, MACs unknown", file=sys.stderr)
     else:
         if args.runtime is not None:
             raise UserError("--runtime chooses where a model file runs; pass --weights")
         side = 32 if args.stem == "cifar" else 224
         shape = args.input or [3, side, side]
+        if not 1 <= args.num_classes <= MAX_CLASSES:
+            raise UserError(f"--num-classes {args.num_classes}: give a whole number from 1 to "
+                            f"{MAX_CLASSES:,} (the classes of a model netshrink builds)")
+        if shape[0] > MAX_IN_CHANNELS:
+            raise UserError(f"--input {'x'.join(map(str, shape))}: at most "
+                            f"{MAX_IN_CHANNELS} input channels")
         spec = ModelSpec(arch=args.arch, stem=args.stem, num_classes=args.num_classes,
                          in_channels=shape[0])
+        with torch.device("meta"):  # its activations are checked before it is built
+            check_activation(activation_bytes(build_model(spec), shape), batch_size,
+                             f"--arch {args.arch} on {'x'.join(map(str, shape))} images")
         model, label = build_model(spec).eval(), spec.arch
     if execution is not None:
         from netshrink.runtime.torch_exec import prepare_torch
@@ -181,6 +202,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if opened is not None:
             opened.close()
     _bench_summary(results)
+    if opened is not None and not opened.info:  # after: an error stays the only line
+        print(f"netshrink: note: {args.weights} carries no netshrink metadata: its "
+              "parameters are counted from its weights, MACs unknown", file=sys.stderr)
     if args.json is not None:
         from netshrink.store.atomic import atomic_write_text
 
@@ -297,7 +321,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default="resnet18", help="architecture, without --weights")
     p.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet",
                    help="stem of --arch")
-    p.add_argument("--num-classes", type=positive_int, default=1000,
+    p.add_argument("--num-classes", type=int, default=1000,  # checked: 1 to MAX_CLASSES
                    help="classes of --arch")
     p.add_argument("--weights", type=Path, metavar="MODEL",
                    help="measure this model file instead")

@@ -28,6 +28,7 @@ from netshrink.data.base import (
 )
 from netshrink.data.bounds import check_batch, check_image_size
 from netshrink.errors import UserError
+from netshrink.limits import MAX_SEED
 from netshrink.registry import Registry
 
 __all__ = [
@@ -85,8 +86,7 @@ class DataConfig(BaseModel):
     train_limit: int | None = Field(default=None, gt=0)
     test_limit: int | None = Field(default=None, gt=0)
     num_workers: int = Field(default=2, ge=0)
-    # What torch.Generator.manual_seed takes (more raised a ValueError from deep inside).
-    seed: int = Field(default=0, ge=-(2**63), le=2**64 - 1)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @field_validator("num_workers")
     @classmethod

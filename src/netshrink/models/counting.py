@@ -99,8 +99,12 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     CNN MAC figures (ResNet-18 at 224x224: 1.82 G). Ops without a registered formula,
     such as quantized kernels, count as zero.
 
-    The model runs once in eval mode under ``no_grad`` on a batch of one image (zeros) on
-    the device and in the dtype of its parameters; its modes are restored afterwards.
+    The model runs once in eval mode under ``no_grad`` on a batch of one image, on the
+    ``meta`` device (shapes only: nothing is computed or allocated, so an input a file
+    made huge costs nothing here; see ``models.footprint``); a model that cannot run
+    there (an op without a meta kernel, a hook holding real tensors) runs on a zero
+    image on the device and in the dtype of its parameters. Its modes are restored
+    afterwards.
 
     Args:
         model: the model.
@@ -113,6 +117,12 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
         UserError: ``input_shape`` is not three positive integers.
     """
     shape = check_input_shape(input_shape)
+    from netshrink.models.footprint import meta_forward
+
+    try:
+        return meta_forward(model, shape)[1]
+    except Exception:  # the real run below counts it, or raises for real
+        pass
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     x = torch.zeros(1, *shape, device=device, dtype=input_dtype(model))

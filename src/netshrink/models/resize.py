@@ -24,8 +24,9 @@ def resize_to_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     our subclass, with the same kernel, stride, padding, dilation and bias), features of
     ``nn.BatchNorm2d`` and ``nn.Linear``. A layer whose tensor is missing from ``state``
     or differs in anything but width (a conv's kernel size, the number of dimensions) is
-    left alone, so ``load_state_dict`` still reports it as a mismatch. The new layers'
-    values are placeholders until the state dict is loaded into them.
+    left alone, so ``load_state_dict`` still reports it as a mismatch; so is one the state
+    would leave without a channel (pruning keeps at least one). The new layers' values
+    are placeholders until the state dict is loaded into them.
 
     Args:
         model: the model built from the unpruned spec; changed in place.
@@ -61,6 +62,8 @@ def _conv(conv: nn.Conv2d, weight: Tensor | None) -> nn.Conv2d | None:
     if weight.ndim != 4 or weight.shape[2:] != old.shape[2:]:
         return None  # a different kernel is another architecture, not a pruned one
     out_channels = int(weight.shape[0])
+    if min(weight.shape) < 1:
+        return None  # pruning never removes every channel of a layer
     if conv.groups == 1:
         groups, in_channels = 1, int(weight.shape[1])
     elif conv.groups == conv.in_channels == conv.out_channels and weight.shape[1] == 1:
@@ -88,7 +91,7 @@ def _conv(conv: nn.Conv2d, weight: Tensor | None) -> nn.Conv2d | None:
 def _batchnorm(bn: nn.BatchNorm2d, state: dict[str, Tensor], prefix: str) -> nn.BatchNorm2d | None:
     # Without affine parameters the running mean is the only tensor that has the width.
     ref = state.get(prefix + "weight", state.get(prefix + "running_mean"))
-    if ref is None or ref.ndim != 1 or ref.shape[0] == bn.num_features:
+    if ref is None or ref.ndim != 1 or ref.shape[0] in (0, bn.num_features):
         return None
     own = bn.weight if bn.weight is not None else bn.running_mean
     return nn.BatchNorm2d(
@@ -104,7 +107,7 @@ def _batchnorm(bn: nn.BatchNorm2d, state: dict[str, Tensor], prefix: str) -> nn.
 
 def _linear(linear: nn.Linear, weight: Tensor | None) -> nn.Linear | None:
     old = linear.weight
-    if weight is None or weight.shape == old.shape or weight.ndim != 2:
+    if weight is None or weight.shape == old.shape or weight.ndim != 2 or 0 in weight.shape:
         return None
     return nn.Linear(
         int(weight.shape[1]),

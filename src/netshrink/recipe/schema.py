@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from netshrink.bench.options import MeasureConfig
 from netshrink.data import DataConfig
 from netshrink.errors import UserError
+from netshrink.limits import MAX_SEED
 from netshrink.stages.base import STAGES, load_builtin_stages
 from netshrink.stages.start import ModelSection
 from netshrink.store.layout import check_name
@@ -83,7 +84,7 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # auto: cuda when torch sees a GPU
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataConfig = Field(default_factory=DataConfig)

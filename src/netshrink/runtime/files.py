@@ -11,6 +11,7 @@ elsewhere opens too, and the fields it does not carry are None or empty.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.models.counting import count_params
+from netshrink.models.footprint import check_activation, input_bytes, meta_forward
 from netshrink.runtime.base import Executable, ModelStats, model_stats
 from netshrink.runtime.sessions import load_onnx, open_runtime, require
 from netshrink.store.checkpoint import check_meta, check_spec, load_model
@@ -62,6 +64,10 @@ class OpenedModel:
         device: where ``module`` runs.
         files: every file the model consists of (an IR's ``.xml`` and ``.bin``).
         info: whether the file carries netshrink's metadata (meta and counts).
+        activation_bytes: bytes of activations one ``input_shape`` image makes it hold at
+            once, its input included (``models.footprint``), when known; checked at batch
+            1 (or its fixed batch) when the file is opened, and by ``check_batch`` at the
+            batch it runs with.
     """
 
     path: Path
@@ -78,6 +84,7 @@ class OpenedModel:
     device: str = "cpu"
     files: list[Path] = field(default_factory=list)
     info: bool = False
+    activation_bytes: int | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -92,6 +99,49 @@ class OpenedModel:
         """Free a runtime's session now rather than at garbage collection."""
         if isinstance(self.module, Executable):
             self.module.close()
+
+    def check_batch(self, batch: int, shape: Sequence[int] | None = None) -> None:
+        """Refuse to run ``batch`` images of ``shape`` (default: the file's own input)
+        when its activations would take more than ``models.footprint`` allows.
+
+        A torch model is run on the ``meta`` device for another shape; a runtime's graph
+        is known at its own input shape only, so for another one its input counts.
+
+        Raises:
+            UserError: too large, or a torch model that cannot run on ``shape`` images.
+        """
+        shape = list(shape) if shape is not None else self.input_shape
+        if shape is None:
+            return
+        per_image = self.activation_bytes if shape == self.input_shape else None
+        if per_image is None:
+            per_image = input_bytes(shape)
+            if not isinstance(self.module, Executable):
+                per_image = torch_footprint(self.module, shape, self.path)[0] or per_image
+        check_activation(per_image, batch, str(self.path))
+
+    def check_images(self, channels: int, size: int, *, batch: int, data: str) -> None:
+        """Refuse ``batch`` square ``size``-pixel images of ``channels`` channels (what
+        ``data`` gives) when the model's fixed input differs or they would not fit.
+
+        Raises:
+            UserError: a non-square or other fixed input, other channels, or too large.
+        """
+        if self.input_shape is not None:
+            c, h, w = self.input_shape
+            if h != w:
+                raise UserError(f"{self.path}: the model takes {h}x{w} images and netshrink "
+                                f"feeds square ones ({data}: {size}x{size}); export it with "
+                                "a square input")
+            if c != channels:
+                raise UserError(f"{self.path}: the model takes {c}-channel images and {data} "
+                                f"gives {channels}-channel ones; use the dataset it was "
+                                "trained on (--data)")
+            if h != size:
+                raise UserError(f"{self.path}: the model takes {h}x{w} images and {data} "
+                                f"gives {size}x{size}; use the dataset it was trained on "
+                                "(--data)")
+        self.check_batch(batch, [channels, size, size])
 
 
 def open_model_file(
@@ -164,15 +214,40 @@ def _open_torch(path: Path, kind: Kind, *, device: str, runtime: str | None) -> 
     elif precision == "fp16" and torch.device(device).type == "cuda":
         model = model.half()
     shape = _image_shape(meta, spec.in_channels)
+    per_image = macs = None
     if shape is not None:
+        per_image, macs = torch_footprint(model, shape, path)
+        check_activation(per_image, 1, str(path))
+    if shape is not None and per_image is None:  # no meta kernels: counted on real data
         stats = model_stats(model, shape)
     else:
         params, nonzero = count_params(model)
-        stats = ModelStats(params=params, nonzero_params=nonzero, macs=None)
+        stats = ModelStats(params=params, nonzero_params=nonzero, macs=macs or None)
     return OpenedModel(path=path, kind=kind, module=model.eval(), runtime="torch",
                        precision=precision, meta=meta, spec=spec, stats=stats,
                        input_shape=shape, num_classes=spec.num_classes, device=device,
-                       files=[path], info=bool(meta))
+                       files=[path], info=bool(meta), activation_bytes=per_image)
+
+
+def torch_footprint(model: nn.Module, shape: Sequence[int], path: Path
+                    ) -> tuple[int | None, int | None]:
+    """``(bytes of activations one image makes it hold at once, MACs)`` of a file's torch
+    model, run on the ``meta`` device (``models.footprint.meta_forward``); None, None
+    when it has an op without a meta kernel.
+
+    Raises:
+        UserError: its layers do not run on ``shape`` images (a file's widths that do not
+            chain, an input too small for its downsampling).
+    """
+    try:
+        return meta_forward(model, shape)
+    except NotImplementedError:
+        return None, None
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        text = " ".join(str(exc).split())
+        raise UserError(f"{path}: the model does not run on {'x'.join(map(str, shape))} "
+                        f"images ({text[:200]}); the file's layers do not fit together, or "
+                        "its image size is too small for the model") from None
 
 
 # ---------------------------------------------------------------------------- runtimes
@@ -253,6 +328,125 @@ def _onnx_dims(value_info: Any) -> list[int | None]:
     return _dims([d.dim_value if d.HasField("dim_value") else None for d in dims])
 
 
+def _check_input_dims(name: str, dims: list[int | None], path: Path) -> None:
+    """Refuse an input with an empty dimension: no image has one, and every run fails.
+
+    A negative size is how some tools write a free one (ONNX Runtime reads it so), so
+    it stays free; None is a named (symbolic) dimension.
+
+    Raises:
+        UserError: a dimension of size 0.
+    """
+    if 0 in dims:
+        shown = "x".join("?" if d is None or d < 0 else str(d) for d in dims)
+        raise UserError(f"{path}: the model's input {name[:80]!r} is {shown}, with an empty "
+                        "dimension: no image fits it; export the model again")
+
+
+def _onnx_sizes(graph: Any) -> dict[str, int]:
+    """Bytes of each value of ``graph`` whose shape is fully known."""
+    from onnx import TensorProto, helper
+
+    sizes = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+        if (not tensor.HasField("shape") or any(d is None or d < 0 for d in dims)
+                or tensor.elem_type in (TensorProto.UNDEFINED, TensorProto.STRING)):
+            continue
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 8  # a type numpy lacks (float8, int4...): counted generously
+        count = 1
+        for d in dims:
+            count *= d
+        sizes[value.name] = count * itemsize
+    return sizes
+
+
+def _live_peak(steps: list[tuple[list[str], list[str]]], sizes: dict[str, int],
+               start: list[str], keep: set[str]) -> int:
+    """The most bytes held at once by values made and read in order: ``steps`` are
+    ``(what a step reads, what it makes)``; a value lives from the step that makes it
+    (``start``: from the beginning) to the last step that reads it, or to the end when
+    it is in ``keep`` (the outputs). Values of unknown size count 0."""
+    last = {}
+    for index, (reads, _) in enumerate(steps):
+        for name in reads:
+            last[name] = index
+    live = {name: sizes.get(name, 0) for name in start}
+    total = peak = sum(live.values())
+    for index, (reads, makes) in enumerate(steps):
+        for name in makes:
+            if name and name not in live:
+                live[name] = sizes.get(name, 0)
+                total += live[name]
+        peak = max(peak, total)
+        for name in reads:
+            if last.get(name) == index and name in live and name not in keep:
+                total -= live.pop(name)
+    return peak
+
+
+def _onnx_peak(graph: Any) -> int | None:
+    """Bytes of activations ``graph`` holds at once (weights and constants excepted:
+    they are the file itself), in its node order; None when no value's size is known."""
+    sizes = _onnx_sizes(graph)
+    if not sizes:
+        return None
+    steps = [([*node.input], [] if node.op_type == "Constant" else [*node.output])
+             for node in graph.node]
+    return _live_peak(steps, sizes, [graph.input[0].name], {o.name for o in graph.output})
+
+
+def onnx_footprint(model: Any) -> int | None:
+    """Bytes of activations an ONNX graph holds at once, its input included
+    (``_live_peak`` over its nodes), for one image (a free batch dimension is set to 1;
+    a fixed one stays): ONNX shape inference on a copy of the graph without its float
+    weights (a millisecond, not a copy of the whole model). None when no value's size
+    is known (an input of free height and width); values whose size depends on a free
+    dimension count 0.
+    """
+    import onnx
+    from onnx import TensorProto
+
+    probe = onnx.ModelProto()
+    probe.ir_version = model.ir_version
+    probe.opset_import.extend(model.opset_import)
+    probe.functions.extend(model.functions)
+    graph = probe.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        if init.data_type in (TensorProto.INT64, TensorProto.INT32):  # shapes, axes
+            graph.initializer.append(init)
+        else:  # only its type and dims matter to shape inference
+            graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    dims = graph.input[0].type.tensor_type.shape.dim
+    if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+        dims[0].Clear()
+        dims[0].dim_value = 1
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError,
+            RuntimeError, ValueError, TypeError):
+        inferred = probe  # the declared shapes (input and output) are all there is
+    return _onnx_peak(inferred.graph)
+
+
+def _per_image(footprint: int | None, batch: int | None, shape: list[int] | None
+               ) -> int | None:
+    """A graph's activations for one image: its footprint (for its fixed ``batch`` when
+    it has one, else for one image), and never less than the image it is given."""
+    if footprint is not None and batch:
+        footprint = -(-footprint // batch)
+    if shape is None:
+        return footprint
+    return max(footprint or 0, input_bytes(shape))
+
+
 def _open_onnx(path: Path, kind: Kind, *, runtime: str | None, threads: int) -> OpenedModel:
     if runtime == "torch":
         raise UserError(f"{path}: {DESCRIBED[kind]} holding an ONNX model runs in "
@@ -263,8 +457,16 @@ def _open_onnx(path: Path, kind: Kind, *, runtime: str | None, threads: int) -> 
         meta_only = packed_header(path).get("meta")
         info = {"meta": meta_only} if isinstance(meta_only, dict) and meta_only else None
     meta, spec, stats = _from_info(info, path)
-    shape, classes, batch = _shapes(_onnx_dims(model.graph.input[0]),
-                                    _onnx_dims(model.graph.output[0]))
+    graph_input = model.graph.input[0]
+    raw = graph_input.type.tensor_type.shape.dim
+    _check_input_dims(graph_input.name,
+                      [d.dim_value if d.HasField("dim_value") else None for d in raw], path)
+    shape, classes, batch = _shapes(_onnx_dims(graph_input), _onnx_dims(model.graph.output[0]))
+    input_shape = _image_shape(meta, spec.in_channels if spec else None) or shape
+    # Before any session exists: ONNX Runtime and OpenVINO size their buffers by the
+    # graph's shapes, and a run's input is as large as the file says.
+    per_image = _per_image(onnx_footprint(model), batch, input_shape)
+    check_activation(per_image, batch or 1, str(path))
     if stats is None:
         stats = _onnx_counts(model)
     stored = (info or {}).get("runtime")
@@ -272,12 +474,13 @@ def _open_onnx(path: Path, kind: Kind, *, runtime: str | None, threads: int) -> 
     hint = (info or {}).get("precision") if chosen == stored else None
     module = open_runtime(path, chosen, stats=stats, threads=threads, precision=hint)
     assert isinstance(module, Executable)
+    module.activation_bytes = per_image  # what bench.measure checks at its batch
     return OpenedModel(path=path, kind=kind, module=module, runtime=chosen,
                        precision=module.precision, meta=meta, spec=spec, stats=stats,
-                       input_shape=_image_shape(meta, spec.in_channels if spec else None)
-                       or shape,
+                       input_shape=input_shape,
                        num_classes=spec.num_classes if spec else classes, fixed_batch=batch,
-                       files=[path], info=info is not None and bool(meta or spec))
+                       files=[path], info=info is not None and bool(meta or spec),
+                       activation_bytes=per_image)
 
 
 def _ir_info(model: Any, path: Path) -> dict[str, Any] | None:
@@ -323,11 +526,15 @@ def _open_ir(path: Path, *, runtime: str | None, threads: int) -> OpenedModel:
                         f"{str(exc).splitlines()[0][:200]}") from None
     info = _ir_info(model, path)
     meta, spec, stats = _from_info(info, path)
-    in_dims = _dims([d.get_length() if d.is_static else None
-                     for d in model.inputs[0].get_partial_shape()])
+    raw = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
+    _check_input_dims(model.inputs[0].get_any_name(), raw, path)
     out_dims = _dims([d.get_length() if d.is_static else None
                       for d in model.outputs[0].get_partial_shape()])
-    shape, classes, batch = _shapes(in_dims, out_dims)
+    shape, classes, batch = _shapes(_dims(raw), out_dims)
+    input_shape = _image_shape(meta, spec.in_channels if spec else None) or shape
+    # Before compiling: OpenVINO allocates a static graph's buffers when it compiles.
+    per_image = _per_image(_ir_footprint(model), batch, input_shape)
+    check_activation(per_image, batch or 1, str(path))
     if stats is None:
         stats = _ir_counts(model)
     quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
@@ -335,11 +542,52 @@ def _open_ir(path: Path, *, runtime: str | None, threads: int) -> OpenedModel:
     del model
     module = open_runtime(path, "openvino", stats=stats, threads=threads, precision=hint)
     assert isinstance(module, Executable)
+    module.activation_bytes = per_image  # what bench.measure checks at its batch
     return OpenedModel(path=path, kind="openvino", module=module, runtime="openvino",
                        precision=module.precision, meta=meta, spec=spec, stats=stats,
-                       input_shape=_image_shape(meta, spec.in_channels if spec else None)
-                       or shape,
+                       input_shape=input_shape,
                        num_classes=spec.num_classes if spec else classes, fixed_batch=batch,
                        files=[path, path.with_suffix(".bin")],
-                       info=info is not None and bool(meta or spec))
+                       info=info is not None and bool(meta or spec),
+                       activation_bytes=per_image)
 
+
+def _ir_footprint(model: Any) -> int | None:
+    """Bytes of activations an IR holds at once (``_live_peak`` over its operations in
+    order; weights excepted: they are the ``.bin`` itself). OpenVINO infers every
+    output's shape when it reads the model; a free batch dimension counts as 1 (a fixed
+    one stays), an output with another free dimension counts 0. None when none is
+    known."""
+    ops = model.get_ordered_ops()
+    sizes: dict[str, int] = {}
+    steps = []
+    for op in ops:
+        makes = []
+        if op.get_type_name() != "Constant":
+            for port, out in enumerate(op.outputs()):
+                name = f"{op.get_name()}:{port}"
+                makes.append(name)
+                size = _ir_output_bytes(out)
+                if size is not None:
+                    sizes[name] = size
+        reads = [f"{i.get_source_output().get_node().get_name()}:"
+                 f"{i.get_source_output().get_index()}" for i in op.inputs()]
+        steps.append((reads, makes))
+    if not sizes:
+        return None
+    return _live_peak(steps, sizes, [], set())
+
+
+def _ir_output_bytes(out: Any) -> int | None:
+    shape = out.get_partial_shape()
+    if shape.rank.is_dynamic:
+        return None
+    dims = [d.get_length() if d.is_static else None for d in shape]
+    if dims and dims[0] is None:
+        dims[0] = 1
+    if any(d is None for d in dims):
+        return None
+    count = 1
+    for d in dims:
+        count *= d
+    return (count * (out.get_element_type().bitwidth or 64) + 7) // 8

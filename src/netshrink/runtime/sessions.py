@@ -160,20 +160,50 @@ def _onnxruntime(path: Path, *, threads: int, stats: ModelStats, precision: str 
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT would also log each error it raises to stderr; netshrink reports it in one line.
+    options.log_severity_level = 4
+    errors = ort_errors()
     with _onnx_file(path) as (source, proto):
         try:
             session = ort.InferenceSession(str(source), options,
                                            providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            first = str(exc).splitlines()[0]
-            raise UserError(f"{path}: ONNX Runtime cannot load it: {first}") from None
+        except errors as exc:  # the file's fault; anything else is ours and stays loud
+            raise UserError(f"{path}: ONNX Runtime cannot load it: {_brief(exc)}") from None
         recorded = precision or onnx_precision(proto if proto is not None else path)
     name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: x})[0]
+        try:
+            return session.run(None, {name: x})[0]
+        except errors as exc:  # a graph that loads but cannot run on what it is given
+            shape = "x".join(map(str, getattr(x, "shape", ()))) or "scalar"
+            raise UserError(f"{path}: ONNX Runtime cannot run it on a {shape} "
+                            f"{getattr(x, 'dtype', type(x).__name__)} input: "
+                            f"{_brief(exc)}") from None
 
     return RuntimeModule(run, runtime="onnxruntime", precision=recorded, stats=stats)
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """ONNX Runtime's own exception types (``Fail``, ``InvalidArgument``, ``InvalidGraph``,
+    ...): what a file it cannot load or run raises. They derive from ``Exception`` alone,
+    so catching these leaves every other error visible."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(t for t in vars(state).values()
+                 if isinstance(t, type) and issubclass(t, Exception))
+
+
+def _brief(exc: BaseException) -> str:
+    """A runtime's message on one line, short: they run to many lines of C++ context."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _openvino_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is OpenVINO's own (it raises plain ``RuntimeError`` whose text
+    starts with where in its C++ sources it failed), not a bug of ours."""
+    return isinstance(exc, RuntimeError) and str(exc).startswith("Exception from src")
 
 
 @RUNTIMES.register("openvino")
@@ -203,7 +233,7 @@ def _openvino(path: Path, *, threads: int, stats: ModelStats, precision: str | N
         if proto is not None or file_kind(path) == "onnx":  # IR says nothing of its own
             in_file = onnx_precision(proto if proto is not None else path)
             recorded = in_file if in_file.startswith("int8") else recorded
-    run = StaticShapes(core, model, config, dynamic.create_infer_request())
+    run = StaticShapes(core, model, config, dynamic.create_infer_request(), path)
     return RuntimeModule(run, runtime="openvino", precision=recorded, stats=stats)
 
 
@@ -220,15 +250,23 @@ class StaticShapes:
 
     KEEP = 4  # shapes kept compiled: measurement uses 2-3 (batch 1, N, a last partial one)
 
-    def __init__(self, core: Any, model: Any, config: dict[str, Any], dynamic: Any) -> None:
+    def __init__(self, core: Any, model: Any, config: dict[str, Any], dynamic: Any,
+                 path: Path | None = None) -> None:
         self.core, self.model, self.config, self.dynamic = core, model, config, dynamic
+        self.path = path
         self.compiled: dict[tuple[int, ...], Any] = {}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # Shared buffers: OpenVINO's Python call otherwise copies the input and builds a
         # copied result dict, about 50 us a call (a quarter of a small INT8 ResNet-18's
         # batch-1 time here). The shared output is overwritten by the next call: copy it.
-        out = self.get(x.shape).infer({0: x}, share_inputs=True, share_outputs=True)
+        try:
+            out = self.get(x.shape).infer({0: x}, share_inputs=True, share_outputs=True)
+        except RuntimeError as exc:
+            if not _openvino_error(exc):
+                raise
+            raise UserError(f"{self.path or 'the model'}: OpenVINO cannot run it on a "
+                            f"{'x'.join(map(str, x.shape))} input: {_brief(exc)}") from None
         return np.array(next(iter(out.values())), copy=True)
 
     def get(self, shape: tuple[int, ...]) -> Any:

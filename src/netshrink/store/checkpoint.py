@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from netshrink.errors import UserError
 from netshrink.limits import bounded_json, open_regular, read_regular
 from netshrink.models import ModelSpec, build_model
+from netshrink.models.footprint import meta_forward
 from netshrink.models.resize import resize_to_state
 from netshrink.store.atomic import atomic_write_bytes
 from netshrink.store.kinds import ACCEPTED, DESCRIBED, kind_of_bytes
@@ -47,6 +48,10 @@ MAX_META_BYTES = 16 << 20  # our JSON strings in the header's __metadata__
 MAX_CLASSES = 100_000
 MAX_IN_CHANNELS = 64
 MAX_IMAGE_SIZE = 4096
+# Elements a model file's tensors may have in all: a float32 model of MAX_MODEL_BYTES
+# (ResNet-101 has 44.5 M). A file of 1-byte or empty tensors must not stand for more:
+# loading casts every value into the model's float32 parameters.
+MAX_WEIGHTS = MAX_MODEL_BYTES // 4
 _RESAVE = "re-save it with netshrink (train and run write model files)"
 
 
@@ -121,11 +126,18 @@ def read_state_dict(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def _check_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """Weights are dense real tensors: anything else would fail (or warn) when loaded."""
+    """Weights are dense real tensors (anything else would fail, or warn, when loaded),
+    at most ``MAX_WEIGHTS`` values in all."""
+    total = 0
     for name, t in tensors.items():
         if t.layout != torch.strided or t.is_complex() or t.is_quantized:
             raise UserError(f"{path}: tensor {name[:80]!r} is {t.layout}/{t.dtype}; a state "
                             "dict of dense real tensors is expected; save model.state_dict()")
+        total += t.numel()
+    if total > MAX_WEIGHTS:
+        raise UserError(f"{path}: {total:,} weights, more than the {MAX_WEIGHTS:,} a model "
+                        f"file may hold ({MAX_MODEL_BYTES:,} bytes of float32); this is not "
+                        "a model netshrink reads")
 
 
 def _brief(exc: BaseException) -> str:
@@ -524,9 +536,29 @@ def model_from_state(spec: ModelSpec, state: dict[str, Tensor], source: Path) ->
         shell = _shaped_model(spec, state)
     if describe_mismatch(shell, state):
         load_weights(shell, spec, state, source)  # raises, naming what differs
+    if spec.pruned:
+        _check_widths_chain(shell, spec, source)
     model = _shaped_model(spec, state)
     load_weights(model, spec, state, source)
     return model.eval()
+
+
+def _check_widths_chain(shell: nn.Module, spec: ModelSpec, source: Path) -> None:
+    """Run a pruned model's shell on the ``meta`` device: each layer's width comes from
+    its own tensor, so a file can give widths that do not feed one another (a conv of
+    5 outputs into a norm of 7), which would fail only once real data runs.
+
+    Raises:
+        UserError: the widths do not chain.
+    """
+    side = 32 if spec.stem == "cifar" else 64  # enough for every downsampling step
+    try:
+        meta_forward(shell, [spec.in_channels, side, side])
+    except NotImplementedError:
+        return  # no meta kernel for an op: nothing can be said here
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise UserError(f"{source}: the layer widths of this pruned model do not fit "
+                        f"together ({_brief(exc)}); {_RESAVE}") from None
 
 
 def _shaped_model(spec: ModelSpec, state: dict[str, Tensor]) -> nn.Module:

@@ -13,6 +13,8 @@ from pydantic import (
     model_serializer,
 )
 
+from netshrink.limits import MAX_SEED
+
 # Mixed precision of a training loop (see ``TrainConfig.amp``); the compress search's
 # fine-tunings take the same values.
 AmpMode = Literal["auto", "native", "off", "bf16", "fp16"]
@@ -69,7 +71,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=1, ge=0)
     checkpoint_minutes: float = Field(default=2.0, gt=0)
     keep_zeros: bool = True
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     sync_bn: bool = False
 
     @model_serializer(mode="wrap")
