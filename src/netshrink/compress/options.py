@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from netshrink.errors import UserError
+from netshrink.limits import MAX_SEED
 from netshrink.train.config import AmpMode
 
 
@@ -180,7 +181,7 @@ class RecordedSplit(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     val_size: int | None = Field(default=None, ge=0)
-    seed: int | None = Field(default=0, ge=-(2**63), le=2**64 - 1)  # torch's seed range
+    seed: int | None = Field(default=0, ge=0, le=MAX_SEED)  # as data.seed
     train_limit: int | None = Field(default=None, gt=0)
     augment: bool | None = None
 
