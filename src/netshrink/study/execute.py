@@ -96,7 +96,7 @@ def write_study_record(out: Path, name: str, cells: list[Cell] | tuple[Cell, ...
         "chosen": chosen, "notes": notes or [],
         "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
                    "recipe": c.recipe.model_dump(mode="json")} for c in cells],
-    }, indent=1)
+    })  # one line: indented, 1,000 cells' recipes would take twice the room
     if len(text) > 2 * max_study_bytes():  # what read_study_record reads back
         raise UserError(f"{out / STUDY_FILE}: the study's record would take {len(text):,} "
                         f"bytes, more than {2 * max_study_bytes():,}; raise the bound with "

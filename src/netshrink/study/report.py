@@ -99,7 +99,13 @@ def read_study_record(out: Path) -> dict[str, Any]:
             seen.add(cell.name)
     except UserError as exc:
         raise _not_a_record(path, str(exc)[:160]) from None
-    return record.model_dump(mode="json")
+    # Built by hand, not model_dump: the cells' recipes (up to a few MB) stay the objects
+    # json.loads made instead of being copied once more.
+    return {**{k: getattr(record, k) for k in ("name", "netshrink", "created", "updated",
+                                                  "db", "spec", "merged", "chosen", "notes")},
+            "report": record.report.model_dump(mode="json"),
+            "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
+                       "recipe": c.recipe} for c in record.cells]}
 
 
 def recorded_db(out: Path, study: dict[str, Any]) -> Path:

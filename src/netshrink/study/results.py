@@ -298,8 +298,9 @@ class ResultsStore:
             if ((kind, name) not in _OBJECTS
                     or (kind == "table" and not str(sql).startswith("CREATE TABLE "))
                     or (kind == "index" and sql is not None)):
-                raise self._not_ours(f"it holds the {_short(kind)} {_short(name)}, which "
-                                     "netshrink never makes")
+                what = kind if kind in ("table", "index", "view", "trigger") else _short(kind)
+                raise self._not_ours(f"it holds the {what} {_short(name)}, which netshrink "
+                                     "never makes")
         tables = {name for kind, name, _ in found if kind == "table"}
         if not tables:
             raise self._not_ours("it holds no netshrink table")
