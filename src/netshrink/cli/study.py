@@ -70,7 +70,7 @@ def cmd_study_show(args: argparse.Namespace) -> int:
                   f"| {_num(r['throughput_images_per_s'], 1, ',.0f')} "
                   f"| {'yes' if r['noisy'] else ''} |")
         return 0
-    content = study_content(args.folder, args.db)
+    content = study_content(args.folder, args.db, with_plots=False)
     print(content.headline)
     print("\n".join(md_table(content.comparison)))
     return 0
@@ -109,7 +109,7 @@ def _check_csv_target(csv: Path, folder: Path, db: Path) -> None:
     if not csv.exists() and not csv.is_symlink():
         return
     header = ",".join(COLUMNS).encode()
-    with open_regular(csv, "CSV file") as f:
+    with open_regular(csv, "CSV") as f:
         try:
             first = f.read(len(header) + 1)
         except OSError as exc:

@@ -17,14 +17,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from netshrink.errors import UserError
-from netshrink.limits import bounded_json, read_regular
+from netshrink.limits import bounded_json, check_regular, read_regular
 from netshrink.recipe.keys import sha
 from netshrink.report import ReportContent, build_content, write_report
 from netshrink.report.verdict import accuracy_budget, model_origins, reference_stage
 from netshrink.stages.record import RunRecord, StageRecord
 from netshrink.store.layout import check_name
 from netshrink.study.results import ResultsStore
-from netshrink.study.schema import StudyReport, max_study_bytes
+from netshrink.study.schema import STUDY_MB_ENV, StudyReport, max_study_bytes
 
 STUDY_FILE = "study.json"
 DB_FILE = "results.sqlite"
@@ -75,7 +75,12 @@ def read_study_record(out: Path) -> dict[str, Any]:
     path = out / STUDY_FILE
     if not path.is_file():
         raise UserError(f"{out}: no {STUDY_FILE}; give the --out folder of a study")
-    limit = 2 * max_study_bytes()  # the cells' recipes, written with indentation
+    limit = 2 * max_study_bytes()  # the cells' recipes, and room for the rest
+    size = check_regular(path, STUDY_FILE)
+    if size > limit:
+        raise UserError(f"{path}: {size:,} bytes, more than the {limit:,} a study record may "
+                        f"take; if it is really a study's, raise the bound with "
+                        f"${STUDY_MB_ENV}=MEGABYTES (half the record's size)")
     data = read_regular(path, STUDY_FILE, max_bytes=limit)
     try:
         raw = bounded_json(data, max_bytes=limit, max_depth=MAX_STUDY_JSON_DEPTH)
@@ -151,9 +156,9 @@ def _stage_record(row: dict[str, Any]) -> StageRecord:
         return StageRecord.model_validate(bounded_json(row["record"], max_bytes=1 << 24))
     except (ValueError, ValidationError) as exc:
         first = str(exc).splitlines()[0][:120]
-        raise UserError(f"the results database's row of {_short(row['cell'])}/"
-                        f"{_short(row['stage'])} holds no stage record netshrink wrote "
-                        f"({first}); the store is damaged or was edited") from None
+        raise UserError(f"the row of {_short(row['cell'])}/{_short(row['stage'])} holds no "
+                        f"stage record netshrink wrote ({first}); the store is damaged or "
+                        "was edited") from None
 
 
 def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRecord:
@@ -251,16 +256,21 @@ def study_headline(record: RunRecord) -> str:
     return "; ".join(parts) + "."
 
 
-def study_content(out: Path, db: Path | None = None) -> ReportContent:
+def study_content(out: Path, db: Path | None = None, *, with_plots: bool = True
+                  ) -> ReportContent:
     """The report of the study in ``out`` from its results store (``db``: elsewhere),
-    which is only read (see ``ResultsStore``'s ``readonly``)."""
+    which is only read (see ``ResultsStore``'s ``readonly``); ``with_plots``: draw the
+    plots too (the report's; ``study show`` prints tables only)."""
     study = read_study_record(out)
     db = db or recorded_db(out, study)
     with ResultsStore(db, readonly=True) as store:
         rows = store.rows(study["name"])
         done = {c.cell for c in store.cells(study["name"]) if c.status == "done"}
-    record = combined_record(study, [r for r in rows if r["cell"] in done])
-    content = build_content(record)
+    try:
+        record = combined_record(study, [r for r in rows if r["cell"] in done])
+    except UserError as exc:
+        raise UserError(f"{db}: {exc}") from None
+    content = build_content(record, with_plots=with_plots)
     content = dataclasses.replace(content, headline=study_headline(record))
     waiting = [c["name"] for c in study["cells"] if c["name"] not in done]
     recorded = len(study["cells"]) - len(waiting)

@@ -273,6 +273,9 @@ class ResultsStore:
             raise self._damaged(exc) from None
         except sqlite3.DatabaseError as exc:
             raise self._damaged(exc) from None
+        except UnicodeDecodeError:  # netshrink writes UTF-8 text only
+            raise UserError(f"{self.path}: holds text that is not UTF-8; the store is damaged "
+                            "or not netshrink's") from None
         finally:
             self._deadline = math.inf
 
@@ -281,8 +284,13 @@ class ResultsStore:
             return UserError(f"{self.path}: the results database stayed locked for "
                              f"{BUSY_TIMEOUT_S:.0f} s by another writer; run again when it "
                              "is done")
+        if "too big" in str(exc):
+            return UserError(f"{self.path}: holds a value of more than {MAX_VALUE_BYTES:,} "
+                             "bytes, which netshrink never writes; the store is damaged or "
+                             "not netshrink's")
+        why = " ".join(str(exc).split())[:120]  # SQLite may quote the file's own text
         return UserError(f"{self.path}: not a netshrink results database, or a damaged one "
-                         f"({str(exc)[:120]}); give the results.sqlite a study wrote, or a "
+                         f"({why}); give the results.sqlite a study wrote, or a "
                          "new path")
 
     def _not_ours(self, what: str) -> UserError:
