@@ -230,8 +230,9 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
     filesystem).
 
     Raises:
-        UserError: ``out`` is not a new, empty or study folder; the store cannot be
-            opened; ``workers`` < 1.
+        UserError: before anything is written: ``out`` is not new, empty or this study's
+            folder; ``db`` is not a netshrink store (or new), or holds a study of this
+            name run in another folder that still holds it; ``workers`` out of bounds.
     """
     if executor not in ("local", "ray"):
         raise UserError(f"--executor {executor!r}: choose local or ray")
