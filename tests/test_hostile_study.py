@@ -414,6 +414,10 @@ CASES: dict[str, Callable[[Env], list[str]]] = {
     "show-user-wal-db-as-db-flag": _user_db_flag,
     "show-text-file-named-by-study-json": _text_db_in_record,
     "show-relative-db-not-in-study-folder": _relative_db_missing,
+    "show-db-path-with-nul": _record_edit(lambda r: r.update(db="/tmp/a\x00b")),
+    "show-db-path-too-long-for-a-file": _record_edit(lambda r: r.update(db="a/" * 1500 + "b")),
+    "show-all-db-path-longer-than-any": _record_edit(lambda r: r.update(db="/" + "a" * 5000),
+                                                     "--all"),
     "show-absolute-db-missing": _absolute_db_missing,
     # 3. study run --db on a file that is not a netshrink store
     "run-db-user-sqlite": _db_flag(lambda env: env.user_db()),

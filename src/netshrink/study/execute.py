@@ -38,7 +38,7 @@ from netshrink.study.report import (
     read_study_record,
     render_study_report,
 )
-from netshrink.study.results import CellStatus, ResultsStore, store_size
+from netshrink.study.results import CellStatus, ResultsStore, is_file, store_size
 from netshrink.study.schema import STUDY_MB_ENV, Cell, Study, max_study_bytes
 
 CELLS_DIR = "cells"
@@ -180,7 +180,7 @@ def _check_store(db: Path, name: str, out: Path, own: bool) -> None:
             cells = store.cells(name)
             recorded = str(Path(cells[0].run_folder).parent.parent) if cells else None
     if (recorded is None or _same_folder(recorded, out)
-            or not (Path(recorded) / STUDY_FILE).is_file()):
+            or not is_file(Path(recorded) / STUDY_FILE)):
         return  # this folder's study, or one whose folder was moved or removed
     raise UserError(f"--db {db}: already holds a study named {name!r} whose cells run in "
                     f"{recorded}; two studies of one name in one store would take each "

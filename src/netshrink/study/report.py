@@ -23,7 +23,7 @@ from netshrink.report import ReportContent, build_content, write_report
 from netshrink.report.verdict import accuracy_budget, model_origins, reference_stage
 from netshrink.stages.record import RunRecord, StageRecord
 from netshrink.store.layout import check_name
-from netshrink.study.results import ResultsStore
+from netshrink.study.results import ResultsStore, is_file
 from netshrink.study.schema import STUDY_MB_ENV, StudyReport, max_study_bytes
 
 STUDY_FILE = "study.json"
@@ -51,7 +51,7 @@ class _StudyRecord(BaseModel):
     netshrink: str = ""
     created: str = ""
     updated: str = ""
-    db: str | None = None
+    db: str | None = Field(default=None, max_length=4096, pattern=r"^[^\x00]*$")
     report: StudyReport = Field(default_factory=StudyReport)
     spec: dict[str, Any] = Field(default_factory=dict)
     merged: dict[str, list[str]] = Field(default_factory=dict)
@@ -127,11 +127,11 @@ def recorded_db(out: Path, study: dict[str, Any]) -> Path:
     path = Path(raw)
     if path.is_absolute():
         return path
-    if (out / path).is_file():
+    if is_file(out / path):
         return out / path
     # the default store of a study run as ``--out runs/x``: recorded as runs/x/results.sqlite
     if (path.name == DB_FILE and path.parent.name in ("", out.resolve().name)
-            and (out / DB_FILE).is_file()):
+            and is_file(out / DB_FILE)):
         return out / DB_FILE
     raise UserError(f"{out / STUDY_FILE}: names its results database {_short(raw)} relative "
                     "to the folder the study was run from, and there is none at that path "

@@ -176,6 +176,14 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a path no file can have (too long, a NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def store_size(path: Path) -> int | None:
     """The size of the store file at ``path``; None when there is none.
 
@@ -184,6 +192,9 @@ def store_size(path: Path) -> int | None:
     """
     try:
         st = os.stat(path)
+    except ValueError:  # a NUL in the path
+        raise UserError(f"{_short(str(path))}: not a path a file can have; give a results "
+                        "database (.sqlite) or a new path") from None
     except FileNotFoundError:
         if path.is_symlink():
             raise UserError(f"{path}: a broken symbolic link; give a results database "
