@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,28 +130,38 @@ def read_regular(path: Path, what: str, *, max_bytes: int) -> bytes:
 
 # ---------------------------------------------------------------------------- JSON
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: linear
 _OPEN = np.zeros(256, dtype=np.int8)
 _OPEN[[ord("["), ord("{")]] = 1
 _OPEN[[ord("]"), ord("}")]] = -1
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
 
 
 def json_depth(data: bytes | bytearray | memoryview | str) -> int:
     """The deepest nesting of ``[`` and ``{`` in JSON text (strings do not count).
 
-    Linear in the text and without recursion, so it is safe on any input: it is what
-    decides whether ``json.loads`` (which recurses once per level) may see the text.
+    Linear in the text, without recursion and in chunks of fixed size (a few MB of work
+    arrays whatever the text's length), so it is safe on any input: it is what decides
+    whether ``json.loads`` (which recurses once per level) may see the text. A quote
+    ends or starts a string unless an odd run of backslashes comes before it; the state
+    (inside a string, the backslashes at the end) carries from chunk to chunk.
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-    bare = _STRING.sub(b'""', raw)
+    codes = np.frombuffer(raw, dtype=np.uint8)
     level = deepest = 0
-    chunk = 1 << 20  # in chunks: a running sum over 64 MB at once would take 512 MB
-    for start in range(0, len(bare), chunk):
-        steps = _OPEN[np.frombuffer(bare, dtype=np.uint8, count=min(chunk, len(bare) - start),
-                                    offset=start)]
+    inside, slashes = False, 0  # at the start of the next chunk
+    chunk = 1 << 18
+    for start in range(0, len(codes), chunk):
+        part = codes[start:start + chunk]
+        pos = np.arange(len(part))
+        last = np.maximum.accumulate(np.where(part == _BACKSLASH, -1, pos))
+        # backslashes in a row ending at each position (the previous chunk's run carried)
+        run = pos - last + np.where(last < 0, slashes, 0)
+        before = np.concatenate(([slashes], run[:-1]))
+        quotes = np.cumsum((part == _QUOTE) & (before % 2 == 0), dtype=np.int64) + inside
+        steps = np.where(quotes % 2 == 1, 0, _OPEN[part])
         levels = np.cumsum(steps, dtype=np.int64) + level
         deepest = max(deepest, int(levels.max()))
-        level = int(levels[-1])
+        level, inside, slashes = int(levels[-1]), bool(quotes[-1] % 2), int(run[-1])
     return deepest
 
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from netshrink.cli.args import subcommand
+from netshrink.errors import UserError
 
 VERBS = ("run", "show")
 
@@ -25,9 +26,10 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
 
 
 def cmd_study_run(args: argparse.Namespace) -> int:
-    from netshrink.study.execute import run_study
+    from netshrink.study.execute import check_workers, run_study
     from netshrink.study.schema import load_study
 
+    check_workers(args.workers, args.executor)  # before the study file is even read
     study = load_study(args.study)
     outcome = run_study(study, args.out, db=args.db, workers=args.workers,
                         executor=args.executor, address=args.address,
@@ -41,19 +43,23 @@ def cmd_study_run(args: argparse.Namespace) -> int:
 
 def cmd_study_show(args: argparse.Namespace) -> int:
     from netshrink.report.markdown import md_table
-    from netshrink.study.report import read_study_record, study_content
+    from netshrink.study.report import read_study_record, recorded_db, study_content
     from netshrink.study.results import ResultsStore
 
     if args.all or args.csv:
-        db = args.db or Path(read_study_record(args.folder).get("db")
-                             or args.folder / "results.sqlite")
-        name = read_study_record(args.folder)["name"]
-        with ResultsStore(db, create=False) as store:
+        study = read_study_record(args.folder)
+        db = args.db or recorded_db(args.folder, study)
+        if args.csv:
+            _check_csv_target(args.csv, args.folder, db)
+        with ResultsStore(db, readonly=True) as store:  # read only: never written
             if args.csv:
-                n = store.write_csv(args.csv, name)
-                print(f"wrote {n} rows to {args.csv}")
-                return 0
-            rows = store.rows(name)
+                text, n = store.csv_text(study["name"])
+            else:
+                rows = store.rows(study["name"])
+        if args.csv:
+            _write_csv(args.csv, text)
+            print(f"wrote {n} rows to {args.csv}")
+            return 0
         print("| cell | stage | kind | runtime | top-1 % | size B | non-zero params | "
               "b1 p50 ms | img/s | noisy |")
         print("|:---|:---|:---|:---|---:|---:|---:|---:|---:|:---|")
@@ -64,10 +70,63 @@ def cmd_study_show(args: argparse.Namespace) -> int:
                   f"| {_num(r['throughput_images_per_s'], 1, ',.0f')} "
                   f"| {'yes' if r['noisy'] else ''} |")
         return 0
-    content = study_content(args.folder, args.db)
+    content = study_content(args.folder, args.db, with_plots=False)
     print(content.headline)
     print("\n".join(md_table(content.comparison)))
     return 0
+
+
+# What a study writes in its folder: a CSV must not replace any of it.
+STUDY_OUTPUTS = ("study.json", "results.sqlite", "report.md", "report.html", "report_files",
+                 "cells")
+
+
+def _check_csv_target(csv: Path, folder: Path, db: Path) -> None:
+    """``--csv`` is a new file, or a CSV netshrink wrote: never a folder, the study's
+    store or record, a file the study wrote, or any other existing file.
+
+    Raises:
+        UserError: naming the target and the fix.
+    """
+    from netshrink.limits import open_regular
+    from netshrink.store.layout import is_within
+    from netshrink.study.results import COLUMNS
+
+    if csv.is_dir():
+        raise UserError(f"--csv {csv}: a folder; give the path of the file to write "
+                        "(e.g. rows.csv)")
+    if not csv.parent.is_dir():
+        raise UserError(f"--csv {csv}: the folder {csv.parent} does not exist; create it "
+                        "first, or give a path in a folder that exists")
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        if is_within(csv, Path(f"{db}{suffix}")):
+            raise UserError(f"--csv {csv}: is the study's results database; give another "
+                            "path for the CSV")
+    for name in STUDY_OUTPUTS:
+        if is_within(csv, folder / name):
+            raise UserError(f"--csv {csv}: lies in the study's own files ({name}), which "
+                            "the CSV would replace; give another path")
+    if not csv.exists() and not csv.is_symlink():
+        return
+    header = ",".join(COLUMNS).encode()
+    with open_regular(csv, "CSV") as f:
+        try:
+            first = f.read(len(header) + 1)
+        except OSError as exc:
+            raise UserError(f"--csv {csv}: cannot read it ({exc.strerror or exc})") from None
+    if not (first.startswith(header) and first[len(header):] in (b"\r", b"\n")):
+        raise UserError(f"--csv {csv}: exists and is not a CSV netshrink wrote (its first "
+                        "line is not the rows' header); move it away or give another path")
+
+
+def _write_csv(csv: Path, text: str) -> None:
+    from netshrink.store.atomic import atomic_write_text
+
+    try:
+        atomic_write_text(csv, text)
+    except OSError as exc:
+        raise UserError(f"--csv {csv}: cannot write it ({exc.strerror or exc}); give a "
+                        "path you may write to") from None
 
 
 def _num(value: float | None, scale: float, spec: str) -> str:

@@ -17,6 +17,7 @@ row and duplicates none.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,16 +30,23 @@ from netshrink.recipe.keys import stage_keys
 from netshrink.recipe.run_folder import now
 from netshrink.stages.base import STAGES
 from netshrink.store.atomic import atomic_write_text
-from netshrink.store.layout import check_out_folder
+from netshrink.store.layout import check_out_folder, is_within
 from netshrink.study.dispatch import Dispatcher, PoolDispatcher, RayDispatcher
-from netshrink.study.report import STUDY_FILE, read_study_record, render_study_report
-from netshrink.study.results import ResultsStore
-from netshrink.study.schema import Cell, Study
+from netshrink.study.report import (
+    DB_FILE,
+    STUDY_FILE,
+    read_study_record,
+    render_study_report,
+)
+from netshrink.study.results import CellStatus, ResultsStore, is_file, store_size
+from netshrink.study.schema import STUDY_MB_ENV, Cell, Study, max_study_bytes
 
 CELLS_DIR = "cells"
-DB_FILE = "results.sqlite"
+MAX_WORKERS_PER_CORE = 4  # local workers are processes that each load torch and train
+MAX_RAY_WORKERS = 1024  # Ray tasks at once, on a cluster of any size
 
-__all__ = ["CELLS_DIR", "DB_FILE", "StudyOutcome", "run_cell", "run_study", "write_study_record"]
+__all__ = ["CELLS_DIR", "DB_FILE", "StudyOutcome", "check_workers", "run_cell", "run_study",
+           "write_study_record"]
 
 
 @dataclass
@@ -79,14 +87,111 @@ def write_study_record(out: Path, name: str, cells: list[Cell] | tuple[Cell, ...
     ``chosen``: the cell whose final stage the report marks (a compress search's pick);
     ``notes``: lines the report shows first."""
     previous = read_study_record(out) if (out / STUDY_FILE).is_file() else {}
-    atomic_write_text(out / STUDY_FILE, json.dumps({
+    text = json.dumps({
         "name": name, "netshrink": netshrink.__version__,
         "created": previous.get("created", now()), "updated": now(),
-        "db": str(db), "report": report, "spec": spec, "merged": merged or {},
+        # absolute: a path relative to the working directory names another store from
+        # anywhere else
+        "db": str(Path(db).resolve()), "report": report, "spec": spec, "merged": merged or {},
         "chosen": chosen, "notes": notes or [],
         "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
                    "recipe": c.recipe.model_dump(mode="json")} for c in cells],
-    }, indent=1))
+    })  # one line: indented, 1,000 cells' recipes would take twice the room
+    if len(text) > 2 * max_study_bytes():  # what read_study_record reads back
+        raise UserError(f"{out / STUDY_FILE}: the study's record would take {len(text):,} "
+                        f"bytes, more than {2 * max_study_bytes():,}; raise the bound with "
+                        f"${STUDY_MB_ENV}=MEGABYTES")
+    atomic_write_text(out / STUDY_FILE, text)
+
+
+def check_workers(workers: int, executor: str = "local") -> None:
+    """Refuse a number of workers below 1 or beyond what can run at once: locally,
+    ``MAX_WORKERS_PER_CORE`` per CPU core (each is a process that loads torch); on Ray,
+    ``MAX_RAY_WORKERS``.
+
+    Raises:
+        UserError: naming the bound.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers {workers}: give 1 or more")
+    if executor == "ray":
+        if workers > MAX_RAY_WORKERS:
+            raise UserError(f"--workers {workers:,}: at most {MAX_RAY_WORKERS:,} Ray tasks "
+                            f"run at once; give 1 to {MAX_RAY_WORKERS:,}")
+        return
+    cores = os.cpu_count() or 1
+    most = MAX_WORKERS_PER_CORE * cores
+    if workers > most:
+        raise UserError(f"--workers {workers:,}: at most {most:,} on this machine "
+                        f"({MAX_WORKERS_PER_CORE} per CPU core, {cores} cores: each worker "
+                        f"is a process that loads torch); give 1 to {most:,}, or run on a "
+                        "Ray cluster (--executor ray)")
+
+
+def _check_study_folder(out: Path, name: str) -> None:
+    """``out`` is new, empty, or this same study's folder: never another study's, a
+    compress search's or a run's, whose files the study would take over.
+
+    Raises:
+        UserError: naming what the folder holds.
+    """
+    if not check_out_folder(out, mark=STUDY_FILE, what="study"):
+        return
+    record = read_study_record(out)
+    if "matrix" not in record["spec"]:
+        raise UserError(f"--out {out}: holds {record['name']!r}, a compress search's folder, "
+                        "not a study's; a study writes only into a new or empty folder or "
+                        "its own: choose another --out")
+    if record["name"] != name:
+        raise UserError(f"--out {out}: holds the study {record['name']!r}, not {name!r}; a "
+                        "study writes only into a new or empty folder or its own: choose "
+                        "another --out")
+
+
+def _same_folder(recorded: str, folder: Path) -> bool:
+    try:
+        return Path(recorded).resolve() == folder.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _check_store(db: Path, name: str, out: Path, own: bool) -> None:
+    """Before anything is written: ``db`` is new, an empty file or a netshrink store, and
+    does not hold a study of this name whose cells run in another folder that still
+    holds it (two studies of one name would take each other's results).
+
+    Raises:
+        UserError: a foreign file, a missing folder, or the other study's folder.
+    """
+    size = store_size(db)
+    if size is None:
+        if not own and not db.parent.is_dir():
+            raise UserError(f"--db {db}: the folder {db.parent} does not exist; create it "
+                            "first, or give a path in a folder that exists")
+        return
+    if size == 0:
+        return  # an empty file: a new store
+    if own:  # the folder's own store: its cells are this folder's, a copied folder too
+        ResultsStore(db, readonly=True).close()
+        return
+    with ResultsStore(db, readonly=True) as store:
+        recorded = store.study_folder(name)
+        if recorded is None:  # a store from before folders were recorded
+            cells = store.cells(name)
+            recorded = str(Path(cells[0].run_folder).parent.parent) if cells else None
+    if (recorded is None or _same_folder(recorded, out)
+            or not is_file(Path(recorded) / STUDY_FILE)):
+        return  # this folder's study, or one whose folder was moved or removed
+    raise UserError(f"--db {db}: already holds a study named {name!r} whose cells run in "
+                    f"{recorded}; two studies of one name in one store would take each "
+                    "other's results: rename this study (its name:) or give another --db")
+
+
+def _done(cells: list[CellStatus], out: Path, own: bool) -> dict[str, str]:
+    """Cell -> recipe hash of the cells recorded as done for this folder: in a shared
+    store, only those whose run folder is this study's (a moved study runs again)."""
+    return {c.cell: c.recipe_sha256 for c in cells if c.status == "done" and (
+        own or _same_folder(c.run_folder, out / CELLS_DIR / c.cell))}
 
 
 def run_cell(study: str, cell: str, axes: dict[str, str], recipe: dict[str, Any],
@@ -125,25 +230,30 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
     filesystem).
 
     Raises:
-        UserError: ``out`` is not a new, empty or study folder; the store cannot be
-            opened; ``workers`` < 1.
+        UserError: before anything is written: ``out`` is not new, empty or this study's
+            folder; ``db`` is not a netshrink store (or new), or holds a study of this
+            name run in another folder that still holds it; ``workers`` out of bounds.
     """
-    if workers < 1:
-        raise UserError(f"--workers {workers}: give 1 or more")
     if executor not in ("local", "ray"):
         raise UserError(f"--executor {executor!r}: choose local or ray")
-    check_out_folder(out, mark=STUDY_FILE, what="study")
+    check_workers(workers, executor)
+    out = Path(out)
+    _check_study_folder(out, study.name)
+    own = db is None or is_within(Path(db).parent, out)
     db = Path(db) if db is not None else out / DB_FILE
+    _check_store(db, study.name, out, own)  # all checked: from here on, writes
     out.mkdir(parents=True, exist_ok=True)
     outcome = StudyOutcome(out=out, db=db)
-    with ResultsStore(db) as store:  # refuses a bad database before anything runs
+    with ResultsStore(db) as store:
+        store.claim(study.name, out)
         write_study_record(out, study.name, study.cells, db,
                            spec=study.spec.model_dump(mode="json"),
                            report=study.spec.report.model_dump(mode="json"),
                            merged=study.merged)
-        done = {c.cell: c.recipe_sha256 for c in store.cells(study.name) if c.status == "done"}
+        done = _done(store.cells(study.name), out, own)
     todo = [c for c in study.cells if done.get(c.name) != c.recipe_sha256]
-    outcome.skipped = [c.name for c in study.cells if c not in todo]
+    running = {c.name for c in todo}
+    outcome.skipped = [c.name for c in study.cells if c.name not in running]
     total = len(study.cells)
     log(f"study {study.name}: {total} cells; {len(outcome.skipped)} recorded before, "
         f"{len(todo)} to run" + (f" on {workers} workers" if workers > 1 else ""))
@@ -175,7 +285,7 @@ def _run_in_process(study: Study, todo: list[Cell], out: Path, db: Path,
         try:
             seconds = run_cell(study.name, cell.name, cell.axes,
                                cell.recipe.model_dump(mode="json"),
-                               str(out / CELLS_DIR / cell.name), str(db),
+                               str((out / CELLS_DIR / cell.name).absolute()), str(db.absolute()),
                                log=lambda line, c=cell.name: log(f"  [{c}] {line}"))
         except UserError as exc:
             outcome.failed[cell.name] = str(exc)
@@ -206,7 +316,8 @@ def _run_dispatched(study: Study, todo: list[Cell], out: Path, db: Path,
                 log(f"cell {cell.name}: starting")
                 running[dispatcher.submit(
                     study.name, cell.name, cell.axes, cell.recipe.model_dump(mode="json"),
-                    str(out / CELLS_DIR / cell.name), str(db))] = cell.name
+                    str((out / CELLS_DIR / cell.name).absolute()),
+                    str(db.absolute()))] = cell.name
             for handle in dispatcher.wait(list(running)):
                 name = running.pop(handle)
                 unfinished.discard(name)

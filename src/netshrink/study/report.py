@@ -11,34 +11,136 @@ do); a cell's own stage is ``cell/stage``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from netshrink.errors import UserError
-from netshrink.limits import read_regular
+from netshrink.limits import bounded_json, check_regular, read_regular
 from netshrink.recipe.keys import sha
 from netshrink.report import ReportContent, build_content, write_report
 from netshrink.report.verdict import accuracy_budget, model_origins, reference_stage
 from netshrink.stages.record import RunRecord, StageRecord
-from netshrink.study.results import ResultsStore
+from netshrink.store.layout import check_name
+from netshrink.study.results import ResultsStore, is_file
+from netshrink.study.schema import STUDY_MB_ENV, StudyReport, max_study_bytes
 
 STUDY_FILE = "study.json"
-MAX_STUDY_JSON = 16 << 20  # the expanded recipes of at most MAX_CELLS cells
+DB_FILE = "results.sqlite"
+MAX_STUDY_JSON_DEPTH = 48  # a recipe nests at most 32 levels, four below the record's top
+
+
+class _CellRecord(BaseModel):
+    """One cell as ``study.json`` records it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    axes: dict[str, str] = Field(default_factory=dict)
+    recipe_sha256: str = ""
+    recipe: dict[str, Any] = Field(default_factory=dict)
+
+
+class _StudyRecord(BaseModel):
+    """``study.json`` as netshrink writes it (a compress search writes the same)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    netshrink: str = ""
+    created: str = ""
+    updated: str = ""
+    db: str | None = Field(default=None, max_length=4096, pattern=r"^[^\x00]*$")
+    report: StudyReport = Field(default_factory=StudyReport)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    merged: dict[str, list[str]] = Field(default_factory=dict)
+    chosen: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    cells: list[_CellRecord]
+
+
+def _not_a_record(path: Path, why: str) -> UserError:
+    return UserError(f"{path}: not a study record netshrink wrote ({why}); give the --out "
+                     "folder of a study, or move the damaged study.json away")
 
 
 def read_study_record(out: Path) -> dict[str, Any]:
-    """``out/study.json``: the study as it was last run (name, report, cells)."""
+    """``out/study.json``: the study as it was last run (name, report, cells), checked
+    field by field (a damaged or edited record is a ``UserError``, never a traceback).
+
+    Raises:
+        UserError: no record, or not one netshrink wrote.
+    """
     path = out / STUDY_FILE
     if not path.is_file():
         raise UserError(f"{out}: no {STUDY_FILE}; give the --out folder of a study")
+    limit = 2 * max_study_bytes()  # the cells' recipes, and room for the rest
+    size = check_regular(path, STUDY_FILE)
+    if size > limit:
+        raise UserError(f"{path}: {size:,} bytes, more than the {limit:,} a study record may "
+                        f"take; if it is really a study's, raise the bound with "
+                        f"${STUDY_MB_ENV}=MEGABYTES (half the record's size)")
+    data = read_regular(path, STUDY_FILE, max_bytes=limit)
     try:
-        record = json.loads(read_regular(path, STUDY_FILE, max_bytes=MAX_STUDY_JSON))
-        if not isinstance(record, dict) or not isinstance(record.get("cells"), list):
-            raise ValueError("no cells")
-        return record
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a study record netshrink wrote ({exc})") from None
+        raw = bounded_json(data, max_bytes=limit, max_depth=MAX_STUDY_JSON_DEPTH)
+    except ValueError as exc:
+        raise _not_a_record(path, str(exc)) from None
+    if not isinstance(raw, dict):
+        raise _not_a_record(path, "not a JSON object")
+    try:
+        record = _StudyRecord.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise _not_a_record(path, f"{where[:80]}: {err['msg'][:80]}") from None
+    try:
+        check_name(record.name, "study name")
+        seen = set()
+        for cell in record.cells:
+            check_name(cell.name, "cell name")
+            if cell.name in seen:
+                raise UserError(f"cell {cell.name!r} is listed twice")
+            seen.add(cell.name)
+    except UserError as exc:
+        raise _not_a_record(path, str(exc)[:160]) from None
+    # Built by hand, not model_dump: the cells' recipes (up to a few MB) stay the objects
+    # json.loads made instead of being copied once more.
+    return {**{k: getattr(record, k) for k in ("name", "netshrink", "created", "updated",
+                                                  "db", "spec", "merged", "chosen", "notes")},
+            "report": record.report.model_dump(mode="json"),
+            "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
+                       "recipe": c.recipe} for c in record.cells]}
+
+
+def recorded_db(out: Path, study: dict[str, Any]) -> Path:
+    """The results store a study record names: absolute as netshrink now records it; an
+    older record's relative path is read against the study folder (never the working
+    directory, where it may name another study's store).
+
+    Raises:
+        UserError: a relative record that names no store there (give ``--db``).
+    """
+    raw = study.get("db")
+    if not raw:
+        return out / DB_FILE
+    path = Path(raw)
+    if path.is_absolute():
+        return path
+    if is_file(out / path):
+        return out / path
+    # the default store of a study run as ``--out runs/x``: recorded as runs/x/results.sqlite
+    if (path.name == DB_FILE and path.parent.name in ("", out.resolve().name)
+            and is_file(out / DB_FILE)):
+        return out / DB_FILE
+    raise UserError(f"{out / STUDY_FILE}: names its results database {_short(raw)} relative "
+                    "to the folder the study was run from, and there is none at that path "
+                    "in the study folder; give it with --db PATH")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _origins(cell: dict[str, Any]) -> dict[str, str]:
@@ -46,6 +148,17 @@ def _origins(cell: dict[str, Any]) -> dict[str, str]:
     probe = RunRecord(name=cell["name"], recipe=cell["recipe"], recipe_sha256="",
                       netshrink_version="", created="", updated="")
     return model_origins(probe)
+
+
+def _stage_record(row: dict[str, Any]) -> StageRecord:
+    """The stage record a row keeps (JSON), checked."""
+    try:
+        return StageRecord.model_validate(bounded_json(row["record"], max_bytes=1 << 24))
+    except (ValueError, ValidationError) as exc:
+        first = str(exc).splitlines()[0][:120]
+        raise UserError(f"the row of {_short(row['cell'])}/{_short(row['stage'])} holds no "
+                        f"stage record netshrink wrote ({first}); the store is damaged or "
+                        "was edited") from None
 
 
 def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRecord:
@@ -72,7 +185,7 @@ def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRec
             name = "/".join([*common, first["stage"]]) if common else first["stage"]
         for r in key_rows:
             names[(r["cell"], r["stage"])] = name
-        shown.append((name, StageRecord.model_validate_json(first["record"]), first))
+        shown.append((name, _stage_record(first), first))
     stages, entries = [], []
     for index, (name, stage, row) in enumerate(
             sorted(shown, key=lambda s: (s[1].index > 0, s[2]["cell"], s[1].index))):
@@ -143,23 +256,28 @@ def study_headline(record: RunRecord) -> str:
     return "; ".join(parts) + "."
 
 
-def study_content(out: Path, db: Path | None = None) -> ReportContent:
-    """The report of the study in ``out`` from its results store (``db``: elsewhere)."""
+def study_content(out: Path, db: Path | None = None, *, with_plots: bool = True
+                  ) -> ReportContent:
+    """The report of the study in ``out`` from its results store (``db``: elsewhere),
+    which is only read (see ``ResultsStore``'s ``readonly``); ``with_plots``: draw the
+    plots too (the report's; ``study show`` prints tables only)."""
     study = read_study_record(out)
-    db = db or Path(study.get("db") or out / "results.sqlite")
-    with ResultsStore(db, create=False) as store:
+    db = db or recorded_db(out, study)
+    with ResultsStore(db, readonly=True) as store:
         rows = store.rows(study["name"])
         done = {c.cell for c in store.cells(study["name"]) if c.status == "done"}
-    record = combined_record(study, [r for r in rows if r["cell"] in done])
-    content = build_content(record)
+    try:
+        record = combined_record(study, [r for r in rows if r["cell"] in done])
+    except UserError as exc:
+        raise UserError(f"{db}: {exc}") from None
+    content = build_content(record, with_plots=with_plots)
     content = dataclasses.replace(content, headline=study_headline(record))
     waiting = [c["name"] for c in study["cells"] if c["name"] not in done]
     recorded = len(study["cells"]) - len(waiting)
     status = f"Study of {len(study['cells'])} cells; {recorded} recorded in {db}."
     if waiting:
         status += f" Not yet recorded: {', '.join(waiting)}."
-    extra = [str(n) for n in study.get("notes") or [] if isinstance(n, str)]
-    notes = [*extra, status, *content.notes]
+    notes = [*study["notes"], status, *content.notes]
     return dataclasses.replace(content, title=f"netshrink study: {study['name']}",
                                notes=tuple(notes))
 

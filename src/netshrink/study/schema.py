@@ -24,10 +24,11 @@ before the first one runs.
 
 from __future__ import annotations
 
-import copy
+import functools
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ from netshrink.recipe.schema import Recipe, parse_recipe, read_yaml
 from netshrink.store.layout import check_name
 
 MAX_CELLS = 1000  # a study is a grid someone reads; more is a typo in an axis
+# Every cell's recipe is held in memory at once and written into study.json: their JSON
+# together may take this much (a real cell's recipe is 1-2 KB: 1,000 cells take 2 MB).
+STUDY_MB_ENV = "NETSHRINK_STUDY_MB"
+STUDY_MB_DEFAULT = 16
+RECIPE_DEFAULTS_BYTES = 1024  # what a recipe's defaults add to its JSON (model, data...)
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
 Scalar = str | int | float | bool
 
@@ -85,9 +91,10 @@ class Cell:
     axes: dict[str, str]
     recipe: Recipe
 
-    @property
+    @functools.cached_property
     def recipe_sha256(self) -> str:
-        """The hash a run of this recipe records (``run.json``'s ``recipe_sha256``)."""
+        """The hash a run of this recipe records (``run.json``'s ``recipe_sha256``);
+        computed once (a 1,000-cell study asks for it several times per cell)."""
         return sha(self.recipe.model_dump(mode="json"))
 
 
@@ -101,15 +108,70 @@ class Study:
     merged: dict[str, list[str]]  # a cell left out as identical to another -> its labels
 
 
+def max_study_bytes() -> int:
+    """The bytes of JSON a study's cells' recipes may take together (``$NETSHRINK_STUDY_MB``
+    megabytes; ``study.json``, which holds them, may take twice that)."""
+    raw = os.environ.get(STUDY_MB_ENV)
+    if raw is None or raw.strip() == "":
+        return STUDY_MB_DEFAULT << 20
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = 0
+    if not 1 <= mb <= 1 << 20:
+        raise UserError(f"${STUDY_MB_ENV}={raw[:40]!r}: give a whole number of megabytes "
+                        f"(default {STUDY_MB_DEFAULT})")
+    return mb << 20
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``extra`` merged in, mappings key by key (``extra`` wins)."""
+    """``base`` with ``extra`` merged in, mappings key by key (``extra`` wins). Values are
+    not copied: ``_substitute`` rebuilds every container of a cell's recipe afterwards."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = value
     return out
+
+
+def _json_bytes(value: Any) -> int:
+    return len(json.dumps(value, default=str, separators=(",", ":")))
+
+
+def _placeholders(value: Any) -> int:
+    """How many ``${axis}`` a value holds, anywhere in it."""
+    if isinstance(value, dict):
+        return sum(_placeholders(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_placeholders(v) for v in value)
+    return len(_PLACEHOLDER.findall(value)) if isinstance(value, str) else 0
+
+
+def _check_expansion(spec: StudyFile, items: dict[str, list[tuple[str, Scalar, AxisValue]]],
+                     combinations: int, source: str) -> None:
+    """Refuse, before expanding, a matrix whose cells' recipes would take more than the
+    bound: each cell holds the shared recipe, one value of each axis, and every
+    placeholder replaced by a label (at most 80 characters)."""
+    per_cell = RECIPE_DEFAULTS_BYTES + _json_bytes(spec.recipe)
+    holes = _placeholders(spec.recipe)
+    longest = 0
+    for axis in items.values():
+        per_cell += max(_json_bytes(added.set) + _json_bytes(added.stages)
+                        for _, _, added in axis)
+        holes += max(_placeholders(added.set) + _placeholders(added.stages)
+                     for _, _, added in axis)
+        longest = max(longest, *(len(label) for label, _, _ in axis))
+    per_cell += holes * longest
+    total, bound = combinations * per_cell, max_study_bytes()
+    if total > bound:
+        raise UserError(
+            f"{source}: {combinations:,} cells of up to {per_cell:,} bytes of recipe each "
+            f"make {total / 1e6:,.1f} MB of recipes, more than the {bound >> 20:,} MB a study "
+            "may expand to (every cell's recipe is held in memory and kept in study.json); "
+            "shorten the shared recipe or the matrix, or raise the bound with "
+            f"${STUDY_MB_ENV}=MEGABYTES")
 
 
 def _substitute(value: Any, values: dict[str, Scalar], where: str) -> Any:
@@ -185,6 +247,15 @@ def _check_exclude(spec: StudyFile, items: dict[str, list[tuple[str, Scalar, Axi
     return rules
 
 
+def _stage_list(stages: Any, where: str) -> list[Any]:
+    if stages is None:
+        return []
+    if not isinstance(stages, list):
+        raise UserError(f"{where}: recipe.stages is {type(stages).__name__}, not a list of "
+                        "stages; write stages: [...]")
+    return stages
+
+
 def expand(spec: StudyFile, source: str = "study") -> Study:
     """The cells of ``spec``, each validated as a recipe.
 
@@ -202,6 +273,7 @@ def expand(spec: StudyFile, source: str = "study") -> Study:
     if combinations > MAX_CELLS:
         raise UserError(f"{source}: the matrix has {combinations:,} combinations, more than "
                         f"{MAX_CELLS} cells; is an axis too long?")
+    _check_expansion(spec, items, combinations, source)
     rules = _check_exclude(spec, items)
     cells: list[Cell] = []
     seen: dict[str, str] = {}
@@ -212,22 +284,24 @@ def expand(spec: StudyFile, source: str = "study") -> Study:
             continue
         name = "-".join(labels.values())
         where = f"{source}: cell {name}"
-        raw = copy.deepcopy(spec.recipe)
-        raw.setdefault("stages", [])
+        raw = dict(spec.recipe)
         for _, _, added in combo:
             raw = _merge(raw, added.set)
-            raw["stages"] = [*raw.get("stages", []), *copy.deepcopy(added.stages)]
+            if added.stages:
+                raw["stages"] = [*_stage_list(raw.get("stages"), where), *added.stages]
         values = {axis: value for axis, (_, value, _) in zip(items, combo, strict=True)}
-        raw = _substitute(raw, values, where)
+        raw = _substitute(raw, values, where)  # new containers throughout: the cell's own
         raw["name"] = f"{spec.name}.{name}"
         recipe = parse_recipe(raw, source=where)
-        body = sha(recipe.model_dump(mode="json", exclude={"name"}))
+        dumped = recipe.model_dump(mode="json")
+        body = sha({k: v for k, v in dumped.items() if k != "name"})
         if body in seen:
             merged.setdefault(seen[body], []).append(name)
             continue
         seen[body] = name
-        cells.append(Cell(name=check_name(name, f"{source}: cell name"), axes=labels,
-                          recipe=recipe))
+        cell = Cell(name=check_name(name, f"{source}: cell name"), axes=labels, recipe=recipe)
+        cell.__dict__["recipe_sha256"] = sha(dumped)  # the cached property, from this dump
+        cells.append(cell)
     if not cells:
         raise UserError(f"{source}: every cell is excluded; nothing to run")
     return Study(name=spec.name, spec=spec, cells=tuple(cells), merged=merged)
@@ -260,4 +334,8 @@ def load_study(path: Path) -> Study:
     Raises:
         UserError: an unreadable or invalid study, or a cell that is not a valid recipe.
     """
-    return parse_study(read_yaml(path, "study"), source=str(path))
+    try:
+        raw = read_yaml(path, "study")
+    except ValueError as exc:  # YAML's own: an integer of more than 4,300 digits
+        raise UserError(f"{path}: not a study netshrink reads ({str(exc)[:100]})") from None
+    return parse_study(raw, source=str(path))
