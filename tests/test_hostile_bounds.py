@@ -14,6 +14,7 @@ import pytest
 
 from test_hostile_runs import (  # noqa: F401 (trained_run: a fixture)
     Env,
+    _tiny_yaml,
     edit_meta,
     refuse_case,
     trained_run,
@@ -24,6 +25,11 @@ def _many_stages(env: Env) -> list[str]:
     raw = env.tiny()
     raw["stages"] = [{"kind": "prune.nm"}] * 20_000  # 400 KB: within the size bound
     return ["run", env.recipe(json.dumps(raw, separators=(",", ":"))), "--out", str(env.out)]
+
+
+def _huge_integer(env: Env) -> list[str]:
+    text = "".join(_tiny_yaml(env, "seed: " + "9" * 5000))
+    return ["run", env.recipe(text), "--out", str(env.out)]
 
 
 def _deep_run_json_for_report(env: Env) -> list[str]:
@@ -53,6 +59,7 @@ def _compress_split(**split: Any) -> Callable[[Env], list[str]]:
 
 CASES: dict[str, Callable[[Env], list[str]]] = {
     "recipe-20000-stages": _many_stages,
+    "recipe-integer-of-5000-digits": _huge_integer,
     "report-run-json-100k-deep": _deep_run_json_for_report,
     "report-run-json-65mb": _huge_run_json_for_report,
     "compress-split-seed-text": _compress_split(val_size=50, seed="x"),

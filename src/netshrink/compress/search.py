@@ -46,11 +46,15 @@ from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.recipe.schema import Recipe
 from netshrink.runtime.files import open_model_file
 from netshrink.stages.record import StageRecord
-from netshrink.store.layout import check_out_folder
 from netshrink.store.walls import make_dirs, owned_folder
-from netshrink.study.execute import CELLS_DIR, DB_FILE, run_cell, write_study_record
-from netshrink.study.folder_walls import refuse_study_links
-from netshrink.study.report import STUDY_FILE, render_study_report
+from netshrink.study.execute import (
+    CELLS_DIR,
+    DB_FILE,
+    check_study_folder,
+    run_cell,
+    write_study_record,
+)
+from netshrink.study.report import render_study_report
 from netshrink.study.results import ResultsStore
 from netshrink.study.schema import Cell
 
@@ -209,8 +213,7 @@ class Search:
             return self._run()
 
     def _run(self) -> CompressResult:
-        check_out_folder(self.out, mark=STUDY_FILE, what="compress")
-        refuse_study_links(self.out, "compress")
+        check_study_folder(self.out, self.name, what="compress")
         # every candidate's recipe is valid before the first one runs
         for ratio in (0.0, *self.cfg.channel_ratios):
             _recipe(self.base, self.cfg, Candidate(ratio, 0.0), self.name)

@@ -260,6 +260,9 @@ def read_yaml(path: Path, what: str = "recipe") -> Any:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a {what}") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits (Python's own bound)
+        raise UserError(f"{path}: not a {what} netshrink reads "
+                        f"({str(exc).splitlines()[0][:160]})") from None
 
 
 def load_recipe(path: Path) -> Recipe:

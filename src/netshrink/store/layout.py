@@ -132,7 +132,7 @@ def check_out_folder(out: Path, mark: str = RUN_FILE, what: str = "run") -> bool
         raise UserError(
             f"--out {out}: the folder is not empty and holds no {mark}, so it is not a "
             f"netshrink {what} folder; a {what} only writes into a new or empty folder or "
-            f"one of its own {what}s: choose another --out")
+            f"a {what} folder of its own: choose another --out")
     return False
 
 

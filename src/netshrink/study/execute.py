@@ -31,7 +31,9 @@ from netshrink.recipe.run_folder import now
 from netshrink.stages.base import STAGES
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.layout import check_out_folder, is_within
+from netshrink.store.walls import make_dirs, owned_folder
 from netshrink.study.dispatch import Dispatcher, PoolDispatcher, RayDispatcher
+from netshrink.study.folder_walls import refuse_study_links
 from netshrink.study.report import (
     DB_FILE,
     STUDY_FILE,
@@ -128,24 +130,32 @@ def check_workers(workers: int, executor: str = "local") -> None:
                         "Ray cluster (--executor ray)")
 
 
-def _check_study_folder(out: Path, name: str) -> None:
-    """``out`` is new, empty, or this same study's folder: never another study's, a
-    compress search's or a run's, whose files the study would take over.
+def check_study_folder(out: Path, name: str, what: str = "study") -> None:
+    """``out`` is new, empty, or this same study's (``what`` "study") or a compress
+    search's (``what`` "compress") folder: never another study's, the other kind's or a
+    run's, whose files it would take over; and it holds no planted symbolic link where
+    it writes.
 
     Raises:
         UserError: naming what the folder holds.
     """
-    if not check_out_folder(out, mark=STUDY_FILE, what="study"):
+    if not check_out_folder(out, mark=STUDY_FILE, what=what):
         return
     record = read_study_record(out)
-    if "matrix" not in record["spec"]:
+    is_study = "matrix" in record["spec"]
+    if what == "study" and not is_study:
         raise UserError(f"--out {out}: holds {record['name']!r}, a compress search's folder, "
                         "not a study's; a study writes only into a new or empty folder or "
                         "its own: choose another --out")
-    if record["name"] != name:
+    if what == "compress" and is_study:
+        raise UserError(f"--out {out}: holds the study {record['name']!r}, not a compress "
+                        "search; compress writes only into a new or empty folder or a "
+                        "search of its own: choose another --out")
+    if what == "study" and record["name"] != name:
         raise UserError(f"--out {out}: holds the study {record['name']!r}, not {name!r}; a "
                         "study writes only into a new or empty folder or its own: choose "
                         "another --out")
+    refuse_study_links(out, what)
 
 
 def _same_folder(recorded: str, folder: Path) -> bool:
@@ -238,11 +248,19 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
         raise UserError(f"--executor {executor!r}: choose local or ray")
     check_workers(workers, executor)
     out = Path(out)
-    _check_study_folder(out, study.name)
+    # Every write and removal under ``out`` is checked for planted links.
+    with owned_folder(out, "study"):
+        return _run_study(study, out, db, workers, executor, address, log, report)
+
+
+def _run_study(study: Study, out: Path, db: Path | None, workers: int, executor: str,
+               address: str | None, log: Callable[[str], None], report: bool
+               ) -> StudyOutcome:
+    check_study_folder(out, study.name)
     own = db is None or is_within(Path(db).parent, out)
     db = Path(db) if db is not None else out / DB_FILE
     _check_store(db, study.name, out, own)  # all checked: from here on, writes
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     outcome = StudyOutcome(out=out, db=db)
     with ResultsStore(db) as store:
         store.claim(study.name, out)

@@ -334,8 +334,4 @@ def load_study(path: Path) -> Study:
     Raises:
         UserError: an unreadable or invalid study, or a cell that is not a valid recipe.
     """
-    try:
-        raw = read_yaml(path, "study")
-    except ValueError as exc:  # YAML's own: an integer of more than 4,300 digits
-        raise UserError(f"{path}: not a study netshrink reads ({str(exc)[:100]})") from None
-    return parse_study(raw, source=str(path))
+    return parse_study(read_yaml(path, "study"), source=str(path))
