@@ -79,3 +79,19 @@ def test_hostile_sizes_and_metadata_are_refused(
     trained_run: Path,  # noqa: F811 (the fixture imported above)
 ) -> None:
     refuse_case(CASES[case], capsys, tmp_path, fashion_dir, trained_run)
+
+
+def test_a_training_batch_beyond_the_device_is_refused_before_the_run_writes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
+    trained_run: Path,  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The bound is the device's memory; set lower here, a tiny model's 64-image batch
+    # (a few MB of activations kept for the backward) stands for a ResNet-50 at 512 px
+    # and batch 256 (112 GB), which the machine's own memory refuses.
+    monkeypatch.setenv("NETSHRINK_MAX_ACTIVATION_BYTES", str(1 << 20))
+
+    def build(env: Env) -> list[str]:
+        return ["run", env.recipe(env.tiny(batch_size=64)), "--out", str(env.out)]
+    line = refuse_case(build, capsys, tmp_path, fashion_dir, trained_run)
+    assert "stages[0] (train): batch_size: training at batch 64 would keep" in line

@@ -490,17 +490,18 @@ def test_hostile_input_is_refused_and_nothing_changes(
 
 
 def refuse_case(build: Callable[[Env], list[str]], capsys: pytest.CaptureFixture[str],
-                tmp_path: Path, fashion_dir: Path, trained_run: Path) -> None:
-    """Build a case in ``tmp_path/case`` and check it is refused with nothing changed."""
+                tmp_path: Path, fashion_dir: Path, trained_run: Path) -> str:
+    """Build a case in ``tmp_path/case`` and check it is refused with nothing changed;
+    returns the error line."""
     env = Env(tmp_path / "case", fashion_dir, trained_run)
     env.tmp.mkdir()
-    assert_refused_untouched(build(env), capsys, tmp_path)
+    return assert_refused_untouched(build(env), capsys, tmp_path)
 
 
 def assert_refused_untouched(argv: list[str], capsys: pytest.CaptureFixture[str],
-                             root: Path) -> None:
+                             root: Path) -> str:
     """``netshrink argv`` exits 2 with one ``netshrink: error:`` line, no traceback, and
-    nothing under ``root`` written, moved or removed."""
+    nothing under ``root`` written, moved or removed; returns that line."""
     capsys.readouterr()
     before = snapshot(root)
     code = main(argv)
@@ -510,6 +511,7 @@ def assert_refused_untouched(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert len(lines) == 1 and lines[0].startswith("netshrink: error: "), err
     assert "Traceback" not in err and len(lines[0]) < 600, err
     assert snapshot(root) == before  # nothing written, moved or removed, anywhere
+    return lines[0]
 
 
 def test_the_table_covers_the_issue() -> None:

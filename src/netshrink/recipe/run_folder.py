@@ -12,11 +12,13 @@ import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from torch import nn
 
 from netshrink.data import DataBundle
-from netshrink.data.bounds import check_config_batches
+from netshrink.data.bounds import batch_sizes, check_config_batches
 from netshrink.errors import UserError
+from netshrink.models.footprint import check_training_memory, training_bytes
 from netshrink.recipe.keys import config_files
 from netshrink.recipe.schema import Recipe, StageEntry
 from netshrink.stages.record import MAX_RUN_FILE_BYTES, RunRecord, StageRecord
@@ -39,6 +41,7 @@ from netshrink.store.walls import (
     remove_tree,
     rename_owned,
 )
+from netshrink.train.config import TrainConfig
 
 __all__ = ["MAX_RUN_FILE_BYTES", "RunFolder", "now"]
 
@@ -55,6 +58,7 @@ class RunFolder:
         self.out = out
         self.recipe = recipe
         self.log = log
+        self._train_bytes: int | None = None  # activations a training step keeps, an image
 
     def write(self, record: RunRecord) -> None:
         """Write ``run.json`` (atomically), stamped now."""
@@ -111,10 +115,12 @@ class RunFolder:
         refuse_links(self.out, [RUN_FILE, "report.md", "report.html", STAGES_DIR],
                      what="run", deep=["report_files", *owned])
 
-    def preflight(self, data: DataBundle, entries: list[StageEntry]) -> None:
+    def preflight(self, data: DataBundle, entries: list[StageEntry],
+                  model: nn.Module | None = None) -> None:
         """Check what the stages will read, before the run folder is touched: every file a
-        stage's config names loads as a model of this dataset's classes, and no input lies
-        where the run writes.
+        stage's config names loads as a model of this dataset's classes, every batch fits
+        (the images, and the activations a training batch of ``model`` keeps), and no
+        input lies where the run writes.
 
         Raises:
             UserError: naming the stage, the file and the fix.
@@ -136,6 +142,8 @@ class RunFolder:
             where = f"stages[{i}] ({entry.name})"
             check_config_batches(entry.config, where, channels=data.info.in_channels,
                                  size=data.info.image_size, largest=largest)
+            if model is not None:
+                self._check_training_batches(entry.config, where, model, data, largest)
             for path in config_files(entry.config):
                 inputs.append((f"{where}: file", path))
                 if not path.is_file():
@@ -148,6 +156,25 @@ class RunFolder:
                         f"{data.info.name} has {data.info.num_classes}; give a model "
                         "trained on this dataset")
         check_inputs_outside(self.out, inputs)
+
+    def _check_training_batches(self, config: BaseModel, where: str, model: nn.Module,
+                                data: DataBundle, largest: int) -> None:
+        """The training batches of a stage (a training config's ``batch_size``, any
+        ``finetune_batch_size``) fit the device with the activations they keep."""
+        batches = [(place, batch) for place, batch in batch_sizes(config)
+                   if "finetune" in place
+                   or (place == "batch_size" and isinstance(config, TrainConfig))]
+        if not batches:
+            return
+        if self._train_bytes is None:
+            shape = [data.info.in_channels, data.info.image_size, data.info.image_size]
+            try:
+                self._train_bytes = training_bytes(model, shape)
+            except Exception:  # a user's module the meta device cannot run: it will tell
+                self._train_bytes = 0
+        for place, batch in batches:
+            check_training_memory(self._train_bytes, min(batch, largest), f"{where}: {place}",
+                                  self.recipe.device)
 
     def owned_folders(self, previous: RunRecord | None) -> list[str]:
         """The stage folders netshrink made in ``out``: those its record lists, those its

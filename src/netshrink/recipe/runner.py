@@ -157,7 +157,7 @@ class Runner:
         data = build_data(recipe.data)
         keys = stage_keys(recipe, entries)
         baseline, spec = start_model(recipe.model, data, seed=recipe.seed)  # bad weights: here
-        self.folder.preflight(data, entries)
+        self.folder.preflight(data, entries, baseline)
         make_dirs(self.out)
         if previous is not None:
             self.folder.clear_interrupted_writes(previous)
