@@ -57,7 +57,13 @@ def _compress_split(**split: Any) -> Callable[[Env], list[str]]:
     return build
 
 
+def _model_image_size_past_the_bound(env: Env) -> list[str]:
+    weights = edit_meta(env.model_file(), image_size=4096)  # data.image_size's bound: 2048
+    return ["eval", "--weights", weights, "--data-dir", str(env.fashion)]
+
+
 CASES: dict[str, Callable[[Env], list[str]]] = {
+    "eval-model-image-size-past-the-data-bound": _model_image_size_past_the_bound,
     "recipe-20000-stages": _many_stages,
     "recipe-integer-of-5000-digits": _huge_integer,
     "report-run-json-100k-deep": _deep_run_json_for_report,

@@ -430,6 +430,10 @@ CASES = [
 def test_hostile_model_gives_one_line_error(case, reason, tmp_path, capsys,
                                             monkeypatch) -> None:
     monkeypatch.setenv("NETSHRINK_MAX_ACTIVATION_BYTES", "")  # the default; restored after
+    # Image sizes up to 4096 let through (the default bound is 2048), so that a file of
+    # that size shows the activation bound behind it: each fact within its own bound, the
+    # activations they imply together still refused.
+    monkeypatch.setenv("NETSHRINK_MAX_IMAGE_SIZE", "4096")
     inputs = tmp_path / "in"
     inputs.mkdir()
     run = case(inputs)

@@ -27,12 +27,12 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from netshrink.data.bounds import max_image_size
 from netshrink.errors import UserError
 from netshrink.limits import bounded_json
 from netshrink.models.resize import resize_to_state
 from netshrink.store.atomic import atomic_write_bytes
 from netshrink.store.checkpoint import (
-    MAX_IMAGE_SIZE,
     MAX_IN_CHANNELS,
     MAX_MODEL_BYTES,
     describe_mismatch,
@@ -141,7 +141,7 @@ def _check_custom_meta(meta: Any, path: Path) -> None:
     """The keys other code reads from a custom file's meta: the input's size."""
     if not isinstance(meta, dict):
         raise UserError(f"{path}: meta must be a JSON object")
-    for key, top in (("image_size", MAX_IMAGE_SIZE), ("in_channels", MAX_IN_CHANNELS)):
+    for key, top in (("image_size", max_image_size()), ("in_channels", MAX_IN_CHANNELS)):
         value = meta.get(key)
         if key in meta and not (isinstance(value, int) and not isinstance(value, bool)
                                 and 1 <= value <= top):

@@ -27,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from netshrink.data.bounds import max_image_size, raise_hint
 from netshrink.errors import UserError
 from netshrink.limits import bounded_json, open_regular, read_regular
 from netshrink.models import ModelSpec, build_model
@@ -47,7 +48,6 @@ MAX_META_BYTES = 16 << 20  # our JSON strings in the header's __metadata__
 # or an input of 10^5 pixels a side would be an allocation, not a model.
 MAX_CLASSES = 100_000
 MAX_IN_CHANNELS = 64
-MAX_IMAGE_SIZE = 4096
 # Elements a model file's tensors may have in all: a float32 model of MAX_MODEL_BYTES
 # (ResNet-101 has 44.5 M). A file of 1-byte or empty tensors must not stand for more:
 # loading casts every value into the model's float32 parameters.
@@ -418,7 +418,7 @@ def parse_meta(raw: Any, spec: ModelSpec, source: Path) -> dict[str, Any]:
     """The ``meta`` string of a netshrink model file, its known keys checked.
 
     Keys other code relies on must be what ``checkpoint_meta`` writes: ``class_names``
-    one string per class, ``image_size`` a whole number 1..``MAX_IMAGE_SIZE``,
+    one string per class, ``image_size`` a whole number 1..``NETSHRINK_MAX_IMAGE_SIZE``,
     ``in_channels`` the spec's, ``mean``/``std`` one finite number per input channel
     (``std`` above zero), ``dataset`` a name. Other keys are kept as they are.
 
@@ -462,10 +462,12 @@ def _meta_problem(meta: dict[str, Any], spec: ModelSpec) -> str | None:
         count = len(names) if isinstance(names, list) else type(names).__name__
         return (f"class_names should be {spec.num_classes} strings (one per class of the "
                 f"model), found {count}")
-    size = meta.get("image_size")
-    if "image_size" in meta and not (_is_int(size) and 1 <= size <= MAX_IMAGE_SIZE):
+    size, top = meta.get("image_size"), max_image_size()
+    if "image_size" in meta and not (_is_int(size) and 1 <= size <= top):
         shown = size if _is_int(size) else type(size).__name__
-        return f"image_size is {shown}, expected a whole number 1-{MAX_IMAGE_SIZE}"
+        hint = (f" ({raise_hint('NETSHRINK_MAX_IMAGE_SIZE')})" if _is_int(size) and size > top
+                else "")
+        return f"image_size is {shown}, expected a whole number 1-{top}{hint}"
     channels = meta.get("in_channels")
     if "in_channels" in meta and channels != spec.in_channels:
         shown = channels if _is_int(channels) else type(channels).__name__
