@@ -62,7 +62,35 @@ def _model_image_size_past_the_bound(env: Env) -> list[str]:
     return ["eval", "--weights", weights, "--data-dir", str(env.fashion)]
 
 
+def _pth_persistent_id_not_a_tuple(env: Env) -> list[str]:
+    # torch.load checks a record's persistent id with an assert: AssertionError escaped
+    import io
+    import pickle
+    import zipfile
+
+    import torch
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> int | None:
+            return 5 if obj == "x" else None
+
+    body = io.BytesIO()
+    Pickler(body, protocol=2).dump({"w": "x"})
+    good = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, good)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(good.getvalue())) as src, \
+            zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, body.getvalue() if info.filename.endswith("data.pkl")
+                         else src.read(info))
+    path = env.tmp / "m.pth"
+    path.write_bytes(out.getvalue())
+    return ["eval", "--weights", str(path), "--data-dir", str(env.fashion)]
+
+
 CASES: dict[str, Callable[[Env], list[str]]] = {
+    "eval-pth-persistent-id-not-a-tuple": _pth_persistent_id_not_a_tuple,
     "eval-model-image-size-past-the-data-bound": _model_image_size_past_the_bound,
     "recipe-20000-stages": _many_stages,
     "recipe-integer-of-5000-digits": _huge_integer,

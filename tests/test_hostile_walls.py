@@ -251,7 +251,23 @@ def _trt_folder_with(name: str, text: str) -> Callable[[Env], list[str]]:
     return build
 
 
+def _bench_json_over(target: Callable[[Env], Path]) -> Callable[[Env], list[str]]:
+    """``bench --json`` naming a file that is not an earlier --json output."""
+    def build(env: Env) -> list[str]:
+        weights = env.model_file()
+        return ["bench", "--weights", weights, "--repeats", "1",
+                "--json", str(target(env))]
+    return build
+
+
+def _users_notes(env: Env) -> Path:
+    (env.tmp / "notes.json").write_text("my notes, not JSON")
+    return env.tmp / "notes.json"
+
+
 CASES: dict[str, Callable[[Env], list[str]]] = {
+    "bench-json-over-a-users-file": _bench_json_over(_users_notes),
+    "bench-json-over-the-model": _bench_json_over(lambda env: env.tmp / "m.safetensors"),
     "resume-stages-linked-with-a-listed-folder": _stages_linked_with_listed_folder,
     "resume-stages-linked": _stages_linked,
     "resume-stage-folder-linked": _stage_folder_linked,

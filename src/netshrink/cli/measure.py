@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,16 +128,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from netshrink.store.checkpoint import MAX_CLASSES, MAX_IN_CHANNELS
 
     if args.json is not None:
-        # Checked before measuring: the benchmark takes minutes, the write a moment.
-        folder = args.json.parent
-        if args.json.is_dir():
-            raise UserError(f"--json {args.json} is a folder; give a file name in it, "
-                            f"e.g. {args.json / 'bench.json'}")
-        if not folder.is_dir():
-            raise UserError(f"--json {args.json}: the folder {folder} does not exist; "
-                            "create it first")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise UserError(f"--json {args.json}: the folder {folder} is not writable")
+        # Checked before measuring: the benchmark takes minutes, the write a moment. An
+        # existing file there must be JSON (an earlier --json), never the model or a file
+        # of the user's.
+        from netshrink.store.outputs import check_output_file, is_json_file
+
+        check_output_file(args.json, flag="--json", writes="JSON", replaceable=is_json_file,
+                          inputs=[args.weights] if args.weights is not None else [])
     opened = None
     execution = _torch_execution(args)
     batch_size = args.batch_size

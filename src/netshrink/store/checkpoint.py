@@ -193,8 +193,9 @@ def _torch_load(data: bytes, path: Path) -> Any:
             "or use safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, OverflowError, MemoryError, RecursionError,
+            AttributeError, OverflowError, MemoryError, RecursionError, AssertionError,
             zipfile.BadZipFile) as exc:
+        # torch.serialization checks a damaged record's persistent id with ``assert``
         raise UserError(f"{path}: not a readable checkpoint ({_brief(exc)}); "
                         "save it again") from None
 
