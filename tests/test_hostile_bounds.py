@@ -129,3 +129,15 @@ def test_a_training_batch_beyond_the_device_is_refused_before_the_run_writes(
         return ["run", env.recipe(env.tiny(batch_size=64)), "--out", str(env.out)]
     line = refuse_case(build, capsys, tmp_path, fashion_dir, trained_run)
     assert "stages[0] (train): batch_size: training at batch 64 would keep" in line
+
+
+def test_a_stage_the_device_cannot_run_is_refused_before_the_run_writes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
+    trained_run: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    def build(env: Env) -> list[str]:
+        raw = env.tiny()
+        raw["stages"].append({"kind": "deploy.torch", "precision": "fp16"})
+        return ["run", env.recipe(raw), "--out", str(env.out), "--device", "cpu"]
+    line = refuse_case(build, capsys, tmp_path, fashion_dir, trained_run)
+    assert "stages[1] (deploy.torch): precision fp16 computes on an NVIDIA GPU" in line

@@ -21,6 +21,7 @@ from netshrink.errors import UserError
 from netshrink.models.footprint import check_training_memory, training_bytes
 from netshrink.recipe.keys import config_files
 from netshrink.recipe.schema import Recipe, StageEntry
+from netshrink.stages.base import STAGES
 from netshrink.stages.record import MAX_RUN_FILE_BYTES, RunRecord, StageRecord
 from netshrink.store.atomic import atomic_write_text, is_temp_name
 from netshrink.store.checkpoint import load_model
@@ -140,6 +141,12 @@ class RunFolder:
         largest = max(len(data.train), len(data.test))
         for i, entry in enumerate(entries):
             where = f"stages[{i}] ({entry.name})"
+            check = STAGES.get(entry.kind).check
+            if check is not None:
+                try:
+                    check(entry.config, self.recipe.device)
+                except UserError as exc:
+                    raise UserError(f"{where}: {exc}") from None
             check_config_batches(entry.config, where, channels=data.info.in_channels,
                                  size=data.info.image_size, largest=largest)
             if model is not None:

@@ -37,8 +37,8 @@ def load_run(run_dir: Path) -> RunRecord:
     try:
         data = bounded_json(read_regular(path, "run record", max_bytes=MAX_RUN_FILE_BYTES))
     except ValueError as exc:
-        raise UserError(f"{path}: not a run record netshrink reads ({exc}); the run was "
-                        "interrupted mid-write or the file was edited by hand") from None
+        raise UserError(f"{path}: {exc}; the run was interrupted mid-write or the file was "
+                        "edited by hand") from None
     try:
         return RunRecord.model_validate(data)
     except ValidationError as exc:

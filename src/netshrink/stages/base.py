@@ -128,6 +128,9 @@ class StageDef:
     # Glob patterns of the files in its folder that only resume an interrupted stage:
     # removed once the stage's record is written, never filed in the model cache.
     scratch: tuple[str, ...] = ()
+    # What the stage's config asks of the recipe's device (fp16 compute, TensorRT),
+    # checked by the run before it writes anything: raises UserError.
+    check: Callable[[Any, str], None] | None = None
 
 
 STAGES: Registry[StageDef] = Registry("stage")
@@ -135,16 +138,18 @@ TRAIN_STATE = "train_state.safetensors"  # a training stage's resumable state
 
 
 def stage(name: str, config: type[BaseModel], summary: str, *, chains: bool = True,
-          scratch: tuple[str, ...] = ()) -> Callable[[StageFn], StageFn]:
+          scratch: tuple[str, ...] = (),
+          check: Callable[[Any, str], None] | None = None) -> Callable[[StageFn], StageFn]:
     """Decorator: register ``fn`` as the recipe stage ``name`` configured by ``config``.
 
     ``chains=False`` declares that the stage returns a ``Deployed`` without a torch model;
-    ``scratch`` names the resumable-state files it leaves in its folder.
+    ``scratch`` names the resumable-state files it leaves in its folder; ``check(config,
+    device)`` refuses a config the recipe's device cannot run, before the run writes.
     """
 
     def add(fn: StageFn) -> StageFn:
         STAGES.register(name)(StageDef(fn=fn, config=config, summary=summary, chains=chains,
-                                       scratch=scratch))
+                                       scratch=scratch, check=check))
         return fn
 
     return add

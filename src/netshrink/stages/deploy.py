@@ -30,9 +30,9 @@ from netshrink.store.checkpoint import save_model
 
 @stage("deploy.torch", TorchExecution,
        "torch on the recipe's device: fp16/bf16/tf32, channels_last, torch.compile "
-       "(CUDA graphs, max-autotune), 2:4 sparse kernels", chains=False)
+       "(CUDA graphs, max-autotune), 2:4 sparse kernels", chains=False, check=check_execution)
 def torch_deploy_stage(model: nn.Module, cfg: TorchExecution, ctx: StageContext) -> Deployed:
-    check_execution(cfg, ctx.device)  # before anything is written
+    check_execution(cfg, ctx.device)  # also checked by the run before it writes
     stats = model_stats(model, ctx.input_shape)
     execution = cfg
     if cfg.sparse24 == "auto" and cfg.sparse_layers is None:

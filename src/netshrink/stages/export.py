@@ -54,15 +54,24 @@ class TensorRTConfig(BaseModel):
         return self
 
 
-@stage("export.tensorrt", TensorRTConfig,
-       "TensorRT-ready ONNX (fp32, fp16, QDQ int8) and their trtexec commands; measured in "
-       "ONNX Runtime", chains=False)
-def tensorrt_stage(model: nn.Module, cfg: TensorRTConfig, ctx: StageContext) -> Deployed:
-    if cfg.runtime == "tensorrt":  # refuse before anything is written
-        if not ctx.device.startswith("cuda"):
+def _check_tensorrt(cfg: TensorRTConfig, device: str) -> None:
+    """``runtime: tensorrt`` needs a GPU and TensorRT installed.
+
+    Raises:
+        UserError: naming the fix.
+    """
+    if cfg.runtime == "tensorrt":
+        if not device.startswith("cuda"):
             raise UserError("runtime: tensorrt measures on an NVIDIA GPU; set the recipe's "
                             "device to cuda, or runtime: onnxruntime")
         require("tensorrt")
+
+
+@stage("export.tensorrt", TensorRTConfig,
+       "TensorRT-ready ONNX (fp32, fp16, QDQ int8) and their trtexec commands; measured in "
+       "ONNX Runtime", chains=False, check=_check_tensorrt)
+def tensorrt_stage(model: nn.Module, cfg: TensorRTConfig, ctx: StageContext) -> Deployed:
+    _check_tensorrt(cfg, ctx.device)  # also checked by the run before it writes
     stats = model_stats(model, ctx.input_shape)
     batches = (calibration_batches(ctx.data.calib, input_shape=ctx.input_shape,
                                    images=cfg.calibration_images)
