@@ -92,12 +92,13 @@ def predict_files(
                             f"{meta.get('dataset', 'the dataset')} has {len(names)}; pass the "
                             "dataset it was trained on")
         channels = meta.get("in_channels") or (opened.spec.in_channels if opened.spec else 3)
-        opened.check_images(channels, meta["image_size"], batch=len(images),
+        size = meta["image_size"]
+        check_image_size(size, "the model's image_size")
+        # the images run a chunk at a time: that is the batch whose activations count
+        opened.check_images(channels, size, batch=min(len(images), PREDICT_CHUNK),
                             data=meta.get("dataset") or "the file's metadata")
         mean = torch.tensor(meta["mean"]).view(-1, 1, 1)
         std = torch.tensor(meta["std"]).view(-1, 1, 1)
-        size = meta["image_size"]
-        check_image_size(size, "the model's image_size")
         for path in images:
             # Headers only: a format netshrink does not read or a shape beyond the bounds
             # is refused before any image is decoded (they are decoded a chunk at a time).

@@ -36,8 +36,8 @@ from netshrink.errors import UserError
 from netshrink.models.counting import eval_mode, input_dtype
 
 __all__ = ["MAX_ACTIVATION_ENV", "activation_problem", "check_activation",
-           "check_training_memory", "input_bytes", "max_activation_bytes", "meta_forward",
-           "training_bytes"]
+           "check_training_memory", "device_memory", "input_bytes", "max_activation_bytes",
+           "meta_forward", "training_bytes"]
 
 MAX_ACTIVATION_ENV = "NETSHRINK_MAX_ACTIVATION_BYTES"
 # ResNet-50 and -101 at 224 px hold 11.8 MB of activations an image at their peak (3.0
@@ -194,18 +194,25 @@ def device_memory(device: str) -> int:
 
 
 def check_training_memory(per_image: int, batch: int, where: str, device: str) -> None:
-    """Refuse a training batch whose activations alone would not fit: more than the
-    device has (or than ``NETSHRINK_MAX_ACTIVATION_BYTES``, when set), found before the
-    run writes anything rather than as an out-of-memory kill an epoch in.
+    """Refuse a training batch (of one process) whose activations alone would not fit:
+    more than the device has (at least 8 GiB), or than ``NETSHRINK_MAX_ACTIVATION_BYTES``
+    when set; found before the run writes anything rather than as an out-of-memory kill
+    an epoch in.
 
     Raises:
         UserError: naming ``where``, the batch, the bytes and the fix.
     """
-    limit = (max_activation_bytes() if os.environ.get(MAX_ACTIVATION_ENV, "").strip()
-             else max(DEFAULT_MAX_ACTIVATION_BYTES, device_memory(device)))
+    if os.environ.get(MAX_ACTIVATION_ENV, "").strip():
+        limit = max_activation_bytes()
+        whose = f"{MAX_ACTIVATION_ENV}={limit:,} allows"
+    else:
+        memory = device_memory(device)
+        limit = max(DEFAULT_MAX_ACTIVATION_BYTES, memory)
+        whose = (f"this {device}'s memory holds" if memory >= DEFAULT_MAX_ACTIVATION_BYTES
+                 else "netshrink allows (8 GiB)")
     total = per_image * batch
     if total > limit:
         raise UserError(
             f"{where}: training at batch {batch:,} would keep {total:,} bytes of activations "
-            f"({per_image:,} an image), more than the {limit:,} this {device} has "
-            f"(or {MAX_ACTIVATION_ENV} allows); lower the batch size or the image size")
+            f"({per_image:,} an image), more than the {limit:,} {whose}; lower the batch "
+            f"size or the image size, or set {MAX_ACTIVATION_ENV} to raise this bound")

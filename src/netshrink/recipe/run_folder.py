@@ -9,9 +9,11 @@ only they are ever removed or moved), and the clean-up of writes a killed run le
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
@@ -42,7 +44,9 @@ from netshrink.store.walls import (
     remove_tree,
     rename_owned,
 )
+from netshrink.train import distributed
 from netshrink.train.config import TrainConfig
+from netshrink.train.loop import autocast_dtype
 
 __all__ = ["MAX_RUN_FILE_BYTES", "RunFolder", "now"]
 
@@ -167,7 +171,8 @@ class RunFolder:
     def _check_training_batches(self, config: BaseModel, where: str, model: nn.Module,
                                 data: DataBundle, largest: int) -> None:
         """The training batches of a stage (a training config's ``batch_size``, any
-        ``finetune_batch_size``) fit the device with the activations they keep."""
+        ``finetune_batch_size``) fit the device with the activations they keep: per
+        process (torchrun splits a batch among them), in the type autocast computes in."""
         batches = [(place, batch) for place, batch in batch_sizes(config)
                    if "finetune" in place
                    or (place == "batch_size" and isinstance(config, TrainConfig))]
@@ -177,11 +182,18 @@ class RunFolder:
             shape = [data.info.in_channels, data.info.image_size, data.info.image_size]
             try:
                 self._train_bytes = training_bytes(model, shape)
-            except Exception:  # a user's module the meta device cannot run: it will tell
+            except Exception as exc:  # a user's module the meta device cannot run
+                self.log(f"note: the training memory of {type(model).__name__} could not be "
+                         f"estimated ({str(exc).splitlines()[0][:120] if str(exc) else exc!r});"
+                         " its batches are not checked against the device")
                 self._train_bytes = 0
+        half = autocast_dtype(getattr(config, "amp", "off"),
+                              torch.device(self.recipe.device)) is not None
+        per_image = self._train_bytes // 2 if half else self._train_bytes
+        processes = distributed.launched().size
         for place, batch in batches:
-            check_training_memory(self._train_bytes, min(batch, largest), f"{where}: {place}",
-                                  self.recipe.device)
+            check_training_memory(per_image, math.ceil(min(batch, largest) / processes),
+                                  f"{where}: {place}", self.recipe.device)
 
     def owned_folders(self, previous: RunRecord | None) -> list[str]:
         """The stage folders netshrink made in ``out``: those its record lists, those its

@@ -98,16 +98,23 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    amp = cfg.amp
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The 16-bit type a training loop with ``amp`` (``TrainConfig.amp``) computes in on
+    ``device``; None for float32."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
     elif amp == "native":
         amp = "bf16" if native_bf16(device) else "off"
     if amp == "off":
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    dtype = autocast_dtype(cfg.amp, device)
+    if dtype is None:
         return nullcontext(), None
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
