@@ -141,3 +141,18 @@ def test_a_stage_the_device_cannot_run_is_refused_before_the_run_writes(
         return ["run", env.recipe(raw), "--out", str(env.out), "--device", "cpu"]
     line = refuse_case(build, capsys, tmp_path, fashion_dir, trained_run)
     assert "stages[1] (deploy.torch): precision fp16 computes on an NVIDIA GPU" in line
+
+
+def test_a_deep_plot_list_is_not_ours_and_the_report_renders(
+    tmp_path: Path, fashion_dir: Path, trained_run: Path,  # noqa: F811 (the fixture above)
+) -> None:
+    from netshrink.cli import main
+
+    env = Env(tmp_path, fashion_dir, trained_run)
+    out = env.run_copy()
+    (out / "report_files").mkdir()
+    (out / "report_files" / ".rendered.json").write_text("[" * 200_000)  # RecursionError
+    (out / "report_files" / "mine.png").write_bytes(b"the user's plot")
+    assert main(["report", str(out)]) == 0
+    assert (out / "report_files" / "mine.png").read_bytes() == b"the user's plot"
+    assert (out / "report.html").is_file()

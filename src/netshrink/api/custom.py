@@ -196,7 +196,8 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any], factory: str,
     """``fn(**kwargs)``, its refusal of the arguments as a ``UserError``."""
     try:
         model = fn(**kwargs)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+    except (TypeError, ValueError, RuntimeError, OverflowError, KeyError, IndexError,
+            AssertionError) as exc:  # how factories refuse a variant they do not know
         text = " ".join(str(exc).split())[:200]
         raise UserError(f"{path}: {factory} refused the arguments {_shown(kwargs)} "
                         f"({type(exc).__name__}: {text}); check the file's factory_kwargs, "

@@ -218,7 +218,7 @@ class Search:
         for ratio in (0.0, *self.cfg.channel_ratios):
             _recipe(self.base, self.cfg, Candidate(ratio, 0.0), self.name)
         if self.db.exists():
-            with ResultsStore(self.db):
+            with ResultsStore(self.db, readonly=True):
                 pass  # refuses a bad database before anything is written
         make_dirs(self.out)
         if self.before_first_write is not None:

@@ -117,6 +117,8 @@ def open_image(path: Path) -> Iterator[Image.Image]:
             raise UserError(f"{path}: not an image netshrink reads (formats: "
                             f"{', '.join(IMAGE_FORMATS)}); delete or replace the "
                             "file") from None
+        except MemoryError:
+            raise  # the machine's fault, not the file's: no "delete the file"
         except Exception as exc:  # Pillow reports bad files with many exception types
             raise UserError(f"{path}: cannot decode image ({type(exc).__name__}: "
                             f"{_brief(exc)}); delete or replace the file (formats read: "
@@ -143,6 +145,8 @@ def decode(opened: Image.Image, mode: str, path: Path) -> Image.Image:
         with _quiet():
             img = opened if opened.mode == mode else opened.convert(mode)
             img.load()
+    except MemoryError:
+        raise  # the machine's fault, not the file's: no "delete the file"
     except Exception as exc:
         raise UserError(f"{path}: cannot decode image ({type(exc).__name__}: {_brief(exc)}); "
                         "delete or replace the file") from None
@@ -160,6 +164,8 @@ def check_image(path: Path) -> None:
         try:
             with _quiet():
                 img.verify()
+        except MemoryError:
+            raise  # the machine's fault, not the file's
         except Exception as exc:
             raise UserError(f"{path}: damaged image ({type(exc).__name__}: {_brief(exc)}); "
                             "delete or replace the file") from None

@@ -41,6 +41,7 @@ from netshrink.export.tensorrt_check import FP16_MAX, tensorrt_problems
 from netshrink.export.tensorrt_int8 import quantize_int8
 from netshrink.models.counting import check_input_shape
 from netshrink.store.atomic import atomic_write_bytes, atomic_write_text
+from netshrink.store.walls import make_dirs
 
 __all__ = [
     "FILES",
@@ -259,7 +260,7 @@ def export_tensorrt(
     commands = trtexec_commands(forms, shape, opt_batch=opt_batch, max_batch=max_batch)
     if "int8" in forms and not batches:
         raise UserError("the int8 form needs calibration images; set data.calib_size (e.g. 512)")
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dirs(folder)
     if batches:  # the first images only: concatenating every batch could take gigabytes
         firsts, have = [], 0
         for batch in batches:

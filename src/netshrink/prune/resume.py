@@ -20,6 +20,7 @@ from torch import nn
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.store.checkpoint import load_model, save_model
+from netshrink.store.walls import remove_file
 from netshrink.train.history import EpochRecord
 
 __all__ = ["StepCheckpoints"]
@@ -56,7 +57,7 @@ class StepCheckpoints:
                          "history": history})
         for older in self.folder.glob(f"{PREFIX}*"):
             if older != self._file(step):
-                older.unlink(missing_ok=True)
+                remove_file(older)
 
     def latest(self) -> tuple[int, nn.Module, dict[str, Any]] | None:
         """``(step, model, extra)`` of the last finished step of this stage, or None; the

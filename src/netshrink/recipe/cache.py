@@ -29,7 +29,13 @@ from typing import Any
 
 from netshrink.store.atomic import temp_path
 from netshrink.store.digest import file_sha256
-from netshrink.store.walls import check_owned_path, make_dirs, owned_folder, refuse_links
+from netshrink.store.walls import (
+    check_owned_path,
+    make_dirs,
+    owned_folder,
+    refuse_links,
+    remove_file,
+)
 
 CACHE_ENV = "NETSHRINK_CACHE"
 MODEL_FILE = "model.safetensors"
@@ -139,7 +145,7 @@ class CachedStage:
             _place(self.model_file, dest)
         except OSError:  # the entry was pruned meanwhile (netshrink cache): compute it
             for path in placed:
-                path.unlink(missing_ok=True)
+                remove_file(path)
             return False
         return True
 
@@ -257,7 +263,7 @@ class ModelCache:
                 old = unused_days is not None and now - kept.stat().st_mtime > (
                     unused_days * 86_400)
                 if max_bytes == 0 or old:
-                    kept.unlink()
+                    remove_file(kept)
 
     def put(self, key: str, model_file: Path, info: dict[str, Any], *,
             skip: Sequence[str] = ()) -> None:

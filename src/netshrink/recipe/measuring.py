@@ -24,6 +24,7 @@ from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import load_model
 from netshrink.store.digest import file_sha256
 from netshrink.store.layout import MODEL_FILE
+from netshrink.store.walls import make_dirs
 
 __all__ = ["StageMeasurer"]
 
@@ -90,7 +91,7 @@ class StageMeasurer:
             return old.model_copy(update={"file": rel, "size_bytes": size})
         measured = self.model(model, file)
         with contextlib.suppress(OSError):  # a cache that cannot be written: measured anyway
-            self.reuse.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.reuse)
             atomic_write_text(kept, measured.model_dump_json())
         return measured
 

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from netshrink.errors import UserError
+from netshrink.limits import bounded_json, read_regular
 from netshrink.report.content import ReportContent, build_content
 from netshrink.report.html import render_html
 from netshrink.report.load import load_run
@@ -17,6 +19,7 @@ from netshrink.store.walls import make_dirs, owned_folder, refuse_links, remove_
 MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"
 PLOT_LIST = ".rendered.json"  # the plots the last render wrote: the only ones it may remove
+MAX_PLOT_LIST_BYTES = 1 << 20  # a list of a few dozen names
 _PLOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*\.png")
 
 
@@ -24,8 +27,9 @@ def _rendered_before(plot_dir: Path) -> list[str]:
     """The plot files the previous render listed (plain names only; anything else in
     the list is ignored, never removed)."""
     try:
-        names = json.loads((plot_dir / PLOT_LIST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        names = bounded_json(read_regular(plot_dir / PLOT_LIST, "plot list",
+                                          max_bytes=MAX_PLOT_LIST_BYTES))
+    except (UserError, ValueError):  # missing or not ours: nothing is removed
         return []
     if not isinstance(names, list):
         return []

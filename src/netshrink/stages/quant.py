@@ -37,6 +37,7 @@ from netshrink.stages.train import FinetuneConfig
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.checkpoint import save_model
 from netshrink.store.packed import pack_model
+from netshrink.store.walls import make_dirs
 from netshrink.train.config import fractional_epochs
 from netshrink.train.loop import train
 
@@ -152,8 +153,7 @@ def ptq_stage(model: nn.Module, cfg: PTQConfig, ctx: StageContext) -> Deployed:
     float_onnx = export_checked(model, ctx.stage_dir / "float.onnx", ctx)
     images = sum(b.shape[0] for b in batches)
     if cfg.runtime == "openvino":
-        folder = ctx.stage_dir / "openvino"
-        folder.mkdir(exist_ok=True)
+        folder = make_dirs(ctx.stage_dir / "openvino")
         quantize_openvino(float_onnx, folder / "model.xml", batches, cfg)
         ctx.notes.append(f"NNCF INT8, {'per-channel' if cfg.per_channel else 'per-tensor'} "
                          f"weights, calibrated on {images} images")

@@ -58,11 +58,17 @@ def _absolute(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(path))
 
 
+# The way out of a refusal, by the kind of folder: a cache is chosen by a variable, a
+# report is rendered in place, the others are an --out.
+_FIX = {"model cache": "remove the link, or set NETSHRINK_CACHE to another folder",
+        "report": "remove the link and render again"}
+
+
 def _planted(link: Path, root: Path, what: str) -> UserError:
     return UserError(
         f"{link} is a symbolic link inside the {what} folder {root}; netshrink never makes "
         "links there and will not write or remove through one (nothing was changed): "
-        "remove the link, or choose another --out")
+        + _FIX.get(what, "remove the link, or choose another --out"))
 
 
 @contextlib.contextmanager

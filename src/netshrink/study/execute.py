@@ -219,12 +219,15 @@ def run_cell(study: str, cell: str, axes: dict[str, str], recipe: dict[str, Any]
     say = log or (lambda line: print(f"[{cell}] {line}", flush=True))
     parsed = parse_recipe(recipe, source=f"cell {cell}")
     t0 = time.perf_counter()
-    record = run_recipe(parsed, Path(folder), report=False, log=say,
-                        progress=False if log is None else None, reuse_measurements=True)
-    seconds = time.perf_counter() - t0
-    with ResultsStore(Path(db)) as store:
-        store.record_cell(study, cell, axes, record.recipe_sha256, folder, record.stages,
-                          seconds)
+    # The study's folder (``OUT/cells/CELL`` is the cell's) is owned here too: a pool or
+    # Ray worker does not inherit the caller's walls.
+    with owned_folder(Path(folder).parent.parent, "study"):
+        record = run_recipe(parsed, Path(folder), report=False, log=say,
+                            progress=False if log is None else None, reuse_measurements=True)
+        seconds = time.perf_counter() - t0
+        with ResultsStore(Path(db)) as store:
+            store.record_cell(study, cell, axes, record.recipe_sha256, folder, record.stages,
+                              seconds)
     return seconds
 
 

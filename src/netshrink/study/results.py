@@ -40,13 +40,17 @@ from typing import Any
 
 from netshrink.errors import UserError
 from netshrink.limits import bounded_json
+from netshrink.recipe.schema import MAX_RECIPE_STAGES
 from netshrink.stages.record import StageRecord
 from netshrink.store.atomic import atomic_write_text
+from netshrink.store.walls import check_owned_path
+from netshrink.study.schema import MAX_CELLS
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0  # a writer waits this long for another's transaction to end
 READ_SECONDS = 120.0  # one query; netshrink's own stores answer in well under a second
-MAX_ROWS = 100_000  # rows (or cells) of one study read at once: 1,000 cells x 100 stages
+# rows (or cells) read at once: a study of the most cells, each of the most stages
+MAX_ROWS = MAX_CELLS * (MAX_RECIPE_STAGES + 1)
 MAX_VALUE_BYTES = 16 << 20  # one stored value (a stage record is a few KB)
 ROW_COST = 2048  # bytes one row read costs in memory beyond its text (a dict of 32 values)
 READ_MB_ENV = "NETSHRINK_STUDY_READ_MB"  # raises the bytes one read may bring into memory
@@ -252,10 +256,22 @@ class ResultsStore:
                 # -shm index; with neither, nothing is being written, and ``immutable``
                 # reads the file alone (plain ``mode=ro`` would create both files).
                 live = wal.is_file() and shm.is_file()
+                if wal.is_file() and wal.stat().st_size and not live:
+                    # rows committed into a -wal whose index is gone (a copied folder, a
+                    # killed writer): reading the file alone would hide them, and
+                    # recovering them writes
+                    raise UserError(f"{self.path}: its {wal.name} holds rows without the "
+                                    f"{shm.name} index to read them; run the study again "
+                                    "(netshrink study run) to fold them into the store, then "
+                                    "show it")
                 uri = self.path.resolve().as_uri() + "?mode=ro" + ("" if live else "&immutable=1")
                 db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S,
                                      isolation_level=None)
             else:
+                # SQLite writes through a link on the store (and puts -wal/-shm beside
+                # its target): never in a folder netshrink owns
+                for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                    check_owned_path(path)
                 db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         except sqlite3.Error as exc:
             raise UserError(f"{self.path}: cannot open the results database ({exc}); give "
@@ -377,8 +393,9 @@ class ResultsStore:
         cost = 0
         for values in cursor:
             if len(found) == MAX_ROWS:
-                raise UserError(f"{self.path}: more than {MAX_ROWS:,} {table} of one study; "
-                                "a study has at most 1,000 cells: this store is not one "
+                raise UserError(f"{self.path}: more than {MAX_ROWS:,} {table} in one read, "
+                                f"more than a study of {MAX_CELLS:,} cells of "
+                                f"{MAX_RECIPE_STAGES + 1} stages has: this store is not one "
                                 "netshrink wrote")
             cost += ROW_COST + sum(len(v) for v in values if isinstance(v, str | bytes))
             if cost > self._budget:
