@@ -130,34 +130,36 @@ def _fitted(cfg: TrainConfig, data: DataBundle) -> TrainConfig:
 @contextlib.contextmanager
 def _workdir(out: str | Path | None, writes: dict[str, Callable[[Path], bool]]
              ) -> Iterator[Path]:
-    """Where a verb writes its files: ``out``, or a fresh temporary folder, removed again
-    if the verb fails. ``writes`` names the files it may write there, each with the test
-    an existing file of that name must pass to be replaced (an earlier output): a file of
-    the user's is never written over.
+    """Where a verb writes its files: ``out``, or a fresh temporary folder; a folder it
+    made is removed again if the verb fails. ``writes`` names the files it may write
+    there, each with the test an existing file of that name must pass to be replaced (an
+    earlier output): a file of the user's is never written over.
 
     Raises:
         UserError: ``out`` is a file, or holds a file of the user's under one of the names.
     """
     if out is None:
-        folder = Path(tempfile.mkdtemp(prefix="netshrink-"))
-        try:
-            yield folder
-        except BaseException:
+        folder, made = Path(tempfile.mkdtemp(prefix="netshrink-")), True
+    else:
+        folder = Path(out)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"out={folder}: a file; give a folder for the files quantize "
+                            "writes")
+        if folder.is_dir():
+            for name, replaceable in writes.items():
+                target = folder / name  # an IR's .xml comes with its .bin
+                check_output_file(target, flag="out=", writes="an earlier output",
+                                  replaceable=replaceable,
+                                  companions=[target.with_suffix(".bin")]
+                                  if name.endswith(".xml") else [])
+        made = not folder.exists()
+        make_dirs(folder)
+    try:
+        yield folder
+    except BaseException:
+        if made:  # a folder this call made holds only what it wrote
             shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"out={folder}: a file; give a folder for the files quantize writes")
-    if folder.is_dir():
-        for name, replaceable in writes.items():
-            target = folder / name  # an IR's .xml comes with its .bin
-            check_output_file(target, flag="out=", writes="an earlier output",
-                              replaceable=replaceable,
-                              companions=[target.with_suffix(".bin")] if name.endswith(".xml")
-                              else [])
-    make_dirs(folder)
-    yield folder
+        raise
 
 
 # ---------------------------------------------------------------------------- verbs

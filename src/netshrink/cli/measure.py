@@ -128,13 +128,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from netshrink.store.checkpoint import MAX_CLASSES, MAX_IN_CHANNELS
 
     if args.json is not None:
-        # Checked before measuring: the benchmark takes minutes, the write a moment. An
-        # existing file there must be JSON (an earlier --json), never the model or a file
-        # of the user's.
-        from netshrink.store.outputs import check_output_file, is_json_file
-
-        check_output_file(args.json, flag="--json", writes="JSON", replaceable=is_json_file,
-                          inputs=[args.weights] if args.weights is not None else [])
+        # Checked before measuring (the benchmark takes minutes, the write a moment) and
+        # again before writing: an existing file there must be JSON (an earlier --json),
+        # never the model or a file of the user's.
+        _check_json_target(args)
     opened = None
     execution = _torch_execution(args)
     batch_size = args.batch_size
@@ -204,8 +201,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json is not None:
         from netshrink.store.atomic import atomic_write_text
 
+        _check_json_target(args)  # a file put there while it measured is not replaced
         atomic_write_text(args.json, json.dumps([r.model_dump() for r in results], indent=2))
     return 0
+
+
+def _check_json_target(args: argparse.Namespace) -> None:
+    from netshrink.store.outputs import check_output_file, is_json_file
+
+    check_output_file(args.json, flag="--json", writes="JSON", replaceable=is_json_file,
+                      inputs=[args.weights] if args.weights is not None else [])
 
 
 def _bench_repeats(args: argparse.Namespace, model: object, label: str, shape: list[int],
