@@ -28,6 +28,7 @@ __all__ = [
     "bounded_json",
     "check_regular",
     "element_count",
+    "env_bound",
     "json_depth",
     "open_regular",
     "read_regular",
@@ -126,6 +127,32 @@ def read_regular(path: Path, what: str, *, max_bytes: int) -> bytes:
         raise UserError(f"{path}: more than {max_bytes:,} bytes; this is not a {what} "
                         "netshrink reads")
     return data
+
+
+# ---------------------------------------------------------------------------- bounds
+
+
+def env_bound(name: str, default: int, *, most: int = 1 << 62, unit: str = "") -> int:
+    """A bound the user may raise: the environment variable ``name`` when set (a whole
+    number from 1 to ``most``; ``_`` may group digits), else ``default``.
+
+    Raises:
+        UserError: the variable is set to anything else; the message names it and the
+            default (in ``unit``, e.g. "megabytes").
+    """
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        value = 0
+    if not 1 <= value <= most:
+        of = f" of {unit}" if unit else ""
+        raise UserError(f"{name}={text[:40]!r}: expected a whole number{of} from 1 to "
+                        f"{most:,} (the default is {default:,}); fix or unset the "
+                        "environment variable")
+    return value
 
 
 # ---------------------------------------------------------------------------- JSON

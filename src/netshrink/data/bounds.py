@@ -31,12 +31,12 @@ variable set for one command (or inherited by a DataLoader worker) applies to it
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pydantic import BaseModel
 
 from netshrink.errors import UserError
+from netshrink.limits import env_bound
 
 __all__ = [
     "batch_bytes",
@@ -73,17 +73,7 @@ def _bound(name: str) -> int:
     Raises:
         UserError: the variable is set to something other than a whole number >= 1.
     """
-    text = os.environ.get(name)
-    if text is None or not text.strip():
-        return _DEFAULTS[name]
-    try:
-        value = int(text.strip().replace("_", ""))
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UserError(f"{name}={text[:40]!r}: expected a whole number >= 1 (the default is "
-                        f"{_DEFAULTS[name]:,}); fix or unset the environment variable")
-    return value
+    return env_bound(name, _DEFAULTS[name])
 
 
 def raise_hint(name: str) -> str:

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from netshrink.errors import UserError
+from netshrink.limits import env_bound
 from netshrink.models.counting import eval_mode, input_dtype
 
 __all__ = ["MAX_ACTIVATION_ENV", "activation_problem", "check_activation",
@@ -53,17 +54,7 @@ def max_activation_bytes() -> int:
     Raises:
         UserError: the variable is set but is not a whole number of bytes above zero.
     """
-    raw = os.environ.get(MAX_ACTIVATION_ENV)
-    if raw is None or not raw.strip():
-        return DEFAULT_MAX_ACTIVATION_BYTES
-    try:
-        value = int(raw.strip().replace("_", ""))
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise UserError(f"{MAX_ACTIVATION_ENV}={raw[:40]!r}: give a whole number of bytes "
-                        f"above zero (the default is {DEFAULT_MAX_ACTIVATION_BYTES:,})")
-    return value
+    return env_bound(MAX_ACTIVATION_ENV, DEFAULT_MAX_ACTIVATION_BYTES, unit="bytes")
 
 
 def activation_problem(per_image: int, batch: int) -> str | None:

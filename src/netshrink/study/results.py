@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from netshrink.errors import UserError
-from netshrink.limits import bounded_json
+from netshrink.limits import bounded_json, env_bound
 from netshrink.recipe.schema import MAX_RECIPE_STAGES
 from netshrink.stages.record import StageRecord
 from netshrink.store.atomic import atomic_write_text
@@ -161,17 +161,7 @@ def _expected_columns() -> dict[str, tuple[tuple[Any, ...], ...]]:
 
 def read_budget() -> int:
     """The bytes one read of a store may bring into memory (``$NETSHRINK_STUDY_READ_MB``)."""
-    raw = os.environ.get(READ_MB_ENV)
-    if raw is None or raw.strip() == "":
-        return READ_MB_DEFAULT << 20
-    try:
-        mb = int(raw)
-    except ValueError:
-        mb = 0
-    if not 1 <= mb <= 1 << 30:
-        raise UserError(f"${READ_MB_ENV}={raw[:40]!r}: give a whole number of megabytes "
-                        f"(default {READ_MB_DEFAULT})")
-    return mb << 20
+    return env_bound(READ_MB_ENV, READ_MB_DEFAULT, most=1 << 30, unit="megabytes") << 20
 
 
 def _short(value: object) -> str:

@@ -28,7 +28,6 @@ import functools
 import itertools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from netshrink.errors import UserError
+from netshrink.limits import env_bound
 from netshrink.recipe.keys import sha
 from netshrink.recipe.schema import Recipe, parse_recipe, read_yaml
 from netshrink.store.layout import check_name
@@ -111,17 +111,7 @@ class Study:
 def max_study_bytes() -> int:
     """The bytes of JSON a study's cells' recipes may take together (``$NETSHRINK_STUDY_MB``
     megabytes; ``study.json``, which holds them, may take twice that)."""
-    raw = os.environ.get(STUDY_MB_ENV)
-    if raw is None or raw.strip() == "":
-        return STUDY_MB_DEFAULT << 20
-    try:
-        mb = int(raw)
-    except ValueError:
-        mb = 0
-    if not 1 <= mb <= 1 << 20:
-        raise UserError(f"${STUDY_MB_ENV}={raw[:40]!r}: give a whole number of megabytes "
-                        f"(default {STUDY_MB_DEFAULT})")
-    return mb << 20
+    return env_bound(STUDY_MB_ENV, STUDY_MB_DEFAULT, most=1 << 20, unit="megabytes") << 20
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
