@@ -36,8 +36,10 @@ __all__ = [
 
 MAX_JSON_BYTES = 64 << 20  # JSON we parse from a file's header or metadata
 MAX_JSON_DEPTH = 64  # nesting levels; our own headers use fewer than ten
-# Seeds a recipe, a stage or a measurement may set: torch takes up to 2**64 - 1, numpy's
-# legacy generators less than 2**32; a run adds stage indices to its seed: 32 bits.
+# Seeds a recipe, a stage or a measurement may set. torch takes up to 2**64 - 1, but a run
+# adds stage indices to its seed and a seed is hashed into stage keys: 32 bits leave room
+# for both and are more than any experiment needs (a seed beyond int64 raised from deep in
+# torch before).
 MAX_SEED = 2**32 - 1
 
 _KINDS = (

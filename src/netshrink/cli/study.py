@@ -77,10 +77,6 @@ def cmd_study_show(args: argparse.Namespace) -> int:
 
 
 # What a study writes in its folder: a CSV must not replace any of it.
-STUDY_OUTPUTS = ("study.json", "results.sqlite", "report.md", "report.html", "report_files",
-                 "cells")
-
-
 def _check_csv_target(csv: Path, folder: Path, db: Path) -> None:
     """``--csv`` is a new file, or a CSV netshrink wrote: never a folder, the study's
     store or record, a file the study wrote, or any other existing file.
@@ -88,35 +84,32 @@ def _check_csv_target(csv: Path, folder: Path, db: Path) -> None:
     Raises:
         UserError: naming the target and the fix.
     """
-    from netshrink.limits import open_regular
     from netshrink.store.layout import is_within
-    from netshrink.study.results import COLUMNS
+    from netshrink.store.outputs import check_output_file
+    from netshrink.study.folder_walls import STUDY_OUTPUTS
 
-    if csv.is_dir():
-        raise UserError(f"--csv {csv}: a folder; give the path of the file to write "
-                        "(e.g. rows.csv)")
-    if not csv.parent.is_dir():
-        raise UserError(f"--csv {csv}: the folder {csv.parent} does not exist; create it "
-                        "first, or give a path in a folder that exists")
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        if is_within(csv, Path(f"{db}{suffix}")):
-            raise UserError(f"--csv {csv}: is the study's results database; give another "
-                            "path for the CSV")
     for name in STUDY_OUTPUTS:
         if is_within(csv, folder / name):
             raise UserError(f"--csv {csv}: lies in the study's own files ({name}), which "
                             "the CSV would replace; give another path")
-    if not csv.exists() and not csv.is_symlink():
-        return
+    check_output_file(csv, flag="--csv", writes="a CSV netshrink wrote (the rows' header "
+                      "first)", replaceable=_is_rows_csv,
+                      inputs=[Path(f"{db}{suffix}") for suffix in ("", "-wal", "-shm",
+                                                                   "-journal")])
+
+
+def _is_rows_csv(path: Path) -> bool:
+    """Whether ``path`` starts with the header ``study show --csv`` writes."""
+    from netshrink.limits import open_regular
+    from netshrink.study.results import COLUMNS
+
     header = ",".join(COLUMNS).encode()
-    with open_regular(csv, "CSV") as f:
-        try:
+    try:
+        with open_regular(path, "CSV") as f:
             first = f.read(len(header) + 1)
-        except OSError as exc:
-            raise UserError(f"--csv {csv}: cannot read it ({exc.strerror or exc})") from None
-    if not (first.startswith(header) and first[len(header):] in (b"\r", b"\n")):
-        raise UserError(f"--csv {csv}: exists and is not a CSV netshrink wrote (its first "
-                        "line is not the rows' header); move it away or give another path")
+    except (UserError, OSError):
+        return False
+    return first.startswith(header) and first[len(header):] in (b"\r", b"\n")
 
 
 def _write_csv(csv: Path, text: str) -> None:

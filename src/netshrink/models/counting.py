@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from netshrink.errors import UserError
+from netshrink.models.footprint import meta_forward
+from netshrink.models.modes import eval_mode, input_dtype
 
 __all__ = ["check_input_shape", "count_macs", "count_params", "eval_mode", "input_dtype"]
-
-
-def input_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype a model's inputs must have: that of its first floating parameter.
-
-    A model with no floating parameters (parameter-free, or quantized with packed weights)
-    takes float32 inputs.
-    """
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block, then give every submodule its old mode back.
-
-    ``model.train(old)`` alone would not do: it sets one flag on every submodule, and a
-    caller may have frozen some (e.g. BatchNorm kept in eval while the rest trains).
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def check_input_shape(input_shape: Sequence[int]) -> list[int]:
@@ -117,8 +90,6 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
         UserError: ``input_shape`` is not three positive integers.
     """
     shape = check_input_shape(input_shape)
-    from netshrink.models.footprint import meta_forward
-
     try:
         return meta_forward(model, shape)[1]
     except Exception:  # the real run below counts it, or raises for real

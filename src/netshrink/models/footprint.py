@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from netshrink.errors import UserError
 from netshrink.limits import env_bound
-from netshrink.models.counting import eval_mode, input_dtype
+from netshrink.models.modes import eval_mode, input_dtype
 
 __all__ = ["MAX_ACTIVATION_ENV", "activation_problem", "check_activation",
            "check_training_memory", "device_memory", "input_bytes", "max_activation_bytes",

@@ -28,7 +28,9 @@ from netshrink.stages.record import MAX_RUN_FILE_BYTES, RunRecord, StageRecord
 from netshrink.store.atomic import atomic_write_text, is_temp_name
 from netshrink.store.checkpoint import load_model
 from netshrink.store.layout import (
+    PLOTS_DIR,
     RUN_FILE,
+    RUN_OUTPUTS,
     STAGES_DIR,
     check_inputs_outside,
     check_name,
@@ -117,8 +119,7 @@ class RunFolder:
             UserError: naming the link.
         """
         owned = [f"{STAGES_DIR}/{name}" for name in self.owned_folders(previous)]
-        refuse_links(self.out, [RUN_FILE, "report.md", "report.html", STAGES_DIR],
-                     what="run", deep=["report_files", *owned])
+        refuse_links(self.out, RUN_OUTPUTS, what="run", deep=[PLOTS_DIR, *owned])
 
     def preflight(self, data: DataBundle, entries: list[StageEntry],
                   model: nn.Module | None = None) -> None:
@@ -212,7 +213,7 @@ class RunFolder:
     def clear_interrupted_writes(self, previous: RunRecord) -> None:
         """Remove the temporary files of writes a killed run left half done (only names
         the atomic writer makes, only in the folders this run owns)."""
-        folders = [self.out, self.out / "report_files"]
+        folders = [self.out, self.out / PLOTS_DIR]
         folders += [self.out / STAGES_DIR / name for name in self.owned_folders(previous)]
         for folder in folders:
             if folder.is_dir() and not folder.is_symlink():

@@ -9,8 +9,9 @@ import re
 
 from netshrink.report.content import LAYER_HEADING, ReportContent
 from netshrink.report.tables import Table
+from netshrink.store.layout import PLOTS_DIR
 
-PLOT_DIR = "report_files"
+PLOT_DIR = PLOTS_DIR  # the run folder layout's name for it
 
 # Characters that would break a table row or be read as markup or an HTML tag. ``_`` is
 # left alone because names like ``prune_50`` are common and intraword ``_`` is not

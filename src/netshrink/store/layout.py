@@ -19,7 +19,8 @@ MODEL_FILE = "model.safetensors"
 STAGES_DIR = "stages"
 # What a run (and its report) writes at the top of its folder: an input file must not
 # sit in any of these, because the run replaces them.
-RUN_OUTPUTS = (RUN_FILE, STAGES_DIR, "report.md", "report.html", "report_files")
+PLOTS_DIR = "report_files"
+RUN_OUTPUTS = (RUN_FILE, STAGES_DIR, "report.md", "report.html", PLOTS_DIR)
 
 # Letters, digits and ``_ . + = -``, starting with a letter or digit: one path component
 # on every filesystem, never ``.``/``..``, never hidden, no separator.

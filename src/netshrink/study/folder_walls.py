@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from netshrink.store.layout import PLOTS_DIR
 from netshrink.store.walls import refuse_links
 
-__all__ = ["refuse_study_links"]
+__all__ = ["STUDY_OUTPUTS", "refuse_study_links"]
 
 # What a study or a compress search writes at the top of its folder (written or replaced
 # by name) and the trees it owns whole.
 _TOP_FILES = ("study.json", "results.sqlite", "results.sqlite-wal", "results.sqlite-shm",
               "results.sqlite-journal", "report.md", "report.html")
-_OWNED_TREES = ("cells", "chosen", "input", "report_files")
+_OWNED_TREES = ("cells", "chosen", "input", PLOTS_DIR)
+# Everything at the top of the folder that a study or search writes: no output of another
+# command (``study show --csv``) may go there.
+STUDY_OUTPUTS = _TOP_FILES + _OWNED_TREES
 
 
 def refuse_study_links(out: Path, what: str) -> None:
