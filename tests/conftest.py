@@ -55,3 +55,21 @@ def _own_model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every test gets an empty model cache of its own: runs never see another test's (or
     # the user's ~/.cache) models, and the cache's behaviour is tested where intended.
     monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "model-cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(fashion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of ``test_hostile_runs.TINY`` (copy it before changing it): the
+    hostile tables' resumed runs and reports start from it."""
+    import json
+
+    from netshrink.cli import main
+    from test_hostile_runs import TINY
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["root"] = str(fashion_dir)
+    recipe = out.parent / "tiny.yaml"
+    recipe.write_text(json.dumps(raw))
+    assert main(["run", str(recipe), "--out", str(out), "--no-report"]) == 0
+    return out

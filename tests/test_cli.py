@@ -222,6 +222,8 @@ def test_quantize_command_writes_int8_and_measures_it(capsys, tmp_path, fashion_
     assert (tmp_path / "q" / "stages" / "01-quant.ptq" / "model.nspk").is_file()
 
 
+@pytest.mark.slow  # 11 s; distillation is in the default run (test_distill), the CLI's
+# argument handling in test_hostile_runs
 def test_distill_command_trains_a_student(capsys, tmp_path, fashion_dir, trained_tiny) -> None:
     code, _, _ = run_cli(capsys, "distill", "--teacher", str(trained_tiny), "--arch",
                          "resnet_tiny", "--epochs", "3", "--lr", "0.05", "--batch-size", "32",

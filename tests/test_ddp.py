@@ -186,6 +186,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # 30 s; a killed run's resume is in the default run (test_kill_resume)
 @needs_gloo
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_killed_data_parallel_training_resumes(fashion_dir: Path, tmp_path: Path) -> None:

@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 
-from test_hostile_runs import (  # noqa: F401 (trained_run: a fixture)
+from test_hostile_runs import (
     Env,
     _tiny_yaml,
     edit_meta,
     refuse_case,
-    trained_run,
 )
 
 
@@ -110,14 +109,14 @@ CASES: dict[str, Callable[[Env], list[str]]] = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hostile_sizes_and_metadata_are_refused(
     case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
-    trained_run: Path,  # noqa: F811 (the fixture imported above)
+    trained_run: Path,
 ) -> None:
     refuse_case(CASES[case], capsys, tmp_path, fashion_dir, trained_run)
 
 
 def test_a_training_batch_beyond_the_device_is_refused_before_the_run_writes(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
-    trained_run: Path,  # noqa: F811 (the fixture imported above)
+    trained_run: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The bound is the device's memory; set lower here, a tiny model's 64-image batch
@@ -133,7 +132,7 @@ def test_a_training_batch_beyond_the_device_is_refused_before_the_run_writes(
 
 def test_a_stage_the_device_cannot_run_is_refused_before_the_run_writes(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
-    trained_run: Path,  # noqa: F811 (the fixture imported above)
+    trained_run: Path,
 ) -> None:
     def build(env: Env) -> list[str]:
         raw = env.tiny()
@@ -144,7 +143,7 @@ def test_a_stage_the_device_cannot_run_is_refused_before_the_run_writes(
 
 
 def test_a_deep_plot_list_is_not_ours_and_the_report_renders(
-    tmp_path: Path, fashion_dir: Path, trained_run: Path,  # noqa: F811 (the fixture above)
+    tmp_path: Path, fashion_dir: Path, trained_run: Path,
 ) -> None:
     from netshrink.cli import main
 

@@ -470,15 +470,6 @@ def snapshot(root: Path) -> dict[str, str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def trained_run(fashion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("trained") / "run"
-    raw = json.loads(json.dumps(TINY))
-    raw["data"]["root"] = str(fashion_dir)
-    recipe = out.parent / "tiny.yaml"
-    recipe.write_text(json.dumps(raw))
-    assert main(["run", str(recipe), "--out", str(out), "--no-report"]) == 0
-    return out
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -18,11 +18,10 @@ import pytest
 import torch
 
 from netshrink.errors import UserError
-from test_hostile_runs import (  # noqa: F401 (trained_run: a fixture)
+from test_hostile_runs import (
     Env,
     refuse_case,
     snapshot,
-    trained_run,
 )
 
 
@@ -298,7 +297,7 @@ CASES: dict[str, Callable[[Env], list[str]]] = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_planted_links_and_foreign_outputs_are_refused(
     case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, fashion_dir: Path,
-    trained_run: Path,  # noqa: F811 (the fixture imported above)
+    trained_run: Path,
 ) -> None:
     refuse_case(CASES[case], capsys, tmp_path, fashion_dir, trained_run)
 

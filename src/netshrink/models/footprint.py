@@ -138,15 +138,32 @@ def meta_forward(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int
             (``NotImplementedError``), layers whose shapes do not chain
             (``RuntimeError``), and so on; the caller decides what that means.
     """
-    dtype = input_dtype(model)
-    stand_ins = {name: torch.empty_like(t, device="meta") for name, t in
-                 chain(model.named_parameters(), model.named_buffers())}
-    x = torch.empty(1, *input_shape, dtype=dtype, device="meta")
-    live = _LivePeak(x.numel() * x.element_size())
-    counter = FlopCounterMode(display=False)
-    with eval_mode(model), torch.no_grad(), counter, live:
-        functional_call(model, stand_ins, (x,))
-    return live.peak, int(counter.get_total_flops()) // 2
+    # The same model is sized several times on its way through a command (opened, its
+    # MACs counted, checked at each batch it runs at): once per structure is enough.
+    key = (_structure(model), tuple(int(d) for d in input_shape))
+    known = _SIZED.setdefault(model, {})
+    if key not in known:
+        dtype = input_dtype(model)
+        stand_ins = {name: torch.empty_like(t, device="meta") for name, t in
+                     chain(model.named_parameters(), model.named_buffers())}
+        x = torch.empty(1, *input_shape, dtype=dtype, device="meta")
+        live = _LivePeak(x.numel() * x.element_size())
+        counter = FlopCounterMode(display=False)
+        with eval_mode(model), torch.no_grad(), counter, live:
+            functional_call(model, stand_ins, (x,))
+        known[key] = (live.peak, int(counter.get_total_flops()) // 2)
+    return known[key]
+
+
+# meta_forward's results by model object (forgotten with it) and structure: the names,
+# shapes and types of its tensors, which change when a model is pruned in place.
+_SIZED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[int, int]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _structure(model: nn.Module) -> tuple:
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in
+                 chain(model.named_parameters(), model.named_buffers()))
 
 
 def training_bytes(model: nn.Module, input_shape: Sequence[int]) -> int:
