@@ -206,6 +206,8 @@ def test_prune_ratio_out_of_range(capsys, tmp_path, trained_tiny, fashion_dir) -
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # 15 s; the INT8 stage and its files are in the default run (test_quant,
+# test_file_kinds), the command's argument handling in test_hostile_runs
 def test_quantize_command_writes_int8_and_measures_it(capsys, tmp_path, fashion_dir,
                                                       trained_tiny) -> None:
     capsys.readouterr()

@@ -79,6 +79,23 @@ def _cpu_precision(value: str) -> str:
     return value
 
 
+class _FirstOf:
+    """A rule applied whether or not the recipe gives the option: its first value, or
+    the first of the option's default."""
+
+    def __init__(self, default: list[Any]) -> None:
+        self.default = default
+
+    def __call__(self, values: list[Any]) -> list[Any]:
+        return values[:1]
+
+
+def _first_of(key: str) -> _FirstOf:
+    from netshrink.compress.options import CompressConfig
+
+    return _FirstOf(getattr(CompressConfig(), key)[:1])
+
+
 def _cpu_compile(value: str) -> str:
     if value != "off":
         raise ShrinkError(f"compile {value!r} would compile for minutes on a CPU: list the "
@@ -151,9 +168,10 @@ STAGE_RULES: dict[str, dict[str, Any]] = {
         **dict.fromkeys(["budget_points", "reserve_points", "target", "runtime", "deploy",
                          "channel_scope", "finetune_lr", "alpha", "temperature", "threads",
                          "measure_batch", "amp"], KEEP),
-        # each walk's first step only: every kind of candidate, a few of them
-        **dict.fromkeys(["channel_ratios", "sparsities", "kmeans_bits", "drop_blocks"],
-                        lambda values: values[:1]),
+        # each walk's first step only: every kind of candidate, a few of them (a list
+        # the recipe leaves out is CompressConfig's default, cut the same way)
+        **{key: _first_of(key) for key in ("channel_ratios", "sparsities", "kmeans_bits",
+                                           "drop_blocks")},
         "finetune_epochs": 1, "max_steps": 1, "kmeans_finetune_epochs": _at_most(0.1),
         "batch_size": SMALL, "val_size": SMALL, "calib_size": SMALL, "timing": False},
     "deploy.torch": {
@@ -187,7 +205,9 @@ def _apply(rules: dict[str, Any], given: dict[str, Any], where: str) -> dict[str
                           "tests/test_shipped_recipes.py (KEEP only if it costs no time)")
     out = dict(given)
     for key, rule in rules.items():
-        if callable(rule):
+        if isinstance(rule, _FirstOf):
+            out[key] = rule(given[key]) if key in given else rule.default
+        elif callable(rule):
             if key in given:
                 out[key] = rule(given[key])
         elif rule is not KEEP:
