@@ -108,7 +108,7 @@ def test_eval_predict_bench_take_every_file_a_run_writes(capsys, run, image, sta
 
     # bench: the counts the run recorded (an ONNX or IR file carries them)
     code, out, err = run_cli(capsys, "bench", "--weights", str(path), "--repeats", "1",
-                             "--batch-size", "2", "--threads", "1")
+                             "--batch-size", "2", "--threads", "1", "--min-seconds", "0")
     assert code == 0, err
     assert f"params {recorded['params']:,} (non-zero {recorded['nonzero_params']:,})" in out
     assert f"MACs {recorded['macs'] / 1e6:,.1f} M" in out
@@ -183,7 +183,7 @@ def test_onnx_from_elsewhere_opens_and_says_which_flag_is_missing(capsys, run, i
     assert code == 0 and out.splitlines()[1].split("%  ", 1)[1] in FASHION_CLASSES, err
 
     code, out, err = run_cli(capsys, "bench", "--weights", str(foreign), "--repeats", "1",
-                             "--batch-size", "2", "--threads", "1")
+                             "--batch-size", "2", "--threads", "1", "--min-seconds", "0")
     assert code == 0 and "params " in out and "no netshrink metadata" in err, err
 
 

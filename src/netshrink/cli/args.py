@@ -27,6 +27,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """A time in seconds: finite, 0 or more, at most an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"give 0 to 3600 seconds, not {text}")
+    return value
+
+
 def input_shape(text: str) -> list[int]:
     try:
         dims = [int(d) for d in text.lower().split("x")]

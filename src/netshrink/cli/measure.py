@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from netshrink.bench.options import DEFAULT_MIN_SECONDS
 from netshrink.cli.args import (
     FILE_KINDS,
     data_args,
@@ -15,6 +16,7 @@ from netshrink.cli.args import (
     input_shape,
     positive_int,
     runtime_arg,
+    seconds,
     subcommand,
 )
 from netshrink.errors import UserError
@@ -225,7 +227,8 @@ def _bench_repeats(args: argparse.Namespace, model: object, label: str, shape: l
     for repeat in range(args.repeats):
         m = measure(model, input_shape=shape, file=file,  # type: ignore[arg-type]
                     options=MeasureOptions(device=device, threads=args.threads,
-                                           batch_size=batch_size, seed=repeat))
+                                           batch_size=batch_size, seed=repeat,
+                                           min_seconds=args.min_seconds or None))
         results.append(m)
         lat, thr = m.latency, m.throughput
         assert lat is not None and thr is not None
@@ -334,6 +337,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="batch of the throughput timing")
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="whole measurements, to see the run-to-run spread")
+    p.add_argument("--min-seconds", type=seconds, default=DEFAULT_MIN_SECONDS,
+                   help="time latency and throughput each for at least this long (more "
+                        "samples, steadier figures); 0: the fixed number of calls only")
     runtime_arg(p)
     device_arg(p, trains=False)
     p.add_argument("--precision", choices=["fp32", "tf32", "fp16", "bf16"], default="fp32",
