@@ -169,7 +169,7 @@ def test_argument_errors_exit_nonzero(capsys, argv) -> None:
 def trained_tiny(fashion_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained")
     assert main(["train", "--arch", "resnet_tiny", "--epochs", "1", "--batch-size", "64",
-                 "--data-dir", str(fashion_dir), "--out", str(out)]) == 0
+                 "--data-dir", str(fashion_dir), "--out", str(out), "--no-timing"]) == 0
     return out / "stages" / "01-train" / "model.safetensors"
 
 
@@ -183,7 +183,7 @@ def test_prune_command_measures_before_and_after(capsys, tmp_path, fashion_dir, 
     capsys.readouterr()
     code, stdout, _ = run_cli(capsys, "prune", "--weights", str(trained_tiny), "--method", method,
                               "--ratio", "0.5", *extra, "--data-dir", str(fashion_dir),
-                              "--out", str(tmp_path / method))
+                              "--out", str(tmp_path / method), "--no-timing")
     assert code == 0
     before = next(line for line in stdout.splitlines() if line.startswith("before:"))
     after = next(line for line in stdout.splitlines() if line.startswith("after:"))
