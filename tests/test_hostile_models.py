@@ -41,10 +41,10 @@ from netshrink.runtime.files import open_model_file
 from netshrink.store.checkpoint import FORMAT
 from test_hostile_readers import (
     GRAY,
+    check_case,
     gray_meta,
     model_file,
     small_png,
-    snapshot,
     with_meta_key,
     with_spec_key,
 )
@@ -434,31 +434,7 @@ def test_hostile_model_gives_one_line_error(case, reason, tmp_path, capsys,
     # that size shows the activation bound behind it: each fact within its own bound, the
     # activations they imply together still refused.
     monkeypatch.setenv("NETSHRINK_MAX_IMAGE_SIZE", "4096")
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    run = case(inputs)
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    before = snapshot(tmp_path)
-    capsys.readouterr()
-    if callable(run):
-        with pytest.raises(UserError) as exc:
-            run()
-        message = str(exc.value)
-        assert "\n" not in message and len(message) < 2000, message
-        assert reason in message, message
-        _, err = capsys.readouterr()
-        assert "Traceback" not in err, err
-    else:
-        code = main(run)
-        _, err = capsys.readouterr()
-        lines = err.strip().splitlines()
-        assert code == 2, err
-        assert len(lines) == 1 and lines[0].startswith("netshrink: error: "), err
-        assert "Traceback" not in err and len(lines[0]) < 2000
-        assert reason in lines[0], lines[0]
-    assert snapshot(tmp_path) == before
+    check_case(case, reason, tmp_path, capsys, monkeypatch)
 
 
 def test_the_table_covers_every_class() -> None:

@@ -566,6 +566,14 @@ def snapshot(root: Path) -> dict[str, tuple[str, str]]:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("case", "reason"), CASES)
 def test_hostile_file_gives_one_line_error(case, reason, tmp_path, capsys, monkeypatch) -> None:
+    check_case(case, reason, tmp_path, capsys, monkeypatch)
+
+
+def check_case(case: Callable[[Path], Any], reason: str, tmp_path: Path,
+               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build ``case``'s files in ``tmp_path/in`` and run what it returns (a command line,
+    or a call of the API) from ``tmp_path/cwd``: one line naming ``reason`` (exit 2, or a
+    ``UserError``), no traceback, and nothing under ``tmp_path`` changed."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     run = case(inputs)
@@ -580,6 +588,8 @@ def test_hostile_file_gives_one_line_error(case, reason, tmp_path, capsys, monke
         message = str(exc.value)
         assert "\n" not in message and len(message) < 2000, message
         assert reason in message, message
+        _, err = capsys.readouterr()
+        assert "Traceback" not in err, err
     else:
         code = main(run)
         _, err = capsys.readouterr()
