@@ -26,7 +26,8 @@ from netshrink.data import ArraySplit, Augment, DataConfig, build_data
 from netshrink.data.cifar import read_cifar10, read_cifar100
 from netshrink.data.digits import read_digits
 from netshrink.data.idx import read_fashion_mnist
-from netshrink.data.imagefolder import FileSplit, eval_transform, random_resized_crop
+from netshrink.data.imagefolder import FileSplit
+from netshrink.data.images import eval_transform, random_resized_crop
 from netshrink.errors import UserError
 
 

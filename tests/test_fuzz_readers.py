@@ -42,7 +42,7 @@ from fixtures_data import (
 )
 from netshrink.data.cifar import _batch_arrays, read_cifar10
 from netshrink.data.idx import read_idx
-from netshrink.data.imagefolder import check_image
+from netshrink.data.images import check_image
 from netshrink.errors import UserError
 from netshrink.models import build_model
 from netshrink.predict import load_image

@@ -34,7 +34,8 @@ from PIL import Image
 from fixtures_data import write_cifar10_binary, write_cifar10_python, write_image_folder
 from netshrink.data.bounds import check_image_shape
 from netshrink.data.idx import read_fashion_mnist, read_idx
-from netshrink.data.imagefolder import FileSplit, check_image
+from netshrink.data.imagefolder import FileSplit
+from netshrink.data.images import check_image
 from netshrink.errors import UserError
 from netshrink.predict import load_image
 from test_fuzz_readers import FAST, SLOW, fuzz, mutated
@@ -435,7 +436,7 @@ def test_a_long_image_within_the_bounds_is_never_resized_whole(tmp_path: Path) -
 def test_eval_transform_of_ordinary_images_is_unchanged() -> None:
     """The whole resize stays for ordinary images: the same pixels as resizing the
     shorter side to 256/224 of the size and centre-cropping, as before."""
-    from netshrink.data.imagefolder import eval_transform
+    from netshrink.data.images import eval_transform
 
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 500, 3),
                                                            dtype=np.uint8))

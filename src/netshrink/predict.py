@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from netshrink.data.bounds import batch_bytes, check_image_size, max_batch_bytes
-from netshrink.data.imagefolder import decode, open_image, resize_crop
+from netshrink.data.images import decode, open_image, resize_crop
 from netshrink.errors import UserError
 from netshrink.limits import check_regular
 from netshrink.runtime.files import OpenedModel, open_model_file
@@ -20,7 +20,7 @@ def load_image(path: Path, *, in_channels: int, size: int) -> torch.Tensor:
 
     Only a regular image file of a format netshrink reads, within the pixel-count and
     aspect-ratio bounds of ``netshrink.data.bounds``, is decoded (see
-    ``netshrink.data.imagefolder.open_image``): a named pipe is refused rather than
+    ``netshrink.data.images.open_image``): a named pipe is refused rather than
     waited on, a decompression bomb or a 3,000,000 x 1 strip before decoding. ``size``
     is bounded too (``NETSHRINK_MAX_IMAGE_SIZE``).
 
