@@ -27,6 +27,7 @@ __all__ = [
     "MAX_SEED",
     "bounded_json",
     "check_regular",
+    "clip",
     "element_count",
     "env_bound",
     "json_depth",
@@ -129,6 +130,17 @@ def read_regular(path: Path, what: str, *, max_bytes: int) -> bytes:
         raise UserError(f"{path}: more than {max_bytes:,} bytes; this is not a {what} "
                         "netshrink reads")
     return data
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+def clip(text: str, limit: int = 160) -> str:
+    """``text`` on one line (each run of whitespace one space), at most ``limit``
+    characters: what a one-line error quotes of a hostile file or of another library's
+    many-line message."""
+    one = " ".join(text.split())
+    return one if len(one) <= limit else one[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------- bounds

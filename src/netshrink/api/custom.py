@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from netshrink.data.bounds import max_image_size
 from netshrink.errors import UserError
-from netshrink.limits import bounded_json
+from netshrink.limits import bounded_json, clip
 from netshrink.models.resize import resize_to_state
 from netshrink.store.atomic import atomic_write_bytes
 from netshrink.store.checkpoint import (
@@ -209,8 +209,7 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any], factory: str,
 
 
 def _shown(kwargs: dict[str, Any]) -> str:
-    text = json.dumps(kwargs)
-    return text if len(text) <= 120 else text[:117] + "..."
+    return clip(json.dumps(kwargs), 120)
 
 
 def _check_shell(fn: Callable[..., Any], kwargs: dict[str, Any], factory: str,

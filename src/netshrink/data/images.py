@@ -24,7 +24,7 @@ from torch import Tensor
 
 from netshrink.data.bounds import check_image_shape, max_image_pixels
 from netshrink.errors import UserError
-from netshrink.limits import open_regular
+from netshrink.limits import clip, open_regular
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -46,8 +46,7 @@ def _formats() -> list[str]:
 
 
 def _brief(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 160 else text[:157] + "..."
+    return clip(str(exc))
 
 
 @contextmanager

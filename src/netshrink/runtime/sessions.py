@@ -14,6 +14,7 @@ import numpy as np
 from torch import nn
 
 from netshrink.errors import UserError
+from netshrink.limits import clip
 from netshrink.registry import Registry
 from netshrink.runtime.base import ModelStats, RuntimeModule
 from netshrink.store.kinds import (
@@ -196,8 +197,7 @@ def ort_errors() -> tuple[type[Exception], ...]:
 
 def _brief(exc: BaseException) -> str:
     """A runtime's message on one line, short: they run to many lines of C++ context."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    return clip(str(exc), 300)
 
 
 def _openvino_error(exc: BaseException) -> bool:

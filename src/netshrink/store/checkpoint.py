@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from netshrink.data.bounds import max_image_size, raise_hint
 from netshrink.errors import UserError
-from netshrink.limits import bounded_json, open_regular, read_regular
+from netshrink.limits import bounded_json, clip, open_regular, read_regular
 from netshrink.models import ModelSpec, build_model
 from netshrink.models.footprint import meta_forward
 from netshrink.models.resize import resize_to_state
@@ -142,8 +142,7 @@ def _check_tensors(tensors: dict[str, Tensor], path: Path) -> None:
 
 def _brief(exc: BaseException) -> str:
     """An exception's message on one short line, for a ``UserError``."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 160 else text[:157] + "..."
+    return clip(str(exc))
 
 
 def _torch_load(data: bytes, path: Path) -> Any:

@@ -81,7 +81,7 @@ def check_output_file(out: Path, *, flag: str, writes: str,
     targets = [out, *companions]
     for target in targets:
         for source in inputs:
-            if same_file(target, source) or target.resolve() == Path(source).resolve():
+            if same_file(target, source):  # only an existing file can be replaced
                 raise UserError(f"{flag} {out}: {target} is the input {source}, which this "
                                 "would replace; write to another file")
     out_ok = not out.exists() or (out.is_file() and replaceable(out))

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from netshrink.errors import UserError
-from netshrink.limits import bounded_json, check_regular, read_regular
+from netshrink.limits import bounded_json, check_regular, clip, read_regular
 from netshrink.recipe.keys import sha
 from netshrink.report import ReportContent, build_content, write_report
 from netshrink.report.verdict import accuracy_budget, model_origins, reference_stage
@@ -139,8 +139,7 @@ def recorded_db(out: Path, study: dict[str, Any]) -> Path:
 
 
 def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return clip(repr(value), 80)
 
 
 def _origins(cell: dict[str, Any]) -> dict[str, str]:

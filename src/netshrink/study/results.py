@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from netshrink.errors import UserError
-from netshrink.limits import bounded_json, env_bound
+from netshrink.limits import bounded_json, clip, env_bound
 from netshrink.recipe.schema import MAX_RECIPE_STAGES
 from netshrink.stages.record import StageRecord
 from netshrink.store.atomic import atomic_write_text
@@ -166,8 +166,7 @@ def read_budget() -> int:
 
 def _short(value: object) -> str:
     """A value from a hostile file, fit for a one-line message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return clip(repr(value), 60)
 
 
 def is_file(path: Path) -> bool:
