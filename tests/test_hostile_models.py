@@ -146,7 +146,8 @@ def custom_file(tmp: Path, kwargs: Any, meta: dict | None = None) -> Path:
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
-    header["__metadata__"]["factory_kwargs"] = json.dumps(kwargs)
+    spec = json.loads(header["__metadata__"]["spec"])
+    header["__metadata__"]["spec"] = json.dumps({**spec, "factory_kwargs": kwargs})
     body = json.dumps(header).encode()
     path.write_bytes(len(body).to_bytes(8, "little") + body + data[8 + n :])
     return path
@@ -406,7 +407,8 @@ CASES = [
                  id="api-load-custom-kwargs-nested"),
     pytest.param(custom_kwargs({f"a{i}": 1 for i in range(40)}), "more than the 32",
                  id="api-load-custom-kwargs-40-names"),
-    pytest.param(custom_kwargs([8]), "JSON object", id="api-load-custom-kwargs-a-list"),
+    pytest.param(custom_kwargs([8]), "factory_kwargs: Input should be a valid dictionary",
+                 id="api-load-custom-kwargs-a-list"),
     pytest.param(custom_kwargs({"width": 8}, {"image_size": 10**9}), "image_size",
                  id="api-load-custom-meta-image-size-1e9"),
     pytest.param(num_classes("1000000000"), "--num-classes 1000000000",

@@ -3,6 +3,7 @@ that can be called on a batch, evaluated, measured and saved (and loaded back)."
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from netshrink.api.custom import save_custom
 from netshrink.api.data import Data, as_split
 from netshrink.bench import Accuracy, Measurement, MeasureOptions, evaluate, measure
 from netshrink.errors import UserError
-from netshrink.models import ModelSpec
+from netshrink.models import ModelSpec, custom_spec
+from netshrink.models.factory import check_factory
 from netshrink.runtime import ModelStats, model_stats, open_runtime
 from netshrink.runtime.base import Executable
 from netshrink.store.atomic import atomic_write_bytes
@@ -62,6 +63,28 @@ class Compressed:
     codebooks: dict[str, Codebook] | None = None
     stats: ModelStats | None = None
     _session: nn.Module | None = field(default=None, repr=False)
+
+    def _spec_to_save(self, model: nn.Module, factory: str | None,
+                      factory_kwargs: dict[str, Any] | None) -> ModelSpec:
+        """How the saved file rebuilds ``model``: netshrink's spec, or the user's factory.
+
+        Raises:
+            UserError: the user's own model and no factory to rebuild it with.
+        """
+        if factory is not None or (self.spec is None and self.factory is not None):
+            check_factory(factory or self.factory)
+            try:
+                json.dumps(factory_kwargs or {})
+            except TypeError as exc:
+                raise UserError(f"factory_kwargs must be JSON values ({exc})") from None
+            return custom_spec(model, factory or self.factory,  # type: ignore[arg-type]
+                               factory_kwargs or self.factory_kwargs)
+        if self.spec is None:
+            raise UserError(
+                f"{type(model).__name__} is not one of netshrink's models: save it with the "
+                "import path of the function that builds it, save(path, factory="
+                "'package.module:function'); load(path, trust=[...]) calls it to rebuild")
+        return self.spec
 
     @property
     def module(self) -> nn.Module:
@@ -143,22 +166,11 @@ class Compressed:
             check_output_file(path, flag="save path", writes=f"a {path.suffix} model",
                               replaceable=is_model_kind(kind))
         model = self.module.cpu()
-        factory = factory or self.factory
+        spec = self._spec_to_save(model, factory, factory_kwargs)
         if path.suffix == ".nspk":
-            if self.spec is None:
-                raise UserError("packed .nspk files hold netshrink's own architectures; save "
-                                "this model as .safetensors with factory=")
-            pack_model(model, self.spec, path, codebooks=self.codebooks, meta=facts)
-        elif path.suffix != ".safetensors":
-            raise UserError(f"{path}: save a torch model as .safetensors (or .nspk)")
-        elif self.spec is not None:
-            save_model(model, self.spec, path, meta=facts)
-        elif factory is not None:
-            save_custom(model, path, factory=factory,
-                        factory_kwargs=factory_kwargs or self.factory_kwargs, meta=facts)
+            pack_model(model, spec, path, codebooks=self.codebooks, meta=facts)
+        elif path.suffix == ".safetensors":
+            save_model(model, spec, path, meta=facts)
         else:
-            raise UserError(
-                f"{type(model).__name__} is not one of netshrink's models: save it with the "
-                "import path of the function that builds it, save(path, factory="
-                "'package.module:function'); load(path, trust=[...]) calls it to rebuild")
+            raise UserError(f"{path}: save a torch model as .safetensors (or .nspk)")
         return path

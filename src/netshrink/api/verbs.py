@@ -22,7 +22,6 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from netshrink.api.custom import CUSTOM_FORMAT, Trust, load_custom
 from netshrink.api.data import Data, as_split, batch_size_of, bundle, first_images
 from netshrink.api.result import Compressed
 from netshrink.bench import Measurement, MeasureOptions
@@ -31,6 +30,7 @@ from netshrink.distill.losses import kd_loss_fn
 from netshrink.errors import UserError
 from netshrink.export.onnx import check_onnx, export_onnx
 from netshrink.models import ModelSpec
+from netshrink.models.factory import Trust, trusting
 from netshrink.models.resnet import stage_blocks
 from netshrink.prune.blocks import BlockPruneConfig, prune_blocks
 from netshrink.prune.channel import ChannelPruneConfig, prune_channels
@@ -42,7 +42,6 @@ from netshrink.quant.ptq import PTQConfig, quantize_dynamic_onnx, quantize_onnx,
 from netshrink.quant.qat import QATConfig, run_qat
 from netshrink.runtime import model_stats
 from netshrink.stages.quant import DynamicConfig
-from netshrink.store.checkpoint import read_state_dict
 from netshrink.store.outputs import check_output_file, is_model_kind
 from netshrink.store.walls import make_dirs
 from netshrink.train.config import TrainConfig, fractional_epochs
@@ -431,25 +430,20 @@ def load(path: str | Path, *, trust: Trust = ()) -> Compressed:
         UserError: an unknown kind, an unsafe or corrupt file, an untrusted factory.
     """
     from netshrink.runtime.files import open_model_file
-    from netshrink.store.kinds import file_kind
 
     path = Path(path)
-    kind = file_kind(path)
-    if kind == "safetensors":
-        state, header = read_state_dict(path)
-        if header.get("format") == CUSTOM_FORMAT:
-            model, factory, meta, kwargs = load_custom(path, state, header, trust)
-            shape = _meta_shape(meta)
-            return Compressed(model=model, input_shape=shape, factory=factory, meta=meta,
-                              factory_kwargs=kwargs, notes=[f"loaded from {path}"])
-    opened = open_model_file(path)
+    with trusting(trust):
+        opened = open_model_file(path)
     meta = dict(opened.meta or {})
     in_torch = opened.runtime == "torch"
+    spec = opened.spec
     return Compressed(
         model=opened.module if in_torch else None,
-        input_shape=list(opened.input_shape or _meta_shape(meta, opened.spec)),
+        input_shape=list(opened.input_shape or _meta_shape(meta, spec)),
         file=path if opened.kind not in ("safetensors", "torch") else None,
-        runtime=opened.runtime, precision=opened.precision, spec=opened.spec, meta=meta,
+        runtime=opened.runtime, precision=opened.precision, spec=spec, meta=meta,
+        factory=spec.factory if spec is not None else None,
+        factory_kwargs=dict(spec.factory_kwargs) if spec is not None else {},
         notes=[f"loaded from {path}"], stats=opened.stats,
         _session=None if in_torch else opened.module)
 

@@ -21,6 +21,7 @@ from netshrink.cli.args import (
     no_timing_arg,
     positive_int,
     subcommand,
+    trust_arg,
 )
 from netshrink.cli.compress import add_compress
 from netshrink.cli.export import add_export
@@ -28,6 +29,7 @@ from netshrink.cli.measure import add_bench, add_eval, add_predict
 from netshrink.cli.output import output_mode, split_flags
 from netshrink.cli.study import add_study, normalize_argv
 from netshrink.errors import UserError
+from netshrink.models.factory import trusting
 
 if TYPE_CHECKING:
     from netshrink.recipe import RunRecord
@@ -84,6 +86,7 @@ def _run_as_recipe(
         "model": model,
         "data": {**data, "root": str(args.data_dir) if args.data_dir else None},
         "stages": stages,
+        "trust": list(getattr(args, "trust", None) or []),
     }
     if getattr(args, "no_timing", False):
         raw["measure"] = {"latency": False}
@@ -97,6 +100,7 @@ def _run_as_recipe(
 
 def _run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) -> RunRecord:
     """Run ``stages`` on the model file ``args.weights`` and print before/after figures."""
+    from netshrink.stages.start import section_of
     from netshrink.store.checkpoint import load_model
 
     _, spec, meta = load_model(args.weights)
@@ -104,8 +108,7 @@ def _run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) -
     if dataset is None:
         raise UserError(f"{args.weights}: the file does not say its dataset; pass --data")
     record = _run_as_recipe(
-        args, source,
-        model={"arch": spec.arch, "stem": spec.stem, "weights": str(args.weights)},
+        args, source, model=section_of(spec, args.weights),
         data={"name": dataset, "image_size": meta.get("image_size"), **_extra_data(args)},
         stages=stages,
     )
@@ -441,7 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
                 add_eval, add_predict, add_bench, add_export, _add_cache, _add_list,
                 add_compress, add_study):
         add(sub)
+    for name, command in sub.choices.items():
+        if name in _READS_MODELS:
+            trust_arg(command)
     return parser
+
+
+# The commands that read model files, which may name the user's own model's factory.
+_READS_MODELS = ("run", "train", "distill", "prune", "quantize", "eval", "predict", "bench",
+                 "export", "compress", "study")
 
 
 # The commands that run a recipe, so train data-parallel under torchrun.
@@ -474,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(normalize_argv(rest))
     try:
         _data_parallel(args)
-        with output_mode(mode):
+        with output_mode(mode), trusting(getattr(args, "trust", None) or []):
             return int(args.fn(args))
     except UserError as exc:
         print(f"netshrink: error: {exc}", file=sys.stderr)

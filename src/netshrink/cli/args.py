@@ -90,3 +90,10 @@ def runtime_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=["onnxruntime", "openvino"],
                    help="run an ONNX file in this runtime (default: the one its run measured "
                         "it in, else onnxruntime)")
+
+
+def trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust", action="append", metavar="PKG.MOD:FN",
+                   help="a function that builds your own model (package.module:function): "
+                        "model files that name it may call it; repeat for several. "
+                        "netshrink never imports code a file names without it")

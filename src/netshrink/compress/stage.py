@@ -15,6 +15,7 @@ from netshrink.compress.search import CHOSEN_DIR, Search
 from netshrink.errors import UserError
 from netshrink.runtime.base import ModelStats
 from netshrink.stages.base import Deployed, StageContext, stage
+from netshrink.stages.start import section_of
 from netshrink.store.checkpoint import save_model
 
 SEARCH_DIR = "search"  # the search's folder inside the stage's: candidates, store, report
@@ -27,7 +28,7 @@ INPUT_FILE = "input.safetensors"  # the chain's model, the candidates' starting 
 def compress_stage(model: nn.Module, cfg: CompressConfig, ctx: StageContext) -> Deployed:
     source = ctx.stage_dir / INPUT_FILE
     save_model(model, ctx.spec, source, meta=ctx.meta)
-    section = {"arch": ctx.spec.arch, "stem": ctx.spec.stem, "weights": str(source)}
+    section = section_of(ctx.spec, source)
     data = {k: v for k, v in ctx.data_config.items() if k not in ("val_size", "calib_size")}
     split = ctx.meta.get("split") or {}
     cfg, notes = held_out_split(cfg, data, split)

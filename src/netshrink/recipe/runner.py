@@ -24,6 +24,7 @@ from torch import nn
 import netshrink
 from netshrink.data import DataBundle, build_data
 from netshrink.models import ModelSpec
+from netshrink.models.factory import trusting
 from netshrink.recipe.cache import MEASUREMENTS_DIR, CachedStage, ModelCache
 from netshrink.recipe.keys import config_files, measure_key, sha, stage_keys
 from netshrink.recipe.measuring import StageMeasurer
@@ -122,6 +123,7 @@ class Runner:
             walls.enter_context(owned_folder(self.out, "run"))
             if self.cache is not None:
                 walls.enter_context(owned_folder(self.cache.root, "model cache"))
+            walls.enter_context(trusting(self.recipe.trusted()))
             return self._run()
 
     def _run(self) -> RunRecord:

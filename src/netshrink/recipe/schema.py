@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from netshrink.bench.options import MeasureConfig
 from netshrink.data import DataConfig
 from netshrink.errors import UserError
 from netshrink.limits import MAX_SEED
+from netshrink.models.factory import check_factory
 from netshrink.stages.base import STAGES, load_builtin_stages
 from netshrink.stages.start import ModelSection
 from netshrink.store.layout import check_name
@@ -91,6 +92,23 @@ class Recipe(BaseModel):
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     stages: list[dict[str, Any]] = Field(default_factory=list)
+    # The user's model factories (package.module:function) the recipe's files may name
+    # (a teacher or weights saved with their factory); model.factory is trusted anyway.
+    trust: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("trust")
+    @classmethod
+    def _import_paths(cls, names: list[str]) -> list[str]:
+        for name in names:
+            try:
+                check_factory(name, "trust:")
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        return names
+
+    def trusted(self) -> list[str]:
+        """The factories this recipe's runs may call."""
+        return [*self.trust, *([self.model.factory] if self.model.factory else [])]
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:

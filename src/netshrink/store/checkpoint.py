@@ -30,13 +30,17 @@ from torch import Tensor, nn
 from netshrink.data.bounds import max_image_size, raise_hint
 from netshrink.errors import UserError
 from netshrink.limits import bounded_json, clip, open_regular, read_regular
-from netshrink.models import ModelSpec, build_model
+from netshrink.models import ModelSpec, build_model, io_widths
+from netshrink.models.factory import check_factory_kwargs, trusted_arguments
 from netshrink.models.footprint import meta_forward
 from netshrink.models.resize import resize_to_state
 from netshrink.store.atomic import atomic_write_bytes
 from netshrink.store.kinds import ACCEPTED, DESCRIBED, kind_of_bytes
 
 FORMAT = "netshrink.model/1"
+# Files of the user's own models as netshrink 0.x wrote them (the factory in the header
+# instead of the spec); read as a spec with that factory.
+LEGACY_CUSTOM_FORMAT = "netshrink.custom/1"
 
 # What a model file may be: the largest registered model (ResNet-101) is 170 MB in
 # float32, so 2 GiB leaves room for float64 copies and foreign checkpoints, and keeps a
@@ -407,11 +411,13 @@ def check_spec(spec: ModelSpec, source: Path) -> None:
         problems.append(f"num_classes {spec.num_classes:,} (at most {MAX_CLASSES:,})")
     if spec.in_channels > MAX_IN_CHANNELS:
         problems.append(f"in_channels {spec.in_channels:,} (at most {MAX_IN_CHANNELS})")
-    if len(spec.arch) > 100:
+    if len(spec.arch) > 200:
         problems.append(f"an architecture name of {len(spec.arch)} characters")
     if problems:
         raise UserError(f"{source}: model spec out of range: {', '.join(problems)}; "
                         f"{_RESAVE}")
+    if spec.factory is not None:
+        check_factory_kwargs(spec.factory_kwargs, spec.factory, str(source))
 
 
 def parse_meta(raw: Any, spec: ModelSpec, source: Path) -> dict[str, Any]:
@@ -516,44 +522,124 @@ def load_model(path: Path, *, spec: ModelSpec | None = None) -> tuple[nn.Module,
         meta = parse_meta(header.get("meta"), own, path)
         if spec is None:
             spec = own
+    elif header.get("format") == LEGACY_CUSTOM_FORMAT:
+        own, meta = _legacy_custom(header, state, path)
+        spec = spec or own
     if spec is None:
         spec = guess_spec(state)
-    return model_from_state(spec, state, path), spec, meta
+    size = meta.get("image_size") if isinstance(meta.get("image_size"), int) else None
+    model = model_from_state(spec, state, path, image_size=size)
+    return model, built_spec(model, spec), meta
 
 
-def model_from_state(spec: ModelSpec, state: dict[str, Tensor], source: Path) -> nn.Module:
+def built_spec(model: nn.Module, spec: ModelSpec) -> ModelSpec:
+    """The spec ``model`` was built with: ``spec``, with the caller's arguments for the
+    user's factory where its trust gave them (``build_model`` keeps it on the model)."""
+    built = getattr(model, "netshrink_spec", None)
+    return built if isinstance(built, ModelSpec) else spec
+
+
+def _legacy_custom(header: dict[str, str], state: dict[str, Tensor], path: Path
+                   ) -> tuple[ModelSpec, dict[str, Any]]:
+    """The spec and meta of a custom-model file of the earlier format."""
+    try:
+        kwargs = bounded_json(header.get("factory_kwargs", "{}"), max_bytes=1 << 16)
+        meta = bounded_json(header.get("meta", "{}"), max_bytes=MAX_META_BYTES)
+    except ValueError as exc:
+        raise UserError(f"{path}: unreadable custom-model header ({_brief(exc)}); "
+                        f"{_RESAVE}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: corrupt model metadata (not a JSON object); {_RESAVE}")
+    names = meta.get("class_names")
+    raw = {"factory": header.get("factory"), "factory_kwargs": kwargs, "pruned": True,
+           "in_channels": meta.get("in_channels", 3),
+           "num_classes": len(names) if isinstance(names, list) and names else 1}
+    try:
+        spec = ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{path}: corrupt custom-model header ({_validation_reason(exc)}); "
+                        f"{_RESAVE}") from None
+    check_spec(spec, path)
+    return spec, check_meta(meta, spec, path)
+
+
+def model_from_state(spec: ModelSpec, state: dict[str, Tensor], source: Path, *,
+                     image_size: int | None = None) -> nn.Module:
     """Build ``spec``'s model and load ``state`` into it (eval mode).
 
     A ``pruned`` spec builds the unpruned model and gives its layers the state's widths
     first (channel pruning never changes the input channels or class count). The spec
     is checked against the state on a model without storage first, so a spec that does
-    not fit is reported without allocating what it asks for.
+    not fit is reported without allocating what it asks for. The user's own model
+    (a spec with a ``factory``) is built there first as well: what its arguments build
+    may hold no more than a model file.
+
+    Args:
+        image_size: the side of the images the model takes, where the file says: the
+            user's model's widths are checked to chain on those.
 
     Raises:
         UserError: the spec is out of range or the state does not fit it (``source`` is
             named in the message).
     """
     check_spec(spec, source)
-    with torch.device("meta"):
-        shell = _shaped_model(spec, state)
+    with torch.device("meta"), warnings.catch_warnings():
+        # its warnings (a zero-width layer's init) come again from the real build
+        warnings.simplefilter("ignore")
+        shell = _meta_shell(spec, state, source)
     if describe_mismatch(shell, state):
         load_weights(shell, spec, state, source)  # raises, naming what differs
     if spec.pruned:
-        _check_widths_chain(shell, spec, source)
-    model = _shaped_model(spec, state)
+        _check_widths_chain(shell, spec, source, image_size)
+    model = _shaped_model(spec, state, source)
     load_weights(model, spec, state, source)
     return model.eval()
 
 
-def _check_widths_chain(shell: nn.Module, spec: ModelSpec, source: Path) -> None:
+def _meta_shell(spec: ModelSpec, state: dict[str, Tensor], source: Path) -> nn.Module:
+    """``spec``'s model with the state's widths, without storage (under ``meta``).
+
+    Raises:
+        UserError: the user's factory, called with the file's arguments, cannot build
+            there (so their size cannot be checked first), or builds more than a model
+            file may hold.
+    """
+    if spec.factory is None:
+        return _shaped_model(spec, state, source)
+    yours = f"pass them yourself: trust={{{spec.factory!r}: {{...}}}}"
+    file_kwargs = trusted_arguments(spec.factory, str(source)) is None
+    try:
+        built = build_model(spec.model_copy(update={"pruned": False}), where=str(source))
+    except NotImplementedError as exc:
+        if file_kwargs:
+            raise UserError(f"{source}: {spec.factory} does not build on the meta device "
+                            f"({_brief(exc)}), so the size of what the file's factory_kwargs "
+                            f"ask for cannot be checked first; {yours}") from None
+        with torch.device("cpu"):  # the caller's own arguments: built for real
+            return _shaped_model(spec, state, source)
+    size = sum(t.numel() * t.element_size()
+               for t in [*built.parameters(), *built.buffers()])
+    if size > MAX_MODEL_BYTES and file_kwargs:
+        raise UserError(f"{source}: {spec.factory} would build a model of {size:,} bytes from "
+                        f"the file's arguments, more than the {MAX_MODEL_BYTES:,} a model "
+                        f"file may hold; {yours}")
+    return resize_to_state(built, state)
+
+
+def _check_widths_chain(shell: nn.Module, spec: ModelSpec, source: Path,
+                        image_size: int | None = None) -> None:
     """Run a pruned model's shell on the ``meta`` device: each layer's width comes from
     its own tensor, so a file can give widths that do not feed one another (a conv of
-    5 outputs into a norm of 7), which would fail only once real data runs.
+    5 outputs into a norm of 7), which would fail only once real data runs. The user's
+    own model is checked on the file's image size (it may need exactly that size);
+    when the file does not say, not at all.
 
     Raises:
         UserError: the widths do not chain.
     """
-    side = 32 if spec.stem == "cifar" else 64  # enough for every downsampling step
+    if spec.factory is not None and image_size is None:
+        return
+    side = image_size or (32 if spec.stem == "cifar" else 64)  # every downsampling step
     try:
         meta_forward(shell, [spec.in_channels, side, side])
     except NotImplementedError:
@@ -563,21 +649,15 @@ def _check_widths_chain(shell: nn.Module, spec: ModelSpec, source: Path) -> None
                         f"together ({_brief(exc)}); {_RESAVE}") from None
 
 
-def _shaped_model(spec: ModelSpec, state: dict[str, Tensor]) -> nn.Module:
-    model = build_model(spec)
+def _shaped_model(spec: ModelSpec, state: dict[str, Tensor], source: Path) -> nn.Module:
+    model = build_model(spec, where=str(source))
+    if spec.factory is not None:  # the user's model: every width is the file's
+        return resize_to_state(model, state)
     if spec.pruned:
-        expected = _io_widths(model)
+        expected = io_widths(model)
         model = resize_to_state(model, state)
-        if _io_widths(model) != expected:
+        if io_widths(model) != expected:
             # Another input or class count is another model, not a pruned one: check the
             # file against the spec's own shapes so the mismatch is reported.
-            model = build_model(spec)
+            model = build_model(spec, where=str(source))
     return model
-
-
-def _io_widths(model: nn.Module) -> tuple[int | None, int | None]:
-    """The first conv's input channels and the last linear layer's outputs."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return (convs[0].in_channels if convs else None,
-            linears[-1].out_features if linears else None)

@@ -58,7 +58,7 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.store.atomic import atomic_writer
 from netshrink.store.bitpack import pack_bits
-from netshrink.store.checkpoint import check_meta, check_spec, model_from_state
+from netshrink.store.checkpoint import built_spec, check_meta, check_spec, model_from_state
 from netshrink.store.codebook import Codebook
 from netshrink.store.packed_codec import (
     _DTYPES,
@@ -306,4 +306,6 @@ def load_packed_model(path: Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]
                         f"{exc.errors()[0]['msg']}); write it again") from None
     check_spec(spec, Path(path))
     meta = check_meta(header.get("meta") or {}, spec, Path(path))
-    return model_from_state(spec, tensors, Path(path)), spec, meta
+    size = meta.get("image_size") if isinstance(meta.get("image_size"), int) else None
+    model = model_from_state(spec, tensors, Path(path), image_size=size)
+    return model, built_spec(model, spec), meta
