@@ -48,11 +48,11 @@ def test_only_the_last_block_of_a_stage_with_more_than_one_may_go() -> None:
     assert "layer4.1" not in removable_blocks(model)
     with pytest.raises(UserError, match=r"cannot be removed; removable now .*layer1\.1"):
         remove_block(model, "layer2.0")
-    with pytest.raises(UserError, match="has 0 removable blocks"):
+    with pytest.raises(UserError, match="has 0 removable residual blocks"):
         prune_blocks(build_model(ModelSpec(arch="resnet_tiny", num_classes=10)),
                      BlockPruneConfig(count=1), None)
-    with pytest.raises(UserError, match="no such stages"):
-        removable_blocks(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)))
+    with pytest.raises(UserError, match="no residual block"):
+        removable_blocks(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)), [1, 4, 4])
 
 
 def test_a_block_whose_branch_is_zero_is_removed_first_and_changes_nothing() -> None:

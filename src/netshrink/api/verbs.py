@@ -220,11 +220,18 @@ def prune(model: Model,
                             "DataLoader of labelled images the model was not trained on), or "
                             "name the blocks (BlockPruneConfig(blocks=['layer4.1']))")
         scan = bundle(module, train=data).train if data is not None else None
-        pruned, removed = prune_blocks(module, config, scan, device=device, log=lambda _: None)
-        result = _derived(base, pruned, base.input_shape, "residual blocks removed: "
-                          + ", ".join(r["block"] for r in removed))
+        known = example_input is not None or data is not None or bool(base.input_shape)
+        shape = _shape(base, example_input, data) if known else None  # a ResNet needs none
+        pruned, removed = prune_blocks(module, config, scan, device=device, log=lambda _: None,
+                                       input_shape=shape)
+        names = [r["block"] for r in removed]
+        result = _derived(base, pruned, shape or base.input_shape,
+                          "residual blocks removed: " + ", ".join(names))
+        kept = stage_blocks(pruned)
         if result.spec is not None:
-            result.spec = result.spec.model_copy(update={"blocks": stage_blocks(pruned)})
+            result.spec = result.spec.model_copy(update={"blocks": kept} if kept is not None
+                                                 else {"removed": [*result.spec.removed,
+                                                                   *names]})
         return result
     raise UserError(f"prune takes MagnitudePruneConfig, NMPruneConfig, ChannelPruneConfig or "
                     f"BlockPruneConfig, not {type(config).__name__}")

@@ -42,6 +42,7 @@ from netshrink.bench.schema import Measurement
 from netshrink.bench.timing import time_model
 from netshrink.compress.options import CompressConfig
 from netshrink.errors import UserError
+from netshrink.models import io_widths
 from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.recipe.schema import Recipe
 from netshrink.runtime.files import open_model_file
@@ -196,8 +197,8 @@ class Search:
         # what must be written into ``out`` once every check has passed (the input
         # model of ``netshrink.compress(module, ...)``, which the candidates start from)
         self.before_first_write = before_first_write
-        # depth pruning as far as the network allows (every stage keeps one block)
-        most = _removable_blocks(model, module)
+        # depth pruning as far as the network allows (a ResNet's stages keep one block)
+        most = _removable_blocks(model, data, module)
         self.drop_blocks = [n for n in cfg.drop_blocks if n <= most]
 
     def _most(self) -> int:
@@ -438,16 +439,23 @@ class Search:
                        "chosen": last.measurement.model_dump(mode="json")}
 
 
-def _removable_blocks(model: dict[str, Any], module: nn.Module | None = None) -> int:
+def _removable_blocks(model: dict[str, Any], data: dict[str, Any],
+                      module: nn.Module | None = None) -> int:
     """How many residual blocks depth pruning may remove from the model section's
-    network, or from ``module`` when given (0 for a network that is not a ResNet)."""
-    from netshrink.models.resnet import stage_blocks
+    network, or from ``module`` when given (0 for a network without any)."""
+    from netshrink.models.factory import trusting
+    from netshrink.prune.blocks import most_removable
     from netshrink.store.checkpoint import load_model
 
+    meta: dict[str, Any] = {}
     if module is None and model.get("weights"):
-        module = load_model(Path(model["weights"]))[0]
-    blocks = stage_blocks(module) if module is not None else None
-    return sum(n - 1 for n in blocks) if blocks else 0
+        with trusting([model["factory"]] if model.get("factory") else []):  # as its recipe
+            module, _, meta = load_model(Path(model["weights"]))
+    if module is None:
+        return 0
+    channels = io_widths(module)[0] or 1
+    size = data.get("image_size") or meta.get("image_size") or 28
+    return most_removable(module, [channels, size, size])
 
 
 def _measurement(record_json: str) -> Measurement:

@@ -123,6 +123,8 @@ def build_model(spec: ModelSpec, *, where: str = "model") -> nn.Module:
             raise UserError(f"{where}: the model has no submodule {name!r} to remove; the "
                             "file was written for another version of the model") from None
         model.set_submodule(name, nn.Identity())
+    if spec.removed:
+        model.netshrink_removed = list(spec.removed)
     # The spec travels with the module, so the Python API can save what it was given
     # (``netshrink.prune(model, ...)`` on a model this built) without being told.
     model.netshrink_spec = spec
@@ -141,10 +143,13 @@ def custom_spec(model: nn.Module, factory: str, factory_kwargs: dict[str, Any] |
                 ) -> ModelSpec:
     """The spec of the user's own ``model``, built by ``factory(**factory_kwargs)``: its
     layers' widths come from the weights file (``pruned``), so a channel-pruned model
-    rebuilds too; the input channels and classes are what it has now."""
+    rebuilds too, and so does one depth pruning left identities in; the input channels
+    and classes are what it has now."""
     channels, classes = io_widths(model)
+    removed = getattr(model, "netshrink_removed", [])  # depth pruning's identities
     return ModelSpec(factory=factory, factory_kwargs=dict(factory_kwargs or {}), pruned=True,
-                     in_channels=channels or 3, num_classes=classes or 1)
+                     in_channels=channels or 3, num_classes=classes or 1,
+                     removed=list(removed))
 
 
 def _resnet_factory(block, layers) -> Factory:

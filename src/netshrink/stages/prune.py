@@ -106,19 +106,23 @@ def channel_stage(model: nn.Module, cfg: ChannelPruneConfig, ctx: StageContext) 
 
 
 @stage("prune.blocks", BlockPruneConfig,
-       "depth pruning: remove whole residual blocks of a ResNet, the least harmful first "
+       "depth pruning: remove whole residual blocks (x + F(x)), the least harmful first "
        "(a scan on the validation split); fewer layers, lower batch-1 latency")
 def blocks_stage(model: nn.Module, cfg: BlockPruneConfig, ctx: StageContext) -> nn.Module:
     info = ctx.data.info
     shape = [info.in_channels, info.image_size, info.image_size]
-    pruned, removed = prune_blocks(model, cfg, ctx.data.val, device=ctx.device, log=ctx.log)
+    pruned, removed = prune_blocks(model, cfg, ctx.data.val, device=ctx.device, log=ctx.log,
+                                   input_shape=shape)
     atomic_write_text(ctx.stage_dir / "blocks.json", json.dumps(removed, indent=2))
     params = count_params(model)[0], count_params(pruned)[0]
     macs = count_macs(model, shape), count_macs(pruned, shape)
     kept = stage_blocks(pruned)
+    names = [r["block"] for r in removed]
     ctx.notes.append(
-        f"residual blocks removed: {', '.join(r['block'] for r in removed)} (blocks per "
-        f"stage now {kept}); params {params[0]:,} → {params[1]:,}, MACs {macs[0]:,} → "
-        f"{macs[1]:,}")
-    ctx.spec = ctx.spec.model_copy(update={"blocks": kept})
+        f"residual blocks removed: {', '.join(names)}"
+        + (f" (blocks per stage now {kept})" if kept is not None else "")
+        + f"; params {params[0]:,} → {params[1]:,}, MACs {macs[0]:,} → {macs[1]:,}")
+    # the runner saves the model with ctx.spec: which blocks a rebuild leaves out
+    ctx.spec = ctx.spec.model_copy(update={"blocks": kept} if kept is not None
+                                   else {"removed": [*ctx.spec.removed, *names]})
     return pruned
