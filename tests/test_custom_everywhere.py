@@ -158,3 +158,28 @@ def test_files_of_the_earlier_custom_format_still_load(tmp_path) -> None:
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(again(x), model(x)) and again.input_shape == [1, 28, 28]
     assert struct.unpack("<Q", path.read_bytes()[:8])[0] > 0
+
+
+def test_a_study_of_the_users_model_in_a_pool(fashion_dir, tmp_path) -> None:
+    """Cells are recipes naming the factory: pool workers (fresh processes) trust it too."""
+    from netshrink.study import parse_study, run_study
+
+    study = {"name": "mine", "recipe": {
+        "model": {"factory": FACTORY, "kwargs": {"width": 8}},
+        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 50,
+                 "test_limit": 100},
+        "measure": {"latency": False},
+        "stages": [{"kind": "train", "name": "train", "epochs": 1, "max_steps": 2,
+                    "batch_size": 32}]},
+        "matrix": {"ratio": [0.25, 0.5]}}
+    study["recipe"]["stages"].append({"kind": "prune.channel", "name": "prune",
+                                      "from": "train", "ratio": "${ratio}"})
+    outcome = run_study(parse_study(study), tmp_path / "s", workers=2, log=lambda _: None)
+    assert len(outcome.ran) == 2 and not outcome.failed
+    widths = set()
+    for cell in (tmp_path / "s" / "cells").iterdir():
+        record = json.loads((cell / "run.json").read_text())
+        with trusting(FACTORY):
+            widths.add(load_model(cell / record["stages"][-1]["artifact"])[0]
+                       .conv1.out_channels)
+    assert widths == {6, 4}

@@ -107,8 +107,12 @@ class Recipe(BaseModel):
         return names
 
     def trusted(self) -> list[str]:
-        """The factories this recipe's runs may call."""
-        return [*self.trust, *([self.model.factory] if self.model.factory else [])]
+        """The factories this recipe's runs may call: its ``trust`` list and every
+        factory its model sections name (``model:``, a distillation's ``student:``)."""
+        sections = [self.model, *(getattr(e.config, "student", None)
+                                  for e in self.parsed_stages())]
+        return [*self.trust, *(s.factory for s in sections
+                               if isinstance(s, ModelSection) and s.factory)]
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:
