@@ -204,8 +204,11 @@ class Search:
     def _most(self) -> int:
         structures = 1 + len(self.cfg.channel_ratios) + len(self.drop_blocks) + (
             len(self.cfg.sparsities) if self.cfg.target == "size" else 0)
-        if self.cfg.deploy_method == "kmeans":  # each width at most once more than that
-            return structures + len(self.cfg.kmeans_bits) - 1
+        if self.cfg.deploy_method == "kmeans":
+            # A structure tries the widths upwards from the last that held until one
+            # holds; one that holds at none has tried them all (the bound was once
+            # structures + widths - 1, which such structures overran).
+            return structures * len(self.cfg.kmeans_bits)
         return structures
 
     def run(self) -> CompressResult:
