@@ -207,30 +207,34 @@ def split_indices(
     return train, val, calib
 
 
-def data_source(given: str | None, recorded: Any = None, *, where: str = "the model file",
-                kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``data:`` section's source for ``--data``/``data=`` (``given``): a dataset's
-    name, or a factory ``pkg.mod:fn`` (a string with ``:`` that is no dataset's name);
-    without it, the dataset a model file ``recorded``, which names a factory for
-    information only: a file never has one imported.
+def data_source(name: str, *, kwargs: dict[str, Any] | None = None,
+                root: Path | str | None = None, named_by_file: bool = False,
+                where: str = "the model file") -> dict[str, Any]:
+    """The ``data:`` section's source for ``name``: a dataset's (read from ``root``), or
+    a factory's (``pkg.mod:fn``, a string with ``:`` that is no dataset's name) called
+    with ``kwargs``. ``named_by_file``: the name is what a model file (``where``) records,
+    and a file never has a factory imported: the user names it (``--data pkg.mod:fn``).
 
     Raises:
-        UserError: nothing given or recorded, or only a file names a factory.
+        UserError: only a file names the factory; kwargs for a dataset, or a root for a
+            factory.
     """
-    if given is None:
-        if not isinstance(recorded, str) or not recorded:
-            raise UserError(f"{where} does not say its dataset; pass --data NAME (or data=)")
-        if recorded not in DATASETS and ":" in recorded:
-            raise UserError(f"{where} was made on the data of the factory {recorded[:80]}, "
-                            "which netshrink imports only when you name it: pass --data "
-                            f"{recorded[:80]}")
-        given = recorded
-    if given in DATASETS or ":" not in given:
-        if kwargs:
-            raise UserError(f"--data-kwargs are a data factory's arguments; {given!r} is a "
-                            "dataset's name")
-        return {"name": given}
-    return {"factory": given, "kwargs": dict(kwargs or {})}
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where}: its dataset is {str(name)[:40]!r}, not a name; pass "
+                        "--data NAME")
+    if name not in DATASETS and ":" in name:
+        if named_by_file:
+            raise UserError(f"{where} was made on the data of the factory {name[:80]}, "
+                            f"which netshrink imports only when you name it: pass --data "
+                            f"{name[:80]} (data= in Python)")
+        if root is not None:
+            raise UserError(f"--data-dir {root}: a data factory reads its own files; pass "
+                            "their place in its arguments (--data-kwargs, data_kwargs=)")
+        return {"factory": name, "kwargs": dict(kwargs or {})}
+    if kwargs:
+        raise UserError(f"--data-kwargs are a data factory's arguments; {name!r} is a "
+                        "dataset's name")
+    return {"name": name, "root": str(root) if root is not None else None}
 
 
 def build_data(cfg: DataConfig) -> DataBundle:
