@@ -208,7 +208,7 @@ def test_a_study_with_a_data_factory_on_worker_processes(user_module: Any,
     assert len(outcome.ran) == 2 and not outcome.failed
 
 
-QUICK = {"channel_ratios": [0.5], "drop_blocks": [], "sparsities": [0.5],
+QUICK = {"channel_ratios": [0.5], "drop_blocks": [], "sparsities": [],
          "kmeans_bits": [8], "kmeans_finetune_epochs": 0, "channel_scope": "layer",
          "max_steps": 2, "timing": False, "budget_points": 100.0, "calib_size": 8,
          "amp": "auto"}
@@ -285,6 +285,17 @@ def test_a_bad_factory_is_one_line_and_exit_2(user_module: Any, tmp_path: Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_study_checks_its_data_factory_before_the_first_cell(
+        user_module: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "study.yaml"
+    spec.write_text(json.dumps({"name": "s", "recipe": recipe(data={"factory": "nsnothere:fn"}),
+                                "matrix": {"seed": {"a": {"set": {"seed": 1}}}}}))
+    assert main(["study", str(spec), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "data.factory nsnothere:fn: cannot import it" in err and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
 def test_commands_take_a_factory_by_name_and_files_never_name_one(
         user_module: Any, trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     weights = str(trained / "stages/01-train/model.safetensors")
@@ -298,6 +309,8 @@ def test_commands_take_a_factory_by_name_and_files_never_name_one(
     model, _, _ = load_model(Path(weights))
     assert result["top1"] == pytest.approx(top1(model, user_module.data()["test"]))
     assert result["dataset"] == FACTORY
+    assert main(["compress", "--weights", weights, "--out", "unused"]) == 2
+    assert f"pass --data {FACTORY}" in capsys.readouterr().err
     # --data-dir is a dataset's folder; a factory reads its own files
     assert main(["eval", "--weights", weights, "--data", FACTORY, "--data-dir", "x"]) == 2
     assert "--data-kwargs" in capsys.readouterr().err
