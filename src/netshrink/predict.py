@@ -49,9 +49,10 @@ def load_image(path: Path, *, in_channels: int, size: int) -> torch.Tensor:
 def _dataset_facts(name: str, root: Path | None) -> dict[str, Any]:
     """Class names and preprocessing of the dataset ``name``, for a model file that does
     not carry them."""
-    from netshrink.data import DataConfig, build_data
+    from netshrink.data import DataConfig, build_data, data_source
 
-    info = build_data(DataConfig(name=name, root=root, val_size=0, augment=False)).info
+    source = data_source(name, root=root)
+    info = build_data(DataConfig(**source, val_size=0, augment=False)).info
     return {"dataset": info.name, "class_names": list(info.class_names),
             "image_size": info.image_size, "in_channels": info.in_channels,
             "mean": list(info.mean), "std": list(info.std)}

@@ -4,7 +4,8 @@ within an accuracy budget) and ``netshrink.study`` (a matrix of recipes), as the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from torch import nn
 from netshrink.compress import CompressConfig, CompressResult
 from netshrink.compress import compress as run_compress
 from netshrink.compress.options import compress_config, held_out_split
+from netshrink.data import data_source
+from netshrink.data.factory import in_memory_source
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, custom_spec
 from netshrink.models.factory import Trust, check_factory, trusting
@@ -57,7 +60,9 @@ def _model_section(model: str | Path | nn.Module, out: Path, factory: str | None
 
 
 def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None = None,
-             data_dir: str | Path | None = None, config: CompressConfig | None = None,
+             data_dir: str | Path | None = None, data_kwargs: dict[str, Any] | None = None,
+             train: Any = None, val: Any = None, test: Any = None,
+             class_names: list[str] | None = None, config: CompressConfig | None = None,
              device: str = "cpu", quiet: bool = False, factory: str | None = None,
              factory_kwargs: dict[str, Any] | None = None, trust: Trust = (),
              **settings: Any) -> CompressResult:
@@ -68,8 +73,15 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
     Args:
         model: a model file netshrink reads, or a model it built.
         out: the search's folder (candidates, results store, report, ``chosen/``).
-        data: a registered dataset's name (default: the one the model file names).
-        data_dir: where its files are (default: the dataset's usual place).
+        data: a registered dataset's name (default: the one the model file names), or
+            your data factory ``pkg.mod:fn`` (called with ``data_kwargs``).
+        data_dir: where the dataset's files are (default: the dataset's usual place).
+        train / val / test: instead of ``data``, your own data: ``DataLoader``s (or
+            torch ``Dataset``s) of ``(images, labels)``. Candidates are fine-tuned on
+            ``train``, decided on ``val`` (default: ``val_size`` images held out of
+            ``train``) and the chosen one reported on ``test``; they run in this process.
+            The fine-tuning batch size defaults to ``train``'s.
+        class_names: the classes' names (default: the model file's, or the data's).
         factory / factory_kwargs: for the user's own module, the function that builds
             it (``package.module:function``) and its arguments; trusted for the search.
         trust: factories a model file may name (``netshrink.load``'s ``trust``).
@@ -83,24 +95,81 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
         UserError: bad settings, model, data or folder (before anything runs).
     """
     out = Path(out)
-    cfg = config or compress_config(settings)
+    loaders = {"train": train, "val": val, "test": test}
+    cfg = config or compress_config(_loader_settings(settings, train))
     with trusting(trust):  # a file's factory; the candidates' recipes then name it
         section, meta, write_input = _model_section(model, out, factory, factory_kwargs)
-    dataset = data or meta.get("dataset")
-    if dataset is None:
-        raise UserError("the model file does not say its dataset; pass data=NAME")
-    data_section: dict[str, Any] = {"name": dataset,
-                                    "root": str(data_dir) if data_dir else None}
-    if meta.get("image_size"):
-        data_section["image_size"] = meta["image_size"]
-    cfg, notes = held_out_split(cfg, data_section, meta.get("split"),
-                                source=str(model) if isinstance(model, str | Path) else "model")
+    source = str(model) if isinstance(model, str | Path) else "model"
     log = (lambda _: None) if quiet else print
-    for note in notes:
-        log(f"compress: {note}")
-    return run_compress(section, data_section, out, cfg, device=device, log=log, notes=notes,
-                        module=model if isinstance(model, nn.Module) else None,
-                        before_first_write=write_input)
+    with _data_section(meta, source, data=data, data_dir=data_dir, data_kwargs=data_kwargs,
+                       loaders=loaders, class_names=class_names) as data_section:
+        cfg, notes = _held_out(cfg, data_section, meta, source, loaders)
+        for note in notes:
+            log(f"compress: {note}")
+        return run_compress(section, data_section, out, cfg, device=device, log=log,
+                            notes=notes, module=model if isinstance(model, nn.Module) else None,
+                            before_first_write=write_input)
+
+
+def _loader_settings(settings: dict[str, Any], train: Any) -> dict[str, Any]:
+    """``settings`` with the fine-tuning batch size of the user's training loader, unless
+    they set one."""
+    size = getattr(train, "batch_size", None)
+    if "batch_size" in settings or not isinstance(size, int) or size <= 0:
+        return settings
+    return {**settings, "batch_size": size}
+
+
+@contextlib.contextmanager
+def _data_section(meta: dict, source: str, *, data: str | None, data_dir: str | Path | None,
+                  data_kwargs: dict[str, Any] | None, loaders: dict[str, Any],
+                  class_names: list[str] | None) -> Iterator[dict[str, Any]]:
+    """The candidates' recipe data section: a dataset's or a factory's, or the user's
+    loaders held in this process for the duration of the search.
+
+    Raises:
+        UserError: both a dataset and loaders, a missing split, or data that is not.
+    """
+    if all(v is None for v in loaders.values()):
+        name = data or meta.get("dataset")
+        if name is None:
+            raise UserError("the model file does not say its dataset; pass data=NAME, a "
+                            "data factory data='pkg.mod:fn', or train=/val=/test= loaders")
+        section = data_source(name, kwargs=data_kwargs, root=data_dir,
+                              named_by_file=data is None, where=source)
+        if meta.get("image_size"):
+            section["image_size"] = meta["image_size"]
+        yield section
+        return
+    if data is not None or data_dir is not None or data_kwargs:
+        raise UserError("give data= (a dataset or a data factory) or the loaders train=, "
+                        "val=, test=, not both")
+    missing = [k for k in ("train", "test") if loaders[k] is None]
+    if missing:
+        raise UserError(f"compress fine-tunes on train= and reports on test=: give "
+                        f"{' and '.join(m + '=' for m in missing)} too (val= decides; "
+                        "without it val_size images are held out of train=)")
+    names = class_names or meta.get("class_names")
+    with in_memory_source({**loaders, "class_names": names},
+                          where="netshrink.compress") as section:
+        yield section
+
+
+def _held_out(cfg: CompressConfig, section: dict[str, Any], meta: dict, source: str,
+              loaders: dict[str, Any]) -> tuple[CompressConfig, list[str]]:
+    """Which images decide: the split the model file's run held out, where the data is
+    the one it was trained on (see ``held_out_split``); the user's ``val=``; or images
+    held out of ``train=``, which the model may have been trained on."""
+    if loaders["train"] is None:
+        same = section.get("name", section.get("factory")) == meta.get("dataset")
+        split = meta.get("split") if "name" in section or same else None
+        return held_out_split(cfg, section, split, source=source)
+    if loaders["val"] is not None:
+        return cfg, ["deciding on val= (never fine-tuned on), reporting on test="]
+    return cfg, [f"deciding on {cfg.val_size:,} images held out of train= (the candidates "
+                 "are not fine-tuned on them; if the model was trained on them, its "
+                 "validation top-1 overstates it: pass val= to decide on images it never "
+                 "saw)"]
 
 
 def study(spec: str | Path | dict[str, Any], out: str | Path, *, db: str | Path | None = None,

@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
              "sync_bn": args.sync_bn}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
-    _run_as_recipe(args, "netshrink train", model=model, data={"name": args.data},
+    _run_as_recipe(args, "netshrink train", model=model, data=_data_fields(args),
                    stages=[stage])
     return 0
 
@@ -68,7 +68,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
              "batch_size": args.batch_size, "sync_bn": args.sync_bn}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
-    _run_as_recipe(args, "netshrink distill", model=model, data={"name": args.data},
+    _run_as_recipe(args, "netshrink distill", model=model, data=_data_fields(args),
                    stages=[stage])
     return 0
 
@@ -84,7 +84,7 @@ def _run_as_recipe(
         "name": args.out.name,
         "device": args.device,
         "model": model,
-        "data": {**data, "root": str(args.data_dir) if args.data_dir else None},
+        "data": data,
         "stages": stages,
         "trust": list(getattr(args, "trust", None) or []),
     }
@@ -109,7 +109,8 @@ def _run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) -
         raise UserError(f"{args.weights}: the file does not say its dataset; pass --data")
     record = _run_as_recipe(
         args, source, model=section_of(spec, args.weights),
-        data={"name": dataset, "image_size": meta.get("image_size"), **_extra_data(args)},
+        data={**_data_fields(args, dataset, named_by_file=args.data is None),
+              "image_size": meta.get("image_size"), **_extra_data(args)},
         stages=stages,
     )
     first, last = record.stages[0].measurement, record.stages[-1].measurement
@@ -120,6 +121,17 @@ def _run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) -
         print(f"{label}: {m.params:,} params, {m.nonzero_params:,} non-zero, "
               f"{(m.macs or 0) / 1e6:,.1f} M MACs{size}, {m.runtime} {m.precision}{acc}")
     return record
+
+
+def _data_fields(args: argparse.Namespace, name: str | None = None, *,
+                 named_by_file: bool = False) -> dict[str, object]:
+    """The data section's source: ``--data`` (or the file's dataset, ``name``) as a
+    dataset's name or a factory's, with ``--data-kwargs``."""
+    from netshrink.data import data_source
+
+    return data_source(name or args.data, kwargs=args.data_kwargs, root=args.data_dir,
+                       named_by_file=named_by_file,
+                       where=str(getattr(args, "weights", None) or "the model file"))
 
 
 def _extra_data(args: argparse.Namespace) -> dict[str, object]:

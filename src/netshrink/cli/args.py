@@ -5,16 +5,36 @@ from __future__ import annotations
 import argparse
 import textwrap
 from pathlib import Path
+from typing import Any
+
+from netshrink.limits import bounded_json
 
 
 def data_args(p: argparse.ArgumentParser, *, default: str | None = "fashion_mnist") -> None:
-    """``--data`` (a dataset's name; ``default`` None: the one the model file records) and
-    ``--data-dir``."""
+    """``--data`` (a dataset's name or a data factory; ``default`` None: the dataset the
+    model file records), ``--data-kwargs`` and ``--data-dir``."""
     p.add_argument("--data", default=default,
-                   help="dataset name (netshrink list datasets)" + (
-                       "" if default else "; default: the one the model file records"))
+                   help="dataset name (netshrink list datasets), or your data factory "
+                        "pkg.mod:fn (imported because you name it; it returns your "
+                        "train/val/test Datasets or DataLoaders)" + (
+                       "" if default else "; default: the dataset the model file records"))
+    p.add_argument("--data-kwargs", type=json_object, metavar="JSON",
+                   help="the data factory's keyword arguments, a JSON object "
+                        "(e.g. '{\"root\": \"data/mine\"}')")
     p.add_argument("--data-dir", type=Path,
                    help="folder holding the dataset's files (default: its usual place)")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A JSON object of keyword arguments (at most 64 KiB of them)."""
+    try:
+        value = bounded_json(text, max_bytes=1 << 16)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({str(exc)[:120]})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object of keyword arguments, "
+                                         "e.g. '{\"size\": 32}'")
+    return value
 
 
 def positive_int(text: str) -> int:

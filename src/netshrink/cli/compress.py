@@ -39,7 +39,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     settings["timing"] = not args.no_timing
     cfg = compress_config({k: v for k, v in settings.items() if v is not None}, flags=True)
     result = compress(args.weights, args.out, data=args.data, data_dir=args.data_dir,
-                      config=cfg, device=args.device)
+                      data_kwargs=args.data_kwargs, config=cfg, device=args.device)
     print(f"candidates: {len(result.trials)}; Pareto front: {', '.join(result.front)}")
     if result.chosen is None:
         print("no candidate within the budget; the report shows how far each fell")

@@ -182,7 +182,7 @@ def _export_tensorrt(args: argparse.Namespace, opened: OpenedModel, model: nn.Mo
 
 def _calibration(args: argparse.Namespace, opened: OpenedModel, shape: list[int]) -> list:
     """Calibration batches for an INT8 form, from the dataset the file records."""
-    from netshrink.data import DataConfig, build_data
+    from netshrink.data import DataConfig, build_data, data_source
     from netshrink.quant.calibration import calibration_batches
 
     name = args.data or opened.meta.get("dataset")
@@ -190,8 +190,9 @@ def _calibration(args: argparse.Namespace, opened: OpenedModel, shape: list[int]
         raise UserError(f"{args.weights}: the int8 form calibrates on the training images and "
                         "the file does not say its dataset; pass --data NAME, or --forms "
                         "fp32 fp16")
-    data = build_data(DataConfig(name=name, root=args.data_dir, image_size=shape[-1],
-                                 augment=False))
+    source = data_source(name, kwargs=args.data_kwargs, root=args.data_dir,
+                         named_by_file=args.data is None, where=str(args.weights))
+    data = build_data(DataConfig(**source, image_size=shape[-1], augment=False))
     return calibration_batches(data.calib, input_shape=shape)
 
 

@@ -46,7 +46,7 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
     from pydantic import ValidationError
 
     from netshrink.bench import evaluate
-    from netshrink.data import DataConfig, build_data
+    from netshrink.data import DataConfig, build_data, data_source
 
     meta = opened.meta
     name = args.data or meta.get("dataset")
@@ -74,8 +74,10 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
         channels = (opened.input_shape[0] if opened.input_shape else
                     opened.spec.in_channels if opened.spec else 3)
         opened.check_images(channels, size, batch=batch, data=name)
+    source = data_source(name, kwargs=args.data_kwargs, root=args.data_dir,
+                         named_by_file=args.data is None, where=str(args.weights))
     try:
-        data_cfg = DataConfig(name=name, root=args.data_dir, image_size=size, **cut)
+        data_cfg = DataConfig(**source, image_size=size, **cut)
     except ValidationError as exc:
         raise UserError(f"{args.weights}: its metadata describes no valid data split "
                         f"({exc.errors()[0]['msg']}); use --split test") from None

@@ -342,8 +342,11 @@ class Search:
         ref = result.test.get("reference", {}).get("accuracy") or {}
         with ResultsStore(self.db) as store:
             images = next((r["images"] for r in store.rows(self.name) if r["images"]), None)
+        where = ("(the data's own validation images, or data.val_size held out of its "
+                 "training images)" if "factory" in self.base["data"]
+                 else "held out of the training images (data.val_size)")
         lines = [f"Decided on the validation split: {images or self.cfg.val_size:,} images "
-                 "held out of the training images (data.val_size); the candidates were "
+                 f"{where}; the candidates were "
                  "fine-tuned without them. Every figure below is on those images. A "
                  f"candidate counted as within the budget when it lost at most "
                  f"{self.cfg.spendable_points:g} points there (the "

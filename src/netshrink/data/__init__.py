@@ -1,4 +1,5 @@
-"""Datasets read from disk in the formats people have, split deterministically.
+"""Datasets read from disk in the formats people have, or the user's own through a
+factory (``netshrink.data.factory``), split deterministically.
 
 ``build_data(DataConfig(...))`` returns a ``DataBundle`` with train / val / test / calib
 splits. The validation split is held out of the training set with a seeded permutation,
@@ -8,13 +9,23 @@ test set we report on.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from netshrink.data.base import (
     ArraySplit,
@@ -33,11 +44,12 @@ from netshrink.registry import Registry
 
 __all__ = [
     "DATASETS", "ArraySplit", "Augment", "Batch", "DataBundle", "DataConfig", "DatasetInfo",
-    "RawArrays", "Split", "build_data", "shard_rows", "split_indices",
+    "RawArrays", "Split", "build_data", "data_source", "shard_rows", "split_indices",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_FACTORY_KWARGS_BYTES = 1 << 16  # a factory's arguments: paths, sizes, flags
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,10 @@ class DataConfig(BaseModel):
 
     Args:
         name: a registered dataset (``netshrink list datasets``).
+        factory: instead of ``name``, the user's function that returns their data
+            (``package.module:function``; see ``netshrink.data.factory``), imported and
+            called because the recipe names it.
+        kwargs: the factory's keyword arguments (plain values).
         root: folder holding the files; each dataset has a default where one exists.
         image_size: side the model sees; in-memory datasets are resized to it. At most
             ``NETSHRINK_MAX_IMAGE_SIZE`` (2048; see ``netshrink.data.bounds``).
@@ -87,6 +103,60 @@ class DataConfig(BaseModel):
     test_limit: int | None = Field(default=None, gt=0)
     num_workers: int = Field(default=2, ge=0)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A dataset's section dumps as it always has (its stage keys, recipe hashes and
+        # cached stages unchanged); a factory's has no dataset name.
+        out = handler(self)
+        if self.factory is None:
+            out.pop("factory", None)
+            out.pop("kwargs", None)
+        else:
+            out.pop("name", None)
+            out.pop("root", None)
+        return out
+
+    @field_validator("factory")
+    @classmethod
+    def _import_path(cls, factory: str | None) -> str | None:
+        from netshrink.data.factory import FACTORY_PATH
+
+        if factory is not None and not FACTORY_PATH.fullmatch(factory):
+            raise ValueError(f"data.factory {factory[:80]!r} is not an import path; give "
+                             "'package.module:function' (the function that returns the data)")
+        return factory
+
+    @field_validator("kwargs")
+    @classmethod
+    def _plain_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # They go into the stage keys and run.json as JSON: objects would key by their
+        # repr (another key each run), and a large value is a mistake.
+        try:
+            text = json.dumps(kwargs, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"data.kwargs must be plain values (text, numbers, lists, "
+                             f"mappings): {str(exc)[:120]}") from None
+        if len(text) > MAX_FACTORY_KWARGS_BYTES:
+            raise ValueError(f"data.kwargs take {len(text):,} bytes of JSON, more than "
+                             f"{MAX_FACTORY_KWARGS_BYTES:,}; pass a path to a file instead")
+        return kwargs
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.factory is None:
+            if self.kwargs:
+                raise ValueError("data.kwargs are a factory's arguments; name the factory "
+                                 "(data.factory: package.module:function)")
+            return self
+        given = "name" if "name" in self.model_fields_set else (
+            "root" if self.root is not None else None)
+        if given is not None:
+            raise ValueError(f"data.{given} and data.factory: give one source; a factory "
+                             "reads its own files (pass their place in data.kwargs)")
+        return self
 
     @field_validator("num_workers")
     @classmethod
@@ -137,12 +207,51 @@ def split_indices(
     return train, val, calib
 
 
-def build_data(cfg: DataConfig) -> DataBundle:
-    """Read the dataset ``cfg`` names and cut it into a ``DataBundle``.
+def data_source(name: str, *, kwargs: dict[str, Any] | None = None,
+                root: Path | str | None = None, named_by_file: bool = False,
+                where: str = "the model file") -> dict[str, Any]:
+    """The ``data:`` section's source for ``name``: a dataset's (read from ``root``), or
+    a factory's (``pkg.mod:fn``, a string with ``:`` that is no dataset's name) called
+    with ``kwargs``. ``named_by_file``: the name is what a model file (``where``) records,
+    and a file never has a factory imported: the user names it (``--data pkg.mod:fn``).
 
     Raises:
-        UserError: unknown dataset, missing/truncated/wrong-format files, bad sizes.
+        UserError: only a file names the factory; kwargs for a dataset, or a root for a
+            factory.
     """
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{where}: its dataset is {str(name)[:40]!r}, not a name; pass "
+                        "--data NAME")
+    if name not in DATASETS and ":" in name:
+        if named_by_file:
+            raise UserError(f"{where} was made on the data of the factory {name[:80]}, "
+                            f"which netshrink imports only when you name it: pass --data "
+                            f"{name[:80]} (data= in Python)")
+        if root is not None:
+            raise UserError(f"--data-dir {root}: a data factory reads its own files; pass "
+                            "their place in its arguments (--data-kwargs, data_kwargs=)")
+        return {"factory": name, "kwargs": dict(kwargs or {})}
+    if kwargs:
+        raise UserError(f"--data-kwargs are a data factory's arguments; {name!r} is a "
+                        "dataset's name")
+    return {"name": name, "root": str(root) if root is not None else None}
+
+
+def build_data(cfg: DataConfig) -> DataBundle:
+    """Read the dataset ``cfg`` names (or call its factory) and cut it into a
+    ``DataBundle``.
+
+    Raises:
+        UserError: unknown dataset, missing/truncated/wrong-format files, bad sizes; a
+            factory that cannot be imported or returns what is not data.
+    """
+    if cfg.factory is not None:
+        from netshrink.data.factory import build_factory_data
+
+        return build_factory_data(cfg)
+    if cfg.name not in DATASETS and ":" in cfg.name:
+        raise UserError(f"unknown dataset {cfg.name!r}; a data factory goes in data.factory "
+                        "(or --data pkg.mod:fn names one when it is not a dataset's name)")
     spec = DATASETS.get(cfg.name)
     root = cfg.root if cfg.root is not None else spec.default_root
     if spec.read is None:

@@ -181,7 +181,8 @@ class DataBundle:
 
     ``val`` is held out of ``train`` (for searches and early decisions); ``test`` is the
     dataset's own test set (for the figures we report); ``calib`` is a small deterministic
-    subset of ``train`` for quantization calibration.
+    subset of ``train`` for quantization calibration. ``fingerprint``: a hash of the
+    content of data netshrink does not name itself (a factory's), for the stage keys.
     """
 
     info: DatasetInfo
@@ -189,6 +190,7 @@ class DataBundle:
     val: Split | None
     test: Split
     calib: Split
+    fingerprint: str | None = None
 
 
 @dataclass

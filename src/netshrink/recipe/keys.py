@@ -42,8 +42,13 @@ def _file_hashes(value: Any) -> list[str]:
     return [file_sha256(path) for path in config_files(value) if path.is_file()]
 
 
-def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
+def stage_keys(recipe: Recipe, entries: list[StageEntry],
+               data_fingerprint: str | None = None) -> list[str]:
     """Keys of the baseline and every stage; a key changes when anything upstream does.
+
+    ``data_fingerprint``: the content hash of data netshrink does not name itself (a
+    factory's, ``DataBundle.fingerprint``): the same factory and arguments may return
+    other images tomorrow, and a cached stage is never reused for other data.
 
     "Upstream" is the chain of torch models a stage starts from (the previous chaining
     stage, or its ``from:``), the stages it reads a teacher from, and the files its
@@ -58,6 +63,8 @@ def stage_keys(recipe: Recipe, entries: list[StageEntry]) -> list[str]:
         "data": recipe.data.model_dump(mode="json", exclude={"batch_size", "num_workers"}),
         "seed": recipe.seed,
     }
+    if data_fingerprint is not None:  # (a dataset's keys stay as they always were)
+        root["data_content"] = data_fingerprint
     if recipe.device != "cpu":
         # A GPU trains with other kernels and bf16 autocast: not the CPU's model, so not
         # its cache entry or its finished stage. (CPU keys stay as they always were.)

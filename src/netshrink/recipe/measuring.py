@@ -72,9 +72,12 @@ class StageMeasurer:
         settings on this machine, else ``model`` measured now and kept."""
         if self.reuse is None:
             return self.model(model, file)
-        key = sha([file_sha256(identity), measure_key(self.recipe),
-                   self.recipe.data.model_dump(mode="json", exclude={"num_workers"}),
-                   self.recipe.model.model_dump(mode="json", exclude={"weights"})])
+        parts = [file_sha256(identity), measure_key(self.recipe),
+                 self.recipe.data.model_dump(mode="json", exclude={"num_workers"}),
+                 self.recipe.model.model_dump(mode="json", exclude={"weights"})]
+        if self.data.fingerprint is not None:  # a factory's data: what it returned
+            parts.append(self.data.fingerprint)
+        key = sha(parts)
         kept = self.reuse / f"{key}.json"
         here = environment(device=self.recipe.device, threads=self.recipe.measure.threads,
                            seed=self.recipe.seed)

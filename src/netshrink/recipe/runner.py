@@ -157,7 +157,7 @@ class Runner:
         if self.cache is not None:
             self.cache.refuse_planted_links()
         data = build_data(recipe.data)
-        keys = stage_keys(recipe, entries)
+        keys = stage_keys(recipe, entries, data.fingerprint)
         baseline, spec = start_model(recipe.model, data, seed=recipe.seed)  # bad weights: here
         self.folder.preflight(data, entries, baseline)
         make_dirs(self.out)

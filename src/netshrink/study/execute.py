@@ -47,8 +47,8 @@ CELLS_DIR = "cells"
 MAX_WORKERS_PER_CORE = 4  # local workers are processes that each load torch and train
 MAX_RAY_WORKERS = 1024  # Ray tasks at once, on a cluster of any size
 
-__all__ = ["CELLS_DIR", "DB_FILE", "StudyOutcome", "check_workers", "run_cell", "run_study",
-           "write_study_record"]
+__all__ = ["CELLS_DIR", "DB_FILE", "StudyOutcome", "check_data_factories", "check_workers",
+           "run_cell", "run_study", "write_study_record"]
 
 
 @dataclass
@@ -128,6 +128,27 @@ def check_workers(workers: int, executor: str = "local") -> None:
                         f"({MAX_WORKERS_PER_CORE} per CPU core, {cores} cores: each worker "
                         f"is a process that loads torch); give 1 to {most:,}, or run on a "
                         "Ray cluster (--executor ray)")
+
+
+def check_data_factories(cells: list[Cell] | tuple[Cell, ...], workers: int,
+                         executor: str = "local") -> None:
+    """Before any cell runs: each data factory the cells name imports (here, for local
+    workers: they import it the same way), and data held in this process (the loaders
+    given to ``netshrink.compress``) is not sent to other processes.
+
+    Raises:
+        UserError: a factory that cannot be imported, or in-memory data with workers.
+    """
+    from netshrink.data.factory import IN_MEMORY_FACTORY, load_factory
+
+    factories = {c.recipe.data.factory for c in cells} - {None}
+    if IN_MEMORY_FACTORY in factories and (workers > 1 or executor != "local"):
+        raise UserError("DataLoaders given in Python live in this process only: run the "
+                        "cells here (one local worker, no Ray), or name a data factory "
+                        "(data: {factory: pkg.mod:fn}) that the workers import")
+    if executor == "local":
+        for factory in sorted(f for f in factories if f and f != IN_MEMORY_FACTORY):
+            load_factory(factory)
 
 
 def check_study_folder(out: Path, name: str, what: str = "study") -> None:
@@ -250,6 +271,7 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
     if executor not in ("local", "ray"):
         raise UserError(f"--executor {executor!r}: choose local or ray")
     check_workers(workers, executor)
+    check_data_factories(study.cells, workers, executor)
     out = Path(out)
     # Every write and removal under ``out`` is checked for planted links.
     with owned_folder(out, "study"):
