@@ -35,10 +35,8 @@ from netshrink.stages.base import Deployed, StageContext, stage
 from netshrink.stages.teacher import teacher_loss
 from netshrink.stages.train import FinetuneConfig
 from netshrink.store.atomic import atomic_write_text
-from netshrink.store.checkpoint import save_model
-from netshrink.store.packed import pack_model
 from netshrink.store.walls import make_dirs
-from netshrink.train.config import fractional_epochs
+from netshrink.train.config import fit_batch_size, fractional_epochs
 from netshrink.train.loop import train
 
 # How close an exported float model must be to torch; a bigger gap is an export bug.
@@ -80,6 +78,14 @@ class HalfConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     runtime: Literal["torch", "openvino"] = "torch"
+
+
+class Fp16Config(HalfConfig):
+    """fp16 weights (``quant.fp16``): see ``HalfConfig``."""
+
+
+class Bf16Config(HalfConfig):
+    """bf16 weights and compute (``quant.bf16``): see ``HalfConfig``."""
 
 
 def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: int = 17,
@@ -132,8 +138,8 @@ def _top1_on_val(ctx: StageContext, images: int, stats: ModelStats
                  ) -> Callable[[Path], float]:
     split = ctx.data.val
     if split is None:
-        raise UserError("accuracy_budget needs held-out images to judge each layer on; set "
-                        "data.val_size (e.g. 5000)")
+        raise UserError("accuracy_budget needs held-out images to judge each layer on: set "
+                        "data.val_size (e.g. 5000) in a recipe, give val= in Python")
 
     def top1(path: Path) -> float:
         session = open_runtime(path, "onnxruntime", stats=stats, threads=torch.get_num_threads())
@@ -201,22 +207,22 @@ def _half(model: nn.Module, cfg: HalfConfig, ctx: StageContext, precision: str) 
         return Deployed(file=path, runtime="openvino", precision=precision, stats=stats)
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     path = ctx.stage_dir / f"model.{precision}.safetensors"
-    save_model(model.to(dtype), ctx.spec, path, meta={**ctx.meta, "precision": precision})
+    saved = ctx.save_torch(model.to(dtype), path, meta={**ctx.meta, "precision": precision})
     if precision == "fp16" and ctx.device == "cpu":
         ctx.notes.append("fp16 is a storage format on a CPU: the file is half the size and "
                          "the model computes in fp32 (emulated fp16 is several times slower)")
-    return Deployed(file=path, runtime="torch", precision=precision, stats=stats)
+    return Deployed(file=saved, runtime="torch", precision=precision, stats=stats)
 
 
-@stage("quant.fp16", HalfConfig, "fp16 weights file (half size); fp16 compute on GPUs",
+@stage("quant.fp16", Fp16Config, "fp16 weights file (half size); fp16 compute on GPUs",
        chains=False)
-def fp16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
+def fp16_stage(model: nn.Module, cfg: Fp16Config, ctx: StageContext) -> Deployed:
     return _half(model, cfg, ctx, "fp16")
 
 
-@stage("quant.bf16", HalfConfig, "bf16 weights and compute (CPUs with bf16, GPUs)",
+@stage("quant.bf16", Bf16Config, "bf16 weights and compute (CPUs with bf16, GPUs)",
        chains=False)
-def bf16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
+def bf16_stage(model: nn.Module, cfg: Bf16Config, ctx: StageContext) -> Deployed:
     return _half(model, cfg, ctx, "bf16")
 
 
@@ -227,20 +233,21 @@ def kmeans_stage(model: nn.Module, cfg: KMeansConfig, ctx: StageContext) -> Depl
                              max_iter=cfg.max_iter)
     if cfg.finetune_epochs > 0:
 
-        train_cfg = fractional_epochs(FinetuneConfig(lr=cfg.finetune_lr), cfg.finetune_epochs,
-                                      len(ctx.data.train))
+        train_cfg = fractional_epochs(fit_batch_size(FinetuneConfig(lr=cfg.finetune_lr),
+                                                     ctx.data.train),
+                                      cfg.finetune_epochs, len(ctx.data.train))
         result = train(model, ctx.data, train_cfg,
                        device=ctx.device, step_hooks=[CodebookHook(codebooks)],
                        progress=ctx.progress, log=ctx.log)
         ctx.history.extend(result.history)
     model = model.cpu().eval()
-    path = ctx.stage_dir / "model.nspk"
-    pack_model(model, ctx.spec, path, codebooks=codebooks, meta=ctx.meta)
+    path = ctx.save_torch(model, ctx.stage_dir / "model.nspk", codebooks=codebooks)
     ctx.notes.append(f"{len(codebooks)} layers share at most {2 ** cfg.bits} values each; "
                      "the packed file stores bit-packed indices, codebooks and zero bitmasks, "
                      "zstd-coded, and reloads to these exact weights")
     return Deployed(file=path, runtime="torch", precision=f"fp32, {cfg.bits}-bit k-means",
-                    stats=model_stats(model, ctx.input_shape), model=model)
+                    stats=model_stats(model, ctx.input_shape), model=model,
+                    codebooks=codebooks)
 
 
 @stage("quant.qat", QATConfig,
