@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import textwrap
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 
 def data_args(p: argparse.ArgumentParser, *, default: str | None = "fashion_mnist") -> None:
@@ -15,6 +18,12 @@ def data_args(p: argparse.ArgumentParser, *, default: str | None = "fashion_mnis
                        "" if default else "; default: the one the model file records"))
     p.add_argument("--data-dir", type=Path,
                    help="folder holding the dataset's files (default: its usual place)")
+
+
+def config_default(config: type[BaseModel], name: str) -> Any:
+    """The default of ``config``'s field ``name``: a command's flag defaults to the
+    method's own default, so a command, a recipe and the Python verb agree."""
+    return config.model_fields[name].get_default(call_default_factory=True)
 
 
 def positive_int(text: str) -> int:
