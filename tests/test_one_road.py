@@ -247,3 +247,20 @@ def test_kmeans_of_a_users_model_saves_a_smaller_file(tmp_path) -> None:
     assert packed.stat().st_size < dense.stat().st_size / 4
     again = netshrink.load(packed, trust=["custom_models:make_tiny"])
     assert torch.equal(again(X), shared(X))
+
+
+def test_held_out_methods_run_in_python_once_val_is_given(data) -> None:
+    """Sensitivity-scope channel pruning and the accuracy budget of PTQ decide on ``val``
+    (not the training or test images): given it, they run from Python as in a recipe."""
+    torch.manual_seed(0)
+    model, x = make_tiny(16), torch.zeros(1, 1, 28, 28)
+    sensitivity = netshrink.ChannelPruneConfig(ratio=0.3, scope="sensitivity", scan_images=32)
+    with pytest.raises(UserError, match="give val= in Python"):
+        netshrink.prune(model, sensitivity, example_input=x)
+    pruned = netshrink.prune(model, sensitivity, val=data.val)
+    assert "sensitivity" in pruned.notes[-1] and pruned.model.conv1.out_channels < 16
+    budget = netshrink.PTQConfig(accuracy_budget=1.0, budget_images=32, calibration_images=32)
+    with pytest.raises(UserError, match="give val= in Python"):
+        netshrink.quantize(model, budget, calibration=data.calib)
+    mixed = netshrink.quantize(model, budget, calibration=data.calib, val=data.val)
+    assert mixed.precision == "int8" and "automatic mixed precision" in mixed.notes[-1]
