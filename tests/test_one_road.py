@@ -197,6 +197,10 @@ def test_export_of_an_int8_result_writes_the_int8_file(files, data, tmp_path) ->
     assert onnx_precision(tmp_path / "q.onnx") == "int8"
     assert (tmp_path / "q.onnx").read_bytes() == int8.file.read_bytes()
     assert torch.equal(written(X), int8(X))
+    half = netshrink.quantize(make_tiny(), netshrink.Fp16Config(), example_input=X[:1])
+    with pytest.raises(UserError, match="float16 weights; export the float32 model"):
+        netshrink.export(half, tmp_path / "h.onnx")  # never a float model in its place
+    assert not (tmp_path / "h.onnx").exists()
 
 
 def test_an_openvino_ir_counts_xml_and_bin_and_is_not_exported_as_onnx(files, data,

@@ -98,12 +98,7 @@ def verb_data(module: nn.Module, config: BaseModel, *, train: Data | None = None
     given = {k: v for k, v in {"train": train, "val": val, "calib": calib}.items()
              if v is not None}
     made = bundle(module, **given) if given else None
-    if made is not None:
-        info = made.info
-    elif example_input is not None:
-        info = bundle(module, calib=[example_input]).info
-    else:
-        info = _layer_facts(module)
+    info = made.info if made is not None else _layer_facts(module, example_input)
     missing_train = MissingSplit(f"{label} trains: give data= (a DataLoader of training "
                                  "batches)")
     train_split = made.train if made is not None and train is not None else missing_train
@@ -116,13 +111,24 @@ def verb_data(module: nn.Module, config: BaseModel, *, train: Data | None = None
                       calib=calib_split)
 
 
-def _layer_facts(module: nn.Module) -> DatasetInfo:
-    """What the model's layers say without an image: channels and classes; the image
-    size is unknown (0: ``StageContext.input_shape`` asks for an example input)."""
+def _layer_facts(module: nn.Module, example: Tensor | None) -> DatasetInfo:
+    """The facts without data, from the model's layers (classes) and the example's shape
+    (nothing is run); without an example the image size is unknown (0:
+    ``StageContext.input_shape`` asks for one).
+
+    Raises:
+        UserError: an example that is not one square image batch ``[N, C, S, S]``.
+    """
     channels, classes = io_widths(module)
+    size = 0
+    if example is not None:
+        if example.ndim != 4 or example.shape[2] != example.shape[3]:
+            raise UserError(f"example_input of shape {tuple(example.shape)}: give one batch "
+                            "of square images [N, C, S, S], e.g. torch.zeros(1, 3, 32, 32)")
+        channels, size = int(example.shape[1]), int(example.shape[2])
     channels, classes = channels or 3, classes or 1
-    return DatasetInfo(name="custom", num_classes=classes, in_channels=channels, image_size=0,
-                       class_names=[str(i) for i in range(classes)],
+    return DatasetInfo(name="custom", num_classes=classes, in_channels=channels,
+                       image_size=size, class_names=[str(i) for i in range(classes)],
                        mean=(0.0,) * channels, std=(1.0,) * channels)
 
 

@@ -98,9 +98,13 @@ def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: in
     Raises:
         UserError: the export differs from torch by more than ``EXPORT_ATOL``.
     """
-    if any(not p.dtype.is_floating_point for p in model.parameters()):
+    dtypes = {p.dtype for p in model.parameters()}
+    if any(not dtype.is_floating_point for dtype in dtypes):
         raise UserError("the model holds integer weights (already quantized); export the "
                         "float model it came from")
+    if dtypes - {torch.float32}:  # fp16/bf16 weights: the export and its check run fp32
+        raise UserError(f"the model holds {', '.join(sorted(map(str, dtypes)))} weights; "
+                        "export the float32 model it came from")
     export_onnx(model, path, input_shape=ctx.input_shape, opset=opset, meta=ctx.meta,
                 spec=ctx.spec, runtime=runtime, precision=precision)
     diff = check_onnx(path, model, input_shape=ctx.input_shape)
