@@ -19,6 +19,7 @@ from netshrink.bench.accuracy import evaluate
 from netshrink.bench.measure import artifact_size
 from netshrink.errors import UserError
 from netshrink.export.onnx import check_onnx, export_onnx
+from netshrink.models import ModelSpec
 from netshrink.quant.calibration import calibration_batches
 from netshrink.quant.kmeans import CodebookHook, KMeansConfig, kmeans_share
 from netshrink.quant.ptq import (
@@ -88,15 +89,17 @@ class Bf16Config(HalfConfig):
     """bf16 weights and compute (``quant.bf16``): see ``HalfConfig``."""
 
 
-def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: int = 17,
-                   runtime: str | None = None, precision: str | None = None) -> Path:
-    """Export ``model`` to ONNX, run the checker and compare with torch; note the result.
-
-    The file carries the stage's checkpoint meta, spec and counts (``export_onnx``), and
-    ``runtime``/``precision`` when the run measures it other than in ONNX Runtime as is.
+def checked_export(model: nn.Module, path: Path, *, input_shape: list[int], opset: int = 17,
+                   meta: dict | None = None, spec: ModelSpec | None = None,
+                   runtime: str | None = None, precision: str | None = None,
+                   name: str | None = None) -> float:
+    """Export ``model`` to ONNX at ``path``, run the checker and compare with torch: the
+    one export-and-check of every stage, verb and ``netshrink export``. Returns the
+    largest difference from torch on random images.
 
     Raises:
-        UserError: the export differs from torch by more than ``EXPORT_ATOL``.
+        UserError: integer or 16-bit weights, or an export that differs from torch by
+            more than ``EXPORT_ATOL`` (``name`` names the model in the message).
     """
     dtypes = {p.dtype for p in model.parameters()}
     if any(not dtype.is_floating_point for dtype in dtypes):
@@ -105,12 +108,26 @@ def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: in
     if dtypes - {torch.float32}:  # fp16/bf16 weights: the export and its check run fp32
         raise UserError(f"the model holds {', '.join(sorted(map(str, dtypes)))} weights; "
                         "export the float32 model it came from")
-    export_onnx(model, path, input_shape=ctx.input_shape, opset=opset, meta=ctx.meta,
-                spec=ctx.spec, runtime=runtime, precision=precision)
-    diff = check_onnx(path, model, input_shape=ctx.input_shape)
+    export_onnx(model, path, input_shape=input_shape, opset=opset, meta=meta or {},
+                spec=spec, runtime=runtime, precision=precision)
+    diff = check_onnx(path, model, input_shape=input_shape)
     if diff > EXPORT_ATOL:
-        raise UserError(f"{path}: the ONNX export differs from torch by {diff:.2e} "
+        raise UserError(f"{name or path}: the ONNX export differs from torch by {diff:.2e} "
                         f"(more than {EXPORT_ATOL}); report this model as an export bug")
+    return diff
+
+
+def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: int = 17,
+                   runtime: str | None = None, precision: str | None = None) -> Path:
+    """``checked_export`` in a stage: the file carries the stage's checkpoint meta, spec
+    and counts, and ``runtime``/``precision`` when the run measures it other than in ONNX
+    Runtime as is; the result is noted.
+
+    Raises:
+        UserError: as ``checked_export``.
+    """
+    diff = checked_export(model, path, input_shape=ctx.input_shape, opset=opset,
+                          meta=ctx.meta, spec=ctx.spec, runtime=runtime, precision=precision)
     ctx.notes.append(f"ONNX (opset {opset}) passes onnx.checker; max |ONNX Runtime - torch| "
                      f"= {diff:.1e} on 4 random images")
     return path
