@@ -383,7 +383,7 @@ def test_api_quantize_checks_everything_before_a_file_and_leaves_no_temporary_fo
                            out=mine)
     assert snapshot(tmp_path) == before  # no netshrink-* folder left in the temp folder
     # a failure past the checks (here: an exporter that cannot trace) removes its folder
-    monkeypatch.setattr("netshrink.api.verbs.export_onnx", _fails)
+    monkeypatch.setattr("netshrink.stages.quant.export_onnx", _fails)
     with pytest.raises(UserError, match="cannot export"):
         netshrink.quantize(_tiny_module(), netshrink.DynamicConfig(), example_input=x)
     assert snapshot(tmp_path) == before

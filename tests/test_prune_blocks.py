@@ -132,7 +132,7 @@ def test_prune_from_python_removes_blocks_and_the_result_reloads(tmp_path: Path)
     x = torch.randn(1, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(result.model.eval()(x), loaded.model.eval()(x))
-    with pytest.raises(UserError, match="give data="):
+    with pytest.raises(UserError, match="give val="):
         netshrink.prune(model, netshrink.BlockPruneConfig(count=1))  # a scan needs images
 
 

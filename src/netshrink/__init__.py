@@ -18,11 +18,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = frozenset({
-    "BlockPruneConfig", "ChannelPruneConfig", "CompressConfig", "Compressed", "DistillConfig",
-    "DynamicConfig", "IterableSplit",
-    "KMeansConfig", "MagnitudePruneConfig", "MeasureOptions", "ModelSpec", "NMPruneConfig",
-    "PTQConfig", "QATConfig", "TrainConfig", "as_split", "build_model", "finetune",
-    "load", "measure", "quantize", "run",
+    "Bf16Config", "BlockPruneConfig", "ChannelPruneConfig", "CompressConfig", "Compressed",
+    "DistillConfig", "DynamicConfig", "ExportConfig", "FinetuneConfig", "Fp16Config",
+    "IterableSplit", "KMeansConfig", "MagnitudePruneConfig", "MeasureOptions", "ModelSpec",
+    "NMPruneConfig", "PTQConfig", "QATConfig", "TrainConfig", "as_split", "build_model",
+    "finetune", "load", "measure", "quantize", "run",
 })
 _VERB_PACKAGES = frozenset({"prune", "distill", "export", "compress", "study"})
 

@@ -34,16 +34,21 @@ from netshrink.prune.nm import NMPruneConfig
 from netshrink.quant.kmeans import KMeansConfig
 from netshrink.quant.ptq import PTQConfig
 from netshrink.quant.qat import QATConfig
-from netshrink.stages.quant import DynamicConfig
+from netshrink.stages.quant import Bf16Config, DynamicConfig, ExportConfig, Fp16Config
+from netshrink.stages.train import FinetuneConfig
 from netshrink.train.config import TrainConfig
 
 __all__ = [
+    "Bf16Config",
     "BlockPruneConfig",
     "ChannelPruneConfig",
     "CompressConfig",
     "Compressed",
     "DistillConfig",
     "DynamicConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "Fp16Config",
     "IterableSplit",
     "KMeansConfig",
     "MagnitudePruneConfig",

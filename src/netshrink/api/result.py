@@ -86,6 +86,13 @@ class Compressed:
                 "'package.module:function'); load(path, trust=[...]) calls it to rebuild")
         return self.spec
 
+    def _file_as_is(self, path: Path, factory: str | None, meta: dict[str, Any] | None
+                    ) -> bool:
+        """Whether saving a torch result as ``path`` is a copy of its file (a k-means
+        ``.nspk``): the same kind, and no other factory or facts to write into it."""
+        return (self.file is not None and path.suffix == self.file.suffix
+                and factory is None and meta is None)
+
     @property
     def module(self) -> nn.Module:
         """What runs it: the torch model, or the runtime's session over ``file``."""
@@ -147,7 +154,7 @@ class Compressed:
         path = Path(path)
         facts = {**self.meta, **(meta or {})}
         if self.file is not None and (self.runtime != "torch" or self.model is None
-                                      or path.suffix == self.file.suffix):
+                                      or self._file_as_is(path, factory, meta)):
             if path.suffix != self.file.suffix:
                 raise UserError(f"{path}: this result is a {self.file.suffix} file; save it "
                                 f"under that suffix")

@@ -36,7 +36,8 @@ def artifact_size(file: Path) -> int:
     """Bytes a saved model takes on disk: the file's size, or the sum over a directory.
 
     A directory covers formats saved as several files (an OpenVINO ``.xml`` + ``.bin``,
-    an ONNX model with external data).
+    an ONNX model with external data); an OpenVINO IR named by its ``.xml`` counts the
+    ``.bin`` of its weights beside it too (the ``.xml`` alone is the graph).
 
     Raises:
         UserError: ``file`` does not exist.
@@ -45,6 +46,9 @@ def artifact_size(file: Path) -> int:
         return sum(p.stat().st_size for p in file.rglob("*") if p.is_file())
     if not file.is_file():
         raise UserError(f"model file {str(file)!r} does not exist; save the model first")
+    weights = file.with_suffix(".bin")
+    if file.suffix.lower() == ".xml" and weights.is_file():
+        return file.stat().st_size + weights.stat().st_size
     return file.stat().st_size
 
 

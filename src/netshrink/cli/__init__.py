@@ -11,11 +11,13 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netshrink.cli.args import (
     HelpFormatter,
+    config_default,
     data_args,
     device_arg,
     no_timing_arg,
@@ -30,6 +32,13 @@ from netshrink.cli.output import output_mode, split_flags
 from netshrink.cli.study import add_study, normalize_argv
 from netshrink.errors import UserError
 from netshrink.models.factory import trusting
+from netshrink.prune.blocks import BlockPruneConfig
+from netshrink.prune.channel import ChannelPruneConfig
+from netshrink.prune.magnitude import MagnitudePruneConfig
+from netshrink.prune.nm import NMPruneConfig
+from netshrink.quant.ptq import PTQConfig
+from netshrink.stages.distill import KDConfig
+from netshrink.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from netshrink.recipe import RunRecord
@@ -51,10 +60,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule(args: argparse.Namespace) -> dict[str, object]:
+    """The training options every training command passes on (``_schedule_args``)."""
+    schedule = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                "sync_bn": args.sync_bn}
+    return schedule | ({"max_steps": args.max_steps} if args.max_steps is not None else {})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    stage = {"kind": "train", "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "optimizer": args.optimizer,
-             "sync_bn": args.sync_bn}
+    stage = {"kind": "train", **_schedule(args), "optimizer": args.optimizer}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
     _run_as_recipe(args, "netshrink train", model=model, data=_data_fields(args),
@@ -64,8 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     stage = {"kind": "distill.kd", "teacher": str(args.teacher), "alpha": args.alpha,
-             "temperature": args.temperature, "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "sync_bn": args.sync_bn}
+             "temperature": args.temperature, **_schedule(args)}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
     _run_as_recipe(args, "netshrink distill", model=model, data=_data_fields(args),
@@ -283,10 +296,15 @@ def _training_args(p: argparse.ArgumentParser, *, arch_help: str, weights_help: 
     p.add_argument("--weights", type=Path, help=weights_help)
 
 
-def _schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=3, help="training epochs")  # checked: > 0
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    p.add_argument("--batch-size", type=int, default=256,
+def _schedule_args(p: argparse.ArgumentParser, config: type[TrainConfig]) -> None:
+    """The training flags, defaulting to ``config``'s (the stage the command runs)."""
+    default = partial(config_default, config)
+    p.add_argument("--epochs", type=int, default=default("epochs"),
+                   help="training epochs")  # checked: > 0
+    p.add_argument("--max-steps", type=positive_int,
+                   help="stop after this many optimizer steps (quick runs; default: all)")
+    p.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=default("batch_size"),
                    help="training batch size (the global batch under torchrun)")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, batch norm over the global batch (as one process)")
@@ -299,8 +317,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     _training_args(p, arch_help="architecture (netshrink list models)",
                    weights_help="start from this checkpoint (default: a fresh init)")
     data_args(p)
-    _schedule_args(p)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer")
+    _schedule_args(p, TrainConfig)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"],
+                   default=config_default(TrainConfig, "optimizer"), help="optimizer")
     device_arg(p)
     no_timing_arg(p)
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
@@ -314,11 +333,12 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", type=Path, required=True, help="the teacher's model file")
     _training_args(p, arch_help="the student's architecture",
                    weights_help="start the student from this checkpoint (default: fresh)")
-    p.add_argument("--alpha", type=float, default=0.5,
+    p.add_argument("--alpha", type=float, default=config_default(KDConfig, "alpha"),
                    help="weight of the hard-label loss (1: plain training)")
-    p.add_argument("--temperature", type=float, default=4.0, help="softmax temperature")
+    p.add_argument("--temperature", type=float, default=config_default(KDConfig, "temperature"),
+                   help="softmax temperature")
     data_args(p)
-    _schedule_args(p)
+    _schedule_args(p, KDConfig)
     device_arg(p)
     no_timing_arg(p)
     p.add_argument("--out", type=Path, required=True, help="the run's folder")
@@ -347,26 +367,32 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
                         "blocks: remove whole residual blocks (fewer layers: lower batch-1 "
                         "latency)")
     p.add_argument("--ratio", type=float, default=0.5, help=_RATIO_HELP)
-    p.add_argument("--scope", choices=["layer", "global"], default="layer",
+    p.add_argument("--scope", choices=["layer", "global"],
+                   default=config_default(MagnitudePruneConfig, "scope"),
                    help="layer: every layer loses --ratio; global: rank across layers")
-    p.add_argument("--steps", type=positive_int, default=1,
+    p.add_argument("--steps", type=positive_int,
+                   default=config_default(MagnitudePruneConfig, "steps"),
                    help="iterative steps (step s prunes to ratio*s/steps)")
-    p.add_argument("--importance", choices=["l1", "l2", "bn_scale", "taylor"], default="l1",
+    p.add_argument("--importance", choices=["l1", "l2", "bn_scale", "taylor"],
+                   default=config_default(ChannelPruneConfig, "importance"),
                    help="channel ranking (channel method)")
     p.add_argument("--include", nargs="+",
                    help="layer-name patterns to prune (e.g. 'layer4.*'; default: all)")
     p.add_argument("--exclude", nargs="+",
                    help="layer-name patterns to leave alone (e.g. fc; channel's default: the "
                         "output layer, whatever its name)")
-    p.add_argument("--count", type=positive_int, default=1,
+    p.add_argument("--count", type=positive_int,
+                   default=config_default(BlockPruneConfig, "count"),
                    help="residual blocks to remove, the least harmful first by a scan on "
                         "--val-size held-out images (blocks method)")
     p.add_argument("--blocks", nargs="+",
                    help="remove exactly these blocks instead (e.g. layer4.1; blocks method)")
     p.add_argument("--val-size", type=int,
                    help="training images held out for the blocks scan (default 5000)")
-    p.add_argument("--n", type=positive_int, default=2, help="N of N:M (nm method)")
-    p.add_argument("--m", type=positive_int, default=4, help="M of N:M (nm method)")
+    p.add_argument("--n", type=positive_int, default=config_default(NMPruneConfig, "n"),
+                   help="N of N:M (nm method)")
+    p.add_argument("--m", type=positive_int, default=config_default(NMPruneConfig, "m"),
+                   help="M of N:M (nm method)")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune after pruning, zeros kept (0: no fine-tuning)")
     data_args(p, default=None)
@@ -388,13 +414,15 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    required=True, help="ptq: static INT8; dynamic: INT8 weights only; qat: "
                    "training with fake quantization; fp16/bf16: 16-bit floats; kmeans: "
                    "weight sharing (--bits)")
-    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"],
+                   default=config_default(PTQConfig, "runtime"),
                    help="the runtime that executes the result (ptq; fp16/bf16: openvino or "
                         "torch)")
     p.add_argument("--per-tensor", action="store_true",
                    help="one weight scale per tensor (default: one per output channel)")
     p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"],
-                   default="minmax", help="how activation ranges are calibrated (ptq)")
+                   default=config_default(PTQConfig, "calibration"),
+                   help="how activation ranges are calibrated (ptq)")
     p.add_argument("--include", nargs="+",
                    help="layer patterns to quantize (ptq, kmeans; default: all)")
     p.add_argument("--exclude", "--keep-float", nargs="+", dest="exclude",

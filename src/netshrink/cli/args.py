@@ -7,6 +7,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from netshrink.limits import bounded_json
 
 
@@ -35,6 +37,12 @@ def json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError("give a JSON object of keyword arguments, "
                                          "e.g. '{\"size\": 32}'")
     return value
+
+
+def config_default(config: type[BaseModel], name: str) -> Any:
+    """The default of ``config``'s field ``name``: a command's flag defaults to the
+    method's own default, so a command, a recipe and the Python verb agree."""
+    return config.model_fields[name].get_default(call_default_factory=True)
 
 
 def positive_int(text: str) -> int:

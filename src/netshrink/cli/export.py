@@ -102,21 +102,16 @@ def _export_onnx_or_ir(args: argparse.Namespace, opened: OpenedModel, model: nn.
     import os
     import tempfile
 
-    from netshrink.export.onnx import check_onnx, export_onnx, onnx_to_openvino
-    from netshrink.stages.quant import EXPORT_ATOL
+    from netshrink.export.onnx import onnx_to_openvino
+    from netshrink.stages.quant import checked_export
 
     out: Path = args.out
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         # Exported and checked beside ``out``, then renamed over it: a failed check leaves
-        # an earlier file at ``out`` as it was.
+        # an earlier file at ``out`` as it was. The stages' and verbs' export-and-check.
         onnx_file = Path(tmp) / "model.onnx"
-        export_onnx(model, onnx_file, input_shape=shape, opset=args.opset, meta=opened.meta,
-                    spec=opened.spec)
-        diff = check_onnx(onnx_file, model, input_shape=shape)
-        if diff > EXPORT_ATOL:
-            raise UserError(f"{args.weights}: the ONNX export differs from torch by "
-                            f"{diff:.2e} (more than {EXPORT_ATOL}); report this model as an "
-                            "export bug")
+        diff = checked_export(model, onnx_file, input_shape=shape, opset=args.opset,
+                              meta=opened.meta, spec=opened.spec, name=str(args.weights))
         if args.format == "onnx":
             os.replace(onnx_file, out)
             print(f"wrote {out} ({out.stat().st_size / 1e6:,.2f} MB): ONNX opset {args.opset}, "

@@ -67,6 +67,11 @@ class IterableSplit:
                 self._len = sum(len(x) for x, _ in self.batches(0))
         return self._len
 
+    @property
+    def own_batch_size(self) -> int | None:
+        """The batch size the loader gives (``train.config.fit_batch_size``)."""
+        return batch_size_of(self)
+
     def batches(self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
                 seed: int = 0) -> Iterator[Batch]:
         for i, item in enumerate(self.source):

@@ -327,7 +327,8 @@ def _sensitivity_ratios(model: nn.Module, cfg: ChannelPruneConfig, example: Tens
 
     if data is None or data.val is None or len(data.val) == 0:
         raise UserError("prune.channel scope: sensitivity scans on the validation split; "
-                        "set data.val_size > 0 (or use scope: layer)")
+                        "set data.val_size > 0 in a recipe, give val= in Python (or use "
+                        "scope: layer)")
     log(f"channel sensitivity scan: each group alone at {cfg.scan_ratio:g}, "
         f"{min(cfg.scan_images, len(data.val))} validation images")
     rows = sensitivity_scan(model, data.val, method="channel", ratio=cfg.scan_ratio,

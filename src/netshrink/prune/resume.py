@@ -35,7 +35,7 @@ class StepCheckpoints:
 
     folder: Path
     key: str
-    spec: ModelSpec
+    spec: ModelSpec | None  # None: a model nothing rebuilds (the Python API): none kept
     current: int = 0  # the step running now (its fine-tuning's state file is named by it)
     # The stage's training history (ctx.history): kept with each step, given back on resume.
     history: list[EpochRecord] = field(default_factory=list)
@@ -50,6 +50,8 @@ class StepCheckpoints:
     def save(self, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
         """Keep ``model`` as it is after the running step (and ``extra`` facts); earlier
         steps' files and this step's training state go."""
+        if self.spec is None:
+            return  # nothing could reload it: this stage runs in one go
         step = self.current
         history = [h.model_dump(mode="json") for h in self.history]
         save_model(model, self.spec, self._file(step),

@@ -87,7 +87,8 @@ def check_split(split: Split | None, name: str = "val") -> Split:
         UserError: the split is missing or empty.
     """
     if split is None or len(split) == 0:
-        hint = " (set data.val_size above 0, or use split: test)" if name == "val" else ""
+        hint = (" (set data.val_size above 0 or use split: test in a recipe; give val= in "
+                "Python)" if name == "val" else "")
         raise UserError(f"split {name!r} has no images to measure accuracy on{hint}")
     return split
 

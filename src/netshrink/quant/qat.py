@@ -40,7 +40,7 @@ from netshrink.distill.options import DistillOptions
 from netshrink.errors import UserError
 from netshrink.models.fold import fold_batchnorm
 from netshrink.models.resnet import conv_forward
-from netshrink.train.config import TrainConfig, fractional_epochs
+from netshrink.train.config import TrainConfig, fit_batch_size, fractional_epochs
 from netshrink.train.loop import LossFn, TrainResult, train
 
 __all__ = [
@@ -558,7 +558,7 @@ def run_qat(
         UserError: the model cannot be prepared (see ``prepare_qat``).
     """
     prepared = prepare_qat(model, per_channel=cfg.per_channel)
-    train_cfg = cfg.train_config(len(data.train))
+    train_cfg = fit_batch_size(cfg, data.train).train_config(len(data.train))
     assert train_cfg.max_steps is not None
     freeze_step = max(1, round(cfg.freeze_observers_after * train_cfg.max_steps))
     hook = ObserverFreezeHook(freeze_step)

@@ -308,6 +308,7 @@ class Runner:
         deployed file in its runtime, or the torch model. Returns the record (times unset)."""
         measurer, cpu_measurement = self.measurer, None
         if isinstance(result, Deployed):
+            assert result.file is not None  # a recipe's model has a spec: its files exist
             model = result.model
             if model is not None:
                 save_model(model, chain.spec, slot.artifact, meta=ctx.meta)

@@ -1,4 +1,20 @@
-"""The stage registry: ``fn(model, cfg, ctx) -> model`` under a YAML name, with its config.
+"""The method table: each method is a config class and one handler
+``fn(model, cfg, ctx) -> model | Deployed``, registered under its YAML name.
+
+Recipes look a handler up by the stage's name (``STAGES``), the Python verbs by the
+config's type (``method_of``, as torchao's ``quantize_(model, config)`` does), and the
+CLI's commands run one-stage recipes: all three reach the same handler with the same
+defaults (the config class's), the same export-and-check and the same files.
+
+Adding a method: write its config class (a pydantic model: its fields are the recipe's
+keys and the verb's arguments, its defaults everyone's defaults) and its handler, and
+register it with ``@stage("family.name", YourConfig, "summary")`` in a module of this
+package (imported by ``load_builtin_stages``) or of a plug-in (the ``netshrink.stages``
+entry point). That is all: a recipe takes ``kind: family.name``, ``netshrink list
+stages`` shows it, and the Python verb of its family takes ``YourConfig`` (``prune.*``:
+``netshrink.prune``, ``quant.*``: ``quantize``, ``distill.*``: ``distill``, ``train`` /
+``finetune``: ``finetune``, ``export.*``: ``export``). One config class per method: the
+verbs find the handler by it.
 
 A stage gets the model the previous stage produced (the runner's own copy, loaded from
 that stage's file, so changing it in place harms nobody) and returns the model to save.
@@ -25,7 +41,10 @@ from netshrink.errors import UserError
 from netshrink.models import ModelSpec
 from netshrink.registry import Registry
 from netshrink.runtime.base import ModelStats
+from netshrink.store.checkpoint import save_model
+from netshrink.store.codebook import Codebook
 from netshrink.store.layout import earlier_stage_file, parse_stage_folder
+from netshrink.store.packed import pack_model
 from netshrink.train.history import EpochRecord
 
 
@@ -56,10 +75,15 @@ class StageContext:
 
     A stage that changes the model's structure (removes channels) replaces ``spec`` with
     the spec its output is saved and rebuilt with.
+
+    ``spec`` is None only where nothing can rebuild the model: the Python API on the
+    user's own module before it has a factory. The stage still runs; the torch model
+    files it would write (``save_torch``) are not written, and its model stays in memory.
+    A recipe's model always has a spec.
     """
 
     data: DataBundle
-    spec: ModelSpec
+    spec: ModelSpec | None
     device: str
     seed: int
     run_dir: Path
@@ -71,6 +95,9 @@ class StageContext:
     data_config: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
     progress: bool | None = None
+    # Models held in memory by name, found before any earlier stage's file of that name
+    # (``teacher_stage: teacher`` of the Python ``distill``, whose teacher is a module).
+    models: dict[str, nn.Module] = field(default_factory=dict)
     # Filled by the stage for the run record:
     history: list[EpochRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -89,10 +116,41 @@ class StageContext:
                             "model; name a stage that comes before this one (e.g. baseline)")
         return found
 
+    def save_torch(self, model: nn.Module, path: Path, *, meta: dict[str, Any] | None = None,
+                   codebooks: dict[str, Codebook] | None = None) -> Path | None:
+        """Write ``model`` as a torch model file with the context's spec (``.nspk``:
+        packed, with k-means ``codebooks``) and ``meta`` (default: the context's).
+
+        Returns:
+            ``path``, or None without a spec (nothing could rebuild the file's model;
+            nothing is written).
+        """
+        if self.spec is None:
+            return None
+        facts = self.meta if meta is None else meta
+        if path.suffix == ".nspk":
+            pack_model(model, self.spec, path, codebooks=codebooks, meta=facts)
+        else:
+            save_model(model, self.spec, path, meta=facts)
+        return path
+
+    @property
+    def shape_known(self) -> bool:
+        """Whether ``input_shape`` is known (a recipe's always is)."""
+        return self.data.info.image_size > 0
+
     @property
     def input_shape(self) -> list[int]:
-        """One image, ``[C, H, W]``, as the data gives it."""
+        """One image, ``[C, H, W]``, as the data gives it.
+
+        Raises:
+            UserError: the data does not say (the Python API given neither data nor an
+                example input).
+        """
         info = self.data.info
+        if not self.shape_known:
+            raise UserError("the input shape is not known: give example_input= (one batch "
+                            "the model takes, e.g. torch.zeros(1, 3, 32, 32)) or data")
         return [info.in_channels, info.image_size, info.image_size]
 
 
@@ -100,18 +158,23 @@ class StageContext:
 class Deployed:
     """A stage's model in a form another runtime executes.
 
-    ``file`` is what the size is of (a folder for formats of several files). ``model``,
-    when given, is a torch model that continues the chain (k-means weights, shared
-    values in float); otherwise the next stage gets the stage's input model again.
+    ``file`` is what the size is of (a folder for formats of several files); None only
+    for a torch result of a context without a spec (``StageContext.save_torch``), never
+    in a recipe. ``model``, when given, is a torch model that continues the chain
+    (k-means weights, shared values in float); otherwise the next stage gets the stage's
+    input model again.
     """
 
-    file: Path
+    file: Path | None
     runtime: str  # "onnxruntime", "openvino" or "torch"
     stats: ModelStats  # counts of the network the file holds
     precision: str | None = None  # recorded precision (and OpenVINO's float hint)
     sizes: dict[str, int] = field(default_factory=dict)  # other files worth comparing
     model: nn.Module | None = None
     options: dict[str, Any] | None = None  # how the runtime prepares it (torch execution)
+    # k-means codebooks of ``model`` by layer: a caller that packs it again (the Python
+    # result's ``save``) keeps the shared values bit-packed.
+    codebooks: dict[str, Codebook] | None = None
 
 
 StageFn = Callable[[nn.Module, BaseModel, StageContext], "nn.Module | Deployed"]
@@ -134,13 +197,46 @@ class StageDef:
 
 
 STAGES: Registry[StageDef] = Registry("stage")
+METHODS: dict[type[BaseModel], str] = {}  # config class -> its stage's name
 TRAIN_STATE = "train_state.safetensors"  # a training stage's resumable state
+
+# The Python verb of each family of stages (the name's part before the dot).
+VERBS = {"prune": "prune", "quant": "quantize", "distill": "distill", "train": "finetune",
+         "finetune": "finetune", "export": "export"}
+
+
+def family_verb(name: str) -> str | None:
+    """The Python verb that runs the stage ``name`` (``prune.channel``: ``prune``); None
+    for stages only recipes run (``deploy.torch``, ``compress``)."""
+    return VERBS.get(name.split(".", 1)[0])
+
+
+def method_of(config: BaseModel) -> tuple[str, StageDef]:
+    """The stage whose config class ``config`` is (or derives from: the nearest one), as
+    ``(name, definition)``.
+
+    Raises:
+        UserError: no stage is configured by it.
+    """
+    load_builtin_stages()
+    for cls in type(config).__mro__:
+        if cls in METHODS:
+            return METHODS[cls], STAGES.get(METHODS[cls])
+    raise UserError(f"{type(config).__name__} configures no method; give the config of one "
+                    "(netshrink list stages shows them)")
+
+
+def verb_configs(verb: str) -> list[str]:
+    """The config classes the Python verb ``verb`` takes, by name."""
+    load_builtin_stages()
+    return sorted({cls.__name__ for cls, name in METHODS.items() if family_verb(name) == verb})
 
 
 def stage(name: str, config: type[BaseModel], summary: str, *, chains: bool = True,
           scratch: tuple[str, ...] = (),
           check: Callable[[Any, str], None] | None = None) -> Callable[[StageFn], StageFn]:
-    """Decorator: register ``fn`` as the recipe stage ``name`` configured by ``config``.
+    """Decorator: register ``fn`` as the method ``name`` configured by ``config`` (a
+    class no other stage uses).
 
     ``chains=False`` declares that the stage returns a ``Deployed`` without a torch model;
     ``scratch`` names the resumable-state files it leaves in its folder; ``check(config,
@@ -148,8 +244,12 @@ def stage(name: str, config: type[BaseModel], summary: str, *, chains: bool = Tr
     """
 
     def add(fn: StageFn) -> StageFn:
+        if config in METHODS:  # the verbs find a handler by its config: one each
+            raise ValueError(f"stage {name!r}: {config.__name__} already configures stage "
+                             f"{METHODS[config]!r}; give it a config class of its own")
         STAGES.register(name)(StageDef(fn=fn, config=config, summary=summary, chains=chains,
                                        scratch=scratch, check=check))
+        METHODS[config] = name
         return fn
 
     return add

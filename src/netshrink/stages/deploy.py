@@ -25,7 +25,6 @@ from netshrink.runtime.torch_exec import (
 )
 from netshrink.stages.base import Deployed, StageContext, stage
 from netshrink.store.atomic import atomic_write_text
-from netshrink.store.checkpoint import save_model
 
 
 @stage("deploy.torch", TorchExecution,
@@ -53,13 +52,13 @@ def torch_deploy_stage(model: nn.Module, cfg: TorchExecution, ctx: StageContext)
         prepared.close()
     dtype = DTYPES[cfg.precision]
     path = ctx.stage_dir / f"model.{cfg.precision}.safetensors"
-    save_model(copy.deepcopy(model).to(dtype), ctx.spec, path,
-               meta={"precision": "fp32" if cfg.precision == "tf32" else cfg.precision})
+    saved = ctx.save_torch(copy.deepcopy(model).to(dtype), path, meta={
+        "precision": "fp32" if cfg.precision == "tf32" else cfg.precision})
     if cfg.compile != "off":
         ctx.notes.append(f"torch.compile (mode {cfg.compile}) compiles once per input shape "
                          "in the untimed warm-up calls; compile time is not in the latency")
     if cfg.precision == "fp32" and ctx.device.startswith("cuda"):
         ctx.notes.append("fp32 is strict fp32 (TF32 off); precision: tf32 allows TF32 "
                          "tensor cores, torch's default for cuDNN convolutions")
-    return Deployed(file=path, runtime="torch", precision=cfg.precision, stats=stats,
+    return Deployed(file=saved, runtime="torch", precision=cfg.precision, stats=stats,
                     options=execution.model_dump(exclude_defaults=True) or None)

@@ -10,11 +10,13 @@ each stage keeps.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 from torch import nn
 
 from netshrink.bench import count_macs, count_params
+from netshrink.models import ModelSpec
 from netshrink.models.resnet import stage_blocks
 from netshrink.prune.blocks import BlockPruneConfig, prune_blocks
 from netshrink.prune.channel import ChannelPruneConfig, channel_report, prune_channels
@@ -26,6 +28,11 @@ from netshrink.stages.train import FinetuneConfig
 from netshrink.store.atomic import atomic_write_text
 from netshrink.train.loop import train
 from netshrink.train.masks import MaskHook, Masks, sparsity_table
+
+
+def _changed(ctx: StageContext, **update: Any) -> ModelSpec | None:
+    """The context's spec with ``update`` (None stays None: nothing rebuilds the model)."""
+    return ctx.spec.model_copy(update=update) if ctx.spec is not None else None
 
 
 def record_sparsity(model: nn.Module, ctx: StageContext) -> None:
@@ -72,12 +79,9 @@ def nm_stage(model: nn.Module, cfg: NMPruneConfig, ctx: StageContext) -> nn.Modu
        "structured pruning: remove whole conv channels (L1/L2/BN-scale/Taylor), "
        "residual-safe; a smaller, faster dense model", scratch=(STEP_FILES,))
 def channel_stage(model: nn.Module, cfg: ChannelPruneConfig, ctx: StageContext) -> nn.Module:
-
-    info = ctx.data.info
-    shape = [info.in_channels, info.image_size, info.image_size]
-
+    shape = ctx.input_shape
     # Finished steps are kept with a pruned spec: their widths come from the weights.
-    steps = StepCheckpoints(ctx.stage_dir, ctx.key, ctx.spec.model_copy(update={"pruned": True}),
+    steps = StepCheckpoints(ctx.stage_dir, ctx.key, _changed(ctx, pruned=True),
                             history=ctx.history)
 
     def finetune(m: nn.Module) -> None:
@@ -101,7 +105,7 @@ def channel_stage(model: nn.Module, cfg: ChannelPruneConfig, ctx: StageContext) 
         f"MACs {macs[0]:,} → {macs[1]:,} ({macs[0] / max(1, macs[1]):.2f}x fewer)"
     )
     # The runner saves the model with ctx.spec: pruned widths come from the weights file.
-    ctx.spec = ctx.spec.model_copy(update={"pruned": True})
+    ctx.spec = _changed(ctx, pruned=True)
     return pruned
 
 
@@ -109,20 +113,22 @@ def channel_stage(model: nn.Module, cfg: ChannelPruneConfig, ctx: StageContext) 
        "depth pruning: remove whole residual blocks (x + F(x)), the least harmful first "
        "(a scan on the validation split); fewer layers, lower batch-1 latency")
 def blocks_stage(model: nn.Module, cfg: BlockPruneConfig, ctx: StageContext) -> nn.Module:
-    info = ctx.data.info
-    shape = [info.in_channels, info.image_size, info.image_size]
+    shape = ctx.input_shape if ctx.shape_known else None  # a ResNet's blocks need none
     pruned, removed = prune_blocks(model, cfg, ctx.data.val, device=ctx.device, log=ctx.log,
                                    input_shape=shape)
     atomic_write_text(ctx.stage_dir / "blocks.json", json.dumps(removed, indent=2))
     params = count_params(model)[0], count_params(pruned)[0]
-    macs = count_macs(model, shape), count_macs(pruned, shape)
     kept = stage_blocks(pruned)
     names = [r["block"] for r in removed]
+    macs = ""
+    if ctx.shape_known:  # naming the blocks needs no image (the Python API may give none)
+        before, after = (count_macs(m, ctx.input_shape) for m in (model, pruned))
+        macs = f", MACs {before:,} → {after:,}"
     ctx.notes.append(
         f"residual blocks removed: {', '.join(names)}"
         + (f" (blocks per stage now {kept})" if kept is not None else "")
-        + f"; params {params[0]:,} → {params[1]:,}, MACs {macs[0]:,} → {macs[1]:,}")
+        + f"; params {params[0]:,} → {params[1]:,}{macs}")
     # the runner saves the model with ctx.spec: which blocks a rebuild leaves out
-    ctx.spec = ctx.spec.model_copy(update={"blocks": kept} if kept is not None
-                                   else {"removed": [*ctx.spec.removed, *names]})
+    ctx.spec = (_changed(ctx, blocks=kept) if kept is not None or ctx.spec is None
+                else _changed(ctx, removed=[*ctx.spec.removed, *names]))
     return pruned

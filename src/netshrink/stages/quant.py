@@ -19,6 +19,7 @@ from netshrink.bench.accuracy import evaluate
 from netshrink.bench.measure import artifact_size
 from netshrink.errors import UserError
 from netshrink.export.onnx import check_onnx, export_onnx
+from netshrink.models import ModelSpec
 from netshrink.quant.calibration import calibration_batches
 from netshrink.quant.kmeans import CodebookHook, KMeansConfig, kmeans_share
 from netshrink.quant.ptq import (
@@ -35,10 +36,8 @@ from netshrink.stages.base import Deployed, StageContext, stage
 from netshrink.stages.teacher import teacher_loss
 from netshrink.stages.train import FinetuneConfig
 from netshrink.store.atomic import atomic_write_text
-from netshrink.store.checkpoint import save_model
-from netshrink.store.packed import pack_model
 from netshrink.store.walls import make_dirs
-from netshrink.train.config import fractional_epochs
+from netshrink.train.config import fit_batch_size, fractional_epochs
 from netshrink.train.loop import train
 
 # How close an exported float model must be to torch; a bigger gap is an export bug.
@@ -82,25 +81,53 @@ class HalfConfig(BaseModel):
     runtime: Literal["torch", "openvino"] = "torch"
 
 
-def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: int = 17,
-                   runtime: str | None = None, precision: str | None = None) -> Path:
-    """Export ``model`` to ONNX, run the checker and compare with torch; note the result.
+class Fp16Config(HalfConfig):
+    """fp16 weights (``quant.fp16``): see ``HalfConfig``."""
 
-    The file carries the stage's checkpoint meta, spec and counts (``export_onnx``), and
-    ``runtime``/``precision`` when the run measures it other than in ONNX Runtime as is.
+
+class Bf16Config(HalfConfig):
+    """bf16 weights and compute (``quant.bf16``): see ``HalfConfig``."""
+
+
+def checked_export(model: nn.Module, path: Path, *, input_shape: list[int], opset: int = 17,
+                   meta: dict | None = None, spec: ModelSpec | None = None,
+                   runtime: str | None = None, precision: str | None = None,
+                   name: str | None = None) -> float:
+    """Export ``model`` to ONNX at ``path``, run the checker and compare with torch: the
+    one export-and-check of every stage, verb and ``netshrink export``. Returns the
+    largest difference from torch on random images.
 
     Raises:
-        UserError: the export differs from torch by more than ``EXPORT_ATOL``.
+        UserError: integer or 16-bit weights, or an export that differs from torch by
+            more than ``EXPORT_ATOL`` (``name`` names the model in the message).
     """
-    if any(not p.dtype.is_floating_point for p in model.parameters()):
+    dtypes = {p.dtype for p in model.parameters()}
+    if any(not dtype.is_floating_point for dtype in dtypes):
         raise UserError("the model holds integer weights (already quantized); export the "
                         "float model it came from")
-    export_onnx(model, path, input_shape=ctx.input_shape, opset=opset, meta=ctx.meta,
-                spec=ctx.spec, runtime=runtime, precision=precision)
-    diff = check_onnx(path, model, input_shape=ctx.input_shape)
+    if dtypes - {torch.float32}:  # fp16/bf16 weights: the export and its check run fp32
+        raise UserError(f"the model holds {', '.join(sorted(map(str, dtypes)))} weights; "
+                        "export the float32 model it came from")
+    export_onnx(model, path, input_shape=input_shape, opset=opset, meta=meta or {},
+                spec=spec, runtime=runtime, precision=precision)
+    diff = check_onnx(path, model, input_shape=input_shape)
     if diff > EXPORT_ATOL:
-        raise UserError(f"{path}: the ONNX export differs from torch by {diff:.2e} "
+        raise UserError(f"{name or path}: the ONNX export differs from torch by {diff:.2e} "
                         f"(more than {EXPORT_ATOL}); report this model as an export bug")
+    return diff
+
+
+def export_checked(model: nn.Module, path: Path, ctx: StageContext, *, opset: int = 17,
+                   runtime: str | None = None, precision: str | None = None) -> Path:
+    """``checked_export`` in a stage: the file carries the stage's checkpoint meta, spec
+    and counts, and ``runtime``/``precision`` when the run measures it other than in ONNX
+    Runtime as is; the result is noted.
+
+    Raises:
+        UserError: as ``checked_export``.
+    """
+    diff = checked_export(model, path, input_shape=ctx.input_shape, opset=opset,
+                          meta=ctx.meta, spec=ctx.spec, runtime=runtime, precision=precision)
     ctx.notes.append(f"ONNX (opset {opset}) passes onnx.checker; max |ONNX Runtime - torch| "
                      f"= {diff:.1e} on 4 random images")
     return path
@@ -132,8 +159,8 @@ def _top1_on_val(ctx: StageContext, images: int, stats: ModelStats
                  ) -> Callable[[Path], float]:
     split = ctx.data.val
     if split is None:
-        raise UserError("accuracy_budget needs held-out images to judge each layer on; set "
-                        "data.val_size (e.g. 5000)")
+        raise UserError("accuracy_budget needs held-out images to judge each layer on: set "
+                        "data.val_size (e.g. 5000) in a recipe, give val= in Python")
 
     def top1(path: Path) -> float:
         session = open_runtime(path, "onnxruntime", stats=stats, threads=torch.get_num_threads())
@@ -201,22 +228,22 @@ def _half(model: nn.Module, cfg: HalfConfig, ctx: StageContext, precision: str) 
         return Deployed(file=path, runtime="openvino", precision=precision, stats=stats)
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     path = ctx.stage_dir / f"model.{precision}.safetensors"
-    save_model(model.to(dtype), ctx.spec, path, meta={**ctx.meta, "precision": precision})
+    saved = ctx.save_torch(model.to(dtype), path, meta={**ctx.meta, "precision": precision})
     if precision == "fp16" and ctx.device == "cpu":
         ctx.notes.append("fp16 is a storage format on a CPU: the file is half the size and "
                          "the model computes in fp32 (emulated fp16 is several times slower)")
-    return Deployed(file=path, runtime="torch", precision=precision, stats=stats)
+    return Deployed(file=saved, runtime="torch", precision=precision, stats=stats)
 
 
-@stage("quant.fp16", HalfConfig, "fp16 weights file (half size); fp16 compute on GPUs",
+@stage("quant.fp16", Fp16Config, "fp16 weights file (half size); fp16 compute on GPUs",
        chains=False)
-def fp16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
+def fp16_stage(model: nn.Module, cfg: Fp16Config, ctx: StageContext) -> Deployed:
     return _half(model, cfg, ctx, "fp16")
 
 
-@stage("quant.bf16", HalfConfig, "bf16 weights and compute (CPUs with bf16, GPUs)",
+@stage("quant.bf16", Bf16Config, "bf16 weights and compute (CPUs with bf16, GPUs)",
        chains=False)
-def bf16_stage(model: nn.Module, cfg: HalfConfig, ctx: StageContext) -> Deployed:
+def bf16_stage(model: nn.Module, cfg: Bf16Config, ctx: StageContext) -> Deployed:
     return _half(model, cfg, ctx, "bf16")
 
 
@@ -227,20 +254,21 @@ def kmeans_stage(model: nn.Module, cfg: KMeansConfig, ctx: StageContext) -> Depl
                              max_iter=cfg.max_iter)
     if cfg.finetune_epochs > 0:
 
-        train_cfg = fractional_epochs(FinetuneConfig(lr=cfg.finetune_lr), cfg.finetune_epochs,
-                                      len(ctx.data.train))
+        train_cfg = fractional_epochs(fit_batch_size(FinetuneConfig(lr=cfg.finetune_lr),
+                                                     ctx.data.train),
+                                      cfg.finetune_epochs, len(ctx.data.train))
         result = train(model, ctx.data, train_cfg,
                        device=ctx.device, step_hooks=[CodebookHook(codebooks)],
                        progress=ctx.progress, log=ctx.log)
         ctx.history.extend(result.history)
     model = model.cpu().eval()
-    path = ctx.stage_dir / "model.nspk"
-    pack_model(model, ctx.spec, path, codebooks=codebooks, meta=ctx.meta)
+    path = ctx.save_torch(model, ctx.stage_dir / "model.nspk", codebooks=codebooks)
     ctx.notes.append(f"{len(codebooks)} layers share at most {2 ** cfg.bits} values each; "
                      "the packed file stores bit-packed indices, codebooks and zero bitmasks, "
                      "zstd-coded, and reloads to these exact weights")
     return Deployed(file=path, runtime="torch", precision=f"fp32, {cfg.bits}-bit k-means",
-                    stats=model_stats(model, ctx.input_shape), model=model)
+                    stats=model_stats(model, ctx.input_shape), model=model,
+                    codebooks=codebooks)
 
 
 @stage("quant.qat", QATConfig,

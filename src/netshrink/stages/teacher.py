@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -18,11 +17,15 @@ from netshrink.train.config import TrainConfig
 __all__ = ["teacher_loss"]
 
 
-def _teacher_file(opts: TeacherFields, ctx: StageContext) -> Path:
+def _teacher(opts: TeacherFields, ctx: StageContext) -> nn.Module:
+    """The teacher ``opts`` names: a file, a model the context holds in memory, or an
+    earlier stage's model file."""
     if opts.teacher is not None:
-        return opts.teacher
+        return load_model(opts.teacher)[0]
     assert opts.teacher_stage is not None
-    return ctx.stage_model_file(opts.teacher_stage, "teacher_stage")
+    if opts.teacher_stage in ctx.models:
+        return ctx.models[opts.teacher_stage]
+    return load_model(ctx.stage_model_file(opts.teacher_stage, "teacher_stage"))[0]
 
 
 def teacher_loss(
@@ -49,7 +52,7 @@ def teacher_loss(
     if opts.teacher is None and opts.teacher_stage is None and default is not None:
         teacher, source = default, "the stage's input model"
     else:
-        teacher = load_model(_teacher_file(opts, ctx))[0]
+        teacher = _teacher(opts, ctx)
         source = str(opts.teacher or opts.teacher_stage)
     teacher = teacher.to(ctx.device)
     if train_cfg.channels_last:

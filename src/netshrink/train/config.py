@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -82,6 +82,20 @@ class TrainConfig(BaseModel):
         if isinstance(data, dict) and data.get("sync_bn") is False:
             del data["sync_bn"]
         return data
+
+
+TrainConfigT = TypeVar("TrainConfigT", bound=TrainConfig)
+
+
+def fit_batch_size(cfg: TrainConfigT, split: object) -> TrainConfigT:
+    """``cfg`` with the batch size ``split`` gives where the split decides its batches
+    itself (the user's ``DataLoader``: its ``own_batch_size``); unchanged for netshrink's
+    splits, which batch as asked. The loop counts its steps per epoch, and so its
+    schedule, by the batch size."""
+    own = getattr(split, "own_batch_size", None)
+    if isinstance(own, int) and own > 0 and own != cfg.batch_size:
+        return cfg.model_copy(update={"batch_size": own})
+    return cfg
 
 
 def fractional_epochs(cfg: TrainConfig, epochs: float, n_train: int) -> TrainConfig:

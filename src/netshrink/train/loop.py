@@ -31,7 +31,7 @@ from netshrink.bench import evaluate
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
 from netshrink.train import distributed
-from netshrink.train.config import TrainConfig
+from netshrink.train.config import TrainConfig, fit_batch_size
 from netshrink.train.history import EpochRecord
 from netshrink.train.masks import MaskHook, zero_masks
 from netshrink.train.state import Position, load_state, save_state
@@ -162,6 +162,7 @@ def train(
     Raises:
         UserError: the loss became inf or NaN (a diverged training saves nothing).
     """
+    cfg = fit_batch_size(cfg, data.train)  # the user's DataLoader decides its own batches
     # While rank 0 leads a recipe, the other ranks run this same call (sent to them).
     ended = distributed.announce_training({
         "model": model, "data": data, "cfg": cfg, "device": device, "state_path": state_path,
