@@ -175,14 +175,20 @@ def test_counting_and_ties() -> None:
     assert lowest(torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0]), 3) == [0, 1, 3]  # ties by position
 
 
-def test_grouped_convs_are_refused_by_both_callers() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(),
-                          nn.LazyLinear(10))
-    model(EXAMPLE)
-    model.eval()
-    with pytest.raises(UserError, match=r"1: grouped convolution \(groups=2\)"):
-        prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
-    with pytest.raises(UserError, match="grouped convolution"):
-        channel_groups(model, EXAMPLE)
-    with pytest.raises(UserError, match="grouped convolution"):
-        prune_channel_groups(model, 0.5, EXAMPLE)
+def test_grouped_convs_lose_the_same_positions_in_every_group_by_both_callers() -> None:
+    """A grouped conv (groups=2) reads its input in two blocks: both callers remove the
+    same positions from each, keep the groups, and the model runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, groups=2),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+    pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
+    assert [pruned[0].out_channels, pruned[2].in_channels, pruned[2].groups] == [4, 4, 2]
+    assert pruned[2].out_channels == 4 and pruned(EXAMPLE).shape == (1, 10)
+    groups = {g.name: g for g in channel_groups(model, EXAMPLE)}
+    assert groups["0"].blocks == 2 and groups["2"].blocks == 2
+    scanned = prune_channel_groups(model, 0.5, EXAMPLE)
+    assert [scanned[0].out_channels, scanned[2].in_channels, scanned[2].groups] == [4, 4, 2]
+    # The kept input positions are the same in both blocks of the grouped conv's input.
+    kept = [i for i in range(8) if any(torch.equal(pruned[0].weight[j], model[0].weight[i])
+                                       for j in range(4))]
+    assert len(kept) == 4 and [k - 4 for k in kept[2:]] == kept[:2]

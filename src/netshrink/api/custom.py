@@ -196,6 +196,8 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any], factory: str,
     """``fn(**kwargs)``, its refusal of the arguments as a ``UserError``."""
     try:
         model = fn(**kwargs)
+    except NotImplementedError:
+        raise  # a meta-device build that cannot be done (``_check_shell``), no refusal
     except (TypeError, ValueError, RuntimeError, OverflowError, KeyError, IndexError,
             AssertionError) as exc:  # how factories refuse a variant they do not know
         text = " ".join(str(exc).split())[:200]
@@ -230,6 +232,8 @@ def _check_shell(fn: Callable[..., Any], kwargs: dict[str, Any], factory: str,
             warnings.simplefilter("ignore")
             shell = _call(fn, kwargs, factory, path)
     except NotImplementedError as exc:
+        if not kwargs:  # the factory's own defaults: nothing of the file's to bound
+            return
         raise UserError(f"{path}: {factory} does not build on the meta device ({exc}), so "
                         "the size of what the file's factory_kwargs ask for cannot be checked "
                         f"first; {yours}") from None

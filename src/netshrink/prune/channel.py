@@ -46,7 +46,6 @@ from netshrink.prune.groups import (
     ChannelGraph,
     check_importance,
     kept_channels,
-    lowest,
     output_layer,
 )
 from netshrink.prune.resume import StepCheckpoints
@@ -310,7 +309,7 @@ def _prune_step(
     for (group, channel_scores), current, keep in zip(ranked, currents, keeps, strict=True):
         keep = _rounded(max(1, keep), current, cfg.round_to)
         if keep < current:  # the lowest scores go (ties by position)
-            graph.remove(group, lowest(channel_scores, current - keep))
+            graph.prune_to(group, channel_scores, keep)
 
 
 def _sensitivity_ratios(model: nn.Module, cfg: ChannelPruneConfig, example: Tensor,
