@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from netshrink.api.custom import save_custom
 from netshrink.api.data import Data, as_split
+from netshrink.api.reload import check_rebuild
 from netshrink.bench import Accuracy, Measurement, MeasureOptions, evaluate, measure
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec
@@ -119,7 +120,8 @@ class Compressed:
 
         Raises:
             UserError: a model netshrink did not build and no factory, or a suffix this
-                kind of result is not written as.
+                kind of result is not written as; a factory that will not rebuild the
+                model (checked once written: the file is removed again).
         """
         path = Path(path)
         facts = {**self.meta, **(meta or {})}
@@ -154,8 +156,9 @@ class Compressed:
         elif self.spec is not None:
             save_model(model, self.spec, path, meta=facts)
         elif factory is not None:
-            save_custom(model, path, factory=factory,
-                        factory_kwargs=factory_kwargs or self.factory_kwargs, meta=facts)
+            kwargs = factory_kwargs or self.factory_kwargs
+            save_custom(model, path, factory=factory, factory_kwargs=kwargs, meta=facts)
+            check_rebuild(path, model.state_dict(), factory, kwargs, self.input_shape)
         else:
             raise UserError(
                 f"{type(model).__name__} is not one of netshrink's models: save it with the "

@@ -49,6 +49,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
+from netshrink.limits import clip
 from netshrink.models.select import prunable_layers
 from netshrink.prune.tracing import refuse_attention, trace_dependencies
 
@@ -64,6 +65,7 @@ __all__ = [
     "kept_channels",
     "lowest",
     "output_layer",
+    "output_shape",
 ]
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor", "filter_l1"]
@@ -120,6 +122,24 @@ def output_layer(model: nn.Module) -> str:
     if not layers:
         raise UserError(f"{type(model).__name__} has no Conv2d or Linear layer: nothing to prune")
     return list(layers)[-1]
+
+
+def output_shape(pruned: nn.Module, example_input: Tensor) -> tuple[int, ...]:
+    """The shape of ``pruned``'s output on ``example_input``.
+
+    Raises:
+        UserError: the pruned model no longer runs: its forward fixes a width in code (a
+            reshape to a constant size) that the pruning changed.
+    """
+    try:
+        with torch.no_grad():
+            return tuple(pruned(example_input).shape)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise UserError(
+            f"the channel-pruned {type(pruned).__name__} no longer runs "
+            f"({type(exc).__name__}: {clip(str(exc), 160)}): its forward fixes a width in "
+            "code (a reshape or view to a constant size?) that the pruning changed; "
+            "exclude the layer that feeds it (exclude=[...])") from None
 
 
 def kept_channels(channels: int, ratio: float) -> int:

@@ -34,7 +34,13 @@ from netshrink.data.base import Split
 from netshrink.errors import UserError
 from netshrink.models.counting import count_macs
 from netshrink.models.select import prunable_layers, select_layers
-from netshrink.prune.groups import ChannelGraph, ChannelGroup, kept_channels, output_layer
+from netshrink.prune.groups import (
+    ChannelGraph,
+    ChannelGroup,
+    kept_channels,
+    output_layer,
+    output_shape,
+)
 from netshrink.prune.magnitude import magnitude_masks
 from netshrink.train.masks import apply_masks
 
@@ -245,9 +251,8 @@ def prune_channel_groups(
         if k > 0:
             assert channel_scores is not None  # filter_l1 ranks every group
             graph.prune_to(group, channel_scores, group.channels - k)
-    with torch.no_grad():
-        after = work(example_input).shape
-    if after != before:
+    after = output_shape(work, example_input)
+    if after != tuple(before):
         raise UserError(f"channel pruning changed the model's output from {list(before)} to "
                         f"{list(after)}: exclude the layer that produces the logits")
     return work.eval()
