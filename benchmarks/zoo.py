@@ -91,8 +91,26 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def round_to(text: str) -> int | None:
-    return None if text == "off" else int(text)
+def prune_as(model: nn.Module, setting: str, ratio: float, x: torch.Tensor) -> nn.Module:
+    """``model`` pruned with ``round_to`` as ``setting`` says: ``off`` (none), a number
+    (rounded down to multiples of it), or ``autoN``: ``round_to: auto`` with its two
+    multiples (16 for wide layers, 8 for narrow ones) both set to N, to compare."""
+    import netshrink
+    import netshrink.prune.channel as channel
+
+    if setting.startswith("auto"):
+        kept = channel.AUTO_ROUND_TO, channel.AUTO_ROUND_TO_NARROW
+        multiple = int(setting[4:]) if setting[4:] else None
+        if multiple is not None:
+            channel.AUTO_ROUND_TO = channel.AUTO_ROUND_TO_NARROW = multiple
+        try:
+            return netshrink.prune(model, netshrink.ChannelPruneConfig(ratio=ratio),
+                                   example_input=x).model
+        finally:
+            channel.AUTO_ROUND_TO, channel.AUTO_ROUND_TO_NARROW = kept
+    cfg = netshrink.ChannelPruneConfig(ratio=ratio,
+                                       round_to=None if setting == "off" else int(setting))
+    return netshrink.prune(model, cfg, example_input=x).model
 
 
 class Session:
@@ -158,28 +176,31 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
         step = "measure"
         measured = netshrink.measure(loaded, example_input=x, options=netshrink.MeasureOptions(
             latency=False, memory=False))
-        row.update(size_bytes=measured.size_bytes, macs=measured.macs)
+        row.update(size_bytes=saved.stat().st_size, macs=measured.macs,
+                   params_measured=measured.params)
         row["seconds"] = time.perf_counter() - started
         if not args.no_timing:
             step = "timing"
-            row["latency"] = time_side_by_side(name, model, pruned, int8.file, args, work)
+            row["variant_params"] = {}
+            row["latency"] = time_side_by_side(name, model, pruned, int8.file, args, work,
+                                               row["variant_params"])
     except UserError as exc:
         row["error"] = f"{step}: {exc}"
     return row
 
 
 def time_side_by_side(name: str, model: nn.Module, pruned: Any, int8_file: Path,
-                      args: argparse.Namespace, work: Path) -> dict[str, float]:
+                      args: argparse.Namespace, work: Path, counts: dict[str, int]
+                      ) -> dict[str, float]:
     """Batch-1 ONNX Runtime latency (ms) of the original, the pruned model at the
-    defaults and at each ``--compare`` round_to, and the pruned INT8 file."""
-    import netshrink
-
+    defaults and at each ``--compare`` round_to (their parameters go to ``counts``), and
+    the pruned INT8 file."""
     files = {"original": float_onnx(model, work / f"{name}-orig.onnx", args.size),
              "pruned": float_onnx(pruned.model, work / f"{name}-pruned.onnx", args.size)}
     x = torch.randn(1, 3, args.size, args.size)
     for setting in args.compare:
-        cfg = netshrink.ChannelPruneConfig(ratio=args.ratio, round_to=round_to(setting))
-        other = netshrink.prune(model, cfg, example_input=x).model
+        other = prune_as(model, setting, args.ratio, x)
+        counts[f"round_to {setting}"] = params(other)
         files[f"round_to {setting}"] = float_onnx(other, work / f"{name}-{setting}.onnx",
                                                   args.size)
     files["pruned int8"] = int8_file
@@ -221,7 +242,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"**{len(ok)} of {len(rows)} go through** every step.", "",
     ]
     compare = [f"round_to {s}" for s in args.compare]
-    head = ["model", "params orig -> pruned", "INT8 SNR dB", "reload equal",
+    head = ["model", "params orig -> pruned", "file MB", "INT8 SNR dB", "reload equal",
             "orig ms", "pruned ms", "speed-up", *[f"{c} speed-up" for c in compare],
             "pruned INT8 ms", "INT8 speed-up"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -236,10 +257,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             return f"{orig / lat[label]:.2f}x" if orig and label in lat else "-"
 
         cells = [r["model"], f"{r['params'] / 1e6:.2f}M -> {r['pruned_params'] / 1e6:.2f}M",
+                 f"{r['size_bytes'] / 1e6:.1f}",
                  f"{r['int8_snr_db']:.1f}", "yes" if r["reload_equal"] else "NO",
                  f"{orig:.2f}" if orig else "-",
                  f"{lat['pruned']:.2f}" if "pruned" in lat else "-", ratio("pruned"),
-                 *[ratio(c) for c in compare],
+                 *[f"{ratio(c)} ({r['variant_params'][c] / 1e6:.2f}M)" for c in compare],
                  f"{lat['pruned int8']:.2f}" if "pruned int8" in lat else "-",
                  ratio("pruned int8")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -470,3 +470,29 @@ def test_a_factory_that_will_not_rebuild_the_model_is_refused_at_save(tmp_path: 
     with pytest.raises(UserError, match=r"not saved.*cannot import"):
         pruned.save(tmp_path / "other.safetensors", factory="no_such_module_here:build")
     assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_a_pruning_stage_slower_than_its_input_says_so() -> None:
+    from netshrink.recipe.slower import note_if_slower
+    from netshrink.stages.record import StageRecord
+    from report_records import _measurement
+
+    def record(name: str, kind: str, p50: float, **config: object) -> StageRecord:
+        return StageRecord(index=0, name=name, kind=kind, config=config, started="now",
+                           measurement=_measurement(10, 1000, 1000, p50, 0.9))
+
+    base = record("baseline", "baseline", 10.0)
+    lines: list[str] = []
+    slow = record("channels", "prune.channel", 13.0, round_to=None)
+    note_if_slower(slow, [base], "baseline", lines.append)
+    assert slow.notes == [lines[0].split(": ", 1)[1]]
+    assert "slower than its input baseline: batch-1 latency 1.30x" in slow.notes[0]
+    assert "round_to: auto" in slow.notes[0]
+    rounded = record("channels", "prune.channel", 13.0, round_to="auto")
+    note_if_slower(rounded, [base], "baseline", lines.append)
+    assert "round_to: 16" in rounded.notes[0]
+    for fine in (record("channels", "prune.channel", 7.0, round_to="auto"),  # faster
+                 record("channels", "prune.channel", 10.2, round_to="auto"),  # within noise
+                 record("tuned", "finetune", 13.0)):  # not a pruning stage
+        note_if_slower(fine, [base], "baseline", lines.append)
+        assert fine.notes == []

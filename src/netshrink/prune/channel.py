@@ -25,8 +25,9 @@ How many (the rules of Torch-Pruning's ``MetaPruner``, plus a cap it lacks):
     per-layer counts as one-shot (layer scope) or the same total (global scope).
   * ``round_to``: each kept count is rounded to a multiple, for a grouped conv's
     channels the count in each conv group (never below one multiple, never above the
-    channels there are): ``auto`` (the default) to the nearest multiple of
-    ``AUTO_ROUND_TO``, a number down to a multiple of it, None (or 1) not at all.
+    channels there are): ``auto`` (the default) to the nearest multiple of 16 (8 for
+    a layer narrower than 64: ``AUTO_ROUND_TO``), a number down to a multiple of it,
+    None (or 1) not at all.
 Every group keeps at least one channel (one per conv group).
 """
 
@@ -57,19 +58,22 @@ from netshrink.prune.resume import StepCheckpoints
 if TYPE_CHECKING:
     from netshrink.data import DataBundle
 
-__all__ = ["AUTO_ROUND_TO", "ChannelPruneConfig", "channel_report", "prune_channels",
-           "rounded_keep"]
+__all__ = ["AUTO_ROUND_TO", "AUTO_ROUND_TO_NARROW", "ChannelPruneConfig", "channel_report",
+           "prune_channels", "rounded_keep"]
 
-# What ``round_to: auto`` rounds kept channel counts to. ONNX Runtime's CPU convolutions
-# (MLAS's NCHWc kernels) run a conv in blocked layout only when its channel counts are
-# multiples of the block; a count that is not falls back to slower NCHW kernels with
-# layout reorders around it, so a model pruned to arbitrary widths can be slower than
-# the original. Measured on torchvision's models at ratio 0.3 (batch 1, ONNX Runtime,
-# Xeon with AVX-512; benchmarks/results/zoo.md): unrounded, MobileNetV2 ran 0.87x,
-# MobileNetV3-small 0.60x, EfficientNet-B0 0.80x the original's speed; to multiples of
-# 8, 2.35x / 1.58x / 1.73x; multiples of 16 gained nothing more at the same ratio
-# (1.83x / 1.41x / 1.73x), and 8 is also what tensor cores want in fp16.
-AUTO_ROUND_TO = 8
+# What ``round_to: auto`` rounds kept channel counts to (per conv group). ONNX Runtime's
+# CPU convolutions (MLAS's NCHWc kernels, blocks of 16 channels with AVX-512, 8 with
+# AVX2) run a conv in blocked layout only when its channel counts are multiples of the
+# block; a count that is not falls back to slower kernels with layout reorders around
+# it, so a model pruned to arbitrary widths can be slower than the original. Layers of
+# ``AUTO_WIDE`` channels or more go to multiples of 16 (multiples of 8 too: right for
+# AVX2 and for fp16 tensor cores), where most of the time is spent; narrower ones to
+# multiples of 8, so that small models still prune finely enough (a 32-wide layer at
+# 0.3 keeps 24, not 16). Measured at ratio 0.3 (torchvision's models, batch 1,
+# ONNX Runtime, 1 thread, Xeon with AVX-512; benchmarks/results/zoo.md): see there.
+AUTO_ROUND_TO = 16
+AUTO_ROUND_TO_NARROW = 8
+AUTO_WIDE = 64
 
 TrainFn = Callable[[nn.Module], object]
 
@@ -100,8 +104,8 @@ class ChannelPruneConfig(BaseModel):
             Every layer selection in netshrink is these two keys.
         round_to: keep channel counts multiples of this, rounded down (for a grouped
             conv, the channels of each conv group); ``auto`` (the default): the nearest
-            multiple of ``AUTO_ROUND_TO`` (8), what CPU runtimes' kernels need (see
-            there); None or 1: the counts the ratio gives, unrounded.
+            multiple of 16, or of 8 for a layer narrower than 64, what CPU runtimes'
+            kernels need (``AUTO_ROUND_TO``); None or 1: the counts the ratio gives.
         max_layer_ratio: in ``global`` and ``sensitivity`` scope, the most any group
             may lose.
         scan_ratio / scan_images: ``sensitivity`` scope: each group alone loses this
@@ -402,12 +406,16 @@ def rounded_keep(keep: int, current: int, blocks: int, round_to: int | str | Non
     group (``blocks`` of them, 1 for none) a multiple of the rounding, at least one
     multiple (or one channel) per group, never more than there are.
 
-    ``round_to``: ``"auto"`` rounds to the nearest multiple of ``AUTO_ROUND_TO``, a
+    ``round_to``: ``"auto"`` rounds to the nearest multiple of ``AUTO_ROUND_TO`` (of
+    ``AUTO_ROUND_TO_NARROW`` where a conv group is narrower than ``AUTO_WIDE``), a
     number rounds down to a multiple of it, None or 1 does not round.
     """
     blocks = max(1, blocks)
     width = current // blocks
-    step = AUTO_ROUND_TO if round_to == "auto" else int(round_to or 1)
+    if round_to == "auto":
+        step = AUTO_ROUND_TO if width >= AUTO_WIDE else AUTO_ROUND_TO_NARROW
+    else:
+        step = int(round_to or 1)
     wanted = keep / blocks
     if step <= 1:
         per = math.floor(wanted + FLOAT_SLACK)
