@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import statistics
 import sys
@@ -223,7 +224,7 @@ def cpu_line() -> str:
                 break
     except OSError:
         pass
-    return f"{model}; {torch.get_num_threads()} torch threads available; flags: {' '.join(flags)}"
+    return f"{model}, {os.cpu_count()} logical cores; flags: {' '.join(flags)}"
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -240,6 +241,15 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "of the round medians. The machine's 2 cores were shared with other jobs: read the "
         "ratios, not the milliseconds.", "",
         f"**{len(ok)} of {len(rows)} go through** every step.", "",
+        "Columns: *speed-up* is the original's batch-1 latency over the pruned model's, both "
+        "float, at the defaults (`round_to: auto`: multiples of 16 in layers of 64 channels "
+        "or more, of 8 below); *round_to off* the same with unrounded counts, *auto8* / "
+        "*auto16* with every layer to the nearest multiple of 8 / 16 (each with its "
+        "parameter count: the comparisons are at about equal size); *INT8 speed-up* the "
+        "original float over the pruned model's INT8 file (static, ONNX Runtime QDQ). "
+        "*INT8 SNR* is the INT8 file's output against the pruned torch model's on random "
+        "images (signal-to-noise, dB); *reload equal* that the file saved with its factory "
+        "and loaded back gives the pruned model's outputs exactly.", "",
     ]
     compare = [f"round_to {s}" for s in args.compare]
     head = ["model", "params orig -> pruned", "file MB", "INT8 SNR dB", "reload equal",

@@ -410,12 +410,23 @@ def build_fixed_view() -> nn.Module:
     return FixedView()
 
 
+class DictOut(nn.Module):
+    """A forward that returns a dict, not the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.conv(x).mean((2, 3)), "features": x}
+
+
 @pytest.mark.parametrize("config", [
     netshrink.ChannelPruneConfig(ratio=0.3), netshrink.MagnitudePruneConfig(ratio=0.5),
     netshrink.NMPruneConfig(), netshrink.BlockPruneConfig(count=1)],
     ids=lambda c: type(c).__name__)
 def test_a_model_a_method_cannot_handle_gets_one_line(config: object) -> None:
-    for model in (TinyViT().eval(), FixedView().eval()):
+    for model in (TinyViT().eval(), FixedView().eval(), DictOut().eval()):
         try:
             netshrink.prune(model, config, example_input=torch.zeros(1, 3, SIZE, SIZE),
                             data=[(torch.zeros(4, 3, SIZE, SIZE), torch.zeros(4).long())])
@@ -423,6 +434,9 @@ def test_a_model_a_method_cannot_handle_gets_one_line(config: object) -> None:
             assert "\n" not in str(exc) and len(str(exc)) < 400
     with pytest.raises(UserError, match="attention"):
         netshrink.prune(TinyViT().eval(), netshrink.ChannelPruneConfig(ratio=0.3),
+                        example_input=torch.zeros(1, 3, SIZE, SIZE))
+    with pytest.raises(UserError, match="returns a dict"):
+        netshrink.prune(DictOut().eval(), netshrink.ChannelPruneConfig(ratio=0.3),
                         example_input=torch.zeros(1, 3, SIZE, SIZE))
 
 
@@ -433,14 +447,6 @@ def test_a_fixed_width_in_the_forward_is_one_line_not_a_traceback() -> None:
 
 
 def test_int8_of_a_model_onnx_cannot_take_is_one_line(tmp_path: Path) -> None:
-    class DictOut(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-
-        def forward(self, x: Tensor) -> dict[str, Tensor]:
-            return {"logits": self.conv(x).mean((2, 3)), "features": x}
-
     calib = [(torch.randn(4, 3, SIZE, SIZE), torch.zeros(4, dtype=torch.long))]
     for model in (DictOut().eval(), TinyViT().eval()):
         try:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from netshrink.data import Batch, DataBundle, DatasetInfo, Split
 from netshrink.errors import UserError
+from netshrink.limits import clip
 
 __all__ = ["Data", "IterableSplit", "as_split", "batch_size_of", "bundle", "first_images"]
 
@@ -88,6 +89,31 @@ def first_images(split: Split) -> Tensor:
     raise UserError("the data gives no batches; give at least one batch of images")
 
 
+def _classes(model: nn.Module, image: Tensor) -> int:
+    """The width of ``model``'s output on one image of the data: its class count.
+
+    Raises:
+        UserError: the model does not run on the data's images, or returns no tensor.
+    """
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters(), None)
+    try:
+        with torch.inference_mode():
+            out = model(image.to(param.device if param is not None else "cpu"))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise UserError(f"{type(model).__name__} does not run on the data's images "
+                        f"({list(image.shape)}: {type(exc).__name__}: {clip(str(exc), 160)}); "
+                        "give batches the model takes") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, Tensor):
+        raise UserError(f"{type(model).__name__} returns a {type(out).__name__}, not one "
+                        "tensor of logits: netshrink takes a model whose forward returns "
+                        "them (wrap it in a module that picks them)")
+    return int(out.shape[-1])
+
+
 def bundle(model: nn.Module, *, train: Data | None = None, val: Data | None = None,
            test: Data | None = None, calib: Data | None = None,
            class_names: list[str] | None = None) -> DataBundle:
@@ -107,13 +133,7 @@ def bundle(model: nn.Module, *, train: Data | None = None, val: Data | None = No
     if height != width:
         raise UserError(f"images are {height}x{width}; netshrink's training and measuring "
                         "take square images: resize or crop them in your DataLoader")
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        param = next(model.parameters(), None)
-        probe = images[:1].to(param.device if param is not None else "cpu")
-        classes = int(model(probe).shape[-1])
-    model.train(was_training)
+    classes = _classes(model, images[:1])
     info = DatasetInfo(name="custom", num_classes=classes, in_channels=int(channels),
                        image_size=int(height),
                        class_names=class_names or [str(i) for i in range(classes)],

@@ -188,8 +188,13 @@ def prune_channels(
                  if cfg.scope == "sensitivity" else None)
     for step in range(first, cfg.steps + 1):
         ratio = cfg.ratio * step / cfg.steps
-        _prune_step(pruned, cfg, ratio, example, ignored, initial, data, device,
-                    allocated and {g: r * step / cfg.steps for g, r in allocated.items()})
+        kept_whole = _prune_step(pruned, cfg, ratio, example, ignored, initial, data, device,
+                                 allocated and {g: r * step / cfg.steps
+                                                for g, r in allocated.items()})
+        if kept_whole and step == first:
+            shown = ", ".join(kept_whole[:3]) + (", ..." if len(kept_whole) > 3 else "")
+            log(f"{len(kept_whole)} channel groups kept whole (their channels pass through "
+                f"a channel shuffle or another reshape that mixes them): {shown}")
         now = output_shape(pruned, example)
         if now != out_shape:
             raise UserError(_changed_output(out_shape, now, cfg.exclude, model))
@@ -207,19 +212,21 @@ def _input_shape_ok(model: nn.Module, example: Tensor, device: str) -> tuple[int
     """The unpruned model's output shape on ``example``.
 
     Raises:
-        UserError: the model does not run on it.
+        UserError: the model does not run on it, or returns no single tensor.
     """
     try:
         with torch.no_grad():
-            return tuple(copy.deepcopy(model).to(device).eval()(example).shape)
+            out = copy.deepcopy(model).to(device).eval()(example)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise UserError(
             f"{type(model).__name__} does not run on example_input of shape "
             f"{list(example.shape)} ({type(exc).__name__}: {clip(str(exc), 160)}); give one "
             "batch the model takes") from None
-    except AttributeError as exc:  # a model returning a dict or tuple has no .shape
-        raise UserError(f"channel pruning needs a model that returns one tensor (the "
-                        f"logits); {type(model).__name__} does not ({exc})") from None
+    if not isinstance(out, Tensor):
+        raise UserError(f"{type(model).__name__} returns a {type(out).__name__}, not one "
+                        "tensor of logits: channel pruning takes a model whose forward "
+                        "returns them (wrap it in a module that picks them)")
+    return tuple(out.shape)
 
 
 def _changed_output(before: tuple, after: tuple, exclude: list[str] | None,
@@ -321,9 +328,10 @@ def _prune_step(
     data: DataBundle | None,
     device: str,
     allocated: dict[str, float] | None = None,
-) -> None:
+) -> list[str]:
     """Prune ``model`` in place to ``ratio`` of the ``initial`` channel counts (each group
-    to its ``allocated`` ratio, by group name, where given)."""
+    to its ``allocated`` ratio, by group name, where given); returns the groups kept
+    whole (``ChannelGraph.kept_whole``)."""
     # Traced afresh each step: cheap, and nothing stale survives fine-tuning in between.
     graph = ChannelGraph(model, example)
     groups = graph.groups(ignored)
@@ -350,6 +358,7 @@ def _prune_step(
         keep = rounded_keep(max(1, keep), current, group.blocks, cfg.round_to)
         if keep < current:  # the lowest scores go (ties by position)
             graph.prune_to(group, channel_scores, keep)
+    return graph.kept_whole
 
 
 def _sensitivity_ratios(model: nn.Module, cfg: ChannelPruneConfig, example: Tensor,
