@@ -348,6 +348,10 @@ def _prune_step(
     scores = graph.scores(groups, cfg.importance, data=data, device=device)
     # A group the criterion cannot rank (bn_scale without a BN) keeps its channels.
     ranked = [(g, s) for g, s in zip(groups, scores, strict=True) if s is not None]
+    if not ranked:
+        raise UserError(f"importance {cfg.importance!r} cannot rank any channel of "
+                        f"{type(model).__name__} (bn_scale needs a BatchNorm after the "
+                        "pruned convs); use l1, l2 or taylor")
     currents = [group.channels for group, _ in ranked]
     starts = [initial.setdefault(group.root, group.channels) for group, _ in ranked]
     if allocated is not None:
