@@ -502,3 +502,12 @@ def test_a_pruning_stage_slower_than_its_input_says_so() -> None:
                  record("tuned", "finetune", 13.0)):  # not a pruning stage
         note_if_slower(fine, [base], "baseline", lines.append)
         assert fine.notes == []
+
+
+def test_an_importance_that_ranks_nothing_is_one_line() -> None:
+    """bn_scale on SqueezeNet, which has no batch norm: every scope says so."""
+    for scope in ("layer", "global"):
+        with pytest.raises(UserError, match="cannot rank any channel"):
+            netshrink.prune(build_squeezenet().eval(), netshrink.ChannelPruneConfig(
+                ratio=0.3, importance="bn_scale", scope=scope),
+                example_input=torch.zeros(1, 3, SIZE, SIZE))
