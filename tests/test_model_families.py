@@ -511,3 +511,27 @@ def test_an_importance_that_ranks_nothing_is_one_line() -> None:
             netshrink.prune(build_squeezenet().eval(), netshrink.ChannelPruneConfig(
                 ratio=0.3, importance="bn_scale", scope=scope),
                 example_input=torch.zeros(1, 3, SIZE, SIZE))
+
+
+class ReadsValues(nn.Module):
+    """A forward that reads a value (``.item()``): it cannot run on the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 16, 3), nn.Linear(16, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x).mean((2, 3))
+        return self.fc(y * 2 if float(y.abs().max().item()) > 100 else y)
+
+
+def build_reads_values() -> nn.Module:
+    return ReadsValues()
+
+
+def test_a_forward_the_meta_device_cannot_run_is_checked_for_real(tmp_path: Path) -> None:
+    pruned = netshrink.prune(ReadsValues().eval(), netshrink.ChannelPruneConfig(ratio=0.5),
+                             example_input=torch.zeros(1, 3, SIZE, SIZE))
+    path = pruned.save(tmp_path / "r.safetensors", factory="test_model_families:build_reads_values")
+    loaded = netshrink.load(path, trust=["test_model_families:build_reads_values"])
+    assert loaded.model.conv.out_channels == 8

@@ -79,10 +79,24 @@ def _problem(state: dict[str, Tensor], factory: str, kwargs: dict[str, Any],
             meta_forward(model, list(input_shape))
         except NotImplementedError:
             return None  # an op without a meta kernel: nothing more can be said here
-        except Exception as exc:  # the user's forward: any error means it does not run
-            return (f"the model {factory} builds does not run with the saved widths "
-                    f"({type(exc).__name__}: {clip(str(exc), 120)}); its forward fixes a "
-                    "width the pruning changed")
+        except Exception:  # confirmed (or not) on real tensors below
+            return _runs_for_real(fn, kwargs, state, factory, input_shape)
+    return None
+
+
+def _runs_for_real(fn: Callable[..., Any], kwargs: dict[str, Any], state: dict[str, Tensor],
+                   factory: str, input_shape: Sequence[int]) -> str | None:
+    """What the meta-device forward could not say (a forward that reads values, which
+    meta tensors do not have): the model built for real, loaded, run on one image."""
+    try:
+        model = resize_to_state(fn(**kwargs), state)
+        model.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    except Exception as exc:  # the user's forward: any error means it does not run
+        return (f"the model {factory} builds does not run with the saved widths "
+                f"({type(exc).__name__}: {clip(str(exc), 120)}); its forward fixes a "
+                "width the pruning changed")
     return None
 
 
