@@ -41,11 +41,11 @@ class UserCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Sequential(nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU6()),
+            nn.Sequential(nn.Conv2d(1, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU6()),
             InvertedResidual(w, w), InvertedResidual(w, w),
-            InvertedResidual(w, 2 * w, stride=2),                     # 14x14
+            InvertedResidual(w, 2 * w, stride=2),                     # 7x7
             InvertedResidual(2 * w, 2 * w), InvertedResidual(2 * w, 2 * w),
-            InvertedResidual(2 * w, 4 * w, stride=2),                 # 7x7
+            InvertedResidual(2 * w, 4 * w, stride=2),                 # 4x4
             InvertedResidual(4 * w, 4 * w), InvertedResidual(4 * w, 4 * w),
             nn.Sequential(nn.Conv2d(4 * w, 8 * w, 1, bias=False), nn.BatchNorm2d(8 * w),
                           nn.ReLU6()))

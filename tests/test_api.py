@@ -71,7 +71,9 @@ def test_magnitude_and_nm_pruning_of_a_custom_model(trained) -> None:
 
 
 def test_channel_pruning_protects_a_head_of_any_name(trained, loaders) -> None:
-    pruned = netshrink.prune(trained, netshrink.ChannelPruneConfig(ratio=0.5), data=loaders[0])
+    # Unrounded: the tiny widths here are below the multiple of 8 round_to: auto keeps.
+    pruned = netshrink.prune(trained, netshrink.ChannelPruneConfig(ratio=0.5, round_to=None),
+                             data=loaders[0])
     assert pruned.model.head.out_features == 10 and pruned.model.conv1.out_channels == 4
     assert pruned.input_shape == [1, 28, 28]
     assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
@@ -105,7 +107,9 @@ def test_a_custom_model_is_saved_with_its_factory_or_refused(trained, tmp_path) 
 
 
 def test_a_channel_pruned_custom_model_reloads(trained, loaders, tmp_path) -> None:
-    pruned = netshrink.prune(trained, netshrink.ChannelPruneConfig(ratio=0.5), data=loaders[0])
+    # Unrounded: the tiny widths here are below the multiple of 8 round_to: auto keeps.
+    pruned = netshrink.prune(trained, netshrink.ChannelPruneConfig(ratio=0.5, round_to=None),
+                             data=loaders[0])
     path = pruned.save(tmp_path / "p.safetensors", factory="custom_models:make_tiny")
     again = netshrink.load(path, trust=["custom_models:make_tiny"])
     x = torch.randn(3, 1, 28, 28)

@@ -28,6 +28,12 @@ GROUPS = ["conv1", "layer1.0.conv1", "layer2.0.conv1", "layer2.0.conv2", "layer3
           "layer3.0.conv2", "layer4.0.conv1", "layer4.0.conv2"]
 
 
+def unrounded(**kwargs: object) -> ChannelPruneConfig:
+    """A config whose kept counts are the ratio's, unrounded (``round_to: auto`` would
+    round the tiny widths here to multiples of 8): what these tests count."""
+    return ChannelPruneConfig(round_to=None, **kwargs)  # type: ignore[arg-type]
+
+
 def tiny() -> nn.Module:
     return randomized_model(TINY)  # non-trivial BN statistics, so a wrong reload would show
 
@@ -49,7 +55,7 @@ def tiny_data(n: int = 64) -> DataBundle:
 def test_half_the_channels_go_and_residual_couplings_hold() -> None:
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
+    pruned = prune_channels(model, unrounded(ratio=0.5), example_input=EXAMPLE)
 
     w = widths(pruned)
     assert [w[g] for g in GROUPS] == [4, 4, 8, 8, 16, 16, 32, 32]
@@ -83,7 +89,7 @@ def test_resnet18_at_half_ratio_is_about_four_times_smaller() -> None:
     spec = ModelSpec(arch="resnet18", num_classes=10, in_channels=3, stem="cifar")
     torch.manual_seed(0)
     model = build_model(spec).eval()
-    pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5),
+    pruned = prune_channels(model, unrounded(ratio=0.5),
                             example_input=torch.zeros(1, 3, 32, 32))
     params = count_params(model)[0] / count_params(pruned)[0]
     macs = count_macs(model, [3, 32, 32]) / count_macs(pruned, [3, 32, 32])
@@ -94,7 +100,7 @@ def test_resnet18_at_half_ratio_is_about_four_times_smaller() -> None:
 
 
 def test_pruned_model_reloads_without_pickle_and_gives_identical_outputs(tmp_path) -> None:
-    pruned = prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, scope="global"),
+    pruned = prune_channels(tiny(), unrounded(ratio=0.5, scope="global"),
                             example_input=EXAMPLE)
     path = tmp_path / "pruned.safetensors"
     save_model(pruned, TINY.model_copy(update={"pruned": True}), path, meta={})
@@ -108,7 +114,7 @@ def test_pruned_model_reloads_without_pickle_and_gives_identical_outputs(tmp_pat
 
 
 def test_pruned_file_with_an_unpruned_spec_gives_the_mismatch_error(tmp_path) -> None:
-    pruned = prune_channels(tiny(), ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
+    pruned = prune_channels(tiny(), unrounded(ratio=0.5), example_input=EXAMPLE)
     path = tmp_path / "pruned.safetensors"
     save_model(pruned, TINY.model_copy(update={"pruned": True}), path, meta={})
     with pytest.raises(UserError, match=r"does not fit resnet_tiny.*shape mismatches"
@@ -121,8 +127,8 @@ def test_pruned_file_with_an_unpruned_spec_gives_the_mismatch_error(tmp_path) ->
 
 def test_global_scope_ranks_across_layers_with_a_cap() -> None:
     model = tiny()
-    layer = widths(prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE))
-    pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5, scope="global",
+    layer = widths(prune_channels(model, unrounded(ratio=0.5), example_input=EXAMPLE))
+    pruned = prune_channels(model, unrounded(ratio=0.5, scope="global",
                                                       max_layer_ratio=0.6),
                             example_input=EXAMPLE)
     glob = widths(pruned)
@@ -140,9 +146,9 @@ def test_global_scope_ranks_across_layers_with_a_cap() -> None:
 def test_iterative_ends_where_one_shot_does(scope: str) -> None:
     model = tiny()
     calls: list[int] = []
-    shot = widths(prune_channels(model, ChannelPruneConfig(ratio=0.5, scope=scope),
+    shot = widths(prune_channels(model, unrounded(ratio=0.5, scope=scope),
                                  example_input=EXAMPLE))
-    steps = widths(prune_channels(model, ChannelPruneConfig(ratio=0.5, scope=scope, steps=2),
+    steps = widths(prune_channels(model, unrounded(ratio=0.5, scope=scope, steps=2),
                                   example_input=EXAMPLE,
                                   train_fn=lambda m: calls.append(sum(widths(m).values()))))
     assert len(calls) == 1  # between the two steps only
@@ -161,7 +167,7 @@ def test_round_to_keeps_multiples() -> None:
 @pytest.mark.parametrize("importance", ["l2", "bn_scale", "taylor"])
 def test_other_importances(importance: str) -> None:
     model = tiny()
-    pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5, importance=importance),
+    pruned = prune_channels(model, unrounded(ratio=0.5, importance=importance),
                             example_input=EXAMPLE, data=tiny_data())
     assert [widths(pruned)[g] for g in GROUPS] == [4, 4, 8, 8, 16, 16, 32, 32]
     assert all(p.grad is None for p in pruned.parameters())
@@ -170,7 +176,7 @@ def test_other_importances(importance: str) -> None:
 
 def test_bn_scale_keeps_the_largest_gammas() -> None:
     model = tiny()
-    pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5, importance="bn_scale"),
+    pruned = prune_channels(model, unrounded(ratio=0.5, importance="bn_scale"),
                             example_input=EXAMPLE)
     kept = set(pruned.layer2[0].bn1.weight.tolist())
     largest = set(model.layer2[0].bn1.weight.abs().topk(8).values.tolist())
@@ -180,23 +186,23 @@ def test_bn_scale_keeps_the_largest_gammas() -> None:
 @pytest.mark.parametrize("ratio", [1.0, -0.1])
 def test_ratio_out_of_range_is_refused_naming_it(ratio: float) -> None:
     with pytest.raises(pydantic.ValidationError, match="ratio"):
-        ChannelPruneConfig(ratio=ratio)
+        unrounded(ratio=ratio)
 
 
 def test_taylor_needs_data() -> None:
     with pytest.raises(UserError, match=r"taylor.*needs data"):
-        prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, importance="taylor"),
+        prune_channels(tiny(), unrounded(ratio=0.5, importance="taylor"),
                        example_input=EXAMPLE)
 
 
 def test_ignore_pattern_that_matches_nothing() -> None:
     with pytest.raises(UserError, match=r"'nope\*' matches no module.*conv1"):
-        prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, ignore=["nope*"]),
+        prune_channels(tiny(), unrounded(ratio=0.5, ignore=["nope*"]),
                        example_input=EXAMPLE)
 
 
 def test_ignored_layers_keep_their_outputs() -> None:
-    pruned = prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, ignore=["fc", "layer4.*"]),
+    pruned = prune_channels(tiny(), unrounded(ratio=0.5, ignore=["fc", "layer4.*"]),
                             example_input=EXAMPLE)
     w = widths(pruned)
     # layer4's residual stream and conv1 keep their 64; the rest halves.
@@ -215,15 +221,15 @@ class MLP(nn.Module):
 
 def test_nothing_to_prune() -> None:
     with pytest.raises(UserError, match="no conv layer"):
-        prune_channels(MLP(), ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
+        prune_channels(MLP(), unrounded(ratio=0.5), example_input=EXAMPLE)
     with pytest.raises(UserError, match="no conv layer"):
-        prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, ignore=["*"]),
+        prune_channels(tiny(), unrounded(ratio=0.5, ignore=["*"]),
                        example_input=EXAMPLE)
 
 
 def test_classifier_not_ignored_is_caught() -> None:
     with pytest.raises(UserError, match=r"output from \[1, 10\] to \[1, 5\].*ignore"):
-        prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, ignore=[]), example_input=EXAMPLE)
+        prune_channels(tiny(), unrounded(ratio=0.5, ignore=[]), example_input=EXAMPLE)
 
 
 def test_stage_marks_the_spec_pruned_and_records_channels(tmp_path) -> None:
@@ -231,7 +237,7 @@ def test_stage_marks_the_spec_pruned_and_records_channels(tmp_path) -> None:
 
     ctx = StageContext(data=tiny_data(), spec=TINY, device="cpu", seed=0, run_dir=tmp_path,
                        stage_dir=tmp_path, log=lambda _: None, progress=False)
-    cfg = ChannelPruneConfig(ratio=0.5, steps=2, finetune_epochs=1)
+    cfg = unrounded(ratio=0.5, steps=2, finetune_epochs=1)
     model = tiny()
     pruned = channel_stage(model, cfg, ctx)
     assert ctx.spec.pruned and not TINY.pruned
@@ -273,12 +279,12 @@ def test_one_selection_vocabulary_include_and_exclude() -> None:
     # ``exclude`` is the key every method uses; ``ignore`` (its older name) still reads.
     assert ChannelPruneConfig(ratio=0.5, ignore=["fc"]) == ChannelPruneConfig(
         ratio=0.5, exclude=["fc"])
-    assert "exclude" in ChannelPruneConfig(ratio=0.5, ignore=["fc"]).model_dump()
-    pruned = prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, include=["layer4.*"]),
+    assert "exclude" in unrounded(ratio=0.5, ignore=["fc"]).model_dump()
+    pruned = prune_channels(tiny(), unrounded(ratio=0.5, include=["layer4.*"]),
                             example_input=EXAMPLE)
     w = widths(pruned)
     # Only layer4's own (not residual-coupled) channels go; everything else stays whole.
     assert w["layer4.0.conv1"] == 32 and w["layer3.0.conv2"] == 32 and w["conv1"] == 8
     with pytest.raises(UserError, match="include pattern 'nope' matches no module"):
-        prune_channels(tiny(), ChannelPruneConfig(ratio=0.5, include=["nope"]),
+        prune_channels(tiny(), unrounded(ratio=0.5, include=["nope"]),
                        example_input=EXAMPLE)

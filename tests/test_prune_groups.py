@@ -19,6 +19,12 @@ SIZE = 8
 EXAMPLE = torch.zeros(1, 1, SIZE, SIZE)
 
 
+def unrounded(**kwargs: object) -> ChannelPruneConfig:
+    """A config whose kept counts are the ratio's, unrounded (``round_to: auto`` would
+    round the tiny widths here to multiples of 8): what these tests count."""
+    return ChannelPruneConfig(round_to=None, **kwargs)  # type: ignore[arg-type]
+
+
 def block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU())
@@ -65,7 +71,7 @@ def split(n: int = 40) -> ArraySplit:
 def test_channel_pruning_protects_a_classifier_not_called_fc() -> None:
     model = small_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
+    pruned = prune_channels(model, unrounded(ratio=0.5), example_input=EXAMPLE)
     assert pruned.head.out_features == 10 and pruned.head.in_features == 16
     assert [pruned.stem[0].out_channels, pruned.body[0][0].out_channels,
             pruned.body[1][0].out_channels, pruned.wide[0].out_channels] == [8, 8, 8, 16]
@@ -75,7 +81,7 @@ def test_channel_pruning_protects_a_classifier_not_called_fc() -> None:
         assert pruned(x).shape == model(x).shape == (3, 10)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     # The default protects the output layer: the same model as naming it.
-    named = prune_channels(model, ChannelPruneConfig(ratio=0.5, ignore=["head"]),
+    named = prune_channels(model, unrounded(ratio=0.5, ignore=["head"]),
                            example_input=EXAMPLE)
     assert all(torch.equal(named.state_dict()[k], v) for k, v in pruned.state_dict().items())
     pruned.train()
@@ -84,7 +90,7 @@ def test_channel_pruning_protects_a_classifier_not_called_fc() -> None:
 
 def test_an_empty_ignore_protects_nothing_and_is_caught() -> None:
     with pytest.raises(UserError, match=r"output from \[1, 10\] to \[1, 5\].*ignore"):
-        prune_channels(small_cnn(), ChannelPruneConfig(ratio=0.5, ignore=[]),
+        prune_channels(small_cnn(), unrounded(ratio=0.5, ignore=[]),
                        example_input=EXAMPLE)
 
 
@@ -100,8 +106,8 @@ def test_a_classifier_defined_first_is_not_guessed_and_the_message_says_so() -> 
     model = HeadFirst().eval()
     assert output_layer(model) == "wide.0"  # the last in model order, not in data flow
     with pytest.raises(UserError, match=r"taken to be 'wide\.0'.*in exclude"):
-        prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
-    pruned = prune_channels(model, ChannelPruneConfig(ratio=0.5, ignore=["head"]),
+        prune_channels(model, unrounded(ratio=0.5), example_input=EXAMPLE)
+    pruned = prune_channels(model, unrounded(ratio=0.5, ignore=["head"]),
                             example_input=EXAMPLE)
     assert pruned.head.out_features == 10
 
@@ -175,14 +181,20 @@ def test_counting_and_ties() -> None:
     assert lowest(torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0]), 3) == [0, 1, 3]  # ties by position
 
 
-def test_grouped_convs_are_refused_by_both_callers() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(),
-                          nn.LazyLinear(10))
-    model(EXAMPLE)
-    model.eval()
-    with pytest.raises(UserError, match=r"1: grouped convolution \(groups=2\)"):
-        prune_channels(model, ChannelPruneConfig(ratio=0.5), example_input=EXAMPLE)
-    with pytest.raises(UserError, match="grouped convolution"):
-        channel_groups(model, EXAMPLE)
-    with pytest.raises(UserError, match="grouped convolution"):
-        prune_channel_groups(model, 0.5, EXAMPLE)
+def test_grouped_convs_lose_the_same_positions_in_every_group_by_both_callers() -> None:
+    """A grouped conv (groups=2) reads its input in two blocks: both callers remove the
+    same positions from each, keep the groups, and the model runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, groups=2),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+    pruned = prune_channels(model, unrounded(ratio=0.5), example_input=EXAMPLE)
+    assert [pruned[0].out_channels, pruned[2].in_channels, pruned[2].groups] == [4, 4, 2]
+    assert pruned[2].out_channels == 4 and pruned(EXAMPLE).shape == (1, 10)
+    groups = {g.name: g for g in channel_groups(model, EXAMPLE)}
+    assert groups["0"].blocks == 2 and groups["2"].blocks == 2
+    scanned = prune_channel_groups(model, 0.5, EXAMPLE)
+    assert [scanned[0].out_channels, scanned[2].in_channels, scanned[2].groups] == [4, 4, 2]
+    # The kept input positions are the same in both blocks of the grouped conv's input.
+    kept = [i for i in range(8) if any(torch.equal(pruned[0].weight[j], model[0].weight[i])
+                                       for j in range(4))]
+    assert len(kept) == 4 and [k - 4 for k in kept[2:]] == kept[:2]

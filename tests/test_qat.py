@@ -133,7 +133,7 @@ def test_fold_pairs_resnet_names() -> None:
 def test_fold_channel_pruned_model() -> None:
     from netshrink.prune.channel import ChannelPruneConfig, prune_channels
 
-    pruned = prune_channels(tiny(), ChannelPruneConfig(ratio=0.4),
+    pruned = prune_channels(tiny(), ChannelPruneConfig(ratio=0.4, round_to=None),
                             example_input=torch.zeros(1, 1, SIZE, SIZE))
     assert pruned.get_submodule("layer1.0.conv1").out_channels < 8
     randomize_bn(pruned, seed=3)

@@ -17,21 +17,35 @@ from netshrink.data.user import (
     image_info,
 )
 from netshrink.errors import UserError
+from netshrink.limits import clip
 
 __all__ = ["Data", "IterableSplit", "as_split", "batch_size_of", "bundle", "first_images",
            "model_classes"]
 
 
 def model_classes(model: nn.Module, images: torch.Tensor) -> int:
-    """The width of ``model``'s output on one of ``images``: its number of classes."""
+    """The width of ``model``'s output on one of ``images``: its number of classes.
+
+    Raises:
+        UserError: the model does not run on the data's images, or returns no tensor.
+    """
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        param = next(model.parameters(), None)
-        probe = images[:1].to(param.device if param is not None else "cpu")
-        classes = int(model(probe).shape[-1])
-    model.train(was_training)
-    return classes
+    param = next(model.parameters(), None)
+    try:
+        with torch.inference_mode():
+            out = model(images[:1].to(param.device if param is not None else "cpu"))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise UserError(f"{type(model).__name__} does not run on the data's images "
+                        f"({list(images.shape[1:])}: {type(exc).__name__}: "
+                        f"{clip(str(exc), 160)}); give batches the model takes") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"{type(model).__name__} returns a {type(out).__name__}, not one "
+                        "tensor of logits: netshrink takes a model whose forward returns "
+                        "them (wrap it in a module that picks them)")
+    return int(out.shape[-1])
 
 
 def bundle(model: nn.Module, *, train: Data | None = None, val: Data | None = None,

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from netshrink.api.data import Data, as_split
+from netshrink.api.reload import check_rebuild
 from netshrink.bench import Accuracy, Measurement, MeasureOptions, evaluate, measure
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, custom_spec
@@ -149,7 +150,8 @@ class Compressed:
 
         Raises:
             UserError: a model netshrink did not build and no factory, or a suffix this
-                kind of result is not written as.
+                kind of result is not written as; a factory that will not rebuild the
+                model (checked once written: the file is removed again).
         """
         path = Path(path)
         facts = {**self.meta, **(meta or {})}
@@ -180,4 +182,6 @@ class Compressed:
             save_model(model, spec, path, meta=facts)
         else:
             raise UserError(f"{path}: save a torch model as .safetensors (or .nspk)")
+        if spec.factory is not None:  # the user's model: refused now if it will not reload
+            check_rebuild(path, spec.factory, self.input_shape)
         return path

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from netshrink.errors import UserError
+from netshrink.limits import clip
 from netshrink.models import ModelSpec
 from netshrink.models.counting import check_input_shape
 from netshrink.runtime.base import model_stats
@@ -76,6 +77,7 @@ def export_onnx(
     example = torch.zeros(1, *shape, dtype=torch.float32)
     buffer = io.BytesIO()
     try:
+        _check_one_output(model, example)
         with warnings.catch_warnings():
             # The TorchScript exporter warns that it is deprecated; it is chosen on purpose
             # (see the module docstring), so the warning would only confuse users.
@@ -86,8 +88,10 @@ def export_onnx(
                 dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
                 do_constant_folding=True,
             )
+    except UserError:
+        raise
     except Exception as exc:  # the exporter raises many types; all mean "cannot export"
-        raise UserError(f"cannot export the model to ONNX: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot export the model to ONNX: {clip(str(exc), 300)}") from exc
     finally:
         model.train(was_training)
     stats = model_stats(model, list(shape))
@@ -97,6 +101,17 @@ def export_onnx(
                      runtime=runtime, precision=precision)
     atomic_write_bytes(path, with_onnx_info(buffer.getvalue(), info))
     return path
+
+
+def _check_one_output(model: nn.Module, example: torch.Tensor) -> None:
+    """Raise ``UserError`` unless ``model`` returns one tensor (the logits) on ``example``:
+    a runtime file, its check against torch and every measurement read one output."""
+    with torch.no_grad():
+        out = model(example)
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"{type(model).__name__} returns a {type(out).__name__}, not one "
+                        "tensor: export, quantize and measure take a model whose forward "
+                        "returns the logits (wrap it in a module that picks them)")
 
 
 def with_onnx_info(data: bytes, info: str) -> bytes:

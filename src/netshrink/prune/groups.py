@@ -5,16 +5,27 @@ Every structured (channel) pruning in netshrink goes through here: ``prune.chann
 search (one group, or every group, at one ratio). The steps:
 
 1. ``ChannelGraph(model, example_input)`` traces the model once with Torch-Pruning's
-   ``DependencyGraph`` (in place: the caller passes a copy it may change).
+   ``DependencyGraph`` (in place: the caller passes a copy it may change), watching for
+   reshapes that mix channels (``prune.tracing``).
 2. ``graph.groups(ignored)`` enumerates the *coupled groups*: a conv's filters, its batch
    norm, the next conv's input channels and, across a residual add, every conv, BN and
    shortcut that writes into the same tensor. Each ``ChannelGroup`` names its member
    layers and counts the parameters its channels hold. A group that would take output
    channels from an ``ignored`` module (the classifier, whose outputs are the classes) is
-   not offered; such a module may still lose *input* channels.
+   not offered; such a module may still lose *input* channels. Nor is a group whose
+   channels pass through a channel shuffle or another reshape that mixes them (its name
+   goes to ``graph.kept_whole``).
 3. ``graph.scores(groups, importance)`` scores every group's channels, all before any
    surgery (so the order groups are pruned in does not matter).
-4. ``graph.remove(group, indices)`` removes those channels from every member at once.
+4. ``graph.prune_to(group, scores, keep)`` keeps the ``keep`` best-scored channels and
+   removes the rest from every member at once (``graph.remove`` removes given indices).
+
+Grouped convolutions (ResNeXt, RegNet: ``1 < groups``, not depthwise) split a group's
+channels into ``blocks`` equal blocks, one per conv group; every block must lose the same
+positions, or the conv could not keep equal groups. ``prune_to`` scores a position by its
+mean over the blocks (as Torch-Pruning's ``MetaPruner`` does), keeps a multiple of
+``blocks`` channels and removes the same positions from each. Depthwise convs (``groups
+== channels``) couple their input and output channels instead, as Torch-Pruning models.
 
 Importances: Torch-Pruning's criteria ``l1`` / ``l2`` (group norms: output filters, input
 slices and BN scales of every member, averaged over the members and divided by the
@@ -38,7 +49,9 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from netshrink.errors import UserError
+from netshrink.limits import clip
 from netshrink.models.select import prunable_layers
+from netshrink.prune.tracing import refuse_attention, trace_dependencies
 
 if TYPE_CHECKING:
     from netshrink.data import DataBundle
@@ -52,7 +65,7 @@ __all__ = [
     "kept_channels",
     "lowest",
     "output_layer",
-    "refuse_grouped_convs",
+    "output_shape",
 ]
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor", "filter_l1"]
@@ -81,6 +94,8 @@ class ChannelGroup:
             every channel went).
         order: position of its first output layer in ``model.named_modules()``.
         convs: whether a conv loses output channels in it (not only linear layers).
+        blocks: the equal blocks its channels come in (a grouped conv's groups; 1 for
+            none): each block loses the same positions.
         group: Torch-Pruning's group (every channel), what ``ChannelGraph`` works on.
     """
 
@@ -93,6 +108,7 @@ class ChannelGroup:
     params: int
     order: int
     convs: bool = field(default=False, repr=False, compare=False)
+    blocks: int = 1
     group: Any = field(default=None, repr=False, compare=False)
 
 
@@ -108,21 +124,22 @@ def output_layer(model: nn.Module) -> str:
     return list(layers)[-1]
 
 
-def refuse_grouped_convs(model: nn.Module) -> None:
-    """Raise ``UserError`` on a grouped conv (1 < groups < channels).
+def output_shape(pruned: nn.Module, example_input: Tensor) -> tuple[int, ...]:
+    """The shape of ``pruned``'s output on ``example_input``.
 
-    Such a conv needs the same channels removed from every one of its groups; the
-    counting here does not do that, so refuse rather than break the model. Plain and
-    depthwise convs are fine.
+    Raises:
+        UserError: the pruned model no longer runs: its forward fixes a width in code (a
+            reshape to a constant size) that the pruning changed.
     """
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and not (
-            m.groups == m.in_channels == m.out_channels
-        ):
-            raise UserError(
-                f"{name}: grouped convolution (groups={m.groups}) is not supported by "
-                "channel pruning; only plain and depthwise convs are"
-            )
+    try:
+        with torch.no_grad():
+            return tuple(pruned(example_input).shape)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise UserError(
+            f"the channel-pruned {type(pruned).__name__} no longer runs "
+            f"({type(exc).__name__}: {clip(str(exc), 160)}): its forward fixes a width in "
+            "code (a reshape or view to a constant size?) that the pruning changed; "
+            "exclude the layer that feeds it (exclude=[...])") from None
 
 
 def kept_channels(channels: int, ratio: float) -> int:
@@ -154,16 +171,19 @@ class ChannelGraph:
             which the tracer would not recognise as a conv.
         example_input: one batch the model accepts, on its device.
 
+    Attributes:
+        kept_whole: after ``groups``, the groups not offered because a reshape mixes
+            their channels (a channel shuffle) or a grouped conv sees them reordered.
+
     Raises:
-        UserError: the model has a grouped conv.
+        UserError: the model has attention, or cannot be traced (one line each).
     """
 
     def __init__(self, model: nn.Module, example_input: Tensor) -> None:
-        refuse_grouped_convs(model)
+        refuse_attention(model)
         self.model = model
-        with torch.enable_grad():  # the graph is traced through autograd
-            self.graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input, verbose=False)
+        self.graph, self._watch = trace_dependencies(model, example_input)
+        self.kept_whole: list[str] = []
         self._modules = dict(model.named_modules())
         self._names = {id(m): name for name, m in self._modules.items()}
         self._order = {name: i for i, name in enumerate(self._modules)}
@@ -177,7 +197,47 @@ class ChannelGraph:
         """
         found = self.graph.get_all_groups(ignored_layers=list(ignored),
                                           root_module_types=(nn.Conv2d, nn.Linear))
-        return [self._describe(group) for group in found]
+        offered: list[ChannelGroup] = []
+        self.kept_whole = []
+        for group in found:
+            described = self._describe(group)
+            if described.blocks < 1 or any(self._mixed(item) for item in group.items):
+                self.kept_whole.append(described.name)
+            else:
+                offered.append(described)
+        return offered
+
+    def _mixed(self, item: Any) -> bool:
+        """Whether this member of a group loses channels that a channel-mixing call
+        (``prune.tracing``) reads or made: a conv or linear layer reading its result only
+        on its inputs, any other member (a norm, an add, a concatenation) either way."""
+        node = item.dep.target
+        if self._watch.feeds(node.grad_fn):
+            return True
+        if not self._watch.reads(node.grad_fn):
+            return False
+        module = node.module
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d)
+                                             and not _depthwise(module)):
+            return not self.graph.is_out_channel_pruning_fn(item.dep.handler)
+        return True
+
+    def _blocks(self, group: Any, channels: int) -> int:
+        """The equal blocks a group's channels come in: the least common multiple of the
+        groups of its grouped convs (1 without any); 0 when a grouped conv sees the
+        channels other than in the root's order, or they do not divide evenly (the group
+        is then kept whole)."""
+        blocks = 1
+        for item in group.items:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Conv2d) or module.groups == 1 or _depthwise(module):
+                continue
+            out = self.graph.is_out_channel_pruning_fn(item.dep.handler)
+            width = module.out_channels if out else module.in_channels
+            if width != channels or list(item.idxs) != list(item.root_idxs):
+                return 0
+            blocks = math.lcm(blocks, module.groups)
+        return blocks if channels % blocks == 0 else 0
 
     def _describe(self, group: Any) -> ChannelGroup:
         outputs: list[str] = []
@@ -198,11 +258,13 @@ class ChannelGraph:
         for names in (outputs, inputs, norms):
             names.sort(key=self._order.__getitem__)
         root = self._names[id(group[0].dep.target.module)]
+        channels = len(group[0].idxs)
         return ChannelGroup(
             name="+".join(outputs), root=root, outputs=outputs, inputs=inputs, norms=norms,
-            channels=len(group[0].idxs), params=params,
+            channels=channels, params=params,
             order=self._order[outputs[0]] if outputs else len(self._order),
-            convs=any(isinstance(self._modules[n], nn.Conv2d) for n in outputs), group=group,
+            convs=any(isinstance(self._modules[n], nn.Conv2d) for n in outputs),
+            blocks=self._blocks(group, channels), group=group,
         )
 
     def scores(
@@ -251,6 +313,23 @@ class ChannelGraph:
             scores.index_add_(0, root, l1[idx])
         return scores
 
+    def prune_to(self, group: ChannelGroup, scores: Tensor, keep: int) -> bool:
+        """Keep the ``keep`` best-scored channels of ``group`` (lowest scores go, ties by
+        position) and remove the rest from every member; False (nothing removed) if that
+        would empty a layer.
+
+        With ``blocks`` > 1 a position's score is its mean over the blocks, ``keep`` is
+        rounded down to a multiple of ``blocks`` (at least one per block), and the same
+        positions go from every block.
+        """
+        blocks = max(1, group.blocks)
+        width = group.channels // blocks
+        per_block = min(width, max(1, keep // blocks))
+        if per_block >= width:
+            return True
+        positions = lowest(scores.reshape(blocks, width).mean(0), width - per_block)
+        return self.remove(group, [b * width + p for b in range(blocks) for p in positions])
+
     def remove(self, group: ChannelGroup, indices: Sequence[int]) -> bool:
         """Remove channels ``indices`` of ``group`` from every member; False (and nothing
         removed) if that would empty a layer.
@@ -267,6 +346,11 @@ class ChannelGraph:
         return True
 
 
+def _depthwise(conv: nn.Conv2d) -> bool:
+    """Torch-Pruning's test: one filter per channel, input and output coupled."""
+    return conv.groups == conv.out_channels and conv.out_channels > 1
+
+
 def _channel_params(module: nn.Module, out: bool) -> int:
     """Parameters one channel of ``module`` holds along its output (or input) dimension."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -275,7 +359,9 @@ def _channel_params(module: nn.Module, out: bool) -> int:
         w = module.weight
         if out:
             return w[0].numel() + (1 if module.bias is not None else 0)
-        return w[:, 0].numel()
+        # One input position of a grouped conv's weight serves ``groups`` input channels.
+        groups = module.groups if isinstance(module, nn.Conv2d) else 1
+        return w[:, 0].numel() // groups
     return 0  # element-wise ops, reshapes: nothing to hold
 
 

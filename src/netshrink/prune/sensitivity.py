@@ -34,7 +34,13 @@ from netshrink.data.base import Split
 from netshrink.errors import UserError
 from netshrink.models.counting import count_macs
 from netshrink.models.select import prunable_layers, select_layers
-from netshrink.prune.groups import ChannelGraph, ChannelGroup, kept_channels, lowest, output_layer
+from netshrink.prune.groups import (
+    ChannelGraph,
+    ChannelGroup,
+    kept_channels,
+    output_layer,
+    output_shape,
+)
 from netshrink.prune.magnitude import magnitude_masks
 from netshrink.train.masks import apply_masks
 
@@ -245,10 +251,9 @@ def prune_channel_groups(
         k = _removed(group.channels, ratio)
         if k > 0:
             assert channel_scores is not None  # filter_l1 ranks every group
-            graph.remove(group, lowest(channel_scores, k))
-    with torch.no_grad():
-        after = work(example_input).shape
-    if after != before:
+            graph.prune_to(group, channel_scores, group.channels - k)
+    after = output_shape(work, example_input)
+    if after != tuple(before):
         raise UserError(f"channel pruning changed the model's output from {list(before)} to "
                         f"{list(after)}: exclude the layer that produces the logits")
     return work.eval()

@@ -30,6 +30,7 @@ from netshrink.recipe.keys import config_files, measure_key, sha, stage_keys
 from netshrink.recipe.measuring import StageMeasurer
 from netshrink.recipe.run_folder import RunFolder, now
 from netshrink.recipe.schema import Recipe, StageEntry
+from netshrink.recipe.slower import note_if_slower
 from netshrink.stages.base import STAGES, Deployed, StageContext, checkpoint_meta
 from netshrink.stages.record import EpochRecord, RunRecord, StageRecord
 from netshrink.stages.start import start_model
@@ -270,6 +271,7 @@ class Runner:
                  + ("counting parameters and MACs (a fresh model)" if fresh
                     else self._measuring()))
         stage = self._save_and_measure(chain, slot, ctx, result)
+        note_if_slower(stage, chain.record.stages, source, self.log)
         stage.seconds, stage.started = seconds, started
         stage.measure_seconds, stage.finished = time.perf_counter() - t1, now()
         chain.record.stages.append(stage)

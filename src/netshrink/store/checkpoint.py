@@ -611,11 +611,13 @@ def _meta_shell(spec: ModelSpec, state: dict[str, Tensor], source: Path) -> nn.M
     try:
         built = build_model(spec.model_copy(update={"pruned": False}), where=str(source))
     except NotImplementedError as exc:
-        if file_kwargs:
+        # (the factory's own defaults, with no argument of the file's, bound nothing the
+        # file could raise: torchvision's RegNet computes its widths with tensors)
+        if file_kwargs and spec.factory_kwargs:
             raise UserError(f"{source}: {spec.factory} does not build on the meta device "
                             f"({_brief(exc)}), so the size of what the file's factory_kwargs "
                             f"ask for cannot be checked first; {yours}") from None
-        with torch.device("cpu"):  # the caller's own arguments: built for real
+        with torch.device("cpu"):  # the caller's or the factory's arguments: for real
             return _shaped_model(spec, state, source)
     size = sum(t.numel() * t.element_size()
                for t in [*built.parameters(), *built.buffers()])
