@@ -38,7 +38,8 @@ def check_rebuild(path: Path, factory: str, input_shape: Sequence[int] = ()) -> 
             model = (load_packed_model if path.suffix == ".nspk" else load_model)(path)[0]
     except UserError as exc:
         path.unlink(missing_ok=True)
-        raise UserError(f"{path}: not saved, loading it again fails: {exc}") from None
+        reason = str(exc).removeprefix(f"{path}: ")
+        raise UserError(f"{path}: not saved, loading it again fails: {reason}") from None
     if not input_shape:
         return
     try:

@@ -168,7 +168,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.method == "channel":
         # No --exclude: the config protects the detected output layer (fc, head, ...).
         stage.update(importance=args.importance, include=args.include or [],
-                     exclude=args.exclude)
+                     exclude=args.exclude, round_to=args.round_to)
     elif args.method != "blocks":
         stage.update(include=args.include, exclude=args.exclude)
     stages: list[dict[str, object]] = [stage]
@@ -176,6 +176,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
         stages.append({"kind": "finetune", "epochs": args.finetune_epochs})
     _run_on_weights(args, "netshrink prune", stages)
     return 0
+
+
+def _round_to(text: str) -> int | str | None:
+    """``--round-to``: ``auto``, ``none`` or a positive whole number."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"give auto, none or a positive whole number, not "
+                                         f"{text!r}") from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -373,6 +384,11 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int,
                    default=config_default(MagnitudePruneConfig, "steps"),
                    help="iterative steps (step s prunes to ratio*s/steps)")
+    p.add_argument("--round-to", type=_round_to,
+                   default=config_default(ChannelPruneConfig, "round_to"),
+                   help="channel: kept counts rounded to a multiple of this (what the "
+                        "runtime's kernels want); auto: 16 for wide layers, 8 for narrow "
+                        "ones; none: no rounding")
     p.add_argument("--importance", choices=["l1", "l2", "bn_scale", "taylor"],
                    default=config_default(ChannelPruneConfig, "importance"),
                    help="channel ranking (channel method)")

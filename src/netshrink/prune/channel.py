@@ -425,13 +425,16 @@ def rounded_keep(keep: int, current: int, blocks: int, round_to: int | str | Non
     multiple (or one channel) per group, never more than there are.
 
     ``round_to``: ``"auto"`` rounds to the nearest multiple of ``AUTO_ROUND_TO`` (of
-    ``AUTO_ROUND_TO_NARROW`` where a conv group is narrower than ``AUTO_WIDE``), a
-    number rounds down to a multiple of it, None or 1 does not round.
+    ``AUTO_ROUND_TO_NARROW`` where a conv group is narrower than ``AUTO_WIDE``, not at
+    all below twice that), a number rounds down to a multiple of it, None or 1 does not
+    round.
     """
     blocks = max(1, blocks)
     width = current // blocks
     if round_to == "auto":
         step = AUTO_ROUND_TO if width >= AUTO_WIDE else AUTO_ROUND_TO_NARROW
+        if width < 2 * AUTO_ROUND_TO_NARROW:  # a tiny layer: rounding would keep it whole
+            step = 1
     else:
         step = int(round_to or 1)
     wanted = keep / blocks

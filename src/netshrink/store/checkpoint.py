@@ -337,6 +337,11 @@ def load_weights(model: nn.Module, spec: ModelSpec, state: dict[str, Tensor], so
             )
         except UserError:
             pass
+        if spec.factory is not None:
+            raise UserError(f"{source}: the weights do not fit the model {spec.factory} "
+                            f"builds, even given their layer widths: {problem}; it must build "
+                            "this architecture (pass the widths it cannot take from the "
+                            "weights in its arguments)")
         raise UserError(
             f"{source}: checkpoint does not fit {spec.arch} ({spec.stem} stem, "
             f"{spec.num_classes} classes, {spec.in_channels} input channels): {problem}{hint}"
