@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--skip-cli", action="store_true")
+    parser.add_argument("--max-steps", type=int,
+                        help="compress: at most this many steps per fine-tuning (both runs); "
+                             "default: its own (whole epochs)")
     parser.add_argument("--name", default="compress_user_cnn")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -106,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         dense.save(weights, factory=FACTORY, factory_kwargs=kwargs)
     timings = {}
     started = time.perf_counter()
+    limit = {"max_steps": args.max_steps} if args.max_steps else {}
     py = netshrink.compress(model, out / "python", train=train, val=val, test=test,
                             factory=FACTORY, factory_kwargs=kwargs,
-                            budget_points=args.budget)
+                            budget_points=args.budget, **limit)
     timings["python compress"] = time.perf_counter() - started
     files = {"compress (Python, DataLoaders)": py.deployable}
     if not args.skip_cli:
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "netshrink", "compress", "--weights",
                         str(weights), "--trust", FACTORY, "--data", DATA_FACTORY,
-                        "--budget-points", str(args.budget), "--out", str(out / "cli")],
+                        "--budget-points", str(args.budget), "--out", str(out / "cli"),
+                        *(["--max-steps", str(args.max_steps)] if args.max_steps else [])],
                        env=env, check=True)
         timings["cli compress"] = time.perf_counter() - started
         files["compress (CLI, data factory)"] = run_entry(out / "cli" / "chosen", "cli").file
@@ -149,9 +154,10 @@ def write_results(args: argparse.Namespace, entries: list[Entry],
              f"{env.cpu}, 2 threads, torch {env.versions.get('torch')}; one process, "
              f"{args.rounds} rounds round-robin (median of the rounds' medians). The user's "
              f"CNN (`benchmarks/user_cnn.py`, width {args.width}) trained {args.epochs} "
-             "epochs by a plain PyTorch loop; compress at its default flags, budget "
-             f"{args.budget:g} point(s) of validation top-1. Test top-1 on the 10,000 test "
-             "images, evaluated here for every file.", "",
+             "epochs by a plain PyTorch loop; compress at its default flags"
+             + (f" but at most {args.max_steps} steps per fine-tuning" if args.max_steps
+                else "") + f", budget {args.budget:g} point(s) of validation top-1. Test "
+             "top-1 on the 10,000 test images, evaluated here for every file.", "",
              "| file | test top-1 % | size B | smaller than NNCF INT8 | b1 p50 ms | "
              "faster than NNCF INT8 (b1) | b32 img/s | noisy rounds |",
              "|:---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -162,7 +168,8 @@ def write_results(args: argparse.Namespace, entries: list[Entry],
                      f"{e.noisy} of {args.rounds} |")
     lines += ["", "Search time: " + ", ".join(f"{k} {v / 60:.1f} min"
                                               for k, v in timings.items()) + ".",
-              "", "Reproduce: `python benchmarks/compress_user_cnn.py --out runs/user-cnn`."]
+              "", "Reproduce: `python benchmarks/compress_user_cnn.py --out runs/user-cnn"
+              + (f" --max-steps {args.max_steps}" if args.max_steps else "") + "`."]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

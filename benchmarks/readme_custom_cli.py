@@ -53,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compress-args", default="",
                         help="extra flags for the compress command (default: none)")
     parser.add_argument("--tail", type=int, default=8, help="last lines kept per command")
+    parser.add_argument("--epochs", type=int,
+                        help="the example's EPOCHS (default: the README's own)")
     args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     module, example = readme_blocks()
     (work / "smallcnn.py").write_text(module)
+    if args.epochs is not None:
+        assert "EPOCHS = 3" in example, "the README's example no longer sets EPOCHS = 3"
+        example = example.replace("EPOCHS = 3", f"EPOCHS = {args.epochs}")
     (work / "example.py").write_text(example)
     env = {**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "2"}
     raw = read_fashion_mnist(FASHION)
@@ -82,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
                       *shlex.split(args.compress_args)]),
     ]
     env_facts = environment(threads=2, seed=0)
+    given = sys.argv[1:] if argv is None else argv
     lines = ["# readme_custom_cli", "",
              f"The README's custom-model example saved once (`small.safetensors`, factory "
              f"`smallcnn:make_cnn`), then each command on that file. {env_facts.cpu}, "
              f"torch {env_facts.versions.get('torch')}. Reproduce: "
-             "`python benchmarks/readme_custom_cli.py --work runs/readme-custom`.", ""]
+             f"`python benchmarks/{Path(__file__).name} {shlex.join(given)}`.", ""]
     failed = 0
     for label, command in steps:
         print(f"== {label}: {shlex.join(command)}", flush=True)
