@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from netshrink.errors import UserError
+
+# The import path of a function of the user's (a model or data factory): what a recipe,
+# a flag or a file may name, checked before anything is imported.
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 __all__ = [
     "MAX_JSON_BYTES",

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import importlib
 import random
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,7 +43,7 @@ from netshrink.data.bounds import max_classes
 from netshrink.data.dataset_split import DatasetSplit, dataset_split
 from netshrink.data.user import image_info
 from netshrink.errors import UserError
-from netshrink.limits import clip
+from netshrink.limits import IMPORT_PATH, clip
 
 if TYPE_CHECKING:
     from netshrink.data import DataConfig
@@ -52,7 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["FACTORY_PATH", "IN_MEMORY_FACTORY", "DatasetSplit", "UserData", "build_factory_data",
            "in_memory_source", "load_factory", "user_data"]
 
-FACTORY_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+FACTORY_PATH = IMPORT_PATH
 IN_MEMORY_FACTORY = "netshrink.data.factory:in_memory"
 SAMPLED_ITEMS = 8  # items of each split hashed into the fingerprint
 _KEYS = ("train", "val", "test", "calib", "class_names", "mean", "std")

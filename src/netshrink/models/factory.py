@@ -18,19 +18,18 @@ import contextvars
 import importlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from netshrink.errors import UserError
-from netshrink.limits import clip
+from netshrink.limits import IMPORT_PATH, clip
 
 __all__ = ["MAX_KWARGS", "Trust", "call_factory", "check_factory", "check_factory_kwargs",
            "trusted_arguments", "trusted_names", "trusting"]
 
-FACTORY_PATTERN = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+FACTORY_PATTERN = IMPORT_PATH
 MAX_FACTORY_CHARS = 200
 
 # Factories trusted: their names, or each name with the arguments to call it with.
