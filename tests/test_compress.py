@@ -19,7 +19,7 @@ from netshrink.study import ResultsStore
 QUICK = {"val_size": 100, "calib_size": 16, "batch_size": 64, "max_steps": 6,
          "kmeans_finetune_epochs": 0.1, "kmeans_bits": [3, 8], "channel_ratios": [0.3, 0.9],
          "sparsities": [0.5, 0.95], "timing": False, "budget_points": 8.0,
-         "amp": "auto"}  # fp32 on a CPU: bf16 only slows models this small
+         "amp": "auto", "search": "walk"}  # fp32 on a CPU: bf16 only slows models this small
 
 
 @pytest.fixture(scope="module")

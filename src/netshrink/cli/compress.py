@@ -13,7 +13,7 @@ def _ratios(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give fractions separated by commas, e.g. 0.2,0.35,0.5") from None
+            f"{text!r}: give numbers separated by commas, e.g. 0.2,0.35,0.5") from None
 
 
 def _counts(text: str) -> list[int]:
@@ -27,6 +27,20 @@ def _counts(text: str) -> list[int]:
             f"{text!r}: give whole numbers separated by commas, e.g. 1,2,3 (or 0)") from None
 
 
+def _duration(text: str) -> float:
+    """``45m``, ``1.5h``, ``900s`` or ``900`` (seconds) as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e7:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a duration such as 45m, 1.5h or 900s")
+    return value
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from netshrink.api.search import compress
     from netshrink.compress.options import compress_config
@@ -34,7 +48,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # flags left out (None) keep CompressConfig's defaults
     names = ("budget_points", "reserve_points", "target", "runtime", "deploy",
              "finetune_epochs", "val_size", "kmeans_bits", "max_steps", "channel_ratios",
-             "sparsities", "drop_blocks", "channel_scope", "augment", "channel_round_to")
+             "sparsities", "drop_blocks", "channel_scope", "augment", "channel_round_to",
+             "search", "rungs", "eta", "confidence", "max_latency_ms", "max_size_mb",
+             "max_macs", "speedup", "time_budget_s", "workers", "executor")
     settings = {name: getattr(args, name) for name in names}
     settings["timing"] = not args.no_timing
     cfg = compress_config({k: v for k, v in settings.items() if v is not None}, flags=True)
@@ -75,8 +91,11 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "split, against the noise of choosing among many (default 0.25)")
     p.add_argument("--target", choices=["size", "latency"], default="size",
                    help="what to minimise: bytes on disk, or batch-1 latency on --runtime")
-    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
-                   help="the runtime latency candidates run in")
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino", "auto"],
+                   help="the runtime INT8 candidates run in; auto: both timed side by "
+                        "side on the unpruned model and on the pick, the faster kept "
+                        "(default: auto for latency and latency constraints, else "
+                        "onnxruntime)")
     p.add_argument("--deploy", choices=["auto", "kmeans", "int8"], default="auto",
                    help="the last step: k-means sharing (packed .nspk, smallest; float in "
                         "torch) or INT8 on --runtime (for size, its packed .nspk counts: "
@@ -88,7 +107,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "channel ratio that held (default 1,2,3,4; 0: none)")
     p.add_argument("--channel-scope", choices=["sensitivity", "layer"],
                    help="how a channel ratio is shared out: by a sensitivity scan (robust "
-                        "groups lose more) or the same in every layer (default sensitivity)")
+                        "groups lose more) or the same in every layer (default: layer for "
+                        "latency and constraints, sensitivity for size)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="augment the fine-tunings' training images (default: as the input "
                         "model's run did, where its file records it; else on)")
@@ -105,6 +125,40 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-size", type=int,
                    help="images held out of training to decide on (default 5000)")
     p.add_argument("--max-steps", type=int, help="cap each fine-tuning (quick trials)")
+    p.add_argument("--search", choices=["halving", "walk"],
+                   help="halving (default): every structure fine-tuned briefly, the "
+                        "promising third longer, rung after rung; walk: each list walked "
+                        "upwards with one fine-tuning length (the earlier search)")
+    p.add_argument("--rungs", type=_ratios,
+                   help="epochs of fine-tuning added at each halving rung "
+                        "(default 0.25,1,3,4)")
+    p.add_argument("--eta", type=int,
+                   help="about one in this many candidates goes on to the next rung "
+                        "(default 3)")
+    p.add_argument("--confidence", type=float,
+                   help="within the budget when the drop's upper bound at this one-sided "
+                        "confidence is (default 0.9)")
+    limits = p.add_mutually_exclusive_group()
+    limits.add_argument("--max-latency-ms", type=float,
+                        help="constraint-first: the most accurate file whose batch-1 p50 "
+                             "on --runtime is at most this (measured)")
+    limits.add_argument("--max-size-mb", type=float,
+                        help="constraint-first: the most accurate file of at most this "
+                             "many MB on disk")
+    limits.add_argument("--max-macs", type=float,
+                        help="constraint-first: the most accurate file of at most this "
+                             "many multiply-accumulates an image")
+    limits.add_argument("--speedup", type=float,
+                        help="constraint-first: the most accurate file at least this many "
+                             "times faster at batch 1 than the unpruned model's INT8")
+    p.add_argument("--time-budget", dest="time_budget_s", type=_duration,
+                   help="stop starting candidates that would end past this (45m, 1.5h, "
+                        "900s) and choose from what was found; resumable")
+    p.add_argument("--workers", type=int,
+                   help="candidates of a rung at once (default 1); timings taken "
+                        "meanwhile are contended, the pick is re-timed alone")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where --workers run: a process pool (local) or Ray tasks")
     p.add_argument("--no-timing", action="store_true",
                    help="do not time candidates (faster; not with --target latency)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from netshrink.errors import UserError
 from netshrink.limits import MAX_SEED
@@ -26,7 +33,10 @@ class CompressConfig(BaseModel):
             unstructured sparsity, then k-means weight sharing in the packed format) or
             ``latency`` (batch-1 p50 on ``runtime``: channel pruning, then INT8 with
             float fallback of the layers that cost accuracy).
-        runtime: where INT8 candidates run and are timed.
+        runtime: where INT8 candidates run and are timed; ``auto``: both runtimes timed
+            side by side on the unpruned model (the search deploys on the faster) and on
+            the pick (the faster kept). None: ``auto`` where speed is judged by the
+            halving search, else ``onnxruntime``.
         deploy: the last step: ``kmeans`` (shared weight values in the packed ``.nspk``,
             the smallest file; it runs as float in torch), ``int8`` (static INT8 on
             ``runtime`` with float fallback; for ``size`` its packed ``.nspk``, sparse
@@ -76,6 +86,30 @@ class CompressConfig(BaseModel):
         timing: time every candidate (batch 1 and ``measure_batch``); ``latency`` needs it.
         measure_batch: the throughput batch size.
         threads: threads while timing.
+        search: ``halving`` (successive halving: every structure of the space fine-tuned
+            briefly and judged, the promising third fine-tuned longer, rung after rung,
+            ranked by the Pareto front of top-1 and the target among those the budget
+            (or the constraint) can still admit) or ``walk`` (each list walked upwards
+            until one breaks the budget, one fine-tuning length for all: the search
+            before halving, kept to compare with).
+        rungs: the halving's fine-tuning epochs added at each rung (cumulative: a
+            candidate promoted to rung 2 has had their sum up to it). Rung 0 judges the
+            float model against the budget widened by the recovery still to come;
+            later rungs deploy (INT8 or k-means) and judge the deployed file.
+        eta: of each rung, about one in ``eta`` goes on to the next (at least two).
+        confidence: a candidate is within the budget when the upper bound of its drop
+            at this one-sided confidence is (the drop measured on the same validation
+            images as the input model, paired image by image), not its point estimate.
+        max_latency_ms / max_size_mb / max_macs / speedup: constraint-first: the most
+            accurate deployable file that meets the constraint (batch-1 p50 on the
+            runtime, measured; bytes on disk; multiply-accumulates; or batch-1 speed-up
+            over the input model deployed unpruned on the runtime) instead of the
+            smallest or fastest within the budget.
+        time_budget_s: the search stops starting candidates that would end past this
+            many seconds of this call (the best found so far is chosen); None: no limit.
+        workers / executor: candidates of one rung at once, in a process pool
+            (``local``) or as Ray tasks (``ray``); timings taken meanwhile are
+            contended, so the pick is re-timed side by side at the end.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -83,10 +117,10 @@ class CompressConfig(BaseModel):
     budget_points: float = Field(default=1.0, ge=0, le=100, allow_inf_nan=False)
     reserve_points: float = Field(default=0.25, ge=0, le=100, allow_inf_nan=False)
     target: Literal["size", "latency"] = "size"
-    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    runtime: Literal["onnxruntime", "openvino", "auto"] | None = None
     deploy: Literal["auto", "kmeans", "int8"] = "auto"
     channel_ratios: list[float] = Field(default_factory=lambda: [0.2, 0.35, 0.5, 0.6])
-    channel_scope: Literal["sensitivity", "layer"] = "sensitivity"
+    channel_scope: Literal["sensitivity", "layer"] | None = None
     channel_round_to: int | None = Field(default=None, ge=1)
     drop_blocks: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9])
@@ -105,25 +139,74 @@ class CompressConfig(BaseModel):
     measure_batch: int = Field(default=32, gt=0)
     threads: int | None = Field(default=None, gt=0)
     max_steps: int | None = Field(default=None, gt=0)  # per fine-tuning (quick trials)
+    search: Literal["halving", "walk"] = "halving"
+    rungs: list[float] = Field(default_factory=lambda: [0.25, 1.0, 3.0, 4.0])
+    eta: int = Field(default=3, ge=2, le=16)
+    confidence: float = Field(default=0.9, ge=0.5, lt=1)
+    max_latency_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_size_mb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_macs: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    speedup: float | None = Field(default=None, gt=1, allow_inf_nan=False)
+    time_budget_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    workers: int = Field(default=1, ge=1, le=64)
+    executor: Literal["local", "ray"] = "local"
+
+    @property
+    def constraint(self) -> tuple[str, float] | None:
+        """The constraint of constraint-first mode (``latency_ms``, ``size_mb``,
+        ``macs`` or ``speedup``, and its bound), or None."""
+        given = [(name, value) for name, value in (
+            ("latency_ms", self.max_latency_ms), ("size_mb", self.max_size_mb),
+            ("macs", self.max_macs), ("speedup", self.speedup)) if value is not None]
+        return given[0] if given else None
+
+    @property
+    def scope(self) -> str:
+        """``channel_scope`` with None resolved: ``layer`` for latency and constraint
+        searches (widths cut alike stay in whole blocks of 16 channels, which INT8
+        kernels run fastest; the recorded best latency pick used it), ``sensitivity``
+        for size."""
+        if self.channel_scope is not None:
+            return self.channel_scope
+        if self.search == "walk":
+            return "sensitivity"  # the walk's default, as its recorded searches ran
+        return "sensitivity" if self.for_size else "layer"
 
     @property
     def deploy_method(self) -> str:
         """``kmeans`` or ``int8``: ``deploy`` with ``auto`` resolved by the target."""
         if self.deploy != "auto":
             return self.deploy
-        return "kmeans" if self.target == "size" else "int8"
+        return "kmeans" if self.for_size else "int8"
+
+    @property
+    def int8_runtime(self) -> str:
+        """``runtime`` with None resolved: ``auto`` where the halving search judges
+        speed with INT8, else ``onnxruntime``."""
+        if self.runtime is not None:
+            return self.runtime
+        speed = not self.for_size and self.deploy_method == "int8"
+        return "auto" if speed and self.search == "halving" else "onnxruntime"
+
+    @property
+    def for_size(self) -> bool:
+        """Whether bytes on disk are what is minimised or bounded (``target size`` with
+        no constraint, or ``max_size_mb``), rather than speed."""
+        if self.constraint is not None:
+            return self.constraint[0] == "size_mb"
+        return self.target == "size"
 
     @property
     def blocks_first(self) -> bool:
         """Whether depth pruning is walked before the channel ratios (``latency``)."""
-        return self.target == "latency"
+        return not self.for_size
 
     @property
     def round_to(self) -> int:
         """``channel_round_to`` with None resolved by the target."""
         if self.channel_round_to is not None:
             return self.channel_round_to
-        return 16 if self.target == "latency" else 1
+        return 1 if self.for_size else 16
 
     @field_validator("kmeans_bits")
     @classmethod
@@ -139,6 +222,27 @@ class CompressConfig(BaseModel):
         """What a candidate may lose on the validation split: the budget less the reserve
         (never below 0)."""
         return max(0.0, self.budget_points - self.reserve_points)
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, values: list[float]) -> list[float]:
+        if not values or len(values) > 8 or any(not 0 < v <= 100 for v in values):
+            raise ValueError(f"{values}: give 1 to 8 epoch counts, each in (0, 100]")
+        return values
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> CompressConfig:
+        given = [n for n in ("max_latency_ms", "max_size_mb", "max_macs", "speedup")
+                 if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one constraint, not {' and '.join(given)}")
+        if given and self.search == "walk":
+            raise ValueError(f"{given[0]} needs search halving (the walk has no "
+                             "constraint mode)")
+        if self.runtime == "auto" and (self.deploy_method == "kmeans" or self.search == "walk"):
+            raise ValueError("runtime auto chooses where INT8 runs, in the halving "
+                             "search: give deploy int8 (or target latency), search halving")
+        return self
 
     @field_validator("drop_blocks")
     @classmethod

@@ -38,13 +38,17 @@ import torch
 from torch import nn
 
 from netshrink.bench.options import MeasureOptions
-from netshrink.bench.schema import Measurement
+from netshrink.bench.schema import Accuracy, Measurement
 from netshrink.bench.timing import time_model
+from netshrink.compress.candidates import (
+    Candidate,
+    base_recipe,
+    candidate_recipe,
+)
 from netshrink.compress.options import CompressConfig
 from netshrink.errors import UserError
 from netshrink.models import io_widths
-from netshrink.recipe import parse_recipe, run_recipe
-from netshrink.recipe.schema import Recipe
+from netshrink.recipe import run_recipe
 from netshrink.runtime.files import open_model_file
 from netshrink.stages.record import StageRecord
 from netshrink.store.walls import make_dirs, owned_folder
@@ -63,22 +67,6 @@ CHOSEN_DIR = "chosen"  # the chosen candidate, measured on the test split
 RETIME_ROUNDS = 5  # round-robin re-timings of the latency candidates within the budget
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One point of the search space."""
-
-    channels: float
-    sparsity: float
-    bits: int | None = None  # k-means index width; None: INT8
-    blocks: int = 0  # residual blocks removed
-
-    @property
-    def name(self) -> str:
-        name = f"ch{self.channels:g}" + (f"-d{self.blocks}" if self.blocks else "")
-        name += f"-sp{self.sparsity:g}"
-        return name if self.bits is None else f"{name}-b{self.bits}"
-
-
 @dataclass
 class Trial:
     """A finished candidate: its deployable file's figures on the validation split."""
@@ -89,12 +77,27 @@ class Trial:
     p50_ms: float | None
     artifact: str | None
     within: bool
+    ref_top1: float | None = None  # the input model on the same images
+    upper_points: float | None = None  # the drop's upper confidence bound (halving)
+    accuracy: Accuracy | None = None  # the deployable (or float) model on val
+    macs: int | None = None
+    nonzero_params: int | None = None
+    predicted_ms: float | None = None  # the latency model's batch-1 p50, before training
+    seconds: float = 0.0  # wall time of its run in this call (0: recorded before)
+
+    @property
+    def drop_points(self) -> float:
+        return ((self.ref_top1 or 0.0) - self.top1) * 100
 
     def describe(self, ref_top1: float) -> str:
         size = f"{self.size_bytes / 1e6:.3f} MB" if self.size_bytes else "size ?"
         p50 = f", p50 {self.p50_ms:.3f} ms" if self.p50_ms else ""
+        if self.predicted_ms and not self.p50_ms:
+            p50 = f", p50 {self.predicted_ms:.3f} ms predicted"
+        bound = (f", at most {self.upper_points:.2f} lost at the confidence asked"
+                 if self.upper_points is not None else "")
         return (f"{self.candidate.name}: val top-1 {self.top1:.2%} "
-                f"({(self.top1 - ref_top1) * 100:+.2f} points), {size}{p50}")
+                f"({(self.top1 - ref_top1) * 100:+.2f} points{bound}), {size}{p50}")
 
 
 @dataclass
@@ -114,67 +117,6 @@ class CompressResult:
     deploy_stage: StageRecord | None = None
 
 
-def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any]]:
-    """The stages of one candidate (see the module docstring)."""
-    kd = {"teacher_stage": "baseline", "alpha": cfg.alpha, "temperature": cfg.temperature}
-    finetune = {"kind": "finetune", "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr,
-                "batch_size": cfg.batch_size, "distill": kd, "amp": cfg.amp}
-    if cfg.max_steps is not None:
-        finetune["max_steps"] = cfg.max_steps
-    channels: list[dict[str, Any]] = []
-    if cand.channels:
-        channels = [{"kind": "prune.channel", "name": "channels", "ratio": cand.channels,
-                     "importance": "l2", "scope": cfg.channel_scope,
-                     "scan_images": min(1000, cfg.val_size)}
-                    | ({"round_to": cfg.round_to} if cfg.round_to > 1 else {})
-                    | ({"share_by": "macs"} if cfg.target == "latency" else {}),
-                    {**finetune, "name": "channels-ft"}]
-    blocks: list[dict[str, Any]] = []
-    if cand.blocks:
-        blocks = [{"kind": "prune.blocks", "name": "blocks", "count": cand.blocks,
-                   "scan_images": min(1000, cfg.val_size)},
-                  {**finetune, "name": "blocks-ft"}]
-    # the order the search walks them, so a candidate starts from the one before it
-    # (shared through the model cache)
-    stages = blocks + channels if cfg.blocks_first else channels + blocks
-    if cand.sparsity:
-        stages += [{"kind": "prune.magnitude", "name": "sparse", "ratio": cand.sparsity,
-                    "scope": "global", "finetune_epochs": 0},
-                   {**finetune, "name": "sparse-ft"}]
-    if cfg.deploy_method == "kmeans":
-        stages.append({"kind": "quant.kmeans", "name": "deploy",
-                       "bits": cand.bits or cfg.kmeans_bits[0],
-                       "finetune_epochs": cfg.kmeans_finetune_epochs,
-                       "finetune_lr": cfg.finetune_lr})
-    else:
-        ptq: dict[str, Any] = {"kind": "quant.ptq", "name": "deploy", "runtime": cfg.runtime,
-                               "budget_images": min(2000, cfg.val_size)}
-        if cfg.budget_points > 0:
-            # INT8 may spend half the budget; the whole candidate is judged on all of it
-            ptq["accuracy_budget"] = cfg.budget_points / 2
-        stages.append(ptq)
-    return stages
-
-
-def base_recipe(model: dict[str, Any], data: dict[str, Any], cfg: CompressConfig,
-                device: str, split: str = "val") -> dict[str, Any]:
-    """The part every candidate's recipe shares: the input model, data with a held-out
-    validation split, and measurements on ``split``."""
-    measure: dict[str, Any] = {"split": split, "latency": cfg.timing,
-                               "batch_size": cfg.measure_batch}
-    if cfg.threads is not None:
-        measure["threads"] = cfg.threads
-    return {"seed": 0, "device": device, "model": model,
-            "data": {**data, "val_size": cfg.val_size, "calib_size": cfg.calib_size,
-                     **({"augment": cfg.augment} if cfg.augment is not None else {})},
-            "measure": measure, "report": {"accuracy_budget": cfg.budget_points}}
-
-
-def _recipe(base: dict[str, Any], cfg: CompressConfig, cand: Candidate, name: str) -> Recipe:
-    return parse_recipe({**base, "name": name, "stages": candidate_stages(cfg, cand)},
-                        source=f"compress candidate {cand.name}")
-
-
 class Search:
     """One search into ``out`` (see the module docstring)."""
 
@@ -188,6 +130,10 @@ class Search:
         self.name = f"compress-{out.resolve().name}"
         self.base = base_recipe(model, data, cfg, device)
         self.base_test = base_recipe(model, data, cfg, device, split="test")
+        # halving's first rung judges float models by top-1 alone (the latency model
+        # predicts their speed): not timed
+        self.base_float = base_recipe(model, data, cfg, device, timing=False)
+        self.ref_accuracy: Accuracy | None = None
         self.db = out / DB_FILE
         self.cells: list[Cell] = []
         self.notes = list(notes or [])  # the report's first lines (about the split)
@@ -220,7 +166,7 @@ class Search:
         check_study_folder(self.out, self.name, what="compress")
         # every candidate's recipe is valid before the first one runs
         for ratio in (0.0, *self.cfg.channel_ratios):
-            _recipe(self.base, self.cfg, Candidate(ratio, 0.0), self.name)
+            candidate_recipe(self.base, self.cfg, Candidate(ratio, 0.0), self.name)
         if self.db.exists():
             with ResultsStore(self.db, readonly=True):
                 pass  # refuses a bad database before anything is written
@@ -232,6 +178,10 @@ class Search:
         self.log(f"compress: target {self.cfg.target}, budget {self.cfg.budget_points:g} "
                  f"points of validation top-1 ({self.cfg.reserve_points:g} kept in reserve), "
                  f"at most {self._most()} candidates")
+        return self._finish(self._explore())
+
+    def _explore(self) -> list[Trial]:
+        """The walk (see the module docstring): every candidate it ran."""
         trials: list[Trial] = []
         channels, blocks = 0.0, 0
         if self.cfg.blocks_first:
@@ -246,7 +196,7 @@ class Search:
             for sparsity in self.cfg.sparsities:
                 if not self._structure(channels, sparsity, trials, blocks=blocks):
                     break
-        return self._finish(trials)
+        return trials
 
     def _walk_channels(self, blocks: int, trials: list[Trial], first: bool = False
                        ) -> float:
@@ -281,42 +231,68 @@ class Search:
         return any(self._trial(Candidate(channels, sparsity, b, blocks), trials).within
                    for b in widths)
 
-    def _trial(self, cand: Candidate, trials: list[Trial]) -> Trial:
-        recipe = _recipe(self.base, self.cfg, cand, f"{self.name}.{cand.name}")
+    def _trial(self, cand: Candidate, trials: list[Trial], label: str | None = None
+               ) -> Trial:
+        """Run ``cand`` (unless recorded before with the same recipe) and read it."""
+        cell = self._cell(cand)
+        k = len(trials) + 1
+        label = label or f"candidate {k} of at most {self._most()}"
+        seconds = 0.0
+        if self._recorded(cell):
+            self.log(f"{label}: {cand.name} (recorded before)")
+        else:
+            self.log(f"{label}: {cand.name}: running")
+            seconds = run_cell(self.name, cell.name, cell.axes,
+                               cell.recipe.model_dump(mode="json"),
+                               str(self.out / CELLS_DIR / cell.name), str(self.db),
+                               log=lambda line: self.log(f"  [{cand.name}] {line}"))
+        trial = self._read_trial(cand)
+        trial.seconds = seconds
+        trials.append(trial)
+        self._judge(trial)
+        assert self.ref_top1 is not None
+        best = self._best(trials)
+        elapsed = (time.perf_counter() - self.started) / 60
+        self.log(f"{label}: {trial.describe(self.ref_top1)}; "
+                 f"{'within' if trial.within else 'over'} the budget; best so far: "
+                 + (best.describe(self.ref_top1) if best else "none") + f"; {elapsed:.1f} min")
+        return trial
+
+    def _judge(self, trial: Trial) -> Trial:
+        """``trial`` judged (the walk: as read, against the budget less the reserve)."""
+        return trial
+
+    def _cell(self, cand: Candidate) -> Cell:
+        """The candidate as a cell of the results store (added to the search record)."""
+        base = self.base if cand.deployed else self.base_float
+        recipe = candidate_recipe(base, self.cfg, cand, f"{self.name}.{cand.name}")
         axes = {"channels": f"{cand.channels:g}", "blocks": str(cand.blocks),
                 "sparsity": f"{cand.sparsity:g}"}
         if cand.bits is not None:
             axes["bits"] = str(cand.bits)
+        if cand.rung is not None:
+            axes["rung"] = str(cand.rung)
+        if cand.runtime is not None:
+            axes["runtime"] = cand.runtime
         cell = Cell(name=cand.name, axes=axes, recipe=recipe)
-        self.cells.append(cell)
-        self._write_record()
-        k = len(trials) + 1
+        if all(c.name != cell.name for c in self.cells):
+            self.cells.append(cell)
+            self._write_record()
+        return cell
+
+    def _recorded(self, cell: Cell) -> bool:
         with ResultsStore(self.db) as store:
             done = {c.cell: c.recipe_sha256 for c in store.cells(self.name)}
-        if done.get(cell.name) == cell.recipe_sha256:
-            self.log(f"candidate {k} of at most {self._most()}: {cand.name} (recorded before)")
-        else:
-            self.log(f"candidate {k} of at most {self._most()}: {cand.name}: running")
-            run_cell(self.name, cell.name, cell.axes, recipe.model_dump(mode="json"),
-                     str(self.out / CELLS_DIR / cell.name), str(self.db),
-                     log=lambda line: self.log(f"  [{cand.name}] {line}"))
-        trial = self._read_trial(cand)
-        trials.append(trial)
-        assert self.ref_top1 is not None
-        best = self._best(trials)
-        elapsed = (time.perf_counter() - self.started) / 60
-        self.log(f"candidate {k}: {trial.describe(self.ref_top1)}; "
-                 f"{'within' if trial.within else 'over'} the budget; best so far: "
-                 + (best.describe(self.ref_top1) if best else "none") + f"; {elapsed:.1f} min")
-        return trial
+        return done.get(cell.name) == cell.recipe_sha256
 
     def _read_trial(self, cand: Candidate) -> Trial:
         with ResultsStore(self.db) as store:
             rows = [r for r in store.rows(self.name) if r["cell"] == cand.name]
         baseline, deploy = rows[0], rows[-1]
         size, artifact = deploy["size_bytes"], deploy["artifact"]
-        smallest = _measurement(deploy["record"]).smallest_size
-        if self.cfg.target == "size" and smallest is not None and smallest != size and artifact:
+        measured = _measurement(deploy["record"])
+        smallest = measured.smallest_size
+        if self.cfg.for_size and smallest is not None and smallest != size and artifact:
             # the INT8 model's packed file loads and runs in the runtime too: the small one
             size, artifact = smallest, str(Path(artifact).with_suffix(".nspk"))
         if baseline["top1"] is None or deploy["top1"] is None:
@@ -324,10 +300,13 @@ class Search:
                             "the data needs a validation split (--val-size)")
         if self.ref_top1 is None:
             self.ref_top1 = baseline["top1"]
+            self.ref_accuracy = _measurement(baseline["record"]).accuracy
         floor = self.ref_top1 - self.cfg.spendable_points / 100
         return Trial(candidate=cand, top1=deploy["top1"], size_bytes=size,
                      p50_ms=deploy["latency_p50_ms"], artifact=artifact,
-                     within=deploy["top1"] >= floor - 1e-12)
+                     within=deploy["top1"] >= floor - 1e-12, ref_top1=self.ref_top1,
+                     accuracy=measured.accuracy, macs=measured.macs,
+                     nonzero_params=measured.nonzero_params)
 
     def _best(self, trials: list[Trial]) -> Trial | None:
         within = [t for t in trials if t.within]
@@ -347,12 +326,8 @@ class Search:
                  else "held out of the training images (data.val_size)")
         lines = [f"Decided on the validation split: {images or self.cfg.val_size:,} images "
                  f"{where}; the candidates were "
-                 "fine-tuned without them. Every figure below is on those images. A "
-                 f"candidate counted as within the budget when it lost at most "
-                 f"{self.cfg.spendable_points:g} points there (the "
-                 f"{self.cfg.budget_points:g}-point budget less a reserve of "
-                 f"{self.cfg.reserve_points:g} against the noise of choosing on these "
-                 "images).",
+                 "fine-tuned without them. Every figure below is on those images. "
+                 + self._within_rule(),
                  *(n[0].upper() + n[1:].rstrip(".") + "." for n in self.notes)]
         if self.retimed:
             lines.append(
@@ -369,6 +344,19 @@ class Search:
                 f"figure on the test split: {CHOSEN_DIR}/report.md.")
         return lines
 
+    def _within_rule(self) -> str:
+        """How a candidate counted as within the budget, in a sentence."""
+        if self.cfg.search == "walk":
+            return (f"A candidate counted as within the budget when it lost at most "
+                    f"{self.cfg.spendable_points:g} points there (the "
+                    f"{self.cfg.budget_points:g}-point budget less a reserve of "
+                    f"{self.cfg.reserve_points:g} against the noise of choosing on these "
+                    "images).")
+        return (f"A deployed candidate counted as within the {self.cfg.budget_points:g}-"
+                f"point budget when the upper bound of its drop at {self.cfg.confidence:.0%}"
+                " confidence was, the drop taken image by image against the input model "
+                "on the same images (not when its point estimate was).")
+
     def _write_record(self, chosen: str | None = None, notes: list[str] | None = None
                       ) -> None:
         write_study_record(self.out, self.name, self.cells, self.db,
@@ -377,34 +365,46 @@ class Search:
                            report={"accuracy_budget": self.cfg.budget_points,
                                    "baseline": "baseline"}, chosen=chosen, notes=notes)
 
-    def _retime_side_by_side(self, trials: list[Trial]) -> None:
-        """Time the candidates within the budget again, round-robin in this process, and
-        keep each one's median batch-1 p50: each was timed minutes apart from the others,
-        and on a shared machine that drift is larger than the differences the pick turns
-        on (measured here: a 4x smaller model timed slower than the one it beat)."""
+    def _to_retime(self, trials: list[Trial]) -> list[Trial]:
+        """The files timed again side by side before choosing (the walk: the latency
+        candidates within the budget)."""
         within = [t for t in trials if t.within and t.artifact]
-        if self.cfg.target != "latency" or len(within) < 2:
+        return within if self.cfg.target == "latency" else []
+
+    def _retime_side_by_side(self, trials: list[Trial]) -> None:
+        """Time the candidates that may be chosen again, round-robin in this process,
+        and keep each one's median batch-1 p50: each was timed minutes apart from the
+        others, and on a shared machine that drift is larger than the differences the
+        pick turns on (measured here: a 4x smaller model timed slower than the one it
+        beat)."""
+        chosen_from = self._to_retime(trials)
+        if len(chosen_from) < 2:
             return
-        self.log(f"compress: timing the {len(within)} candidates within the budget side by "
-                 f"side, batch 1, {RETIME_ROUNDS} rounds round-robin")
+        self.log(f"compress: timing the {len(chosen_from)} candidates that may be chosen "
+                 f"side by side, batch 1, {RETIME_ROUNDS} rounds round-robin")
+        self.retime(chosen_from, RETIME_ROUNDS)
+        self.retimed = {t.candidate.name: t.p50_ms or 0.0 for t in chosen_from}
+
+    def retime(self, trials: list[Trial], rounds: int) -> None:
+        """Each of ``trials``' batch-1 p50 replaced by the median of ``rounds`` timings
+        taken round-robin in this process."""
         threads = self.cfg.threads or MeasureOptions().threads
         opened = [open_model_file(self.out / CELLS_DIR / t.candidate.name / str(t.artifact),
-                                  threads=threads) for t in within]
-        rounds: list[list[float]] = [[] for _ in within]
+                                  threads=threads) for t in trials]
+        times: list[list[float]] = [[] for _ in trials]
         try:
-            for _ in range(RETIME_ROUNDS):
-                for times, model in zip(rounds, opened, strict=True):
+            for _ in range(rounds):
+                for own, model in zip(times, opened, strict=True):
                     one = torch.randn(1, *(model.input_shape or [1, 28, 28]))
-                    times.append(time_model(model.module, one, warmup=20, runs=100,
-                                            min_seconds=0.3, threads=threads,
-                                            rounds=1).p50_ms)
+                    own.append(time_model(model.module, one, warmup=20, runs=100,
+                                          min_seconds=0.3, threads=threads,
+                                          rounds=1).p50_ms)
         finally:
             for model in opened:
                 model.close()
-        for trial, times in zip(within, rounds, strict=True):
-            trial.p50_ms = statistics.median(times)
+        for trial, own in zip(trials, times, strict=True):
+            trial.p50_ms = statistics.median(own)
             self.log(f"  {trial.candidate.name}: p50 {trial.p50_ms:.3f} ms")
-        self.retimed = {t.candidate.name: t.p50_ms or 0.0 for t in within}
 
     def _finish(self, trials: list[Trial]) -> CompressResult:
         assert self.ref_top1 is not None
@@ -412,12 +412,12 @@ class Search:
         result = CompressResult(out=self.out, reference_top1=self.ref_top1, trials=trials)
         # the front in three dimensions: no other candidate is as small, as fast and as
         # accurate and better in one (without timing, in size and top-1 alone)
-        result.front = [t.candidate.name for t in trials
-                        if not any(_dominates(o, t) for o in trials if o is not t)]
-        result.chosen = self._best(trials)
+        files = [t for t in trials if t.candidate.deployed]
+        result.front = [t.candidate.name for t in files
+                        if not any(_dominates(o, t) for o in files if o is not t)]
+        result.chosen = self._choose(trials)
         if result.chosen is None:
-            self.log("compress: no candidate stays within the budget (not even the "
-                     "deployment of the unpruned model); raise --budget-points")
+            self.log(self._none_chosen())
         else:
             self.log(f"compress: chosen {result.chosen.candidate.name}; measuring it on the "
                      "test split")
@@ -427,10 +427,17 @@ class Search:
         result.report = render_study_report(self.out, self.db)[0]
         return result
 
+    def _choose(self, trials: list[Trial]) -> Trial | None:
+        return self._best(trials)
+
+    def _none_chosen(self) -> str:
+        return ("compress: no candidate stays within the budget (not even the deployment "
+                "of the unpruned model); raise --budget-points")
+
     def _measure_on_test(self, result: CompressResult) -> None:
         assert result.chosen is not None
         cand = result.chosen.candidate
-        recipe = _recipe(self.base_test, self.cfg, cand, f"{self.name}.{CHOSEN_DIR}")
+        recipe = candidate_recipe(self.base_test, self.cfg, cand, f"{self.name}.{CHOSEN_DIR}")
         folder = self.out / CHOSEN_DIR
         record = run_recipe(recipe, folder, log=lambda line: self.log(f"  [test] {line}"),
                             reuse_measurements=True)
@@ -494,6 +501,16 @@ def compress(model: dict[str, Any], data: dict[str, Any], out: Path,
     Raises:
         UserError: bad settings, model, data or ``out`` (before anything is written).
     """
-    return Search(model, data, cfg or CompressConfig(), Path(out), device=device,
-                  log=log, notes=notes, module=module,
-                  before_first_write=before_first_write).run()
+    return make_search(model, data, cfg or CompressConfig(), Path(out), device=device,
+                       log=log, notes=notes, module=module,
+                       before_first_write=before_first_write).run()
+
+
+def make_search(model: dict[str, Any], data: dict[str, Any], cfg: CompressConfig, out: Path,
+                **kwargs: Any) -> Search:
+    """The search ``cfg.search`` names, into ``out``."""
+    if cfg.search == "walk":
+        return Search(model, data, cfg, out, **kwargs)
+    from netshrink.compress.halving import HalvingSearch  # it builds on Search
+
+    return HalvingSearch(model, data, cfg, out, **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from netshrink.compress.options import CompressConfig, held_out_split
-from netshrink.compress.search import CHOSEN_DIR, Search
+from netshrink.compress.search import CHOSEN_DIR, make_search
 from netshrink.errors import UserError
 from netshrink.runtime.base import ModelStats
 from netshrink.stages.base import Deployed, StageContext, stage
@@ -37,7 +37,7 @@ def compress_stage(model: nn.Module, cfg: CompressConfig, ctx: StageContext) -> 
         # loaded from a file may have seen them; only that file's run can tell)
         notes = [f"deciding on the recipe's validation split ({split['val_size']:,} images "
                  "held out of its training stages)"]
-    result = Search(section, data, cfg, ctx.stage_dir / SEARCH_DIR, device=ctx.device,
+    result = make_search(section, data, cfg, ctx.stage_dir / SEARCH_DIR, device=ctx.device,
                     log=lambda line: ctx.log(f"  {line}"), notes=notes).run()
     deployed = result.deploy_stage
     if result.chosen is None or deployed is None or deployed.artifact is None:

@@ -8,7 +8,7 @@ from torch import nn
 from netshrink.distill.options import DistillOptions
 from netshrink.stages.base import TRAIN_STATE, StageContext, stage
 from netshrink.stages.teacher import teacher_loss
-from netshrink.train.config import TrainConfig
+from netshrink.train.config import TrainConfig, fit_batch_size, fractional_epochs
 from netshrink.train.loop import LossFn, train
 
 
@@ -17,7 +17,9 @@ class FinetuneConfig(TrainConfig):
     ``distill``, against a teacher (e.g. ``teacher_stage: baseline``, the model before
     compression) instead of the labels alone."""
 
-    epochs: int = Field(default=1, gt=0)
+    # a fraction of an epoch too (compress judges its first candidates after a quarter);
+    # int first, so a whole number keeps its cache key
+    epochs: int | float = Field(default=1, gt=0, le=10_000, allow_inf_nan=False)
     lr: float = Field(default=0.01, gt=0)
     warmup_epochs: float = Field(default=0.0, ge=0)
     distill: DistillOptions | None = None
@@ -52,4 +54,11 @@ def train_stage(model: nn.Module, cfg: TrainConfig, ctx: StageContext) -> nn.Mod
 @stage("finetune", FinetuneConfig, "train briefly at a low learning rate (after compression)",
        scratch=(TRAIN_STATE,))
 def finetune_stage(model: nn.Module, cfg: FinetuneConfig, ctx: StageContext) -> nn.Module:
+    if cfg.epochs != int(cfg.epochs):
+        # the loop counts whole epochs: a fraction becomes a step cap its schedule ends
+        # at (counted in the batches the training split really gives)
+        cfg = fit_batch_size(cfg, ctx.data.train)
+        cfg = fractional_epochs(cfg, float(cfg.epochs), len(ctx.data.train))
+    else:
+        cfg = cfg.model_copy(update={"epochs": int(cfg.epochs)})
     return run_training(model, cfg, ctx, teacher_loss(cfg.distill, ctx, cfg))

@@ -305,7 +305,7 @@ def _run_study(study: Study, out: Path, db: Path | None, workers: int, executor:
     elif todo:
         dispatcher = (PoolDispatcher(workers) if executor == "local"
                       else RayDispatcher(workers, address))
-        _run_dispatched(study, todo, out, db, dispatcher, log, outcome)
+        _run_dispatched(study.name, study.cells, todo, out, db, dispatcher, log, outcome)
     if report:
         outcome.report = render_study_report(out, db)[0]
         log(f"study report: {outcome.report}")
@@ -339,12 +339,22 @@ def _run_in_process(study: Study, todo: list[Cell], out: Path, db: Path,
             + _progress(outcome, len(todo), started))
 
 
-def _run_dispatched(study: Study, todo: list[Cell], out: Path, db: Path,
-                    dispatcher: Dispatcher, log: Callable[[str], None],
+def run_cells_dispatched(name: str, cells: tuple[Cell, ...], todo: list[Cell], out: Path,
+                         db: Path, dispatcher: Dispatcher, log: Callable[[str], None]
+                         ) -> dict[str, str]:
+    """Run ``todo`` (of ``cells``, the study ``name``'s) through ``dispatcher``; the cells
+    that failed, with why."""
+    outcome = StudyOutcome(out=out, db=db)
+    _run_dispatched(name, cells, todo, out, db, dispatcher, log, outcome)
+    return outcome.failed
+
+
+def _run_dispatched(study_name: str, cells: tuple[Cell, ...], todo: list[Cell], out: Path,
+                    db: Path, dispatcher: Dispatcher, log: Callable[[str], None],
                     outcome: StudyOutcome) -> None:
     """Run ``todo`` through ``dispatcher`` (a process pool, a Ray cluster), at most
     ``dispatcher.slots`` at once, each cell after the owners of its shared stages."""
-    needs = _dependencies(study.cells)
+    needs = _dependencies(cells)
     pending = {c.name: c for c in todo}
     unfinished = set(pending)  # owners that have not finished (or failed) in this call
     started = time.perf_counter()
@@ -358,7 +368,7 @@ def _run_dispatched(study: Study, todo: list[Cell], out: Path, db: Path,
                 cell = pending.pop(name)
                 log(f"cell {cell.name}: starting")
                 running[dispatcher.submit(
-                    study.name, cell.name, cell.axes, cell.recipe.model_dump(mode="json"),
+                    study_name, cell.name, cell.axes, cell.recipe.model_dump(mode="json"),
                     str((out / CELLS_DIR / cell.name).absolute()),
                     str(db.absolute()))] = cell.name
             for handle in dispatcher.wait(list(running)):

@@ -1,0 +1,488 @@
+"""The compression search by successive halving (``search: halving``, the default).
+
+Every structure of the space (residual blocks removed x channel ratio, x sparsity for
+``size``) is pruned from the input model at once and fine-tuned briefly (rung 0: a
+quarter of an epoch by default); about a third of them (``eta``) go on to the next rung,
+fine-tuned longer from where they stopped (the model cache shares every rung's prefix),
+and so on: many candidates judged cheaply, the few promising ones trained as long as the
+best results need (the recorded best latency pick needed 8 epochs, which a walk giving
+every candidate one epoch never reached). This is successive halving (Jamieson &
+Talwalkar 2016; the rule of Hyperband's brackets) with a multi-objective promotion
+(MO-ASHA, Schmucker et al. 2021): within a rung, the candidates the budget can still
+admit (the drop widened by the recovery still to come, ``PROMOTION_SLACK``) are ranked by
+Pareto fronts of validation top-1 and the target (predicted or measured latency, size),
+front by front, and within a front by the target.
+
+Constraint-first (``max_latency_ms``, ``max_size_mb``, ``max_macs``, ``speedup``): the
+structures predicted to break the constraint are left out before any training (the
+latency model for latency, the counted MACs), and each rung promotes the most accurate
+of those that meet it; the pick is the most accurate deployed file that meets it,
+measured (latency re-timed side by side).
+
+From rung 1 (INT8) or at the last rung (k-means) candidates are deployed and judged as
+files: within the budget when the upper confidence bound of their drop is
+(``netshrink.compress.guard``), not the point estimate. The chosen file is re-timed
+side by side with the others within the budget, then run once more on the test split.
+
+Why not Optuna: the space is a small grid (at most a few dozen structures), every point
+of which rung 0 visits anyway, so a sampler has nothing to choose; Optuna's pruners are
+single-objective and cannot promote by Pareto rank under a budget. The results store
+keeps every candidate of every rung, and resuming replays the same decisions from it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from netshrink.compress.candidates import Candidate, search_runtime
+from netshrink.compress.guard import drop_bound
+from netshrink.compress.search import CELLS_DIR, Search, Trial, _measurement
+from netshrink.errors import UserError
+from netshrink.study.dispatch import PoolDispatcher, RayDispatcher
+from netshrink.study.execute import run_cells_dispatched
+
+# The drop (in budgets) a rung still admits for promotion: a quarter-epoch fine-tuning
+# leaves much to recover, the last rungs little.
+PROMOTION_SLACK = (5.0, 2.0, 1.0, 0.5)
+PREDICTION_MARGIN = 0.15  # a structure predicted within 15% of a latency bound is tried
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+class HalvingSearch(Search):
+    """The search of the module docstring (the walk's ``Search`` runs and records the
+    candidates, times the finalists side by side and measures the pick on test)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runtime = search_runtime(self.cfg)
+        self.lut: Any = None  # the latency model, where speed is what is judged
+        self.predicted: dict[tuple[int, float, float], float] = {}
+        self.unpruned: Trial | None = None
+        self.stopped_by_time = False
+        self.planned = 0
+        self._trials_seen: list[Trial] = []
+
+    # -- the plan -------------------------------------------------------------------
+
+    @property
+    def _speed(self) -> bool:
+        """Whether batch-1 latency is what the search minimises or bounds."""
+        c = self.cfg.constraint
+        return c[0] in ("latency_ms", "speedup") if c else self.cfg.target == "latency"
+
+    def _space(self) -> list[tuple[int, float, float]]:
+        sparsities = [0.0, *self.cfg.sparsities] if self.cfg.for_size else [0.0]
+        return [(b, c, s) for b in (0, *self.drop_blocks)
+                for c in (0.0, *self.cfg.channel_ratios) for s in sparsities if b or c or s]
+
+    def _most(self) -> int:
+        return self.planned or len(self._space()) + 1
+
+    def _deploys(self, rung: int) -> bool:
+        last = len(self.cfg.rungs) - 1
+        if self.cfg.deploy_method == "kmeans":
+            return rung == last
+        return rung >= 1 or last == 0
+
+    def _candidate(self, structure: tuple[int, float, float], rung: int,
+                   deployed: bool | None = None, bits: int | None = None) -> Candidate:
+        b, c, s = structure
+        runtime = self.runtime if self.cfg.int8_runtime == "auto" else None
+        return Candidate(c, s, bits=bits, blocks=b, rung=rung,
+                         deployed=self._deploys(rung) if deployed is None else deployed,
+                         runtime=runtime if self.cfg.deploy_method == "int8" else None)
+
+    # -- the search -----------------------------------------------------------------
+
+    def _explore(self) -> list[Trial]:
+        trials: list[Trial] = []
+        self._trials_seen = trials
+        self._start_unpruned(trials)
+        structures = self._space()
+        if self.cfg.constraint is not None:
+            structures = self._feasible(structures, trials)
+        self.planned = len(trials) + self._plan(len(structures))
+        self.log(f"compress: {len(structures)} structures at rung 0, about "
+                 f"{self.planned} candidates in all over {len(self.cfg.rungs)} rungs "
+                 f"(fine-tuning {', '.join(f'{e:g}' for e in self.cfg.rungs)} epochs)")
+        alive = [self._candidate(st, 0) for st in structures]
+        for rung in range(len(self.cfg.rungs)):
+            done = self._run_rung(rung, alive, trials)
+            if rung == len(self.cfg.rungs) - 1 or not done or self.stopped_by_time:
+                break
+            promoted = self._promote(rung, done)
+            self.log(f"compress: rung {rung} -> {rung + 1}: "
+                     + (", ".join(t.candidate.name for t in promoted) or "none promoted"))
+            alive = [self._candidate(t.candidate.structure, rung + 1) for t in promoted]
+            if not alive:
+                break
+        return trials
+
+    def _plan(self, n: int) -> int:
+        """About how many candidates the rungs run from ``n`` structures."""
+        total = 0
+        for _ in self.cfg.rungs:
+            total += n
+            n = min(n, max(2, math.ceil(n / self.cfg.eta)))
+        return total
+
+    def _start_unpruned(self, trials: list[Trial]) -> None:
+        """The input model deployed unpruned (on both runtimes with ``runtime auto``,
+        keeping the faster): the fallback pick, the reference of a speed-up, and the
+        latency model's calibration."""
+        if self.cfg.int8_runtime == "auto":
+            both = [self._trial(Candidate(0.0, 0.0, rung=0, runtime=rt), trials,
+                                label=f"unpruned on {rt}") for rt in RUNTIMES]
+            self.retime(both, rounds=3)
+            fast, slow = sorted(both, key=lambda t: t.p50_ms or math.inf)
+            self.runtime = str(fast.candidate.runtime)
+            self.unpruned = fast
+            self.notes.append(
+                f"runtime auto: the unpruned model's INT8 ran batch 1 in "
+                f"{fast.p50_ms:.3f} ms on {fast.candidate.runtime} and "
+                f"{slow.p50_ms:.3f} ms on {slow.candidate.runtime}, timed side by side: the "
+                f"search deployed on {self.runtime}")
+        else:
+            self.unpruned = self._deploy_widths((0, 0.0, 0.0), 0, trials, "unpruned")
+        if self._speed:
+            self._start_latency_model()
+
+    def _start_latency_model(self) -> None:
+        from netshrink.compress.latency_model import LatencyModel
+
+        assert self.unpruned is not None
+        if not self.unpruned.p50_ms:
+            raise UserError("compress: the unpruned model's latency was not measured; "
+                            "latency needs timing (leave out --no-timing)")
+        self.lut = LatencyModel(self.runtime, precision="int8",
+                                threads=self.cfg.threads or _threads(), log=self.log)
+        module, shape = self._module_of(self.unpruned)
+        self.lut.calibrate(module, shape, self.unpruned.p50_ms)
+
+    def _feasible(self, structures: list[tuple[int, float, float]],
+                  trials: list[Trial]) -> list[tuple[int, float, float]]:
+        """Constraint-first: the structures that may meet the constraint, judged on
+        each pruned (not yet fine-tuned) structure before any training."""
+        assert self.cfg.constraint is not None
+        kind = self.cfg.constraint[0]
+        keep = []
+        for k, st in enumerate(structures, 1):
+            t = self._trial(self._candidate(st, -1, deployed=False), trials,
+                            label=f"structure {k} of {len(structures)} (pruned, not trained)")
+            trials.remove(t)  # a structure before training is no candidate
+            value = self._value(t)
+            limit = self._limit()
+            margin = 1 + PREDICTION_MARGIN if kind in ("latency_ms", "speedup") else 1.0
+            if value is not None and value <= limit * margin:
+                keep.append(st)
+        self.log(f"compress: {len(keep)} of {len(structures)} structures may meet "
+                 f"{self._constraint_text()}")
+        if not keep:
+            self.log("compress: no pruned structure is predicted to meet the constraint")
+        return keep
+
+    def _run_rung(self, rung: int, cands: list[Candidate], trials: list[Trial]
+                  ) -> list[Trial]:
+        if self.cfg.deploy_method == "kmeans" and self._deploys(rung):
+            done = []
+            for k, cand in enumerate(cands, 1):
+                if self._out_of_time(rung):
+                    break
+                t = self._deploy_widths(cand.structure, rung, trials,
+                                        f"rung {rung}: candidate {k} of {len(cands)}")
+                done.append(t)
+            return done
+        if self.cfg.workers > 1:
+            return self._run_parallel(rung, cands, trials)
+        done = []
+        for k, cand in enumerate(cands, 1):
+            if self._out_of_time(rung):
+                break
+            done.append(self._trial(
+                cand, trials, label=f"rung {rung}: candidate {k} of {len(cands)}"))
+            self.log(self._progress(rung, len(cands) - k))
+        return done
+
+    def _run_parallel(self, rung: int, cands: list[Candidate], trials: list[Trial]
+                      ) -> list[Trial]:
+        cells = [self._cell(c) for c in cands]
+        todo = [c for c in cells if not self._recorded(c)]
+        self.log(f"rung {rung}: {len(cands)} candidates, {len(todo)} to run on "
+                 f"{self.cfg.workers} {self.cfg.executor} workers")
+        if todo:
+            dispatcher = (PoolDispatcher(self.cfg.workers) if self.cfg.executor == "local"
+                          else RayDispatcher(self.cfg.workers, None))
+            failed = run_cells_dispatched(self.name, tuple(cells), todo, self.out, self.db,
+                                          dispatcher, self.log)
+            if failed:
+                name, why = next(iter(failed.items()))
+                raise UserError(f"compress: candidate {name} failed: {why}")
+        done = []
+        for cand in cands:
+            t = self._judge(self._read_trial(cand))
+            trials.append(t)
+            done.append(t)
+        return done
+
+    def _deploy_widths(self, structure: tuple[int, float, float], rung: int,
+                       trials: list[Trial], label: str) -> Trial:
+        """Deploy ``structure``; with k-means the narrowest width (from the narrowest
+        any structure needed) that keeps the budget. The last deployment tried."""
+        if self.cfg.deploy_method != "kmeans":
+            return self._trial(self._candidate(structure, rung, True), trials, label=label)
+        held = [t.candidate.bits for t in trials if t.within and t.candidate.bits]
+        widths = [b for b in self.cfg.kmeans_bits if b >= min(held, default=0)]
+        trial = None
+        for bits in widths:
+            trial = self._trial(self._candidate(structure, rung, True, bits=bits), trials,
+                                label=label)
+            if trial.within:
+                break
+        assert trial is not None
+        return trial
+
+    def _judge(self, trial: Trial) -> Trial:
+        """``trial`` judged as halving judges: a deployed file within the budget by the
+        upper confidence bound of its drop; a float model never (it is not deployable);
+        its latency predicted from its structure."""
+        if self.ref_accuracy is not None and trial.accuracy is not None:
+            est = drop_bound(self.ref_accuracy, trial.accuracy, self.cfg.confidence)
+            trial.upper_points = est.upper_points
+        deployed = trial.candidate.deployed
+        trial.within = bool(deployed and trial.upper_points is not None
+                            and trial.upper_points <= self.cfg.budget_points + 1e-9)
+        if self.lut is not None and trial.candidate.pruned:
+            st = trial.candidate.structure
+            if st not in self.predicted:
+                module, shape = self._module_of(trial)
+                self.predicted[st] = self.lut.predict_ms(module, shape)
+            trial.predicted_ms = self.predicted[st]
+        elif self.lut is not None and self.unpruned is not None:
+            trial.predicted_ms = self.unpruned.p50_ms
+        return trial
+
+    def _module_of(self, trial: Trial) -> tuple[Any, list[int]]:
+        """The torch model of ``trial``'s structure (its last float stage) and the
+        shape of one image."""
+        from netshrink.models.factory import trusting
+        from netshrink.store.checkpoint import load_model
+        from netshrink.study.results import ResultsStore
+
+        with ResultsStore(self.db) as store:
+            rows = [r for r in store.rows(self.name) if r["cell"] == trial.candidate.name]
+        floats = [r for r in rows if r["artifact"]
+                  and Path(r["artifact"]).suffix in (".safetensors", ".pth", ".pt")]
+        if not floats:
+            raise UserError(f"compress: candidate {trial.candidate.name} left no float "
+                            "model file to predict its latency from")
+        path = self.out / CELLS_DIR / trial.candidate.name / floats[-1]["artifact"]
+        factory = self.base["model"].get("factory")
+        with trusting([factory] if factory else []):
+            module, _, _ = load_model(path)
+        return module, list(_measurement(rows[-1]["record"]).input_shape)
+
+    # -- promotion and choice ---------------------------------------------------------
+
+    def _limit(self) -> float:
+        """The constraint's bound in the units ``_value`` gives."""
+        assert self.cfg.constraint is not None
+        kind, bound = self.cfg.constraint
+        if kind == "speedup":
+            assert self.unpruned is not None and self.unpruned.p50_ms
+            return self.unpruned.p50_ms / bound
+        return bound * 1e6 if kind == "size_mb" else bound
+
+    def _value(self, trial: Trial) -> float | None:
+        """What the constraint (or the target) bounds of ``trial``: batch-1 ms (measured
+        when deployed, else predicted), bytes (deployed, else an estimate from its
+        non-zero parameters at the deployment's bytes per weight), or MACs."""
+        c = self.cfg.constraint
+        kind = c[0] if c else ("latency_ms" if self.cfg.target == "latency" else "size_mb")
+        if kind in ("latency_ms", "speedup"):
+            if trial.candidate.deployed and trial.p50_ms:
+                return trial.p50_ms
+            return trial.predicted_ms
+        if kind == "macs":
+            return trial.macs
+        if trial.candidate.deployed and trial.size_bytes:
+            return trial.size_bytes
+        per_weight = (min(self.cfg.kmeans_bits) / 8 if self.cfg.deploy_method == "kmeans"
+                      else 1.0)
+        return (trial.nonzero_params or 0) * per_weight
+
+    def _meets(self, trial: Trial) -> bool:
+        value = self._value(trial)
+        return value is not None and value <= self._limit() * (1 + 1e-9)
+
+    def _constraint_text(self) -> str:
+        assert self.cfg.constraint is not None
+        kind, bound = self.cfg.constraint
+        return {"latency_ms": f"batch-1 p50 <= {bound:g} ms on {self.runtime}",
+                "speedup": f"a {bound:g}x batch-1 speed-up over the unpruned INT8 model "
+                           f"on {self.runtime} (<= {self._limit():.3f} ms)",
+                "size_mb": f"<= {bound:g} MB on disk",
+                "macs": f"<= {bound:,.0f} MACs an image"}[kind]
+
+    def _promote(self, rung: int, done: list[Trial]) -> list[Trial]:
+        quota = min(len(done), max(2, math.ceil(len(done) / self.cfg.eta)))
+        if self.cfg.constraint is not None:
+            ranked = sorted((t for t in done if self._meets(t)), key=lambda t: -t.top1)
+        else:
+            slack = PROMOTION_SLACK[min(rung, len(PROMOTION_SLACK) - 1)]
+            admit = self.cfg.budget_points * (1 + slack)
+            ranked = _pareto_order([t for t in done if t.drop_points <= admit],
+                                   key=lambda t: self._value(t) or math.inf)
+        return ranked[: self._affordable(rung + 1, quota)]
+
+    def _best(self, trials: list[Trial]) -> Trial | None:
+        deployed = [t for t in trials if t.candidate.deployed]
+        if self.cfg.constraint is not None:
+            meets = [t for t in deployed if self._meets(t)]
+            return max(meets, key=lambda t: (t.top1, -(self._value(t) or 0)), default=None)
+        within = [t for t in deployed if t.within]
+        if self._speed:
+            within = [t for t in within if t.p50_ms]
+        return min(within, key=lambda t: self._value(t) or math.inf, default=None)
+
+    def _to_retime(self, trials: list[Trial]) -> list[Trial]:
+        """The files timed again side by side before choosing: those within the budget
+        (or near the latency bound) and the unpruned one."""
+        if not self._speed:
+            return []
+        deployed = [t for t in trials if t.candidate.deployed and t.artifact]
+        if self.cfg.constraint is not None:
+            near = [t for t in deployed
+                    if (t.p50_ms or math.inf) <= self._limit() * (1 + 2 * PREDICTION_MARGIN)]
+        else:
+            near = [t for t in deployed if t.within]
+        if self.unpruned is not None and self.unpruned not in near:
+            near.append(self.unpruned)
+        return near
+
+    def _choose(self, trials: list[Trial]) -> Trial | None:
+        """The best; with ``runtime auto`` a pruned pick is deployed on the other runtime
+        too, the two timed side by side, and the faster kept."""
+        best = self._best(trials)
+        if best is None or self.cfg.int8_runtime != "auto" or not best.candidate.pruned:
+            return best
+        other = next(rt for rt in RUNTIMES if rt != best.candidate.runtime)
+        twin = self._trial(replace(best.candidate, runtime=other), trials,
+                           label=f"the pick on {other}")
+        pair = [best, twin]
+        self.retime(pair, rounds=3)
+        fast, slow = sorted(pair, key=lambda t: t.p50_ms or math.inf)
+        self.notes.append(
+            f"runtime auto: the pick's INT8 ran batch 1 in {fast.p50_ms:.3f} ms on "
+            f"{fast.candidate.runtime} and {slow.p50_ms:.3f} ms on {slow.candidate.runtime}"
+            f" ({(slow.p50_ms or 0) / (fast.p50_ms or 1):.2f}x), timed side by side: kept "
+            f"{fast.candidate.runtime}")
+        if not (fast.within or self.cfg.constraint is not None):
+            return best  # INT8 on the other runtime lost more than the budget
+        return fast
+
+    def _none_chosen(self) -> str:
+        if self.cfg.constraint is None:
+            return super()._none_chosen()
+        return (f"compress: no deployed candidate meets {self._constraint_text()}; loosen "
+                "it, or allow deeper pruning (--channel-ratios, --drop-blocks)")
+
+    # -- time -------------------------------------------------------------------------
+
+    def _cost(self, rung: int) -> float | None:
+        """Seconds one candidate of ``rung`` is expected to take, from those run in
+        this call (fine-tuning time grows with the rung's epochs)."""
+        ran = [t for t in self._ran if t.candidate.rung is not None
+               and t.candidate.rung >= 0 and t.candidate.pruned]
+        if not ran:
+            return None
+        per_epoch = statistics.median(
+            t.seconds / (self.cfg.rungs[t.candidate.rung] + 0.1) for t in ran)
+        return per_epoch * (self.cfg.rungs[min(rung, len(self.cfg.rungs) - 1)] + 0.1)
+
+    @property
+    def _ran(self) -> list[Trial]:
+        return [t for t in self._all if t.seconds > 0]
+
+    def _out_of_time(self, rung: int) -> bool:
+        budget = self.cfg.time_budget_s
+        if budget is None:
+            return False
+        cost = self._cost(rung) or 0.0
+        if time.perf_counter() - self.started + cost <= budget:
+            return False
+        if not self.stopped_by_time:
+            self.stopped_by_time = True
+            self.log(f"compress: the time budget ({budget / 60:.0f} min) would be passed by "
+                     f"the next candidate (about {cost / 60:.1f} min): choosing from what "
+                     "was found")
+            self.notes.append(
+                f"stopped by the time budget ({budget / 60:.0f} min) during rung {rung}")
+        return True
+
+    def _affordable(self, rung: int, quota: int) -> int:
+        """``quota`` cut to what the time budget leaves for ``rung`` (at least one)."""
+        budget, cost = self.cfg.time_budget_s, self._cost(rung)
+        if budget is None or not cost:
+            return quota
+        left = budget - (time.perf_counter() - self.started)
+        return max(1, min(quota, int(left // cost)))
+
+    def _progress(self, rung: int, left_in_rung: int) -> str:
+        elapsed = time.perf_counter() - self.started
+        eta = ""
+        cost = self._cost(rung)
+        if cost:
+            rest, n = left_in_rung * cost, len(self._at(rung)) + left_in_rung
+            for later in range(rung + 1, len(self.cfg.rungs)):
+                n = min(n, max(2, math.ceil(n / self.cfg.eta)))
+                rest += n * (self._cost(later) or 0.0)
+            eta = f"; about {rest / 60:.0f} min left (from this call's fine-tuning speed)"
+        return f"compress: {elapsed / 60:.1f} min in{eta}"
+
+    def _at(self, rung: int) -> list[Trial]:
+        return [t for t in self._all if t.candidate.rung == rung]
+
+    @property
+    def _all(self) -> list[Trial]:
+        return self._trials_seen
+
+    def _finish(self, trials: list[Trial]) -> Any:
+        self._latency_note(trials)
+        return super()._finish(trials)
+
+    def _latency_note(self, trials: list[Trial]) -> None:
+        pairs = [(t.predicted_ms, t.p50_ms) for t in trials
+                 if t.candidate.deployed and t.candidate.pruned and t.predicted_ms
+                 and t.p50_ms]
+        if not pairs:
+            return
+        errors = [abs(p - m) / m for p, m in pairs]
+        self.notes.append(
+            f"latency model ({self.runtime}, per-layer table calibrated on the unpruned "
+            f"model): predicted against measured batch-1 p50 over {len(pairs)} built "
+            f"candidates: median error {statistics.median(errors):.0%}, worst "
+            f"{max(errors):.0%}")
+
+
+def _threads() -> int:
+    from netshrink.bench.options import MeasureOptions
+
+    return MeasureOptions().threads
+
+
+def _pareto_order(trials: list[Trial], key: Any) -> list[Trial]:
+    """``trials`` front by front (non-dominated sorting on top-1, higher better, and
+    ``key``, lower better), each front by ``key``."""
+    rest, order = list(trials), []
+    while rest:
+        front = [t for t in rest if not any(
+            o.top1 >= t.top1 and key(o) <= key(t) and (o.top1 > t.top1 or key(o) < key(t))
+            for o in rest if o is not t)]
+        order += sorted(front, key=key)
+        rest = [t for t in rest if t not in front]
+    return order

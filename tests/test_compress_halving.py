@@ -1,0 +1,164 @@
+"""``netshrink compress`` by successive halving: every structure judged after a short
+fine-tuning, the promising ones fine-tuned longer from where they stopped, the pick
+within the budget by a confidence bound (or the most accurate under a constraint),
+stopped by a time budget, resumed without running a candidate twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from netshrink.cli import main
+from netshrink.compress import Candidate, CompressConfig, candidate_stages, compress
+from netshrink.compress.halving import _pareto_order
+from netshrink.compress.search import Trial
+from netshrink.errors import UserError
+from netshrink.recipe import parse_recipe, run_recipe
+from netshrink.study import ResultsStore
+
+TINY = {"val_size": 200, "calib_size": 16, "batch_size": 64, "kmeans_finetune_epochs": 0.1,
+        "kmeans_bits": [8], "channel_ratios": [0.5], "drop_blocks": [1],
+        "rungs": [0.05, 0.1], "timing": False, "budget_points": 10.0, "amp": "auto",
+        "deploy": "int8"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("trained")
+    record = run_recipe(parse_recipe({
+        "name": "t", "model": {"arch": "resnet_tiny"},
+        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 0},
+        "measure": {"latency": False},
+        "stages": [{"kind": "train", "epochs": 3, "lr": 0.05, "batch_size": 64}]}),
+        out, report=False, log=lambda _: None)
+    return out / str(record.stages[-1].artifact)
+
+
+def _section(trained: Path) -> dict:
+    return {"arch": "resnet_tiny", "weights": str(trained)}
+
+
+@pytest.fixture(scope="module")
+def halved(tmp_path_factory: pytest.TempPathFactory, trained: Path, fashion_dir: Path):
+    out = tmp_path_factory.mktemp("halving") / "out"
+    lines: list[str] = []
+    result = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+                      out, CompressConfig(**TINY), log=lines.append)
+    return out, result, lines
+
+
+def test_halving_candidates_prune_once_then_fine_tune_rung_by_rung() -> None:
+    cfg = CompressConfig(target="latency", rungs=[0.25, 1, 3])
+    stages = candidate_stages(cfg, Candidate(0.5, 0.0, blocks=2, rung=1))
+    assert [s["kind"] for s in stages] == ["prune.blocks", "prune.channel", "finetune",
+                                           "finetune", "quant.ptq"]
+    assert [s["epochs"] for s in stages if s["kind"] == "finetune"] == [0.25, 1]
+    # a rung's stages are the previous rung's plus one: the model cache shares them
+    before = candidate_stages(cfg, Candidate(0.5, 0.0, blocks=2, rung=0, deployed=False))
+    assert stages[: len(before)] == before
+    assert stages[1]["scope"] == "layer" and stages[1]["round_to"] == 16
+    # the structure alone (constraint mode predicts before training)
+    alone = candidate_stages(cfg, Candidate(0.5, 0.0, blocks=2, rung=-1, deployed=False))
+    assert [s["kind"] for s in alone] == ["prune.blocks", "prune.channel"]
+    assert Candidate(0.5, 0.0, blocks=2, rung=1).name == "d2-ch0.5-sp0-r1"
+    # the unpruned model is deployed as it is, whatever the rung
+    assert [s["kind"] for s in candidate_stages(cfg, Candidate(0.0, 0.0, rung=0))] == [
+        "quant.ptq"]
+
+
+def test_fronts_rank_by_accuracy_and_target() -> None:
+    def t(name: str, top1: float, ms: float) -> Trial:
+        return Trial(Candidate(0.1, 0.0, rung=0), top1, None, ms, None, False, ref_top1=0.9)
+
+    a, b, c, d = t("a", 0.90, 3.0), t("b", 0.85, 1.0), t("c", 0.84, 2.0), t("d", 0.80, 0.5)
+    order = _pareto_order([c, a, b, d], key=lambda x: x.p50_ms)
+    # a, b, d are on the first front (none better in both), c is dominated by b
+    assert order[:3] == [d, b, a] and order[3] is c
+
+
+def test_halving_promotes_a_few_and_deploys_the_pick(halved) -> None:
+    out, result, lines = halved
+    rung0 = [t for t in result.trials if t.candidate.rung == 0 and t.candidate.pruned]
+    rung1 = [t for t in result.trials if t.candidate.rung == 1]
+    assert len(rung0) == 3  # (1 block, 0), (0, 0.5), (1 block, 0.5)
+    assert not any(t.candidate.deployed for t in rung0)  # rung 0 judges float models
+    assert 1 <= len(rung1) <= 2 and all(t.candidate.deployed for t in rung1)
+    assert {t.candidate.structure for t in rung1} <= {t.candidate.structure for t in rung0}
+    assert any("rung 0 -> 1" in line for line in lines)
+    chosen = result.chosen
+    assert chosen is not None and chosen.candidate.deployed and chosen.within
+    # within by the bound, which is never below the point estimate
+    assert chosen.upper_points is not None
+    assert chosen.upper_points >= chosen.drop_points - 1e-9
+    assert chosen.upper_points <= TINY["budget_points"]
+    assert result.deployable is not None and result.deployable.exists()
+    with ResultsStore(out / "results.sqlite") as store:
+        cells = {c.cell for c in store.cells(f"compress-{out.name}")}
+    assert {t.candidate.name for t in result.trials} <= cells  # every candidate kept
+
+
+def test_halving_resumes_without_running_a_candidate_again(halved, trained: Path,
+                                                           fashion_dir: Path) -> None:
+    out, first, _ = halved
+    lines: list[str] = []
+    again = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+                     out, CompressConfig(**TINY), log=lines.append)
+    assert not any(line.endswith(": running") for line in lines)
+    assert again.chosen is not None and first.chosen is not None
+    assert again.chosen.candidate == first.chosen.candidate
+
+
+def test_constraint_first_picks_the_most_accurate_that_meets_it(
+        trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+    from netshrink.models import build_model
+    from netshrink.models.counting import count_macs
+
+    full = count_macs(build_model({"arch": "resnet_tiny"}), [1, 28, 28])
+    bound = full * 0.6  # only the deeper or narrower structures meet it
+    lines: list[str] = []
+    result = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+                      tmp_path / "c", CompressConfig(**TINY, max_macs=bound),
+                      log=lines.append)
+    assert any("structures may meet" in line for line in lines)
+    chosen = result.chosen
+    assert chosen is not None and chosen.macs is not None and chosen.macs <= bound
+    meeting = [t for t in result.trials if t.candidate.deployed and t.macs is not None
+               and t.macs <= bound]
+    assert chosen.top1 == max(t.top1 for t in meeting)
+    # the unpruned model breaks the bound: never the pick
+    assert chosen.candidate.pruned
+
+
+def test_a_time_budget_stops_and_chooses_from_what_was_found(
+        trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+                      tmp_path / "t", CompressConfig(**TINY, time_budget_s=0.001),
+                      log=lines.append)
+    assert any("time budget" in line for line in lines)
+    # nothing but the unpruned deployment (run before the budget is looked at) was run
+    assert [t.candidate.pruned for t in result.trials] == [False]
+    assert result.chosen is not None and not result.chosen.candidate.pruned
+
+
+def test_settings_and_flags_are_checked_in_one_line(trained: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match="one constraint"):
+        CompressConfig(max_macs=1e6, max_latency_ms=2.0)
+    with pytest.raises(ValueError, match="needs search halving"):
+        CompressConfig(max_macs=1e6, search="walk")
+    for flags, why in ((["--time-budget", "soon"], "45m"),
+                       (["--max-macs", "1", "--speedup", "2"], "not allowed with")):
+        with pytest.raises(SystemExit) as exc:
+            main(["compress", "--weights", str(trained), "--out", str(tmp_path / "x"),
+                  *flags])
+        assert exc.value.code == 2
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_latency_needs_timing(trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="timing"):
+        compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+                 tmp_path / "l", CompressConfig(**{**TINY, "target": "latency"}))
