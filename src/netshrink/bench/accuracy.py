@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from netshrink.bench._common import eval_mode, input_dtype, resolve_device
-from netshrink.bench.schema import Accuracy
+from netshrink.bench.schema import MAX_HITS_IMAGES, Accuracy, pack_hits
 from netshrink.data.base import Split
 from netshrink.errors import UserError
 
@@ -41,7 +41,9 @@ def evaluate(
         split_name: the name recorded, e.g. ``"test"`` or ``"val"``.
 
     Returns:
-        An ``Accuracy`` with fractions in [0, 1] and the mean loss per image.
+        An ``Accuracy`` with fractions in [0, 1], the mean loss per image and, up to
+        ``MAX_HITS_IMAGES`` images, which images top-1 got right (``correct``), in the
+        split's order.
 
     Raises:
         UserError: ``batch_size`` or ``max_images`` is below 1, the split is empty, or
@@ -58,6 +60,7 @@ def evaluate(
     correct1 = 0
     correct5 = 0
     loss_sum = 0.0
+    hits1: list[torch.Tensor] = []  # per batch; dropped once past MAX_HITS_IMAGES
     with eval_mode(model), torch.inference_mode():
         for x, y in split.batches(batch_size, shuffle=False, augment=False):
             if max_images is not None:
@@ -76,6 +79,10 @@ def evaluate(
             top = logits.topk(k, dim=1).indices
             hits = top.eq(y.view(-1, 1))
             correct1 += int(hits[:, 0].sum())
+            if images + int(y.shape[0]) <= MAX_HITS_IMAGES:
+                hits1.append(hits[:, 0].cpu())
+            else:
+                hits1.clear()
             correct5 += int(hits.any(dim=1).sum())
             # Loss in float32 whatever the model's precision: fp16 sums overflow.
             loss_sum += float(cross_entropy(logits.float(), y, reduction="sum"))
@@ -88,4 +95,5 @@ def evaluate(
         top1=correct1 / images,
         top5=correct5 / images,
         loss=loss_sum / images,
+        correct=pack_hits(torch.cat(hits1).numpy()) if images <= MAX_HITS_IMAGES else None,
     )

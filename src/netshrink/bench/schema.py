@@ -6,9 +6,12 @@ must be here, with the hardware, versions, threads and seed it was measured unde
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Environment(BaseModel):
@@ -97,7 +100,58 @@ def noise_reason(p50_ms: float, p90_ms: float, round_spread: float | None) -> st
     return "; ".join(reasons) or None
 
 
+# Per-image top-1 hits are kept up to this many images: 25 KB of bitmask, 33 KB of base64
+# (an ImageNet validation split of 50,000 takes 8.3 KB). Beyond it a record would carry
+# more hits than a comparison of two models needs, so none are kept.
+MAX_HITS_IMAGES = 200_000
+
+
+def pack_hits(hits: np.ndarray) -> str:
+    """``hits`` (one bool a image, in the split's order) as ``Accuracy.correct``: packed
+    eight a byte, image ``i`` in bit ``i % 8`` (least significant first) of byte
+    ``i // 8``, unused high bits of the last byte zero; base64 (standard alphabet, padded).
+    """
+    packed = np.packbits(np.asarray(hits, dtype=bool).ravel(), bitorder="little")
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def unpack_hits(text: str, images: int) -> np.ndarray:
+    """``Accuracy.correct`` back as one bool a image (see ``pack_hits``).
+
+    Raises:
+        ValueError: ``text`` is not the packed hits of ``images`` images: not base64, of
+            another length, or with bits set past the last image.
+    """
+    if not 0 < images <= MAX_HITS_IMAGES:
+        raise ValueError(f"hits are kept for 1 to {MAX_HITS_IMAGES:,} images, not {images:,}")
+    nbytes = -(-images // 8)
+    expected = 4 * -(-nbytes // 3)  # base64 characters of nbytes bytes, padded
+    if len(text) != expected:  # checked before decoding: a huge string is never decoded
+        raise ValueError(f"{len(text):,} characters of base64 for {images:,} images; "
+                         f"expected {expected:,}")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"not base64 ({exc})") from None
+    if len(raw) != nbytes:
+        raise ValueError(f"{len(raw):,} bytes of hits for {images:,} images; expected "
+                         f"{nbytes:,}")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    if bits[images:].any():
+        raise ValueError(f"bits set past the last of the {images:,} images")
+    return bits[:images].astype(bool)
+
+
 class Accuracy(BaseModel):
+    """Top-1 / top-5 on a split; ``correct``: which images top-1 got right.
+
+    ``correct`` (``pack_hits``; None when not recorded, in records written before it, or
+    above ``MAX_HITS_IMAGES`` images) lets two models evaluated on the same images be
+    compared image by image: only the images where they disagree carry information on
+    which is better (``netshrink.compress.guard.drop_bound``). Checked on load: it must
+    decode to exactly ``images`` hits, as many of them set as ``top1`` says.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     split: str  # "test", "val", ...
@@ -105,6 +159,28 @@ class Accuracy(BaseModel):
     top1: float  # fraction in [0, 1]
     top5: float
     loss: float | None = None
+    correct: str | None = Field(default=None, repr=False)  # see the class docstring
+
+    @model_validator(mode="after")
+    def _check_correct(self) -> Accuracy:
+        if self.correct is None:
+            return self
+        try:
+            hits = unpack_hits(self.correct, self.images)
+        except ValueError as exc:
+            raise ValueError(f"correct: {exc}; not the per-image hits netshrink "
+                             "records") from None
+        right = int(hits.sum())
+        if abs(right - self.top1 * self.images) > 0.5:
+            raise ValueError(f"correct: {right:,} of {self.images:,} images right, but top1 "
+                             f"says {self.top1 * self.images:,.1f}; not the hits of this "
+                             "evaluation")
+        return self
+
+    def hits(self) -> np.ndarray | None:
+        """One bool a image, top-1 right or not, in the split's order; None when not
+        recorded."""
+        return None if self.correct is None else unpack_hits(self.correct, self.images)
 
 
 class Measurement(BaseModel):

@@ -111,7 +111,9 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
                    split_name=args.split)
     return {"weights": str(args.weights), "kind": opened.kind, "runtime": opened.runtime,
             "precision": opened.precision, "arch": opened.spec.arch if opened.spec else None,
-            "dataset": name, **({"trained_on": stored} if other else {}), **acc.model_dump()}
+            "dataset": name, **({"trained_on": stored} if other else {}),
+            # the per-image hits are for comparing models in records, not for reading
+            **acc.model_dump(exclude={"correct"})}
 
 
 def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:

@@ -71,6 +71,8 @@ def cmd_study_show(args: argparse.Namespace) -> int:
                   f"| {'yes' if r['noisy'] else ''} |")
         return 0
     content = study_content(args.folder, args.db, with_plots=False)
+    if content.lead:  # a compress search's headline: its test figure first
+        print(content.lead)
     print(content.headline)
     print("\n".join(md_table(content.comparison)))
     return 0

@@ -11,7 +11,7 @@ from torch import nn
 
 from netshrink.bench import Measurement, MeasureOptions, environment, measure
 from netshrink.bench.measure import file_size
-from netshrink.bench.schema import Environment
+from netshrink.bench.schema import MAX_HITS_IMAGES, Environment
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
 from netshrink.limits import read_regular
@@ -86,7 +86,7 @@ class StageMeasurer:
                 read_regular(kept, "kept measurement", max_bytes=MAX_KEPT_BYTES))
         except (UserError, ValueError):
             old = None
-        if old is not None and _same_machine(old.environment, here):
+        if old is not None and _same_machine(old.environment, here) and _has_hits(old):
             notes.append(f"measurement of {identity.name} reused from an earlier run on this "
                          "machine with the same settings (same file by SHA-256): not "
                          "measured again")
@@ -184,3 +184,11 @@ def _same_machine(a: Environment, b: Environment) -> bool:
     cores, GPU, device, threads and versions."""
     keys = ("cpu", "cores", "gpu", "device", "threads", "versions", "python")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _has_hits(m: Measurement) -> bool:
+    """Whether a kept measurement's accuracy carries its per-image hits where netshrink
+    now records them: one kept before they were recorded is measured again, so that the
+    compress search can compare its candidates image by image."""
+    acc = m.accuracy
+    return acc is None or acc.correct is not None or acc.images > MAX_HITS_IMAGES

@@ -63,6 +63,9 @@ class ReportContent:
     stage_notes: tuple[tuple[str, tuple[str, ...]], ...]  # (stage, notes) with notes
     plots: tuple[Plot, ...]
     recipe_text: str
+    # A line above everything else, right under the title (a compress search's headline:
+    # its test figure first); None: none.
+    lead: str | None = None
 
 
 def _ordered(record: RunRecord) -> list[StageRecord]:

@@ -30,6 +30,7 @@ h3 { font-size: 16px; margin: 22px 0 8px; }
 .meta code { font-size: 12px; word-break: break-all; }
 .headline { font-size: 18px; font-weight: 600; padding: 12px 16px; margin: 18px 0 10px;
             background: #f3f6fb; border-left: 4px solid #3b6fd8; border-radius: 3px; }
+.lead { margin: 10px 0 12px; border-left-color: #1d2330; }
 ul.notes { color: #3c4454; font-size: 13.5px; margin: 6px 0 0; padding-left: 20px; }
 .scroll { overflow-x: auto; margin: 8px 0; }
 table { border-collapse: collapse; font-size: 13px; }
@@ -132,6 +133,7 @@ def render_html(content: ReportContent) -> str:
         f"<title>{escape(content.title)}</title>",
         f"<style>{CSS}</style></head><body><main>",
         f"<h1>{escape(content.title)}</h1>",
+        *([f'<p class="headline lead">{escape(content.lead)}</p>'] if content.lead else []),
         '<p class="meta">'
         + "".join(
             f"<span>{escape(label)}: <code>{escape(value)}</code></span>"

@@ -43,6 +43,8 @@ def _fence(text: str) -> str:
 def render_markdown(content: ReportContent) -> str:
     """The whole report as one Markdown document (ends with a newline)."""
     out: list[str] = [f"# {md_escape(content.title)}", ""]
+    if content.lead:
+        out += [f"**{md_escape(content.lead)}**", ""]
     out += [f"- {label}: {md_escape(value)}" for label, value in content.meta]
     out += ["", "## Verdict", "", f"**{md_escape(content.headline)}**", ""]
     out += [f"- {md_escape(note)}" for note in content.notes]

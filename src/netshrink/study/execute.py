@@ -26,6 +26,7 @@ from typing import Any
 
 import netshrink
 from netshrink.errors import UserError
+from netshrink.limits import clip
 from netshrink.recipe.keys import stage_keys
 from netshrink.recipe.run_folder import now
 from netshrink.stages.base import STAGES
@@ -36,6 +37,7 @@ from netshrink.study.dispatch import Dispatcher, PoolDispatcher, RayDispatcher
 from netshrink.study.folder_walls import refuse_study_links
 from netshrink.study.report import (
     DB_FILE,
+    MAX_HEADLINE_CHARS,
     STUDY_FILE,
     read_study_record,
     render_study_report,
@@ -84,10 +86,15 @@ def _dependencies(cells: tuple[Cell, ...]) -> dict[str, set[str]]:
 def write_study_record(out: Path, name: str, cells: list[Cell] | tuple[Cell, ...], db: Path,
                        *, spec: dict[str, Any], report: dict[str, Any],
                        merged: dict[str, list[str]] | None = None,
-                       chosen: str | None = None, notes: list[str] | None = None) -> None:
+                       chosen: str | None = None, notes: list[str] | None = None,
+                       headline: str | None = None) -> None:
     """``out/study.json``: the cells (with their recipes) the report and ``show`` read;
     ``chosen``: the cell whose final stage the report marks (a compress search's pick);
-    ``notes``: lines the report shows first."""
+    ``notes``: lines the report shows first; ``headline``: the line above everything
+    else in the report (a compress search's ``compress_headline``), on one line and
+    clipped to ``MAX_HEADLINE_CHARS`` characters (what a record may hold)."""
+    if headline is not None:
+        headline = clip(headline, MAX_HEADLINE_CHARS)
     previous = read_study_record(out) if (out / STUDY_FILE).is_file() else {}
     text = json.dumps({
         "name": name, "netshrink": netshrink.__version__,
@@ -95,7 +102,7 @@ def write_study_record(out: Path, name: str, cells: list[Cell] | tuple[Cell, ...
         # absolute: a path relative to the working directory names another store from
         # anywhere else
         "db": str(Path(db).resolve()), "report": report, "spec": spec, "merged": merged or {},
-        "chosen": chosen, "notes": notes or [],
+        "chosen": chosen, "notes": notes or [], "headline": headline,
         "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
                    "recipe": c.recipe.model_dump(mode="json")} for c in cells],
     })  # one line: indented, 1,000 cells' recipes would take twice the room

@@ -29,6 +29,8 @@ from netshrink.study.schema import STUDY_MB_ENV, StudyReport, max_study_bytes
 STUDY_FILE = "study.json"
 DB_FILE = "results.sqlite"
 MAX_STUDY_JSON_DEPTH = 48  # a recipe nests at most 32 levels, four below the record's top
+MAX_HEADLINE_CHARS = 2000  # one sentence of figures; a compress headline takes ~400
+COMPRESS_SPEC_KEY = "compress"  # a compress search's record holds its settings under it
 
 
 class _CellRecord(BaseModel):
@@ -57,6 +59,8 @@ class _StudyRecord(BaseModel):
     merged: dict[str, list[str]] = Field(default_factory=dict)
     chosen: str | None = None
     notes: list[str] = Field(default_factory=list)
+    # the report's first line when given (a compress search's); None in records before it
+    headline: str | None = Field(default=None, max_length=MAX_HEADLINE_CHARS)
     cells: list[_CellRecord]
 
 
@@ -107,7 +111,8 @@ def read_study_record(out: Path) -> dict[str, Any]:
     # Built by hand, not model_dump: the cells' recipes (up to a few MB) stay the objects
     # json.loads made instead of being copied once more.
     return {**{k: getattr(record, k) for k in ("name", "netshrink", "created", "updated",
-                                                  "db", "spec", "merged", "chosen", "notes")},
+                                                  "db", "spec", "merged", "chosen", "notes",
+                                                  "headline")},
             "report": record.report.model_dump(mode="json"),
             "cells": [{"name": c.name, "axes": c.axes, "recipe_sha256": c.recipe_sha256,
                        "recipe": c.recipe} for c in record.cells]}
@@ -154,7 +159,11 @@ def _stage_record(row: dict[str, Any]) -> StageRecord:
     try:
         return StageRecord.model_validate(bounded_json(row["record"], max_bytes=1 << 24))
     except (ValueError, ValidationError) as exc:
-        first = str(exc).splitlines()[0][:120]
+        if isinstance(exc, ValidationError):  # where in the record, and what is wrong
+            err = exc.errors()[0]
+            first = clip(".".join(str(p) for p in err["loc"]) + f": {err['msg']}", 200)
+        else:
+            first = str(exc).splitlines()[0][:120]
         raise UserError(f"the row of {_short(row['cell'])}/{_short(row['stage'])} holds no "
                         f"stage record netshrink wrote ({first}); the store is damaged or "
                         "was edited") from None
@@ -220,8 +229,10 @@ def _size(stage: StageRecord) -> int | None:
     return stage.measurement.smallest_size if stage.measurement is not None else None
 
 
-def study_headline(record: RunRecord) -> str:
-    """The smallest and the fastest model within the accuracy budget of the reference."""
+def study_headline(record: RunRecord, candidates: list[StageRecord] | None = None) -> str:
+    """The smallest and the fastest model within the accuracy budget of the reference;
+    ``candidates``: count and choose among these alone (a compress search's candidates,
+    the final stage of each cell, not every stage row), named so."""
     stages = list(record.stages)
     reference = reference_stage(record, stages)
     ref_m = reference.stage.measurement if reference is not None else None
@@ -229,12 +240,15 @@ def study_headline(record: RunRecord) -> str:
         return "No stage has a measured accuracy yet: nothing to compare."
     budget = accuracy_budget(record)
     floor = ref_m.accuracy.top1 - (budget or 0.0) / 100
-    within = [s for s in stages if s.measurement is not None and s.measurement.accuracy
+    pool = stages if candidates is None else candidates
+    within = [s for s in pool if s.measurement is not None and s.measurement.accuracy
               is not None and s.measurement.accuracy.top1 >= floor - 1e-12]
     ref = reference.stage.name
-    scope = (f"Within {budget:g} points of {ref} ({ref_m.accuracy.top1:.2%} top-1)"
+    on = f" on {ref_m.accuracy.split}" if candidates is not None else ""
+    scope = (f"Within {budget:g} points of {ref} ({ref_m.accuracy.top1:.2%} top-1{on})"
              if budget is not None else f"At no loss of top-1 against {ref} (no budget set)")
-    parts = [scope + f", {len(within)} of {len(stages)} models"]
+    what = "models" if candidates is None else "candidates"
+    parts = [scope + f", {len(within)} of {len(pool)} {what}"]
     sized = [s for s in within if _size(s)]
     if sized and ref_m.size_bytes:
         small = min(sized, key=lambda s: _size(s) or 0)
@@ -265,20 +279,44 @@ def study_content(out: Path, db: Path | None = None, *, with_plots: bool = True
     with ResultsStore(db, readonly=True) as store:
         rows = store.rows(study["name"])
         done = {c.cell for c in store.cells(study["name"]) if c.status == "done"}
+    rows = [r for r in rows if r["cell"] in done]
     try:
-        record = combined_record(study, [r for r in rows if r["cell"] in done])
+        record = combined_record(study, rows)
     except UserError as exc:
         raise UserError(f"{db}: {exc}") from None
     content = build_content(record, with_plots=with_plots)
-    content = dataclasses.replace(content, headline=study_headline(record))
+    search = is_compress_record(study)
+    candidates = _final_stages(record, rows) if search else None
+    content = dataclasses.replace(content, headline=study_headline(record, candidates))
     waiting = [c["name"] for c in study["cells"] if c["name"] not in done]
     recorded = len(study["cells"]) - len(waiting)
-    status = f"Study of {len(study['cells'])} cells; {recorded} recorded in {db}."
+    what = "Compress search of" if search else "Study of"
+    unit = "candidates" if search else "cells"
+    status = f"{what} {len(study['cells'])} {unit}; {recorded} recorded in {db}."
     if waiting:
         status += f" Not yet recorded: {', '.join(waiting)}."
     notes = [*study["notes"], status, *content.notes]
-    return dataclasses.replace(content, title=f"netshrink study: {study['name']}",
-                               notes=tuple(notes))
+    title = (f"netshrink compress: {Path(out).resolve().name}" if search
+             else f"netshrink study: {study['name']}")
+    return dataclasses.replace(content, title=title, notes=tuple(notes),
+                               lead=study.get("headline"))
+
+
+def is_compress_record(study: dict[str, Any]) -> bool:
+    """Whether a record (``read_study_record``) is a compress search's, not a study's."""
+    spec = study.get("spec") or {}
+    return COMPRESS_SPEC_KEY in spec and "matrix" not in spec
+
+
+def _final_stages(record: RunRecord, rows: list[dict[str, Any]]) -> list[StageRecord]:
+    """The stages of ``record`` that end a cell (a compress search's candidates: each
+    cell's deployable file), once each."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["cell"] not in last or row["stage_index"] > last[row["cell"]]["stage_index"]:
+            last[row["cell"]] = row
+    keys = {row["stage_key"] for row in last.values()}
+    return [s for s in record.stages if s.key in keys and s.index > 0]
 
 
 def render_study_report(out: Path, db: Path | None = None) -> tuple[Path, Path]:
