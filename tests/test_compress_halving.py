@@ -18,9 +18,9 @@ from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.study import ResultsStore
 
 TINY = {"val_size": 200, "calib_size": 16, "batch_size": 64, "kmeans_finetune_epochs": 0.1,
-        "kmeans_bits": [8], "channel_ratios": [0.5], "drop_blocks": [1],
+        "kmeans_bits": [8], "channel_ratios": [0.2, 0.4, 0.6], "drop_blocks": [],
         "rungs": [0.05, 0.1], "timing": False, "budget_points": 10.0, "amp": "auto",
-        "deploy": "int8"}
+        "deploy": "int8", "sparsities": []}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,10 @@ def test_halving_candidates_prune_once_then_fine_tune_rung_by_rung() -> None:
     # a rung's stages are the previous rung's plus one: the model cache shares them
     before = candidate_stages(cfg, Candidate(0.5, 0.0, blocks=2, rung=0, deployed=False))
     assert stages[: len(before)] == before
-    assert stages[1]["scope"] == "layer" and stages[1]["round_to"] == 16
+    # widths cut alike, rounded by the stage's own rule (auto) unless told
+    assert stages[1]["scope"] == "layer" and "round_to" not in stages[1]
+    told = CompressConfig(target="latency", channel_round_to=8)
+    assert candidate_stages(told, Candidate(0.5, 0.0, rung=0))[0]["round_to"] == 8
     # the structure alone (constraint mode predicts before training)
     alone = candidate_stages(cfg, Candidate(0.5, 0.0, blocks=2, rung=-1, deployed=False))
     assert [s["kind"] for s in alone] == ["prune.blocks", "prune.channel"]
@@ -81,7 +84,7 @@ def test_halving_promotes_a_few_and_deploys_the_pick(halved) -> None:
     out, result, lines = halved
     rung0 = [t for t in result.trials if t.candidate.rung == 0 and t.candidate.pruned]
     rung1 = [t for t in result.trials if t.candidate.rung == 1]
-    assert len(rung0) == 3  # (1 block, 0), (0, 0.5), (1 block, 0.5)
+    assert len(rung0) == 3  # the three channel ratios (resnet_tiny has no block to drop)
     assert not any(t.candidate.deployed for t in rung0)  # rung 0 judges float models
     assert 1 <= len(rung1) <= 2 and all(t.candidate.deployed for t in rung1)
     assert {t.candidate.structure for t in rung1} <= {t.candidate.structure for t in rung0}
@@ -111,10 +114,10 @@ def test_halving_resumes_without_running_a_candidate_again(halved, trained: Path
 
 def test_constraint_first_picks_the_most_accurate_that_meets_it(
         trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
-    from netshrink.models import build_model
     from netshrink.models.counting import count_macs
+    from netshrink.store.checkpoint import load_model
 
-    full = count_macs(build_model({"arch": "resnet_tiny"}), [1, 28, 28])
+    full = count_macs(load_model(trained)[0], [1, 28, 28])
     bound = full * 0.6  # only the deeper or narrower structures meet it
     lines: list[str] = []
     result = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},

@@ -66,10 +66,16 @@ def _finetune(cfg: CompressConfig, epochs: float, name: str) -> dict[str, Any]:
     return stage
 
 
-def _prune_channels(cfg: CompressConfig, ratio: float) -> dict[str, Any]:
+def _prune_channels(cfg: CompressConfig, ratio: float, walk: bool = False
+                    ) -> dict[str, Any]:
+    # The walk rounds as its recorded searches did; halving leaves the widths to the
+    # stage's own ``round_to: auto`` (16 in layers of 64 channels or more, 8 below, none
+    # under 16: a small network is not rounded out of its pruning) unless told.
+    rounding = ({"round_to": cfg.round_to} if cfg.round_to > 1 else {}) if walk else (
+        {"round_to": cfg.channel_round_to} if cfg.channel_round_to else {})
     return ({"kind": "prune.channel", "name": "channels", "ratio": ratio,
              "importance": "l2", "scope": cfg.scope, "scan_images": min(1000, cfg.val_size)}
-            | ({"round_to": cfg.round_to} if cfg.round_to > 1 else {})
+            | rounding
             | ({"share_by": "macs"} if not cfg.for_size else {}))
 
 
@@ -111,7 +117,7 @@ def candidate_stages(cfg: CompressConfig, cand: Candidate) -> list[dict[str, Any
         return _halving_stages(cfg, cand)
     channels: list[dict[str, Any]] = []
     if cand.channels:
-        channels = [_prune_channels(cfg, cand.channels),
+        channels = [_prune_channels(cfg, cand.channels, walk=True),
                     _finetune(cfg, cfg.finetune_epochs, "channels-ft")]
     blocks: list[dict[str, Any]] = []
     if cand.blocks:

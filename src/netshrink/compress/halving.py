@@ -71,9 +71,7 @@ class HalvingSearch(Search):
 
     @property
     def _speed(self) -> bool:
-        """Whether batch-1 latency is what the search minimises or bounds."""
-        c = self.cfg.constraint
-        return c[0] in ("latency_ms", "speedup") if c else self.cfg.target == "latency"
+        return self.cfg.judges_speed
 
     def _space(self) -> list[tuple[int, float, float]]:
         sparsities = [0.0, *self.cfg.sparsities] if self.cfg.for_size else [0.0]
@@ -98,6 +96,14 @@ class HalvingSearch(Search):
                          runtime=runtime if self.cfg.deploy_method == "int8" else None)
 
     # -- the search -----------------------------------------------------------------
+
+    def _opening(self) -> str:
+        goal = (f"the most accurate file with {self._constraint_text()}"
+                if self.cfg.constraint is not None else
+                f"the {'fastest' if self._speed else 'smallest'} file within "
+                f"{self.cfg.budget_points:g} points of validation top-1")
+        return (f"compress: successive halving for {goal} (at {self.cfg.confidence:.0%} "
+                "confidence)")
 
     def _explore(self) -> list[Trial]:
         trials: list[Trial] = []
@@ -324,7 +330,9 @@ class HalvingSearch(Search):
         kind, bound = self.cfg.constraint
         return {"latency_ms": f"batch-1 p50 <= {bound:g} ms on {self.runtime}",
                 "speedup": f"a {bound:g}x batch-1 speed-up over the unpruned INT8 model "
-                           f"on {self.runtime} (<= {self._limit():.3f} ms)",
+                           f"on {self.runtime}" + (
+                               f" (<= {self._limit():.3f} ms)"
+                               if self.unpruned is not None and self.unpruned.p50_ms else ""),
                 "size_mb": f"<= {bound:g} MB on disk",
                 "macs": f"<= {bound:,.0f} MACs an image"}[kind]
 
@@ -388,7 +396,7 @@ class HalvingSearch(Search):
     def _none_chosen(self) -> str:
         if self.cfg.constraint is None:
             return super()._none_chosen()
-        return (f"compress: no deployed candidate meets {self._constraint_text()}; loosen "
+        return (f"no deployed candidate meets {self._constraint_text()}; loosen "
                 "it, or allow deeper pruning (--channel-ratios, --drop-blocks)")
 
     # -- time -------------------------------------------------------------------------
@@ -441,7 +449,8 @@ class HalvingSearch(Search):
             for later in range(rung + 1, len(self.cfg.rungs)):
                 n = min(n, max(2, math.ceil(n / self.cfg.eta)))
                 rest += n * (self._cost(later) or 0.0)
-            eta = f"; about {rest / 60:.0f} min left (from this call's fine-tuning speed)"
+            left = "under a minute" if rest < 60 else f"about {rest / 60:.0f} min"
+            eta = f"; {left} left (from this call's fine-tuning speed)"
         return f"compress: {elapsed / 60:.1f} min in{eta}"
 
     def _at(self, rung: int) -> list[Trial]:

@@ -185,8 +185,16 @@ class CompressConfig(BaseModel):
         speed with INT8, else ``onnxruntime``."""
         if self.runtime is not None:
             return self.runtime
-        speed = not self.for_size and self.deploy_method == "int8"
+        speed = self.judges_speed and self.deploy_method == "int8"
         return "auto" if speed and self.search == "halving" else "onnxruntime"
+
+    @property
+    def judges_speed(self) -> bool:
+        """Whether batch-1 latency is minimised (``target latency``) or bounded
+        (``max_latency_ms``, ``speedup``)."""
+        if self.constraint is not None:
+            return self.constraint[0] in ("latency_ms", "speedup")
+        return self.target == "latency"
 
     @property
     def for_size(self) -> bool:

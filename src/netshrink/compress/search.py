@@ -45,6 +45,7 @@ from netshrink.compress.candidates import (
     base_recipe,
     candidate_recipe,
 )
+from netshrink.compress.guard import compress_headline, split_warning
 from netshrink.compress.options import CompressConfig
 from netshrink.errors import UserError
 from netshrink.models import io_widths
@@ -83,7 +84,8 @@ class Trial:
     macs: int | None = None
     nonzero_params: int | None = None
     predicted_ms: float | None = None  # the latency model's batch-1 p50, before training
-    seconds: float = 0.0  # wall time of its run in this call (0: recorded before)
+    # wall time of its run in this call (0: recorded before); not part of what it is
+    seconds: float = field(default=0.0, compare=False)
 
     @property
     def drop_points(self) -> float:
@@ -124,8 +126,9 @@ class Search:
                  out: Path, *, device: str = "cpu", log: Callable[[str], None] = print,
                  notes: list[str] | None = None, module: nn.Module | None = None,
                  before_first_write: Callable[[], None] | None = None) -> None:
-        if cfg.target == "latency" and not cfg.timing:
-            raise UserError("--target latency needs timing; leave out --no-timing")
+        if cfg.judges_speed and not cfg.timing:
+            raise UserError("--target latency (and a latency constraint) needs timing; "
+                            "leave out --no-timing")
         self.cfg, self.out, self.log, self.device = cfg, out, log, device
         self.name = f"compress-{out.resolve().name}"
         self.base = base_recipe(model, data, cfg, device)
@@ -175,10 +178,13 @@ class Search:
             self.before_first_write()
         with ResultsStore(self.db):
             pass
-        self.log(f"compress: target {self.cfg.target}, budget {self.cfg.budget_points:g} "
-                 f"points of validation top-1 ({self.cfg.reserve_points:g} kept in reserve), "
-                 f"at most {self._most()} candidates")
+        self.log(self._opening())
         return self._finish(self._explore())
+
+    def _opening(self) -> str:
+        return (f"compress: target {self.cfg.target}, budget {self.cfg.budget_points:g} "
+                f"points of validation top-1 ({self.cfg.reserve_points:g} kept in reserve), "
+                f"at most {self._most()} candidates")
 
     def _explore(self) -> list[Trial]:
         """The walk (see the module docstring): every candidate it ran."""
@@ -301,6 +307,12 @@ class Search:
         if self.ref_top1 is None:
             self.ref_top1 = baseline["top1"]
             self.ref_accuracy = _measurement(baseline["record"]).accuracy
+            images = self.ref_accuracy.images if self.ref_accuracy else 0
+            warning = split_warning(images, self.cfg.budget_points, self.cfg.confidence
+                                    ) if images else None
+            if warning:
+                self.log(f"compress: warning: {warning}")
+                self.notes.append(f"warning: {warning}")
         floor = self.ref_top1 - self.cfg.spendable_points / 100
         return Trial(candidate=cand, top1=deploy["top1"], size_bytes=size,
                      p50_ms=deploy["latency_p50_ms"], artifact=artifact,
@@ -357,13 +369,14 @@ class Search:
                 " confidence was, the drop taken image by image against the input model "
                 "on the same images (not when its point estimate was).")
 
-    def _write_record(self, chosen: str | None = None, notes: list[str] | None = None
-                      ) -> None:
+    def _write_record(self, chosen: str | None = None, notes: list[str] | None = None,
+                      headline: str | None = None) -> None:
         write_study_record(self.out, self.name, self.cells, self.db,
                            spec={"compress": self.cfg.model_dump(mode="json"),
                                  "recipe": self.base},
                            report={"accuracy_budget": self.cfg.budget_points,
-                                   "baseline": "baseline"}, chosen=chosen, notes=notes)
+                                   "baseline": "baseline"}, chosen=chosen, notes=notes,
+                           headline=headline)
 
     def _to_retime(self, trials: list[Trial]) -> list[Trial]:
         """The files timed again side by side before choosing (the walk: the latency
@@ -417,22 +430,43 @@ class Search:
                         if not any(_dominates(o, t) for o in files if o is not t)]
         result.chosen = self._choose(trials)
         if result.chosen is None:
-            self.log(self._none_chosen())
+            self.log(f"compress: {self._none_chosen()}")
+            self._write_record(notes=self._split_notes(result),
+                               headline=self._headline(result))
         else:
             self.log(f"compress: chosen {result.chosen.candidate.name}; measuring it on the "
                      "test split")
             self._measure_on_test(result)
             self._write_record(chosen=result.chosen.candidate.name,
-                               notes=self._split_notes(result))
+                               notes=self._split_notes(result),
+                               headline=self._headline(result))
         result.report = render_study_report(self.out, self.db)[0]
+        self.log(f"compress: {self._headline(result)}")
         return result
+
+    def _headline(self, result: CompressResult) -> str:
+        """The report's first line: the pick on the test split, then on validation."""
+        def accuracy(which: str) -> Accuracy | None:
+            got = (result.test.get(which) or {}).get("accuracy")
+            return Accuracy.model_validate(got) if got else None
+
+        ref = result.test.get("reference") or {}
+        chosen = result.chosen
+        return compress_headline(
+            chosen=chosen.candidate.name if chosen else None,
+            budget_points=self.cfg.budget_points, ref_test=accuracy("reference"),
+            chosen_test=accuracy("chosen"), ref_val=self.ref_accuracy,
+            chosen_val=chosen.accuracy if chosen else None,
+            ref_size_bytes=ref.get("size_bytes"),
+            chosen_size_bytes=chosen.size_bytes if chosen else None,
+            confidence=self.cfg.confidence, why_none=self._none_chosen())
 
     def _choose(self, trials: list[Trial]) -> Trial | None:
         return self._best(trials)
 
     def _none_chosen(self) -> str:
-        return ("compress: no candidate stays within the budget (not even the deployment "
-                "of the unpruned model); raise --budget-points")
+        return ("no candidate stays within the budget (not even the deployment of the "
+                "unpruned model); raise --budget-points")
 
     def _measure_on_test(self, result: CompressResult) -> None:
         assert result.chosen is not None
