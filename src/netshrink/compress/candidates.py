@@ -99,8 +99,9 @@ def deploy_stage(cfg: CompressConfig, cand: Candidate) -> dict[str, Any]:
     ptq: dict[str, Any] = {"kind": "quant.ptq", "name": "deploy",
                            "runtime": cand.runtime or search_runtime(cfg),
                            "budget_images": min(2000, cfg.val_size)}
-    if cfg.budget_points > 0:
+    if cfg.budget_points > 0 and cand.rung != -1:
         # INT8 may spend half the budget; the whole candidate is judged on all of it
+        # (not an untrained structure's, deployed only to be timed)
         ptq["accuracy_budget"] = cfg.budget_points / 2
     return ptq
 

@@ -156,9 +156,12 @@ class HalvingSearch(Search):
         else:
             self.unpruned = self._deploy_widths((0, 0.0, 0.0), 0, trials, "unpruned")
         if self._speed:
-            self._start_latency_model()
+            self._start_latency_model(trials)
 
-    def _start_latency_model(self) -> None:
+    def _start_latency_model(self, trials: list[Trial]) -> None:
+        """The latency model on the search's runtime, its scale and overhead fitted on
+        two measured files: the unpruned model and the most pruned structure (deployed
+        untrained: latency does not depend on the weights), timed side by side."""
         from netshrink.compress.latency_model import LatencyModel
 
         assert self.unpruned is not None
@@ -167,8 +170,17 @@ class HalvingSearch(Search):
                             "latency needs timing (leave out --no-timing)")
         self.lut = LatencyModel(self.runtime, precision="int8",
                                 threads=self.cfg.threads or _threads(), log=self.log)
-        module, shape = self._module_of(self.unpruned)
-        self.lut.calibrate(module, shape, self.unpruned.p50_ms)
+        space = self._space()
+        refs = [self.unpruned]
+        if space:
+            most = max(space, key=lambda st: (st[0], st[1], st[2]))
+            anchor = self._trial(self._candidate(most, -1, deployed=True), trials,
+                                 label="latency anchor (the most pruned structure, untrained)")
+            trials.remove(anchor)  # timed only, never a candidate
+            if anchor.p50_ms:
+                self.retime([self.unpruned, anchor], rounds=3)
+                refs.append(anchor)
+        self.lut.fit([(*self._module_of(t), t.p50_ms) for t in refs])
 
     def _feasible(self, structures: list[tuple[int, float, float]],
                   trials: list[Trial]) -> list[tuple[int, float, float]]:
