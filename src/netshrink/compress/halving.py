@@ -110,8 +110,12 @@ class HalvingSearch(Search):
         self._trials_seen = trials
         self._start_unpruned(trials)
         structures = self._space()
-        if self.cfg.constraint is not None:
-            structures = self._feasible(structures, trials)
+        if self._speed or self.cfg.constraint is not None:
+            built = self._build(structures, trials)
+            if self._speed:
+                self._start_latency_model(built, trials)
+            if self.cfg.constraint is not None:
+                structures = self._feasible(built)
         self.planned = len(trials) + self._plan(len(structures))
         self.log(f"compress: {len(structures)} structures at rung 0, about "
                  f"{self.planned} candidates in all over {len(self.cfg.rungs)} rungs "
@@ -155,50 +159,64 @@ class HalvingSearch(Search):
                 f"search deployed on {self.runtime}")
         else:
             self.unpruned = self._deploy_widths((0, 0.0, 0.0), 0, trials, "unpruned")
-        if self._speed:
-            self._start_latency_model(trials)
 
-    def _start_latency_model(self, trials: list[Trial]) -> None:
-        """The latency model on the search's runtime, its scale and overhead fitted on
-        two measured files: the unpruned model and the most pruned structure (deployed
-        untrained: latency does not depend on the weights), timed side by side."""
+    def _build(self, structures: list[tuple[int, float, float]], trials: list[Trial]
+               ) -> dict[tuple[int, float, float], Trial]:
+        """Every structure pruned from the input model, not yet fine-tuned (the first
+        stages of its rung-0 candidate, shared through the model cache): what the latency
+        model predicts and a constraint is judged on, before any training."""
+        built = {}
+        for k, st in enumerate(structures, 1):
+            t = self._trial(self._candidate(st, -1, deployed=False), trials,
+                            label=f"structure {k} of {len(structures)} (pruned, not trained)")
+            trials.remove(t)  # a structure before training is no candidate
+            built[st] = t
+        return built
+
+    def _start_latency_model(self, built: dict[tuple[int, float, float], Trial],
+                             trials: list[Trial]) -> None:
+        """The latency model on the search's runtime: every layer of every structure
+        timed in one go (timings taken minutes apart drift on a shared machine), its
+        scale and overhead fitted on two measured files, the unpruned model and the most
+        pruned structure (deployed untrained: latency does not depend on the weights),
+        timed side by side; then every structure predicted."""
         from netshrink.compress.latency_model import LatencyModel
 
         assert self.unpruned is not None
         if not self.unpruned.p50_ms:
             raise UserError("compress: the unpruned model's latency was not measured; "
                             "latency needs timing (leave out --no-timing)")
-        self.lut = LatencyModel(self.runtime, precision="int8",
-                                threads=self.cfg.threads or _threads(), log=self.log)
-        space = self._space()
+        lut = LatencyModel(self.runtime, precision="int8",
+                           threads=self.cfg.threads or _threads(), log=self.log)
+        modules = {st: self._module_of(t) for st, t in built.items()}
+        lut.prepare([self._module_of(self.unpruned), *modules.values()])
         refs = [self.unpruned]
-        if space:
-            most = max(space, key=lambda st: (st[0], st[1], st[2]))
+        if built:
+            most = max(built, key=lambda st: (st[0], st[1], st[2]))
             anchor = self._trial(self._candidate(most, -1, deployed=True), trials,
                                  label="latency anchor (the most pruned structure, untrained)")
             trials.remove(anchor)  # timed only, never a candidate
             if anchor.p50_ms:
                 self.retime([self.unpruned, anchor], rounds=3)
                 refs.append(anchor)
-        self.lut.fit([(*self._module_of(t), t.p50_ms) for t in refs])
+        lut.fit([(*self._module_of(t), t.p50_ms) for t in refs])
+        self.lut = lut
+        for st, t in built.items():
+            self.predicted[st] = t.predicted_ms = lut.predict_ms(*modules[st])
+        self.log("compress: latency predicted (ms, batch 1): " + ", ".join(
+            f"{t.candidate.name.split('-r')[0]} {t.predicted_ms:.3f}" for t in built.values()))
 
-    def _feasible(self, structures: list[tuple[int, float, float]],
-                  trials: list[Trial]) -> list[tuple[int, float, float]]:
-        """Constraint-first: the structures that may meet the constraint, judged on
-        each pruned (not yet fine-tuned) structure before any training."""
+    def _feasible(self, built: dict[tuple[int, float, float], Trial]
+                  ) -> list[tuple[int, float, float]]:
+        """Constraint-first: the structures that may meet the constraint (predicted
+        latency within ``PREDICTION_MARGIN`` of the bound, counted MACs, estimated
+        size)."""
         assert self.cfg.constraint is not None
         kind = self.cfg.constraint[0]
-        keep = []
-        for k, st in enumerate(structures, 1):
-            t = self._trial(self._candidate(st, -1, deployed=False), trials,
-                            label=f"structure {k} of {len(structures)} (pruned, not trained)")
-            trials.remove(t)  # a structure before training is no candidate
-            value = self._value(t)
-            limit = self._limit()
-            margin = 1 + PREDICTION_MARGIN if kind in ("latency_ms", "speedup") else 1.0
-            if value is not None and value <= limit * margin:
-                keep.append(st)
-        self.log(f"compress: {len(keep)} of {len(structures)} structures may meet "
+        margin = 1 + PREDICTION_MARGIN if kind in ("latency_ms", "speedup") else 1.0
+        keep = [st for st, t in built.items()
+                if (value := self._value(t)) is not None and value <= self._limit() * margin]
+        self.log(f"compress: {len(keep)} of {len(built)} structures may meet "
                  f"{self._constraint_text()}")
         if not keep:
             self.log("compress: no pruned structure is predicted to meet the constraint")
