@@ -69,7 +69,9 @@ def _benchmark_app(model: Path, batch: int, threads: int, seconds: int) -> tuple
            "-nthreads", str(threads), "-b", str(batch), "-t", str(seconds),
            "-shape", f"[{batch},1,28,28]"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    median = float(re.search(r"Median:\s+([\d.]+) ms", out).group(1))  # type: ignore[union-attr]
+    found = re.search(r"Median:\s+([\d.]+) (ms|us)", out)
+    assert found, f"benchmark_app printed no median latency for {model}"
+    median = float(found.group(1)) / (1000 if found.group(2) == "us" else 1)
     fps = float(re.search(r"Throughput:\s+([\d.]+) FPS", out).group(1))  # type: ignore[union-attr]
     return median, fps
 
