@@ -223,15 +223,15 @@ def test_a_split_too_small_for_the_budget_is_warned_in_plain_words() -> None:
     text = split_warning(143, 1.0, 0.9)
     assert text is not None
     assert "143 images" in text and "one image is 0.70 points" in text
-    assert "uncertain by up to 2.03 points at 90% confidence" in text
+    assert "uncertain by up to 2.29 points at 90% confidence" in text
     assert "only when the upper 90% bound of its drop is" in text  # what the guard does
-    assert "--val-size 521" in text and "--budget-points 2.1" in text  # what to do
-    assert "on 5,000 images: 0.02 and 0.31 points" in text
+    assert "--val-size 678" in text and "--budget-points 2.3" in text  # what to do
+    assert "on 5,000 images: 0.02 and 0.36 points" in text
     assert split_warning(5000, 1.0, 0.9) is None
-    assert split_warning(5000, 0.25, 0.9) is not None  # 0.31 points > 0.25
-    assert split_warning(143, 2.1, 0.9) is None  # the budget the warning offers
+    assert split_warning(5000, 0.3, 0.9) is not None  # 0.36 points > 0.3
+    assert split_warning(143, 2.3, 0.9) is None  # the budget the warning offers
     assert "shown more accurate" in (split_warning(5000, 0.0, 0.9) or "")
-    assert resolution_points(143) == pytest.approx(2.0328, abs=1e-3)
+    assert resolution_points(143) == pytest.approx(2.2911, abs=1e-3)
     assert resolution_points(images_to_resolve(1.0) or 0) <= 1.0
     assert resolution_points((images_to_resolve(1.0) or 0) - 1) > 1.0
 
