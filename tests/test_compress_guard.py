@@ -259,6 +259,10 @@ def test_the_headline_leads_with_the_test_figure() -> None:
     over = compress_headline(chosen="c", budget_points=0.25, ref_test=ref_test,
                              chosen_test=cand_test)
     assert "NOT within the 0.25-point budget on test" in over
+    dense = compress_headline(chosen="c", budget_points=1.0, ref_p50_ms=3.0, chosen_p50_ms=1.0,
+                              runtime="openvino", against="the dense INT8 IR")
+    assert dense.endswith("3.00x the batch-1 speed in openvino (p50 1.000 ms) against the "
+                          "dense INT8 IR.")
     missing = compress_headline(chosen="c", budget_points=1.0)
     assert missing.startswith("Chosen c; not measured on the test split")
     none = compress_headline(chosen=None, budget_points=1.0, ref_test=ref_test,

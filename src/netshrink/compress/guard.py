@@ -260,7 +260,7 @@ def compress_headline(*, chosen: str | None, budget_points: float,
                       ref_size_bytes: int | None = None,
                       chosen_size_bytes: int | None = None,
                       ref_p50_ms: float | None = None, chosen_p50_ms: float | None = None,
-                      runtime: str | None = None,
+                      runtime: str | None = None, against: str = "the input model",
                       confidence: float = DEFAULT_CONFIDENCE,
                       why_none: str | None = None) -> str:
     """The first line of a compress report.
@@ -268,7 +268,9 @@ def compress_headline(*, chosen: str | None, budget_points: float,
     With a pick (``chosen``, the candidate's name): its TEST figure against the input
     model on the test split (top-1, the change in points, whether within the budget on
     test with its own upper bound), then its validation figure (what decided), then its
-    size and batch-1 latency against the input model's. Every argument but ``chosen`` and
+    size and batch-1 latency (p50, in ``runtime``) against ``ref_size_bytes`` and
+    ``ref_p50_ms``, which are ``against``'s (the input model's file, or e.g. "the dense
+    model's INT8 in openvino" when the caller times that). Every argument but ``chosen`` and
     ``budget_points`` may be None, and what it feeds is left out (or said to be missing).
     Without a pick: that nothing was chosen, with ``why_none`` (e.g. "no candidate's
     upper bound stayed within the budget on the validation split") and the input model's
@@ -286,13 +288,13 @@ def compress_headline(*, chosen: str | None, budget_points: float,
         parts.append(f"validation: {chosen_val.top1:.2%} against {ref_val.top1:.2%}, "
                      f"{_change(est.drop_points)} (the drop at most "
                      f"{est.upper_points:.2f}, {est.images:,} images)")
-    against = []
+    ratios = []
     if (size := _ratio(ref_size_bytes, chosen_size_bytes)) is not None:
-        against.append(f"{size:.2f}x smaller ({chosen_size_bytes:,} B)")
+        ratios.append(f"{size:.2f}x smaller ({chosen_size_bytes:,} B)")
     if (speed := _ratio(ref_p50_ms, chosen_p50_ms)) is not None:
         where = f" in {runtime}" if runtime else ""
-        against.append(f"{speed:.2f}x the batch-1 speed{where} "
+        ratios.append(f"{speed:.2f}x the batch-1 speed{where} "
                        f"(p50 {chosen_p50_ms:.3f} ms)")
-    if against:
-        parts.append(" and ".join(against) + " against the input model")
+    if ratios:
+        parts.append(" and ".join(ratios) + f" against {against}")
     return "; ".join(parts) + "."
