@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -43,17 +44,23 @@ RESULTS = HERE / "results"
 DEFAULT_COMPRESS_ARGS = "--no-timing"
 
 
-def run_cli(argv: list[str], log_path: Path, cache: Path) -> tuple[int, float]:
+def run_cli(argv: list[str], log_path: Path, cache: Path) -> tuple[int, float, float]:
     """Run ``python -m netshrink ARGV`` (this checkout's source) with the model cache in
-    ``cache``, its output into ``log_path``; returns the exit code and wall seconds."""
+    ``cache``, its output into ``log_path``; returns the exit code, wall seconds and CPU
+    seconds (user + system: on a machine shared with others the wall time says more
+    about them, the CPU time what the command itself needs)."""
     env = dict(os.environ, NETSHRINK_CACHE=str(cache))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"),
                                                       env.get("PYTHONPATH")]))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log_path.open("w") as log:
         done = subprocess.run([sys.executable, "-m", "netshrink", *argv], env=env,
                               stdout=log, stderr=subprocess.STDOUT, check=False)
-    return done.returncode, time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return done.returncode, wall, cpu
 
 
 def _log_lines(path: Path, *needles: str) -> list[str]:
@@ -135,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     train_argv = ["train", "--data", "digits", "--epochs", str(args.epochs),
                   "--out", str(work / "train")]
     cache = (args.cache or work / "cache").resolve()
-    rc, train_s = run_cli(train_argv, work / "train.log", cache)
-    print(f"train: exit {rc}, {train_s / 60:.1f} min", flush=True)
+    fresh = not cache.exists()  # else a rerun: what was finished before is reused
+    rc, train_s, train_cpu = run_cli(train_argv, work / "train.log", cache)
+    print(f"train: exit {rc}, {train_s / 60:.1f} min ({train_cpu / 60:.1f} min CPU)",
+          flush=True)
     if rc:
         print((work / "train.log").read_text()[-2000:])
         return rc
@@ -144,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     compress_argv = ["compress", "--weights", str(weights), "--budget-points",
                      f"{args.budget:g}", "--out", str(work / "compress"),
                      *shlex.split(args.compress_args)]
-    rc, compress_s = run_cli(compress_argv, work / "compress.log", cache)
-    print(f"compress: exit {rc}, {compress_s / 60:.1f} min", flush=True)
+    rc, compress_s, compress_cpu = run_cli(compress_argv, work / "compress.log", cache)
+    print(f"compress: exit {rc}, {compress_s / 60:.1f} min ({compress_cpu / 60:.1f} min CPU)",
+          flush=True)
     out = work / "compress"
+    if not (out / "study.json").is_file():
+        print((work / "compress.log").read_text()[-2000:])
+        return rc or 1
     _, record, cands = candidates(out)
     chosen = record.get("chosen")
     files = {"input": weights}
@@ -181,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         else None)
     tail = _log_lines(work / "compress.log", "compress:", "netshrink: error")
     env = environment(device="cpu", threads=2, seed=0)
-    write_markdown(args, work, train_argv, compress_argv, train_s, compress_s, rc, images,
+    times = {"fresh_cache": fresh, "train_minutes": train_s / 60,
+             "train_cpu_minutes": train_cpu / 60,
+             "compress_minutes": compress_s / 60, "compress_cpu_minutes": compress_cpu / 60}
+    write_markdown(args, work, train_argv, compress_argv, times, rc, images,
                    test, table, chosen, warning, headline, tail, env)
     summary = {"validation_images": images, "test_images": test["input"].images,
                "input_test_top1": test["input"].top1, "input_val_top1": ref_val.top1,
-               "chosen": chosen, "compress_exit": rc, "compress_minutes": compress_s / 60,
-               "train_minutes": train_s / 60, "warning": warning, "headline": headline,
+               "chosen": chosen, "compress_exit": rc, **times,
+               "warning": warning, "headline": headline,
                "candidates": [{**{k: v for k, v in row.items() if k not in ("val", "test")},
                                "val_change": -row["val"].drop_points,
                                "val_upper_drop": row["val"].upper_points,
@@ -199,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_markdown(args, work: Path, train_argv: list[str], compress_argv: list[str],
-                   train_s: float, compress_s: float, rc: int, images: int,
+                   times: dict[str, Any], rc: int, images: int,
                    test: dict[str, Any], table: list[dict[str, Any]], chosen: str | None,
                    warning: str | None, headline: str, tail: list[str], env) -> None:
     def cmd(argv: list[str]) -> str:
@@ -208,11 +224,18 @@ def write_markdown(args, work: Path, train_argv: list[str], compress_argv: list[
 
     pick = next((r for r in table if r["candidate"].endswith("(chosen)")), None)
     lines = [
-        "# compress on digits: a 1-point budget decided on 143 validation images",
+        f"# compress on digits: a {args.budget:g}-point budget decided on {images} "
+        "validation images",
         "",
         f"Written by `benchmarks/compress_digits.py --epochs {args.epochs} --compress-args "
-        f"'{args.compress_args}'`, on {env.cpu}, torch {env.versions.get('torch', '?')}; "
-        f"train {train_s / 60:.1f} min, compress {compress_s / 60:.1f} min (exit {rc}).",
+        f"'{args.compress_args}'`, on {env.cpu}, torch {env.versions.get('torch', '?')}, "
+        + ("with an empty model cache" if times["fresh_cache"] else
+           "over an earlier run's folder and cache (its finished work reused)")
+        + f": train {times['train_minutes']:.1f} min of wall time "
+        f"({times['train_cpu_minutes']:.1f} min of CPU), compress "
+        f"{times['compress_minutes']:.1f} min ({times['compress_cpu_minutes']:.1f} min of "
+        f"CPU; exit {rc}). The 2 cores were shared with other jobs: the CPU time is what "
+        "the commands need, the wall time also what the others took.",
         "",
         "```",
         cmd(train_argv),
