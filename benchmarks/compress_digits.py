@@ -234,8 +234,8 @@ def write_markdown(args, work: Path, train_argv: list[str], compress_argv: list[
         + f": train {times['train_minutes']:.1f} min of wall time "
         f"({times['train_cpu_minutes']:.1f} min of CPU), compress "
         f"{times['compress_minutes']:.1f} min ({times['compress_cpu_minutes']:.1f} min of "
-        f"CPU; exit {rc}). The 2 cores were shared with other jobs: the CPU time is what "
-        "the commands need, the wall time also what the others took.",
+        f"CPU; exit {rc}). The wall time also depends on what else ran on the 2 cores; "
+        "the CPU time is what the commands needed.",
         "",
         "```",
         cmd(train_argv),
