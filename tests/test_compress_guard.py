@@ -5,6 +5,7 @@ the compress report's headline (the test figure first) and title."""
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from pathlib import Path
 
@@ -162,14 +163,23 @@ def test_run_records_load_with_hits_without_them_and_refuse_bad_ones(tmp_path: P
 # ------------------------------------------------------------------- the drop's bound
 
 
-def test_paired_bound_is_the_agresti_min_bound_computed_by_hand() -> None:
+def _tango(b: int, c: int, n: int, d: float) -> float:
+    """Tango's score statistic written out (drop_bound's docstring)."""
+    big_b = -b - c + (2 * n - b + c) * d
+    big_c = -c * d * (1 - d)
+    q = (math.sqrt(big_b ** 2 - 8 * n * big_c) - big_b) / (4 * n)
+    return (b - c - n * d) / math.sqrt(n * (2 * q + d * (1 - d)))
+
+
+def test_paired_bound_is_tangos_score_bound_computed_by_hand() -> None:
     ref, cand = _pair(100, right=90, losses=5, gains=2)
     est = drop_bound(ref, cand)
-    # n* = 102, d* = 3/102, se = sqrt((8/102 - d*^2) / 102), z(0.9) = 1.2815516
     assert est.paired and (est.losses, est.gains, est.discordant) == (5, 2, 7)
     assert est.drop_points == pytest.approx(3.0)
-    assert est.upper_points == pytest.approx(6.4752, abs=1e-3)
-    assert est.images == 100 and est.within(6.5) and not est.within(6.4)
+    assert est.upper_points == pytest.approx(6.8785, abs=1e-3)
+    # at the bound the statistic is -z(0.9) = -1.2815516: B = -7 + 197 d, C = -2 d (1 - d)
+    assert _tango(5, 2, 100, est.upper_points / 100) == pytest.approx(-1.2815516, abs=1e-6)
+    assert est.images == 100 and est.within(6.9) and not est.within(6.8)
     assert drop_bound(ref, cand, confidence=0.95).upper_points > est.upper_points
 
 
@@ -177,10 +187,11 @@ def test_zero_discordance_still_leaves_a_width_of_about_z_over_n() -> None:
     hits = np.arange(143) % 50 != 0  # 140 of 143 right, both models alike
     est = drop_bound(_acc(hits), _acc(hits))
     assert (est.losses, est.gains, est.drop_points) == (0, 0, 0.0)
-    assert est.upper_points == pytest.approx(100 * 1.2815516 / 145, rel=1e-6)  # 0.88
-    assert not est.within(0.5) and est.within(1.0)
+    z2 = 1.2815516 ** 2
+    assert est.upper_points == pytest.approx(100 * z2 / (143 + z2), rel=1e-6)  # 1.14
+    assert not est.within(1.0) and est.within(1.2)
     same = np.ones(5000, dtype=bool)
-    assert drop_bound(_acc(same), _acc(same)).upper_points == pytest.approx(0.0256, abs=1e-4)
+    assert drop_bound(_acc(same), _acc(same)).upper_points == pytest.approx(0.0328, abs=1e-4)
 
 
 def test_unpaired_bounds_are_conservative_and_paired_is_tighter() -> None:
@@ -190,7 +201,8 @@ def test_unpaired_bounds_are_conservative_and_paired_is_tighter() -> None:
     worst = drop_bound(bare_ref, bare_cand)
     # the most disagreement 90% and 87% allow: 23 images, 13 lost and 10 gained
     assert worst.method == "worst-case" and worst.losses is None
-    assert worst.upper_points == pytest.approx(9.0850, abs=1e-3)
+    assert worst.upper_points == pytest.approx(9.2737, abs=1e-3)
+    assert _tango(13, 10, 100, worst.upper_points / 100) == pytest.approx(-1.2815516, abs=1e-6)
     assert drop_bound(ref, cand).upper_points < worst.upper_points
     assert drop_bound(ref, bare_cand).method == "worst-case"  # hits on one side only
     # every image-by-image outcome with these figures stays below the worst case
@@ -202,6 +214,18 @@ def test_unpaired_bounds_are_conservative_and_paired_is_tighter() -> None:
     assert other.method == "independent"
     assert other.upper_points == pytest.approx(8.7748, abs=1e-3)
     assert other.drop_points == pytest.approx(100 * (0.9 - 104 / 120))
+
+
+def test_a_candidate_that_only_loses_is_bounded_about_as_often_as_promised() -> None:
+    # The harmful case a Wald-type bound misses: 1% of 143 images lost, none gained.
+    rng = np.random.default_rng(0)
+    draws = rng.multinomial(143, [0.01, 0.0, 0.99], size=4000)
+    uppers = {}
+    for b in set(draws[:, 0].tolist()):
+        ref, cand = _pair(143, right=140, losses=b, gains=0)
+        uppers[b] = drop_bound(ref, cand).upper_points
+    covered = np.mean([uppers[b] >= 1.0 for b in draws[:, 0]])
+    assert covered >= 0.9
 
 
 def test_a_bound_never_falls_below_the_drop_and_bad_inputs_are_refused() -> None:
@@ -223,15 +247,15 @@ def test_a_split_too_small_for_the_budget_is_warned_in_plain_words() -> None:
     text = split_warning(143, 1.0, 0.9)
     assert text is not None
     assert "143 images" in text and "one image is 0.70 points" in text
-    assert "uncertain by up to 2.03 points at 90% confidence" in text
+    assert "uncertain by up to 2.40 points at 90% confidence" in text
     assert "only when the upper 90% bound of its drop is" in text  # what the guard does
-    assert "--val-size 521" in text and "--budget-points 2.1" in text  # what to do
-    assert "on 5,000 images: 0.02 and 0.31 points" in text
+    assert "--val-size 693" in text and "--budget-points 2.5" in text  # what to do
+    assert "on 5,000 images: 0.02 and 0.36 points" in text
     assert split_warning(5000, 1.0, 0.9) is None
-    assert split_warning(5000, 0.25, 0.9) is not None  # 0.31 points > 0.25
-    assert split_warning(143, 2.1, 0.9) is None  # the budget the warning offers
+    assert split_warning(5000, 0.3, 0.9) is not None  # 0.36 points > 0.3
+    assert split_warning(143, 2.5, 0.9) is None  # the budget the warning offers
     assert "shown more accurate" in (split_warning(5000, 0.0, 0.9) or "")
-    assert resolution_points(143) == pytest.approx(2.0328, abs=1e-3)
+    assert resolution_points(143) == pytest.approx(2.4041, abs=1e-3)
     assert resolution_points(images_to_resolve(1.0) or 0) <= 1.0
     assert resolution_points((images_to_resolve(1.0) or 0) - 1) > 1.0
 
@@ -259,6 +283,10 @@ def test_the_headline_leads_with_the_test_figure() -> None:
     over = compress_headline(chosen="c", budget_points=0.25, ref_test=ref_test,
                              chosen_test=cand_test)
     assert "NOT within the 0.25-point budget on test" in over
+    dense = compress_headline(chosen="c", budget_points=1.0, ref_p50_ms=3.0, chosen_p50_ms=1.0,
+                              runtime="openvino", against="the dense INT8 IR")
+    assert dense.endswith("3.00x the batch-1 speed in openvino (p50 1.000 ms) against the "
+                          "dense INT8 IR.")
     missing = compress_headline(chosen="c", budget_points=1.0)
     assert missing.startswith("Chosen c; not measured on the test split")
     none = compress_headline(chosen=None, budget_points=1.0, ref_test=ref_test,
