@@ -1,0 +1,238 @@
+"""Predict a candidate's batch-1 latency before it is trained: NetAdapt's lookup table.
+
+A model's predicted batch-1 p50 on a runtime is
+
+    overhead + scale * (sum over its units of the unit's cost)
+
+where the units are its ``Conv2d`` and ``Linear`` calls (``granularity="layer"``), or
+its residual blocks whole and the layers outside them (``"block"``), and a unit's cost is
+its probe's time in the table (``latency_probes``: the unit alone, deployed and timed on
+this machine) less the call probe's (what every probe pays whatever it holds), at least
+0. The units of a model and the input each one sees are found by forward hooks on one
+dummy image. ``overhead`` is what the units do not explain (the model's own call, adds
+and pooling outside the units, quantizing at the ends); until calibrated it is the call
+probe's time. ``calibrate`` fits it on the measured latency of one reference model (the
+unpruned model the search starts from); ``fit`` fits scale and overhead together on two
+or more. A prediction is never below the call probe's time. Units the table lacks are
+timed on first use and kept for every later call on this machine (``latency_table``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, Union
+
+import torch
+from torch import nn
+
+from netshrink.compress.latency_probes import BlockUnit, LayerSignature, call_probe, time_probe
+from netshrink.compress.latency_table import CALL_KEY, LatencyTable
+from netshrink.errors import UserError
+
+__all__ = ["LatencyModel", "layer_signatures", "units"]
+
+PROGRESS_EVERY_S = 30.0  # a progress line at least this often while timing probes
+Unit = Union[LayerSignature, BlockUnit]  # noqa: UP007 (a runtime alias on Python 3.10)
+
+
+def _block_names(module: nn.Module, input_shape: Sequence[int]) -> set[str]:
+    """The residual blocks of ``module``: a netshrink ResNet's blocks (those with a
+    downsampling shortcut too), else those ``prune.blocks`` finds; none when tracing
+    fails."""
+    from netshrink.models.resnet import BasicBlock, Bottleneck
+    from netshrink.prune.blocks import residual_blocks
+
+    found = {n for n, m in module.named_modules() if isinstance(m, (BasicBlock, Bottleneck))}
+    if found:
+        return found
+    try:
+        return set(residual_blocks(module, input_shape))
+    except Exception:  # the user's model: timed layer by layer instead
+        return set()
+
+
+def units(module: nn.Module, input_shape: Sequence[int], *, blocks: bool = False
+          ) -> list[tuple[str, Unit]]:
+    """The timed units of ``module`` on one ``input_shape`` image (``[C, H, W]``), in
+    call order, by module name: every ``Conv2d`` and ``Linear`` call, or with ``blocks``
+    every residual block called on a 4-D input and the layers outside them.
+
+    Raises:
+        UserError: the model does not run on such an image.
+    """
+    names = {m: n for n, m in module.named_modules()}
+    wanted = _block_names(module, input_shape) if blocks else set()
+    calls: list[tuple[str, Unit]] = []
+    inside: list[str] = []  # the blocks whose layers are not units of their own
+
+    def layer(m: nn.Module, args: tuple, _: object) -> None:
+        name = names[m]
+        if (args and isinstance(args[0], torch.Tensor)
+                and not any(name.startswith(f"{b}.") for b in inside)):
+            calls.append((name, LayerSignature.of(m, args[0].shape)))
+
+    def block(m: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+            shape = tuple(int(d) for d in args[0].shape[1:])
+            calls.append((names[m], BlockUnit(m, shape)))  # type: ignore[arg-type]
+            inside.append(names[m])
+
+    hooks = [m.register_forward_hook(layer) for m in names
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks += [m.register_forward_pre_hook(block) for m, n in names.items() if n in wanted]
+    param = next(module.parameters(), None)
+    example = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else None,
+                          device=param.device if param is not None else None)
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(example)
+    except Exception as exc:  # the user's model: say which shape it would not take
+        raise UserError(f"latency model: {type(module).__name__} does not run on a "
+                        f"{'x'.join(map(str, input_shape))} image: {exc}") from exc
+    finally:
+        module.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def layer_signatures(module: nn.Module, input_shape: Sequence[int]
+                     ) -> list[tuple[str, LayerSignature]]:
+    """Every ``Conv2d`` and ``Linear`` call of ``module`` on one ``input_shape`` image, in
+    call order, by module name, with its signature (``units`` without blocks)."""
+    return units(module, input_shape)  # type: ignore[return-value]
+
+
+class LatencyModel:
+    """Batch-1 latency of a model on ``runtime`` predicted from per-unit timings (see
+    the module docstring).
+
+    Args:
+        runtime: ``onnxruntime`` or ``openvino``.
+        precision: ``int8`` (the runtime's static INT8, as netshrink deploys) or ``fp32``.
+        threads: the runtime's threads, as the candidates are timed.
+        granularity: ``layer`` (every Conv2d and Linear) or ``block`` (residual blocks
+            whole, the layers outside them one by one).
+        log: where progress lines go.
+    """
+
+    def __init__(self, runtime: Literal["onnxruntime", "openvino"], *,
+                 precision: Literal["int8", "fp32"] = "int8", threads: int,
+                 granularity: Literal["layer", "block"] = "layer",
+                 log: Callable[[str], None] = print) -> None:
+        if runtime not in ("onnxruntime", "openvino"):
+            raise UserError(f"latency model: runtime {runtime!r} is not onnxruntime or openvino")
+        if precision not in ("int8", "fp32"):
+            raise UserError(f"latency model: precision {precision!r} is not int8 or fp32")
+        if granularity not in ("layer", "block"):
+            raise UserError(f"latency model: granularity {granularity!r} is not layer or block")
+        if threads < 1:
+            raise UserError(f"latency model: threads must be at least 1, not {threads}")
+        self.runtime, self.precision, self.threads, self.log = runtime, precision, threads, log
+        self.blocks = granularity == "block"
+        self.table = LatencyTable(runtime, precision, threads, log=log)
+        self.scale = 1.0
+        self.overhead_ms: float | None = None  # None: the call probe's time until calibrated
+        self.timed = 0  # probes timed by this object (0: everything came from the table)
+        self.noisy = 0  # of those, the ones still noisy when retaken
+
+    def layers_ms(self, module: nn.Module, input_shape: Sequence[int]
+                  ) -> list[tuple[str, float]]:
+        """Each unit of ``module`` (see ``units``), by name, with its cost in ms (its
+        probe's batch-1 p50 less the call probe's, at least 0), from the table; units it
+        lacks are timed first."""
+        calls = units(module, input_shape, blocks=self.blocks)
+        self._ensure([unit for _, unit in calls])
+        call = self.table.ms(CALL_KEY)
+        return [(name, max(0.0, self.table.ms(unit.key) - call)) for name, unit in calls]
+
+    def prepare(self, models: Iterable[tuple[nn.Module, Sequence[int]]]) -> None:
+        """Time every unit the table lacks of all ``models`` (``(model, input_shape)``)
+        in one go, with one progress count: the candidates a search will try, before it
+        predicts them one by one."""
+        self._ensure([unit for module, shape in models
+                      for _, unit in units(module, shape, blocks=self.blocks)])
+
+    def predict_ms(self, module: nn.Module, input_shape: Sequence[int]) -> float:
+        """The predicted batch-1 p50 in ms: ``overhead + scale * sum(layers_ms)``, at
+        least the call probe's time."""
+        total = sum(ms for _, ms in self.layers_ms(module, input_shape))
+        return max(self.table.ms(CALL_KEY), self.overhead() + self.scale * total)
+
+    def overhead(self) -> float:
+        """The per-call overhead in ms: calibrated, else the call probe's time."""
+        if self.overhead_ms is not None:
+            return self.overhead_ms
+        self._ensure([])
+        return self.table.ms(CALL_KEY)
+
+    def calibrate(self, module: nn.Module, input_shape: Sequence[int],
+                  measured_ms: float) -> None:
+        """Fit the overhead so that ``module``'s prediction equals ``measured_ms``, its
+        measured batch-1 p50 on this runtime (the scale stays as it is)."""
+        if not measured_ms > 0:
+            raise UserError(f"latency model: a measured latency must be positive, not "
+                            f"{measured_ms}")
+        total = sum(ms for _, ms in self.layers_ms(module, input_shape))
+        self.overhead_ms = measured_ms - self.scale * total
+
+    def fit(self, references: Sequence[tuple[nn.Module, Sequence[int], float]]) -> None:
+        """Fit scale and overhead by least squares on several ``(model, input_shape,
+        measured_ms)``; with one reference (or sums that do not differ) as ``calibrate``."""
+        if not references:
+            raise UserError("latency model: fit needs at least one reference")
+        sums = [sum(ms for _, ms in self.layers_ms(m, s)) for m, s, _ in references]
+        measured = [float(ms) for _, _, ms in references]
+        n = len(sums)
+        mean_x, mean_y = sum(sums) / n, sum(measured) / n
+        var = sum((x - mean_x) ** 2 for x in sums)
+        if n < 2 or var <= 1e-12 * max(1.0, mean_x**2):
+            self.calibrate(*references[0])
+            return
+        self.scale = sum((x - mean_x) * (y - mean_y)
+                         for x, y in zip(sums, measured, strict=True)) / var
+        self.overhead_ms = mean_y - self.scale * mean_x
+
+    def _ensure(self, needed: list[Unit]) -> None:
+        """Time the call probe and every unit the table lacks, then save the table."""
+        missing: dict[str, Unit | None] = {}
+        if CALL_KEY not in self.table:
+            missing[CALL_KEY] = None
+        for unit in needed:
+            if unit.key not in self.table:
+                missing.setdefault(unit.key, unit)
+        if not missing:
+            return
+        what = f"{self.runtime} {self.precision}, {self.threads} threads"
+        where = self.table.file or "memory only (NETSHRINK_CACHE=off)"
+        self.log(f"latency table: timing {len(missing)} probes on {what} (kept in {where})")
+        started = last = time.perf_counter()
+        noisy = 0
+        try:
+            for done, (key, unit) in enumerate(missing.items(), start=1):
+                probe, shape = unit.probe() if unit is not None else call_probe()
+                try:
+                    latency = time_probe(probe, shape, self.runtime, self.precision,
+                                         self.threads)
+                except UserError as exc:
+                    raise UserError(f"latency table: cannot time {key} on {what}: "
+                                    f"{exc}") from exc
+                self.table.add(key, latency)
+                self.timed += 1
+                self.noisy += latency.noisy
+                noisy += latency.noisy
+                now = time.perf_counter()
+                if now - last >= PROGRESS_EVERY_S and done < len(missing):
+                    left = (now - started) / done * (len(missing) - done)
+                    self.log(f"latency table: {done} of {len(missing)} probes timed, "
+                             f"about {left:.0f} s left")
+                    last = now
+        finally:
+            self.table.save()  # what was timed is kept even when interrupted
+        self.log(f"latency table: {len(missing)} probes timed in "
+                 f"{time.perf_counter() - started:.0f} s"
+                 + (f" ({noisy} noisy even when retaken, kept and marked noisy)"
+                    if noisy else ""))
