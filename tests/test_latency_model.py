@@ -15,10 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from netshrink.bench.schema import Latency
-from netshrink.bench.timing import latency_from_times
 from netshrink.compress import latency_model, latency_probes, latency_table
 from netshrink.compress.latency_model import LatencyModel, layer_signatures, units
+from netshrink.compress.latency_probes import ProbeTiming
 from netshrink.compress.latency_table import CALL_KEY
 from netshrink.models import ModelSpec, randomized_model
 from netshrink.models.counting import count_macs
@@ -36,17 +35,21 @@ def real_probes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def probes(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
-    """A stand-in probe: 10 us a call plus 1 us per thousand MACs. Returns the input
-    shape of each probe timed."""
+    """A stand-in probe: the probe's torch module itself, timed at 10 us a call plus 1 us
+    per thousand MACs. Returns the input shape of each probe timed."""
     timed: list[list[int]] = []
 
-    def fake(module: nn.Module, shape: list[int], runtime: str, precision: str,
-             threads: int) -> Latency:
-        timed.append(shape)
-        ms = 0.01 + count_macs(module, shape) * 1e-6
-        return latency_from_times([ms] * 3, batch_size=1, warmup=0)
+    def fake_open(module: nn.Module, shape: list[int], runtime: str, precision: str,
+                  threads: int) -> nn.Module:
+        return module
 
-    monkeypatch.setattr(latency_model, "time_probe", fake)
+    def fake_time(opened: list[tuple[nn.Module, list[int]]], **_: object) -> list:
+        timed.extend(shape for _, shape in opened)
+        return [ProbeTiming(0.01 + count_macs(m, shape) * 1e-6, None, 0.0)
+                for m, shape in opened]
+
+    monkeypatch.setattr(latency_model, "open_probe", fake_open)
+    monkeypatch.setattr(latency_model, "time_round_robin", fake_time)
     return timed
 
 
@@ -185,3 +188,5 @@ def test_narrower_model_predicts_lower(real_probes: None) -> None:
     assert lm.predict_ms(narrow, SHAPE) < lm.predict_ms(wide, SHAPE)
     costs = dict(lm.layers_ms(narrow, SHAPE)), dict(lm.layers_ms(wide, SHAPE))
     assert costs[0]["2"] < costs[1]["2"]  # 16x16 against 128x128 channels
+    measured = lm.measure_ms([(narrow, SHAPE), (wide, SHAPE)])
+    assert 0 < measured[0] < measured[1]
