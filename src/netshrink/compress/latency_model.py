@@ -26,13 +26,23 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from netshrink.compress.latency_probes import BlockUnit, LayerSignature, call_probe, time_probe
+from netshrink.compress.latency_probes import (
+    PROBE_ROUNDS,
+    PROBE_SECONDS,
+    BlockUnit,
+    LayerSignature,
+    call_probe,
+    open_probe,
+    time_round_robin,
+)
 from netshrink.compress.latency_table import CALL_KEY, LatencyTable
 from netshrink.errors import UserError
+from netshrink.runtime.base import Executable
 
 __all__ = ["LatencyModel", "layer_signatures", "units"]
 
 PROGRESS_EVERY_S = 30.0  # a progress line at least this often while timing probes
+BATCH = 64  # probes open at once (timed round-robin together)
 Unit = Union[LayerSignature, BlockUnit]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
@@ -196,8 +206,27 @@ class LatencyModel:
                          for x, y in zip(sums, measured, strict=True)) / var
         self.overhead_ms = mean_y - self.scale * mean_x
 
+    def measure_ms(self, models: Sequence[tuple[nn.Module, Sequence[int]]]) -> list[float]:
+        """Each model's measured batch-1 p50 in ms: deployed on this runtime as a probe is
+        (export, INT8 on random calibration images, ``open_runtime``) and timed with the
+        others round-robin. A structure's latency does not depend on its weights, so this
+        measures a candidate before it is trained (seconds each): the reference for
+        ``calibrate``/``fit``, or the check of a shortlist."""
+        opened: list[tuple[nn.Module, list[int]]] = []
+        try:
+            for module, shape in models:
+                opened.append((open_probe(module, list(shape), self.runtime, self.precision,
+                                          self.threads), list(shape)))
+            timings = time_round_robin(opened)
+        finally:
+            for session, _ in opened:
+                if isinstance(session, Executable):
+                    session.close()
+        return [t.p50_ms for t in timings]
+
     def _ensure(self, needed: list[Unit]) -> None:
-        """Time the call probe and every unit the table lacks, then save the table."""
+        """Time the call probe and every unit the table lacks (see ``latency_probes``),
+        ``BATCH`` probes at a time, saving the table after each batch."""
         missing: dict[str, Unit | None] = {}
         if CALL_KEY not in self.table:
             missing[CALL_KEY] = None
@@ -206,33 +235,87 @@ class LatencyModel:
                 missing.setdefault(unit.key, unit)
         if not missing:
             return
-        what = f"{self.runtime} {self.precision}, {self.threads} threads"
         where = self.table.file or "memory only (NETSHRINK_CACHE=off)"
-        self.log(f"latency table: timing {len(missing)} probes on {what} (kept in {where})")
-        started = last = time.perf_counter()
-        noisy = 0
-        try:
-            for done, (key, unit) in enumerate(missing.items(), start=1):
-                probe, shape = unit.probe() if unit is not None else call_probe()
-                try:
-                    latency = time_probe(probe, shape, self.runtime, self.precision,
-                                         self.threads)
-                except UserError as exc:
-                    raise UserError(f"latency table: cannot time {key} on {what}: "
-                                    f"{exc}") from exc
-                self.table.add(key, latency)
-                self.timed += 1
-                self.noisy += latency.noisy
-                noisy += latency.noisy
-                now = time.perf_counter()
-                if now - last >= PROGRESS_EVERY_S and done < len(missing):
-                    left = (now - started) / done * (len(missing) - done)
-                    self.log(f"latency table: {done} of {len(missing)} probes timed, "
-                             f"about {left:.0f} s left")
-                    last = now
-        finally:
-            self.table.save()  # what was timed is kept even when interrupted
+        self.log(f"latency table: timing {len(missing)} probes on {self._what()} "
+                 f"(kept in {where})")
+        self._progress = _Progress(len(missing), self.log)
+        items = list(missing.items())
+        for first in range(0, len(items), BATCH):
+            try:
+                self._time_batch(items[first:first + BATCH])
+            finally:
+                self.table.save()  # what was timed is kept even when interrupted
         self.log(f"latency table: {len(missing)} probes timed in "
-                 f"{time.perf_counter() - started:.0f} s"
-                 + (f" ({noisy} noisy even when retaken, kept and marked noisy)"
-                    if noisy else ""))
+                 f"{self._progress.elapsed():.0f} s"
+                 + (f" ({self.noisy} noisy even when retaken, kept and marked noisy)"
+                    if self.noisy else ""))
+
+    def _what(self) -> str:
+        return f"{self.runtime} {self.precision}, {self.threads} threads"
+
+    def _time_batch(self, items: list[tuple[str, Unit | None]]) -> None:
+        """Open the probes of ``items``, time them round-robin, time the noisy ones again
+        together, and record each timing."""
+        opened: list[tuple[nn.Module, list[int]]] = []
+        try:
+            for key, unit in items:
+                probe, shape = unit.probe() if unit is not None else call_probe()
+                began = time.perf_counter()
+                try:
+                    opened.append((open_probe(probe, shape, self.runtime, self.precision,
+                                              self.threads), shape))
+                except UserError as exc:
+                    raise UserError(f"latency table: cannot deploy {key} on {self._what()}: "
+                                    f"{exc}") from exc
+                self._progress.deployed_one(time.perf_counter() - began)
+            timings = time_round_robin(opened, on_round=lambda r: self._progress.round_done(
+                r, PROBE_ROUNDS, len(opened)))
+            again = [i for i, t in enumerate(timings) if t.noisy]
+            if again:
+                retaken = time_round_robin([opened[i] for i in again])
+                for i, timing in zip(again, retaken, strict=True):
+                    if timing.unsteadiness < timings[i].unsteadiness:
+                        timings[i] = timing
+        finally:
+            for session, _ in opened:
+                if isinstance(session, Executable):
+                    session.close()
+        for (key, _), timing in zip(items, timings, strict=True):
+            self.table.add(key, timing.p50_ms, noisy=timing.noisy)
+            self.timed += 1
+            self.noisy += timing.noisy
+
+
+class _Progress:
+    """A progress line at least every ``PROGRESS_EVERY_S`` while probes are deployed and
+    timed, with an estimate of the time left."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.log, self.deployed, self.timed = total, log, 0, 0
+        self.started = self.last = time.perf_counter()
+        self.deploying = 0.0  # seconds spent deploying
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def deployed_one(self, seconds: float) -> None:
+        self.deployed += 1
+        self.deploying += seconds
+        self._maybe(f"{self.deployed} of {self.total} probes deployed")
+
+    def round_done(self, done: int, of: int, probes: int) -> None:
+        if done == of:
+            self.timed += probes
+        self._maybe(f"{self.deployed} of {self.total} probes deployed, {self.timed} timed "
+                    f"(round {done} of {of} of the batch done)")
+
+    def _maybe(self, what: str) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        per_deploy = self.deploying / max(1, self.deployed)
+        left = ((self.total - self.deployed) * per_deploy
+                + (self.total - self.timed) * PROBE_SECONDS * 1.3)
+        self.log(f"latency table: {what}; {self.elapsed():.0f} s so far, about "
+                 f"{left:.0f} s left")
+        self.last = now

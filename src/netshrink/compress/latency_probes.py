@@ -17,8 +17,10 @@ Each probe is deployed as netshrink deploys a model on the runtime: ``export_onn
 by the runtime's quantizer (``quantize_onnx`` for ONNX Runtime, ``quantize_openvino``
 (NNCF) for OpenVINO; random calibration images: the speed of an INT8 kernel does not
 depend on the values), opened by ``open_runtime`` and timed by ``time_model`` at batch
-1 (p50; a timing flagged noisy is taken again once, the steadier kept, and recorded as
-noisy if it still is).
+1: the probes missing from the table are opened together and timed round-robin, a few
+rounds, each probe's figure the median of its rounds' p50s (a load that comes and goes
+while the table is built then lands on all of them alike); those flagged noisy are
+timed again once, the steadier timing kept, and recorded as noisy if it still is.
 
 The *call* probe, a 1x1 conv on one 1x1 pixel deployed the same way, is what every probe
 pays whatever its contents (the runtime's call, quantizing the input, dequantizing the
@@ -32,7 +34,9 @@ import copy
 import hashlib
 import io
 import math
+import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,17 +44,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from netshrink.bench.measure import steadiest
-from netshrink.bench.schema import Latency
+from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Latency, noise_reason
 from netshrink.bench.timing import time_model
 
-__all__ = ["BlockUnit", "LayerSignature", "call_probe", "time_probe"]
+__all__ = ["BlockUnit", "LayerSignature", "ProbeTiming", "call_probe", "open_probe",
+           "time_round_robin"]
 
-# Each probe: warm-up calls, then at least this many timed calls and this many seconds,
-# in time_model's three rounds; a noisy timing is taken once more.
+# Each probe: warm-up calls, then at least this many timed calls and this many seconds in
+# all, shared out between the rounds of a round-robin over the probes timed together;
+# the probes still noisy are timed again once, together.
 PROBE_WARMUP = 20
 PROBE_RUNS = 100
 PROBE_SECONDS = 0.3
+PROBE_ROUNDS = 3
 CALIBRATION_IMAGES = 2  # random images the INT8 quantizers calibrate a probe on
 
 
@@ -149,10 +155,11 @@ def call_probe() -> tuple[nn.Module, list[int]]:
     return LayerSignature("conv", 1, 1).probe()
 
 
-def time_probe(module: nn.Module, input_shape: list[int], runtime: str, precision: str,
-               threads: int) -> Latency:
-    """Deploy ``module`` as netshrink deploys on ``runtime`` (export, INT8 when
-    ``precision`` says, opened by ``open_runtime``) and time it at batch 1."""
+def open_probe(module: nn.Module, input_shape: list[int], runtime: str, precision: str,
+               threads: int) -> nn.Module:
+    """``module`` deployed as netshrink deploys on ``runtime`` (export, INT8 when
+    ``precision`` says) and opened by ``open_runtime`` (its files are gone once open:
+    both runtimes hold the model in memory)."""
     from netshrink.export.onnx import export_onnx
     from netshrink.quant.ptq import PTQConfig, quantize_onnx, quantize_openvino
     from netshrink.runtime import model_stats, open_runtime
@@ -170,12 +177,48 @@ def time_probe(module: nn.Module, input_shape: list[int], runtime: str, precisio
                                          PTQConfig(runtime="openvino"))
             elif precision == "int8":
                 path = quantize_onnx(path, folder / "int8.onnx", calib, PTQConfig())
-        session = open_runtime(path, runtime, stats=model_stats(module, input_shape),
-                               threads=threads, precision=precision)
-        try:
-            one = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-            return steadiest(lambda: time_model(session, one, warmup=PROBE_WARMUP,
-                                                runs=PROBE_RUNS, min_seconds=PROBE_SECONDS),
-                             1)
-        finally:
-            session.close()
+        return open_runtime(path, runtime, stats=model_stats(module, input_shape),
+                            threads=threads, precision=precision)
+
+
+@dataclass(frozen=True)
+class ProbeTiming:
+    """One probe's batch-1 timing: the median of its rounds' p50s, and why it is noisy
+    (its rounds' medians too far apart, or p90/p50 too high), None when it is not."""
+
+    p50_ms: float
+    noise: str | None
+    unsteadiness: float  # how far past the noise thresholds (``Latency.unsteadiness``)
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise is not None
+
+
+def time_round_robin(probes: list[tuple[nn.Module, list[int]]], *, rounds: int = PROBE_ROUNDS,
+                     on_round: Callable[[int], None] | None = None) -> list[ProbeTiming]:
+    """Time opened probes at batch 1 by ``time_model``, all of them once per round,
+    ``rounds`` rounds: a load that comes and goes while the table is built lands on every
+    probe alike instead of on the few timed then. Each probe makes ``PROBE_WARMUP``
+    untimed calls first, then per round at least ``PROBE_RUNS / rounds`` calls and
+    ``PROBE_SECONDS / rounds`` seconds."""
+    inputs = [torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+              for _, shape in probes]
+    per_round: list[list[Latency]] = [[] for _ in probes]
+    for r in range(rounds):
+        for i, ((session, _), one) in enumerate(zip(probes, inputs, strict=True)):
+            per_round[i].append(time_model(
+                session, one, warmup=PROBE_WARMUP if r == 0 else 2,
+                runs=max(1, PROBE_RUNS // rounds), min_seconds=PROBE_SECONDS / rounds,
+                rounds=1))
+        if on_round is not None:
+            on_round(r + 1)
+    timings = []
+    for lat in per_round:
+        p50s = [x.p50_ms for x in lat]
+        p50, p90 = statistics.median(p50s), statistics.median(x.p90_ms for x in lat)
+        spread = max(p50s) / min(p50s) - 1 if len(p50s) > 1 and min(p50s) > 0 else None
+        unsteady = max(p90 / p50 / NOISY_P90_OVER_P50 if p50 > 0 else 0.0,
+                       (spread or 0.0) / NOISY_ROUND_SPREAD)
+        timings.append(ProbeTiming(p50, noise_reason(p50, p90, spread), unsteady))
+    return timings

@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from netshrink.bench.environment import cpu_flags, cpu_name
-from netshrink.bench.schema import Latency
 from netshrink.errors import UserError
 from netshrink.limits import clip, read_regular
 from netshrink.recipe.cache import default_cache_dir
@@ -86,9 +85,9 @@ class LatencyTable:
     def ms(self, key: str) -> float:
         return float(self.entries[key]["ms"])
 
-    def add(self, key: str, latency: Latency) -> None:
-        """Record one probe's timing (saved by ``save``)."""
-        self.entries[key] = {"ms": latency.p50_ms, "noisy": latency.noisy}
+    def add(self, key: str, ms: float, *, noisy: bool) -> None:
+        """Record one probe's batch-1 p50 (saved by ``save``)."""
+        self.entries[key] = {"ms": float(ms), "noisy": bool(noisy)}
         self._unsaved = True
 
     def _read(self, *, report: bool) -> dict[str, dict[str, Any]]:
