@@ -167,7 +167,9 @@ STAGE_RULES: dict[str, dict[str, Any]] = {
     "compress": {
         **dict.fromkeys(["budget_points", "reserve_points", "target", "runtime", "deploy",
                          "channel_scope", "finetune_lr", "alpha", "temperature", "threads",
-                         "measure_batch", "amp"], KEEP),
+                         "measure_batch", "amp", "search", "eta", "confidence",
+                         "max_latency_ms", "max_size_mb", "max_macs", "speedup"], KEEP),
+        "rungs": _first_of("rungs"), "time_budget_s": KEEP, "workers": 1,
         # each walk's first step only: every kind of candidate, a few of them (a list
         # the recipe leaves out is CompressConfig's default, cut the same way)
         **{key: _first_of(key) for key in ("channel_ratios", "sparsities", "kmeans_bits",

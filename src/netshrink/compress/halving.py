@@ -509,10 +509,10 @@ class HalvingSearch(Search):
             return
         errors = [abs(p - m) / m for p, m in pairs]
         self.notes.append(
-            f"latency model ({self.runtime}, per-layer table calibrated on the unpruned "
-            f"model): predicted against measured batch-1 p50 over {len(pairs)} built "
-            f"candidates: median error {statistics.median(errors):.0%}, worst "
-            f"{max(errors):.0%}")
+            f"latency model ({self.runtime}, per-layer table fitted on the unpruned model "
+            f"and the most pruned structure): predicted against measured batch-1 p50 "
+            f"over {len(pairs)} built candidates: median error "
+            f"{statistics.median(errors):.0%}, worst {max(errors):.0%}")
 
 
 def _threads() -> int:
