@@ -35,6 +35,23 @@ def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_learnable_fashion(tmp_path_factory.mktemp("fashion"))
 
 
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
+    """A ``resnet_tiny`` trained three epochs on ``fashion_dir`` (the compress searches'
+    input), as its run's model file."""
+    from netshrink.recipe import parse_recipe, run_recipe
+
+    out = tmp_path_factory.mktemp("trained")
+    record = run_recipe(parse_recipe({
+        "name": "t", "model": {"arch": "resnet_tiny"},
+        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 0},
+        "measure": {"latency": False},
+        "stages": [{"kind": "train", "epochs": 3, "lr": 0.05, "batch_size": 64}]}),
+        out, report=False, log=lambda _: None)
+    assert record.stages[-1].measurement.accuracy.top1 > 0.6  # type: ignore[union-attr]
+    return out / str(record.stages[-1].artifact)
+
+
 @pytest.fixture(autouse=True)
 def _two_threads() -> None:
     # The tests run on 2-core machines; more threads than cores only adds contention.

@@ -23,24 +23,11 @@ QUICK = {"val_size": 100, "calib_size": 16, "batch_size": 64, "max_steps": 6,
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("trained")
-    record = run_recipe(parse_recipe({
-        "name": "t", "model": {"arch": "resnet_tiny"},
-        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 0},
-        "measure": {"latency": False},
-        "stages": [{"kind": "train", "epochs": 3, "lr": 0.05, "batch_size": 64}]}),
-        out, report=False, log=lambda _: None)
-    assert record.stages[-1].measurement.accuracy.top1 > 0.6  # type: ignore[union-attr]
-    return out / str(record.stages[-1].artifact)
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory: pytest.TempPathFactory, trained: Path, fashion_dir: Path
+def searched(tmp_path_factory: pytest.TempPathFactory, tiny_trained: Path, fashion_dir: Path
              ) -> tuple[Path, object, list[str]]:
     out = tmp_path_factory.mktemp("compress") / "out"
     lines: list[str] = []
-    result = compress({"arch": "resnet_tiny", "weights": str(trained)},
+    result = compress({"arch": "resnet_tiny", "weights": str(tiny_trained)},
                       {"name": "fashion_mnist", "root": str(fashion_dir)}, out,
                       CompressConfig(**QUICK), log=lines.append)
     return out, result, lines
@@ -134,11 +121,11 @@ def test_the_chosen_file_is_deployable_and_reported_on_the_test_split(searched) 
     assert (out / "report_files" / "size_vs_accuracy.png").is_file()
 
 
-def test_a_rerun_runs_no_candidate_again(searched, trained: Path, fashion_dir: Path) -> None:
+def test_a_rerun_runs_no_candidate_again(searched, tiny_trained: Path, fashion_dir: Path) -> None:
     out, first, _ = searched
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/run.json")}
     lines: list[str] = []
-    again = compress({"arch": "resnet_tiny", "weights": str(trained)},
+    again = compress({"arch": "resnet_tiny", "weights": str(tiny_trained)},
                      {"name": "fashion_mnist", "root": str(fashion_dir)}, out,
                      CompressConfig(**QUICK), log=lines.append)
     assert [t.candidate.name for t in again.trials] == [t.candidate.name for t in first.trials]
@@ -147,9 +134,9 @@ def test_a_rerun_runs_no_candidate_again(searched, trained: Path, fashion_dir: P
     assert again.chosen == first.chosen
 
 
-def test_compress_command_refuses_bad_settings_in_one_line(trained: Path, tmp_path: Path,
+def test_compress_command_refuses_bad_settings_in_one_line(tiny_trained: Path, tmp_path: Path,
                                                            capsys) -> None:
-    base = ["compress", "--weights", str(trained), "--out", str(tmp_path / "o")]
+    base = ["compress", "--weights", str(tiny_trained), "--out", str(tmp_path / "o")]
     assert main([*base, "--budget-points", "-1"]) == 2
     assert "--budget-points" in capsys.readouterr().err
     assert main([*base, "--channel-ratios", "0.5,0.2"]) == 2
@@ -161,21 +148,21 @@ def test_compress_command_refuses_bad_settings_in_one_line(trained: Path, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_compress_from_python_takes_a_model_file(searched, trained: Path) -> None:
+def test_compress_from_python_takes_a_model_file(searched, tiny_trained: Path) -> None:
     import netshrink
 
     with pytest.raises(UserError, match="budget_points"):
-        netshrink.compress(trained, "unused", budget_points=float("nan"))
+        netshrink.compress(tiny_trained, "unused", budget_points=float("nan"))
     cfg = json.loads((searched[0] / "study.json").read_text())["spec"]["compress"]
     assert cfg["budget_points"] == 8.0
 
 
 @pytest.mark.slow  # ~25 s: timing every candidate; the INT8 path is covered by the next test
-def test_a_latency_search_deploys_int8_in_the_runtime(trained: Path, fashion_dir: Path,
+def test_a_latency_search_deploys_int8_in_the_runtime(tiny_trained: Path, fashion_dir: Path,
                                                       tmp_path: Path) -> None:
     cfg = CompressConfig(**{**QUICK, "target": "latency", "timing": True,
                             "channel_ratios": [0.3], "measure_batch": 8})
-    result = compress({"arch": "resnet_tiny", "weights": str(trained)},
+    result = compress({"arch": "resnet_tiny", "weights": str(tiny_trained)},
                       {"name": "fashion_mnist", "root": str(fashion_dir)}, tmp_path / "out",
                       cfg, log=lambda _: None)
     assert [t.candidate.name for t in result.trials] == ["ch0-sp0", "ch0.3-sp0"]
@@ -195,10 +182,10 @@ def test_a_latency_search_deploys_int8_in_the_runtime(trained: Path, fashion_dir
 
 
 def test_a_size_search_with_int8_counts_and_chooses_the_packed_file(
-        trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+        tiny_trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
     cfg = CompressConfig(**{**QUICK, "deploy": "int8", "channel_ratios": [0.3],
                             "sparsities": [0.5]})
-    result = compress({"arch": "resnet_tiny", "weights": str(trained)},
+    result = compress({"arch": "resnet_tiny", "weights": str(tiny_trained)},
                       {"name": "fashion_mnist", "root": str(fashion_dir)}, tmp_path / "out",
                       cfg, log=lambda _: None)
     assert result.deployable is not None and result.deployable.suffix == ".nspk"
@@ -243,11 +230,11 @@ def test_fine_tunings_augment_as_the_input_models_run_did_unless_told() -> None:
 
 
 def test_compress_is_a_recipe_stage_that_hands_on_the_chosen_file(
-        trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+        tiny_trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
     """``train -> compress`` style: the stage searches the chain's model on the recipe's
     own held-out images and its artifact is the chosen file; a rerun runs nothing again."""
     settings = {k: v for k, v in QUICK.items() if k != "val_size"}
-    raw = {"name": "chain", "model": {"arch": "resnet_tiny", "weights": str(trained)},
+    raw = {"name": "chain", "model": {"arch": "resnet_tiny", "weights": str(tiny_trained)},
            "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 120,
                     "calib_size": 16},
            "measure": {"latency": False},

@@ -14,7 +14,6 @@ from netshrink.compress import Candidate, CompressConfig, candidate_stages, comp
 from netshrink.compress.halving import _pareto_order
 from netshrink.compress.search import Trial
 from netshrink.errors import UserError
-from netshrink.recipe import parse_recipe, run_recipe
 from netshrink.study import ResultsStore
 
 TINY = {"val_size": 200, "calib_size": 16, "batch_size": 64, "kmeans_finetune_epochs": 0.1,
@@ -23,27 +22,15 @@ TINY = {"val_size": 200, "calib_size": 16, "batch_size": 64, "kmeans_finetune_ep
         "deploy": "int8", "sparsities": []}
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("trained")
-    record = run_recipe(parse_recipe({
-        "name": "t", "model": {"arch": "resnet_tiny"},
-        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 0},
-        "measure": {"latency": False},
-        "stages": [{"kind": "train", "epochs": 3, "lr": 0.05, "batch_size": 64}]}),
-        out, report=False, log=lambda _: None)
-    return out / str(record.stages[-1].artifact)
-
-
-def _section(trained: Path) -> dict:
-    return {"arch": "resnet_tiny", "weights": str(trained)}
+def _section(tiny_trained: Path) -> dict:
+    return {"arch": "resnet_tiny", "weights": str(tiny_trained)}
 
 
 @pytest.fixture(scope="module")
-def halved(tmp_path_factory: pytest.TempPathFactory, trained: Path, fashion_dir: Path):
+def halved(tmp_path_factory: pytest.TempPathFactory, tiny_trained: Path, fashion_dir: Path):
     out = tmp_path_factory.mktemp("halving") / "out"
     lines: list[str] = []
-    result = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+    result = compress(_section(tiny_trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
                       out, CompressConfig(**TINY), log=lines.append)
     return out, result, lines
 
@@ -101,11 +88,11 @@ def test_halving_promotes_a_few_and_deploys_the_pick(halved) -> None:
     assert {t.candidate.name for t in result.trials} <= cells  # every candidate kept
 
 
-def test_halving_resumes_without_running_a_candidate_again(halved, trained: Path,
+def test_halving_resumes_without_running_a_candidate_again(halved, tiny_trained: Path,
                                                            fashion_dir: Path) -> None:
     out, first, _ = halved
     lines: list[str] = []
-    again = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+    again = compress(_section(tiny_trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
                      out, CompressConfig(**TINY), log=lines.append)
     assert not any(line.endswith(": running") for line in lines)
     assert again.chosen is not None and first.chosen is not None
@@ -113,14 +100,14 @@ def test_halving_resumes_without_running_a_candidate_again(halved, trained: Path
 
 
 def test_constraint_first_picks_the_most_accurate_that_meets_it(
-        trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+        tiny_trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
     from netshrink.models.counting import count_macs
     from netshrink.store.checkpoint import load_model
 
-    full = count_macs(load_model(trained)[0], [1, 28, 28])
+    full = count_macs(load_model(tiny_trained)[0], [1, 28, 28])
     bound = full * 0.6  # only the deeper or narrower structures meet it
     lines: list[str] = []
-    result = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+    result = compress(_section(tiny_trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
                       tmp_path / "c", CompressConfig(**TINY, max_macs=bound),
                       log=lines.append)
     assert any("structures may meet" in line for line in lines)
@@ -134,9 +121,9 @@ def test_constraint_first_picks_the_most_accurate_that_meets_it(
 
 
 def test_a_time_budget_stops_and_chooses_from_what_was_found(
-        trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+        tiny_trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
     lines: list[str] = []
-    result = compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+    result = compress(_section(tiny_trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
                       tmp_path / "t", CompressConfig(**TINY, time_budget_s=0.001),
                       log=lines.append)
     assert any("time budget" in line for line in lines)
@@ -145,7 +132,7 @@ def test_a_time_budget_stops_and_chooses_from_what_was_found(
     assert result.chosen is not None and not result.chosen.candidate.pruned
 
 
-def test_settings_and_flags_are_checked_in_one_line(trained: Path, tmp_path: Path,
+def test_settings_and_flags_are_checked_in_one_line(tiny_trained: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ValueError, match="one constraint"):
         CompressConfig(max_macs=1e6, max_latency_ms=2.0)
@@ -154,14 +141,14 @@ def test_settings_and_flags_are_checked_in_one_line(trained: Path, tmp_path: Pat
     for flags, why in ((["--time-budget", "soon"], "45m"),
                        (["--max-macs", "1", "--speedup", "2"], "not allowed with")):
         with pytest.raises(SystemExit) as exc:
-            main(["compress", "--weights", str(trained), "--out", str(tmp_path / "x"),
+            main(["compress", "--weights", str(tiny_trained), "--out", str(tmp_path / "x"),
                   *flags])
         assert exc.value.code == 2
         assert why in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
-def test_latency_needs_timing(trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
+def test_latency_needs_timing(tiny_trained: Path, fashion_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="timing"):
-        compress(_section(trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+        compress(_section(tiny_trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
                  tmp_path / "l", CompressConfig(**{**TINY, "target": "latency"}))

@@ -441,17 +441,13 @@ class HalvingSearch(Search):
     def _cost(self, rung: int) -> float | None:
         """Seconds one candidate of ``rung`` is expected to take, from those run in
         this call (fine-tuning time grows with the rung's epochs)."""
-        ran = [t for t in self._ran if t.candidate.rung is not None
+        ran = [t for t in self._trials_seen if t.seconds > 0 and t.candidate.rung is not None
                and t.candidate.rung >= 0 and t.candidate.pruned]
         if not ran:
             return None
         per_epoch = statistics.median(
             t.seconds / (self.cfg.rungs[t.candidate.rung] + 0.1) for t in ran)
         return per_epoch * (self.cfg.rungs[min(rung, len(self.cfg.rungs) - 1)] + 0.1)
-
-    @property
-    def _ran(self) -> list[Trial]:
-        return [t for t in self._all if t.seconds > 0]
 
     def _out_of_time(self, rung: int) -> bool:
         budget = self.cfg.time_budget_s
@@ -491,11 +487,7 @@ class HalvingSearch(Search):
         return f"compress: {elapsed / 60:.1f} min in{eta}"
 
     def _at(self, rung: int) -> list[Trial]:
-        return [t for t in self._all if t.candidate.rung == rung]
-
-    @property
-    def _all(self) -> list[Trial]:
-        return self._trials_seen
+        return [t for t in self._trials_seen if t.candidate.rung == rung]
 
     def _finish(self, trials: list[Trial]) -> Any:
         self._latency_note(trials)
