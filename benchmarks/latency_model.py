@@ -45,6 +45,8 @@ RATIOS = (0.0, 0.2, 0.35, 0.5, 0.6)
 BLOCK_ORDER = ("layer3.1", "layer1.1", "layer4.1", "layer2.1")
 RUNTIMES = ("openvino", "onnxruntime")
 SECOND_REFERENCE = (2, 0.5)  # (blocks, ratio) of the two-reference fit's second model
+CORNERS = ("d0-ch0", "d0-ch0.5", "d4-ch0", "d4-ch0.5")  # the four-reference fit's models
+WARM_S = 0.5  # untimed calls before each timing (latency_probes.warm_up says why)
 
 
 def structures() -> dict[str, nn.Module]:
@@ -100,7 +102,7 @@ GRANULARITIES = ("layer", "block")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=None,
                         help="latency tables here (default: a fresh, empty folder)")
@@ -114,6 +116,7 @@ def main() -> None:
     from netshrink.bench.environment import environment
     from netshrink.bench.timing import time_model
     from netshrink.compress.latency_model import LatencyModel
+    from netshrink.compress.latency_probes import warm_up
     from netshrink.runtime import model_stats, open_runtime
 
     torch.set_num_threads(args.threads)
@@ -163,6 +166,7 @@ def main() -> None:
     one = torch.randn(1, *SHAPE)
     for r in range(args.rounds):
         for key, module in opened.items():
+            warm_up(module, one, WARM_S)
             times[key].append(time_model(module, one, warmup=20, runs=100, min_seconds=0.3,
                                          rounds=1).p50_ms)
         print(f"round {r + 1} of {args.rounds} timed")
@@ -173,6 +177,12 @@ def main() -> None:
     measured = {rt: {n: statistics.median(times[rt, n]) for n in names} for rt in RUNTIMES}
     spread = {rt: {n: max(times[rt, n]) / min(times[rt, n]) - 1 for n in names}
               for rt in RUNTIMES}
+    # the measurement against itself: the median of the odd rounds against the even ones
+    halves = {rt: [abs(rel(statistics.median(times[rt, n][::2]),
+                           statistics.median(times[rt, n][1::2]))) for n in names]
+              for rt in RUNTIMES}
+    floor = {rt: {"median_abs": statistics.median(v), "worst_abs": max(v)}
+             for rt, v in halves.items()}
     ref, second = "d0-ch0", f"d{SECOND_REFERENCE[0]}-ch{SECOND_REFERENCE[1]:g}"
     others = [n for n in names if n != ref]
     for res in results.values():
@@ -184,17 +194,23 @@ def main() -> None:
         uncal = {n: res["call_ms"] + sums[n] for n in names}
         lm.fit([(models[ref], SHAPE, meas[ref]), (models[second], SHAPE, meas[second])])
         two = {n: lm.predict_ms(models[n], SHAPE) for n in names}
+        lm.fit([(models[n], SHAPE, meas[n]) for n in CORNERS])
+        four = {n: lm.predict_ms(models[n], SHAPE) for n in names}
+        res.update(corners_scale=lm.scale, corners_overhead_ms=lm.overhead())
         res.update(fit_scale=lm.scale, fit_overhead_ms=lm.overhead(), predicted=pred,
                    errors={"model": summary([rel(pred[n], meas[n]) for n in others]),
                            "plain_sum": summary([rel(plain[n], meas[n]) for n in others]),
                            "uncalibrated": summary([rel(uncal[n], meas[n]) for n in names]),
                            "two_references": summary([rel(two[n], meas[n]) for n in others
-                                                      if n != second])})
+                                                      if n != second]),
+                           "four_references": summary([rel(four[n], meas[n]) for n in names
+                                                       if n not in CORNERS])})
     env = environment(threads=args.threads, seed=0)
     record = {"environment": env.model_dump(mode="json"), "load_before": load_before,
               "load_after": load_after, "rounds": args.rounds, "deploy_s": deploy_s,
               "results": results, "measured": measured, "spread": spread,
-              "block_order": BLOCK_ORDER, "second_reference": second}
+              "noise_floor": floor, "warm_s": WARM_S,
+              "block_order": BLOCK_ORDER, "second_reference": second, "corners": CORNERS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     args.out.write_text(markdown(record, names))
@@ -218,8 +234,13 @@ def markdown(rec: dict, names: list[str]) -> str:
         f"weights; blocks removed in the order {', '.join(rec['block_order'])}; "
         "layer-scope channel ratios, widths rounded down to multiples of 16",
         f"- measured: each structure's INT8 file, batch 1, {rec['rounds']} rounds "
-        "round-robin over all 50 files (20 warm-up calls, >= 100 calls and >= 0.3 s "
-        "each), the median of the rounds' p50; spread: slowest round over fastest",
+        f"round-robin over all 50 files ({rec['warm_s']:g} s of untimed calls, 20 warm-up "
+        "calls, then >= 100 calls and >= 0.3 s each), the median of the rounds' p50; "
+        "spread: slowest round over fastest",
+        "- the measurement against itself (median of the odd rounds against that of the "
+        "even ones, over the 25 structures): " + "; ".join(
+            f"{rt} median {v['median_abs']:.1%}, worst {v['worst_abs']:.1%}"
+            for rt, v in rec["noise_floor"].items()),
         "- predicted: before any INT8 file of a structure was built; calibrated (overhead "
         "only) on the unpruned structure's measurement; errors over the 24 others",
         "",
@@ -234,26 +255,30 @@ def markdown(rec: dict, names: list[str]) -> str:
                      f"{res['warm_s']:.1f} s | {e['median_abs']:.1%} | {e['worst_abs']:.1%} "
                      f"| {e['mean_signed']:+.1%} |")
     lines += ["", "Variants, to say what each part buys (two references: the unpruned and "
-              f"{rec['second_reference']}, errors over the 23 others):", "",
+              f"{rec['second_reference']}, errors over the 23 others; four: "
+              f"{', '.join(rec['corners'])}, errors over the 21 others):", "",
               "| runtime | units | variant | median abs | worst abs | mean signed |",
               "|---|---|---|---|---|---|"]
     labels = {"model": "costs (call probe subtracted) + calibrated overhead",
               "plain_sum": "plain sum of probe times + calibrated overhead",
               "uncalibrated": "uncalibrated (overhead = call probe)",
-              "two_references": "scale + overhead fitted on two references"}
+              "two_references": "scale + overhead fitted on two references",
+              "four_references": "scale + overhead fitted on four references"}
     for res in rec["results"].values():
         for key, label in labels.items():
             e = res["errors"][key]
             lines.append(f"| {res['runtime']} | {res['granularity']} | {label} | "
                          f"{e['median_abs']:.1%} | {e['worst_abs']:.1%} | "
                          f"{e['mean_signed']:+.1%} |")
-    lines += ["", "| runtime | units | call probe | calibrated overhead | two-reference fit |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| runtime | units | call probe | calibrated overhead | two-reference fit | "
+              "four-reference fit |", "|---|---|---|---|---|---|"]
     for res in rec["results"].values():
         lines.append(f"| {res['runtime']} | {res['granularity']} | "
                      f"{res['call_ms'] * 1000:.0f} us | {res['overhead_ms'] * 1000:.0f} us | "
                      f"scale {res['fit_scale']:.2f}, overhead "
-                     f"{res['fit_overhead_ms'] * 1000:.0f} us |")
+                     f"{res['fit_overhead_ms'] * 1000:.0f} us | scale "
+                     f"{res['corners_scale']:.2f}, overhead "
+                     f"{res['corners_overhead_ms'] * 1000:.0f} us |")
     keys = list(rec["results"])
     head = [f"{rt} measured (spread)" for rt in RUNTIMES] + [f"{k} predicted (error)"
                                                             for k in keys]

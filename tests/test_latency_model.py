@@ -28,6 +28,7 @@ SHAPE = [3, 8, 8]
 @pytest.fixture
 def real_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real probes, timed briefly."""
+    monkeypatch.setattr(latency_probes, "PROBE_WARM_S", 0.01)
     monkeypatch.setattr(latency_probes, "PROBE_WARMUP", 3)
     monkeypatch.setattr(latency_probes, "PROBE_RUNS", 30)
     monkeypatch.setattr(latency_probes, "PROBE_SECONDS", 0.02)
@@ -65,7 +66,7 @@ def tiny(width: int = 32) -> nn.Module:
 
 
 def model(lines: list[str] | None = None) -> LatencyModel:
-    return LatencyModel("onnxruntime", threads=1,
+    return LatencyModel("onnxruntime", threads=1, granularity="layer",
                         log=(lines.append if lines is not None else lambda _: None))
 
 
@@ -124,7 +125,7 @@ def test_second_model_reads_the_file_and_times_nothing(probes: list) -> None:
     assert second.predict_ms(tiny(), SHAPE) == pytest.approx(predicted)
     assert second.timed == 0 and lines == [] and len(probes) == 5
     # another thread count is another machine key: a table of its own
-    other = LatencyModel("onnxruntime", threads=2, log=lambda _: None)
+    other = LatencyModel("onnxruntime", threads=2, granularity="layer", log=lambda _: None)
     assert other.table.file != first.table.file and other.table.entries == {}
 
 

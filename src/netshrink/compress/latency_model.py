@@ -29,6 +29,7 @@ from torch import nn
 from netshrink.compress.latency_probes import (
     PROBE_ROUNDS,
     PROBE_SECONDS,
+    PROBE_WARM_S,
     BlockUnit,
     LayerSignature,
     call_probe,
@@ -124,14 +125,17 @@ class LatencyModel:
         runtime: ``onnxruntime`` or ``openvino``.
         precision: ``int8`` (the runtime's static INT8, as netshrink deploys) or ``fp32``.
         threads: the runtime's threads, as the candidates are timed.
-        granularity: ``layer`` (every Conv2d and Linear) or ``block`` (residual blocks
-            whole, the layers outside them one by one).
+        granularity: ``block`` (residual blocks whole, the layers outside them one by
+            one; a network without residual blocks is timed layer by layer) or ``layer``
+            (every Conv2d and Linear). Blocks predicted better in 5 of 6 comparisons in
+            benchmarks/results/latency_model.md (fewer probes, so less of the probes'
+            own call cost to subtract, and the adds are inside them).
         log: where progress lines go.
     """
 
     def __init__(self, runtime: Literal["onnxruntime", "openvino"], *,
                  precision: Literal["int8", "fp32"] = "int8", threads: int,
-                 granularity: Literal["layer", "block"] = "layer",
+                 granularity: Literal["layer", "block"] = "block",
                  log: Callable[[str], None] = print) -> None:
         if runtime not in ("onnxruntime", "openvino"):
             raise UserError(f"latency model: runtime {runtime!r} is not onnxruntime or openvino")
@@ -315,7 +319,7 @@ class _Progress:
             return
         per_deploy = self.deploying / max(1, self.deployed)
         left = ((self.total - self.deployed) * per_deploy
-                + (self.total - self.timed) * PROBE_SECONDS * 1.3)
+                + (self.total - self.timed) * (PROBE_SECONDS + PROBE_ROUNDS * PROBE_WARM_S) * 1.2)
         self.log(f"latency table: {what}; {self.elapsed():.0f} s so far, about "
                  f"{left:.0f} s left")
         self.last = now

@@ -36,6 +36,7 @@ import io
 import math
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +49,14 @@ from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Laten
 from netshrink.bench.timing import time_model
 
 __all__ = ["BlockUnit", "LayerSignature", "ProbeTiming", "call_probe", "open_probe",
-           "time_round_robin"]
+           "time_round_robin", "warm_up"]
 
-# Each probe: warm-up calls, then at least this many timed calls and this many seconds in
-# all, shared out between the rounds of a round-robin over the probes timed together;
-# the probes still noisy are timed again once, together.
-PROBE_WARMUP = 20
+# Each probe, in each round of a round-robin over the probes timed together: this many
+# seconds of untimed calls (``warm_up``) and warm-up calls, then its share of at least
+# this many timed calls and this many seconds; the probes still noisy are timed again
+# once, together.
+PROBE_WARM_S = 0.2
+PROBE_WARMUP = 5
 PROBE_RUNS = 100
 PROBE_SECONDS = 0.3
 PROBE_ROUNDS = 3
@@ -195,22 +198,37 @@ class ProbeTiming:
         return self.noise is not None
 
 
+def warm_up(session: nn.Module, one: torch.Tensor, seconds: float) -> None:
+    """Call ``session`` on ``one`` for ``seconds``, untimed.
+
+    A session called again after others ran is slow for its first few hundred
+    milliseconds on the 2-core VM netshrink is developed on, not only its first few calls
+    (ResNet-18 pruned to 0.12 ms at batch 1 in ONNX Runtime timed 0.12-0.25 ms in a
+    round-robin with 20 warm-up calls, 0.118-0.131 ms after 0.5 s of calls): a count of
+    warm-up calls does not cover it, a time does.
+    """
+    started = time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - started < seconds:
+            session(one)
+
+
 def time_round_robin(probes: list[tuple[nn.Module, list[int]]], *, rounds: int = PROBE_ROUNDS,
                      on_round: Callable[[int], None] | None = None) -> list[ProbeTiming]:
     """Time opened probes at batch 1 by ``time_model``, all of them once per round,
     ``rounds`` rounds: a load that comes and goes while the table is built lands on every
-    probe alike instead of on the few timed then. Each probe makes ``PROBE_WARMUP``
-    untimed calls first, then per round at least ``PROBE_RUNS / rounds`` calls and
-    ``PROBE_SECONDS / rounds`` seconds."""
+    probe alike instead of on the few timed then. In each round each probe is first
+    called for ``PROBE_WARM_S`` seconds (``warm_up``), then timed for at least
+    ``PROBE_RUNS / rounds`` calls and ``PROBE_SECONDS / rounds`` seconds."""
     inputs = [torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
               for _, shape in probes]
     per_round: list[list[Latency]] = [[] for _ in probes]
     for r in range(rounds):
         for i, ((session, _), one) in enumerate(zip(probes, inputs, strict=True)):
+            warm_up(session, one, PROBE_WARM_S)
             per_round[i].append(time_model(
-                session, one, warmup=PROBE_WARMUP if r == 0 else 2,
-                runs=max(1, PROBE_RUNS // rounds), min_seconds=PROBE_SECONDS / rounds,
-                rounds=1))
+                session, one, warmup=PROBE_WARMUP, runs=max(1, PROBE_RUNS // rounds),
+                min_seconds=PROBE_SECONDS / rounds, rounds=1))
         if on_round is not None:
             on_round(r + 1)
     timings = []
