@@ -152,3 +152,33 @@ def test_latency_needs_timing(tiny_trained: Path, fashion_dir: Path, tmp_path: P
     with pytest.raises(UserError, match="timing"):
         compress(_section(tiny_trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
                  tmp_path / "l", CompressConfig(**{**TINY, "target": "latency"}))
+
+
+@pytest.mark.slow  # about 100 s: every candidate timed
+def test_latency_structures_timed_whole_before_training(
+        monkeypatch: pytest.MonkeyPatch, tiny_trained: Path, fashion_dir: Path,
+        tmp_path: Path) -> None:
+    """A latency constraint: every structure deployed untrained and timed whole before any
+    training (cached per machine: a rerun times nothing), the prediction checked against
+    every built candidate's measured latency, the pick the most accurate that meets it."""
+    from netshrink.compress import latency_probes
+
+    for name, value in (("PROBE_WARM_S", 0.01), ("PROBE_WARMUP", 3), ("PROBE_RUNS", 30),
+                        ("PROBE_SECONDS", 0.02)):
+        monkeypatch.setattr(latency_probes, name, value)
+    cfg = CompressConfig(**{**TINY, "timing": True, "runtime": "onnxruntime",
+                            "max_latency_ms": 1000.0})
+    data = {"name": "fashion_mnist", "root": str(fashion_dir)}
+    lines: list[str] = []
+    result = compress(_section(tiny_trained), data, tmp_path / "w", cfg, log=lines.append)
+    assert any("as a probe" in line for line in lines)
+    assert any(line.startswith("latency table: timing 5 probes") for line in lines)  # 3 + 1 + call
+    built = [t for t in result.trials if t.candidate.deployed and t.candidate.pruned]
+    assert built and all(t.predicted_ms and t.p50_ms for t in built)
+    report = next((tmp_path / "w").rglob("report.md")).read_text()
+    assert "timed whole" in report and "median error" in report
+    assert result.chosen is not None
+    assert result.chosen.top1 == max(t.top1 for t in result.trials if t.candidate.deployed)
+    again: list[str] = []
+    compress(_section(tiny_trained), data, tmp_path / "w2", cfg, log=again.append)
+    assert not any(line.startswith("latency table: timing") for line in again)

@@ -129,6 +129,24 @@ def test_second_model_reads_the_file_and_times_nothing(probes: list) -> None:
     assert other.table.file != first.table.file and other.table.entries == {}
 
 
+def test_whole_models_timed_once_and_told_apart(probes: list) -> None:
+    """Whole models: one probe each, their own copies, kept by structure: a second model
+    on the same machine times nothing, and another width is another key."""
+    lm = model()
+    narrow, wide = tiny(16), tiny(32)
+    first = lm.whole_ms([(wide, SHAPE), (narrow, SHAPE)])
+    assert len(probes) == 3  # the call probe and the two models
+    assert first[1] < first[0]  # the stand-in time grows with MACs
+    assert first[0] == pytest.approx(0.01 + count_macs(wide, SHAPE) * 1e-6)
+    again = model()
+    assert again.whole_ms([(narrow, SHAPE), (wide, SHAPE)]) == pytest.approx(first[::-1])
+    assert again.timed == 0 and len(probes) == 3
+    # the same layers with another activation are another model
+    other = tiny(16)
+    other[1] = nn.GELU()
+    assert model().whole_ms([(other, SHAPE)]) and len(probes) == 4
+
+
 def test_corrupt_file_is_ignored_and_rewritten(probes: list) -> None:
     model().layers_ms(tiny(), SHAPE)
     path = table_file()

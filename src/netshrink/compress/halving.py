@@ -55,6 +55,9 @@ RUNTIMES = ("onnxruntime", "openvino")
 # three rounds on a shared 2-core VM differ by more than a few percent (measured: 0.315
 # against 0.322 ms for files that had timed 0.17 ms apart minutes before).
 SWITCH_MARGIN = 1.10
+# Up to this many structures are timed whole before training (a few seconds each); a
+# larger space is predicted from the block table.
+WHOLE_MAX = 40
 
 
 class HalvingSearch(Search):
@@ -65,6 +68,8 @@ class HalvingSearch(Search):
         super().__init__(*args, **kwargs)
         self.runtime = search_runtime(self.cfg)
         self.lut: Any = None  # the latency model, where speed is what is judged
+        self.whole = False  # structures timed whole (else predicted from the block table)
+        self.whole_scale = 1.0  # the unpruned model's measured latency over its probe's
         self.predicted: dict[tuple[int, float, float], float] = {}
         self.unpruned: Trial | None = None
         self.stopped_by_time = False
@@ -179,36 +184,58 @@ class HalvingSearch(Search):
 
     def _start_latency_model(self, built: dict[tuple[int, float, float], Trial],
                              trials: list[Trial]) -> None:
-        """The latency model on the search's runtime: every layer of every structure
-        timed in one go (timings taken minutes apart drift on a shared machine), its
-        scale and overhead fitted on two measured files, the unpruned model and the most
-        pruned structure (deployed untrained: latency does not depend on the weights),
-        timed side by side; then every structure predicted."""
+        """Every structure's batch-1 latency on the search's runtime, before training.
+
+        Up to ``WHOLE_MAX`` structures (the default spaces) are timed whole, deployed
+        untrained (latency does not depend on the weights), round-robin with the unpruned
+        model, and scaled by the unpruned model's measured latency over its own probe
+        timing: exact up to noise, where a per-unit sum missed OpenVINO's batch-1 latency
+        by a median 55% (kernels chosen by width, fusion across blocks). Larger spaces
+        use the block table (NetAdapt's lookup table, ``latency_model``) with scale and
+        overhead fitted on the unpruned model and the most pruned structure, deployed
+        untrained and timed side by side."""
         from netshrink.compress.latency_model import LatencyModel
 
         assert self.unpruned is not None
         if not self.unpruned.p50_ms:
             raise UserError("compress: the unpruned model's latency was not measured; "
                             "latency needs timing (leave out --no-timing)")
-        lut = LatencyModel(self.runtime, precision="int8",
-                           threads=self.cfg.threads or _threads(), log=self.log)
+        self.lut = LatencyModel(self.runtime, precision="int8",
+                                threads=self.cfg.threads or _threads(), log=self.log)
         modules = {st: self._module_of(t) for st, t in built.items()}
-        lut.prepare([self._module_of(self.unpruned), *modules.values()])
-        refs = [self.unpruned]
-        if built:
-            most = max(built, key=lambda st: (st[0], st[1], st[2]))
-            anchor = self._trial(self._candidate(most, -1, deployed=True), trials,
-                                 label="latency anchor (the most pruned structure, untrained)")
-            trials.remove(anchor)  # timed only, never a candidate
-            if anchor.p50_ms:
-                self.retime([self.unpruned, anchor], rounds=3)
-                refs.append(anchor)
-        lut.fit([(*self._module_of(t), t.p50_ms) for t in refs])
-        self.lut = lut
-        for st, t in built.items():
-            self.predicted[st] = t.predicted_ms = lut.predict_ms(*modules[st])
+        unpruned = self._module_of(self.unpruned)
+        self.whole = len(built) <= WHOLE_MAX
+        if self.whole:
+            ms = self.lut.whole_ms([unpruned, *modules.values()])
+            self.whole_scale = self.unpruned.p50_ms / ms[0]
+            self.log(f"compress: the unpruned model timed {ms[0]:.3f} ms as a probe and "
+                     f"{self.unpruned.p50_ms:.3f} ms deployed: structures scaled by "
+                     f"{self.whole_scale:.3f}")
+        else:
+            self.lut.prepare([unpruned, *modules.values()])
+            refs = [self.unpruned]
+            if built:
+                most = max(built, key=lambda st: (st[0], st[1], st[2]))
+                anchor = self._trial(self._candidate(most, -1, deployed=True), trials,
+                                     label="latency anchor (the most pruned structure, "
+                                           "untrained)")
+                trials.remove(anchor)  # timed only, never a candidate
+                if anchor.p50_ms:
+                    self.retime([self.unpruned, anchor], rounds=3)
+                    refs.append(anchor)
+            self.lut.fit([(*self._module_of(t), t.p50_ms) for t in refs])
+        predicted = self._predict(list(modules.values()))
+        for (st, t), ms_ in zip(built.items(), predicted, strict=True):
+            self.predicted[st] = t.predicted_ms = ms_
         self.log("compress: latency predicted (ms, batch 1): " + ", ".join(
             f"{t.candidate.name.split('-r')[0]} {t.predicted_ms:.3f}" for t in built.values()))
+
+    def _predict(self, modules: list[tuple[Any, list[int]]]) -> list[float]:
+        """The predicted batch-1 ms of each ``(module, input_shape)``: timed whole and
+        scaled, or from the block table (see ``_start_latency_model``)."""
+        if self.whole:
+            return [ms * self.whole_scale for ms in self.lut.whole_ms(modules)]
+        return [self.lut.predict_ms(m, shape) for m, shape in modules]
 
     def _feasible(self, built: dict[tuple[int, float, float], Trial]
                   ) -> list[tuple[int, float, float]]:
@@ -299,8 +326,7 @@ class HalvingSearch(Search):
         if self.lut is not None and trial.candidate.pruned:
             st = trial.candidate.structure
             if st not in self.predicted:
-                module, shape = self._module_of(trial)
-                self.predicted[st] = self.lut.predict_ms(module, shape)
+                self.predicted[st] = self._predict([self._module_of(trial)])[0]
             trial.predicted_ms = self.predicted[st]
         elif self.lut is not None and self.unpruned is not None:
             trial.predicted_ms = self.unpruned.p50_ms
@@ -500,9 +526,11 @@ class HalvingSearch(Search):
         if not pairs:
             return
         errors = [abs(p - m) / m for p, m in pairs]
+        how = ("every structure timed whole, untrained, scaled by the unpruned model"
+               if self.whole else "block table fitted on the unpruned model and the most "
+               "pruned structure")
         self.notes.append(
-            f"latency model ({self.runtime}, per-layer table fitted on the unpruned model "
-            f"and the most pruned structure): predicted against measured batch-1 p50 "
+            f"latency model ({self.runtime}, {how}): predicted against measured batch-1 p50 "
             f"over {len(pairs)} built candidates: median error "
             f"{statistics.median(errors):.0%}, worst {max(errors):.0%}")
 

@@ -32,6 +32,7 @@ from netshrink.compress.latency_probes import (
     PROBE_WARM_S,
     BlockUnit,
     LayerSignature,
+    WholeModel,
     call_probe,
     open_probe,
     time_round_robin,
@@ -44,7 +45,7 @@ __all__ = ["LatencyModel", "layer_signatures", "units"]
 
 PROGRESS_EVERY_S = 30.0  # a progress line at least this often while timing probes
 BATCH = 64  # probes open at once (timed round-robin together)
-Unit = Union[LayerSignature, BlockUnit]  # noqa: UP007 (a runtime alias on Python 3.10)
+Unit = Union[LayerSignature, BlockUnit, WholeModel]  # noqa: UP007 (a runtime alias on Python 3.10)
 
 
 def _block_names(module: nn.Module, input_shape: Sequence[int]) -> set[str]:
@@ -227,6 +228,22 @@ class LatencyModel:
                 if isinstance(session, Executable):
                     session.close()
         return [t.p50_ms for t in timings]
+
+    def whole_ms(self, models: Sequence[tuple[nn.Module, Sequence[int]]]) -> list[float]:
+        """Each model's batch-1 p50 in ms, the model timed whole (deployed as a probe is,
+        untrained weights and all: latency does not depend on them), all those the table
+        lacks round-robin together, and kept in the table under the signature of its
+        layers. Exact up to noise where the per-unit sum is not (a runtime fuses across
+        units and picks kernels by width: OpenVINO INT8 at batch 1 ran ResNet-18 with
+        widths 48/80/160/336 as slowly as unpruned, and with 32/64/128/256 2.5x faster),
+        at seconds per model: the search's choice where its structures are few."""
+        wholes = []
+        for module, shape in models:
+            layers = units(module, shape)
+            wholes.append(WholeModel(module, tuple(int(d) for d in shape),
+                                     repr(module) + ";".join(u.key for _, u in layers)))
+        self._ensure(wholes)  # type: ignore[arg-type]
+        return [self.table.ms(w.key) for w in wholes]
 
     def _ensure(self, needed: list[Unit]) -> None:
         """Time the call probe and every unit the table lacks (see ``latency_probes``),

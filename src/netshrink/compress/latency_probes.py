@@ -48,7 +48,7 @@ from torch import nn
 from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Latency, noise_reason
 from netshrink.bench.timing import time_model
 
-__all__ = ["BlockUnit", "LayerSignature", "ProbeTiming", "call_probe", "open_probe",
+__all__ = ["BlockUnit", "LayerSignature", "ProbeTiming", "WholeModel", "call_probe", "open_probe",
            "time_round_robin", "warm_up"]
 
 # Each probe, in each round of a round-robin over the probes timed together: this many
@@ -115,6 +115,27 @@ class LayerSignature:
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel, self.stride,
                          self.padding, self.dilation, self.groups, self.bias, self.padding_mode)
         return nn.Sequential(conv, nn.ReLU()).eval(), [self.in_channels, self.height, self.width]
+
+
+@dataclass(frozen=True)
+class WholeModel:
+    """A whole model called on one ``[C, H, W]`` image: timed as it is, the exact
+    (up to noise) latency of a structure before it is trained, since latency does not
+    depend on the weights. Its key names its layers' signatures in call order."""
+
+    module: nn.Module = field(compare=False, repr=False)
+    input_shape: tuple[int, ...]
+    signature: str  # what the key hashes: its module tree and every layer's key, in order
+
+    @property
+    def key(self) -> str:
+        """``model 3x28x28 <16 hex of its layers' signatures>``."""
+        tree = hashlib.sha256(self.signature.encode()).hexdigest()[:16]
+        return f"model {'x'.join(map(str, self.input_shape))} {tree}"
+
+    def probe(self) -> tuple[nn.Module, list[int]]:
+        """A copy of the model, in float and eval mode, and its input shape."""
+        return copy.deepcopy(self.module).float().cpu().eval(), list(self.input_shape)
 
 
 def _xy(pair: tuple[int, int]) -> str:

@@ -46,6 +46,7 @@ from netshrink.compress.candidates import (
     candidate_recipe,
 )
 from netshrink.compress.guard import compress_headline, split_warning
+from netshrink.compress.latency_probes import PROBE_WARM_S, warm_up
 from netshrink.compress.options import CompressConfig
 from netshrink.errors import UserError
 from netshrink.models import io_widths
@@ -409,6 +410,9 @@ class Search:
             for _ in range(rounds):
                 for own, model in zip(times, opened, strict=True):
                     one = torch.randn(1, *(model.input_shape or [1, 28, 28]))
+                    # a session called again after others ran is slow for a while: a
+                    # time of calls covers that, a count of calls did not (latency_probes)
+                    warm_up(model.module, one, PROBE_WARM_S)
                     own.append(time_model(model.module, one, warmup=20, runs=100,
                                           min_seconds=0.3, threads=threads,
                                           rounds=1).p50_ms)
