@@ -304,8 +304,8 @@ def test_the_walk_order_of_channels_blocks_and_sparsity(
 
     monkeypatch.setattr(Search, "_trial", trial)
     monkeypatch.setattr(Search, "_finish", lambda self, trials: trials)
-    cfg = CompressConfig(target=target, deploy="int8", channel_ratios=[0.2, 0.35, 0.5],
-                         sparsities=[0.5, 0.7, 0.8])
+    cfg = CompressConfig(target=target, search="walk", deploy="int8",
+                         channel_ratios=[0.2, 0.35, 0.5], sparsities=[0.5, 0.7, 0.8])
     Search({"arch": "resnet18", "weights": str(weights)}, {"name": "fashion_mnist"}, cfg,
            tmp_path / "out", log=lambda _: None).run()
     assert tried == expected

@@ -134,6 +134,12 @@ def test_a_time_budget_stops_and_chooses_from_what_was_found(
 
 def test_settings_and_flags_are_checked_in_one_line(tiny_trained: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
+    # the lists left out: a leaner space for halving on size, the walk's elsewhere
+    size, walk = CompressConfig(), CompressConfig(search="walk")
+    assert (size.channel_ratios, size.drop_blocks, size.sparsities) == (
+        [0.35, 0.5, 0.6], [2, 4], [0.5, 0.75])
+    assert walk.drop_blocks == CompressConfig(target="latency").drop_blocks == [1, 2, 3, 4]
+    assert CompressConfig(sparsities=[0.9]).sparsities == [0.9]
     with pytest.raises(ValueError, match="one constraint"):
         CompressConfig(max_macs=1e6, max_latency_ms=2.0)
     with pytest.raises(ValueError, match="needs search halving"):

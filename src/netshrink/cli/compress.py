@@ -101,10 +101,12 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "torch) or INT8 on --runtime (for size, its packed .nspk counts: "
                         "small and fast); auto: kmeans for size, int8 for latency")
     p.add_argument("--channel-ratios", type=_ratios,
-                   help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6)")
+                   help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6; "
+                        "0.35,0.5,0.6 for the halving search on size)")
     p.add_argument("--drop-blocks", type=_counts,
                    help="numbers of residual blocks to remove, tried increasing on the last "
-                        "channel ratio that held (default 1,2,3,4; 0: none)")
+                        "channel ratio that held (default 1,2,3,4; 2,4 for the halving search "
+                        "on size; 0: none)")
     p.add_argument("--channel-scope", choices=["sensitivity", "layer"],
                    help="how a channel ratio is shared out: by a sensitivity scan (robust "
                         "groups lose more) or the same in every layer (default: layer for "
@@ -116,7 +118,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="keep channel counts multiples of this (default 16 for --target "
                         "latency: INT8 kernels work in blocks of 16 channels; 1 for size)")
     p.add_argument("--sparsities", type=_ratios,
-                   help="sparsities to try with --target size (default 0.5,0.7,0.8,0.9)")
+                   help="sparsities to try with --target size (default 0.5,0.75 in the "
+                        "halving search, 0.5,0.7,0.8,0.9 in the walk)")
     p.add_argument("--kmeans-bits", type=lambda t: [int(x) for x in t.split(",")],
                    help="k-means widths tried in turn until one keeps the budget "
                         "(default 4,5,6,8)")
