@@ -236,7 +236,9 @@ class LatencyModel:
         layers. Exact up to noise where the per-unit sum is not (a runtime fuses across
         units and picks kernels by width: OpenVINO INT8 at batch 1 ran ResNet-18 with
         widths 48/80/160/336 as slowly as unpruned, and with 32/64/128/256 2.5x faster),
-        at seconds per model: the search's choice where its structures are few."""
+        at seconds per model: the search's choice where its structures are few. A whole
+        model's figure is its fastest call over the rounds (``ProbeTiming.fastest_ms``),
+        not the median: compare it with other models timed so, or scale it by one."""
         wholes = []
         for module, shape in models:
             layers = units(module, shape)
@@ -301,8 +303,10 @@ class LatencyModel:
             for session, _ in opened:
                 if isinstance(session, Executable):
                     session.close()
-        for (key, _), timing in zip(items, timings, strict=True):
-            self.table.add(key, timing.p50_ms, noisy=timing.noisy)
+        for (key, unit), timing in zip(items, timings, strict=True):
+            whole = isinstance(unit, WholeModel) and timing.fastest_ms is not None
+            self.table.add(key, timing.fastest_ms if whole else timing.p50_ms,  # type: ignore[arg-type]
+                           noisy=timing.noisy)
             self.timed += 1
             self.noisy += timing.noisy
 
