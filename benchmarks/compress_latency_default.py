@@ -47,7 +47,9 @@ def _final_file(run: Path) -> Path:
     record = load_run(run)
     last = record.stages[-1]
     assert last.artifact, f"{run}: its last stage wrote no file"
-    return run / last.artifact
+    path = run / last.artifact
+    # an OpenVINO stage writes a folder: its IR is the model.xml in it
+    return path / "model.xml" if path.is_dir() else path
 
 
 def _chosen(search: Path) -> Path:
