@@ -134,7 +134,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "upwards with one fine-tuning length (the earlier search)")
     p.add_argument("--rungs", type=_ratios,
                    help="epochs of fine-tuning added at each halving rung "
-                        "(default 0.25,1,3,12)")
+                        "(default 0.25,1,3,4)")
     p.add_argument("--eta", type=int,
                    help="about one in this many candidates goes on to the next rung "
                         "(default 3)")
