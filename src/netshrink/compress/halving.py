@@ -166,6 +166,12 @@ class HalvingSearch(Search):
                 f"{fast.p50_ms:.3f} ms on {fast.candidate.runtime} and "
                 f"{slow.p50_ms:.3f} ms on {slow.candidate.runtime}, timed side by side: the "
                 f"search deployed on {self.runtime}")
+        elif self.cfg.deploy_method == "kmeans" and self.cfg.constraint is None:
+            # the smallest file is never the unpruned one, and k-means on the whole model
+            # costs a fine-tuning epoch of the whole model per width tried (14 minutes of a
+            # shared 2-core machine for the quickstart student at 4 bits)
+            self.log("compress: the unpruned model is not deployed (a size search picks "
+                     "from the pruned structures)")
         else:
             self.unpruned = self._deploy_widths((0, 0.0, 0.0), 0, trials, "unpruned")
 
