@@ -207,5 +207,5 @@ def test_narrower_model_predicts_lower(real_probes: None) -> None:
     assert lm.predict_ms(narrow, SHAPE) < lm.predict_ms(wide, SHAPE)
     costs = dict(lm.layers_ms(narrow, SHAPE)), dict(lm.layers_ms(wide, SHAPE))
     assert costs[0]["2"] < costs[1]["2"]  # 16x16 against 128x128 channels
-    measured = lm.measure_ms([(narrow, SHAPE), (wide, SHAPE)])
+    measured = lm.whole_ms([(narrow, SHAPE), (wide, SHAPE)])
     assert 0 < measured[0] < measured[1]

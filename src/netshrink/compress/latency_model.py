@@ -211,34 +211,17 @@ class LatencyModel:
                          for x, y in zip(sums, measured, strict=True)) / var
         self.overhead_ms = mean_y - self.scale * mean_x
 
-    def measure_ms(self, models: Sequence[tuple[nn.Module, Sequence[int]]]) -> list[float]:
-        """Each model's measured batch-1 p50 in ms: deployed on this runtime as a probe is
-        (export, INT8 on random calibration images, ``open_runtime``) and timed with the
-        others round-robin. A structure's latency does not depend on its weights, so this
-        measures a candidate before it is trained (seconds each): the reference for
-        ``calibrate``/``fit``, or the check of a shortlist."""
-        opened: list[tuple[nn.Module, list[int]]] = []
-        try:
-            for module, shape in models:
-                opened.append((open_probe(module, list(shape), self.runtime, self.precision,
-                                          self.threads), list(shape)))
-            timings = time_round_robin(opened)
-        finally:
-            for session, _ in opened:
-                if isinstance(session, Executable):
-                    session.close()
-        return [t.p50_ms for t in timings]
-
     def whole_ms(self, models: Sequence[tuple[nn.Module, Sequence[int]]]) -> list[float]:
-        """Each model's batch-1 p50 in ms, the model timed whole (deployed as a probe is,
-        untrained weights and all: latency does not depend on them), all those the table
-        lacks round-robin together, and kept in the table under the signature of its
-        layers. Exact up to noise where the per-unit sum is not (a runtime fuses across
-        units and picks kernels by width: OpenVINO INT8 at batch 1 ran ResNet-18 with
-        widths 48/80/160/336 as slowly as unpruned, and with 32/64/128/256 2.5x faster),
-        at seconds per model: the search's choice where its structures are few. A whole
-        model's figure is its fastest call over the rounds (``ProbeTiming.fastest_ms``),
-        not the median: compare it with other models timed so, or scale it by one."""
+        """Each model's batch-1 latency in ms, the model timed whole (deployed as a probe
+        is, untrained weights and all: latency does not depend on them), all those the
+        table lacks round-robin together, and kept in the table under the signature of
+        its module tree and layers. Exact up to noise where the per-unit sum is not (a
+        runtime fuses across units and picks kernels by width: OpenVINO INT8 at batch 1
+        ran ResNet-18 with widths 48/80/160/336 as slowly as unpruned, and with
+        32/64/128/256 2.5x faster), at seconds per model: the search's choice where its
+        structures are few. A whole model's figure is its fastest call over the rounds
+        (``ProbeTiming.fastest_ms``), not the median: compare it with other models timed
+        so, or scale it by one."""
         wholes = []
         for module, shape in models:
             layers = units(module, shape)
@@ -304,9 +287,10 @@ class LatencyModel:
                 if isinstance(session, Executable):
                     session.close()
         for (key, unit), timing in zip(items, timings, strict=True):
-            whole = isinstance(unit, WholeModel) and timing.fastest_ms is not None
-            self.table.add(key, timing.fastest_ms if whole else timing.p50_ms,  # type: ignore[arg-type]
-                           noisy=timing.noisy)
+            # a whole model keeps its fastest call (see ``ProbeTiming``); a unit's cost is
+            # a share of a sum of medians, and keeps its median
+            ms = timing.fastest_ms if isinstance(unit, WholeModel) else None
+            self.table.add(key, ms if ms is not None else timing.p50_ms, noisy=timing.noisy)
             self.timed += 1
             self.noisy += timing.noisy
 
