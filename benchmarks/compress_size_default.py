@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
                "--target", "size", "--out", str(search), *args.compress_args.split()]
         t0 = time.perf_counter()
         with (args.work / "search.log").open("w") as log:
-            import subprocess
-
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
         facts_file.write_text(json.dumps({"wall_s": time.perf_counter() - t0, "command": cmd,
                                           "exit": proc.returncode}))
