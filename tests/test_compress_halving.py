@@ -140,6 +140,13 @@ def test_settings_and_flags_are_checked_in_one_line(tiny_trained: Path, tmp_path
         [0.35, 0.5, 0.6], [2, 4], [0.5, 0.75])
     assert walk.drop_blocks == CompressConfig(target="latency").drop_blocks == [1, 2, 3, 4]
     assert CompressConfig(sparsities=[0.9]).sparsities == [0.9]
+    # the learning rate left out: 0.03 for halving's rungs, the walk's 0.01; k-means
+    # sharing fine-tunes its values at its own rate
+    assert (size.finetune_lr, walk.finetune_lr) == (0.03, 0.01)
+    assert CompressConfig(finetune_lr=0.2, search="walk").finetune_lr == 0.2
+    stages = candidate_stages(size, Candidate(0.5, 0.5, bits=4, rung=3))
+    assert [s["lr"] for s in stages if s["kind"] == "finetune"] == [0.03] * 4
+    assert stages[-1]["finetune_lr"] == size.kmeans_finetune_lr == 0.01
     with pytest.raises(ValueError, match="one constraint"):
         CompressConfig(max_macs=1e6, max_latency_ms=2.0)
     with pytest.raises(ValueError, match="needs search halving"):

@@ -47,10 +47,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     # flags left out (None) keep CompressConfig's defaults
     names = ("budget_points", "reserve_points", "target", "runtime", "deploy",
-             "finetune_epochs", "val_size", "kmeans_bits", "max_steps", "channel_ratios",
-             "sparsities", "drop_blocks", "channel_scope", "augment", "channel_round_to",
-             "search", "rungs", "eta", "confidence", "max_latency_ms", "max_size_mb",
-             "max_macs", "speedup", "time_budget_s", "workers", "executor")
+             "finetune_epochs", "finetune_lr", "val_size", "kmeans_bits", "max_steps",
+             "channel_ratios", "sparsities", "drop_blocks", "channel_scope", "augment",
+             "channel_round_to", "search", "rungs", "eta", "confidence", "max_latency_ms",
+             "max_size_mb", "max_macs", "speedup", "time_budget_s", "workers", "executor")
     settings = {name: getattr(args, name) for name in names}
     settings["timing"] = not args.no_timing
     cfg = compress_config({k: v for k, v in settings.items() if v is not None}, flags=True)
@@ -125,6 +125,9 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "(default 4,5,6,8)")
     p.add_argument("--finetune-epochs", type=int,
                    help="KD fine-tuning epochs after each pruning step (default 1)")
+    p.add_argument("--finetune-lr", type=float,
+                   help="the fine-tunings' peak learning rate (default 0.03 in the halving "
+                        "search, whose rungs each restart a cosine schedule; 0.01 in the walk)")
     p.add_argument("--val-size", type=int,
                    help="images held out of training to decide on (default 5000)")
     p.add_argument("--max-steps", type=int, help="cap each fine-tuning (quick trials)")

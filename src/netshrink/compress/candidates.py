@@ -95,7 +95,7 @@ def deploy_stage(cfg: CompressConfig, cand: Candidate) -> dict[str, Any]:
         return {"kind": "quant.kmeans", "name": "deploy",
                 "bits": cand.bits or cfg.kmeans_bits[0],
                 "finetune_epochs": cfg.kmeans_finetune_epochs,
-                "finetune_lr": cfg.finetune_lr}
+                "finetune_lr": cfg.kmeans_finetune_lr}
     ptq: dict[str, Any] = {"kind": "quant.ptq", "name": "deploy",
                            "runtime": cand.runtime or search_runtime(cfg),
                            "budget_images": min(2000, cfg.val_size)}

@@ -30,6 +30,9 @@ GRIDS: dict[str, dict[str, list[float] | list[int]]] = {
                      "sparsities": [0.5, 0.75]},
 }
 
+# The fine-tuning learning rate left out, by search (see ``finetune_lr``).
+FINETUNE_LR = {"halving": 0.03, "walk": 0.01}
+
 
 class CompressConfig(BaseModel):
     """Settings of the compression search.
@@ -87,7 +90,13 @@ class CompressConfig(BaseModel):
             starts from the width the previous one needed.
         kmeans_finetune_epochs: epochs of fine-tuning the shared values (0: none).
         finetune_epochs / finetune_lr / batch_size: the knowledge-distillation fine-tuning
-            after each pruning step (the input model is the teacher).
+            after each pruning step (the input model is the teacher). ``finetune_lr``
+            None: ``FINETUNE_LR`` by search, 0.03 for halving (each rung restarts its
+            cosine schedule there; on the quickstart student 4 blocks removed and half
+            the channels ended at 90.96% INT8 validation top-1 against 90.54% at 0.01,
+            while 2 blocks removed held 91.34% float after rung 1, 91.28% at 0.01), 0.01
+            for the walk's one-epoch steps, as its recorded searches ran.
+        kmeans_finetune_lr: the learning rate of the k-means shared values' fine-tuning.
         alpha / temperature: that distillation's soft-loss weight and temperature.
         augment: the fine-tunings' training augmentation; None: as the input model's
             run trained it (its file records that), else the dataset's default (on). Short
@@ -145,7 +154,8 @@ class CompressConfig(BaseModel):
     kmeans_bits: list[int] = Field(default_factory=lambda: [4, 5, 6, 8])
     kmeans_finetune_epochs: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     finetune_epochs: int = Field(default=1, gt=0)
-    finetune_lr: float = Field(default=0.01, gt=0, allow_inf_nan=False)
+    finetune_lr: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    kmeans_finetune_lr: float = Field(default=0.01, gt=0, allow_inf_nan=False)
     batch_size: int = Field(default=256, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)
@@ -258,12 +268,15 @@ class CompressConfig(BaseModel):
 
     @model_validator(mode="after")
     def _grid(self) -> CompressConfig:
-        """The lists left out, by search and target (``GRIDS``)."""
+        """The lists left out, by search and target (``GRIDS``), and the learning rate
+        (``FINETUNE_LR``)."""
         grid = GRIDS["halving size" if self.search == "halving" and self.for_size
                      else "default"]
         for name, values in grid.items():
             if getattr(self, name) is None:
                 setattr(self, name, list(values))
+        if self.finetune_lr is None:
+            self.finetune_lr = FINETUNE_LR[self.search]
         return self
 
     @model_validator(mode="after")
