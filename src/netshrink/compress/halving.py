@@ -371,8 +371,9 @@ class HalvingSearch(Search):
 
     def _value(self, trial: Trial) -> float | None:
         """What the constraint (or the target) bounds of ``trial``: batch-1 ms (measured
-        when deployed, else predicted), bytes (deployed, else an estimate from its
-        non-zero parameters at the deployment's bytes per weight), or MACs."""
+        when deployed, else predicted), bytes (deployed, else an estimate: its non-zero
+        parameters at the deployment's bits per weight, and a sparse model's mask of a
+        bit per weight), or MACs."""
         c = self.cfg.constraint
         kind = c[0] if c else ("latency_ms" if self.cfg.target == "latency" else "size_mb")
         if kind in ("latency_ms", "speedup"):
@@ -385,7 +386,12 @@ class HalvingSearch(Search):
             return trial.size_bytes
         per_weight = (min(self.cfg.kmeans_bits) / 8 if self.cfg.deploy_method == "kmeans"
                       else 1.0)
-        return (trial.nonzero_params or 0) * per_weight
+        nonzero = trial.nonzero_params or 0
+        # the packed format keeps a sparse tensor's zeros as a bitmask: without it a
+        # full-width model at 75% sparsity looked as small as one with half its
+        # channels and no zeros, and cost four times its fine-tuning
+        mask = (trial.params or 0) / 8 if nonzero < (trial.params or 0) else 0.0
+        return nonzero * per_weight + mask
 
     def _meets(self, trial: Trial) -> bool:
         value = self._value(trial)

@@ -84,6 +84,7 @@ class Trial:
     accuracy: Accuracy | None = None  # the deployable (or float) model on val
     macs: int | None = None
     nonzero_params: int | None = None
+    params: int | None = None
     predicted_ms: float | None = None  # the latency model's batch-1 p50, before training
     # wall time of its run in this call (0: recorded before); not part of what it is
     seconds: float = field(default=0.0, compare=False)
@@ -319,7 +320,7 @@ class Search:
                      p50_ms=deploy["latency_p50_ms"], artifact=artifact,
                      within=deploy["top1"] >= floor - 1e-12, ref_top1=self.ref_top1,
                      accuracy=measured.accuracy, macs=measured.macs,
-                     nonzero_params=measured.nonzero_params)
+                     nonzero_params=measured.nonzero_params, params=measured.params)
 
     def _best(self, trials: list[Trial]) -> Trial | None:
         within = [t for t in trials if t.within]
