@@ -195,3 +195,33 @@ def test_latency_structures_timed_whole_before_training(
     again: list[str] = []
     compress(_section(tiny_trained), data, tmp_path / "w2", cfg, log=again.append)
     assert not any(line.startswith("latency table: timing") for line in again)
+
+
+@pytest.mark.parametrize(("twin_ms", "rates", "kept"), [
+    (0.080, [50_000, 31_000], "openvino"),  # quicker at batch 1, 38% less throughput
+    (0.080, [50_000, 48_000], "onnxruntime"),  # quicker and holds the throughput
+    (0.095, [50_000, 60_000], "openvino"),  # within the margin at batch 1: stay
+])
+def test_runtime_auto_switches_only_when_both_batches_hold(
+        twin_ms: float, rates: list[float], kept: str) -> None:
+    from netshrink.compress.halving import HalvingSearch
+
+    search = HalvingSearch.__new__(HalvingSearch)  # only what _choose reads
+    search.cfg = CompressConfig(target="latency")
+    search.notes = []
+    best = Trial(candidate=Candidate(0.5, 0.0, blocks=4, rung=3, runtime="openvino"),
+                 top1=0.9, size_bytes=1, p50_ms=None, artifact="a", within=True)
+    twin = Trial(candidate=Candidate(0.5, 0.0, blocks=4, rung=3, runtime="onnxruntime"),
+                 top1=0.9, size_bytes=1, p50_ms=None, artifact="b", within=True)
+
+    def retime(pair: list[Trial], rounds: int, batch: int = 1) -> list[float]:
+        if batch == 1:
+            pair[0].p50_ms, pair[1].p50_ms = 0.1, twin_ms
+            return [0.1, twin_ms]
+        return [batch * 1000 / r for r in rates]
+
+    search._best = lambda trials: best  # type: ignore[method-assign]
+    search._trial = lambda cand, trials, label: twin  # type: ignore[method-assign]
+    search.retime = retime  # type: ignore[method-assign]
+    assert search._choose([]).candidate.runtime == kept
+    assert f"kept {kept}" in search.notes[0] and "img/s" in search.notes[0]

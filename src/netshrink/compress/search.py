@@ -400,9 +400,10 @@ class Search:
         self.retime(chosen_from, RETIME_ROUNDS)
         self.retimed = {t.candidate.name: t.p50_ms or 0.0 for t in chosen_from}
 
-    def retime(self, trials: list[Trial], rounds: int) -> None:
-        """Each of ``trials``' batch-1 p50 replaced by the median of ``rounds`` timings
-        taken round-robin in this process."""
+    def retime(self, trials: list[Trial], rounds: int, batch: int = 1) -> list[float]:
+        """The median of ``rounds`` timings of each of ``trials``, taken round-robin in
+        this process, in ms a call of ``batch`` images; at batch 1 each trial's p50 is
+        replaced by it."""
         threads = self.cfg.threads or MeasureOptions().threads
         opened = [open_model_file(self.out / CELLS_DIR / t.candidate.name / str(t.artifact),
                                   threads=threads) for t in trials]
@@ -410,19 +411,26 @@ class Search:
         try:
             for _ in range(rounds):
                 for own, model in zip(times, opened, strict=True):
-                    one = torch.randn(1, *(model.input_shape or [1, 28, 28]))
+                    one = torch.randn(batch, *(model.input_shape or [1, 28, 28]))
                     # a session called again after others ran is slow for a while: a
                     # time of calls covers that, a count of calls did not (latency_probes)
                     warm_up(model.module, one, PROBE_WARM_S)
-                    own.append(time_model(model.module, one, warmup=20, runs=100,
+                    own.append(time_model(model.module, one, warmup=20 if batch == 1 else 2,
+                                          runs=100 if batch == 1 else 10,
                                           min_seconds=0.3, threads=threads,
                                           rounds=1).p50_ms)
         finally:
             for model in opened:
                 model.close()
-        for trial, own in zip(trials, times, strict=True):
-            trial.p50_ms = statistics.median(own)
-            self.log(f"  {trial.candidate.name}: p50 {trial.p50_ms:.3f} ms")
+        medians = [statistics.median(own) for own in times]
+        for trial, ms in zip(trials, medians, strict=True):
+            if batch == 1:
+                trial.p50_ms = ms
+                self.log(f"  {trial.candidate.name}: p50 {ms:.3f} ms")
+            else:
+                self.log(f"  {trial.candidate.name}: batch {batch} at "
+                         f"{batch * 1000 / ms:,.0f} img/s")
+        return medians
 
     def _finish(self, trials: list[Trial]) -> CompressResult:
         assert self.ref_top1 is not None
