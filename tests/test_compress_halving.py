@@ -225,3 +225,25 @@ def test_runtime_auto_switches_only_when_both_batches_hold(
     search.retime = retime  # type: ignore[method-assign]
     assert search._choose([]).candidate.runtime == kept
     assert f"kept {kept}" in search.notes[0] and "img/s" in search.notes[0]
+
+
+def test_latency_error_also_told_against_the_unpruned_model_timed_alongside() -> None:
+    """The host slowed by half between the predictions and the end: the error as timed
+    when made is large, as a ratio to the unpruned model timed alongside it is not."""
+    from netshrink.compress.halving import HalvingSearch
+
+    search = HalvingSearch.__new__(HalvingSearch)  # only what _latency_note reads
+    search.runtime, search.whole, search.notes, search.ref_ms = "openvino", True, [], 0.2
+
+    def trial(blocks: int, predicted: float | None, measured: float) -> Trial:
+        return Trial(candidate=Candidate(0.0, 0.0, blocks=blocks, rung=1, runtime="openvino"),
+                     top1=0.9, size_bytes=1, p50_ms=measured, artifact="a", within=True,
+                     predicted_ms=predicted)
+
+    search.unpruned = trial(0, None, 0.3)
+    picks = [trial(2, 0.1, 0.15), trial(4, 0.05, 0.075)]
+    search.retimed = {t.candidate.name: t.p50_ms for t in [search.unpruned, *picks]}
+    search._latency_note([search.unpruned, *picks])
+    note = search.notes[0]
+    assert "over 2 built candidates, each timed when it was made: median error 33%" in note
+    assert "over the 2 timed side by side with it at the end: median error 0%" in note
