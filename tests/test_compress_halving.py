@@ -247,3 +247,26 @@ def test_latency_error_also_told_against_the_unpruned_model_timed_alongside() ->
     note = search.notes[0]
     assert "over 2 built candidates, each timed when it was made: median error 33%" in note
     assert "over the 2 timed side by side with it at the end: median error 0%" in note
+
+
+def test_promotion_hedges_with_the_smallest_already_within_the_budget() -> None:
+    """The size search's rung 2 (measured): the two smallest were 1.5 and 1.1 points down,
+    and the last rung must also get the smallest of those already within the budget."""
+    from netshrink.compress.halving import HalvingSearch
+
+    search = HalvingSearch.__new__(HalvingSearch)  # only what _promote reads
+    search.cfg = CompressConfig()  # size, budget 1 point
+    search._trials_seen = []
+
+    def t(sparsity: float, channels: float, drop: float, bound: float, nonzero: int
+          ) -> Trial:
+        return Trial(Candidate(channels, sparsity, blocks=4, rung=2, deployed=False),
+                     0.912 - drop / 100, None, None, None, False, ref_top1=0.912,
+                     upper_points=bound, nonzero_params=nonzero, params=828_000)
+
+    tiny = t(0.75, 0.6, 1.48, 1.85, 207_000)
+    small = t(0.75, 0.5, 1.08, 1.44, 308_000)
+    safe_small = t(0.5, 0.6, 0.28, 0.60, 414_000)
+    safe_big = t(0.0, 0.6, 0.20, 0.51, 828_000)
+    promoted = search._promote(2, [tiny, small, safe_small, safe_big])
+    assert promoted == [safe_small, tiny]

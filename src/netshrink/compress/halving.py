@@ -11,7 +11,8 @@ Talwalkar 2016; the rule of Hyperband's brackets) with a multi-objective promoti
 (MO-ASHA, Schmucker et al. 2021): within a rung, the candidates the budget can still
 admit (the drop widened by the recovery still to come, ``PROMOTION_SLACK``) are ranked by
 Pareto fronts of validation top-1 and the target (predicted or measured latency, size),
-front by front, and within a front by the target.
+front by front, and within a front by the target; the smallest (fastest) of those already
+within the budget goes first, a hedge that keeps one sure candidate in every rung.
 
 Constraint-first (``max_latency_ms``, ``max_size_mb``, ``max_macs``, ``speedup``): the
 structures predicted to break the constraint are left out before any training (the
@@ -427,6 +428,15 @@ class HalvingSearch(Search):
             admit = self.cfg.budget_points * (1 + slack)
             ranked = _pareto_order([t for t in done if t.drop_points <= admit],
                                    key=lambda t: self._value(t) or math.inf)
+            # a hedge: the smallest (fastest) of those already within the budget goes on
+            # first, so that the next rung holds one that more fine-tuning only has to
+            # keep there. Without it a size search sent its two smallest structures, 1.1
+            # and 1.5 points down, to the last rung, and neither ended within the budget.
+            safe = [t for t in ranked if t.upper_points is not None
+                    and t.upper_points <= self.cfg.budget_points + 1e-9]
+            if safe:
+                hedge = min(safe, key=lambda t: self._value(t) or math.inf)
+                ranked = [hedge, *(t for t in ranked if t is not hedge)]
         return ranked[: self._affordable(rung + 1, quota)]
 
     def _best(self, trials: list[Trial]) -> Trial | None:
