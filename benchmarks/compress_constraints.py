@@ -53,9 +53,11 @@ def _search(student: Path, bound: float, out: Path, extra: list[str]) -> dict:
         t0 = time.perf_counter()
         with out.with_name(out.name + ".log").open("w") as log:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
-        if proc.returncode and not (out / "chosen").exists():
+        if proc.returncode and not (out / "results.sqlite").exists():
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see its log")
-        facts.write_text(json.dumps({"wall_s": time.perf_counter() - t0, "command": cmd}))
+        # exit 1 with a results store: it ran, and nothing met the bound (a result)
+        facts.write_text(json.dumps({"wall_s": time.perf_counter() - t0, "command": cmd,
+                                     "chosen": (out / "chosen").exists()}))
     return json.loads(facts.read_text())
 
 
@@ -76,15 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bounds = [float(b) for b in args.bounds.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
-    pairs: list[tuple[float, Entry, Entry, dict, dict]] = []
+    pairs: list[tuple[float, Entry | None, Entry | None, dict, dict]] = []
+
+    def entry(folder: Path, label: str) -> Entry | None:
+        return run_entry(folder / "chosen", label) if (folder / "chosen").exists() else None
+
     for bound in bounds:
         picked = _search(args.student, bound, args.work / f"c{bound:g}", [])
         uniform = _search(args.student, bound, args.work / f"u{bound:g}", UNIFORM)
-        pairs.append((bound,
-                      run_entry(args.work / f"c{bound:g}" / "chosen", f"compress {bound:g} ms"),
-                      run_entry(args.work / f"u{bound:g}" / "chosen", f"uniform {bound:g} ms"),
+        pairs.append((bound, entry(args.work / f"c{bound:g}", f"compress {bound:g} ms"),
+                      entry(args.work / f"u{bound:g}", f"uniform {bound:g} ms"),
                       picked, uniform))
-    entries = [e for _, a, b, _, _ in pairs for e in (a, b)]
+    entries = [e for _, a, b, _, _ in pairs for e in (a, b) if e is not None]
     torch.set_num_threads(args.threads)
     for r in range(args.rounds):
         print(f"round {r + 1} of {args.rounds}", flush=True)
@@ -101,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     for bound, pick, uni, pf, uf in pairs:
         for label, e, facts, folder in (("compress (default)", pick, pf, f"c{bound:g}"),
                                         ("uniform channels", uni, uf, f"u{bound:g}")):
+            if e is None:
+                lines.append(f"| {bound:g} | {label} | none meets the bound | | | | NO | "
+                             f"{_candidates(args.work / folder)} | "
+                             f"{facts['wall_s'] / 60:.1f} |")
+                continue
             p50 = statistics.median(e.p50)
             drop = e.drop_points or 0.0
             lines.append(
@@ -108,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{(e.top1 or 0) * 100:.2f}% | {-drop:+.2f} | {p50:.3f} | "
                 f"{'yes' if p50 <= bound else 'NO'} | {_candidates(args.work / folder)} | "
                 f"{facts['wall_s'] / 60:.1f} |")
+        if pick is None or uni is None:
+            verdicts.append(f"{bound:g} ms: " + ("no pick meets the bound" if pick is None
+                                                 else "uniform channel pruning meets it with "
+                                                 "none; the pick does"))
+            continue
         held = (pick.top1 or 0) >= (uni.top1 or 0)
         verdicts.append(f"{bound:g} ms: the pick {'is' if held else 'is NOT'} "
                         f"at least as accurate as uniform channel pruning "
