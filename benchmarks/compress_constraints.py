@@ -62,8 +62,9 @@ def _search(student: Path, bound: float, out: Path, extra: list[str]) -> dict:
 
 
 def _candidates(out: Path) -> int:
+    """Candidates the search ran (not the structures it built untrained to time)."""
     cells = out / "cells"
-    return sum(1 for _ in cells.iterdir()) if cells.is_dir() else 0
+    return sum(1 for c in cells.iterdir() if "-r-1-" not in c.name) if cells.is_dir() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
