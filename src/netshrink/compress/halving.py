@@ -558,35 +558,25 @@ class HalvingSearch(Search):
         self._latency_note(trials)
 
     def _latency_note(self, trials: list[Trial]) -> None:
-        """The latency model's error: against every built candidate as timed when it
-        was made, and, since the host's speed drifts between those timings (the
-        quickstart's unpruned file timed 0.339 ms at a search's start and 0.501 ms at
-        its end), as a ratio to the unpruned model over the files timed side by side
-        with it at the end."""
-        pairs = [(t.predicted_ms, t.p50_ms) for t in trials
-                 if t.candidate.deployed and t.candidate.pruned and t.predicted_ms
-                 and t.p50_ms]
-        if not pairs:
+        """The latency model's error (``prediction_errors``): against every built
+        candidate as timed when it was made, and as a ratio to the unpruned model over
+        the files timed side by side with it at the end."""
+        from netshrink.compress.latency_model import prediction_errors
+
+        made = [(t.predicted_ms, t.p50_ms) for t in trials
+                if t.candidate.deployed and t.candidate.pruned and t.predicted_ms
+                and t.p50_ms]
+        if not made:
             return
-        errors = [abs(p - m) / m for p, m in pairs]
+        base = self.retimed.get(self.unpruned.candidate.name) if self.unpruned else None
+        alongside = [(t.predicted_ms, self.retimed[t.candidate.name]) for t in trials
+                     if t.candidate.name in self.retimed and t.candidate.pruned
+                     and t.predicted_ms]
         how = ("every structure timed whole, untrained, scaled by the unpruned model"
                if self.whole else "block table fitted on the unpruned model and the most "
                "pruned structure")
-        note = (f"latency model ({self.runtime}, {how}): predicted against measured batch-1 "
-                f"p50 over {len(pairs)} built candidates, each timed when it was made: "
-                f"median error {statistics.median(errors):.0%}, worst {max(errors):.0%}")
-        base = self.retimed.get(self.unpruned.candidate.name) if self.unpruned else None
-        block = [t for t in trials if t.candidate.name in self.retimed
-                 and t.candidate.pruned and t.predicted_ms]
-        if base and self.ref_ms and block:
-            ratios = [abs(t.predicted_ms / self.ref_ms  # type: ignore[operator]
-                          / (self.retimed[t.candidate.name] / base) - 1) for t in block]
-            note += (f"; as a fraction of the unpruned model's latency, over the "
-                     f"{len(block)} timed side by side with it at the end: median error "
-                     f"{statistics.median(ratios):.0%}, worst {max(ratios):.0%} (the "
-                     f"unpruned file timed {self.ref_ms:.3f} ms when the predictions were "
-                     f"made, {base:.3f} ms in that block)")
-        self.notes.append(note)
+        self.notes.append(f"latency model ({self.runtime}, {how}): " + prediction_errors(
+            made, alongside, self.ref_ms, base))  # type: ignore[arg-type]
 
 
 def _threads() -> int:

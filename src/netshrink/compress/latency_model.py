@@ -19,6 +19,7 @@ timed on first use and kept for every later call on this machine (``latency_tabl
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, Union
@@ -116,6 +117,29 @@ def layer_signatures(module: nn.Module, input_shape: Sequence[int]
     """Every ``Conv2d`` and ``Linear`` call of ``module`` on one ``input_shape`` image, in
     call order, by module name, with its signature (``units`` without blocks)."""
     return units(module, input_shape)  # type: ignore[return-value]
+
+
+def prediction_errors(made: Sequence[tuple[float, float]],
+                      alongside: Sequence[tuple[float, float]], ref_ms: float,
+                      base_ms: float | None) -> str:
+    """The predictions' relative error, said two ways: against ``made`` (predicted,
+    measured when the candidate was made) and, since the host's speed drifts between
+    those timings (the quickstart's unpruned file timed 0.339 ms at a search's start and
+    0.501 ms at its end), as a fraction of the unpruned model's latency over
+    ``alongside`` (predicted, timed side by side with the unpruned model, which took
+    ``base_ms`` there and ``ref_ms`` when the predictions were scaled to it)."""
+    errors = [abs(p - m) / m for p, m in made]
+    text = (f"predicted against measured batch-1 p50 over {len(made)} built candidates, "
+            f"each timed when it was made: median error {statistics.median(errors):.0%}, "
+            f"worst {max(errors):.0%}")
+    if base_ms and ref_ms and alongside:
+        ratios = [abs(p / ref_ms / (m / base_ms) - 1) for p, m in alongside]
+        text += (f"; as a fraction of the unpruned model's latency, over the "
+                 f"{len(alongside)} timed side by side with it at the end: median error "
+                 f"{statistics.median(ratios):.0%}, worst {max(ratios):.0%} (the unpruned "
+                 f"file timed {ref_ms:.3f} ms when the predictions were made, "
+                 f"{base_ms:.3f} ms in that block)")
+    return text
 
 
 class LatencyModel:
