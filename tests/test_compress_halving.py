@@ -139,6 +139,9 @@ def test_settings_and_flags_are_checked_in_one_line(tiny_trained: Path, tmp_path
     assert (size.channel_ratios, size.drop_blocks, size.sparsities) == (
         [0.35, 0.5, 0.6], [2, 4], [0.5, 0.75])
     assert walk.drop_blocks == CompressConfig(target="latency").drop_blocks == [1, 2, 3, 4]
+    # speed reaches further than the walk's lists (70% of the channels cut)
+    assert CompressConfig(target="latency").channel_ratios == [0.2, 0.35, 0.5, 0.6, 0.7]
+    assert walk.channel_ratios == [0.2, 0.35, 0.5, 0.6]
     assert CompressConfig(sparsities=[0.9]).sparsities == [0.9]
     # the learning rate left out: 0.03 for halving's rungs, the walk's 0.01; k-means
     # sharing fine-tunes its values at its own rate
@@ -195,6 +198,34 @@ def test_latency_structures_timed_whole_before_training(
     again: list[str] = []
     compress(_section(tiny_trained), data, tmp_path / "w2", cfg, log=again.append)
     assert not any(line.startswith("latency table: timing") for line in again)
+
+
+@pytest.mark.slow  # about 100 s: every candidate timed at two batch sizes
+def test_latency_target_predicts_and_times_the_batch_call_too(
+        monkeypatch: pytest.MonkeyPatch, tiny_trained: Path, fashion_dir: Path,
+        tmp_path: Path) -> None:
+    """``target latency`` with ``speed both``: every structure timed whole at batch 1 and
+    at the batch size before training, each deployed candidate's batch call measured, and
+    the candidates that may be chosen timed side by side at both."""
+    from netshrink.compress import latency_probes
+
+    for name, value in (("PROBE_WARM_S", 0.01), ("PROBE_WARMUP", 3), ("PROBE_RUNS", 30),
+                        ("PROBE_SECONDS", 0.02)):
+        monkeypatch.setattr(latency_probes, name, value)
+    cfg = CompressConfig(**{**TINY, "timing": True, "runtime": "onnxruntime",
+                            "target": "latency", "measure_batch": 8})
+    lines: list[str] = []
+    result = compress(_section(tiny_trained), {"name": "fashion_mnist", "root": str(fashion_dir)},
+                      tmp_path / "w", cfg, log=lines.append)
+    timing = [line for line in lines if line.startswith("latency table: timing")]
+    assert [line.split()[3] for line in timing] == ["5", "4"]  # batch 1 (+ call), batch 8
+    assert any(line.startswith("compress: throughput predicted (img/s, batch 8)")
+               for line in lines)
+    built = [t for t in result.trials if t.candidate.deployed and t.candidate.pruned]
+    assert built and all(t.predicted_batch_ms and t.batch_ms for t in built)
+    if result.chosen is not None and len([t for t in result.trials if t.within]) >= 2:
+        report = next((tmp_path / "w").rglob("report.md")).read_text()
+        assert "speed judged as the geometric mean" in report
 
 
 @pytest.mark.parametrize(("twin_ms", "rates", "kept"), [
@@ -270,3 +301,62 @@ def test_promotion_hedges_with_the_smallest_already_within_the_budget() -> None:
     safe_big = t(0.0, 0.6, 0.20, 0.51, 828_000)
     promoted = search._promote(2, [tiny, small, safe_small, safe_big])
     assert promoted == [safe_small, tiny]
+
+
+def _timed(blocks: int, channels: float, b1_ms: float | None, batch_ms: float | None, *,
+           deployed: bool = True, top1: float = 0.9) -> Trial:
+    return Trial(candidate=Candidate(channels, 0.0, blocks=blocks, rung=3, deployed=deployed,
+                                     runtime="openvino"),
+                 top1=top1, size_bytes=1, p50_ms=b1_ms if deployed else None, artifact="a",
+                 within=deployed, batch_ms=batch_ms if deployed else None,
+                 predicted_ms=None if deployed else b1_ms,
+                 predicted_batch_ms=None if deployed else batch_ms)
+
+
+@pytest.mark.parametrize(("speed", "picked"), [("both", 0.7), ("batch1", 0.6)])
+def test_speed_both_counts_the_batch_call_where_batch_one_ties(speed: str, picked: float
+                                                              ) -> None:
+    """The quickstart's case, timed side by side: ch0.6 and ch0.7 ran batch 1 within 5%
+    (a call's fixed cost) while ch0.7 ran batch 32 at 6.5x the dense model's throughput
+    against 3.9x: ``speed both`` takes the throughput into account, ``batch1`` does not."""
+    from netshrink.compress.halving import HalvingSearch
+
+    search = HalvingSearch.__new__(HalvingSearch)  # only what _best and _value read
+    search.cfg = CompressConfig(target="latency", speed=speed)
+    ch6, ch7 = _timed(4, 0.6, 0.100, 0.672), _timed(4, 0.7, 0.103, 0.407)
+    assert search._best([ch6, ch7]).candidate.channels == picked
+    # before training, the predictions stand in for the timings, alike
+    untrained = [_timed(4, 0.6, 0.100, 0.672, deployed=False),
+                 _timed(4, 0.7, 0.103, 0.407, deployed=False)]
+    values = [search._value(t) for t in untrained]
+    assert (values[1] < values[0]) == (speed == "both")
+    # a constraint bounds the batch-1 p50 whatever ``speed`` says
+    bounded = HalvingSearch.__new__(HalvingSearch)
+    bounded.cfg = CompressConfig(target="latency", speed=speed, max_latency_ms=0.2)
+    assert bounded._value(ch7) == 0.103
+
+
+def test_time_round_robin_calls_each_probe_at_its_batch() -> None:
+    """A whole model is kept in the latency table once per batch size (a key each), and
+    timed with calls of that many images."""
+    import torch
+    from torch import nn
+
+    from netshrink.compress.latency_probes import WholeModel, time_round_robin
+
+    class Seen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: set[int] = set()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.batches.add(int(x.shape[0]))
+            return x
+
+    one, many = Seen(), Seen()
+    timings = time_round_robin([(one, [1, 4, 4]), (many, [1, 4, 4])], rounds=1,
+                               batches=[1, 8])
+    assert (one.batches, many.batches) == ({1}, {8})
+    assert all(t.p50_ms > 0 for t in timings)
+    keys = {WholeModel(one, (1, 4, 4), "sig", batch=n).key for n in (1, 32)}
+    assert len(keys) == 2 and "model 1x4x4" in min(keys)

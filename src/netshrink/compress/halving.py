@@ -34,14 +34,13 @@ keeps every candidate of every rung, and resuming replays the same decisions fro
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from netshrink.compress.candidates import Candidate, search_runtime
 from netshrink.compress.guard import drop_bound
+from netshrink.compress.halving_time import TimeBudget
 from netshrink.compress.search import CELLS_DIR, Search, Trial, _measurement
 from netshrink.errors import UserError
 from netshrink.study.dispatch import PoolDispatcher, RayDispatcher
@@ -61,7 +60,7 @@ SWITCH_MARGIN = 1.10
 WHOLE_MAX = 40
 
 
-class HalvingSearch(Search):
+class HalvingSearch(TimeBudget, Search):
     """The search of the module docstring (the walk's ``Search`` runs and records the
     candidates, times the finalists side by side and measures the pick on test)."""
 
@@ -71,8 +70,10 @@ class HalvingSearch(Search):
         self.lut: Any = None  # the latency model, where speed is what is judged
         self.whole = False  # structures timed whole (else predicted from the block table)
         self.whole_scale = 1.0  # the unpruned model's measured latency over its probe's
+        self.whole_batch_scale = 1.0  # and the same at ``measure_batch``
         self.ref_ms = 0.0  # the unpruned model's latency when the predictions were made
         self.predicted: dict[tuple[int, float, float], float] = {}
+        self.predicted_batch: dict[tuple[int, float, float], float] = {}
         self.unpruned: Trial | None = None
         self.stopped_by_time = False
         self.planned = 0
@@ -83,6 +84,13 @@ class HalvingSearch(Search):
     @property
     def _speed(self) -> bool:
         return self.cfg.judges_speed
+
+    @property
+    def _batch_too(self) -> bool:
+        """Whether the batch-``measure_batch`` time is part of the target (``speed``
+        ``both``, no constraint)."""
+        return (self.cfg.target == "latency" and self.cfg.constraint is None
+                and self.cfg.speed == "both")
 
     def _space(self) -> list[tuple[int, float, float]]:
         sparsities = [0.0, *self.cfg.sparsities] if self.cfg.for_size else [0.0]
@@ -219,6 +227,12 @@ class HalvingSearch(Search):
             self.log(f"compress: the unpruned model timed {ms[0]:.3f} ms (fastest call) "
                      f"as a probe, {self.unpruned.p50_ms:.3f} ms deployed: structures scaled by "
                      f"{self.whole_scale:.3f}")
+            if self._batch_too and self.unpruned.batch_ms:
+                batch = self.cfg.measure_batch
+                ms_n = self.lut.whole_ms([unpruned, *modules.values()], batch=batch)
+                self.whole_batch_scale = self.unpruned.batch_ms / ms_n[0]
+                for st, one in zip(modules, ms_n[1:], strict=True):
+                    self.predicted_batch[st] = one * self.whole_batch_scale
         else:
             self.lut.prepare([unpruned, *modules.values()])
             refs = [self.unpruned]
@@ -236,8 +250,15 @@ class HalvingSearch(Search):
         self.ref_ms = self.unpruned.p50_ms  # what the predictions were scaled to
         for (st, t), ms_ in zip(built.items(), predicted, strict=True):
             self.predicted[st] = t.predicted_ms = ms_
+            t.predicted_batch_ms = self.predicted_batch.get(st)
         self.log("compress: latency predicted (ms, batch 1): " + ", ".join(
             f"{t.candidate.name.split('-r')[0]} {t.predicted_ms:.3f}" for t in built.values()))
+        if self.predicted_batch:
+            self.log(f"compress: throughput predicted (img/s, batch {self.cfg.measure_batch}"
+                     "): " + ", ".join(
+                         f"{t.candidate.name.split('-r')[0]} "
+                         f"{self.cfg.measure_batch * 1000 / t.predicted_batch_ms:,.0f}"
+                         for t in built.values() if t.predicted_batch_ms))
 
     def _predict(self, modules: list[tuple[Any, list[int]]]) -> list[float]:
         """The predicted batch-1 ms of each ``(module, input_shape)``: timed whole and
@@ -337,8 +358,10 @@ class HalvingSearch(Search):
             if st not in self.predicted:
                 self.predicted[st] = self._predict([self._module_of(trial)])[0]
             trial.predicted_ms = self.predicted[st]
+            trial.predicted_batch_ms = self.predicted_batch.get(st)
         elif self.lut is not None and self.unpruned is not None:
             trial.predicted_ms = self.unpruned.p50_ms
+            trial.predicted_batch_ms = self.unpruned.batch_ms
         return trial
 
     def _module_of(self, trial: Trial) -> tuple[Any, list[int]]:
@@ -374,15 +397,20 @@ class HalvingSearch(Search):
 
     def _value(self, trial: Trial) -> float | None:
         """What the constraint (or the target) bounds of ``trial``: batch-1 ms (measured
-        when deployed, else predicted), bytes (deployed, else an estimate: its non-zero
-        parameters at the deployment's bits per weight, and a sparse model's mask of a
-        bit per weight), or MACs."""
+        when deployed, else predicted; with ``speed both`` and no constraint, its
+        geometric mean with the batch call's ms an image), bytes (deployed, else an
+        estimate: its non-zero parameters at the deployment's bits per weight, and a
+        sparse model's mask of a bit per weight), or MACs."""
         c = self.cfg.constraint
         kind = c[0] if c else ("latency_ms" if self.cfg.target == "latency" else "size_mb")
         if kind in ("latency_ms", "speedup"):
-            if trial.candidate.deployed and trial.p50_ms:
-                return trial.p50_ms
-            return trial.predicted_ms
+            measured = trial.candidate.deployed and trial.p50_ms
+            one = trial.p50_ms if measured else trial.predicted_ms
+            many = trial.batch_ms if measured else trial.predicted_batch_ms
+            if self._batch_too and one and many:
+                # a product: the ranking does not depend on how the two are weighed
+                return math.sqrt(one * many / self.cfg.measure_batch)
+            return one
         if kind == "macs":
             return trial.macs
         if trial.candidate.deployed and trial.size_bytes:
@@ -421,6 +449,8 @@ class HalvingSearch(Search):
             self.log(f"compress: rung {rung}: its {len(timed)} files timed side by side "
                      "before promotion")
             self.retime(timed, rounds=3)
+            if self._batch_too:
+                self.retime(timed, rounds=3, batch=self.cfg.measure_batch)
         if self.cfg.constraint is not None:
             ranked = sorted((t for t in done if self._meets(t)), key=lambda t: -t.top1)
         else:
@@ -500,61 +530,16 @@ class HalvingSearch(Search):
         return (f"no deployed candidate meets {self._constraint_text()}; loosen "
                 "it, or allow deeper pruning (--channel-ratios, --drop-blocks)")
 
-    # -- time -------------------------------------------------------------------------
-
-    def _cost(self, rung: int) -> float | None:
-        """Seconds one candidate of ``rung`` is expected to take, from those run in
-        this call (fine-tuning time grows with the rung's epochs)."""
-        ran = [t for t in self._trials_seen if t.seconds > 0 and t.candidate.rung is not None
-               and t.candidate.rung >= 0 and t.candidate.pruned]
-        if not ran:
-            return None
-        per_epoch = statistics.median(
-            t.seconds / (self.cfg.rungs[t.candidate.rung] + 0.1) for t in ran)
-        return per_epoch * (self.cfg.rungs[min(rung, len(self.cfg.rungs) - 1)] + 0.1)
-
-    def _out_of_time(self, rung: int) -> bool:
-        budget = self.cfg.time_budget_s
-        if budget is None:
-            return False
-        cost = self._cost(rung) or 0.0
-        if time.perf_counter() - self.started + cost <= budget:
-            return False
-        if not self.stopped_by_time:
-            self.stopped_by_time = True
-            self.log(f"compress: the time budget ({budget / 60:.0f} min) would be passed by "
-                     f"the next candidate (about {cost / 60:.1f} min): choosing from what "
-                     "was found")
-            self.notes.append(
-                f"stopped by the time budget ({budget / 60:.0f} min) during rung {rung}")
-        return True
-
-    def _affordable(self, rung: int, quota: int) -> int:
-        """``quota`` cut to what the time budget leaves for ``rung`` (at least one)."""
-        budget, cost = self.cfg.time_budget_s, self._cost(rung)
-        if budget is None or not cost:
-            return quota
-        left = budget - (time.perf_counter() - self.started)
-        return max(1, min(quota, int(left // cost)))
-
-    def _progress(self, rung: int, left_in_rung: int) -> str:
-        elapsed = time.perf_counter() - self.started
-        eta = ""
-        cost = self._cost(rung)
-        if cost:
-            rest, n = left_in_rung * cost, len(self._at(rung)) + left_in_rung
-            for later in range(rung + 1, len(self.cfg.rungs)):
-                n = min(n, max(2, math.ceil(n / self.cfg.eta)))
-                rest += n * (self._cost(later) or 0.0)
-            left = "under a minute" if rest < 60 else f"about {rest / 60:.0f} min"
-            eta = f"; {left} left (from this call's fine-tuning speed)"
-        return f"compress: {elapsed / 60:.1f} min in{eta}"
-
-    def _at(self, rung: int) -> list[Trial]:
-        return [t for t in self._trials_seen if t.candidate.rung == rung]
-
     def _retime_side_by_side(self, trials: list[Trial]) -> None:
         super()._retime_side_by_side(trials)
+        near = [t for t in self._to_retime(trials) if t.candidate.name in self.retimed]
+        if self._batch_too and len(near) >= 2:
+            self.log(f"compress: and at batch {self.cfg.measure_batch}")
+            self.retime(near, 3, batch=self.cfg.measure_batch)
+            self.notes.append(
+                f"speed judged as the geometric mean of the batch-1 p50 and the time an "
+                f"image of a batch-{self.cfg.measure_batch} call (speed both), each timed "
+                "side by side")
         self._latency_note(trials)
 
     def _latency_note(self, trials: list[Trial]) -> None:

@@ -235,8 +235,10 @@ class LatencyModel:
                          for x, y in zip(sums, measured, strict=True)) / var
         self.overhead_ms = mean_y - self.scale * mean_x
 
-    def whole_ms(self, models: Sequence[tuple[nn.Module, Sequence[int]]]) -> list[float]:
-        """Each model's batch-1 latency in ms, the model timed whole (deployed as a probe
+    def whole_ms(self, models: Sequence[tuple[nn.Module, Sequence[int]]], batch: int = 1
+                 ) -> list[float]:
+        """Each model's latency in ms a call of ``batch`` images (a separate entry of the
+        table from batch 1's), the model timed whole (deployed as a probe
         is, untrained weights and all: latency does not depend on them), all those the
         table lacks round-robin together, and kept in the table under the signature of
         its module tree and layers. Exact up to noise where the per-unit sum is not (a
@@ -250,7 +252,8 @@ class LatencyModel:
         for module, shape in models:
             layers = units(module, shape)
             wholes.append(WholeModel(module, tuple(int(d) for d in shape),
-                                     repr(module) + ";".join(u.key for _, u in layers)))
+                                     repr(module) + ";".join(u.key for _, u in layers),
+                                     batch=batch))
         self._ensure(wholes)  # type: ignore[arg-type]
         return [self.table.ms(w.key) for w in wholes]
 
@@ -298,11 +301,13 @@ class LatencyModel:
                     raise UserError(f"latency table: cannot deploy {key} on {self._what()}: "
                                     f"{exc}") from exc
                 self._progress.deployed_one(time.perf_counter() - began)
+            batches = [unit.batch if isinstance(unit, WholeModel) else 1 for _, unit in items]
             timings = time_round_robin(opened, on_round=lambda r: self._progress.round_done(
-                r, PROBE_ROUNDS, len(opened)))
+                r, PROBE_ROUNDS, len(opened)), batches=batches)
             again = [i for i, t in enumerate(timings) if t.noisy]
             if again:
-                retaken = time_round_robin([opened[i] for i in again])
+                retaken = time_round_robin([opened[i] for i in again],
+                                           batches=[batches[i] for i in again])
                 for i, timing in zip(again, retaken, strict=True):
                     if timing.unsteadiness < timings[i].unsteadiness:
                         timings[i] = timing

@@ -126,12 +126,15 @@ class WholeModel:
     module: nn.Module = field(compare=False, repr=False)
     input_shape: tuple[int, ...]
     signature: str  # what the key hashes: its module tree and every layer's key, in order
+    batch: int = 1  # images a call
 
     @property
     def key(self) -> str:
-        """``model 3x28x28 <16 hex of its layers' signatures>``."""
+        """``model 3x28x28 <16 hex of its layers' signatures>``, `` batch 32`` after it
+        for a call of 32 images."""
         tree = hashlib.sha256(self.signature.encode()).hexdigest()[:16]
-        return f"model {'x'.join(map(str, self.input_shape))} {tree}"
+        more = f" batch {self.batch}" if self.batch != 1 else ""
+        return f"model {'x'.join(map(str, self.input_shape))} {tree}{more}"
 
     def probe(self) -> tuple[nn.Module, list[int]]:
         """A copy of the model, in float and eval mode, and its input shape."""
@@ -241,14 +244,16 @@ def warm_up(session: nn.Module, one: torch.Tensor, seconds: float) -> None:
 
 
 def time_round_robin(probes: list[tuple[nn.Module, list[int]]], *, rounds: int = PROBE_ROUNDS,
-                     on_round: Callable[[int], None] | None = None) -> list[ProbeTiming]:
-    """Time opened probes at batch 1 by ``time_model``, all of them once per round,
-    ``rounds`` rounds: a load that comes and goes while the table is built lands on every
-    probe alike instead of on the few timed then. In each round each probe is first
-    called for ``PROBE_WARM_S`` seconds (``warm_up``), then timed for at least
-    ``PROBE_RUNS / rounds`` calls and ``PROBE_SECONDS / rounds`` seconds."""
-    inputs = [torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-              for _, shape in probes]
+                     on_round: Callable[[int], None] | None = None,
+                     batches: list[int] | None = None) -> list[ProbeTiming]:
+    """Time opened probes by ``time_model`` (at batch 1, or each at its ``batches``),
+    all of them once per round, ``rounds`` rounds: a load that comes and goes while the
+    table is built lands on every probe alike instead of on the few timed then. In each
+    round each probe is first called for ``PROBE_WARM_S`` seconds (``warm_up``), then
+    timed for at least ``PROBE_RUNS / rounds`` calls and ``PROBE_SECONDS / rounds``
+    seconds."""
+    inputs = [torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
+              for (_, shape), n in zip(probes, batches or [1] * len(probes), strict=True)]
     per_round: list[list[Latency]] = [[] for _ in probes]
     for r in range(rounds):
         for i, ((session, _), one) in enumerate(zip(probes, inputs, strict=True)):

@@ -86,6 +86,8 @@ class Trial:
     nonzero_params: int | None = None
     params: int | None = None
     predicted_ms: float | None = None  # the latency model's batch-1 p50, before training
+    batch_ms: float | None = None  # the p50 of a call of ``measure_batch`` images
+    predicted_batch_ms: float | None = None  # and its prediction, before training
     # wall time of its run in this call (0: recorded before); not part of what it is
     seconds: float = field(default=0.0, compare=False)
 
@@ -316,8 +318,11 @@ class Search:
                 self.log(f"compress: warning: {warning}")
                 self.notes.append(f"warning: {warning}")
         floor = self.ref_top1 - self.cfg.spendable_points / 100
+        batch = measured.throughput
         return Trial(candidate=cand, top1=deploy["top1"], size_bytes=size,
                      p50_ms=deploy["latency_p50_ms"], artifact=artifact,
+                     batch_ms=(batch.p50_ms if batch is not None
+                               and batch.batch_size == self.cfg.measure_batch else None),
                      within=deploy["top1"] >= floor - 1e-12, ref_top1=self.ref_top1,
                      accuracy=measured.accuracy, macs=measured.macs,
                      nonzero_params=measured.nonzero_params, params=measured.params)
@@ -403,7 +408,7 @@ class Search:
     def retime(self, trials: list[Trial], rounds: int, batch: int = 1) -> list[float]:
         """The median of ``rounds`` timings of each of ``trials``, taken round-robin in
         this process, in ms a call of ``batch`` images; at batch 1 each trial's p50 is
-        replaced by it."""
+        replaced by it, at ``measure_batch`` its ``batch_ms``."""
         threads = self.cfg.threads or MeasureOptions().threads
         opened = [open_model_file(self.out / CELLS_DIR / t.candidate.name / str(t.artifact),
                                   threads=threads) for t in trials]
@@ -428,6 +433,8 @@ class Search:
                 trial.p50_ms = ms
                 self.log(f"  {trial.candidate.name}: p50 {ms:.3f} ms")
             else:
+                if batch == self.cfg.measure_batch:
+                    trial.batch_ms = ms
                 self.log(f"  {trial.candidate.name}: batch {batch} at "
                          f"{batch * 1000 / ms:,.0f} img/s")
         return medians
