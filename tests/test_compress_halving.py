@@ -360,3 +360,23 @@ def test_time_round_robin_calls_each_probe_at_its_batch() -> None:
     assert all(t.p50_ms > 0 for t in timings)
     keys = {WholeModel(one, (1, 4, 4), "sig", batch=n).key for n in (1, 32)}
     assert len(keys) == 2 and "model 1x4x4" in min(keys)
+
+
+def test_constraint_promotes_those_just_over_a_latency_bound_after_those_meeting_it() -> None:
+    """The 0.15 ms search: its two rung-1 candidates timed just over the bound at rung 2
+    and none went on, though the machine later timed them under it."""
+    from netshrink.compress.halving import HalvingSearch
+
+    search = HalvingSearch.__new__(HalvingSearch)  # only what _promote reads
+    search.cfg = CompressConfig(target="latency", max_latency_ms=0.15, eta=3)
+    search._trials_seen = []
+    search.unpruned = None
+    meets = _timed(4, 0.6, 0.140, None, top1=0.897)
+    near_good = _timed(4, 0.5, 0.160, None, top1=0.905)
+    near_worse = _timed(3, 0.5, 0.165, None, top1=0.901)
+    far = _timed(2, 0.2, 0.260, None, top1=0.912)
+    search.log = lambda line: None
+    search.retime = lambda trials, rounds, batch=1: []  # type: ignore[method-assign]
+    promoted = search._promote(1, [far, near_worse, near_good, meets])
+    assert promoted == [meets, near_good]
+    assert search._best([far, near_good, meets]) is meets  # the pick must meet it
