@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from netshrink.api.data import Data, bundle
-from netshrink.api.result import Compressed
+from netshrink.api.result import Compressed, ScratchFolder
 from netshrink.data import Batch, DataBundle, DatasetInfo
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, custom_spec, io_widths
@@ -169,7 +169,9 @@ def run_method(verb: str, base: Compressed, config: BaseModel, *, device: str = 
     """Run ``config``'s handler on a copy of ``base``'s model, on the splits ``data``
     names (``verb_data``'s arguments); the result as a ``Compressed``. The handler works
     in a fresh temporary folder; a deployable file it makes is copied into ``out`` when
-    given (never over a file of the user's), else stays in that folder.
+    given (never over a file of the user's), else stays in that folder, which the result
+    then owns (``ScratchFolder``: removed once the result is garbage collected). Every
+    other way out of here, a failure included, removes the folder before returning.
 
     Raises:
         UserError: ``config`` is not one of ``verb``'s methods, or the method's refusal.
@@ -182,7 +184,7 @@ def run_method(verb: str, base: Compressed, config: BaseModel, *, device: str = 
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"out={out}: a file; give a folder for the files {verb} writes")
     work = Path(tempfile.mkdtemp(prefix="netshrink-"))
-    keep = False
+    owner: ScratchFolder | None = None
     try:
         ctx = StageContext(data=splits, spec=_spec_of(base, module), device=device, seed=0,
                            run_dir=work, stage_dir=work, meta=dict(base.meta), log=LOG.info,
@@ -196,10 +198,13 @@ def run_method(verb: str, base: Compressed, config: BaseModel, *, device: str = 
         if made.file is not None and out is not None:
             make_dirs(out)
             made.file = place_file(made.file, out / made.file.name, flag="out=")
-        keep = made.file is not None and made.file.is_relative_to(work)
+        if made.file is not None and made.file.is_relative_to(work):
+            # The file must outlive this call but not the result: the folder's removal
+            # is handed to the result, the last step here (nothing after it can fail).
+            owner = made._scratch = ScratchFolder(work)
         return made
     finally:
-        if not keep:
+        if owner is None:
             shutil.rmtree(work, ignore_errors=True)
 
 

@@ -4,6 +4,8 @@ that can be called on a batch, evaluated, measured and saved (and loaded back)."
 from __future__ import annotations
 
 import json
+import shutil
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,38 @@ from netshrink.store.kinds import file_kind
 from netshrink.store.outputs import check_output_file, is_model_kind
 from netshrink.store.packed import pack_model
 
-__all__ = ["Compressed"]
+__all__ = ["Compressed", "ScratchFolder"]
+
+
+class ScratchFolder:
+    """A temporary folder that lives as long as this object: removed when the last
+    reference to it goes (or at interpreter exit at the latest), or by ``remove``.
+
+    A verb run without ``out=`` leaves its result's file in the folder it worked in; the
+    result holds this object, so the file lasts exactly as long as the result (and any
+    copy of it) that runs it, and no folder outlives them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # weakref.finalize rather than __del__: it also runs at interpreter exit, and it
+        # holds no reference to self, so it cannot keep the object alive.
+        self._finalizer = weakref.finalize(self, shutil.rmtree, path, ignore_errors=True)
+
+    def remove(self) -> None:
+        """Remove the folder now (once; later calls do nothing)."""
+        self._finalizer()
+
+    @property
+    def removed(self) -> bool:
+        """Whether the folder was removed (by ``remove``, or its owner going away)."""
+        return not self._finalizer.alive
+
+    def __copy__(self) -> ScratchFolder:
+        return self  # a copied result shares the one folder: removed after the last
+
+    def __deepcopy__(self, memo: dict) -> ScratchFolder:
+        return self
 
 
 @dataclass
@@ -49,6 +82,10 @@ class Compressed:
         input_shape: one image ``[C, H, W]``.
         notes: what the verb did, in words.
         codebooks: k-means codebooks by layer (packed into ``.nspk`` files on save).
+
+    A result made without ``out=`` keeps its file in a temporary folder that is removed
+    once the result (and every copy of it) is garbage collected: ``save`` the file, or
+    give the verb ``out=``, to keep it.
     """
 
     model: nn.Module | None
@@ -64,6 +101,9 @@ class Compressed:
     codebooks: dict[str, Codebook] | None = None
     stats: ModelStats | None = None
     _session: nn.Module | None = field(default=None, repr=False)
+    # The temporary folder ``file`` lives in, when a verb made it there: held so that the
+    # folder goes with the last result that can run its file (``ScratchFolder``).
+    _scratch: ScratchFolder | None = field(default=None, repr=False, compare=False)
 
     def _spec_to_save(self, model: nn.Module, factory: str | None,
                       factory_kwargs: dict[str, Any] | None) -> ModelSpec:
@@ -102,12 +142,29 @@ class Compressed:
                 raise UserError("this result holds no model to run")
             return self.model
         if self._session is None:
-            stats = self.stats or (model_stats(self.model, self.input_shape)
-                                   if self.model is not None else ModelStats(0, 0, None))
-            self._session = open_runtime(self.file, self.runtime, stats=stats,
-                                         precision=self.precision if self.runtime ==
-                                         "openvino" else None)
+            self._session = self._open_session(None)
         return self._session
+
+    def _open_session(self, threads: int | None) -> nn.Module:
+        """The runtime's session over ``file``, with ``threads`` intra-op threads (None:
+        torch's current count, ``open_runtime``'s default)."""
+        assert self.file is not None
+        stats = self.stats or (model_stats(self.model, self.input_shape)
+                               if self.model is not None else ModelStats(0, 0, None))
+        session = open_runtime(self.file, self.runtime, stats=stats, threads=threads,
+                               precision=self.precision if self.runtime == "openvino"
+                               else None)
+        if self._session is not None:  # what ``load`` learned of the file still holds
+            session.activation_bytes = getattr(self._session, "activation_bytes", None)
+        return session
+
+    def _module_with(self, threads: int) -> nn.Module:
+        """``module``, its runtime session opened again when it runs another number of
+        threads than ``threads`` (a session's count is fixed when it is made)."""
+        module = self.module
+        if isinstance(module, Executable) and module.threads not in (None, threads):
+            self._session = module = self._open_session(threads)
+        return module
 
     def __call__(self, images: Tensor) -> Tensor:
         """Logits for a batch of images ``[N, C, H, W]``."""
@@ -128,10 +185,16 @@ class Compressed:
     def measure(self, data: Data | None = None, *, options: MeasureOptions | None = None
                 ) -> Measurement:
         """Size (of the saved or deployable file), params, MACs, latency, throughput,
-        memory and, with ``data``, top-1/top-5 — ``netshrink.bench.measure``."""
+        memory and, with ``data``, top-1/top-5 — ``netshrink.bench.measure``.
+
+        A runtime's session runs the threads ``options.threads`` asks for, else the
+        caller's current torch count (``torch.get_num_threads()``), as a torch model
+        would: one opened with another count is opened again for it."""
         split = as_split(data, "data")
         size_file = self.file
-        return measure(self.module, input_shape=self.input_shape, data=split,
+        asked = options.threads if options is not None else None
+        module = self._module_with(asked if asked is not None else torch.get_num_threads())
+        return measure(module, input_shape=self.input_shape, data=split,
                        file=size_file, options=options)
 
     def save(self, path: str | Path, *, factory: str | None = None,

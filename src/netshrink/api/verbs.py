@@ -102,7 +102,8 @@ def quantize(model: Model, config: BaseModel | None = None, *,
         val: held-out labelled batches (``accuracy_budget``).
         example_input: one batch the model takes (else the shape comes from the data).
         out: the folder the result's file is written to; default: a new temporary
-            folder.
+            folder that the result owns, removed once the result (and every copy of
+            it) is garbage collected (``save`` the file to keep it).
 
     Raises:
         UserError: not a quantization config, missing data its method needs, an ONNX

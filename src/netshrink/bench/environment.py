@@ -164,7 +164,8 @@ def environment(*, device: str = "cpu", threads: int, seed: int) -> Environment:
 
     Args:
         device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"`` for a given GPU).
-        threads: torch intra-op threads the timing runs with.
+        threads: intra-op threads the timing runs with (torch's, or a runtime
+            session's).
         seed: the seed of the measurement's random inputs.
 
     Returns:

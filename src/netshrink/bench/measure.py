@@ -30,7 +30,7 @@ from netshrink.models.footprint import check_activation, input_bytes, meta_forwa
 from netshrink.runtime.base import Executable
 from netshrink.runtime.torch_exec import cuda_flags
 
-__all__ = ["artifact_size", "file_size", "measure"]
+__all__ = ["artifact_size", "file_size", "measure", "measure_threads"]
 
 def artifact_size(file: Path) -> int:
     """Bytes a saved model takes on disk: the file's size, or the sum over a directory.
@@ -109,6 +109,25 @@ def activation_bytes(model: nn.Module, shape: list[int]) -> int:
         return known
 
 
+def measure_threads(model: nn.Module, asked: int | None) -> int:
+    """The intra-op thread count a measurement of ``model`` runs with and records:
+    ``asked`` when given; else, for a runtime's session, the count it was opened with
+    (a session's threads are fixed when it is made); else the caller's torch count.
+
+    Raises:
+        UserError: ``asked`` is not the count ``model``'s session was opened with (the
+            measurement would record a count the runtime never used).
+    """
+    own = model.threads if isinstance(model, Executable) else None
+    if asked is not None and own is not None and own != asked:
+        raise UserError(f"the {model.runtime} session was opened with {own} threads, not "
+                        f"the {asked} the measurement asks for: open it with "
+                        f"threads={asked}, or leave MeasureOptions.threads unset")
+    if asked is not None:
+        return asked
+    return own if own is not None else torch.get_num_threads()
+
+
 def measure(
     model: nn.Module,
     *,
@@ -126,8 +145,11 @@ def measure(
     The caller's model is never changed: a deep copy is put in eval mode and moved to the
     device, and everything runs on the copy. The random inputs come from a private
     generator seeded with ``options.seed``, so torch's global RNG is left alone too.
-    Everything runs with ``options.threads`` torch intra-op threads; the old count is
-    restored after.
+    Everything runs with ``options.threads`` torch intra-op threads when it is given, and
+    the caller's count is restored after; left None, the caller's current count is used
+    and nothing is changed. The count recorded (``environment.threads``) is the one the
+    model ran with: for a runtime's session, the count it was opened with
+    (``measure_threads``).
 
     Steps: parameter counts, MACs for one image, latency at batch 1, throughput at batch
     ``options.batch_size`` (both after untimed warm-up calls, with at least the asked
@@ -166,7 +188,8 @@ def measure(
     batches = [opts.batch_size] + ([opts.eval_batch_size or opts.batch_size] if data else [])
     check_activation(activation_bytes(model, shape), max(batches),
                      str(file) if file is not None else f"{type(model).__name__} model")
-    env = environment(device=opts.device, threads=opts.threads, seed=opts.seed)
+    threads = measure_threads(model, opts.threads)
+    env = environment(device=opts.device, threads=threads, seed=opts.seed)
     dev = resolve_device(opts.device)
     rel_file, size_bytes = file_size(file, run_dir)
 
@@ -193,6 +216,7 @@ def measure(
     # autotuning (a prepared Executable sets its own flags on every call).
     flags = (cuda_flags(dev, "fp32") if dev.type == "cuda" and not isinstance(model, Executable)
              else contextlib.nullcontext())
+    # Only an asked count is set (and undone after); None leaves the caller's own alone.
     with num_threads(opts.threads), flags:
         macs = (model.stats.macs if isinstance(model, Executable)
                 else count_macs(work, shape) or None)

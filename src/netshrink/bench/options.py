@@ -29,7 +29,10 @@ class MeasureOptions(BaseModel):
 
     Args:
         device: ``"cpu"`` or ``"cuda"``.
-        threads: torch intra-op threads.
+        threads: intra-op threads of the timed runs (torch's, or a runtime session's);
+            None: the caller's, ``torch.get_num_threads()`` as ``measure`` is called (or
+            the count a runtime's session was opened with). A number is set for the
+            measurement only: torch's count is restored after.
         seed: seed of the random inputs.
         batch_size: batch size of the throughput measurement.
         eval_batch_size: batch size for accuracy; defaults to ``batch_size``.
@@ -51,7 +54,9 @@ class MeasureOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     device: str = "cpu"
-    threads: int = Field(default=2, gt=0)
+    # None, not a number: a library must not override the thread count its caller chose
+    # (torch.set_num_threads, OMP_NUM_THREADS); the count used is recorded either way.
+    threads: int | None = Field(default=None, gt=0)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     batch_size: int = Field(default=32, gt=0)
     eval_batch_size: int | None = Field(default=None, gt=0)
@@ -74,6 +79,9 @@ class MeasureConfig(BaseModel):
     split: Literal["test", "val"] = "test"
     max_eval_images: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=32, gt=0)
+    # A recipe states its thread count (2 unless written): its stages, resumed runs and
+    # cached baselines are compared with each other, so they must not follow whatever
+    # the shell running it happens to set.
     threads: int = Field(default=2, gt=0)
     latency: bool = True  # time batch-1 latency and batch-N throughput
     # In a GPU recipe, also time every torch stage on the CPU (no accuracy: same weights),

@@ -23,7 +23,7 @@ class Environment(BaseModel):
     cores: int  # logical cores the process may use
     gpu: str | None = None  # e.g. "NVIDIA H100 80GB HBM3"; None when measured on CPU
     device: str = "cpu"  # "cpu" or "cuda"
-    threads: int  # torch intra-op threads during timing
+    threads: int  # intra-op threads during timing: torch's, or the runtime session's
     seed: int
     python: str
     versions: dict[str, str]  # torch, netshrink, numpy, onnxruntime, ... (those installed)

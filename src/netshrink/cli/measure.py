@@ -295,8 +295,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="val: the images the file's run held out of training (the file "
                         "must record that split)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per call")
-    p.add_argument("--threads", type=positive_int, default=2,
-                   help="ONNX Runtime / OpenVINO threads")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="ONNX Runtime / OpenVINO threads (default: torch's, which follows "
+                        "OMP_NUM_THREADS)")
     runtime_arg(p)
     device_arg(p, trains=False)
     p.set_defaults(fn=cmd_eval)
@@ -336,7 +337,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", type=input_shape,
                    help="one image's shape, e.g. 3x224x224 (default: what the file says; "
                         "224 a side for --arch, 32 with the cifar stem)")
-    p.add_argument("--threads", type=positive_int, default=2, help="threads to run with")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="threads to run with (default: torch's, which follows "
+                        "OMP_NUM_THREADS); the measurement records the count")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="batch of the throughput timing")
     p.add_argument("--repeats", type=positive_int, default=3,

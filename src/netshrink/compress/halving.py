@@ -217,7 +217,7 @@ class HalvingSearch(TimeBudget, Search):
             raise UserError("compress: the unpruned model's latency was not measured; "
                             "latency needs timing (leave out --no-timing)")
         self.lut = LatencyModel(self.runtime, precision="int8",
-                                threads=self.cfg.threads or _threads(), log=self.log)
+                                threads=self.cfg.timing_threads, log=self.log)
         modules = {st: self._module_of(t) for st, t in built.items()}
         unpruned = self._module_of(self.unpruned)
         self.whole = len(built) <= WHOLE_MAX
@@ -577,12 +577,6 @@ class HalvingSearch(TimeBudget, Search):
                "pruned structure")
         self.notes.append(f"latency model ({self.runtime}, {how}): " + prediction_errors(
             made, alongside, self.ref_ms, base))  # type: ignore[arg-type]
-
-
-def _threads() -> int:
-    from netshrink.bench.options import MeasureOptions
-
-    return MeasureOptions().threads
 
 
 def _pareto_order(trials: list[Trial], key: Any) -> list[Trial]:

@@ -121,7 +121,7 @@ class CompressConfig(BaseModel):
             split); calib_size: calibration images for INT8.
         timing: time every candidate (batch 1 and ``measure_batch``); ``latency`` needs it.
         measure_batch: the throughput batch size.
-        threads: threads while timing.
+        threads: threads while timing; None: the recipes' default (2).
         search: ``halving`` (successive halving: every structure of the space fine-tuned
             briefly and judged, the promising third fine-tuned longer, rung after rung,
             ranked by the Pareto front of top-1 and the target among those the budget
@@ -191,6 +191,15 @@ class CompressConfig(BaseModel):
     time_budget_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     workers: int = Field(default=1, ge=1, le=64)
     executor: Literal["local", "ray"] = "local"
+
+    @property
+    def timing_threads(self) -> int:
+        """``threads`` with None resolved: the recipes' default (``MeasureConfig``). The
+        candidates are measured by recipes, so the side-by-side retiming and the latency
+        model must run that count too, never the caller's torch setting."""
+        from netshrink.bench.options import MeasureConfig
+
+        return self.threads or MeasureConfig().threads
 
     @property
     def constraint(self) -> tuple[str, float] | None:

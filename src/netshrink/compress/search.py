@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from netshrink.bench.options import MeasureOptions
 from netshrink.bench.schema import Accuracy, Measurement
 from netshrink.bench.timing import time_model
 from netshrink.compress.candidates import (
@@ -409,7 +408,7 @@ class Search:
         """The median of ``rounds`` timings of each of ``trials``, taken round-robin in
         this process, in ms a call of ``batch`` images; at batch 1 each trial's p50 is
         replaced by it, at ``measure_batch`` its ``batch_ms``."""
-        threads = self.cfg.threads or MeasureOptions().threads
+        threads = self.cfg.timing_threads
         opened = [open_model_file(self.out / CELLS_DIR / t.candidate.name / str(t.artifact),
                                   threads=threads) for t in trials]
         times: list[list[float]] = [[] for _ in trials]

@@ -208,10 +208,15 @@ class ModelCache:
         try:
             gone = Path(tempfile.mkdtemp(prefix=f".removed-{entry.key[:12]}-",
                                          dir=entry.folder.parent))
+        except OSError:
+            return False  # a read-only cache
+        try:
             entry.folder.rename(gone / entry.key)
         except OSError:
-            return False  # removed meanwhile by another process, or a read-only cache
-        shutil.rmtree(gone, ignore_errors=True)
+            return False  # removed meanwhile by another process
+        finally:
+            # Emptied or not, the folder made for the rename is never left behind.
+            shutil.rmtree(gone, ignore_errors=True)
         return True
 
     def prune(self, *, unused_days: float | None = None, max_bytes: int | None = None,
@@ -279,6 +284,7 @@ class ModelCache:
             tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=folder.parent))
         except OSError:
             return
+        filed = False
         try:
             (tmp / SIDE_FILES).mkdir()
             for side in model_file.parent.iterdir():
@@ -291,5 +297,11 @@ class ModelCache:
             entry = {**info, "sha256": file_sha256(tmp / MODEL_FILE)}
             (tmp / ENTRY_FILE).write_text(json.dumps(entry, indent=2, default=str))
             tmp.rename(folder)
+            filed = True
         except OSError:  # unwritable, full, or another run filed the same key first
-            shutil.rmtree(tmp, ignore_errors=True)
+            pass
+        finally:
+            # Any other error (an interrupt) propagates, but the half-written folder goes
+            # now rather than waiting for ``prune``'s day-old sweep.
+            if not filed:
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -49,13 +49,17 @@ class Executable(nn.Module):
 
     def __init__(self, *, runtime: str, precision: str, stats: ModelStats,
                  options: dict[str, object] | None = None,
-                 close: Callable[[], None] | None = None) -> None:
+                 close: Callable[[], None] | None = None,
+                 threads: int | None = None) -> None:
         super().__init__()
         self.runtime = runtime
         self.precision = precision
         self.stats = stats
         self.options = options  # how it was prepared (recorded with its measurement)
         self._close = close
+        # Intra-op threads the runtime's session was opened with (fixed from then on, so
+        # a measurement records this count); None: it follows torch's (or uses none).
+        self.threads = threads
 
     # False when the runtime allocates its memory itself, out of sight of the measurement.
     memory_visible = True
@@ -85,8 +89,10 @@ class RuntimeModule(Executable):
         precision: str,
         stats: ModelStats,
         close: Callable[[], None] | None = None,
+        threads: int | None = None,
     ) -> None:
-        super().__init__(runtime=runtime, precision=precision, stats=stats, close=close)
+        super().__init__(runtime=runtime, precision=precision, stats=stats, close=close,
+                         threads=threads)
         self._run = run
 
     def forward(self, x: Tensor) -> Tensor:

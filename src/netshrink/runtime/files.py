@@ -148,7 +148,7 @@ def open_model_file(
     path: Path,
     *,
     device: str = "cpu",
-    threads: int = 2,
+    threads: int | None = None,
     runtime: str | None = None,
 ) -> OpenedModel:
     """Open any model file netshrink writes, told by content (see the module docstring).
@@ -157,7 +157,8 @@ def open_model_file(
         path: a ``.safetensors``, torch ``.pth``, ``.onnx``, ``.nspk`` or OpenVINO ``.xml``
             file (or a folder holding one IR), whatever its name.
         device: where a torch model runs (``cpu``, ``cuda``); runtimes run on the CPU.
-        threads: intra-op threads for ONNX Runtime and OpenVINO.
+        threads: intra-op threads for ONNX Runtime and OpenVINO; None: torch's current
+            count (``open_runtime``).
         runtime: run an ONNX model in ``onnxruntime`` or ``openvino``; None: the runtime
             the file's run measured it in (ONNX Runtime when it does not say).
 
@@ -447,7 +448,8 @@ def _per_image(footprint: int | None, batch: int | None, shape: list[int] | None
     return max(footprint or 0, input_bytes(shape))
 
 
-def _open_onnx(path: Path, kind: Kind, *, runtime: str | None, threads: int) -> OpenedModel:
+def _open_onnx(path: Path, kind: Kind, *, runtime: str | None, threads: int | None
+               ) -> OpenedModel:
     if runtime == "torch":
         raise UserError(f"{path}: {DESCRIBED[kind]} holding an ONNX model runs in "
                         "onnxruntime or openvino, not torch")
@@ -515,7 +517,7 @@ def _ir_counts(model: Any) -> ModelStats:
     return ModelStats(params=params, nonzero_params=nonzero, macs=None)
 
 
-def _open_ir(path: Path, *, runtime: str | None, threads: int) -> OpenedModel:
+def _open_ir(path: Path, *, runtime: str | None, threads: int | None) -> OpenedModel:
     if runtime not in (None, "openvino"):
         raise UserError(f"{path}: OpenVINO IR runs in openvino, not {runtime}")
     ov = require("openvino")

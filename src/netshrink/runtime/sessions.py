@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from netshrink.errors import UserError
@@ -96,7 +97,8 @@ def _onnx_file(path: Path) -> Iterator[tuple[Path, Any]]:
         yield path, None
         return
     model = load_onnx(path)
-    with tempfile.TemporaryDirectory() as tmp:
+    # Named as netshrink's, so that a folder left behind (a killed process) says whose.
+    with tempfile.TemporaryDirectory(prefix="netshrink-") as tmp:
         copy = Path(tmp) / "model.onnx"
         copy.write_bytes(model.SerializeToString())
         yield copy, model
@@ -107,7 +109,7 @@ def open_runtime(
     runtime: str,
     *,
     stats: ModelStats,
-    threads: int = 2,
+    threads: int | None = None,
     precision: str | None = None,
     device: str = "cpu",
     options: dict[str, Any] | None = None,
@@ -120,7 +122,10 @@ def open_runtime(
         path: an ``.onnx`` file, or an OpenVINO ``.xml`` (its ``.bin`` beside it).
         runtime: the runtime's name.
         stats: counts of the source torch model, kept for the measurement.
-        threads: intra-op threads the runtime may use.
+        threads: intra-op threads the runtime may use; None: torch's current count
+            (``torch.get_num_threads()``, which follows ``torch.set_num_threads`` and
+            ``OMP_NUM_THREADS``), so a session runs with the caller's setting. Fixed
+            for the session's life and kept as its ``threads``.
         precision: OpenVINO's inference precision for float layers ("fp32" or "bf16");
             None: fp32, and for ONNX the file's own precision is recorded. For torch:
             "fp16" files compute in fp32 on a CPU (emulated fp16 is several times slower),
@@ -134,6 +139,8 @@ def open_runtime(
     Raises:
         UserError: an unknown or missing runtime, or a file it cannot read.
     """
+    if threads is None:
+        threads = torch.get_num_threads()
     if threads < 1:
         raise UserError(f"threads must be at least 1, not {threads}")
     if not path.exists():
@@ -182,7 +189,8 @@ def _onnxruntime(path: Path, *, threads: int, stats: ModelStats, precision: str 
                             f"{getattr(x, 'dtype', type(x).__name__)} input: "
                             f"{_brief(exc)}") from None
 
-    return RuntimeModule(run, runtime="onnxruntime", precision=recorded, stats=stats)
+    return RuntimeModule(run, runtime="onnxruntime", precision=recorded, stats=stats,
+                         threads=threads)
 
 
 def ort_errors() -> tuple[type[Exception], ...]:
@@ -234,7 +242,10 @@ def _openvino(path: Path, *, threads: int, stats: ModelStats, precision: str | N
             in_file = onnx_precision(proto if proto is not None else path)
             recorded = in_file if in_file.startswith("int8") else recorded
     run = StaticShapes(core, model, config, dynamic.create_infer_request(), path)
-    return RuntimeModule(run, runtime="openvino", precision=recorded, stats=stats)
+    # The count asked, as ONNX Runtime's: OpenVINO itself takes at most the cores there
+    # are (3 asked on 2 cores runs 2), and a session is known by the setting it was given.
+    return RuntimeModule(run, runtime="openvino", precision=recorded, stats=stats,
+                         threads=threads)
 
 
 class StaticShapes:
@@ -301,8 +312,6 @@ def _tensorrt(path: Path, *, threads: int, stats: ModelStats, precision: str | N
 def _torch(path: Path, *, threads: int, stats: ModelStats, precision: str | None,
            device: str, options: dict[str, Any] | None = None,
            input_shape: Sequence[int] | None = None) -> nn.Module:
-    import torch
-
     if is_packed(path):  # told by content: a .nspk renamed is still one
         from netshrink.store.packed import load_packed_model
 
