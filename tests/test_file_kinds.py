@@ -126,7 +126,8 @@ def test_a_model_file_records_how_its_run_cut_and_fed_the_training_images(run) -
 
     meta = load_model(run["folders"]["train"] / "model.safetensors")[2]
     # compress decides on these images and fine-tunes with the same augmentation
-    assert meta["split"] == {"val_size": 50, "seed": 0, "train_limit": None, "augment": True}
+    assert meta["split"] == {"val_size": 50, "seed": 0, "train_limit": None, "augment": True,
+                             "test_limit": None}
 
 
 def test_a_renamed_file_is_told_by_its_content(capsys, run, tmp_path) -> None:

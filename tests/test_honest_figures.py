@@ -280,19 +280,22 @@ def _refuse_to_measure(*args, **kwargs):
     raise AssertionError("measure() ran before the --json destination was checked")
 
 
-@pytest.mark.parametrize("where", ["missing", "folder"])
+@pytest.mark.parametrize("where", ["under_a_file", "folder"])
 def test_bench_json_destination_checked_before_measuring(
     where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setattr(netshrink.bench, "measure", _refuse_to_measure)
-    dest = tmp_path / "missing_dir" / "x.json" if where == "missing" else tmp_path
+    (tmp_path / "a_file").write_text("mine")
+    # a missing folder is made (tests/test_cli_friction.py); one under a file cannot be
+    dest = tmp_path / "a_file" / "x.json" if where == "under_a_file" else tmp_path
     started = time.perf_counter()
     code = main(["bench", "--arch", "resnet18", "--json", str(dest)])
     assert time.perf_counter() - started < 5
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("netshrink: error: --json ")
-    assert ("does not exist" if where == "missing" else "is a folder") in err
+    assert ("is not a folder" if where == "under_a_file" else "is a folder") in err
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")

@@ -398,6 +398,12 @@ def _csv(target: Callable[[Env], Path]) -> Callable[[Env], list[str]]:
     return build
 
 
+def _under_a_file(env: Env, name: str) -> Path:
+    """``name`` in a "folder" that is the user's file: it cannot be made there."""
+    (env.tmp / "notes.txt").write_text("the user's")
+    return env.tmp / "notes.txt" / name
+
+
 def _fifo(env: Env) -> Path:
     os.mkfifo(env.tmp / "rows.csv")
     return env.tmp / "rows.csv"
@@ -445,7 +451,8 @@ CASES: dict[str, Callable[[Env], list[str]]] = {
     "run-db-text-file": _db_flag(lambda env: env.user_file()),
     "run-db-our-tables-without-schema-row": _db_flag(_our_tables_no_schema_row),
     "run-db-folder": _db_flag(_folder_db),
-    "run-db-folder-missing": _db_flag(lambda env: env.tmp / "nope" / "r.sqlite"),
+    # (a missing folder is made: test_csv_and_db_folders_are_made; a file cannot be one)
+    "run-db-folder-is-a-file": _db_flag(lambda env: _under_a_file(env, "r.sqlite")),
     # 4. damaged results.sqlite and study.json, for show, show --all/--csv and run
     "show-store-garbage-bytes": _store_bytes(lambda b: os.urandom(len(b))),
     "show-all-store-truncated": _store_bytes(lambda b: b[: len(b) // 2], "--all"),
@@ -507,7 +514,7 @@ CASES: dict[str, Callable[[Env], list[str]]] = {
     "csv-inside-cells": _csv(lambda env: env.out / "cells" / "fine-0.5" / "run.json"),
     "csv-a-user-file": _csv(lambda env: env.user_file("name,value\n1,2\n")),
     "csv-a-named-pipe": _csv(_fifo),
-    "csv-folder-missing": _csv(lambda env: env.tmp / "nope" / "rows.csv"),
+    "csv-folder-is-a-file": _csv(lambda env: _under_a_file(env, "rows.csv")),
     "csv-the-db-flag-store": _db_flag_store_as_csv,
     # 8. --out on another study's, a compress search's or a run's folder
     "run-out-another-study": _other_study_folder,
@@ -548,6 +555,21 @@ def _copy(finished: Path, to: Path) -> Path:
     record["db"] = str(to / "results.sqlite")
     (to / "study.json").write_text(json.dumps(record))
     return to
+
+
+def test_csv_and_db_folders_are_made(finished: Path, fashion_dir: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = _copy(finished, tmp_path / "study")
+    csv_file = tmp_path / "exports" / "today" / "rows.csv"
+    assert main(["study", "show", str(out), "--csv", str(csv_file)]) == 0
+    assert csv_file.read_text().startswith(",".join(COLUMNS))
+    db = tmp_path / "stores" / "shared" / "r.sqlite"
+    study = tmp_path / "s.yaml"
+    study.write_text(json.dumps(study_dict(fashion_dir, name="db-folder")))
+    assert main(["study", "run", str(study), "--out", str(tmp_path / "s2"), "--db",
+                 str(db), "--no-report"]) == 0
+    with ResultsStore(db, readonly=True) as store:
+        assert [c.status for c in store.cells("db-folder")] == ["done"]
 
 
 def test_show_leaves_a_real_store_byte_for_byte(finished: Path, tmp_path: Path,

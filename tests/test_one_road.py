@@ -15,6 +15,7 @@ from torch import nn
 import netshrink
 from custom_models import make_tiny
 from netshrink.cli import build_parser, main
+from netshrink.cli.prune import DEFAULT_RATIO, prune_stage
 from netshrink.data import DataBundle, DataConfig, build_data
 from netshrink.errors import UserError
 from netshrink.models import ModelSpec, randomized_model
@@ -170,12 +171,15 @@ def test_one_set_of_defaults() -> None:
     train, fresh = parse(["train", "--out", "o"]), netshrink.TrainConfig()
     assert (train.epochs, train.lr, train.batch_size, train.optimizer) == (
         fresh.epochs, fresh.lr, fresh.batch_size, fresh.optimizer)
+    # prune passes only the flags given: the stage's config fills in its own defaults
     prune = parse(["prune", "--weights", "w", "--method", "channel", "--out", "o"])
-    channel = netshrink.ChannelPruneConfig(ratio=prune.ratio)
-    assert (prune.scope, prune.steps, prune.importance) == (channel.scope, channel.steps,
-                                                          channel.importance)
-    nm, ptq = netshrink.NMPruneConfig(), netshrink.PTQConfig()
-    assert (prune.n, prune.m) == (nm.n, nm.m)
+    stage = prune_stage(prune)
+    assert stage == {"kind": "prune.channel", "ratio": DEFAULT_RATIO}
+    assert parse_recipe({"name": "d", "stages": [stage]}).parsed_stages()[0].config == (
+        netshrink.ChannelPruneConfig(ratio=DEFAULT_RATIO))
+    nm = prune_stage(parse(["prune", "--weights", "w", "--method", "nm", "--out", "o"]))
+    assert nm == {"kind": "prune.nm"}
+    ptq = netshrink.PTQConfig()
     quant = parse(["quantize", "--weights", "w", "--method", "ptq", "--out", "o"])
     assert (quant.runtime, quant.calibration, not quant.per_tensor) == (
         ptq.runtime, ptq.calibration, ptq.per_channel)

@@ -122,7 +122,8 @@ def test_eval_val_scores_the_images_the_run_held_out(fashion_dir, tmp_path, caps
     last_epoch = record["stages"][1]["history"][-1]
     weights = out / "stages" / "01-train" / "model.safetensors"
     split = load_model(weights)[2]["split"]
-    assert split == {"val_size": 60, "seed": 0, "train_limit": 300, "augment": split["augment"]}
+    assert split == {"val_size": 60, "seed": 0, "train_limit": 300, "augment": split["augment"],
+                     "test_limit": 100}
     assert isinstance(split["augment"], bool)
     capsys.readouterr()
     assert main(["eval", "--weights", str(weights), "--split", "val",

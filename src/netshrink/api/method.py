@@ -35,7 +35,7 @@ from netshrink.stages.base import (
 )
 from netshrink.store.atomic import atomic_write_bytes
 from netshrink.store.kinds import file_kind
-from netshrink.store.outputs import check_output_file, is_model_kind
+from netshrink.store.outputs import check_output_file, is_model_kind, output_folder
 from netshrink.store.walls import make_dirs
 
 __all__ = ["MissingSplit", "Model", "run_method", "unwrap", "verb_data"]
@@ -249,6 +249,7 @@ def place_file(src: Path, dest: Path, *, flag: str, inputs: tuple[Path, ...] = (
                       replaceable=is_model_kind(file_kind(src)),
                       inputs=[*inputs, *(s for s, _ in pairs)],
                       companions=[d for _, d in pairs[1:]])
-    for source, target in reversed(pairs):  # the .bin before the .xml that names it
-        atomic_write_bytes(target, source.read_bytes())
+    with output_folder(dest.parent):
+        for source, target in reversed(pairs):  # the .bin before the .xml that names it
+            atomic_write_bytes(target, source.read_bytes())
     return dest

@@ -25,7 +25,7 @@ from netshrink.store.atomic import atomic_write_bytes
 from netshrink.store.checkpoint import save_model
 from netshrink.store.codebook import Codebook
 from netshrink.store.kinds import file_kind
-from netshrink.store.outputs import check_output_file, is_model_kind
+from netshrink.store.outputs import check_output_file, is_model_kind, output_folder
 from netshrink.store.packed import pack_model
 
 __all__ = ["Compressed", "ScratchFolder"]
@@ -230,21 +230,22 @@ class Compressed:
                               replaceable=is_model_kind(file_kind(self.file)),
                               inputs=[src for src, _ in pairs],
                               companions=[dest for _, dest in pairs[1:]])
-            for src, dest in reversed(pairs):  # the .bin before the .xml that names it
-                atomic_write_bytes(dest, src.read_bytes())
+            with output_folder(path.parent):
+                for src, dest in reversed(pairs):  # the .bin before the .xml that names it
+                    atomic_write_bytes(dest, src.read_bytes())
             return path
         kind = {".nspk": "nspk", ".safetensors": "safetensors"}.get(path.suffix)
-        if kind is not None:
-            check_output_file(path, flag="save path", writes=f"a {path.suffix} model",
-                              replaceable=is_model_kind(kind))
+        if kind is None:
+            raise UserError(f"{path}: save a torch model as .safetensors (or .nspk)")
+        check_output_file(path, flag="save path", writes=f"a {path.suffix} model",
+                          replaceable=is_model_kind(kind))
         model = self.module.cpu()
         spec = self._spec_to_save(model, factory, factory_kwargs)
-        if path.suffix == ".nspk":
-            pack_model(model, spec, path, codebooks=self.codebooks, meta=facts)
-        elif path.suffix == ".safetensors":
-            save_model(model, spec, path, meta=facts)
-        else:
-            raise UserError(f"{path}: save a torch model as .safetensors (or .nspk)")
-        if spec.factory is not None:  # the user's model: refused now if it will not reload
-            check_rebuild(path, spec.factory, self.input_shape)
+        with output_folder(path.parent):
+            if kind == "nspk":
+                pack_model(model, spec, path, codebooks=self.codebooks, meta=facts)
+            else:
+                save_model(model, spec, path, meta=facts)
+            if spec.factory is not None:  # the user's model: refused now if it won't reload
+                check_rebuild(path, spec.factory, self.input_shape)
         return path

@@ -13,13 +13,13 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from netshrink.cli.args import (
     HelpFormatter,
     config_default,
     data_args,
     device_arg,
+    list_arg,
     no_timing_arg,
     positive_int,
     subcommand,
@@ -28,20 +28,15 @@ from netshrink.cli.args import (
 from netshrink.cli.compress import add_compress
 from netshrink.cli.export import add_export
 from netshrink.cli.measure import add_bench, add_eval, add_predict
+from netshrink.cli.one_off import data_fields, run_as_recipe, run_on_weights
 from netshrink.cli.output import output_mode, split_flags
+from netshrink.cli.prune import add_prune
 from netshrink.cli.study import add_study, normalize_argv
 from netshrink.errors import UserError
 from netshrink.models.factory import trusting
-from netshrink.prune.blocks import BlockPruneConfig
-from netshrink.prune.channel import ChannelPruneConfig
-from netshrink.prune.magnitude import MagnitudePruneConfig
-from netshrink.prune.nm import NMPruneConfig
 from netshrink.quant.ptq import PTQConfig
 from netshrink.stages.distill import KDConfig
 from netshrink.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from netshrink.recipe import RunRecord
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -71,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     stage = {"kind": "train", **_schedule(args), "optimizer": args.optimizer}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
-    _run_as_recipe(args, "netshrink train", model=model, data=_data_fields(args),
+    run_as_recipe(args, "netshrink train", model=model, data=data_fields(args),
                    stages=[stage])
     return 0
 
@@ -81,112 +76,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
              "temperature": args.temperature, **_schedule(args)}
     model = {"arch": args.arch, "stem": args.stem,
              "weights": str(args.weights) if args.weights else None}
-    _run_as_recipe(args, "netshrink distill", model=model, data=_data_fields(args),
+    run_as_recipe(args, "netshrink distill", model=model, data=data_fields(args),
                    stages=[stage])
     return 0
-
-
-def _run_as_recipe(
-    args: argparse.Namespace, source: str, *, model: dict, data: dict, stages: list[dict]
-) -> RunRecord:
-    """Run a one-off recipe into ``args.out`` (commands are recipes: same checks, same
-    measurements, same resume) and print where its final model is."""
-    from netshrink.recipe import parse_recipe, run_recipe
-
-    raw = {
-        "name": args.out.name,
-        "device": args.device,
-        "model": model,
-        "data": data,
-        "stages": stages,
-        "trust": list(getattr(args, "trust", None) or []),
-    }
-    if getattr(args, "no_timing", False):
-        raw["measure"] = {"latency": False}
-    # A weights file's baseline is measured once per file, settings and machine: the
-    # second prune or quantize of the same file does not pay for timing it again.
-    record = run_recipe(parse_recipe(raw, source=source), args.out,
-                        reuse_baseline_measurement=model.get("weights") is not None)
-    print(f"model: {args.out / record.stages[-1].artifact}")  # type: ignore[operator]
-    return record
-
-
-def _run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) -> RunRecord:
-    """Run ``stages`` on the model file ``args.weights`` and print before/after figures."""
-    from netshrink.stages.start import section_of
-    from netshrink.store.checkpoint import load_model
-
-    _, spec, meta = load_model(args.weights)
-    dataset = args.data or meta.get("dataset")
-    if dataset is None:
-        raise UserError(f"{args.weights}: the file does not say its dataset; pass --data")
-    record = _run_as_recipe(
-        args, source, model=section_of(spec, args.weights),
-        data={**_data_fields(args, dataset, named_by_file=args.data is None),
-              "image_size": meta.get("image_size"), **_extra_data(args)},
-        stages=stages,
-    )
-    first, last = record.stages[0].measurement, record.stages[-1].measurement
-    for label, m in (("before", first), ("after", last)):
-        assert m is not None
-        acc = f", top-1 {m.accuracy.top1 * 100:.2f}%" if m.accuracy else ""
-        size = f", {m.size_bytes / 1e6:,.2f} MB" if m.size_bytes else ""
-        print(f"{label}: {m.params:,} params, {m.nonzero_params:,} non-zero, "
-              f"{(m.macs or 0) / 1e6:,.1f} M MACs{size}, {m.runtime} {m.precision}{acc}")
-    return record
-
-
-def _data_fields(args: argparse.Namespace, name: str | None = None, *,
-                 named_by_file: bool = False) -> dict[str, object]:
-    """The data section's source: ``--data`` (or the file's dataset, ``name``) as a
-    dataset's name or a factory's, with ``--data-kwargs``."""
-    from netshrink.data import data_source
-
-    return data_source(name or args.data, kwargs=args.data_kwargs, root=args.data_dir,
-                       named_by_file=named_by_file,
-                       where=str(getattr(args, "weights", None) or "the model file"))
-
-
-def _extra_data(args: argparse.Namespace) -> dict[str, object]:
-    extra: dict[str, object] = {}
-    if getattr(args, "val_size", None) is not None:
-        extra["val_size"] = args.val_size
-    return extra
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    stage: dict[str, object] = {"kind": f"prune.{args.method}"}
-    if args.method == "nm":
-        stage.update(n=args.n, m=args.m)
-    elif args.method == "blocks":
-        # the scan decides on images held out of training (--val-size, default 5000)
-        stage.update(count=args.count, **({"blocks": args.blocks} if args.blocks else {}))
-        if args.val_size is None:
-            args.val_size = 5000
-    else:
-        stage.update(ratio=args.ratio, scope=args.scope, steps=args.steps)
-    if args.method == "channel":
-        # No --exclude: the config protects the detected output layer (fc, head, ...).
-        stage.update(importance=args.importance, include=args.include or [],
-                     exclude=args.exclude, round_to=args.round_to)
-    elif args.method != "blocks":
-        stage.update(include=args.include, exclude=args.exclude)
-    stages: list[dict[str, object]] = [stage]
-    if args.finetune_epochs:
-        stages.append({"kind": "finetune", "epochs": args.finetune_epochs})
-    _run_on_weights(args, "netshrink prune", stages)
-    return 0
-
-
-def _round_to(text: str) -> int | str | None:
-    """``--round-to``: ``auto``, ``none`` or a positive whole number."""
-    if text in ("auto", "none"):
-        return None if text == "none" else text
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"give auto, none or a positive whole number, not "
-                                         f"{text!r}") from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -222,7 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         stage.update(epochs=args.epochs)
     if args.method == "kmeans" and args.epochs is not None:
         stage.update(finetune_epochs=args.epochs)
-    _run_on_weights(args, "netshrink quantize", [stage])
+    run_on_weights(args, "netshrink quantize", [stage])
     return 0
 
 
@@ -356,68 +248,6 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_distill)
 
 
-_RATIO_HELP = (
-    "how much to prune, in [0, 1). magnitude: the fraction of weights set to zero (in each "
-    "layer, or over all of them with --scope global). channel: the fraction of each "
-    "layer's channels removed; a conv loses that share of its inputs and of its outputs, "
-    "so about 1-(1-r)^2 of the conv parameters go (0.5 removes about 75%%). nm: not used "
-    "(--n of every --m weights are kept)")
-
-
-def _add_prune(sub: argparse._SubParsersAction) -> None:
-    p = subcommand(sub, "prune", "prune a model file and measure before/after (a recipe)",
-                   "netshrink prune --weights MODEL.safetensors --method channel --ratio 0.5 "
-                   "--out runs/ch50",
-                   "netshrink prune --weights MODEL.safetensors --method magnitude --ratio 0.7 "
-                   "--scope global --exclude fc --no-timing --out runs/l1-70")
-    p.add_argument("--weights", type=Path, required=True,
-                   help="the torch model file (.safetensors or .pth)")
-    p.add_argument("--method", choices=["magnitude", "channel", "nm", "blocks"], required=True,
-                   help="magnitude: zero the smallest weights; channel: remove whole "
-                        "channels (smaller and faster anywhere); nm: N of every M weights; "
-                        "blocks: remove whole residual blocks (fewer layers: lower batch-1 "
-                        "latency)")
-    p.add_argument("--ratio", type=float, default=0.5, help=_RATIO_HELP)
-    p.add_argument("--scope", choices=["layer", "global"],
-                   default=config_default(MagnitudePruneConfig, "scope"),
-                   help="layer: every layer loses --ratio; global: rank across layers")
-    p.add_argument("--steps", type=positive_int,
-                   default=config_default(MagnitudePruneConfig, "steps"),
-                   help="iterative steps (step s prunes to ratio*s/steps)")
-    p.add_argument("--round-to", type=_round_to,
-                   default=config_default(ChannelPruneConfig, "round_to"),
-                   help="channel: kept counts rounded to a multiple of this (what the "
-                        "runtime's kernels want); auto: 16 for wide layers, 8 for narrow "
-                        "ones; none: no rounding")
-    p.add_argument("--importance", choices=["l1", "l2", "bn_scale", "taylor"],
-                   default=config_default(ChannelPruneConfig, "importance"),
-                   help="channel ranking (channel method)")
-    p.add_argument("--include", nargs="+",
-                   help="layer-name patterns to prune (e.g. 'layer4.*'; default: all)")
-    p.add_argument("--exclude", nargs="+",
-                   help="layer-name patterns to leave alone (e.g. fc; channel's default: the "
-                        "output layer, whatever its name)")
-    p.add_argument("--count", type=positive_int,
-                   default=config_default(BlockPruneConfig, "count"),
-                   help="residual blocks to remove, the least harmful first by a scan on "
-                        "--val-size held-out images (blocks method)")
-    p.add_argument("--blocks", nargs="+",
-                   help="remove exactly these blocks instead (e.g. layer4.1; blocks method)")
-    p.add_argument("--val-size", type=int,
-                   help="training images held out for the blocks scan (default 5000)")
-    p.add_argument("--n", type=positive_int, default=config_default(NMPruneConfig, "n"),
-                   help="N of N:M (nm method)")
-    p.add_argument("--m", type=positive_int, default=config_default(NMPruneConfig, "m"),
-                   help="M of N:M (nm method)")
-    p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="fine-tune after pruning, zeros kept (0: no fine-tuning)")
-    data_args(p, default=None)
-    device_arg(p)
-    no_timing_arg(p)
-    p.add_argument("--out", type=Path, required=True, help="the run's folder")
-    p.set_defaults(fn=cmd_prune)
-
-
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = subcommand(sub, "quantize", "quantize a model file into a runtime's INT8/16-bit "
                    "format and measure before/after (a recipe)",
@@ -439,10 +269,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", choices=["minmax", "percentile", "entropy"],
                    default=config_default(PTQConfig, "calibration"),
                    help="how activation ranges are calibrated (ptq)")
-    p.add_argument("--include", nargs="+",
-                   help="layer patterns to quantize (ptq, kmeans; default: all)")
-    p.add_argument("--exclude", "--keep-float", nargs="+", dest="exclude",
-                   help="layer patterns left in float (ptq, kmeans; e.g. fc: mixed precision)")
+    list_arg(p, "--include", example="'layer3.*,layer4.*'",
+             help="layer patterns to quantize (ptq, kmeans; default: all)")
+    list_arg(p, "--exclude", "--keep-float", dest="exclude", example="fc",
+             help="layer patterns left in float (ptq, kmeans; e.g. fc: mixed precision)")
     p.add_argument("--accuracy-budget", type=float,
                    help="automatic mixed precision: top-1 points the INT8 model may lose")
     p.add_argument("--val-size", type=int, help="held-out training images (for the budget)")
@@ -496,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="each progress line as a JSON object {time, elapsed_s, "
                              "message}; no bars; also accepted after the command")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_report, _add_train, _add_distill, _add_prune, _add_quantize,
+    for add in (_add_run, _add_report, _add_train, _add_distill, add_prune, _add_quantize,
                 add_eval, add_predict, add_bench, add_export, _add_cache, _add_list,
                 add_compress, add_study):
         add(sub)

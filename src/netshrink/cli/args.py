@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if ("%(default)" not in text and action.option_strings and default is not None
                 and default is not False and default != argparse.SUPPRESS):
-            text += " (default: %(default)s)"
+            # a list default reads as it is typed (fp32,fp16), not as Python's ['fp32', ...]
+            shown = (",".join(map(str, default)) if isinstance(default, list)
+                     else "%(default)s")
+            text += f" (default: {shown})"
         return text
 
 
@@ -121,7 +125,107 @@ def runtime_arg(p: argparse.ArgumentParser) -> None:
 
 
 def trust_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust", action="append", metavar="PKG.MOD:FN",
-                   help="a function that builds your own model (package.module:function): "
-                        "model files that name it may call it; repeat for several. "
-                        "netshrink never imports code a file names without it")
+    # A command with positional arguments (run RECIPE, predict IMAGES, study's verb) would
+    # see them swallowed by a space-separated list before them: there, commas or the flag
+    # repeated.
+    positionals = any(not a.option_strings for a in p._actions)
+    list_arg(p, "--trust", metavar="PKG.MOD:FN", spaces=not positionals,
+             example="mypkg.models:make_cnn",
+             help="functions that build your own model (package.module:function): model "
+                  "files that name one may call it; netshrink never imports code a file "
+                  "names without it")
+
+
+# ------------------------------------------------------------------ list options
+
+# How every list option reads its values, said once in each one's help.
+LIST_SYNTAX = "comma- or space-separated"
+
+
+def number(text: str) -> float:
+    """One number of a list option (``0.35``)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number") from None
+
+
+def whole_number(text: str) -> int:
+    """One whole number of a list option (``4``)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a whole number") from None
+
+
+class ListAction(argparse.Action):
+    """A list option's values: each command-line word is one item or several separated by
+    commas, so ``--x 0.2,0.4``, ``--x 0.2 0.4`` and ``--x 0.2,0.4 0.6`` give one list; a
+    repeated flag adds to it. Each item goes through ``item`` (and must be one of
+    ``allowed``), and a bad one is refused naming the option, the item and the value.
+
+    argparse's own ``choices`` would be checked against the unsplit words (``fp32,fp16``),
+    so the allowed items are checked here, after splitting."""
+
+    def __init__(self, option_strings: list[str], dest: str, *,
+                 item: Callable[[str], Any] = str, allowed: Sequence[str] | None = None,
+                 none_words: Sequence[str] = (), example: str = "", **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.item, self.allowed, self.none_words, self.example = (
+            item, allowed, tuple(none_words), example)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[str] | None, option_string: str | None = None) -> None:
+        words = [values] if isinstance(values, str) else list(values or [])
+        given = " ".join(words)
+        items = [part.strip() for word in words for part in word.split(",")]
+        items = [part for part in items if part]
+        if not items or (len(items) == 1 and items[0].lower() in self.none_words):
+            if not self.none_words:
+                raise argparse.ArgumentError(self, f"{given!r}: give at least one value, "
+                                                   f"e.g. {self.example}")
+            parsed: list[Any] = []  # ``--drop-blocks 0``: an empty list, said in a word
+        else:
+            parsed = [self._one(part, given) for part in items]
+        earlier = getattr(namespace, self.dest, None)
+        # The first use replaces the default; a repeated flag adds to what came before.
+        if earlier is None or earlier is self.default:
+            earlier = []
+        setattr(namespace, self.dest, [*earlier, *parsed])
+
+    def _one(self, part: str, given: str) -> Any:
+        if self.allowed is not None and part not in self.allowed:
+            raise argparse.ArgumentError(
+                self, f"{part!r} in {given!r} is not one of {', '.join(self.allowed)}")
+        try:
+            return self.item(part)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise argparse.ArgumentError(
+                self, f"{part!r} in {given!r}: {exc}; give values separated by commas or "
+                      f"spaces, e.g. {self.example}") from None
+
+
+def list_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, *flags: str,
+             help: str, example: str, item: Callable[[str], Any] = str,
+             allowed: Sequence[str] | None = None, none_words: Sequence[str] = (),
+             spaces: bool = True, **kwargs: Any) -> argparse.Action:
+    """Add a list option: every command's lists are read by ``ListAction``, one syntax
+    for all of them, and their help says so.
+
+    Args:
+        help: what the list is (the syntax is added).
+        example: a valid value, for the help and the errors (``0.2,0.35``).
+        item: each item's parser (``number``, ``whole_number``, ``str``).
+        allowed: the only items accepted (shown as the metavar).
+        none_words: words that alone give an empty list (``0``, ``none``).
+        spaces: False for an option of a command that takes positional arguments, which
+            a space-separated list would swallow: one word per flag there (commas, or the
+            flag repeated).
+    """
+    if allowed is not None:
+        kwargs.setdefault("metavar", "{" + ",".join(allowed) + "}")
+    syntax = LIST_SYNTAX if spaces else "comma-separated, or the option repeated"
+    return p.add_argument(*flags, action=ListAction, nargs="+" if spaces else None,
+                          item=item, allowed=allowed, none_words=none_words,
+                          example=example, help=f"{help}; {syntax}, e.g. {example}",
+                          **kwargs)

@@ -5,26 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from netshrink.cli.args import data_args, subcommand
-
-
-def _ratios(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give numbers separated by commas, e.g. 0.2,0.35,0.5") from None
-
-
-def _counts(text: str) -> list[int]:
-    """``1,2,3``; ``0`` or ``none``: an empty list."""
-    if text.strip().lower() in ("0", "none", ""):
-        return []
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give whole numbers separated by commas, e.g. 1,2,3 (or 0)") from None
+from netshrink.cli.args import data_args, list_arg, number, subcommand, whole_number
 
 
 def _duration(text: str) -> float:
@@ -105,14 +86,15 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="the last step: k-means sharing (packed .nspk, smallest; float in "
                         "torch) or INT8 on --runtime (for size, its packed .nspk counts: "
                         "small and fast); auto: kmeans for size, int8 for latency")
-    p.add_argument("--channel-ratios", type=_ratios,
-                   help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6,0.7; "
-                        "0.35,0.5,0.6 for the halving search on size; 0.2,0.35,0.5,0.6 "
-                        "in the walk)")
-    p.add_argument("--drop-blocks", type=_counts,
-                   help="numbers of residual blocks to remove, tried increasing on the last "
-                        "channel ratio that held (default 1,2,3,4; 2,4 for the halving search "
-                        "on size; 0: none)")
+    list_arg(p, "--channel-ratios", item=number, example="0.2,0.35",
+             help="channel ratios to try, increasing (default 0.2,0.35,0.5,0.6,0.7; "
+                  "0.35,0.5,0.6 for the halving search on size; 0.2,0.35,0.5,0.6 in "
+                  "the walk)")
+    list_arg(p, "--drop-blocks", item=whole_number, none_words=("0", "none"),
+             example="1,2,3",
+             help="numbers of residual blocks to remove, tried increasing on the last "
+                  "channel ratio that held (default 1,2,3,4; 2,4 for the halving search "
+                  "on size; 0 or none: none)")
     p.add_argument("--channel-scope", choices=["sensitivity", "layer"],
                    help="how a channel ratio is shared out: by a sensitivity scan (robust "
                         "groups lose more) or the same in every layer (default: layer for "
@@ -123,12 +105,12 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channel-round-to", type=int,
                    help="keep channel counts multiples of this (default 16 for --target "
                         "latency: INT8 kernels work in blocks of 16 channels; 1 for size)")
-    p.add_argument("--sparsities", type=_ratios,
-                   help="sparsities to try with --target size (default 0.5,0.75 in the "
-                        "halving search, 0.5,0.7,0.8,0.9 in the walk)")
-    p.add_argument("--kmeans-bits", type=lambda t: [int(x) for x in t.split(",")],
-                   help="k-means widths tried in turn until one keeps the budget "
-                        "(default 4,5,6,8)")
+    list_arg(p, "--sparsities", item=number, example="0.5,0.75",
+             help="sparsities to try with --target size (default 0.5,0.75 in the "
+                  "halving search, 0.5,0.7,0.8,0.9 in the walk)")
+    list_arg(p, "--kmeans-bits", item=whole_number, example="4,5",
+             help="k-means widths tried in turn until one keeps the budget "
+                  "(default 4,5,6,8)")
     p.add_argument("--finetune-epochs", type=int,
                    help="KD fine-tuning epochs after each pruning step (default 1)")
     p.add_argument("--finetune-lr", type=float,
@@ -141,9 +123,9 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="halving (default): every structure fine-tuned briefly, the "
                         "promising third longer, rung after rung; walk: each list walked "
                         "upwards with one fine-tuning length (the earlier search)")
-    p.add_argument("--rungs", type=_ratios,
-                   help="epochs of fine-tuning added at each halving rung "
-                        "(default 0.25,1,3,4)")
+    list_arg(p, "--rungs", item=number, example="0.25,1,3",
+             help="epochs of fine-tuning added at each halving rung "
+                  "(default 0.25,1,3,4)")
     p.add_argument("--eta", type=int,
                    help="about one in this many candidates goes on to the next rung "
                         "(default 3)")

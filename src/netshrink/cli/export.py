@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from netshrink.cli.args import data_args, input_shape, subcommand
+from netshrink.cli.args import data_args, input_shape, list_arg, subcommand
 from netshrink.errors import UserError
 
 if TYPE_CHECKING:
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from netshrink.runtime.files import open_model_file
+    from netshrink.store.outputs import check_output_folder, output_folder
 
     out: Path = args.out
     if args.format == "openvino" and out.suffix != ".xml":
@@ -25,30 +26,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format != "tensorrt-onnx" and out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name in it, e.g. "
                         f"{out / ('model.xml' if args.format == 'openvino' else 'model.onnx')}")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    # A missing folder is made (ir/ for --out ir/model.xml), once the model has opened
+    # and every check passed; here, before reading it, only whether it can be.
+    check_output_folder(out.parent, flag="--out", out=out)
     if args.format == "tensorrt-onnx":
         _check_tensorrt_out(out)
     opened = open_model_file(args.weights, runtime=None)
     try:
         if args.format != "tensorrt-onnx":
             _check_out(args, opened)
-        if opened.runtime != "torch":
-            if args.format == "openvino" and opened.kind in ("onnx", "nspk"):
-                return _onnx_to_ir(args, opened)
-            raise UserError(f"{args.weights}: {opened.describe()}; export takes torch weights "
-                            "(.safetensors, .pth or a packed state dict), or an ONNX file "
-                            "for --format openvino")
-        shape = args.input or opened.input_shape
-        if shape is None:
-            raise UserError(f"{args.weights}: the file does not say its input image size; "
-                            "pass --input CxHxW (e.g. 3x224x224)")
-        model = opened.module.float().cpu().eval()  # a 16-bit file exports as float32
-        if args.format == "tensorrt-onnx":
-            return _export_tensorrt(args, opened, model, shape)
-        return _export_onnx_or_ir(args, opened, model, shape)
+        with output_folder(out if args.format == "tensorrt-onnx" else out.parent):
+            return _export(args, opened)
     finally:
         opened.close()
+
+
+def _export(args: argparse.Namespace, opened: OpenedModel) -> int:
+    """Write ``opened`` as ``args.format`` asks (the output's folder exists)."""
+    if opened.runtime != "torch":
+        if args.format == "openvino" and opened.kind in ("onnx", "nspk"):
+            return _onnx_to_ir(args, opened)
+        raise UserError(f"{args.weights}: {opened.describe()}; export takes torch weights "
+                        "(.safetensors, .pth or a packed state dict), or an ONNX file "
+                        "for --format openvino")
+    shape = args.input or opened.input_shape
+    if shape is None:
+        raise UserError(f"{args.weights}: the file does not say its input image size; "
+                        "pass --input CxHxW (e.g. 3x224x224)")
+    model = opened.module.float().cpu().eval()  # a 16-bit file exports as float32
+    if args.format == "tensorrt-onnx":
+        return _export_tensorrt(args, opened, model, shape)
+    return _export_onnx_or_ir(args, opened, model, shape)
 
 
 def _check_out(args: argparse.Namespace, opened: OpenedModel) -> None:
@@ -156,7 +164,6 @@ def _export_tensorrt(args: argparse.Namespace, opened: OpenedModel, model: nn.Mo
     batches: list = []
     if "int8" in args.forms:
         batches = _calibration(args, opened, shape)
-    out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         fp32 = Path(tmp) / "float.onnx"
         export_onnx(model, fp32, input_shape=shape, opset=args.opset, meta=opened.meta,
@@ -210,9 +217,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                         "and trtexec.sh")
     p.add_argument("--out", type=Path, required=True, help="the file (or folder) to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (13-20)")
-    p.add_argument("--forms", nargs="+", choices=["fp32", "fp16", "int8"],
-                   default=["fp32", "fp16", "int8"],
-                   help="tensorrt-onnx: the forms to write (int8 calibrates on the dataset)")
+    list_arg(p, "--forms", allowed=["fp32", "fp16", "int8"], default=["fp32", "fp16", "int8"],
+             example="fp32,fp16",
+             help="tensorrt-onnx: the forms to write (int8 calibrates on the dataset)")
     p.add_argument("--input", type=input_shape,
                    help="one image's shape, e.g. 1x28x28 (default: what the file says)")
     data_args(p, default=None)

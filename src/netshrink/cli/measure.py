@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from netshrink.cli.args import (
     seconds,
     subcommand,
 )
+from netshrink.cli.recorded import Recorded, recorded_measurement
 from netshrink.errors import UserError
 
 if TYPE_CHECKING:
@@ -56,7 +58,10 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
                         "datasets) and --data-dir for its files")
     stored = meta.get("dataset")
     other = stored is not None and stored != name
-    if args.split == "val":
+    # The images its run measured it on, unless it is evaluated on another dataset.
+    recorded = None if other else recorded_measurement(args.weights, meta)
+    split_name = args.split or (recorded.split if recorded is not None else "test")
+    if split_name == "val":
         # The validation images are those the run held out of its training set: only the
         # file knows how it cut them, and any other cut could hold training images.
         split_meta = meta.get("split")
@@ -94,7 +99,7 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
     if other:
         print(f"netshrink: note: {args.weights} was trained on {stored}; evaluating it on "
               f"{name}", file=sys.stderr)
-    split = data.test if args.split == "test" else data.val
+    split = data.test if split_name == "test" else data.val
     if split is None:
         raise UserError(f"{args.weights}: its run held out no validation images; use "
                         "--split test")
@@ -107,13 +112,43 @@ def _evaluate_opened(args: argparse.Namespace, opened: OpenedModel) -> dict[str,
     if batch != args.batch_size:
         print(f"netshrink: note: {args.weights} takes batches of exactly {batch}; evaluating "
               f"{batch} at a time", file=sys.stderr)
+    limit = args.limit if args.limit is not None else (
+        recorded.images if recorded is not None and recorded.split == split_name else None)
     acc = evaluate(opened.module, split, batch_size=batch, device=opened.device,
-                   split_name=args.split)
+                   split_name=split_name, max_images=limit or None)
+    if recorded is not None:
+        _compare_with_recorded(args, recorded, acc.split, acc.images, len(split))
     return {"weights": str(args.weights), "kind": opened.kind, "runtime": opened.runtime,
             "precision": opened.precision, "arch": opened.spec.arch if opened.spec else None,
             "dataset": name, **({"trained_on": stored} if other else {}),
             # the per-image hits are for comparing models in records, not for reading
-            **acc.model_dump(exclude={"correct"})}
+            **acc.model_dump(exclude={"correct"}),
+            **({"recorded": asdict(recorded)} if recorded is not None else {})}
+
+
+def _compare_with_recorded(args: argparse.Namespace, recorded: Recorded, split: str,
+                           images: int, available: int) -> None:
+    """Say on standard error how the images evaluated relate to those the run measured:
+    the same first N of a split (and how to evaluate all), or what differs and which flag
+    made it differ, so that a top-1 other than the recorded one is never unexplained."""
+    same = (split, images) == (recorded.split, recorded.images or available)
+    if same and images < available:
+        print(f"netshrink: note: evaluating the first {images:,} of {available:,} {split} "
+              f"images, the ones its run measured it on ({recorded.source}); --limit all "
+              "evaluates every one", file=sys.stderr)
+    elif not same:
+        flags = [f for f, given in (("--split", args.split), ("--limit", args.limit))
+                 if given is not None]
+        which = (f"all {images:,} {split} images" if images == available
+                 else f"the first {images:,} of {available:,} {split} images")
+        print(f"netshrink: note: its run measured it on {recorded.describe()}; this "
+              f"evaluates {which}" + (f" ({', '.join(flags)})" if flags else "")
+              + ", so its top-1 is not the recorded one", file=sys.stderr)
+
+
+def _limit(text: str) -> int:
+    """``--limit``: a positive whole number, or ``all`` (0: no limit)."""
+    return 0 if text == "all" else positive_int(text)
 
 
 def _torch_execution(args: argparse.Namespace) -> TorchExecution | None:
@@ -206,9 +241,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "parameters are counted from its weights, MACs unknown", file=sys.stderr)
     if args.json is not None:
         from netshrink.store.atomic import atomic_write_text
+        from netshrink.store.outputs import output_folder
 
         _check_json_target(args)  # a file put there while it measured is not replaced
-        atomic_write_text(args.json, json.dumps([r.model_dump() for r in results], indent=2))
+        with output_folder(args.json.parent):
+            atomic_write_text(args.json, json.dumps([r.model_dump() for r in results],
+                                                    indent=2))
     return 0
 
 
@@ -291,9 +329,14 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path, required=True, metavar="MODEL",
                    help="the model file")
     data_args(p, default=None)
-    p.add_argument("--split", choices=["test", "val"], default="test",
+    p.add_argument("--split", choices=["test", "val"],
                    help="val: the images the file's run held out of training (the file "
-                        "must record that split)")
+                        "must record that split); default: the split its run measured it "
+                        "on, else test")
+    p.add_argument("--limit", type=_limit, metavar="N|all",
+                   help="evaluate the first N images of the split, or all; default: the "
+                        "images its run measured it on (its data.test_limit and "
+                        "measure.max_eval_images), else all")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per call")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="ONNX Runtime / OpenVINO threads (default: torch's, which follows "
@@ -359,5 +402,5 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="torch: 2:4 sparse kernels for 2:4-sparse layers (GPU)")
     p.add_argument("--json", type=Path,
                    help="also write the measurements here (checked before measuring: its "
-                        "folder must exist and be writable)")
+                        "folder, made if missing, must be writable)")
     p.set_defaults(fn=cmd_bench)

@@ -116,9 +116,11 @@ def _is_rows_csv(path: Path) -> bool:
 
 def _write_csv(csv: Path, text: str) -> None:
     from netshrink.store.atomic import atomic_write_text
+    from netshrink.store.outputs import output_folder
 
     try:
-        atomic_write_text(csv, text)
+        with output_folder(csv.parent):
+            atomic_write_text(csv, text)
     except OSError as exc:
         raise UserError(f"--csv {csv}: cannot write it ({exc.strerror or exc}); give a "
                         "path you may write to") from None

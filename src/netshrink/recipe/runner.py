@@ -302,7 +302,9 @@ class Runner:
         cut = self.recipe.data
         return checkpoint_meta(data, run=self.recipe.name, stage=stage, split={
             "val_size": len(data.val) if data.val is not None else 0,
-            "seed": cut.seed, "train_limit": cut.train_limit, "augment": cut.augment})
+            "seed": cut.seed, "train_limit": cut.train_limit, "augment": cut.augment,
+            # the test images it was measured on (eval measures the same by default)
+            "test_limit": cut.test_limit})
 
     def _save_and_measure(self, chain: _Chain, slot: _Slot, ctx: StageContext,
                           result: nn.Module | Deployed) -> StageRecord:

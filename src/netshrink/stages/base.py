@@ -52,8 +52,9 @@ def checkpoint_meta(data: DataBundle, *, run: str, stage: str,
                     split: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``predict`` and ``eval`` need to use a model file on its own; ``split``: how
     the run cut its validation images out of the training set (``eval --split val``
-    rebuilds exactly those) and whether it augmented the training images (``compress``
-    fine-tunes the same way)."""
+    rebuilds exactly those), whether it augmented the training images (``compress``
+    fine-tunes the same way) and its ``test_limit`` (``eval`` measures those test images
+    by default)."""
     info = data.info
     return {
         **({"split": split} if split is not None else {}),

@@ -32,6 +32,7 @@ from netshrink.recipe.run_folder import now
 from netshrink.stages.base import STAGES
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.layout import check_out_folder, is_within
+from netshrink.store.outputs import check_output_folder
 from netshrink.store.walls import make_dirs, owned_folder
 from netshrink.study.dispatch import Dispatcher, PoolDispatcher, RayDispatcher
 from netshrink.study.folder_walls import refuse_study_links
@@ -199,13 +200,13 @@ def _check_store(db: Path, name: str, out: Path, own: bool) -> None:
     holds it (two studies of one name would take each other's results).
 
     Raises:
-        UserError: a foreign file, a missing folder, or the other study's folder.
+        UserError: a foreign file, a folder that cannot be made, or the other study's
+            folder.
     """
     size = store_size(db)
     if size is None:
-        if not own and not db.parent.is_dir():
-            raise UserError(f"--db {db}: the folder {db.parent} does not exist; create it "
-                            "first, or give a path in a folder that exists")
+        # a missing folder is made once every check has passed (_run_study)
+        check_output_folder(db.parent, flag="--db", out=db)
         return
     if size == 0:
         return  # an empty file: a new store
@@ -293,6 +294,7 @@ def _run_study(study: Study, out: Path, db: Path | None, workers: int, executor:
     db = Path(db) if db is not None else out / DB_FILE
     _check_store(db, study.name, out, own)  # all checked: from here on, writes
     make_dirs(out)
+    make_dirs(db.parent)  # --db in a folder that is not there yet (checked: it can be)
     outcome = StudyOutcome(out=out, db=db)
     with ResultsStore(db) as store:
         store.claim(study.name, out)
