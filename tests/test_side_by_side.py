@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,9 +22,12 @@ from netshrink.stages.record import RunRecord
 
 def _recipe(weights: Path, fashion_dir: Path, name: str) -> dict:
     # the same model in torch (the reference) and in ONNX Runtime: a ratio both runs of
-    # a test can reproduce
+    # a test can reproduce. At 112x112 a call takes milliseconds: calls shorter than the
+    # scheduler's slices keep their median under a steady load (each runs within a slice
+    # the process has), as the quickstart's 15 ms teacher calls did not
     return {"name": name, "model": {"arch": "resnet_tiny", "weights": str(weights)},
-            "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 0},
+            "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 0,
+                     "image_size": 112},
             "measure": {"max_eval_images": 64},
             "stages": [{"kind": "export.onnx", "name": "onnx"}]}
 
@@ -36,19 +40,30 @@ def _ratio(record: RunRecord) -> float:
     return first.latency.p50_ms / last.latency.p50_ms
 
 
-def _spin(stop: multiprocessing.synchronize.Event) -> None:  # type: ignore[name-defined]
+def _spin(stop: Any, ready: Any) -> None:
+    ready.release()
     while not stop.is_set():
         pass
 
 
-def test_load_reading_tells_a_busy_cpu_from_a_quiet_one() -> None:
-    quiet = cpu_load(2)
-    stop = multiprocessing.get_context("spawn").Event()
-    spinners = [multiprocessing.get_context("spawn").Process(target=_spin, args=(stop,))
-                for _ in range(2)]
+def _start_spinners(ctx: Any, stop: Any, n: int = 2) -> list:
+    """``n`` processes each spinning on a core until ``stop`` is set, started (spawned
+    processes take seconds to import this module before they spin)."""
+    ready = ctx.Semaphore(0)
+    spinners = [ctx.Process(target=_spin, args=(stop, ready)) for _ in range(n)]
     for p in spinners:
         p.start()
-    time.sleep(0.5)
+    for _ in spinners:
+        assert ready.acquire(timeout=120)
+    time.sleep(0.3)
+    return spinners
+
+
+def test_load_reading_tells_a_busy_cpu_from_a_quiet_one() -> None:
+    quiet = cpu_load(2)
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    spinners = _start_spinners(ctx, stop)
     try:
         busy = cpu_load(2)
     finally:
@@ -79,7 +94,8 @@ def test_cli_speed_line_comes_from_the_side_by_side_timing(
     assert [t.stage for t in record.side_by_side.stages] == ["baseline", "quant.ptq"]
     assert all(s.measurement.load is not None for s in record.stages)  # type: ignore[union-attr]
     report = (tmp_path / "q" / "report.md").read_text()
-    assert "timed side by side at the end of the run" in report.split("\n\n")[1]
+    headline = next(line for line in report.splitlines() if line.startswith("**Final stage"))
+    assert "timed side by side at the end of the run" in headline
     assert "side by side (end of run)" in report
 
 
@@ -91,7 +107,9 @@ def test_a_load_during_the_reference_timing_does_not_move_the_headline(
     reference is timed, quiet while the final stage is. Its per-stage ratio is off; the
     headline's, from the side-by-side timing, stays within 15% of a quiet run's, and the
     table marks the stage timed under another load."""
-    from netshrink.bench import measure as measure_module
+    import importlib
+
+    measure_module = importlib.import_module("netshrink.bench.measure")
 
     quiet = run_recipe(parse_recipe(_recipe(tiny_trained, fashion_dir, "quiet")),
                        tmp_path / "quiet", log=lambda _: None)
@@ -102,10 +120,7 @@ def test_a_load_during_the_reference_timing_does_not_move_the_headline(
 
     def loaded_reading(threads: int) -> CpuLoad:
         if not spinners:  # the first stage timed: the reference
-            spinners.extend(ctx.Process(target=_spin, args=(stop,)) for _ in range(2))
-            for p in spinners:
-                p.start()
-            time.sleep(0.5)
+            spinners.extend(_start_spinners(ctx, stop))
         return real_load(threads)
 
     def timings(*args: object, **kwargs: object) -> object:

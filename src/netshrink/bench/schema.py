@@ -194,7 +194,7 @@ class CpuLoad(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     load_avg: float | None  # the 1-minute load average; None where the OS has none
-    calibration_ms: float  # median time of a fixed matrix product on ``threads`` threads
+    calibration_ms: float  # mean time of a fixed matrix product on ``threads`` threads
     threads: int
 
 

@@ -131,5 +131,5 @@ def _time(stages: list[StageRecord], opened: list, *, threads: int, batch: int,
             + (f" ({t.latency.noise or t.throughput.noise})"  # type: ignore[union-attr]
                if t.latency.noisy or t.throughput.noisy else ""))  # type: ignore[union-attr]
     return SideBySide(timed=now(), rounds=rounds, threads=threads,
-                      cpu=environment(device="cpu", threads=threads).cpu,
+                      cpu=environment(device="cpu", threads=threads, seed=0).cpu,
                       load_before=before, load_after=after, stages=timings)
