@@ -18,6 +18,7 @@ from torch import nn
 from netshrink.bench._common import PRECISIONS, input_dtype, resolve_device
 from netshrink.bench.accuracy import evaluate
 from netshrink.bench.environment import environment
+from netshrink.bench.load import cpu_load
 from netshrink.bench.memory import peak_memory
 from netshrink.bench.options import MeasureOptions
 from netshrink.bench.schema import Accuracy, Latency, Measurement
@@ -220,6 +221,9 @@ def measure(
     with num_threads(opts.threads), flags:
         macs = (model.stats.macs if isinstance(model, Executable)
                 else count_macs(work, shape) or None)
+        # the CPU load read beside the timings: a load steady through one stage's timing
+        # and gone by another's passes the noise rules (netshrink.bench.load)
+        load = cpu_load(threads) if opts.latency and dev.type == "cpu" else None
         latency, throughput = _timings(work, one, batch, opts, dev)
         if opts.memory and getattr(work, "memory_visible", True):
             peak_mb, memory_kind = peak_memory(work, batch, calls=2, device=dev)
@@ -246,4 +250,5 @@ def measure(
         memory_kind=memory_kind,
         accuracy=accuracy,
         environment=env,
+        load=load,
     )

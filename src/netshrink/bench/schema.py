@@ -183,6 +183,21 @@ class Accuracy(BaseModel):
         return None if self.correct is None else unpack_hits(self.correct, self.images)
 
 
+class CpuLoad(BaseModel):
+    """How loaded the CPU was when a timing was taken (``netshrink.bench.load``).
+
+    The noise rules catch a load that changes *during* one timing; a load steady during
+    one stage's timing and gone during another's passes them, so each timing keeps this
+    short reading beside it, and timings taken under clearly different readings are
+    marked (``load_differs``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load_avg: float | None  # the 1-minute load average; None where the OS has none
+    calibration_ms: float  # mean time of a fixed matrix product on ``threads`` threads
+    threads: int
+
+
 class Measurement(BaseModel):
     """What one model is, measured once. Fields are None when not measured."""
 
@@ -206,6 +221,7 @@ class Measurement(BaseModel):
     memory_kind: str | None = None  # "rss" (process peak, CPU) or "cuda" (peak reserved)
     accuracy: Accuracy | None = None
     environment: Environment
+    load: CpuLoad | None = None  # read just before the timings (None: not timed, or older)
 
     def noise(self) -> list[str]:
         """``["latency: p90/p50 2.95 > 1.5", ...]``: the timings too noisy to compare."""

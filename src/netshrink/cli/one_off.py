@@ -60,7 +60,35 @@ def run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) ->
         size = f", {m.size_bytes / 1e6:,.2f} MB" if m.size_bytes else ""
         print(f"{label}: {m.params:,} params, {m.nonzero_params:,} non-zero, "
               f"{(m.macs or 0) / 1e6:,.1f} M MACs{size}, {m.runtime} {m.precision}{acc}")
+    speed = _speed_line(record)
+    if speed:
+        print(speed)
     return record
+
+
+def _speed_line(record: RunRecord) -> str | None:
+    """Before against after as timed side by side at the end of the run (the baseline's
+    own timing may come from the cache, taken another day): None when they were not."""
+    sbs = record.side_by_side
+    first, last = record.stages[0], record.stages[-1]
+    a, b = (sbs.of(first), sbs.of(last)) if sbs is not None else (None, None)
+    if a is None or b is None:
+        return None
+    text = (f"speed, timed side by side ({sbs.rounds} rounds round-robin): batch-1 p50 "  # type: ignore[union-attr]
+            f"{a.latency.p50_ms:.3f} ms ({a.runtime}) -> {b.latency.p50_ms:.3f} ms "
+            f"({b.runtime}), {a.latency.p50_ms / b.latency.p50_ms:.2f}x")
+    if a.throughput is not None and b.throughput is not None:
+        text += (f"; batch {b.throughput.batch_size} {a.throughput.images_per_s:,.0f} -> "
+                 f"{b.throughput.images_per_s:,.0f} img/s, "
+                 f"{b.throughput.images_per_s / a.throughput.images_per_s:.2f}x")
+    noisy = [t.stage for t in (a, b) if t.latency.noisy
+             or (t.throughput is not None and t.throughput.noisy)]
+    if noisy:
+        return (f"speed: not measured reliably (the side-by-side timing of "
+                f"{' and '.join(noisy)} was noisy); the report says why")
+    if a.runtime != b.runtime:
+        text += " (across runtimes: the runtime's share is in the report)"
+    return text
 
 
 def data_fields(args: argparse.Namespace, name: str | None = None, *,

@@ -36,7 +36,6 @@ import io
 import math
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch
 from torch import nn
 
 from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Latency, noise_reason
-from netshrink.bench.timing import time_model
+from netshrink.bench.timing import time_model, warm_up
 
 __all__ = ["BlockUnit", "LayerSignature", "ProbeTiming", "WholeModel", "call_probe", "open_probe",
            "time_round_robin", "warm_up"]
@@ -226,21 +225,6 @@ class ProbeTiming:
     @property
     def noisy(self) -> bool:
         return self.noise is not None
-
-
-def warm_up(session: nn.Module, one: torch.Tensor, seconds: float) -> None:
-    """Call ``session`` on ``one`` for ``seconds``, untimed.
-
-    A session called again after others ran is slow for its first few hundred
-    milliseconds on the 2-core VM netshrink is developed on, not only its first few calls
-    (ResNet-18 pruned to 0.12 ms at batch 1 in ONNX Runtime timed 0.12-0.25 ms in a
-    round-robin with 20 warm-up calls, 0.118-0.131 ms after 0.5 s of calls): a count of
-    warm-up calls does not cover it, a time does.
-    """
-    started = time.perf_counter()
-    with torch.inference_mode():
-        while time.perf_counter() - started < seconds:
-            session(one)
 
 
 def time_round_robin(probes: list[tuple[nn.Module, list[int]]], *, rounds: int = PROBE_ROUNDS,

@@ -22,6 +22,7 @@ def run_recipe(
     use_cache: bool = True,
     reuse_baseline_measurement: bool = False,
     reuse_measurements: bool = False,
+    side_by_side: bool = True,
 ) -> RunRecord:
     """Run (or resume) ``recipe`` into the folder ``out``; render its report.
 
@@ -32,6 +33,9 @@ def run_recipe(
             settings and machine (kept in the cache), as one-off commands do.
         reuse_measurements: the same for every torch model a stage leaves (a study's
             cells share their trained models through the cache: each is measured once).
+        side_by_side: at the end, time every stage's file again side by side (the
+            figures the report's ratios come from; ``recipe.side_by_side``). A study's
+            cells leave it to the study, which times its cells' files so.
 
     Returns:
         The run record also written to ``out/run.json``.
@@ -61,7 +65,8 @@ def run_recipe(
         cache = ModelCache(root) if root is not None else None
         record = Runner(recipe, out, log=log, progress=progress, cache=cache,
                         reuse_baseline_measurement=reuse_baseline_measurement,
-                        reuse_measurements=reuse_measurements).run()
+                        reuse_measurements=reuse_measurements,
+                        side_by_side=side_by_side).run()
         if report:
             from netshrink.report import build_content, load_run, render_report
 

@@ -100,6 +100,7 @@ class Runner:
         cache: ModelCache | None = None,
         reuse_baseline_measurement: bool = False,
         reuse_measurements: bool = False,
+        side_by_side: bool = True,
     ) -> None:
         self.recipe = recipe
         wants_reuse = reuse_baseline_measurement or reuse_measurements
@@ -110,6 +111,7 @@ class Runner:
         self.progress = progress
         self.cache = cache
         self.folder = RunFolder(out, recipe, log)
+        self.side_by_side = side_by_side
 
     def run(self) -> RunRecord:
         """Run (or resume) the recipe; returns the final run record.
@@ -145,7 +147,22 @@ class Runner:
             if not self._from_cache(chain, slot):
                 self._execute(chain, slot)
         self.folder.remove_dropped(chain.record)
+        self._time_side_by_side(chain.record)
         return chain.record
+
+    def _time_side_by_side(self, record: RunRecord) -> None:
+        """Every stage's file timed again side by side (``recipe.side_by_side``), kept
+        in the record: the timings the report's ratios come from."""
+        from netshrink.recipe.side_by_side import time_side_by_side
+
+        cfg = self.recipe.measure
+        if not (self.side_by_side and cfg.latency):
+            return
+        record.side_by_side = time_side_by_side(
+            record, self.out, threads=cfg.threads or torch.get_num_threads(),
+            batch=cfg.batch_size, log=self.log)
+        if record.side_by_side is not None:
+            self.folder.write(record)
 
     # ------------------------------------------------------------------ before any stage
 

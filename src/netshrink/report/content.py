@@ -9,10 +9,12 @@ and the same inputs always give the same report.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import yaml
 
+from netshrink.bench.load import load_differs
 from netshrink.report import fmt
 from netshrink.report.layer_tables import layer_tables
 from netshrink.report.plots import Plot, all_plots
@@ -40,6 +42,7 @@ from netshrink.report.verdict import (
     compare_all,
     measurement_on,
     reference_stage,
+    side_by_side_stages,
     thresholds_text,
 )
 from netshrink.stages.record import RunRecord, StageRecord
@@ -127,7 +130,8 @@ def _across_runtimes(split: SpeedSplit, ref: str) -> str:
 
 
 def _headline(
-    stages: list[StageRecord], comparisons: list[Comparison], reference: Reference | None
+    stages: list[StageRecord], comparisons: list[Comparison], reference: Reference | None,
+    timed: Collection[str] = (),
 ) -> str:
     """``Final stage X: 3.9x smaller, 2.1x faster than train, -0.40 points top-1 … (verdict: …)``.
 
@@ -135,7 +139,9 @@ def _headline(
     is the model the run produced. A failed or unmeasured stage after it is said first,
     so it is not missed. "faster" is said only where the verdict says it (latency and
     throughput agree, neither noisy); a stage in another runtime than the reference gets
-    its speed at equal runtime (the compression's) apart from the runtime's own.
+    its speed at equal runtime (the compression's) apart from the runtime's own. A speed
+    figure says where it comes from: the files ``timed`` side by side at the end of the
+    run, or each stage's own timing (minutes apart, and under which loads).
     """
     if reference is None:
         return "No stages recorded yet: the run has not measured its baseline."
@@ -173,8 +179,62 @@ def _headline(
     if cmp.speedup is not None and device != reference.stage.measurement.environment.device:
         # Its speed-up is against the reference's timing on that device (measure.also_cpu).
         said += f" (speed: both on the {device_label(device)})"
+    if cmp.speedup is not None:
+        said += _speed_source(final, reference.stage, timed)
     label = "Final stage" if i == len(stages) - 1 else "Last measured stage"
     return f"{prefix}{label} {final.name}: {said} (verdict: {cmp.verdict})."
+
+
+def _speed_source(stage: StageRecord, reference: StageRecord, timed: Collection[str]
+                  ) -> str:
+    """Where a headline's speed figure comes from, in brackets."""
+    if stage.name in timed and reference.name in timed:
+        return " (speed timed side by side at the end of the run)"
+    m, b = stage.measurement, reference.measurement
+    load = load_differs(m.load, b.load) if m is not None and b is not None else None
+    other = m is not None and b is not None and m.environment.cpu != b.environment.cpu
+    why = ("timed on different machines" if other else
+           "timed under different CPU loads" if load else "each timed when it was made")
+    return f" (speed from each stage's own timing, {why}; not side by side)"
+
+
+def _timing_notes(record: RunRecord, stages: list[StageRecord],
+                  reference: Reference | None, timed: Collection[str]) -> list[str]:
+    """Where the ratios come from, and every stage timed under another load or on
+    another machine than the reference."""
+    sbs = record.side_by_side
+    notes = []
+    if sbs is not None and timed:
+        notes.append(
+            f"Speed ratios come from the files of {len(timed)} stages timed side by side at "
+            f"the end of the run ({sbs.timed}): {sbs.rounds} rounds round-robin in one "
+            f"process, {sbs.threads} threads, on {sbs.cpu}; CPU-load calibration "
+            f"{sbs.load_before.calibration_ms:.2f} ms before and "
+            f"{sbs.load_after.calibration_ms:.2f} ms after. The latency and throughput "
+            "columns are each stage's own timing, taken right after it was made.")
+    elif any(s.measurement is not None and s.measurement.latency is not None for s in stages):
+        notes.append("Speed ratios come from each stage's own timing, taken right after it "
+                     "was made, minutes apart (the run's files were not timed side by side "
+                     "at its end: an interrupted run, or measure.latency off since).")
+    if reference is None or reference.stage.measurement is None:
+        return notes
+    ref = reference.stage.measurement
+    marked = []
+    for s in stages:
+        m = s.measurement
+        if s is reference.stage or m is None or m.latency is None:
+            continue
+        why = ("timed on another machine than the reference"
+               if m.environment.cpu != ref.environment.cpu else load_differs(m.load, ref.load))
+        if why:
+            then = ("its ratios come from the side-by-side timing"
+                    if s.name in timed and reference.stage.name in timed
+                    else "its ratios against the reference are not like for like")
+            marked.append(f"{s.name} {why}: {then}")
+    if marked:
+        notes.append("Timed under other conditions than the reference: " + "; ".join(marked)
+                     + ".")
+    return notes
 
 
 def _noise_notes(stages: list[StageRecord]) -> list[str]:
@@ -306,7 +366,8 @@ def build_content(
     budget = accuracy_budget(record)
     reference = reference_stage(record, stages)
     ref = reference.stage.name if reference is not None else "the reference"
-    comparisons = compare_all(stages, reference, budget)
+    comparisons = compare_all(stages, reference, budget, record.side_by_side)
+    timed = side_by_side_stages(stages, record.side_by_side)
     notes = [thresholds_text(ref)]
     if reference is not None:
         notes.append(reference.note)
@@ -323,6 +384,7 @@ def build_content(
     notes.append(_measured_on(environment))
     notes.extend(_like_for_like_notes(stages, reference))
     notes.extend(_runtime_notes(stages, comparisons, reference))
+    notes.extend(_timing_notes(record, stages, reference, timed))
     notes.extend(_noise_notes(stages))
     notes.extend(files.notes)
     position = reference.position if reference is not None else None
@@ -339,10 +401,10 @@ def build_content(
             ("netshrink", record.netshrink_version),
             ("recipe sha256", record.recipe_sha256),
         ),
-        headline=_headline(stages, comparisons, reference),
+        headline=_headline(stages, comparisons, reference, timed),
         notes=tuple(notes),
         comparison=comparison_table(stages, comparisons, reference),
-        measurement=measurement_table(stages),
+        measurement=measurement_table(stages, record.side_by_side),
         environment=environment,
         histories=tuple(history_table(s) for s in stages if s.history),
         layer_tables=layer_tables(stages, files),

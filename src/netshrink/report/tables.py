@@ -19,7 +19,7 @@ from netshrink.report.verdict import (
     measurement_on,
     speed_split,
 )
-from netshrink.stages.record import StageRecord
+from netshrink.stages.record import SideBySide, StageRecord
 
 
 @dataclass(frozen=True)
@@ -291,13 +291,41 @@ def _timing(lat: Latency | None) -> str:
     return text
 
 
-def measurement_table(stages: Sequence[StageRecord]) -> Table:
-    """How each number was obtained: accuracy split, timing runs, artifact measured."""
+def _load(m: Measurement) -> str:
+    """``calibration 1.02 ms, load avg 0.85``: the CPU-load reading taken with a timing."""
+    if m.load is None:
+        return fmt.MISSING
+    avg = f", load avg {m.load.load_avg:.2f}" if m.load.load_avg is not None else ""
+    return f"calibration {m.load.calibration_ms:.2f} ms{avg}"
+
+
+def _side_by_side(stage: StageRecord, side_by_side: SideBySide | None) -> str:
+    """``p50 0.680 ms, 1,234 img/s (5 rounds, 2.1% / 3.0% apart)``, or not timed."""
+    t = side_by_side.of(stage) if side_by_side is not None else None
+    if t is None:
+        return fmt.MISSING
+    text = f"p50 {t.latency.p50_ms:.3f} ms"
+    spreads = [f"{t.latency.round_spread:.1%}"] if t.latency.round_spread is not None else []
+    if t.throughput is not None:
+        text += f", {t.throughput.images_per_s:,.0f} img/s"
+        if t.throughput.round_spread is not None:
+            spreads.append(f"{t.throughput.round_spread:.1%}")
+    text += f" ({t.latency.rounds} rounds" + (f", {' / '.join(spreads)} apart" if spreads
+                                               else "") + ")"
+    if t.latency.noisy or (t.throughput is not None and t.throughput.noisy):
+        text += "; noisy"
+    return text
+
+
+def measurement_table(stages: Sequence[StageRecord],
+                      side_by_side: SideBySide | None = None) -> Table:
+    """How each number was obtained: accuracy split, timing runs, the CPU load read with
+    them, the end-of-run side-by-side timing, artifact measured."""
     rows = []
     for s in stages:
         m = s.measurement
         if m is None:
-            rows.append((s.name, *(fmt.MISSING,) * 5))
+            rows.append((s.name, *(fmt.MISSING,) * 7))
             continue
         acc = m.accuracy
         rows.append(
@@ -306,15 +334,18 @@ def measurement_table(stages: Sequence[StageRecord]) -> Table:
                 f"{acc.split}, {acc.images:,} images" if acc else fmt.MISSING,
                 _timing(m.latency),
                 _timing(m.throughput),
+                _load(m),
+                _side_by_side(s, side_by_side),
                 "×".join(str(d) for d in m.input_shape),
                 m.file or fmt.MISSING,
             )
         )
     return Table(
         title="How each stage was measured",
-        headers=("stage", "accuracy on", "latency", "throughput", "input", "file"),
+        headers=("stage", "accuracy on", "latency", "throughput", "CPU load",
+                 "side by side (end of run)", "input", "file"),
         rows=tuple(rows),
-        numeric=(False,) * 6,
+        numeric=(False,) * 8,
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Latency, Measurement
 from netshrink.errors import UserError
 from netshrink.report import fmt
-from netshrink.stages.record import RunRecord, StageRecord
+from netshrink.stages.record import RunRecord, SideBySide, StageRecord
 
 SMALLER_MIN_RATIO = 1.02  # reference size / stage size: at least ~2% smaller
 FASTER_MIN_SPEEDUP = 1.05  # reference p50 / stage p50: at least ~5% lower latency
@@ -229,20 +229,50 @@ def _not_evaluated(stage: StageRecord) -> Comparison:
 
 
 def compare_all(
-    stages: Sequence[StageRecord], reference: Reference | None, budget: float | None
+    stages: Sequence[StageRecord], reference: Reference | None, budget: float | None,
+    side_by_side: SideBySide | None = None,
 ) -> list[Comparison]:
     """Every stage against the reference, in order.
 
     A stage before the reference with no accuracy (the fresh init a recipe trains) gets
-    no ratios: its row shows what was measured and says it was not evaluated.
+    no ratios: its row shows what was measured and says it was not evaluated. Where the
+    run's files were timed ``side_by_side`` at its end, a stage timed there is compared
+    on those timings with the reference (and its runtime variants) timed there too; a
+    pair never mixes a side-by-side timing with a stage's own.
     """
     if reference is None:
         return []
-    return [
-        _not_evaluated(s) if i < reference.position and _measured(s) and not _evaluated(s)
-        else compare(s, reference.stage, budget, reference.variants)
-        for i, s in enumerate(stages)
-    ]
+    timed = side_by_side_stages(stages, side_by_side)
+    result = []
+    for i, s in enumerate(stages):
+        if i < reference.position and _measured(s) and not _evaluated(s):
+            result.append(_not_evaluated(s))
+        elif s.name in timed and reference.stage.name in timed:
+            variants = [timed[v.name] for v in reference.variants if v.name in timed]
+            result.append(compare(timed[s.name], timed[reference.stage.name], budget,
+                                  variants))
+        else:  # its own timing against the reference's own timing
+            result.append(compare(s, reference.stage, budget, reference.variants))
+    return result
+
+
+def side_by_side_stages(stages: Sequence[StageRecord], side_by_side: SideBySide | None
+                        ) -> dict[str, StageRecord]:
+    """Each stage timed side by side at the end of the run, by name, as a copy whose
+    latency and throughput are those timings (the rest of its measurement as it was)."""
+    if side_by_side is None:
+        return {}
+    timed = {}
+    for s in stages:
+        t = side_by_side.of(s)
+        if t is None or s.measurement is None:
+            continue
+        update: dict[str, Any] = {"latency": t.latency}
+        if t.throughput is not None:
+            update["throughput"] = t.throughput
+        timed[s.name] = s.model_copy(
+            update={"measurement": s.measurement.model_copy(update=update)})
+    return timed
 
 
 def _div(num: float | None, den: float | None) -> float | None:

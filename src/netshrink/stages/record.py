@@ -7,10 +7,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from netshrink.bench.schema import Measurement
+from netshrink.bench.schema import CpuLoad, Latency, Measurement
 from netshrink.train.history import EpochRecord
 
-__all__ = ["MAX_RUN_FILE_BYTES", "EpochRecord", "RunRecord", "StageRecord"]
+__all__ = ["MAX_RUN_FILE_BYTES", "EpochRecord", "RunRecord", "SideBySide", "SideBySideTiming",
+           "StageRecord"]
 
 # A run record is a few kilobytes per stage; a file far beyond that is not one.
 MAX_RUN_FILE_BYTES = 64 << 20
@@ -40,6 +41,39 @@ class StageRecord(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
+class SideBySideTiming(BaseModel):
+    """One stage's file timed in the round-robin at the end of the run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    key: str  # the stage's key when timed: a stage run again since makes it stale
+    runtime: str
+    latency: Latency  # batch 1, one round a round-robin round
+    throughput: Latency | None = None  # batch N, likewise
+
+
+class SideBySide(BaseModel):
+    """The run's files timed side by side, round-robin, in one process at the end of the
+    run: the timings every ratio a headline or verdict states comes from (each stage's
+    own timing, taken right after it was made, minutes apart, stays in its record)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timed: str  # when (ISO 8601)
+    rounds: int
+    threads: int
+    cpu: str  # the machine (``Environment.cpu``)
+    load_before: CpuLoad
+    load_after: CpuLoad
+    stages: list[SideBySideTiming] = Field(default_factory=list)
+
+    def of(self, stage: StageRecord) -> SideBySideTiming | None:
+        """``stage``'s timing here, unless the stage has been run again since."""
+        return next((t for t in self.stages if t.stage == stage.name and t.key == stage.key),
+                    None)
+
+
 class RunRecord(BaseModel):
     """The whole run: the recipe as given, and every finished stage."""
 
@@ -54,3 +88,4 @@ class RunRecord(BaseModel):
     stages: list[StageRecord] = Field(default_factory=list)
     # The stage folders (``NN-name``) this run made: the only ones it may remove.
     folders: list[str] = Field(default_factory=list)
+    side_by_side: SideBySide | None = None  # the end-of-run timings (None: not taken)

@@ -39,9 +39,11 @@ from netshrink.study.folder_walls import refuse_study_links
 from netshrink.study.report import (
     DB_FILE,
     MAX_HEADLINE_CHARS,
+    SIDE_BY_SIDE_FILE,
     STUDY_FILE,
     read_study_record,
     render_study_report,
+    time_study_side_by_side,
 )
 from netshrink.study.results import CellStatus, ResultsStore, is_file, store_size
 from netshrink.study.schema import STUDY_MB_ENV, Cell, Study, max_study_bytes
@@ -252,7 +254,8 @@ def run_cell(study: str, cell: str, axes: dict[str, str], recipe: dict[str, Any]
     # Ray worker does not inherit the caller's walls.
     with owned_folder(Path(folder).parent.parent, "study"):
         record = run_recipe(parsed, Path(folder), report=False, log=say,
-                            progress=False if log is None else None, reuse_measurements=True)
+                            progress=False if log is None else None, reuse_measurements=True,
+                            side_by_side=False)
         seconds = time.perf_counter() - t0
         with ResultsStore(Path(db)) as store:
             store.record_cell(study, cell, axes, record.recipe_sha256, folder, record.stages,
@@ -315,6 +318,8 @@ def _run_study(study: Study, out: Path, db: Path | None, workers: int, executor:
         dispatcher = (PoolDispatcher(workers) if executor == "local"
                       else RayDispatcher(workers, address))
         _run_dispatched(study.name, study.cells, todo, out, db, dispatcher, log, outcome)
+    if outcome.ran or not (out / SIDE_BY_SIDE_FILE).exists():
+        time_study_side_by_side(out, db, log)
     if report:
         outcome.report = render_study_report(out, db)[0]
         log(f"study report: {outcome.report}")

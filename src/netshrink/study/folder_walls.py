@@ -20,7 +20,7 @@ __all__ = ["STUDY_OUTPUTS", "refuse_study_links"]
 # What a study or a compress search writes at the top of its folder (written or replaced
 # by name) and the trees it owns whole.
 _TOP_FILES = ("study.json", "results.sqlite", "results.sqlite-wal", "results.sqlite-shm",
-              "results.sqlite-journal", "report.md", "report.html")
+              "results.sqlite-journal", "report.md", "report.html", "side_by_side.json")
 _OWNED_TREES = ("cells", "chosen", "input", PLOTS_DIR)
 # Everything at the top of the folder that a study or search writes: no output of another
 # command (``study show --csv``) may go there.

@@ -11,6 +11,7 @@ do); a cell's own stage is ``cell/stage``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ from netshrink.limits import bounded_json, check_regular, clip, read_regular
 from netshrink.recipe.keys import sha
 from netshrink.report import ReportContent, build_content, write_report
 from netshrink.report.verdict import accuracy_budget, model_origins, reference_stage
-from netshrink.stages.record import RunRecord, StageRecord
+from netshrink.stages.record import RunRecord, SideBySide, StageRecord
 from netshrink.store.layout import check_name
 from netshrink.study.results import ResultsStore, is_file
 from netshrink.study.schema import STUDY_MB_ENV, StudyReport, max_study_bytes
 
 STUDY_FILE = "study.json"
+SIDE_BY_SIDE_FILE = "side_by_side.json"  # the cells' files timed side by side at the end
+MAX_SIDE_BY_SIDE_BYTES = 16 << 20  # a few hundred bytes a cell
 DB_FILE = "results.sqlite"
 MAX_STUDY_JSON_DEPTH = 48  # a recipe nests at most 32 levels, four below the record's top
 MAX_HEADLINE_CHARS = 2000  # one sentence of figures; a compress headline takes ~400
@@ -225,6 +228,58 @@ def _p50(stage: StageRecord) -> float | None:
     return m.latency.p50_ms if m is not None and m.latency is not None else None
 
 
+def _study_side_by_side(out: Path) -> SideBySide | None:
+    """``out/side_by_side.json`` (the reference and each cell's final file timed side by
+    side at the end of the study), or None where it was not timed (an older study, timing
+    off, an interrupted one)."""
+    path = Path(out) / SIDE_BY_SIDE_FILE
+    if not is_file(path):
+        return None
+    check_regular(path, MAX_SIDE_BY_SIDE_BYTES, "a side-by-side timing record")
+    try:
+        return SideBySide.model_validate_json(read_regular(path, MAX_SIDE_BY_SIDE_BYTES))
+    except ValidationError as exc:
+        raise UserError(f"{path}: not a side-by-side timing netshrink wrote "
+                        f"({exc.errors()[0]['msg']}); move it away and run the study again "
+                        "to time its files again") from None
+
+
+def time_study_side_by_side(out: Path, db: Path, log: Callable[[str], None]) -> None:
+    """Time the reference and each cell's final file side by side, round-robin in this
+    process, into ``out/side_by_side.json``: every cell was timed right after it was made,
+    minutes or hours apart, and the study's headline ratios come from these instead."""
+    from netshrink.recipe.side_by_side import time_side_by_side
+    from netshrink.store.atomic import atomic_write_text
+
+    study = read_study_record(out)
+    with ResultsStore(db, readonly=True) as store:
+        rows = store.rows(study["name"])
+        done = {c.cell for c in store.cells(study["name"]) if c.status == "done"}
+    rows = [r for r in rows if r["cell"] in done]
+    record = combined_record(study, rows)
+    reference = reference_stage(record, list(record.stages))
+    if reference is None:
+        return
+    finals = _final_stages(record, rows)
+    timed = [s for s in (reference.stage, *finals) if s.measurement is not None
+             and s.measurement.latency is not None]
+    if len(timed) < 2:
+        return
+    ref_m = reference.stage.measurement
+    assert ref_m is not None and ref_m.latency is not None
+    sbs = time_side_by_side(record, Path(out), threads=ref_m.environment.threads,
+                            batch=(ref_m.throughput.batch_size if ref_m.throughput else 32),
+                            only={s.name for s in timed}, log=log)
+    if sbs is not None:
+        atomic_write_text(Path(out) / SIDE_BY_SIDE_FILE, sbs.model_dump_json(indent=1))
+
+
+def _speed_of(stage: StageRecord, sbs: SideBySide | None) -> float | None:
+    """``stage``'s batch-1 p50 as timed side by side; None where it was not (or noisy)."""
+    t = sbs.of(stage) if sbs is not None else None
+    return t.latency.p50_ms if t is not None and not t.latency.noisy else None
+
+
 def _size(stage: StageRecord) -> int | None:
     return stage.measurement.smallest_size if stage.measurement is not None else None
 
@@ -232,7 +287,9 @@ def _size(stage: StageRecord) -> int | None:
 def study_headline(record: RunRecord, candidates: list[StageRecord] | None = None) -> str:
     """The smallest and the fastest model within the accuracy budget of the reference;
     ``candidates``: count and choose among these alone (a compress search's candidates,
-    the final stage of each cell, not every stage row), named so."""
+    the final stage of each cell, not every stage row), named so. The fastest is told
+    only from the files timed side by side at the end of the study (``side_by_side``),
+    with both runtimes named."""
     stages = list(record.stages)
     reference = reference_stage(record, stages)
     ref_m = reference.stage.measurement if reference is not None else None
@@ -258,14 +315,22 @@ def study_headline(record: RunRecord, candidates: list[StageRecord] | None = Non
         parts.append(f"smallest: {small.name}{packed}, "
                      f"{ref_m.size_bytes / (_size(small) or 1):.2f}x smaller "
                      f"({m.accuracy.top1:.2%} top-1)")
-    timed = [s for s in within if _p50(s) and s.measurement is not None
-             and s.measurement.environment.device == ref_m.environment.device]
-    if timed and _p50(reference.stage):
-        fast = min(timed, key=lambda s: _p50(s) or 0.0)
+    sbs = record.side_by_side
+    timed = [s for s in within if _speed_of(s, sbs)]
+    ref_ms = _speed_of(reference.stage, sbs)
+    if timed and ref_ms:
+        fast = min(timed, key=lambda s: _speed_of(s, sbs) or 0.0)
         m = fast.measurement
         assert m is not None and m.accuracy is not None
-        parts.append(f"fastest at batch 1: {fast.name}, {_p50(reference.stage) / _p50(fast):.2f}x "
-                     f"the speed of {ref} ({m.runtime}, {m.accuracy.top1:.2%} top-1)")
+        across = (f", across runtimes: {m.runtime} against {ref_m.runtime}"
+                  if m.runtime != ref_m.runtime else f", both in {m.runtime}")
+        ratio = ref_ms / (_speed_of(fast, sbs) or 1)
+        parts.append(f"fastest at batch 1: {fast.name}, {ratio:.2f}x the speed of {ref} "
+                     f"({m.accuracy.top1:.2%} top-1{across}; timed side "
+                     "by side at the end of the study)")
+    elif any(_p50(s) for s in within):
+        parts.append("speed: not compared (the files were not timed side by side at the end "
+                     "of the study, or the timing was noisy; the table has each cell's own)")
     return "; ".join(parts) + "."
 
 
@@ -284,6 +349,7 @@ def study_content(out: Path, db: Path | None = None, *, with_plots: bool = True
         record = combined_record(study, rows)
     except UserError as exc:
         raise UserError(f"{db}: {exc}") from None
+    record.side_by_side = _study_side_by_side(out)
     content = build_content(record, with_plots=with_plots)
     search = is_compress_record(study)
     candidates = _final_stages(record, rows) if search else None
