@@ -1,5 +1,6 @@
-"""README and CLI agree: every ``netshrink`` command in the README's code blocks parses, and
-the calibrations the capability table lists are the ones the CLI and the recipe accept."""
+"""The documentation and the CLI agree: every ``netshrink`` command in the code blocks of
+README.md and of every docs page parses, and the calibrations the capability table lists
+are the ones the CLI and the recipe accept."""
 
 from __future__ import annotations
 
@@ -8,20 +9,20 @@ import itertools
 import re
 import shlex
 import typing
-from pathlib import Path
 
 import pytest
 
+from doc_pages import ROOT, doc_pages, page_name
 from netshrink.cli import build_parser
 from netshrink.cli.study import normalize_argv
 from netshrink.quant.ptq import PTQConfig
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGES = {page_name(path): path.read_text(encoding="utf-8") for path in doc_pages()}
 PROGRAMS = ("netshrink", ".venv/bin/netshrink")
 ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=\S*")
 
 
-def code_blocks(text: str) -> list[str]:
+def code_blocks(text: str, page: str = "README.md") -> list[str]:
     """Fenced blocks (any info string) and indented blocks (4 spaces after a blank line)."""
     blocks: list[str] = []
     lines = text.splitlines()
@@ -44,7 +45,7 @@ def code_blocks(text: str) -> list[str]:
             blocks.append("\n".join(indented))
             indented = []
         previous_blank = not line.strip()
-    assert fence is None, "README.md: a code fence is never closed"
+    assert fence is None, f"{page}: a code fence is never closed"
     if indented:
         blocks.append("\n".join(indented))
     return blocks
@@ -63,12 +64,12 @@ def _expand(token: str) -> list[str]:
     return ([""] if optional else []) + choices
 
 
-def readme_commands(text: str) -> list[tuple[str, list[list[str]]]]:
+def readme_commands(text: str, page: str = "README.md") -> list[tuple[str, list[list[str]]]]:
     """Every ``netshrink`` command in the code blocks: (as written, the argument lists it
     stands for, program name removed). Line continuations are joined, comments dropped,
     ``&&``/``;``-joined commands split and leading ``VAR=value`` assignments skipped."""
     found = []
-    for block in code_blocks(text):
+    for block in code_blocks(text, page):
         for line in block.replace("\\\n", " ").splitlines():
             for part in re.split(r"&&|;", _strip_comment(line)):
                 if not any(program in part for program in PROGRAMS):
@@ -84,24 +85,29 @@ def readme_commands(text: str) -> list[tuple[str, list[list[str]]]]:
     return found
 
 
-COMMANDS = readme_commands(README.read_text())
+# (page, command as written, its argument lists) for every page: README.md, docs/*.md.
+COMMANDS = [(page, text, variants) for page, page_text in PAGES.items()
+            for text, variants in readme_commands(page_text, page)]
 
 
 def test_readme_has_commands() -> None:
-    texts = [text for text, _ in COMMANDS]
+    texts = [text for _, text, _ in COMMANDS]
     assert len(texts) >= 15, texts
-    assert any(t.startswith(".venv/bin/netshrink run recipes/quickstart.yaml") for t in texts)
+    readme = [text for page, text, _ in COMMANDS if page == "README.md"]
+    assert any(t.startswith(".venv/bin/netshrink run recipes/quickstart.yaml") for t in readme)
+    assert {page for page, _, _ in COMMANDS} >= {"README.md", "docs/commands.md"}
 
 
-@pytest.mark.parametrize("text,variants", COMMANDS, ids=[t for t, _ in COMMANDS])
-def test_readme_command_parses(text: str, variants: list[list[str]],
+@pytest.mark.parametrize("page,text,variants", COMMANDS,
+                         ids=[f"{page}:{text}" for page, text, _ in COMMANDS])
+def test_readme_command_parses(page: str, text: str, variants: list[list[str]],
                                capsys: pytest.CaptureFixture[str]) -> None:
     parser = build_parser()
     for argv in variants:
         try:
             parser.parse_args(normalize_argv(argv))  # as main() reads argv
         except SystemExit as exc:
-            pytest.fail(f"README.md: `{text}` does not parse (as {argv}): "
+            pytest.fail(f"{page}: `{text}` does not parse (as {argv}): "
                         f"{capsys.readouterr().err.strip()} (exit {exc.code})")
 
 
@@ -118,8 +124,12 @@ def test_extraction_handles_prefixes_continuations_and_synopses() -> None:
 
 
 def test_readme_recipes_exist() -> None:
-    names = set(re.findall(r"recipes/([\w.-]+\.yaml)", README.read_text()))
-    assert names and all((README.parent / "recipes" / n).is_file() for n in names), names
+    """Every ``recipes/*.yaml`` the README or a docs page names is a file."""
+    for page, text in PAGES.items():
+        names = set(re.findall(r"recipes/([\w.-]+\.yaml)", text))
+        missing = sorted(n for n in names if not (ROOT / "recipes" / n).is_file())
+        assert not missing, f"{page} names recipes that do not exist: {missing}"
+    assert any("recipes/quickstart.yaml" in text for text in PAGES.values())
 
 
 def _choices(command: str, dest: str) -> list[str]:
@@ -132,13 +142,13 @@ def _choices(command: str, dest: str) -> list[str]:
 def test_readme_calibrations_are_the_cli_choices() -> None:
     """The capability table lists exactly the calibrations ``netshrink quantize
     --calibration`` and the ``quant.ptq`` stage accept."""
-    rows = [line for line in README.read_text().splitlines()
+    rows = [line for text in PAGES.values() for line in text.splitlines()
             if line.startswith("|") and "calibration" in line]
     listed = []
     for row in rows:
         for group in re.findall(r"((?:[\w-]+ / )+[\w-]+) calibration", row):
             listed += [name.replace("-", "") for name in group.split(" / ")]
-    assert listed, "README.md: the capability table should list the PTQ calibrations"
+    assert listed, "docs: the capability table should list the PTQ calibrations"
     cli = _choices("quantize", "calibration")
     stage = list(typing.get_args(PTQConfig.model_fields["calibration"].annotation))
     assert sorted(listed) == sorted(cli) == sorted(stage)

@@ -1,6 +1,7 @@
-"""The README's Python API example runs as written: a custom CNN and plain DataLoaders,
-channel-pruned, fine-tuned with the teacher, quantized to INT8, measured, saved, reloaded
-with identical outputs. Here on the small test dataset, with fewer epochs."""
+"""The Python API example of the docs (the "Python API" page, docs/python-api.md) runs as
+written: a custom CNN and plain DataLoaders, channel-pruned, fine-tuned with the teacher,
+quantized to INT8, measured, saved, reloaded with identical outputs. Here on the small
+test dataset, with fewer epochs."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from doc_pages import section
 
 
 def python_blocks() -> list[str]:
-    section = README.read_text(encoding="utf-8").split("## Python API", 1)[1]
-    section = section.split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    """The Python blocks under the "Python API" heading (README.md or a docs page)."""
+    _, text = section("Python API")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
 def test_the_readme_python_example_runs(fashion_dir: Path, tmp_path: Path) -> None:

@@ -76,16 +76,20 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
         data: a registered dataset's name (default: the one the model file names), or
             your data factory ``pkg.mod:fn`` (called with ``data_kwargs``).
         data_dir: where the dataset's files are (default: the dataset's usual place).
-        train / val / test: instead of ``data``, your own data: ``DataLoader``s (or
-            torch ``Dataset``s) of ``(images, labels)``. Candidates are fine-tuned on
-            ``train``, decided on ``val`` (default: ``val_size`` images held out of
-            ``train``) and the chosen one reported on ``test``; they run in this process.
-            The fine-tuning batch size defaults to ``train``'s.
+        train: instead of ``data``, your own data (with ``val`` and ``test``):
+            ``DataLoader``s (or torch ``Dataset``s) of ``(images, labels)``. Candidates
+            are fine-tuned on ``train``, decided on ``val`` (default: ``val_size`` images
+            held out of ``train``) and the chosen one reported on ``test``; they run in
+            this process. The fine-tuning batch size defaults to ``train``'s.
+        val: your own validation data (see ``train``).
+        test: your own test data (see ``train``).
         class_names: the classes' names (default: the model file's, or the data's).
-        factory / factory_kwargs: for the user's own module, the function that builds
-            it (``package.module:function``) and its arguments; trusted for the search.
+        factory: for the user's own module, the function that builds it
+            (``package.module:function``); trusted for the search.
+        factory_kwargs: the arguments ``factory`` is called with.
         trust: factories a model file may name (``netshrink.load``'s ``trust``).
-        config / settings: a ``CompressConfig``, or its fields as keywords
+        config: a ``CompressConfig``.
+        **settings: or its fields as keywords
             (``budget_points=1.0, target="latency"``).
 
     Returns:

@@ -27,7 +27,7 @@ class MeasureOptions(BaseModel):
     """How ``measure`` measures (what is measured, the model and its files, are its
     arguments).
 
-    Args:
+    Attributes:
         device: ``"cpu"`` or ``"cuda"``.
         threads: intra-op threads of the timed runs (torch's, or a runtime session's);
             None: the caller's, ``torch.get_num_threads()`` as ``measure`` is called (or

@@ -43,7 +43,7 @@ FINETUNE_LR = {"halving": 0.03, "walk": 0.01}
 class CompressConfig(BaseModel):
     """Settings of the compression search.
 
-    Args:
+    Attributes:
         budget_points: the most top-1 (percentage points, on the validation split) the
             deployable file may lose against the input model.
         reserve_points: of the budget, what a candidate must keep unspent on the

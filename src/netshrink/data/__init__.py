@@ -71,7 +71,7 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset")
 class DataConfig(BaseModel):
     """The ``data:`` section of a recipe.
 
-    Args:
+    Attributes:
         name: a registered dataset (``netshrink list datasets``).
         factory: instead of ``name``, the user's function that returns their data
             (``package.module:function``; see ``netshrink.data.factory``), imported and
@@ -85,7 +85,8 @@ class DataConfig(BaseModel):
         calib_size: training images kept aside as the quantization calibration subset.
         batch_size: evaluation batch size.
         augment: use the dataset's training augmentation.
-        train_limit / test_limit: keep only the first N images (quick runs and tests).
+        train_limit: keep only the first N training images (quick runs and tests).
+        test_limit: keep only the first N test images (quick runs and tests).
         num_workers: decoding processes for image folders.
         seed: the split seed.
     """

@@ -12,7 +12,7 @@ __all__ = ["DistillOptions", "TeacherFields"]
 class TeacherFields(BaseModel):
     """Which teacher, and how its soft targets mix with the labels.
 
-    Args:
+    Attributes:
         teacher: a model file (netshrink, safetensors or torchvision ``.pth``).
         teacher_stage: or an earlier stage of this recipe whose model teaches
             (``baseline`` is the model before any compression).

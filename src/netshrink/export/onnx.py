@@ -63,7 +63,8 @@ def export_onnx(
         opset: the ONNX opset (13+ for per-channel QDQ).
         meta: the checkpoint meta (``stages.base.checkpoint_meta``); None: none known.
         spec: the model's spec, when known.
-        runtime, precision: how the file is meant to run (``onnxruntime`` when None).
+        runtime: the runtime the file is meant to run in (``onnxruntime`` when None).
+        precision: the precision it is meant to run at.
 
     Returns:
         ``path``.

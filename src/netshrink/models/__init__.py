@@ -30,7 +30,7 @@ MODELS: Registry[Factory] = Registry("model")
 class ModelSpec(BaseModel):
     """Everything needed to rebuild a model's structure.
 
-    Args:
+    Attributes:
         arch: a registered model name (``netshrink list models``); for the user's own
             model, its factory's name.
         factory: the user's own model: ``package.module:function`` that builds it, called

@@ -46,7 +46,7 @@ from netshrink.prune.sensitivity import check_split
 class BlockPruneConfig(BaseModel):
     """Settings of depth pruning.
 
-    Args:
+    Attributes:
         count: residual blocks to remove.
         blocks: remove exactly these (``layer4.1``; each the last block of its stage at
             the time it goes), in order, instead of scanning.

@@ -85,7 +85,7 @@ TrainFn = Callable[[nn.Module], object]
 class ChannelPruneConfig(BaseModel):
     """The ``prune.channel`` stage.
 
-    Args:
+    Attributes:
         ratio: fraction of channels removed, in [0, 1): of each group of coupled
             channels (``layer`` scope) or of all of them (``global``); Torch-Pruning's
             ``pruning_ratio``.
@@ -96,8 +96,9 @@ class ChannelPruneConfig(BaseModel):
             anywhere go, so redundant layers lose more) or ``sensitivity`` (per-group
             ratios from a channel sensitivity scan on the validation split).
         steps: 1 for one-shot; N > 1 prunes in N equal steps.
-        finetune_epochs / finetune_lr: fine-tuning between iterative steps (not after the
-            last one: a recipe adds a ``finetune`` stage for that).
+        finetune_epochs: fine-tuning between iterative steps (not after the last one: a
+            recipe adds a ``finetune`` stage for that).
+        finetune_lr: that fine-tuning's learning rate.
         include: patterns (``fnmatch``) of the conv/linear layers whose output channels
             may go (empty: all of them); the others are left whole.
         exclude: patterns of module names whose *output* channels must stay, with
@@ -112,10 +113,11 @@ class ChannelPruneConfig(BaseModel):
             kernels need (``AUTO_ROUND_TO``); None or 1: the counts the ratio gives.
         max_layer_ratio: in ``global`` and ``sensitivity`` scope, the most any group
             may lose.
-        scan_ratio / scan_images: ``sensitivity`` scope: each group alone loses this
-            fraction of its channels, measured on this many validation images; the ratios
-            then follow ``prune.allocation`` (robust and large groups lose more, as many
+        scan_ratio: ``sensitivity`` scope: each group alone loses this fraction of its
+            channels, measured on ``scan_images`` validation images; the ratios then
+            follow ``prune.allocation`` (robust and large groups lose more, as many
             parameters in all as ``ratio`` removes uniformly).
+        scan_images: ``sensitivity`` scope: the validation images of that scan.
         share_by: ``sensitivity`` scope: what ``ratio`` is shared out as, ``params``
             (as many parameters as the uniform ratio removes: size) or ``macs`` (as
             much compute: latency).

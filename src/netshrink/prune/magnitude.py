@@ -25,16 +25,18 @@ TrainFn = Callable[[nn.Module, Masks], None]
 class MagnitudePruneConfig(BaseModel):
     """The ``prune.magnitude`` stage.
 
-    Args:
+    Attributes:
         ratio: fraction of the chosen weights set to zero, in [0, 1).
         scope: ``layer`` (every layer loses ``ratio`` of its weights) or ``global`` (the
             smallest weights across all chosen layers go, wherever they are).
-        include / exclude: layer-name patterns (``fc``, ``layer4.*``); all conv/linear
-            layers by default.
+        include: layer-name patterns (``fc``, ``layer4.*``) of the layers pruned; all
+            conv/linear layers by default.
+        exclude: layer-name patterns of layers left whole.
         steps: 1 for one-shot; N > 1 prunes in N rising steps (``schedule``), fine-tuning
             ``finetune_epochs`` between steps through the one training loop.
         schedule: ``cubic`` (Zhu & Gupta: big steps first, gentle at the end) or ``linear``.
-        finetune_epochs / finetune_lr: the fine-tuning between iterative steps.
+        finetune_epochs: the fine-tuning between iterative steps.
+        finetune_lr: that fine-tuning's learning rate.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -22,12 +22,14 @@ from netshrink.train.masks import Masks, apply_masks
 class NMPruneConfig(BaseModel):
     """The ``prune.nm`` stage.
 
-    Args:
-        n / m: keep ``n`` of every ``m`` consecutive input-channel weights (2:4 default).
-        include / exclude: layer-name patterns. With no ``include``, every conv/linear
-            layer whose input channels divide by ``m`` (a ResNet's first conv, on 1 or 3
-            channels, is skipped and the stage says so); an included layer that does not
-            divide is an error.
+    Attributes:
+        n: keep ``n`` of every ``m`` consecutive input-channel weights (2:4 default).
+        m: the size of those groups of weights.
+        include: layer-name patterns. With no ``include``, every conv/linear layer whose
+            input channels divide by ``m`` (a ResNet's first conv, on 1 or 3 channels, is
+            skipped and the stage says so); an included layer that does not divide is an
+            error.
+        exclude: layer-name patterns of layers left dense.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -49,7 +49,7 @@ def _check_bits(bits: int) -> int:
 class KMeansConfig(BaseModel):
     """Settings of k-means weight sharing.
 
-    Args:
+    Attributes:
         bits: index width; each chosen layer keeps at most ``2**bits`` distinct non-zero
             values (1 to 8).
         include / exclude: layer-name patterns (``fc``, ``layer4.*``); all conv/linear

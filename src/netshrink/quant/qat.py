@@ -493,7 +493,7 @@ class QATConfig(TrainConfig):
     Every ``TrainConfig`` option applies (batch size, optimizer, amp, ...), with fine-tuning
     defaults, plus:
 
-    Args:
+    Attributes:
         epochs: passes over the training split; fractions allowed (> 0).
         lr: peak learning rate (low: QAT starts from a trained model).
         warmup_epochs: linear warm-up (none by default).

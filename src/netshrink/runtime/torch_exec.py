@@ -38,7 +38,7 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune",
 class TorchExecution(BaseModel):
     """How torch runs a model (the ``deploy.torch`` stage, ``netshrink bench --torch``).
 
-    Args:
+    Attributes:
         precision: compute precision. ``fp32`` is strict fp32 (TF32 tensor cores off, so
             the figure is really fp32); ``tf32`` lets cuDNN/cuBLAS use TF32 (torch's own
             default for convolutions on Ampere and newer); ``fp16`` / ``bf16`` cast the

@@ -37,7 +37,7 @@ DEFAULT_SCAN_RATIO = {"magnitude": 0.9, "channel": 0.5}
 class SensitivityConfig(BaseModel):
     """The ``prune.sensitivity`` stage: prune each layer (or coupled group) alone, measure.
 
-    Args:
+    Attributes:
         method: ``magnitude`` (each conv/linear layer's smallest weights) or ``channel``
             (each coupled channel group's lowest-L1 channels, removed from every member).
         ratio: fraction pruned from each layer/group, in [0, 1); default 0.9 for
@@ -62,7 +62,7 @@ class SensitivityConfig(BaseModel):
 class SearchConfig(BaseModel):
     """The ``prune.search`` stage: the largest ratio within an accuracy budget, by bisection.
 
-    Args:
+    Attributes:
         method: ``magnitude`` or ``channel`` (each coupled group loses the same fraction
             of its channels; ``layer`` scope only).
         scope: ``layer`` or ``global`` (magnitude only).

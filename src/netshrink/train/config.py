@@ -23,12 +23,13 @@ AmpMode = Literal["auto", "native", "off", "bf16", "fp16"]
 class TrainConfig(BaseModel):
     """How to train.
 
-    Args:
+    Attributes:
         epochs: passes over the training split (> 0).
         max_steps: stop after this many optimizer steps (for quick runs), if set.
         optimizer: ``sgd`` (momentum, Nesterov) or ``adamw``.
         lr: peak learning rate, reached at the end of warm-up.
-        momentum / nesterov: SGD options.
+        momentum: SGD's momentum.
+        nesterov: SGD with Nesterov momentum.
         weight_decay: applied to conv/linear weights only, never to BN or biases.
         batch_size: images per optimizer step.
         warmup_epochs: linear warm-up from lr/100 before the schedule.
