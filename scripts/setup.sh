@@ -3,7 +3,8 @@
 # in .venv with torch installed first, pinned (an unpinned torch pulls gigabytes of CUDA
 # packages; 2.13.0 is the CPU wheel these machines carry), then netshrink and its extras.
 #   scripts/setup.sh          # what the quickstart needs
-#   scripts/setup.sh dev      # + what the tests need
+#   scripts/setup.sh dev      # + what the tests need (and Debian's Chromium, which
+#                             #   tests/test_report_layout.py opens the reports in)
 # On an NVIDIA GPU machine, take a CUDA build of torch from PyTorch's own index, e.g.
 #   NETSHRINK_TORCH_INDEX=https://download.pytorch.org/whl/cu128 scripts/setup.sh
 # (the GPU paths need nothing else: cuDNN, cuBLAS and cuSPARSELt come with that torch).
@@ -18,6 +19,13 @@ sudo=""
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+# The dev extra's Playwright drives the system's Chromium; it is never told to download
+# a browser of its own (no `playwright install`).
+if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null; then
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq chromium >/dev/null
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from html import escape
 
 from netshrink.report.content import LAYER_HEADING, ReportContent
+from netshrink.report.fmt import MISSING
 from netshrink.report.tables import Table
 from netshrink.report.verdict import REFERENCE_VERDICT
 
@@ -32,16 +34,25 @@ h3 { font-size: 16px; margin: 22px 0 8px; }
             background: #f3f6fb; border-left: 4px solid #3b6fd8; border-radius: 3px; }
 .lead { margin: 10px 0 12px; border-left-color: #1d2330; }
 ul.notes { color: #3c4454; font-size: 13.5px; margin: 6px 0 0; padding-left: 20px; }
+ul.notes li { margin: 2px 0; }
+/* A long note shows its first clause; the marker and the ellipsis say there is more. */
+details > summary { cursor: pointer; }
+details:not([open]) > summary::after { content: " …"; color: #5a6375; }
+/* Only for screens narrower than the tables' narrowest layout: at 1280 px nothing scrolls
+   (tests/test_report_layout.py measures it in Chromium). */
 .scroll { overflow-x: auto; margin: 8px 0; }
 table { border-collapse: collapse; font-size: 13px; }
-th, td { padding: 5px 9px; border-bottom: 1px solid #e4e7ec; vertical-align: top; }
+th, td { padding: 5px 8px; border-bottom: 1px solid #e4e7ec; vertical-align: top; }
 th { background: #f5f6f8; text-align: left; font-weight: 600; border-bottom: 2px solid #cfd4dc;
      vertical-align: bottom; }
+th[title] { cursor: help; }
+th .sub { font-weight: 400; }
 th.num { text-align: right; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td .sub { color: #5a6375; font-size: 12px; }
+/* A number's bracket (its ratio) sits under it and may wrap; the number never does. */
+td .sub, th .sub { color: #5a6375; font-size: 12px; white-space: normal; }
 tbody tr:nth-child(even) { background: #fafbfc; }
-td.verdict { font-weight: 600; min-width: 11em; }
+td.verdict { font-weight: 600; min-width: 10em; }
 td.verdict .good { color: #1e7b34; }
 td.verdict .bad { color: #b42318; }
 td.verdict .base { color: #5a6375; }
@@ -90,38 +101,101 @@ _VALUE_AND_RATIO = re.compile(r"^(.*\S) (\([^()]*\))$")
 
 
 def _cell(text: str) -> str:
-    """A numeric cell; ``40.0 MB (4.00x)`` shows its bracket on a second, quieter line.
+    """A numeric cell; ``40.0 MB (4.00x)`` shows its bracket on a second, quieter line,
+    and each ``; ``-separated part (a size's packed file) gets lines of its own.
 
-    Stacking keeps the wide comparison table within a laptop screen without wrapping a
-    number in the middle.
+    Stacking keeps the comparison table within a laptop screen without wrapping a number
+    in the middle; the bracket itself may wrap (a ratio split into equal runtime ×
+    runtime is a sentence).
     """
-    match = _VALUE_AND_RATIO.match(text)
-    if match is None:
-        return escape(text)
-    return f'{escape(match[1])}<br><span class="sub">{escape(match[2])}</span>'
+    lines = []
+    for part in text.split("; "):
+        match = _VALUE_AND_RATIO.match(part)
+        lines.append(escape(part) if match is None else
+                     f'{escape(match[1])}<br><span class="sub">{escape(match[2])}</span>')
+    return ";<br>".join(lines)
 
 
-def html_table(table: Table, verdict_column: str | None = None) -> str:
-    """The table as HTML inside a horizontally scrolling box (wide tables never overflow)."""
-    head = "".join(
-        f'<th class="num">{escape(h)}</th>' if num else f"<th>{escape(h)}</th>"
-        for h, num in zip(table.headers, table.numeric, strict=True)
-    )
+def _breakable(text: str) -> str:
+    """``text`` escaped, with a break opportunity after each ``/``: a file path or a
+    study's ``cell/stage`` name is one long word that would otherwise widen its column
+    past the page."""
+    return escape(text).replace("/", "/<wbr>")
+
+
+def _header(short: str, full: str) -> tuple[str, str]:
+    """A header's HTML (its first line, then the rest quieter) and its ``title``
+    attribute: the full header, where the short one differs."""
+    first, _, rest = short.partition("\n")
+    text = escape(first) + (f'<br><span class="sub">{escape(rest)}</span>' if rest else "")
+    return text, ("" if short == full else f' title="{escape(full)}"')
+
+
+def _table(table: Table, columns: tuple[int, ...], headers: tuple[str, ...],
+           beneath: Callable[[int], tuple[int, ...]], verdict_column: str | None) -> str:
+    """``columns`` of ``table`` under ``headers`` (short ones; the full one as a tooltip),
+    each cell followed by the cells of the columns ``beneath`` it, in a box that scrolls
+    sideways only on a screen narrower than the table's narrowest layout."""
+    head = []
+    for column, short in zip(columns, headers, strict=True):
+        text, title = _header(short, table.headers[column])
+        num = ' class="num"' if table.numeric[column] else ""
+        head.append(f"<th{num}{title}>{text}</th>")
     body = []
     for row in table.rows:
         cells = []
-        for header, cell, num in zip(table.headers, row, table.numeric, strict=True):
-            if header == verdict_column:
-                cells.append(f'<td class="verdict">{_verdict(cell)}</td>')
+        for position, column in enumerate(columns):
+            cell, num = row[column], table.numeric[column]
+            if table.headers[column] == verdict_column:
+                inner, cls = _verdict(cell), "verdict"
             elif num:
-                cells.append(f'<td class="num">{_cell(cell)}</td>')
+                inner, cls = _cell(cell), "num"
             else:
-                cells.append(f"<td>{escape(cell)}</td>")
+                inner, cls = _breakable(cell), ""
+            under = [row[c] for c in beneath(position) if row[c] != MISSING]
+            if under:
+                inner += ('<br><span class="sub">'
+                          + " · ".join(_breakable(u) for u in under) + "</span>")
+            cells.append(f'<td class="{cls}">{inner}</td>' if cls else f"<td>{inner}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
-        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f'<div class="scroll"><table><thead><tr>{"".join(head)}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>"
     )
+
+
+def html_table(table: Table, verdict_column: str | None = None) -> str:
+    """The table as HTML: as its views (narrower tables under short headers, see
+    :class:`TableView`) where it has them, else whole."""
+    if not table.views:
+        every = tuple(range(len(table.headers)))
+        return _table(table, every, table.headers, lambda _: (), verdict_column)
+    out = []
+    for view in table.views:
+        if view.title is not None:
+            out.append(f"<h3>{escape(view.title)}</h3>")
+        out.append(_table(table, view.columns, view.headers, view.under, verdict_column))
+    return "".join(out)
+
+
+# A note longer than this is folded to its first clause (a list of noisy timings can run
+# to dozens of lines and would push the tables off the first screen).
+FOLD_CHARS = 240
+_CLAUSE_END = re.compile(r"[.:;] ")
+
+
+def _folded(text: str, before: str = "") -> str:
+    """``text`` escaped after ``before`` (HTML); a long one as a ``<details>`` showing
+    ``before`` and its first clause (or first words), the rest a click away. The two
+    parts together are the text, once."""
+    if len(text) <= FOLD_CHARS:
+        return before + escape(text)
+    end = _CLAUSE_END.search(text, 20, 200)
+    cut = end.end() - 1 if end is not None else text.rfind(" ", 0, 140)
+    if cut <= 0:
+        cut = 140
+    return (f"<details><summary>{before}{escape(text[:cut])}</summary>"
+            f"{escape(text[cut:].lstrip())}</details>")
 
 
 def render_html(content: ReportContent) -> str:
@@ -141,7 +215,8 @@ def render_html(content: ReportContent) -> str:
         )
         + "</p>",
         f'<p class="headline">{escape(content.headline)}</p>',
-        '<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in content.notes) + "</ul>",
+        '<ul class="notes">' + "".join(f"<li>{_folded(n)}</li>" for n in content.notes)
+        + "</ul>",
         f"<h2>{escape(content.comparison.title)}</h2>",
         html_table(content.comparison, verdict_column="verdict"),
         f"<h2>{escape(content.measurement.title)}</h2>",
@@ -180,7 +255,8 @@ def render_html(content: ReportContent) -> str:
     if content.stage_notes:
         out.append("<h2>Stage notes</h2><ul>")
         for stage, notes in content.stage_notes:
-            out += [f"<li><strong>{escape(stage)}</strong>: {escape(n)}</li>" for n in notes]
+            out += [f"<li>{_folded(n, f'<strong>{escape(stage)}</strong>: ')}</li>"
+                    for n in notes]
         out.append("</ul>")
     out += [
         "<h2>Recipe</h2>",

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from netshrink.figures import figure_png
+from netshrink.figures import figure_png, place_labels
 from netshrink.report import fmt
 from netshrink.report.tables import device_label
 from netshrink.stages.record import StageRecord
@@ -80,9 +81,12 @@ def top1_bar(
     ``reference`` is the reference stage's position in ``stages``; its bar is outlined
     and its name marked.
 
-    Both panels have honest axes: absolute top-1 from 0 to 100, where differences of a
-    few tenths are invisible, hence the second panel, whose bars start at 0 change. The
-    budget, when set, is drawn as the lowest acceptable change.
+    The bars lie horizontally, one row a stage, the names on the left: a compress
+    search's dozens of long ``cell/stage`` names stay readable, where names under
+    upright bars ran into each other. Both panels have honest axes: absolute top-1 from
+    0 to 100, where differences of a few tenths are invisible, hence the second panel,
+    whose bars start at 0 change. The budget, when set, is drawn as the lowest
+    acceptable change.
     """
     data = [
         (i, s.name, s.measurement.accuracy.top1 * 100)
@@ -91,18 +95,21 @@ def top1_bar(
     ]
     if not data:
         return None
-    xs = range(len(data))
-    names = [_label(i, n, reference, sep="\n") for i, n, _ in data]
+    ys = range(len(data))
+    names = [_label(i, n, reference) for i, n, _ in data]
     colours = [_colour(i) for i, *_ in data]
     edges = ["#222222" if i == reference else c for (i, *_), c in zip(data, colours, strict=True)]
-    fig = Figure(figsize=(max(7.0, 1.6 * len(data) + 3), 3.8), layout="constrained")
-    abs_ax, delta_ax = fig.subplots(1, 2)
+    fig = Figure(figsize=(10.0, 1.3 + 0.3 * len(data)), layout="constrained")
+    abs_ax, delta_ax = fig.subplots(1, 2, sharey=True)
 
-    bars = abs_ax.bar(xs, [v for *_, v in data], color=colours, edgecolor=edges, linewidth=1.5)
+    bars = abs_ax.barh(ys, [v for *_, v in data], color=colours, edgecolor=edges,
+                       linewidth=1.5)
     abs_ax.bar_label(bars, labels=[f"{v:.2f}" for *_, v in data], padding=2, fontsize=8)
-    abs_ax.set_ylim(0, 109)  # room above 100 for the value labels
-    abs_ax.set_yticks(range(0, 101, 20))
-    abs_ax.set(title="Top-1 (%)", ylabel="top-1 (%)")
+    abs_ax.set_xlim(0, 115)  # room right of 100 for the value labels
+    abs_ax.set_xticks(range(0, 101, 20))
+    abs_ax.set(title="Top-1 (%)", xlabel="top-1 (%)")
+    abs_ax.set_yticks(ys, names)
+    abs_ax.invert_yaxis()  # the first stage at the top, as in the tables
 
     ref_stage = stages[reference] if reference is not None else None
     base = ref_stage.measurement if ref_stage is not None else None
@@ -111,28 +118,24 @@ def top1_bar(
         ref = ref_stage.name
         said = f"; change vs {ref} (the reference)"
         deltas = [v - base.accuracy.top1 * 100 for *_, v in data]
-        bars = delta_ax.bar(xs, deltas, color=colours, edgecolor=edges, linewidth=1.5)
+        bars = delta_ax.barh(ys, deltas, color=colours, edgecolor=edges, linewidth=1.5)
         delta_ax.bar_label(bars, labels=[f"{d:+.2f}" for d in deltas], padding=2, fontsize=8)
-        delta_ax.axhline(0, color="#333333", linewidth=0.8)
+        delta_ax.axvline(0, color="#333333", linewidth=0.8)
         lows = [*deltas, 0.0]
+        title = f"Change vs {literal_text(ref)} (points)"
         if budget is not None:
-            delta_ax.axhline(
-                -budget,
-                color="#d62728",
-                linestyle="--",
-                linewidth=1,
-                label=f"budget: −{budget:g} points",
-            )
-            delta_ax.legend(loc="best", fontsize=8)
+            # Named in the title, not a legend: a legend box would sit on some bar's label.
+            delta_ax.axvline(-budget, color="#d62728", linestyle="--", linewidth=1)
             lows.append(-budget)
+            title += f"; dashed: budget −{budget:g}"
         span = max(max(lows) - min(lows), 0.5)
-        delta_ax.set_ylim(min(lows) - 0.25 * span, max(lows) + 0.25 * span)
-        delta_ax.set(title=f"Change vs {literal_text(ref)} (points)", ylabel="points of top-1")
+        # room either side for the value labels at the bars' ends
+        delta_ax.set_xlim(min(lows) - 0.3 * span, max(lows) + 0.3 * span)
+        delta_ax.set(title=title, xlabel="points of top-1")
     else:
         delta_ax.set_axis_off()  # no reference accuracy: nothing to compare against
     for ax in (abs_ax, delta_ax):
-        ax.set_xticks(xs, names, rotation=20, ha="right")
-        ax.grid(True, axis="y", alpha=0.3)
+        ax.grid(True, axis="x", alpha=0.3)
     alt = "; ".join(f"{n}: {v:.2f}%" for _, n, v in data)
     return Plot("top1", "Top-1 accuracy per stage", f"Top-1 per stage: {alt}{said}",
                 figure_png(fig))
@@ -151,16 +154,12 @@ def _scatter(
         return None
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for i, label, x, y in data:
+    for i, _, x, y in data:
         if i == reference:
             ax.scatter([x], [y], color=_colour(i), s=160, marker="*", edgecolors="#222222",
                        linewidths=0.8, zorder=4)
         else:
             ax.scatter([x], [y], color=_colour(i), s=40, zorder=3)
-        ax.annotate(
-            _label(i, label, reference), (x, y), xytext=(5, 5), textcoords="offset points",
-            fontsize=9,
-        )
     front = pareto_front([(x, y) for _, _, x, y in data])
     if len(front) > 1:
         ax.plot(
@@ -179,9 +178,17 @@ def _scatter(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.margins(0.15)  # room for the labels of the outermost points
+    # The reference first, then the front, then the rest: where labels crowd, the points
+    # a reader looks for keep theirs.
+    order = sorted(range(len(data)), key=lambda k: (data[k][0] != reference, k not in front))
+    left_off = place_labels(ax, [(data[k][2], data[k][3], _label(data[k][0], data[k][1],
+                                                                   reference))
+                                 for k in order])
     on_front = ", ".join(data[i][1] for i in front)
     alt = f"{title}; Pareto front: {on_front}"
     alt += "".join(f"; reference: {label}" for i, label, *_ in data if i == reference)
+    if left_off:
+        alt += f"; {left_off} of {len(data)} points left unlabelled for room"
     return Plot(name, title, alt, figure_png(fig))
 
 
@@ -231,15 +238,21 @@ def latency_vs_accuracy(stages: Sequence[StageRecord], reference: int | None) ->
 
 
 def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
-    """Train loss and top-1 per epoch (val solid, train dashed) for stages with history."""
+    """Train loss and top-1 per epoch (val solid, train dashed) for stages with history.
+
+    One legend for both panels, under them, one entry a stage (its colour) and two for
+    the line styles: a legend inside a panel covered the curves and, with a compress
+    search's dozens of fine-tuned stages, ran off the panel over the titles.
+    """
     trained = [(i, s) for i, s in enumerate(stages) if s.history]
     if not trained:
         return None
     fig = Figure(figsize=(10.0, 3.8), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
+    handles = []
     for i, s in trained:
         epochs = [e.epoch for e in s.history]
-        loss_ax.plot(
+        (line,) = loss_ax.plot(
             epochs,
             [e.train_loss for e in s.history],
             marker="o",
@@ -247,6 +260,7 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
             color=_colour(i),
             label=literal_text(s.name),
         )
+        handles.append(line)
         acc_ax.plot(
             epochs,
             [e.train_top1 * 100 for e in s.history],
@@ -255,7 +269,6 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
             markersize=4,
             color=_colour(i),
             linewidth=1,
-            label=literal_text(f"{s.name} (train)"),
         )
         val = [(e.epoch, e.val_top1 * 100) for e in s.history if e.val_top1 is not None]
         if val:
@@ -265,14 +278,20 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
                 marker="o",
                 markersize=3,
                 color=_colour(i),
-                label=literal_text(f"{s.name} (val)"),
             )
+    styles = [Line2D([], [], color="#555555", marker="o", markersize=3, label="val top-1"),
+              Line2D([], [], color="#555555", linestyle="--", marker="x", markersize=4,
+                     linewidth=1, label="train top-1")]
     loss_ax.set(title="Train loss", xlabel="epoch", ylabel="loss")
     acc_ax.set(title="Top-1 per epoch", xlabel="epoch", ylabel="top-1 (%)")
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    # As many columns as names of this length fit across the figure (~6 px a character).
+    longest = max(len(h.get_label()) for h in [*handles, *styles])
+    columns = max(1, min(len(handles) + 2, 1000 // (6 * longest + 40)))
+    fig.legend(handles=[*handles, *styles], loc="outside lower center", ncols=columns,
+               fontsize=8, frameon=False)
     names = ", ".join(s.name for _, s in trained)
     alt = f"Train loss and top-1 per epoch for {names}"
     return Plot("training", "Training curves", alt, figure_png(fig))

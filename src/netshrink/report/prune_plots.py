@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from netshrink.figures import figure_png
+from netshrink.figures import figure_png, place_labels
 from netshrink.prune.plots import accuracy_vs_ratio, sensitivity_bars, weight_histogram
 from netshrink.report.plots import Plot, literal_text
 from netshrink.report.stage_files import RunFiles, WeightPair
@@ -95,10 +95,12 @@ def accuracy_vs_pruned(
     lowest = min(x for points in curves.values() for x, _ in points)
     if lowest < 0:  # a stage with more parameters left than the reference: keep it in view
         fig.axes[0].set_xlim(left=lowest - 0.05)
-    for name, x, y in named:  # which point is which stage
-        fig.axes[0].annotate(literal_text(name), (x, 100 * y), xytext=(5, 5),
-                             textcoords="offset points", fontsize=8)
+    # which point is which stage, where a label fits (a search's dozens crowd)
+    left_off = place_labels(fig.axes[0], [(x, 100 * y, literal_text(name))
+                                          for name, x, y in named], fontsize=8)
     alt = f"{title}: x against {ref.name} (the reference); {'; '.join(said)}"
+    if left_off:
+        alt += f"; {left_off} of {len(named)} stage points left unlabelled for room"
     return Plot("accuracy_vs_pruned", title, alt, figure_png(fig))
 
 

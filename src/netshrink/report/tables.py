@@ -23,13 +23,36 @@ from netshrink.stages.record import SideBySide, StageRecord
 
 
 @dataclass(frozen=True)
+class TableView:
+    """Some of a wide table's columns, shown as a table of their own where the page has a
+    width to keep to (the HTML report reads at 1280 px; Markdown keeps the one table).
+
+    ``columns`` index the table's columns, each shown under a short header from
+    ``headers`` (the full one stays with it, as a tooltip in HTML); ``beneath`` names, for
+    each shown column, the columns whose cells are written under its own, quieter (a
+    stage's kind and runtime under its name).
+    """
+
+    title: str | None  # None: shown under the table's own title
+    columns: tuple[int, ...]
+    headers: tuple[str, ...]
+    beneath: tuple[tuple[int, ...], ...] = ()
+
+    def under(self, position: int) -> tuple[int, ...]:
+        """The columns written beneath the ``position``-th shown column."""
+        return self.beneath[position] if position < len(self.beneath) else ()
+
+
+@dataclass(frozen=True)
 class Table:
-    """A titled table of already formatted cells; ``numeric`` marks right-aligned columns."""
+    """A titled table of already formatted cells; ``numeric`` marks right-aligned columns;
+    ``views``, if any, split it into narrower tables for a page with a width."""
 
     title: str
     headers: tuple[str, ...]
     rows: tuple[tuple[str, ...], ...]
     numeric: tuple[bool, ...]
+    views: tuple[TableView, ...] = ()
 
 
 # The verdict comes right after the stage: it is what a reader looks for first, and on
@@ -66,6 +89,41 @@ def _device_columns(device: str) -> tuple[tuple[str, bool], ...]:
         (f"{label} latency b1 p50 / p90 ms (speedup)", True),
         (f"{label} throughput img/s @ batch (ratio)", True),
         (f"{label} {_MEMORY_WHAT.get(device, 'peak memory MiB')}", True),
+    )
+
+
+# The same columns under short headers for the HTML page (what follows a newline is the
+# header's quieter second line); the notes say what the brackets are.
+_SHORT_MEMORY = {"cpu": "peak RSS\nMiB, whole process", "cuda": "peak memory\nMiB reserved"}
+
+
+def _short_device_headers(device: str) -> tuple[str, str, str]:
+    label = device_label(device)
+    memory = _SHORT_MEMORY.get(device, "peak memory\nMiB")
+    return (f"{label} latency\nms p50 / p90, batch 1", f"{label} throughput\nimg/s @ batch",
+            f"{label} {memory}")
+
+
+def _comparison_views(devices: Sequence[str]) -> tuple[TableView, ...]:
+    """The comparison table as two tables that each read at 1280 px: what the verdict
+    rests on (accuracy, size, speed) in one, so a stage's three are seen together, and the
+    model's counts, memory and stage time in the other."""
+    first_device = len(LEADING_COLUMNS)
+    latency = [first_device + 3 * k for k in range(len(devices))]
+    short = [_short_device_headers(d) for d in devices]
+    speed = tuple(c for col in latency for c in (col, col + 1))
+    speed_headers = tuple(h for lat, thr, _ in short for h in (lat, thr))
+    memory = tuple(col + 2 for col in latency)
+    stage_time = first_device + 3 * len(devices)
+    return (
+        TableView(title=None, columns=(0, 3, 4, 5, 6, *speed),
+                  headers=("stage\nkind · runtime, precision", "verdict", "top-1 %", "top-5 %",
+                           "size on disk", *speed_headers),
+                  beneath=((1, 2),)),
+        TableView(title="Parameters, compute, memory and time",
+                  columns=(0, 7, 8, 9, *memory, stage_time),
+                  headers=("stage", "params", "non-zero params", "MACs",
+                           *(m for *_, m in short), "stage time")),
     )
 
 
@@ -221,6 +279,7 @@ def comparison_table(
         headers=tuple(h for h, _ in columns),
         rows=rows,
         numeric=tuple(n for _, n in columns),
+        views=_comparison_views(devices),
     )
 
 
@@ -340,12 +399,19 @@ def measurement_table(stages: Sequence[StageRecord],
                 m.file or fmt.MISSING,
             )
         )
+    # On the page the input shape and the file go under the stage's name: short or
+    # breakable, they need no column of their own, which leaves the timing prose room.
+    view = TableView(title=None, columns=(0, 1, 2, 3, 4, 5),
+                     headers=("stage\ninput · file", "accuracy on", "latency", "throughput",
+                              "CPU load", "side by side\n(end of run)"),
+                     beneath=((6, 7),))
     return Table(
         title="How each stage was measured",
         headers=("stage", "accuracy on", "latency", "throughput", "CPU load",
                  "side by side (end of run)", "input", "file"),
         rows=tuple(rows),
         numeric=(False,) * 8,
+        views=(view,),
     )
 
 

@@ -235,9 +235,10 @@ def _study_side_by_side(out: Path) -> SideBySide | None:
     path = Path(out) / SIDE_BY_SIDE_FILE
     if not is_file(path):
         return None
-    check_regular(path, MAX_SIDE_BY_SIDE_BYTES, "a side-by-side timing record")
+    what = "side-by-side timing record"
+    data = read_regular(path, what, max_bytes=MAX_SIDE_BY_SIDE_BYTES)  # a FIFO, a huge file
     try:
-        return SideBySide.model_validate_json(read_regular(path, MAX_SIDE_BY_SIDE_BYTES))
+        return SideBySide.model_validate_json(data)
     except ValidationError as exc:
         raise UserError(f"{path}: not a side-by-side timing netshrink wrote "
                         f"({exc.errors()[0]['msg']}); move it away and run the study again "
