@@ -67,6 +67,19 @@ def _session_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _short_side_by_side() -> Iterator[None]:
+    # Every run with timing on ends by timing its files side by side (5 rounds of about a
+    # second a file); the tests of that timing restore these, the others need it brief.
+    from netshrink.recipe import side_by_side
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("SIDE_BY_SIDE_ROUNDS", 2), ("WARM_S", 0.01),
+                            ("LATENCY_SECONDS", 0.02), ("BATCH_SECONDS", 0.02)):
+            patch.setattr(side_by_side, name, value)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _own_model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every test gets an empty model cache of its own: runs never see another test's (or

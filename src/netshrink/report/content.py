@@ -179,23 +179,22 @@ def _headline(
     if cmp.speedup is not None and device != reference.stage.measurement.environment.device:
         # Its speed-up is against the reference's timing on that device (measure.also_cpu).
         said += f" (speed: both on the {device_label(device)})"
-    if cmp.speedup is not None:
-        said += _speed_source(final, reference.stage, timed)
+    source = _speed_source(final, reference.stage, timed) if cmp.speedup is not None else ""
     label = "Final stage" if i == len(stages) - 1 else "Last measured stage"
-    return f"{prefix}{label} {final.name}: {said} (verdict: {cmp.verdict})."
+    return f"{prefix}{label} {final.name}: {said} (verdict: {cmp.verdict}{source})."
 
 
 def _speed_source(stage: StageRecord, reference: StageRecord, timed: Collection[str]
                   ) -> str:
-    """Where a headline's speed figure comes from, in brackets."""
+    """Where a headline's speed figure comes from, for the end of its verdict."""
     if stage.name in timed and reference.name in timed:
-        return " (speed timed side by side at the end of the run)"
+        return "; speed timed side by side at the end of the run"
     m, b = stage.measurement, reference.measurement
     load = load_differs(m.load, b.load) if m is not None and b is not None else None
     other = m is not None and b is not None and m.environment.cpu != b.environment.cpu
-    why = ("timed on different machines" if other else
-           "timed under different CPU loads" if load else "each timed when it was made")
-    return f" (speed from each stage's own timing, {why}; not side by side)"
+    why = (", taken on different machines" if other else
+           ", taken under different CPU loads" if load else "")
+    return f"; speed from each stage's own timing{why}, not side by side"
 
 
 def _timing_notes(record: RunRecord, stages: list[StageRecord],
