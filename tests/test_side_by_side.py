@@ -185,6 +185,10 @@ def test_a_load_during_the_reference_timing_does_not_move_the_headline(
     assert base is not None and final is not None and base.load and final.load
     assert base.load.calibration_ms > 1.3 * final.load.calibration_ms  # the load happened
     own = base.latency.p50_ms / final.latency.p50_ms  # type: ignore[union-attr]
+    print(f"calibration under load {base.load.calibration_ms:.2f} ms, quiet "
+          f"{final.load.calibration_ms:.2f} ms; batch-1 ratio from each stage's own timing "
+          f"{own:.2f}x; side by side: loaded run {_ratio(loaded):.2f}x, quiet run "
+          f"{_ratio(quiet):.2f}x")
     assert own > 1.15 * _ratio(quiet)  # the per-stage ratio is off
     assert abs(_ratio(loaded) / _ratio(quiet) - 1) <= 0.15, (_ratio(loaded), _ratio(quiet))
     content = build_content(load_run(tmp_path / "loaded"), with_plots=False)
