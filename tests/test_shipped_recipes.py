@@ -57,10 +57,6 @@ SLOW = {
     "study_r18_quant_prune.yaml": "~15 s",
     "study_finegrained_vs_channel.yaml": "~11 s",
     "fashion_quant.yaml": "~35-45 s: automatic mixed precision quantizes layer by layer",
-    # the compress stage's search is in the default run (test_compress), channel pruning
-    # then INT8 too (test_prune_channel, test_quant)
-    "fashion_compress.yaml": "~45 s: a compress search of four candidates",
-    "fashion_channel_quant.yaml": "~32 s: a sensitivity scan, then INT8 with fallback",
 }
 
 
