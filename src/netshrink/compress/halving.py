@@ -272,11 +272,7 @@ class HalvingSearch(TimeBudget, Search):
         """Constraint-first: the structures that may meet the constraint (predicted
         latency within ``PREDICTION_MARGIN`` of the bound, counted MACs, estimated
         size)."""
-        assert self.cfg.constraint is not None
-        kind = self.cfg.constraint[0]
-        margin = 1 + PREDICTION_MARGIN if kind in ("latency_ms", "speedup") else 1.0
-        keep = [st for st, t in built.items()
-                if (value := self._value(t)) is not None and value <= self._limit() * margin]
+        keep = [st for st, t in built.items() if self._meets(t) or self._near(t)]
         self.log(f"compress: {len(keep)} of {len(built)} structures may meet "
                  f"{self._constraint_text()}")
         if not keep:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import yaml
 
 from netshrink.bench.load import load_differs
+from netshrink.bench.schema import Measurement
 from netshrink.report import fmt
 from netshrink.report.layer_tables import layer_tables
 from netshrink.report.plots import Plot, all_plots
@@ -190,11 +191,21 @@ def _speed_source(stage: StageRecord, reference: StageRecord, timed: Collection[
     if stage.name in timed and reference.name in timed:
         return "; speed timed side by side at the end of the run"
     m, b = stage.measurement, reference.measurement
-    load = load_differs(m.load, b.load) if m is not None and b is not None else None
-    other = m is not None and b is not None and m.environment.cpu != b.environment.cpu
-    why = (", taken on different machines" if other else
-           ", taken under different CPU loads" if load else "")
-    return f"; speed from each stage's own timing{why}, not side by side"
+    why = _other_conditions(m, b) if m is not None and b is not None else None
+    taken = (", taken on different machines" if why == OTHER_MACHINE else
+             ", taken under different CPU loads" if why else "")
+    return f"; speed from each stage's own timing{taken}, not side by side"
+
+
+OTHER_MACHINE = "timed on another machine than the reference"
+
+
+def _other_conditions(m: Measurement, reference: Measurement) -> str | None:
+    """Why ``m`` was timed under other conditions than ``reference`` (another machine,
+    another CPU load), in words; None when it was not."""
+    if m.environment.cpu != reference.environment.cpu:
+        return OTHER_MACHINE
+    return load_differs(m.load, reference.load)
 
 
 def _timing_notes(record: RunRecord, stages: list[StageRecord],
@@ -223,8 +234,7 @@ def _timing_notes(record: RunRecord, stages: list[StageRecord],
         m = s.measurement
         if s is reference.stage or m is None or m.latency is None:
             continue
-        why = ("timed on another machine than the reference"
-               if m.environment.cpu != ref.environment.cpu else load_differs(m.load, ref.load))
+        why = _other_conditions(m, ref)
         if why:
             then = ("its ratios come from the side-by-side timing"
                     if s.name in timed and reference.stage.name in timed
