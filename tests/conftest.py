@@ -75,7 +75,9 @@ def _short_side_by_side() -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as patch:
         for name, value in (("SIDE_BY_SIDE_ROUNDS", 2), ("WARM_S", 0.01),
-                            ("LATENCY_SECONDS", 0.02), ("BATCH_SECONDS", 0.02)):
+                            ("LATENCY_SECONDS", 0.02), ("BATCH_SECONDS", 0.02),
+                            ("LATENCY_WARMUP", 1), ("LATENCY_CALLS", 5),
+                            ("BATCH_WARMUP", 0), ("BATCH_CALLS", 2)):
             patch.setattr(side_by_side, name, value)
         yield
 
@@ -85,6 +87,22 @@ def _own_model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every test gets an empty model cache of its own: runs never see another test's (or
     # the user's ~/.cache) models, and the cache's behaviour is tested where intended.
     monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "model-cache"))
+
+
+@pytest.fixture
+def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few timed calls instead of seconds of them, for tests of which measurement is
+    taken and where it goes, not of its figures."""
+    from netshrink.bench import MeasureConfig
+
+    options = MeasureConfig.options
+
+    def quick(self, **kwargs):
+        return options(self, **kwargs).model_copy(update={
+            "min_seconds": None, "warmup": 1, "latency_runs": 3, "throughput_warmup": 1,
+            "throughput_runs": 2})
+
+    monkeypatch.setattr(MeasureConfig, "options", quick)
 
 
 @pytest.fixture(scope="session")

@@ -9,22 +9,12 @@ from pathlib import Path
 import pytest
 
 import netshrink.recipe.measuring as measuring
-from netshrink.bench import MeasureConfig
 from netshrink.recipe import parse_recipe, run_recipe
 
 
 @pytest.fixture(autouse=True)
-def _quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A few timed calls instead of two seconds of them: what is tested is which
-    # measurement is taken, not its figures.
-    options = MeasureConfig.options
-
-    def quick(self, **kwargs):
-        return options(self, **kwargs).model_copy(update={
-            "min_seconds": None, "warmup": 1, "latency_runs": 3, "throughput_warmup": 1,
-            "throughput_runs": 2})
-
-    monkeypatch.setattr(MeasureConfig, "options", quick)
+def _quick(quick_timing: None) -> None:
+    """What is tested is which measurement is taken, not its figures."""
 
 
 def recipe(fashion: Path, weights: Path, **measure: object) -> object:

@@ -35,7 +35,8 @@ def quiet(_: str) -> None:
     pass
 
 
-def test_run_measures_every_stage_and_files_reload(fashion_dir, tmp_path) -> None:
+def test_run_measures_every_stage_and_files_reload(fashion_dir, tmp_path,
+                                                  quick_timing) -> None:
     record = run_recipe(recipe(fashion_dir, latency=True), tmp_path, log=quiet)
     assert [s.name for s in record.stages] == ["baseline", "train", "finetune"]
     on_disk = RunRecord.model_validate_json((tmp_path / "run.json").read_text())

@@ -154,7 +154,8 @@ def test_a_load_during_the_reference_timing_does_not_move_the_headline(
     measure_module = importlib.import_module("netshrink.bench.measure")
     # the real timing, not the suite's brief one (conftest)
     for name, value in (("SIDE_BY_SIDE_ROUNDS", 5), ("WARM_S", 0.2), ("LATENCY_SECONDS", 0.3),
-                        ("BATCH_SECONDS", 0.3)):
+                        ("BATCH_SECONDS", 0.3), ("LATENCY_WARMUP", 5), ("LATENCY_CALLS", 20),
+                        ("BATCH_WARMUP", 1), ("BATCH_CALLS", 3)):
         monkeypatch.setattr(side_by_side, name, value)
 
     quiet = run_recipe(parse_recipe(_recipe(tiny_trained, fashion_dir, "quiet")),

@@ -31,8 +31,10 @@ __all__ = ["SIDE_BY_SIDE_ROUNDS", "time_side_by_side"]
 
 SIDE_BY_SIDE_ROUNDS = 5  # as the compress search's final re-timing
 WARM_S = 0.2  # a session called again after others ran is slow for a while (timing.warm_up)
-LATENCY_SECONDS = 0.3  # of batch-1 calls a round, at least 20 calls
-BATCH_SECONDS = 0.3  # of batch-N calls a round, at least 3 calls
+LATENCY_SECONDS = 0.3  # of batch-1 calls a round, at least LATENCY_CALLS calls
+BATCH_SECONDS = 0.3  # of batch-N calls a round, at least BATCH_CALLS calls
+LATENCY_WARMUP, LATENCY_CALLS = 5, 20
+BATCH_WARMUP, BATCH_CALLS = 1, 3
 PROGRESS_EVERY_S = 30.0
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 
@@ -111,9 +113,9 @@ def _time(stages: list[StageRecord], opened: list, *, threads: int, batch: int,
     for r in range(rounds):
         for k, (model, (one, full)) in enumerate(zip(opened, inputs, strict=True)):
             warm_up(model.module, one, WARM_S)
-            ones[k].append(time_model(model.module, one, warmup=5, runs=20,
+            ones[k].append(time_model(model.module, one, warmup=LATENCY_WARMUP, runs=LATENCY_CALLS,
                                       min_seconds=LATENCY_SECONDS, threads=threads, rounds=1))
-            many[k].append(time_model(model.module, full, warmup=1, runs=3,
+            many[k].append(time_model(model.module, full, warmup=BATCH_WARMUP, runs=BATCH_CALLS,
                                       min_seconds=BATCH_SECONDS, threads=threads, rounds=1))
             if time.perf_counter() - last >= PROGRESS_EVERY_S:
                 last = time.perf_counter()
