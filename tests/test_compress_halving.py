@@ -5,13 +5,14 @@ stopped by a time budget, resumed without running a candidate twice."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from netshrink.cli import main
 from netshrink.compress import Candidate, CompressConfig, candidate_stages, compress
-from netshrink.compress.halving import _pareto_order
+from netshrink.compress.promotion import pareto_order
 from netshrink.compress.search import Trial
 from netshrink.errors import UserError
 from netshrink.study import ResultsStore
@@ -62,7 +63,7 @@ def test_fronts_rank_by_accuracy_and_target() -> None:
         return Trial(Candidate(0.1, 0.0, rung=0), top1, None, ms, None, False, ref_top1=0.9)
 
     a, b, c, d = t("a", 0.90, 3.0), t("b", 0.85, 1.0), t("c", 0.84, 2.0), t("d", 0.80, 0.5)
-    order = _pareto_order([c, a, b, d], key=lambda x: x.p50_ms)
+    order = pareto_order([c, a, b, d], key=lambda x: x.p50_ms)
     # a, b, d are on the first front (none better in both), c is dominated by b
     assert order[:3] == [d, b, a] and order[3] is c
 
@@ -301,6 +302,31 @@ def test_promotion_hedges_with_the_smallest_already_within_the_budget() -> None:
     safe_big = t(0.0, 0.6, 0.20, 0.51, 828_000)
     promoted = search._promote(2, [tiny, small, safe_small, safe_big])
     assert promoted == [safe_small, tiny]
+
+
+def test_rung_zero_sends_on_the_fastest_just_past_what_it_admits() -> None:
+    """The default latency search's rung 0 (measured): d4-ch0.7, the fastest structure,
+    lost 7.06 points after a quarter epoch against 6 admitted and was dropped; it goes on
+    now, second after the hedge. Past half as much again, and at later rungs, it does not."""
+    from netshrink.compress.halving import HalvingSearch
+
+    search = HalvingSearch.__new__(HalvingSearch)  # only what _promote reads
+    search.cfg = CompressConfig(target="latency", speed="batch1")
+    search._trials_seen = []
+
+    def t(channels: float, drop: float, ms: float, rung: int = 0) -> Trial:
+        return Trial(Candidate(channels, 0.0, blocks=4, rung=rung, deployed=False),
+                     0.912 - drop / 100, None, None, None, False, ref_top1=0.912,
+                     predicted_ms=ms)
+
+    fastest = t(0.7, 7.06, 0.05)
+    others = [t(0.2 + i / 100, 0.5 + i / 10, 0.2 - i / 1000) for i in range(12)]
+    promoted = search._promote(0, [fastest, *others])
+    assert len(promoted) == 5 and promoted[1] is fastest
+    assert fastest not in search._promote(0, [t(0.7, 9.1, 0.05), *others])  # past 1.5 x 6
+    later = [t(0.7, 7.06, 0.05, rung=1), *(replace(o, candidate=replace(o.candidate, rung=1))
+                                            for o in others)]
+    assert later[0] not in search._promote(1, later)
 
 
 def _timed(blocks: int, channels: float, b1_ms: float | None, batch_ms: float | None, *,

@@ -12,7 +12,9 @@ Talwalkar 2016; the rule of Hyperband's brackets) with a multi-objective promoti
 admit (the drop widened by the recovery still to come, ``PROMOTION_SLACK``) are ranked by
 Pareto fronts of validation top-1 and the target (predicted or measured latency, size),
 front by front, and within a front by the target; the smallest (fastest) of those already
-within the budget goes first, a hedge that keeps one sure candidate in every rung.
+within the budget goes first, a hedge that keeps one sure candidate in every rung, and
+rung 0 sends on the smallest (fastest) structure within half as much again as it admits,
+the one that longer fine-tuning may bring within the budget.
 
 Constraint-first (``max_latency_ms``, ``max_size_mb``, ``max_macs``, ``speedup``): the
 structures predicted to break the constraint are left out before any training (the
@@ -41,6 +43,7 @@ from typing import Any
 from netshrink.compress.candidates import Candidate, search_runtime
 from netshrink.compress.guard import drop_bound
 from netshrink.compress.halving_time import TimeBudget
+from netshrink.compress.promotion import pareto_order, with_reach
 from netshrink.compress.search import CELLS_DIR, Search, Trial, _measurement
 from netshrink.errors import UserError
 from netshrink.study.dispatch import PoolDispatcher, RayDispatcher
@@ -49,6 +52,9 @@ from netshrink.study.execute import run_cells_dispatched
 # The drop (in budgets) a rung still admits for promotion: a quarter-epoch fine-tuning
 # leaves much to recover, the last rungs little.
 PROMOTION_SLACK = (5.0, 2.0, 1.0, 0.5)
+# Rung 0 also sends on the smallest (fastest) structure within this many times its
+# admitted drop (``promotion.with_reach``).
+REACH = 1.5
 PREDICTION_MARGIN = 0.15  # a structure predicted within 15% of a latency bound is tried
 RUNTIMES = ("onnxruntime", "openvino")
 # The pick moves to the other runtime only when that is at least 10% faster side by side:
@@ -467,7 +473,7 @@ class HalvingSearch(TimeBudget, Search):
         else:
             slack = PROMOTION_SLACK[min(rung, len(PROMOTION_SLACK) - 1)]
             admit = self.cfg.budget_points * (1 + slack)
-            ranked = _pareto_order([t for t in done if t.drop_points <= admit],
+            ranked = pareto_order([t for t in done if t.drop_points <= admit],
                                    key=lambda t: self._value(t) or math.inf)
             # a hedge: the smallest (fastest) of those already within the budget goes on
             # first, so that the next rung holds one that more fine-tuning only has to
@@ -478,6 +484,9 @@ class HalvingSearch(TimeBudget, Search):
             if safe:
                 hedge = min(safe, key=lambda t: self._value(t) or math.inf)
                 ranked = [hedge, *(t for t in ranked if t is not hedge)]
+            if rung == 0:
+                ranked = with_reach(ranked, done, admit * REACH,
+                                    key=lambda t: self._value(t) or math.inf)
         return ranked[: self._affordable(rung + 1, quota)]
 
     def _best(self, trials: list[Trial]) -> Trial | None:
@@ -573,16 +582,3 @@ class HalvingSearch(TimeBudget, Search):
                "pruned structure")
         self.notes.append(f"latency model ({self.runtime}, {how}): " + prediction_errors(
             made, alongside, self.ref_ms, base))  # type: ignore[arg-type]
-
-
-def _pareto_order(trials: list[Trial], key: Any) -> list[Trial]:
-    """``trials`` front by front (non-dominated sorting on top-1, higher better, and
-    ``key``, lower better), each front by ``key``."""
-    rest, order = list(trials), []
-    while rest:
-        front = [t for t in rest if not any(
-            o.top1 >= t.top1 and key(o) <= key(t) and (o.top1 > t.top1 or key(o) < key(t))
-            for o in rest if o is not t)]
-        order += sorted(front, key=key)
-        rest = [t for t in rest if t not in front]
-    return order
