@@ -301,8 +301,9 @@ def _json(path: Path, payload: object) -> None:
 def make_pruning_run(run_dir: Path) -> RunRecord:
     """A run folder as the pruning stages leave it: model files and per-layer JSON.
 
-    Stages: baseline, sensitivity scan, search (answer 0.5), channel pruning, magnitude
-    pruning at 0.5 (the last torch model: half its conv/linear weights are zero), INT8.
+    Stages: baseline, sensitivity scan, search (answer 0.5), channel pruning and magnitude
+    pruning at 0.5 (both from the baseline; the last torch model: half its conv/linear
+    weights are zero), INT8.
     """
     from safetensors.torch import save_file
 
@@ -361,6 +362,12 @@ def make_pruning_run(run_dir: Path) -> RunRecord:
     ])
     record = make_record(budget=1.0)
     record.name = "pruning"
+    # the two methods side by side, each from the baseline (``from:``), as a recipe
+    # comparing them would; the rest chain
+    record.recipe["stages"] = [
+        {"kind": kind, "name": name} | ({"from": "baseline"} if name in ("channels",
+                                                                        "magnitude") else {})
+        for name, kind, *_ in stages[1:]]
     record.stages = records
     write_run(run_dir, record)
     return record
