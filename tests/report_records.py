@@ -230,6 +230,21 @@ def make_runtime_record() -> RunRecord:
     return record
 
 
+TEACHER_NOISE = "round medians 5458% apart > 10%"
+
+
+def noisy_teacher_record() -> RunRecord:
+    """``make_runtime_record`` whose teacher (the reference) was timed while another job
+    ran: its batch-1 latency marked noisy, its rounds' medians 5,458% apart (the issue's
+    teacher-onnx timing); its batch-64 timing steady."""
+    record = make_runtime_record()
+    teacher = next(s for s in record.stages if s.name == "teacher")
+    m = teacher.measurement
+    teacher.measurement = m.model_copy(update={"latency": m.latency.model_copy(update={
+        "rounds": 3, "round_spread": 54.58, "noisy": True, "noise": TEACHER_NOISE})})
+    return record
+
+
 def write_run(run_dir: Path, record: RunRecord) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(record.model_dump_json(indent=2), encoding="utf-8")

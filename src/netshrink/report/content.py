@@ -134,7 +134,8 @@ def _across_runtimes(split: SpeedSplit, ref: str) -> str:
         said += (f"; {fmt.times(j.speedup)} in all across runtimes ({rt}), the runtime's "
                  "share not measured")
     else:
-        said += f"; across runtimes ({rt}) not measured either"
+        noisy = f" (noisy timing: {j.noisy_timings()})" if j.noise else ""
+        said += f"; across runtimes ({rt}) not measured{noisy}"
     return said
 
 
