@@ -375,4 +375,22 @@ def test_bench_warns_on_a_noisy_measurement(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(netshrink.bench, "measure", lambda *a, **k: m)
     assert main(["bench", "--arch", "resnet_tiny", "--stem", "cifar", "--num-classes", "10",
                  "--repeats", "1"]) == 0
-    assert "warning: repeat 1 is noisy, latency: p90/p50 3.10 > 1.5" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "warning: repeat 1 is noisy, latency: p90/p50 3.10 > 1.5" in err
+    # no figure from the noisy timing; the steady one stands
+    assert "batch 1 not measured (noisy); batch 32 1600.0 img/s" in out
+    assert "2.00 ms" not in out
+
+
+def test_bench_spread_leaves_noisy_repeats_out(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    steady = _measurement(10.0, 1000, 1000, 1.54, 0.5)
+    noisy = _measurement(10.0, 1000, 1000, 159.91, 0.5)
+    noisy = noisy.model_copy(update={"latency": _noisy(noisy.latency)})
+    repeats = iter([steady, noisy])
+    monkeypatch.setattr(netshrink.bench, "measure", lambda *a, **k: next(repeats))
+    assert main(["bench", "--arch", "resnet_tiny", "--stem", "cifar", "--num-classes", "10",
+                 "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "run-to-run spread: not measured (1 of 2 repeats noisy)" in out
+    assert "159.91" not in out

@@ -16,7 +16,7 @@ from netshrink.cli.one_off import _speed_line
 from netshrink.report import build_content, render_markdown
 from netshrink.stages.record import SideBySide, SideBySideTiming
 from netshrink.study.report import SIDE_BY_SIDE_FILE, study_content
-from report_folders import make_study_folder
+from report_folders import make_compress_folder, make_study_folder
 from report_records import (
     TEACHER_NOISE,
     _latency,
@@ -167,3 +167,18 @@ def test_cli_speed_line_names_runtimes_and_gives_no_figure_from_a_noisy_timing()
     assert _speed_line(record) == (
         "speed: not measured (the side-by-side timing was noisy: prune_quant latency: round "
         "medians 30% apart > 10%; measure again on a quiet machine)")
+
+
+def test_study_show_all_gives_no_figure_from_a_noisy_timing(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from netshrink.cli import main
+
+    out = make_compress_folder(tmp_path / "compress")  # three candidates' timings noisy
+    assert main(["study", "show", str(out), "--all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    noisy = [line for line in lines if line.endswith("| yes |")]
+    steady = [line for line in lines if line.endswith("|  |")]
+    assert len(noisy) == 3 and len(steady) > 10
+    for line in noisy:
+        assert line.endswith("| not measured | not measured | yes |"), line
+    assert all("not measured" not in line for line in steady)
