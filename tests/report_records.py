@@ -230,6 +230,21 @@ def make_runtime_record() -> RunRecord:
     return record
 
 
+TEACHER_NOISE = "round medians 5458% apart > 10%"
+
+
+def noisy_teacher_record() -> RunRecord:
+    """``make_runtime_record`` whose teacher (the reference) was timed while another job
+    ran: its batch-1 latency marked noisy, its rounds' medians 5,458% apart (the issue's
+    teacher-onnx timing); its batch-64 timing steady."""
+    record = make_runtime_record()
+    teacher = next(s for s in record.stages if s.name == "teacher")
+    m = teacher.measurement
+    teacher.measurement = m.model_copy(update={"latency": m.latency.model_copy(update={
+        "rounds": 3, "round_spread": 54.58, "noisy": True, "noise": TEACHER_NOISE})})
+    return record
+
+
 def write_run(run_dir: Path, record: RunRecord) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.json").write_text(record.model_dump_json(indent=2), encoding="utf-8")
@@ -301,8 +316,9 @@ def _json(path: Path, payload: object) -> None:
 def make_pruning_run(run_dir: Path) -> RunRecord:
     """A run folder as the pruning stages leave it: model files and per-layer JSON.
 
-    Stages: baseline, sensitivity scan, search (answer 0.5), channel pruning, magnitude
-    pruning at 0.5 (the last torch model: half its conv/linear weights are zero), INT8.
+    Stages: baseline, sensitivity scan, search (answer 0.5), channel pruning and magnitude
+    pruning at 0.5 (both from the baseline; the last torch model: half its conv/linear
+    weights are zero), INT8.
     """
     from safetensors.torch import save_file
 
@@ -361,6 +377,12 @@ def make_pruning_run(run_dir: Path) -> RunRecord:
     ])
     record = make_record(budget=1.0)
     record.name = "pruning"
+    # the two methods side by side, each from the baseline (``from:``), as a recipe
+    # comparing them would; the rest chain
+    record.recipe["stages"] = [
+        {"kind": kind, "name": name} | ({"from": "baseline"} if name in ("channels",
+                                                                        "magnitude") else {})
+        for name, kind, *_ in stages[1:]]
     record.stages = records
     write_run(run_dir, record)
     return record

@@ -59,7 +59,13 @@ def test_a_noisy_stage_is_not_measured_reliably() -> None:
     rows = table_rows(render_markdown(content), compared())
     assert rows["prune_quant"]["verdict"] == (
         "smaller, not measured reliably, accuracy within budget")
-    assert rows["prune_quant"][LATENCY] == "10.00 / 10.80 (2.00x, noisy)"
+    # no figure from the noisy timing: neither its p50 nor the ratio; the throughput
+    # timing was steady, and its ratio stands
+    assert rows["prune_quant"][LATENCY] == "not measured (noisy)"
+    assert rows["prune_quant"][THROUGHPUT] == "320 @ 64 (2.00x)"
+    # the reason once, in the notes
+    text = render_markdown(content)
+    assert text.count("round medians 42% apart") == 1
     assert any(n.startswith("Noisy timings") and "prune_quant (CPU) latency: round medians "
                "42% apart" in n for n in content.notes)
     html = render_html(content)
@@ -77,8 +83,9 @@ def test_a_noisy_final_stage_headline_says_so_and_not_faster() -> None:
     assert wild.noisy is False and wild.noise_reason() == (
         f"p90/p50 40.70 > {NOISY_P90_OVER_P50:g}")
     assert rows["finetune"]["verdict"] == "smaller, not measured reliably, accuracy within budget"
-    assert "faster" not in headline
-    assert "speed not measured reliably (finetune latency: p90/p50 40.70 > 1.5)" in headline
+    assert "faster" not in headline and "232" not in headline and "233" not in headline
+    assert "speed not measured reliably (noisy timing: finetune latency)" in headline
+    assert rows["finetune"][LATENCY] == "not measured (noisy)"
 
 
 def test_a_noisy_reference_makes_every_speed_verdict_unreliable() -> None:
@@ -90,7 +97,38 @@ def test_a_noisy_reference_makes_every_speed_verdict_unreliable() -> None:
     assert rows["baseline"]["verdict"] == "reference"
     assert rows["prune_quant"]["verdict"] == (
         "smaller, not measured reliably, accuracy within budget")
-    assert "baseline throughput: p90/p50 2.95 > 1.5" in headline
+    assert "noisy timing: baseline throughput" in headline
+    # every throughput ratio rests on the reference's noisy timing: none is given
+    assert rows["baseline"][THROUGHPUT] == "not measured (noisy)"
+    assert rows["prune_quant"][THROUGHPUT] == "320 @ 64 (no ratio: baseline noisy)"
+    assert rows["prune_quant"][LATENCY] == "10.00 / 10.80 (2.00x)"
+
+
+def test_a_noisy_teacher_export_gives_no_equal_runtime_figure() -> None:
+    """The issue's "2841.39x at equal runtime" came from a teacher-onnx timing whose round
+    medians were 5,458% apart: the split into equal runtime × runtime rests on it, so
+    neither part is given, in the headline or the table, and the whole, from two steady
+    timings, is said across runtimes with both runtimes named."""
+    record = make_runtime_record()
+    onnx = next(s for s in record.stages if s.name == "teacher-onnx")
+    onnx.measurement = onnx.measurement.model_copy(update={
+        "latency": _noisy(_latency(1, 0.48 * 2841.39), "round medians 5458% apart > 10%")})
+    content = build_content(record, with_plots=False)
+    rows = table_rows(render_markdown(content), compared("teacher"))
+    headline = content.headline
+    assert "2841" not in headline and "at equal runtime (compression)" not in headline
+    assert ("at equal runtime against teacher-onnx (teacher in ONNX Runtime): speed not "
+            "measured reliably (noisy timing: teacher-onnx latency); 42.1x in all across "
+            "runtimes (ONNX Runtime vs eager torch), the runtime's share not "
+            "measured") in headline
+    assert rows["int8"]["verdict"] == "smaller, not measured reliably, accuracy within budget"
+    assert rows["int8"][LATENCY] == (
+        "0.48 / 0.52 (42.08x across runtimes; no split: teacher-onnx noisy)")
+    assert rows["teacher-onnx"][LATENCY] == "not measured (noisy)"
+    # its throughput was steady: that split stands
+    assert rows["int8"][THROUGHPUT] == (
+        "2,570 @ 64 (8.54x = 3.77x at equal runtime × 2.27x runtime)")
+    assert sum("5458%" in n for n in content.notes) == 1
 
 
 # ---------------------------------------------------------------- latency and throughput agree
@@ -152,7 +190,7 @@ def test_quickstart_headline_separates_compression_from_runtime() -> None:
         "(teacher in ONNX Runtime) at equal runtime (compression); ×2.9 more from the "
         "runtime (ONNX Runtime vs eager torch), 42.1x in all; -0.80 points top-1 (verdict: "
         "smaller, faster at equal runtime, accuracy within budget; speed from each stage's "
-        "own timing, not side by side).")
+        "own timing, not side by side).")  # both runtimes named with the figures
     assert "42.1x faster" not in headline
     int8, onnx = rows["int8"], rows["teacher-onnx"]
     assert int8[LATENCY] == "0.48 / 0.52 (42.08x = 14.48x at equal runtime × 2.91x runtime)"
@@ -337,4 +375,22 @@ def test_bench_warns_on_a_noisy_measurement(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(netshrink.bench, "measure", lambda *a, **k: m)
     assert main(["bench", "--arch", "resnet_tiny", "--stem", "cifar", "--num-classes", "10",
                  "--repeats", "1"]) == 0
-    assert "warning: repeat 1 is noisy, latency: p90/p50 3.10 > 1.5" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "warning: repeat 1 is noisy, latency: p90/p50 3.10 > 1.5" in err
+    # no figure from the noisy timing; the steady one stands
+    assert "batch 1 not measured (noisy); batch 32 1600.0 img/s" in out
+    assert "2.00 ms" not in out
+
+
+def test_bench_spread_leaves_noisy_repeats_out(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    steady = _measurement(10.0, 1000, 1000, 1.54, 0.5)
+    noisy = _measurement(10.0, 1000, 1000, 159.91, 0.5)
+    noisy = noisy.model_copy(update={"latency": _noisy(noisy.latency)})
+    repeats = iter([steady, noisy])
+    monkeypatch.setattr(netshrink.bench, "measure", lambda *a, **k: next(repeats))
+    assert main(["bench", "--arch", "resnet_tiny", "--stem", "cifar", "--num-classes", "10",
+                 "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "run-to-run spread: not measured (1 of 2 repeats noisy)" in out
+    assert "159.91" not in out

@@ -105,6 +105,7 @@ def test_headline_takes_the_side_by_side_ratio_not_the_stages_own() -> None:
     assert "3.8x faster than teacher-onnx" in content.headline
     assert "14.5x" not in content.headline
     assert content.headline.endswith("speed timed side by side at the end of the run).")
+    assert "ONNX Runtime vs eager torch" in content.headline  # a cross-runtime figure
     assert any(n.startswith("Speed ratios come from the files of 3 stages timed side by side")
                for n in content.notes)
     text = render_markdown(content)

@@ -276,11 +276,14 @@ def _bench_repeats(args: argparse.Namespace, model: object, label: str, shape: l
         assert lat is not None and thr is not None
         rounds = (f", rounds {lat.round_spread:.1%} apart" if lat.round_spread is not None
                   else "")
+        # a noisy timing gives no figure; the warning below says why
+        one = (f"batch 1 p50 {lat.p50_ms:.2f} ms p90 {lat.p90_ms:.2f} ms "
+               f"(p90/p50 {lat.p90_over_p50 or float('nan'):.2f}{rounds})"
+               if lat.noise_reason() is None else "batch 1 not measured (noisy)")
+        many = (f"batch {batch_size} {thr.images_per_s:.1f} img/s"
+                if thr.noise_reason() is None else f"batch {batch_size} not measured (noisy)")
         print(f"[{repeat + 1}/{args.repeats}] {label} {'x'.join(map(str, shape))}: "
-              f"batch 1 p50 {lat.p50_ms:.2f} ms p90 {lat.p90_ms:.2f} ms "
-              f"(p90/p50 {lat.p90_over_p50 or float('nan'):.2f}{rounds}); "
-              f"batch {batch_size} {thr.images_per_s:.1f} img/s; "
-              f"peak {m.peak_memory_mb:.0f} MB ({m.memory_kind})")
+              f"{one}; {many}; peak {m.peak_memory_mb:.0f} MB ({m.memory_kind})")
         for reason in m.noise():
             print(f"warning: repeat {repeat + 1} is noisy, {reason}: another job is probably "
                   "using the machine; its figures are not reliable", file=sys.stderr)
@@ -291,17 +294,22 @@ def _bench_summary(results: list[Measurement]) -> None:
     """The counts, and the spread between repeats (with a warning when it is large)."""
     from netshrink.bench.schema import NOISY_ROUND_SPREAD
 
-    p50s = [r.latency.p50_ms for r in results]  # type: ignore[union-attr]
-    tputs = [r.throughput.images_per_s for r in results]  # type: ignore[union-attr]
+    steady = [r for r in results if not r.noisy]  # a noisy repeat gives no figure
+    p50s = [r.latency.p50_ms for r in steady]  # type: ignore[union-attr]
+    tputs = [r.throughput.images_per_s for r in steady]  # type: ignore[union-attr]
     first = results[0]
     macs = f"; MACs {first.macs / 1e6:,.1f} M per image" if first.macs else ""
     print(f"params {first.params:,} (non-zero {first.nonzero_params:,}){macs}")
-    if len(results) > 1:
+    left_out = len(results) - len(steady)
+    if len(results) > 1 and len(steady) < 2:
+        print(f"run-to-run spread: not measured ({left_out} of {len(results)} repeats noisy)")
+    if len(steady) > 1:
         lat_spread = max(p50s) / min(p50s) - 1
         tput_spread = max(tputs) / min(tputs) - 1
         print(f"run-to-run spread: batch-1 p50 {min(p50s):.2f}-{max(p50s):.2f} ms "
               f"({lat_spread:.1%}); throughput {min(tputs):.1f}-{max(tputs):.1f} img/s "
-              f"({tput_spread:.1%})")
+              f"({tput_spread:.1%})" + (f"; {left_out} noisy repeats left out" if left_out
+                                         else ""))
         if max(lat_spread, tput_spread) > NOISY_ROUND_SPREAD:
             print(f"warning: the repeats differ by more than {NOISY_ROUND_SPREAD:.0%} "
                   f"(batch-1 p50 {lat_spread:.1%}, throughput {tput_spread:.1%}): the machine "

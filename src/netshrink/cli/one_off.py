@@ -68,26 +68,35 @@ def run_on_weights(args: argparse.Namespace, source: str, stages: list[dict]) ->
 
 def _speed_line(record: RunRecord) -> str | None:
     """Before against after as timed side by side at the end of the run (the baseline's
-    own timing may come from the cache, taken another day): None when they were not."""
+    own timing may come from the cache, taken another day): None when they were not; no
+    figure at all when a timing was noisy, only which and why."""
+    from netshrink.report.verdict import runtime_family, runtime_name
+
     sbs = record.side_by_side
     first, last = record.stages[0], record.stages[-1]
     a, b = (sbs.of(first), sbs.of(last)) if sbs is not None else (None, None)
-    if a is None or b is None:
+    if sbs is None or a is None or b is None or first.measurement is None \
+            or last.measurement is None:
         return None
-    text = (f"speed, timed side by side ({sbs.rounds} rounds round-robin): batch-1 p50 "  # type: ignore[union-attr]
-            f"{a.latency.p50_ms:.3f} ms ({a.runtime}) -> {b.latency.p50_ms:.3f} ms "
-            f"({b.runtime}), {a.latency.p50_ms / b.latency.p50_ms:.2f}x")
+    noisy = [f"{t.stage} {what}: {reason}" for t in (a, b)
+             for what, lat in (("latency", t.latency), ("throughput", t.throughput))
+             if lat is not None and (reason := lat.noise_reason()) is not None]
+    if noisy:
+        return (f"speed: not measured (the side-by-side timing was noisy: {'; '.join(noisy)}; "
+                "measure again on a quiet machine)")
+    before, after = runtime_name(first.measurement), runtime_name(last.measurement)
+    text = (f"speed, timed side by side ({sbs.rounds} rounds round-robin): batch-1 p50 "
+            f"{a.latency.p50_ms:.3f} ms ({before}) -> {b.latency.p50_ms:.3f} ms "
+            f"({after}), {a.latency.p50_ms / b.latency.p50_ms:.2f}x")
     if a.throughput is not None and b.throughput is not None:
         text += (f"; batch {b.throughput.batch_size} {a.throughput.images_per_s:,.0f} -> "
                  f"{b.throughput.images_per_s:,.0f} img/s, "
                  f"{b.throughput.images_per_s / a.throughput.images_per_s:.2f}x")
-    noisy = [t.stage for t in (a, b) if t.latency.noisy
-             or (t.throughput is not None and t.throughput.noisy)]
-    if noisy:
-        return (f"speed: not measured reliably (the side-by-side timing of "
-                f"{' and '.join(noisy)} was noisy); the report says why")
-    if a.runtime != b.runtime:
-        text += " (across runtimes: the runtime's share is in the report)"
+    if runtime_family(first.measurement) != runtime_family(last.measurement):
+        text += (f" (across runtimes, {after} vs {before}: the runtime's share is in the "
+                 "report)")
+    else:
+        text += f" (both in {before})"
     return text
 
 

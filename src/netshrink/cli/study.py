@@ -64,10 +64,13 @@ def cmd_study_show(args: argparse.Namespace) -> int:
               "b1 p50 ms | img/s | noisy |")
         print("|:---|:---|:---|:---|---:|---:|---:|---:|---:|:---|")
         for r in rows:
+            # a noisy timing gives no figure (the study's report says which and why)
+            p50, rate = (("not measured",) * 2 if r["noisy"] else
+                         (_num(r["latency_p50_ms"], 1, ".3f"),
+                          _num(r["throughput_images_per_s"], 1, ",.0f")))
             print(f"| {r['cell']} | {r['stage']} | {r['kind']} | {r['runtime']} "
                   f"| {_num(r['top1'], 100, '.2f')} | {_num(r['size_bytes'], 1, ',')} "
-                  f"| {_num(r['nonzero_params'], 1, ',')} | {_num(r['latency_p50_ms'], 1, '.3f')} "
-                  f"| {_num(r['throughput_images_per_s'], 1, ',.0f')} "
+                  f"| {_num(r['nonzero_params'], 1, ',')} | {p50} | {rate} "
                   f"| {'yes' if r['noisy'] else ''} |")
         return 0
     content = study_content(args.folder, args.db, with_plots=False)

@@ -18,6 +18,7 @@ from netshrink.bench.load import load_differs
 from netshrink.bench.schema import Measurement
 from netshrink.report import fmt
 from netshrink.report.layer_tables import layer_tables
+from netshrink.report.lineage import stage_inputs
 from netshrink.report.plots import Plot, all_plots
 from netshrink.report.prune_plots import pruning_plots
 from netshrink.report.stage_files import RunFiles
@@ -46,7 +47,7 @@ from netshrink.report.verdict import (
     side_by_side_stages,
     thresholds_text,
 )
-from netshrink.stages.record import RunRecord, StageRecord
+from netshrink.stages.record import RunRecord, SideBySide, StageRecord
 
 LAYER_HEADING = "Per-layer pruning"
 
@@ -86,12 +87,13 @@ def _speed_words(r: float) -> str:
 
 
 def _undecided(j: SpeedJudgement) -> str:
-    """A speed judgement that is not "faster"/"slower", in words with its figures."""
+    """A speed judgement that is not "faster"/"slower", in words with its figures; a noisy
+    one names its noisy timings, and the notes say why each was (once, for the report)."""
     if j.word == NOT_FASTER:
         return (f"not faster (latency {fmt.ratio(j.speedup)}, throughput "
                 f"{fmt.ratio(j.throughput_ratio)})")
     if j.word == NOT_RELIABLE:
-        return f"speed not measured reliably ({'; '.join(j.noise)})"
+        return f"speed not measured reliably (noisy timing: {j.noisy_timings()})"
     return j.word
 
 
@@ -101,9 +103,9 @@ def _decided(j: SpeedJudgement) -> bool:
 
 def _across_runtimes(split: SpeedSplit, ref: str) -> str:
     """The speed of a stage in another runtime than the reference: at equal runtime (the
-    compression's) and the runtime's own, never one mixed figure as the compression's."""
+    compression's) and the runtime's own, never one mixed figure as the compression's.
+    Every figure here names the two runtimes; one from a noisy timing is not given."""
     j, rt = split.overall, f"{split.stage_runtime} vs {split.reference_runtime}"
-    in_all = f", {fmt.times(j.speedup)} in all" if j.speedup is not None else ""
     if split.is_variant:
         said = _speed_words(j.speedup) if _decided(j) and j.speedup else _undecided(j)
         return (f"the same model in {split.stage_runtime}: {said} than {ref} in "
@@ -119,6 +121,7 @@ def _across_runtimes(split: SpeedSplit, ref: str) -> str:
         said = f"{_speed_words(eq.speedup)} than {where} at equal runtime (compression)"
     else:
         said = f"at equal runtime against {where}: {_undecided(eq)}"
+    in_all = f", {fmt.times(j.speedup)} in all" if j.speedup is not None else ""
     runtime = split.runtime
     if runtime is not None and runtime.speedup is not None:
         more = "more " if runtime.speedup >= 1 else ""
@@ -127,6 +130,12 @@ def _across_runtimes(split: SpeedSplit, ref: str) -> str:
         if runtime.word == NOT_RELIABLE:
             said += ", not measured reliably"
         said += in_all
+    elif j.speedup is not None:  # the runtime's share rests on a noisy timing; the whole not
+        said += (f"; {fmt.times(j.speedup)} in all across runtimes ({rt}), the runtime's "
+                 "share not measured")
+    else:
+        noisy = f" (noisy timing: {j.noisy_timings()})" if j.noise else ""
+        said += f"; across runtimes ({rt}) not measured{noisy}"
     return said
 
 
@@ -141,8 +150,9 @@ def _headline(
     so it is not missed. "faster" is said only where the verdict says it (latency and
     throughput agree, neither noisy); a stage in another runtime than the reference gets
     its speed at equal runtime (the compression's) apart from the runtime's own. A speed
-    figure says where it comes from: the files ``timed`` side by side at the end of the
-    run, or each stage's own timing (minutes apart, and under which loads).
+    figure says which runtimes it compares and where it comes from: the files ``timed``
+    side by side at the end of the run, or each stage's own timing (minutes apart, and
+    under which loads).
     """
     if reference is None:
         return "No stages recorded yet: the run has not measured its baseline."
@@ -157,14 +167,15 @@ def _headline(
     i = measured[-1]
     final, cmp = stages[i], comparisons[i]
     split = cmp.speed
+    timed_both = split is not None and split.overall.timed
     ratios = []
     if cmp.size_ratio is not None:
         ratios.append(_size_words(cmp.size_ratio))
     speed = ""
-    if split is not None and split.overall.speedup is not None:
+    if split is not None and timed_both:
         if split.other_runtime:
             speed = _across_runtimes(split, ref)
-        elif _decided(split.overall):
+        elif _decided(split.overall) and split.overall.speedup is not None:
             ratios.append(_speed_words(split.overall.speedup))
         else:
             speed = _undecided(split.overall)
@@ -176,25 +187,29 @@ def _headline(
                      + ("" if parts else f" against {ref}"))
     said = (("; " if split is not None and split.other_runtime else ", ").join(parts)
             if parts else f"nothing comparable to {ref} was measured")
-    device = final.measurement.environment.device
-    if cmp.speedup is not None and device != reference.stage.measurement.environment.device:
-        # Its speed-up is against the reference's timing on that device (measure.also_cpu).
-        said += f" (speed: both on the {device_label(device)})"
-    source = _speed_source(final, reference.stage, timed) if cmp.speedup is not None else ""
+    source = (_speed_source(final, reference.stage, split, timed)
+              if split is not None and timed_both else "")
     label = "Final stage" if i == len(stages) - 1 else "Last measured stage"
     return f"{prefix}{label} {final.name}: {said} (verdict: {cmp.verdict}{source})."
 
 
-def _speed_source(stage: StageRecord, reference: StageRecord, timed: Collection[str]
-                  ) -> str:
-    """Where a headline's speed figure comes from, for the end of its verdict."""
-    if stage.name in timed and reference.name in timed:
-        return "; speed timed side by side at the end of the run"
+def _speed_source(stage: StageRecord, reference: StageRecord, split: SpeedSplit,
+                  timed: Collection[str]) -> str:
+    """What a headline's speed figure compares and where it comes from, for the end of
+    its verdict: ``; speed: both in eager torch, timed side by side at the end of the run``
+    (a stage in another runtime has both runtimes named with its figures already)."""
+    where = [] if split.other_runtime else [f"both in {split.stage_runtime}"]
     m, b = stage.measurement, reference.measurement
+    if m is not None and b is not None and m.environment.device != b.environment.device:
+        # against the reference's timing on the stage's device (measure.also_cpu)
+        where.append(f"on the {device_label(m.environment.device)}")
+    runtimes = f"speed: {' '.join(where)}," if where else "speed"
+    if stage.name in timed and reference.name in timed:
+        return f"; {runtimes} timed side by side at the end of the run"
     why = _other_conditions(m, b) if m is not None and b is not None else None
     taken = (", taken on different machines" if why == OTHER_MACHINE else
              ", taken under different CPU loads" if why else "")
-    return f"; speed from each stage's own timing{taken}, not side by side"
+    return f"; {runtimes} from each stage's own timing{taken}, not side by side"
 
 
 OTHER_MACHINE = "timed on another machine than the reference"
@@ -246,17 +261,24 @@ def _timing_notes(record: RunRecord, stages: list[StageRecord],
     return notes
 
 
-def _noise_notes(stages: list[StageRecord]) -> list[str]:
-    """Name every timing too unsteady to compare, with why."""
+def _noise_notes(stages: list[StageRecord], side_by_side: SideBySide | None) -> list[str]:
+    """Name every timing too unsteady to compare, with why: the one place the reasons
+    are given (the tables and plots only say "not measured" / leave the point out)."""
     noisy = [f"{s.name} ({device_label(m.environment.device)}) {what}"
              for s in stages
              for m in (s.measurement, s.cpu_measurement) if m is not None
              for what in m.noise()]
+    for t in side_by_side.stages if side_by_side is not None else ():
+        noisy += [f"{t.stage} side by side {what}: {reason}"
+                  for what, lat in (("latency", t.latency), ("throughput", t.throughput))
+                  if lat is not None and (reason := lat.noise_reason()) is not None]
     if not noisy:
         return []
     return ["Noisy timings (another job on the machine, a thermal or power change): "
-            + "; ".join(noisy) + ". A speed verdict resting on one says \"not measured "
-            "reliably\"; measure again on a quiet machine."]
+            + "; ".join(noisy) + ". No figure is taken from them: the tables say \"not "
+            "measured\" where one would be, the latency plots leave those points out, and a "
+            "speed verdict resting on one says \"not measured reliably\"; measure again on "
+            "a quiet machine."]
 
 
 def _runtime_notes(stages: list[StageRecord], comparisons: list[Comparison],
@@ -394,12 +416,13 @@ def build_content(
     notes.extend(_like_for_like_notes(stages, reference))
     notes.extend(_runtime_notes(stages, comparisons, reference))
     notes.extend(_timing_notes(record, stages, reference, timed))
-    notes.extend(_noise_notes(stages))
+    notes.extend(_noise_notes(stages, record.side_by_side))
     notes.extend(files.notes)
     position = reference.position if reference is not None else None
     plots: tuple[Plot, ...] = ()
     if with_plots:
-        pruning = pruning_plots(stages, files, budget, position)
+        pruning = pruning_plots(stages, files, budget, position,
+                                stage_inputs(record, stages))
         plots = tuple(all_plots(stages, budget, pruning, position))
     return ReportContent(
         title=f"netshrink report: {record.name}",

@@ -7,16 +7,19 @@ is skipped rather than drawn empty. Plots of the files stages leave beside their
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from netshrink.figures import figure_png, place_labels
 from netshrink.report import fmt
 from netshrink.report.tables import device_label
+from netshrink.report.verdict import runtime_name
 from netshrink.stages.record import StageRecord
 
 # Colours by stage position so one stage has the same colour in every plot.
@@ -32,6 +35,11 @@ PALETTE = (
     "#bcbd22",
     "#17becf",
 )
+# One marker a runtime, where a plot holds several.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+# A cost axis (size, latency) whose largest value is more than this many times its
+# smallest is drawn in log scale.
+LOG_AXIS_RANGE = 10.0
 
 
 @dataclass(frozen=True)
@@ -141,28 +149,58 @@ def top1_bar(
                 figure_png(fig))
 
 
+def _cost_axis(ax: Axes, values: Sequence[float]) -> bool:
+    """Put the cost axis in log scale where its range calls for it (max / min past
+    ``LOG_AXIS_RANGE``): on a linear axis one slow or large point crushes the rest into a
+    corner. Ticks at 1, 2 and 5 of each decade, written as plain numbers. Returns whether
+    the axis is logarithmic."""
+    lo, hi = min(values), max(values)
+    if lo <= 0 or hi / lo <= LOG_AXIS_RANGE:
+        return False
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    return True
+
+
 def _scatter(
     name: str,
     title: str,
     xlabel: str,
     data: list[tuple[int, str, float, float]],
     reference: int | None,
+    *,
+    runtimes: Sequence[str] = (),
+    left_out: str = "",
 ) -> Plot | None:
     """Accuracy against a cost (lower is better), Pareto front dashed, points labelled;
-    the reference stage (its position, ``reference``) is a star."""
-    if not data:
+    the reference stage (its position, ``reference``) is a star, or its runtime's marker
+    drawn large where ``runtimes`` (one a point) name more than one runtime: each has a
+    marker of its own, named in the legend. ``left_out`` (points not drawn, and why) is
+    written under the plot and in its text equivalent.
+
+    Fewer than two points make no plot (a lone dot says nothing the table does not).
+    """
+    if len(data) < 2:
         return None
     fig = Figure(figsize=(6.0, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for i, _, x, y in data:
+    kinds = list(dict.fromkeys(runtimes))
+    markers = {k: MARKERS[j % len(MARKERS)] for j, k in enumerate(kinds)}
+    several = len(kinds) > 1
+    for k, (i, _, x, y) in enumerate(data):
+        marker = markers[runtimes[k]] if several else "o"
         if i == reference:
-            ax.scatter([x], [y], color=_colour(i), s=160, marker="*", edgecolors="#222222",
-                       linewidths=0.8, zorder=4)
+            ax.scatter([x], [y], color=_colour(i), s=160, marker=marker if several else "*",
+                       edgecolors="#222222", linewidths=1.2, zorder=4)
         else:
-            ax.scatter([x], [y], color=_colour(i), s=40, zorder=3)
+            ax.scatter([x], [y], color=_colour(i), s=40, marker=marker, zorder=3)
+    log = _cost_axis(ax, [x for _, _, x, _ in data])
     front = pareto_front([(x, y) for _, _, x, y in data])
+    handles = []
     if len(front) > 1:
-        ax.plot(
+        (line,) = ax.plot(
             [data[i][2] for i in front],
             [data[i][3] for i in front],
             drawstyle="steps-post",
@@ -172,23 +210,36 @@ def _scatter(
             zorder=2,
             label="Pareto front",
         )
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel(xlabel)
+        handles.append(line)
+    if several:
+        handles += [Line2D([], [], color="#777777", marker=markers[k], linestyle="",
+                           label=literal_text(k)) for k in kinds]
+    if handles:
+        ax.legend(handles=handles, loc="best", fontsize=8)
+    ax.set_xlabel(xlabel + (" (log scale)" if log else ""))
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(title)
+    ax.set_title(title + (", across runtimes" if several else ""))
+    if left_out:
+        fig.supxlabel(textwrap.fill(literal_text(left_out), 90), fontsize=8, color="#555555")
     ax.grid(True, alpha=0.3)
     ax.margins(0.15)  # room for the labels of the outermost points
     # The reference first, then the front, then the rest: where labels crowd, the points
     # a reader looks for keep theirs.
     order = sorted(range(len(data)), key=lambda k: (data[k][0] != reference, k not in front))
-    left_off = place_labels(ax, [(data[k][2], data[k][3], _label(data[k][0], data[k][1],
-                                                                   reference))
-                                 for k in order])
+    unlabelled = place_labels(ax, [(data[k][2], data[k][3], _label(data[k][0], data[k][1],
+                                                                     reference))
+                                   for k in order])
     on_front = ", ".join(data[i][1] for i in front)
     alt = f"{title}; Pareto front: {on_front}"
     alt += "".join(f"; reference: {label}" for i, label, *_ in data if i == reference)
-    if left_off:
-        alt += f"; {left_off} of {len(data)} points left unlabelled for room"
+    if several:
+        alt += f"; across runtimes: {', '.join(kinds)}"
+    if log:
+        alt += "; log-scale x axis"
+    if left_out:
+        alt += f"; {left_out}"
+    if unlabelled:
+        alt += f"; {unlabelled} of {len(data)} points left unlabelled for room"
     return Plot(name, title, alt, figure_png(fig))
 
 
@@ -206,9 +257,12 @@ def size_vs_accuracy(stages: Sequence[StageRecord], reference: int | None) -> Pl
 
 
 def latency_vs_accuracy(stages: Sequence[StageRecord], reference: int | None) -> list[Plot]:
-    """Batch-1 p50 latency (ms) against top-1, one plot per device timed on.
+    """Batch-1 p50 latency (ms) against top-1, one plot per device timed on, every runtime
+    named (a marker each where there are several).
 
-    A CPU time and a GPU time on one axis would make a front of incomparable points.
+    A CPU time and a GPU time on one axis would make a front of incomparable points. A
+    noisy timing is no measurement: its point is left out, and the plot says so (as the
+    tables say "not measured").
     """
     devices = sorted(
         {s.measurement.environment.device for s in stages if s.measurement is not None},
@@ -216,21 +270,29 @@ def latency_vs_accuracy(stages: Sequence[StageRecord], reference: int | None) ->
     )
     plots = []
     for device in devices:
-        data = [
-            (i, s.name, s.measurement.latency.p50_ms, s.measurement.accuracy.top1 * 100)
+        timed = [
+            (i, s, s.measurement)
             for i, s in enumerate(stages)
             if s.measurement is not None
             and s.measurement.environment.device == device
             and s.measurement.latency is not None
             and s.measurement.accuracy is not None
         ]
+        steady = [(i, s, m) for i, s, m in timed if m.latency.noise_reason() is None]
+        noisy = [s.name for _, s, m in timed if m.latency.noise_reason() is not None]
+        data = [(i, s.name, m.latency.p50_ms, m.accuracy.top1 * 100) for i, s, m in steady]
+        runtimes = [runtime_name(m) for *_, m in steady]
         label = device_label(device)
+        one = len(set(runtimes)) == 1
         plot = _scatter(
             "latency_vs_accuracy" + ("" if device == "cpu" else f"_{device}"),
             f"Batch-1 {label} latency vs top-1",
-            f"batch-1 p50 latency on {label} (ms)",
+            f"batch-1 p50 latency on {label}" + (f", {runtimes[0]}" if one else "") + " (ms)",
             data,
             reference,
+            runtimes=runtimes,
+            left_out=(f"Not plotted, their timing noisy (not measured): {', '.join(noisy)}"
+                      if noisy else ""),
         )
         if plot is not None:
             plots.append(plot)
@@ -238,13 +300,16 @@ def latency_vs_accuracy(stages: Sequence[StageRecord], reference: int | None) ->
 
 
 def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
-    """Train loss and top-1 per epoch (val solid, train dashed) for stages with history.
+    """Train loss and top-1 per epoch (val solid, train dashed) for stages trained two
+    epochs or more (one epoch is one point: the history table shows it, no curve).
 
     One legend for both panels, under them, one entry a stage (its colour) and two for
     the line styles: a legend inside a panel covered the curves and, with a compress
     search's dozens of fine-tuned stages, ran off the panel over the titles.
     """
-    trained = [(i, s) for i, s in enumerate(stages) if s.history]
+    # A stage trained one epoch has a point, not a curve: its history table shows it.
+    trained = [(i, s) for i, s in enumerate(stages) if len(s.history) > 1]
+    single = [s.name for s in stages if len(s.history) == 1]
     if not trained:
         return None
     fig = Figure(figsize=(10.0, 3.8), layout="constrained")
@@ -265,7 +330,7 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
             epochs,
             [e.train_top1 * 100 for e in s.history],
             linestyle="--",
-            marker="x",  # a one-epoch stage has no line to draw, only its point
+            marker="x",
             markersize=4,
             color=_colour(i),
             linewidth=1,
@@ -294,6 +359,9 @@ def training_curves(stages: Sequence[StageRecord]) -> Plot | None:
                fontsize=8, frameon=False)
     names = ", ".join(s.name for _, s in trained)
     alt = f"Train loss and top-1 per epoch for {names}"
+    if single:
+        alt += (f"; trained one epoch, so no curve (see the history tables): "
+                f"{', '.join(single)}")
     return Plot("training", "Training curves", alt, figure_png(fig))
 
 

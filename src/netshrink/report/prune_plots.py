@@ -7,7 +7,7 @@ the report and the PNG a stage left in its folder cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from netshrink.figures import figure_png, place_labels
 from netshrink.prune.plots import accuracy_vs_ratio, sensitivity_bars, weight_histogram
@@ -43,36 +43,58 @@ def weights_plot(pair: WeightPair | None) -> Plot | None:
     return Plot("weights", title, alt, figure_png(fig))
 
 
-def accuracy_vs_pruned(
-    stages: Sequence[StageRecord], files: RunFiles, budget: float | None, reference: int | None
-) -> Plot | None:
-    """Top-1 against the fraction of the reference's parameters each pruning stage removed.
+def _pruned_model(name: str, stages: Mapping[str, StageRecord], inputs: Mapping[str, str]
+                  ) -> str:
+    """The stage whose model the stage ``name`` pruned: its input, or, where that is a
+    scan (which hands on the model it was given), the scan's input."""
+    start = inputs.get(name, "")
+    while start in stages and stages[start].kind in _NOT_PRUNING and start in inputs:
+        start = inputs[start]
+    return start
 
-    One line per pruning kind, each from the reference (position ``reference`` in
-    ``stages``) at 0; x is measured (1 − non-zero params / reference params), so
-    magnitude pruning (zeros) and channel pruning (fewer params) share an axis, and a
-    pruned student is placed against its teacher when the teacher is the reference. A
-    search stage adds its bisection probes, at their nominal ratio and on the subset it
-    searched on, labelled as such.
+
+def accuracy_vs_pruned(
+    stages: Sequence[StageRecord], files: RunFiles, budget: float | None,
+    reference: int | None, inputs: Mapping[str, str],
+) -> Plot | None:
+    """Top-1 against the fraction of its own input's parameters each pruning stage removed.
+
+    A stage is measured against the model it pruned (``inputs``: each stage's name to the
+    stage it started from), never against the reference: a ResNet-18 student pruned
+    after a distillation from a ResNet-50 teacher removed what it removed from the
+    ResNet-18, and the distillation, a change of architecture, is no pruning. x is
+    measured (1 − non-zero params / the input's non-zero params), so magnitude pruning
+    (zeros) and channel pruning (fewer params) share an axis. One line per pruning kind
+    and input, from the input at 0; the reference (position ``reference`` in ``stages``)
+    and the accuracy budget are level lines. A search stage adds its bisection probes,
+    at their nominal ratio and on the subset it searched on, labelled as such.
     """
     ref = stages[reference] if reference is not None else None
     base = ref.measurement if ref is not None else None
-    if ref is None or base is None or base.accuracy is None or base.params <= 0:
+    if ref is None or base is None or base.accuracy is None:
         return None
-    base_top1 = base.accuracy.top1
+    by_name = {s.name: s for s in stages}
     curves: dict[str, list[tuple[float, float]]] = {}
     named: list[tuple[str, float, float]] = []  # stage points, labelled on the plot
     said: list[str] = []
+    unplaced: list[str] = []  # pruning stages whose input has no measured size or accuracy
     for s in stages:
         m = s.measurement
-        if (s is ref or not is_pruning(s) or s.status != "done" or m is None
-                or m.accuracy is None):
+        if not is_pruning(s) or s.status != "done" or m is None or m.accuracy is None:
             continue
-        removed = 1 - m.nonzero_params / base.params
-        label = f"{s.kind} stages ({m.accuracy.split} set)"
-        curves.setdefault(label, [(0.0, base_top1)]).append((removed, m.accuracy.top1))
+        start = by_name.get(_pruned_model(s.name, by_name, inputs))
+        before = start.measurement if start is not None else None
+        if start is None or before is None or before.accuracy is None \
+                or before.nonzero_params <= 0:
+            unplaced.append(s.name)
+            continue
+        removed = 1 - m.nonzero_params / before.nonzero_params
+        label = f"{s.kind} of {start.name} ({m.accuracy.split} set)"
+        curves.setdefault(literal_text(label), [(0.0, before.accuracy.top1)]).append(
+            (removed, m.accuracy.top1))
         named.append((s.name, removed, m.accuracy.top1))
-        said.append(f"{s.name} {removed:.1%} removed, top-1 {m.accuracy.top1:.2%}")
+        said.append(f"{s.name} {removed:.1%} removed from {start.name}, "
+                    f"top-1 {m.accuracy.top1:.2%}")
     for s in stages:
         found = files.stages.get(s.index)
         r = found.search if found is not None else None
@@ -86,19 +108,22 @@ def accuracy_vs_pruned(
     if not curves:
         return None
     title = "Top-1 vs fraction pruned"
-    name = literal_text(ref.name)
     fig = accuracy_vs_ratio(
-        curves, baseline_top1=base_top1, baseline_label=f"{name} (reference)",
+        curves, baseline_top1=base.accuracy.top1,
+        baseline_label=f"{literal_text(ref.name)} (reference)",
         tolerance_points=budget, tolerance_label="accuracy budget", title=title,
-        xlabel=f"fraction of the parameters of {name} removed (1 − non-zero / {name} params)",
+        xlabel="fraction of its input model's parameters removed "
+               "(1 − non-zero / the input's non-zero)",
     )
     lowest = min(x for points in curves.values() for x, _ in points)
-    if lowest < 0:  # a stage with more parameters left than the reference: keep it in view
+    if lowest < 0:  # a stage with more parameters left than its input: keep it in view
         fig.axes[0].set_xlim(left=lowest - 0.05)
     # which point is which stage, where a label fits (a search's dozens crowd)
     left_off = place_labels(fig.axes[0], [(x, 100 * y, literal_text(name))
                                           for name, x, y in named], fontsize=8)
-    alt = f"{title}: x against {ref.name} (the reference); {'; '.join(said)}"
+    alt = f"{title}: each stage against the model it started from; {'; '.join(said)}"
+    if unplaced:
+        alt += f"; not placed (input not measured): {', '.join(unplaced)}"
     if left_off:
         alt += f"; {left_off} of {len(named)} stage points left unlabelled for room"
     return Plot("accuracy_vs_pruned", title, alt, figure_png(fig))
@@ -126,12 +151,14 @@ def sensitivity_plots(stages: Sequence[StageRecord], files: RunFiles) -> list[Pl
 
 
 def pruning_plots(
-    stages: Sequence[StageRecord], files: RunFiles, budget: float | None, reference: int | None
+    stages: Sequence[StageRecord], files: RunFiles, budget: float | None,
+    reference: int | None, inputs: Mapping[str, str],
 ) -> list[Plot]:
     """The pruning plots that have data: accuracy vs fraction pruned, weights, scans.
 
-    ``reference`` is the reference stage's position in ``stages``: the base of the
-    fraction pruned (the weight histogram's "before" was read as that stage's file).
+    ``reference`` is the reference stage's position in ``stages`` (its top-1 a level
+    line); ``inputs`` name the stage each stage started from (the base of its fraction).
     """
-    made = [accuracy_vs_pruned(stages, files, budget, reference), weights_plot(files.weights)]
+    made = [accuracy_vs_pruned(stages, files, budget, reference, inputs),
+            weights_plot(files.weights)]
     return [p for p in made if p is not None] + sensitivity_plots(stages, files)

@@ -102,7 +102,8 @@ class StageFiles:
 
 @dataclass(frozen=True)
 class WeightPair:
-    """All conv/linear weights of the reference and of a later model, each flattened."""
+    """All conv/linear weights of two models of one architecture, each flattened: the
+    reference's (or the first model of the later one's architecture) and a later one's."""
 
     before_stage: str
     after_stage: str
@@ -163,8 +164,14 @@ def _read_stage(run_dir: Path, stage: StageRecord, notes: list[str]) -> StageFil
     return StageFiles(**found)
 
 
-def _conv_linear_weights(path: Path) -> Tensor:
-    """Every conv (4-d) and linear (2-d) weight of a model file, flattened into one tensor.
+# A model's architecture as the weights tell it: each tensor's name and rank. Channel
+# pruning narrows layers (other sizes, same names and ranks): the same architecture.
+Architecture = frozenset[tuple[str, int]]
+
+
+def _conv_linear_weights(path: Path) -> tuple[Architecture, Tensor]:
+    """The model file's architecture, and every conv (4-d) and linear (2-d) weight in it
+    flattened into one tensor.
 
     Picked by shape, so no model needs building: batch-norm weights are 1-d.
     """
@@ -173,7 +180,8 @@ def _conv_linear_weights(path: Path) -> Tensor:
     state, _ = read_state_dict(path)  # safetensors only; never unpickles
     chosen = [t.flatten().float() for k, t in state.items()
               if k.endswith("weight") and t.dim() in (2, 4)]
-    return torch.cat(chosen) if chosen else torch.zeros(0)
+    architecture = frozenset((k, t.dim()) for k, t in state.items())
+    return architecture, torch.cat(chosen) if chosen else torch.zeros(0)
 
 
 def _torch_file(stage: StageRecord) -> bool:
@@ -184,27 +192,50 @@ def _torch_file(stage: StageRecord) -> bool:
 def _read_weights(
     run_dir: Path, stages: list[StageRecord], reference: int | None, notes: list[str]
 ) -> WeightPair | None:
-    """The reference's weights (``stages[reference]``) and those of the last stage after
-    it that left a torch model file."""
+    """The weights of the last stage that left a torch model file, and those of the
+    reference (``stages[reference]``) to compare them with, where both are one
+    architecture. A reference of another architecture (a ResNet-50 teacher distilled into
+    a ResNet-18) is no "before" of the last model: the first torch model after it with
+    the last one's architecture is, and a note says so; with none, no histogram."""
     if reference is None or not _torch_file(stages[reference]):
         return None
     later = [s for s in stages[reference + 1:] if _torch_file(s)]
     if not later:
         return None  # nothing to compare: no torch model after the reference
-    base, last = stages[reference], later[-1]
-    loaded = []
-    for stage in (base, last):
+    last = later[-1]
+    read: dict[str, tuple[Architecture, Tensor]] = {}
+
+    def weights(stage: StageRecord) -> tuple[Architecture, Tensor] | None:
         path = run_dir / str(stage.artifact)
         if not path.is_file():
             notes.append(f"{stage.artifact} not found (run folder moved or cleaned?): "
                          "the weight histogram is skipped.")
             return None
         try:
-            loaded.append(_conv_linear_weights(path))
+            read[stage.name] = _conv_linear_weights(path)
         except UserError as exc:
             notes.append(f"weight histogram skipped: {exc}")
             return None
-    return WeightPair(base.name, last.name, loaded[0], loaded[1])
+        return read[stage.name]
+
+    if weights(last) is None:
+        return None
+    for before in (stages[reference], *later[:-1]):
+        if weights(before) is None:
+            return None
+        if read[before.name][0] == read[last.name][0]:
+            break
+    else:
+        notes.append(f"Weight histogram skipped: no model before {last.name} has its "
+                     f"architecture (the reference {stages[reference].name} has other "
+                     "parameters), and the weights of two architectures are no before and "
+                     "after of one model.")
+        return None
+    if before is not stages[reference]:
+        notes.append(f"The weight histogram compares {before.name} with {last.name}: the "
+                     f"reference {stages[reference].name} has another architecture (other "
+                     "parameters), so its weights are no \"before\" of theirs.")
+    return WeightPair(before.name, last.name, read[before.name][1], read[last.name][1])
 
 
 def load_run_files(run_dir: Path, record: RunRecord) -> RunFiles:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from netshrink.bench.schema import Latency, Measurement
 from netshrink.report import fmt
 from netshrink.report.verdict import (
+    LATENCY,
+    THROUGHPUT,
     Comparison,
     Reference,
-    SpeedJudgement,
     SpeedSplit,
     measurement_on,
     speed_split,
@@ -146,6 +147,9 @@ def table_devices(stages: Sequence[StageRecord]) -> tuple[str, ...]:
     return tuple(devices)
 
 
+NOT_MEASURED = "not measured"  # a figure whose timing was noisy: none is given
+
+
 def _with(cell: str, suffix: str | None) -> str:
     """``cell (suffix)``, or just ``cell`` when there is nothing to add or nothing measured."""
     return cell if suffix is None or cell == fmt.MISSING else f"{cell} ({suffix})"
@@ -186,29 +190,48 @@ def _measured_cells(m: Measurement | None, cmp: Comparison, is_reference: bool) 
     )
 
 
-def _speed_note(split: SpeedSplit | None, pick: Callable[[SpeedJudgement], float | None],
-                own: Latency | None) -> str | None:
-    """The bracket after a latency or throughput figure: its ratio against the reference
-    and, for a stage in another runtime, that ratio split into equal runtime x runtime
-    (``25.17x = 5.71x at equal runtime × 4.41x runtime``); ``noisy`` when the figure is."""
-    parts = []
-    overall = pick(split.overall) if split is not None else None
-    if split is not None and overall is not None:
-        text = fmt.ratio(overall)
-        if split.other_runtime:
-            equal = pick(split.equal) if split.equal is not None else None
-            runtime = pick(split.runtime) if split.runtime is not None else None
-            if split.is_variant:
-                text += ", runtime only"
-            elif equal is not None and runtime is not None:
-                text += (f" = {fmt.ratio(equal)} at equal runtime × {fmt.ratio(runtime)} "
-                         "runtime")
-            else:
-                text += " across runtimes"
-        parts.append(text)
-    if own is not None and own.noise_reason() is not None:
-        parts.append("noisy")
-    return ", ".join(parts) or None
+def _split_text(split: SpeedSplit, what: str) -> str:
+    """How a stage in another runtime than the reference got its ``what`` ratio: ``, runtime
+    only``, `` = 5.71x at equal runtime × 4.41x runtime``, `` across runtimes`` (and why it
+    is not split, where a timing of the split was noisy)."""
+    if not split.other_runtime:
+        return ""
+    if split.is_variant:
+        return ", runtime only"
+    if split.equal is None or split.runtime is None:
+        return " across runtimes"
+    equal, runtime = split.equal.figure(what), split.runtime.figure(what)
+    if equal is not None and runtime is not None:
+        return f" = {fmt.ratio(equal)} at equal runtime × {fmt.ratio(runtime)} runtime"
+    noisy = dict.fromkeys((*split.equal.noisy(what), *split.runtime.noisy(what)))
+    return " across runtimes" + (f"; no split: {' and '.join(noisy)} noisy" if noisy else "")
+
+
+def _speed_note(split: SpeedSplit | None, what: str, own: Latency | None,
+                stage: str) -> str | None:
+    """The bracket after a ``what`` (latency or throughput) figure of ``stage``: ``noisy``
+    when its own timing is, then its ratio against the reference and, for a stage in
+    another runtime, that ratio split into equal runtime x runtime
+    (``25.17x = 5.71x at equal runtime × 4.41x runtime``). A ratio resting on a noisy
+    timing is not given: ``no ratio: teacher noisy`` names whose timing it was."""
+    own_noisy = own is not None and own.noise_reason() is not None
+    parts = ["noisy"] if own_noisy else []
+    if split is not None:
+        value = split.overall.figure(what)
+        if value is not None:
+            parts.append(fmt.ratio(value) + _split_text(split, what))
+        else:
+            # the row's own noisy timing is said already
+            noisy = [n for n in split.overall.noisy(what) if not (own_noisy and n == stage)]
+            if noisy:
+                parts.append(f"no ratio: {' and '.join(noisy)} noisy")
+    return "; ".join(parts) or None
+
+
+def _figure(lat: Latency, text: str, instead: str = NOT_MEASURED) -> str:
+    """``text`` (a figure of the timing ``lat``), or ``instead`` where ``lat`` is noisy: a
+    noisy timing gives no figure; its bracket says "noisy" and the notes why."""
+    return instead if lat.noise_reason() is not None else text
 
 
 def _device_cells(stage: StageRecord, cmp: Comparison, reference: Reference | None,
@@ -228,11 +251,12 @@ def _device_cells(stage: StageRecord, cmp: Comparison, reference: Reference | No
         memory_ratio = None
     if m is not None:
         if m.latency is not None:
-            lat = _with(f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}",
-                        _speed_note(split, lambda j: j.speedup, m.latency))
+            lat = _with(_figure(m.latency, f"{m.latency.p50_ms:.2f} / {m.latency.p90_ms:.2f}"),
+                        _speed_note(split, LATENCY, m.latency, stage.name))
         if m.throughput is not None:
-            thr = _with(f"{_rate(m.throughput.images_per_s)} @ {m.throughput.batch_size}",
-                        _speed_note(split, lambda j: j.throughput_ratio, m.throughput))
+            thr = _with(_figure(m.throughput, f"{_rate(m.throughput.images_per_s)} @ "
+                                              f"{m.throughput.batch_size}"),
+                        _speed_note(split, THROUGHPUT, m.throughput, stage.name))
     for held in (stage.measurement, stage.cpu_measurement):
         if held is not None and held.peak_memory_mb is not None and \
                 _memory_device(held) == device:
@@ -335,7 +359,7 @@ def environment_summary(stages: Sequence[StageRecord]) -> EnvironmentSummary:
 
 def _timing(lat: Latency | None) -> str:
     """``batch 1: 60 runs in 3 rounds after 10 warm-up; p90/p50 1.08, round medians 2.1%
-    apart`` and, when too unsteady to compare, ``; noisy: <why>``."""
+    apart`` and, when too unsteady to compare, ``; noisy`` (the notes say why, once)."""
     if lat is None:
         return fmt.MISSING
     rounds = f" in {lat.rounds} rounds" if lat.rounds > 1 else ""
@@ -345,8 +369,8 @@ def _timing(lat: Latency | None) -> str:
         spread.append(f"round medians {lat.round_spread:.1%} apart")
     if spread:
         text += "; " + ", ".join(spread)
-    if (reason := lat.noise_reason()) is not None:
-        text += f"; noisy: {reason}"
+    if lat.noise_reason() is not None:
+        text += "; noisy"
     return text
 
 
@@ -359,21 +383,21 @@ def _load(m: Measurement) -> str:
 
 
 def _side_by_side(stage: StageRecord, side_by_side: SideBySide | None) -> str:
-    """``p50 0.680 ms, 1,234 img/s (5 rounds, 2.1% / 3.0% apart)``, or not timed."""
+    """``p50 0.680 ms, 1,234 img/s (5 rounds, 2.1% / 3.0% apart)``, or not timed; a noisy
+    figure is ``not measured (noisy)``."""
     t = side_by_side.of(stage) if side_by_side is not None else None
     if t is None:
         return fmt.MISSING
-    text = f"p50 {t.latency.p50_ms:.3f} ms"
+    noisy = f"{NOT_MEASURED} (noisy)"
+    parts = [f"p50 {_figure(t.latency, f'{t.latency.p50_ms:.3f} ms', noisy)}"]
     spreads = [f"{t.latency.round_spread:.1%}"] if t.latency.round_spread is not None else []
     if t.throughput is not None:
-        text += f", {t.throughput.images_per_s:,.0f} img/s"
+        parts.append(_figure(t.throughput, f"{t.throughput.images_per_s:,.0f} img/s",
+                             f"img/s {noisy}"))
         if t.throughput.round_spread is not None:
             spreads.append(f"{t.throughput.round_spread:.1%}")
-    text += f" ({t.latency.rounds} rounds" + (f", {' / '.join(spreads)} apart" if spreads
-                                               else "") + ")"
-    if t.latency.noisy or (t.throughput is not None and t.throughput.noisy):
-        text += "; noisy"
-    return text
+    return (", ".join(parts) + f" ({t.latency.rounds} rounds"
+            + (f", {' / '.join(spreads)} apart" if spreads else "") + ")")
 
 
 def measurement_table(stages: Sequence[StageRecord],

@@ -23,6 +23,7 @@ from typing import Any
 from netshrink.bench.schema import NOISY_P90_OVER_P50, NOISY_ROUND_SPREAD, Latency, Measurement
 from netshrink.errors import UserError
 from netshrink.report import fmt
+from netshrink.report.lineage import model_origins
 from netshrink.stages.record import RunRecord, SideBySide, StageRecord
 
 SMALLER_MIN_RATIO = 1.02  # reference size / stage size: at least ~2% smaller
@@ -63,7 +64,8 @@ class Comparison:
     """One stage relative to the reference; ``None`` where either side was not measured."""
 
     size_ratio: float | None  # reference / stage: > 1 means smaller
-    speedup: float | None  # reference p50 / stage p50: > 1 means faster; same device only
+    # reference p50 / stage p50: > 1 means faster; same device only, neither timing noisy
+    speedup: float | None
     throughput_ratio: float | None  # stage img/s / reference img/s, same batch and device
     top1_delta: float | None  # stage - reference, percentage points
     verdict: str
@@ -144,36 +146,6 @@ def reference_stage(record: RunRecord, stages: Sequence[StageRecord]) -> Referen
     if chosen is None:
         return None
     return replace(chosen, variants=reference_variants(record, stages, chosen.stage))
-
-
-def _chains(kind: str) -> bool:
-    """Whether a stage of ``kind`` leaves a torch model the next stage starts from (a
-    training or pruning stage), rather than deploying its input to a runtime."""
-    from netshrink.stages.base import STAGES, load_builtin_stages
-
-    load_builtin_stages()
-    return STAGES.get(kind).chains if kind in STAGES else True
-
-
-def model_origins(record: RunRecord) -> dict[str, str]:
-    """For each stage, the stage whose torch model it holds: itself for a stage that leaves
-    a torch model, the stage it started from for a deployment (``export.onnx``,
-    ``quant.ptq``, ``deploy.torch``...). Read from the recipe the record keeps (``from:``,
-    else the last stage that left a torch model)."""
-    origins = {"baseline": "baseline"}
-    current = "baseline"
-    entries = record.recipe.get("stages") if isinstance(record.recipe, dict) else None
-    for raw in entries if isinstance(entries, list) else []:
-        if not isinstance(raw, dict) or "kind" not in raw:
-            continue
-        kind = str(raw["kind"])
-        name = str(raw.get("name") or kind)
-        source = str(raw["from"]) if raw.get("from") is not None else current
-        if _chains(kind):
-            origins[name] = current = name
-        else:
-            origins[name] = source
-    return origins
 
 
 def reference_variants(record: RunRecord, stages: Sequence[StageRecord],
@@ -330,19 +302,57 @@ def runtime_name(m: Measurement) -> str:
     return name
 
 
+LATENCY, THROUGHPUT = "latency", "throughput"  # the two figures a speed ratio is of
+
+
+@dataclass(frozen=True)
+class Noise:
+    """One timing too unsteady to compare: whose (a stage's name), which figure
+    (``latency`` or ``throughput``) and why (``round medians 42% apart > 10%``)."""
+
+    who: str
+    what: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.who} {self.what}: {self.reason}"
+
+
 @dataclass(frozen=True)
 class SpeedJudgement:
-    """Two timings of one device compared: latency and throughput ratios and the verdict."""
+    """Two timings of one device compared: latency and throughput ratios and the verdict.
 
-    speedup: float | None  # other p50 / this p50: > 1 is faster
+    A ratio computed from a noisy timing is not a measurement, so it is not kept: the
+    ratio is None and ``noise`` says which timing was noisy and why. Nothing downstream
+    (headline, table, CLI) can then print it by mistake.
+    """
+
+    speedup: float | None  # other p50 / this p50: > 1 is faster; None: not measured
     throughput_ratio: float | None  # this img/s / other img/s at the same batch size
     word: str  # faster, slower, not faster, mixed speed (...), not measured reliably, ...
-    noise: tuple[str, ...] = ()  # the noisy timings among the two, "latency: p90/p50 ..."
+    noise: tuple[Noise, ...] = ()  # the noisy timings among the two
 
     @property
     def decided(self) -> bool:
         """Whether the word is a plain verdict (faster, slower, not faster)."""
         return self.word in (FASTER, SLOWER, NOT_FASTER)
+
+    @property
+    def timed(self) -> bool:
+        """Whether both sides have a batch-1 timing (noisy or not) to compare."""
+        return self.word != LATENCY_UNKNOWN
+
+    def figure(self, what: str) -> float | None:
+        """The ``latency`` (speed-up) or ``throughput`` ratio; None where not measured."""
+        return self.speedup if what == LATENCY else self.throughput_ratio
+
+    def noisy(self, what: str) -> tuple[str, ...]:
+        """The names of the two whose ``what`` timing was noisy (its ratio withheld)."""
+        return tuple(dict.fromkeys(n.who for n in self.noise if n.what == what))
+
+    def noisy_timings(self) -> str:
+        """``finetune latency and teacher throughput``: which timings were noisy."""
+        return " and ".join(f"{n.who} {n.what}" for n in self.noise)
 
 
 def _spread(lat: Latency | None) -> float:
@@ -363,16 +373,19 @@ def judge_speed(m: Measurement, b: Measurement, *, names: tuple[str, str] = ("st
     the noise reasons."""
     speedup, ratio = speed_ratios(m, b)
     noise = tuple(
-        f"{who} {what}: {reason}"
+        Noise(who, what, reason)
         for who, x in zip(names, (m, b), strict=True)
-        for what, lat in (("latency", x.latency),
-                          ("throughput", x.throughput if ratio is not None else None))
+        for what, lat in ((LATENCY, x.latency),
+                          (THROUGHPUT, x.throughput if ratio is not None else None))
         if lat is not None and (reason := lat.noise_reason()) is not None
     )
+    # a ratio with a noisy timing on either side is withheld, the other one kept
+    shown = (None if any(n.what == LATENCY for n in noise) else speedup,
+             None if any(n.what == THROUGHPUT for n in noise) else ratio)
     if speedup is None:
-        return SpeedJudgement(speedup, ratio, LATENCY_UNKNOWN, noise)
+        return SpeedJudgement(*shown, LATENCY_UNKNOWN, noise)
     if noise:
-        return SpeedJudgement(speedup, ratio, NOT_RELIABLE, noise)
+        return SpeedJudgement(*shown, NOT_RELIABLE, noise)
     if ratio is None:
         # One figure cannot make a verdict: a p50 alone has been 1.07x "faster" at 0.03x
         # the throughput.
@@ -474,8 +487,9 @@ def compare(stage: StageRecord, reference: StageRecord, budget: float | None,
         # against the reference's timing there if it has one (``measure.also_cpu``).
         same_device = measurement_on(reference, m.environment.device)
         other_device = same_device is None
-        speedup, throughput_ratio = speed_ratios(m, same_device)
         split = speed_split(stage, reference, m.environment.device, variants)
+        if split is not None:  # the judgement's ratios: none from a noisy timing
+            speedup, throughput_ratio = split.overall.speedup, split.overall.throughput_ratio
         # Only the CUDA allocator's peak belongs to the model's calls. A CPU figure is the
         # whole process's RSS, which also holds whatever earlier stages of the run left
         # (a teacher, a dataset): a ratio of two such figures would be about the process.

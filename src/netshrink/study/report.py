@@ -21,7 +21,13 @@ from netshrink.errors import UserError
 from netshrink.limits import bounded_json, check_regular, clip, read_regular
 from netshrink.recipe.keys import sha
 from netshrink.report import ReportContent, build_content, write_report
-from netshrink.report.verdict import accuracy_budget, model_origins, reference_stage
+from netshrink.report.lineage import stage_inputs
+from netshrink.report.verdict import (
+    accuracy_budget,
+    reference_stage,
+    runtime_family,
+    runtime_name,
+)
 from netshrink.stages.record import RunRecord, SideBySide, StageRecord
 from netshrink.store.layout import check_name
 from netshrink.study.results import ResultsStore, is_file
@@ -150,11 +156,11 @@ def _short(value: object) -> str:
     return clip(repr(value), 80)
 
 
-def _origins(cell: dict[str, Any]) -> dict[str, str]:
-    """Stage -> the stage whose torch model it holds, in one cell's recipe."""
+def _inputs(cell: dict[str, Any]) -> dict[str, str]:
+    """Stage -> the stage whose model it started from, in one cell's recipe."""
     probe = RunRecord(name=cell["name"], recipe=cell["recipe"], recipe_sha256="",
                       netshrink_version="", created="", updated="")
-    return model_origins(probe)
+    return stage_inputs(probe)
 
 
 def _stage_record(row: dict[str, Any]) -> StageRecord:
@@ -198,6 +204,7 @@ def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRec
             names[(r["cell"], r["stage"])] = name
         shown.append((name, _stage_record(first), first))
     stages, entries = [], []
+    inputs = {cell: _inputs(cells[cell]) for cell in {row["cell"] for _, _, row in shown}}
     for index, (name, stage, row) in enumerate(
             sorted(shown, key=lambda s: (s[1].index > 0, s[2]["cell"], s[1].index))):
         cell = row["cell"]
@@ -209,9 +216,11 @@ def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRec
         stages.append(stage.model_copy(update={"index": index, "name": name,
                                                "artifact": artifact,
                                                "measurement": measurement}))
-        source = _origins(cells[cell]).get(stage.name, stage.name)
+        # every stage's start named: the stages of many cells are listed here in no
+        # order one could chain them by (a pruning stage's fraction is against its start)
+        source = inputs[cell].get(stage.name)
         entry = {"kind": stage.kind, "name": name}
-        if source != stage.name and (cell, source) in names:
+        if (cell, source) in names:
             entry["from"] = names[(cell, source)]
         if index:
             entries.append(entry)
@@ -278,7 +287,44 @@ def time_study_side_by_side(out: Path, db: Path, log: Callable[[str], None]) -> 
 def _speed_of(stage: StageRecord, sbs: SideBySide | None) -> float | None:
     """``stage``'s batch-1 p50 as timed side by side; None where it was not (or noisy)."""
     t = sbs.of(stage) if sbs is not None else None
-    return t.latency.p50_ms if t is not None and not t.latency.noisy else None
+    return t.latency.p50_ms if t is not None and t.latency.noise_reason() is None else None
+
+
+def _noisy_side_by_side(stage: StageRecord, sbs: SideBySide | None) -> bool:
+    t = sbs.of(stage) if sbs is not None else None
+    return t is not None and t.latency.noise_reason() is not None
+
+
+def _fastest(within: list[StageRecord], reference: StageRecord, sbs: SideBySide | None
+             ) -> str | None:
+    """The headline's speed part: the fastest of ``within`` against ``reference`` at batch
+    1, from the side-by-side timing only, both runtimes named (and "across runtimes" where
+    they differ); a noisy timing gives no figure. None: nothing was timed."""
+    ref, ref_m = reference.name, reference.measurement
+    assert ref_m is not None
+    if _noisy_side_by_side(reference, sbs):
+        return (f"speed: not measured (the side-by-side timing of {ref} was noisy; the notes "
+                "say why)")
+    timed = [s for s in within if _speed_of(s, sbs)]
+    ref_ms = _speed_of(reference, sbs)
+    if not (timed and ref_ms):
+        if not any(_p50(s) for s in within):
+            return None
+        return ("speed: not compared (the files were not timed side by side at the end of "
+                "the study; the table has each cell's own timing)")
+    fast = min(timed, key=lambda s: _speed_of(s, sbs) or 0.0)
+    m = fast.measurement
+    assert m is not None and m.accuracy is not None
+    ratio = ref_ms / (_speed_of(fast, sbs) or 1)
+    if runtime_family(m) != runtime_family(ref_m):
+        speed = (f"{ratio:.2f}x the speed of {ref} across runtimes ({runtime_name(m)} "
+                 f"against {runtime_name(ref_m)})")
+    else:
+        speed = f"{ratio:.2f}x the speed of {ref} (both in {runtime_name(m)})"
+    noisy = sum(_noisy_side_by_side(s, sbs) for s in within)
+    left_out = f"; {noisy} with a noisy timing left out" if noisy else ""
+    return (f"fastest at batch 1: {fast.name}, {speed}, {m.accuracy.top1:.2%} top-1 (timed "
+            f"side by side at the end of the study{left_out})")
 
 
 def _size(stage: StageRecord) -> int | None:
@@ -316,22 +362,9 @@ def study_headline(record: RunRecord, candidates: list[StageRecord] | None = Non
         parts.append(f"smallest: {small.name}{packed}, "
                      f"{ref_m.size_bytes / (_size(small) or 1):.2f}x smaller "
                      f"({m.accuracy.top1:.2%} top-1)")
-    sbs = record.side_by_side
-    timed = [s for s in within if _speed_of(s, sbs)]
-    ref_ms = _speed_of(reference.stage, sbs)
-    if timed and ref_ms:
-        fast = min(timed, key=lambda s: _speed_of(s, sbs) or 0.0)
-        m = fast.measurement
-        assert m is not None and m.accuracy is not None
-        across = (f", across runtimes: {m.runtime} against {ref_m.runtime}"
-                  if m.runtime != ref_m.runtime else f", both in {m.runtime}")
-        ratio = ref_ms / (_speed_of(fast, sbs) or 1)
-        parts.append(f"fastest at batch 1: {fast.name}, {ratio:.2f}x the speed of {ref} "
-                     f"({m.accuracy.top1:.2%} top-1{across}; timed side "
-                     "by side at the end of the study)")
-    elif any(_p50(s) for s in within):
-        parts.append("speed: not compared (the files were not timed side by side at the end "
-                     "of the study, or the timing was noisy; the table has each cell's own)")
+    speed = _fastest(within, reference.stage, record.side_by_side)
+    if speed:
+        parts.append(speed)
     return "; ".join(parts) + "."
 
 
