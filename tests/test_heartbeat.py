@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,35 @@ def test_the_command_beats_in_a_log_file(tmp_path: Path,
         assert main(["list"]) == 0
         monkeypatch.undo()
     assert "netshrink list: still running, " in log_file.read_text()
+
+
+def test_a_silent_stage_beats_in_a_runs_log_file(tmp_path: Path, fashion_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``netshrink run ... > log.txt`` with a stage that says nothing for a while (as an
+    export or NNCF does): the file gets that stage's heartbeat between its own lines."""
+    from netshrink.stages.base import STAGES, load_builtin_stages
+
+    load_builtin_stages()
+    real = STAGES.get("prune.magnitude")
+
+    def silent(model: object, cfg: object, ctx: object) -> object:
+        time.sleep(SHORT * 3)
+        return real.fn(model, cfg, ctx)  # type: ignore[arg-type]
+
+    monkeypatch.setitem(STAGES._entries, "prune.magnitude", replace(real, fn=silent))
+    monkeypatch.setattr(beats, "HEARTBEAT_SECONDS", SHORT)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "name": "beat", "model": {"arch": "resnet_tiny"},
+        "data": {"name": "fashion_mnist", "root": str(fashion_dir), "val_size": 0,
+                 "test_limit": 32},
+        "measure": {"latency": False},
+        "stages": [{"kind": "prune.magnitude", "name": "quiet", "ratio": 0.5}]}))
+    log_file = tmp_path / "log.txt"
+    with log_file.open("w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert main(["run", str(recipe), "--out", str(tmp_path / "o"), "--no-report",
+                     "--no-cache"]) == 0
+    lines = log_file.read_text().splitlines()
+    start = lines.index("[1] quiet (prune.magnitude): running")
+    assert re.fullmatch(r"\[1\] quiet: still running, \d+ s", lines[start + 1]), lines

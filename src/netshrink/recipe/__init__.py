@@ -31,6 +31,8 @@ def run_recipe(
     """Run (or resume) ``recipe`` into the folder ``out``; render its report.
 
     Args:
+        log: where the run's progress lines go (default: the ``netshrink.recipe``
+            logger; see ``netshrink.logs``).
         use_cache: take stage models from, and file them in, the model cache that every
             run shares (``$NETSHRINK_CACHE``; see ``netshrink.recipe.cache``).
         reuse_baseline_measurement: measure a weights file's baseline once per file,
