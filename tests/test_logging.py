@@ -81,3 +81,19 @@ def test_no_library_function_defaults_to_print() -> None:
                  if "cli" not in path.relative_to(SRC).parts
                  for line in _print_defaults(ast.parse(path.read_text()))]
     assert offenders == []
+
+
+def test_study_workers_print_only_where_the_caller_shows_progress() -> None:
+    """A worker process has none of the caller's handlers: it prints its cells' lines
+    itself, and only when the caller's netshrink loggers show INFO lines (the command
+    without --quiet; a script with logging configured)."""
+    from netshrink.study.dispatch import _echo
+
+    package = logging.getLogger("netshrink")
+    level = package.level
+    try:
+        assert not _echo()  # nothing configured (the root logger's WARNING)
+        package.setLevel(logging.INFO)
+        assert _echo()
+    finally:
+        package.setLevel(level)

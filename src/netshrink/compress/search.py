@@ -169,7 +169,7 @@ class Search:
 
     def run(self) -> CompressResult:
         # Every write and removal under ``out`` is checked for planted links.
-        with owned_folder(self.out, "compress"):
+        with owned_folder(self.out, "compress"), heartbeat("compress", self.log):
             return self._run()
 
     def _run(self) -> CompressResult:

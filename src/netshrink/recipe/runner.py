@@ -131,6 +131,8 @@ class Runner:
             if self.cache is not None:
                 walls.enter_context(owned_folder(self.cache.root, "model cache"))
             walls.enter_context(trusting(self.recipe.trusted()))
+            # Between the steps that beat with their own names: reading the data, checks.
+            walls.enter_context(heartbeat(f"run {self.recipe.name}", self.log))
             return self._run()
 
     def _run(self) -> RunRecord:

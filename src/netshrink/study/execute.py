@@ -288,7 +288,8 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
     check_data_factories(study.cells, workers, executor)
     out = Path(out)
     # Every write and removal under ``out`` is checked for planted links.
-    with owned_folder(out, "study"):
+    # (the heartbeat: between cells, for the store and the report; cells beat themselves)
+    with owned_folder(out, "study"), heartbeat(f"study {study.name}", log):
         return _run_study(study, out, db, workers, executor, address, log, report)
 
 
