@@ -22,6 +22,7 @@ from netshrink.cli.args import (
 )
 from netshrink.cli.recorded import Recorded, recorded_measurement
 from netshrink.errors import UserError
+from netshrink.heartbeat import mark_progress
 
 if TYPE_CHECKING:
 
@@ -281,6 +282,7 @@ def _bench_repeats(args: argparse.Namespace, model: object, label: str, shape: l
               f"(p90/p50 {lat.p90_over_p50 or float('nan'):.2f}{rounds}); "
               f"batch {batch_size} {thr.images_per_s:.1f} img/s; "
               f"peak {m.peak_memory_mb:.0f} MB ({m.memory_kind})")
+        mark_progress()  # a line of its own: the command's heartbeat waits
         for reason in m.noise():
             print(f"warning: repeat {repeat + 1} is noisy, {reason}: another job is probably "
                   "using the machine; its figures are not reliable", file=sys.stderr)

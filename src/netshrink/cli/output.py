@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -23,24 +24,27 @@ FLAGS = ("--quiet", "--json-log")
 
 
 class _JsonLines(io.TextIOBase):
-    """A text stream that writes each complete line to ``out`` as a JSON object."""
+    """A text stream that writes each complete line to ``out`` as a JSON object (from
+    any thread: a heartbeat's line may come while the command prints)."""
 
     def __init__(self, out: TextIO) -> None:
         self.out, self.started, self.pending = out, time.perf_counter(), ""
+        self.lock = threading.Lock()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            if line.strip():
-                self.out.write(json.dumps({
-                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "elapsed_s": round(time.perf_counter() - self.started, 1),
-                    "message": line}) + "\n")
-        self.out.flush()
+        with self.lock:
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                if line.strip():
+                    self.out.write(json.dumps({
+                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "elapsed_s": round(time.perf_counter() - self.started, 1),
+                        "message": line}) + "\n")
+            self.out.flush()
         return len(text)
 
 
