@@ -29,11 +29,12 @@ def test_a_silent_step_beats_and_a_quick_one_does_not() -> None:
         time.sleep(SHORT / 4)
     assert lines == []
     with heartbeat("exporting", lines.append, interval=SHORT):
-        time.sleep(SHORT * 3.5)
-    assert 2 <= len(lines) <= 4, lines
+        time.sleep(SHORT * 5.5)
+    assert 2 <= len(lines) <= 5, lines  # (a loaded machine may wake a beat late)
     assert all(x.startswith("exporting: still running, ") and x.endswith(" s") for x in lines)
+    seen = len(lines)
     time.sleep(SHORT * 1.5)
-    assert len(lines) <= 4  # ended with its block
+    assert len(lines) == seen  # ended with its block
 
 
 def test_progress_of_its_own_keeps_the_heartbeat_quiet() -> None:
@@ -52,8 +53,9 @@ def test_only_the_innermost_step_beats() -> None:
     lines: list[str] = []
     with (heartbeat("stage", lines.append, interval=SHORT),
           heartbeat("stage: measuring", lines.append, interval=SHORT)):
-        time.sleep(SHORT * 2.5)
-    assert lines and all(x.startswith("stage: measuring: still running") for x in lines)
+        time.sleep(SHORT * 5)
+        seen = list(lines)  # (once the inner step ends, the outer may beat again)
+    assert seen and all(x.startswith("stage: measuring: still running") for x in seen), seen
 
 
 def test_the_default_sink_is_the_netshrink_logger(caplog: pytest.LogCaptureFixture) -> None:

@@ -61,12 +61,21 @@ class _Beat(threading.Thread):
             return bool(own) and own[-1] is self
 
     def run(self) -> None:
-        # Polled a few times an interval, so a line comes at most a quarter late.
-        while not self.stopped.wait(min(1.0, self.interval / 4)):
+        # Woken when a line is due, not polled: a timing that runs meanwhile is not
+        # interrupted more than once an interval.
+        while True:
+            due = max(_last_progress, self.started) + self.interval
+            if self.stopped.wait(max(0.0, due - time.monotonic())):
+                return
             now = time.monotonic()
-            if now - max(_last_progress, self.started) >= self.interval and self.innermost():
-                mark_progress()  # also when ``log`` is a caller's own sink, not a logger
-                self.log(f"{self.step}: still running, {now - self.started:.0f} s")
+            if now < max(_last_progress, self.started) + self.interval:
+                continue  # progress came meanwhile: wait from there
+            if not self.innermost():  # the inner step beats, naming itself
+                if self.stopped.wait(self.interval):
+                    return
+                continue
+            mark_progress()  # also when ``log`` is a caller's own sink, not a logger
+            self.log(f"{self.step}: still running, {now - self.started:.0f} s")
 
 
 @contextlib.contextmanager
