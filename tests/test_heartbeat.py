@@ -53,7 +53,7 @@ def test_only_the_innermost_step_beats() -> None:
     lines: list[str] = []
     with (heartbeat("stage", lines.append, interval=SHORT),
           heartbeat("stage: measuring", lines.append, interval=SHORT)):
-        time.sleep(SHORT * 5)
+        time.sleep(SHORT * 3)
         seen = list(lines)  # (once the inner step ends, the outer may beat again)
     assert seen and all(x.startswith("stage: measuring: still running") for x in seen), seen
 
@@ -68,7 +68,7 @@ def test_the_default_sink_is_the_netshrink_logger(caplog: pytest.LogCaptureFixtu
 
 
 def _slow_list(args: object) -> int:
-    time.sleep(SHORT * 3)
+    time.sleep(SHORT * 2)
     return 0
 
 
