@@ -18,7 +18,7 @@ import pytest
 import netshrink.cli
 from netshrink import heartbeat as beats
 from netshrink.cli import main
-from netshrink.heartbeat import heartbeat, mark_progress
+from netshrink.heartbeat import heartbeat, mark_progress, marking
 
 SHORT = 0.2  # the interval the tests use instead of 30 s
 
@@ -39,14 +39,17 @@ def test_a_silent_step_beats_and_a_quick_one_does_not() -> None:
 
 def test_progress_of_its_own_keeps_the_heartbeat_quiet() -> None:
     lines: list[str] = []
+    own: list[str] = []
+    say = marking(own.append)  # a caller's own sink, not a logger
     # (an interval well above the steps' spacing: a loaded machine may delay a step)
-    with heartbeat("training", lines.append, interval=SHORT * 2.5):
-        end = time.monotonic() + SHORT * 5
-        while time.monotonic() < end:  # a progress bar's steps
-            mark_progress()
-            time.sleep(SHORT / 4)
-        logging.getLogger("netshrink.test").warning("a line of the step's own")
-    assert lines == []
+    with heartbeat("training", lines.append, interval=SHORT * 2):
+        for show in (mark_progress, lambda: say("a line of its own")):  # a bar's step; a line
+            end = time.monotonic() + SHORT * 3.5
+            while time.monotonic() < end:
+                show()
+                time.sleep(SHORT / 4)
+        logging.getLogger("netshrink.test").warning("a logged line of the step's own")
+    assert lines == [] and own
 
 
 def test_only_the_innermost_step_beats() -> None:

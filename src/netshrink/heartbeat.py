@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-__all__ = ["HEARTBEAT_SECONDS", "heartbeat", "mark_progress"]
+__all__ = ["HEARTBEAT_SECONDS", "heartbeat", "mark_progress", "marking"]
 
 HEARTBEAT_SECONDS = 30.0  # the issue's bound: progress at least every 30 s in every step
 
@@ -31,6 +31,17 @@ def mark_progress() -> None:
     """Something showed progress just now: the heartbeats wait a full interval again."""
     global _last_progress
     _last_progress = time.monotonic()
+
+
+def marking(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` that also counts as progress: a caller's own sink (not a logger, whose
+    records count by themselves) keeps the heartbeats quiet while it gets lines."""
+
+    def log_and_mark(line: str) -> None:
+        mark_progress()
+        log(line)
+
+    return log_and_mark
 
 
 class _ProgressSeen(logging.Handler):

@@ -49,7 +49,7 @@ from netshrink.compress.guard import compress_headline, split_warning
 from netshrink.compress.latency_probes import PROBE_WARM_S, warm_up
 from netshrink.compress.options import CompressConfig
 from netshrink.errors import UserError
-from netshrink.heartbeat import heartbeat
+from netshrink.heartbeat import heartbeat, marking
 from netshrink.models import io_widths
 from netshrink.recipe import run_recipe
 from netshrink.runtime.files import open_model_file
@@ -136,7 +136,7 @@ class Search:
         if cfg.judges_speed and not cfg.timing:
             raise UserError("--target latency (and a latency constraint) needs timing; "
                             "leave out --no-timing")
-        self.cfg, self.out, self.log, self.device = cfg, out, log, device
+        self.cfg, self.out, self.log, self.device = cfg, out, marking(log), device
         self.name = f"compress-{out.resolve().name}"
         self.base = base_recipe(model, data, cfg, device)
         self.base_test = base_recipe(model, data, cfg, device, split="test")

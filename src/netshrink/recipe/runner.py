@@ -24,7 +24,7 @@ from torch import nn
 
 import netshrink
 from netshrink.data import DataBundle, build_data
-from netshrink.heartbeat import heartbeat
+from netshrink.heartbeat import heartbeat, marking
 from netshrink.models import ModelSpec
 from netshrink.models.factory import trusting
 from netshrink.recipe.cache import MEASUREMENTS_DIR, CachedStage, ModelCache
@@ -111,10 +111,10 @@ class Runner:
         self.reuse = cache.root / MEASUREMENTS_DIR if cache is not None and wants_reuse else None
         self.reuse_all = reuse_measurements
         self.out = out
-        self.log = log
+        self.log = marking(log)
         self.progress = progress
         self.cache = cache
-        self.folder = RunFolder(out, recipe, log)
+        self.folder = RunFolder(out, recipe, self.log)
         self.side_by_side = side_by_side
 
     def run(self) -> RunRecord:
