@@ -47,6 +47,7 @@ def test_caplog_sees_netshrink_records_and_a_sink_gets_its_own(
                         example_input=val[0][0][:1])
         [scan] = [r for r in caplog.records if r.message.startswith("block scan 1/1")]
         assert scan.name.startswith("netshrink.") and scan.levelno == logging.INFO
+        assert scan.module == "blocks"  # the module that wrote the line, not a wrapper
         caplog.clear()
         lines: list[str] = []
         prune_blocks(model, BlockPruneConfig(count=1), as_split(val, "val"), log=lines.append,

@@ -34,8 +34,11 @@ def mark_progress() -> None:
 
 
 def marking(log: Callable[[str], None]) -> Callable[[str], None]:
-    """``log`` that also counts as progress: a caller's own sink (not a logger, whose
-    records count by themselves) keeps the heartbeats quiet while it gets lines."""
+    """``log`` that also counts as progress: a caller's own sink keeps the heartbeats
+    quiet while it gets lines. A logger's method is returned as it is: its records
+    count by themselves, and name the module that wrote them (``%(module)s``)."""
+    if isinstance(getattr(log, "__self__", None), logging.Logger):
+        return log
 
     def log_and_mark(line: str) -> None:
         mark_progress()
