@@ -8,14 +8,23 @@ imported on first use, so ``import netshrink`` stays cheap.
 ``netshrink.prune``, ``netshrink.distill`` and ``netshrink.export`` are also the packages
 of those methods (``from netshrink.prune import prune_channels``): the package is
 callable, and calling it is the verb.
+
+Progress goes to the ``netshrink`` logger and its children (``logging``), silent until
+the application configures logging (``logging.basicConfig(level=logging.INFO)`` shows
+it); the ``netshrink`` command prints it.
 """
 
 import importlib
+import logging
 import sys
 from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
+
+# A library leaves handlers to the application (the logging HOWTO): without one of its
+# own, a record would reach Python's last-resort handler and print.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _API = frozenset({
     "Bf16Config", "BlockPruneConfig", "ChannelPruneConfig", "CompressConfig", "Compressed",

@@ -24,6 +24,7 @@ from netshrink.api.data import Data, bundle
 from netshrink.api.result import Compressed, ScratchFolder
 from netshrink.data import Batch, DataBundle, DatasetInfo
 from netshrink.errors import UserError
+from netshrink.heartbeat import heartbeat
 from netshrink.models import ModelSpec, custom_spec, io_widths
 from netshrink.stages.base import (
     Deployed,
@@ -41,7 +42,7 @@ from netshrink.store.walls import make_dirs
 __all__ = ["MissingSplit", "Model", "run_method", "unwrap", "verb_data"]
 
 Model = nn.Module | Compressed
-LOG = logging.getLogger("netshrink")  # the verbs' progress lines (the runner prints its own)
+LOG = logging.getLogger(__name__)  # the verbs' progress lines
 
 
 class MissingSplit:
@@ -190,7 +191,8 @@ def run_method(verb: str, base: Compressed, config: BaseModel, *, device: str = 
                            run_dir=work, stage_dir=work, meta=dict(base.meta), log=LOG.info,
                            progress=False, models=dict(models or {}))
         given = copy.deepcopy(module).eval()  # the handler may change its model in place
-        result = definition.fn(given, config, ctx)
+        with heartbeat(f"netshrink.{verb}", LOG.info):  # an export, NNCF: minutes, silent
+            result = definition.fn(given, config, ctx)
         for pattern in definition.scratch:  # resumable state: nothing resumes a verb
             for path in work.glob(pattern):
                 path.unlink(missing_ok=True)

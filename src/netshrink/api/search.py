@@ -5,6 +5,7 @@ within an accuracy budget) and ``netshrink.study`` (a matrix of recipes), as the
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from netshrink.compress.options import compress_config, held_out_split
 from netshrink.data import data_source
 from netshrink.data.factory import in_memory_source
 from netshrink.errors import UserError
+from netshrink.logs import no_log
 from netshrink.models import ModelSpec, custom_spec
 from netshrink.models.factory import Trust, check_factory, trusting
 from netshrink.stages.start import section_of
@@ -25,6 +27,8 @@ from netshrink.store.walls import make_dirs
 from netshrink.study import StudyOutcome, load_study, parse_study, run_study
 
 __all__ = ["compress", "study"]
+
+LOG = logging.getLogger(__name__)  # progress lines, unless quiet
 
 
 def _model_section(model: str | Path | nn.Module, out: Path, factory: str | None,
@@ -88,6 +92,9 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
             (``package.module:function``); trusted for the search.
         factory_kwargs: the arguments ``factory`` is called with.
         trust: factories a model file may name (``netshrink.load``'s ``trust``).
+        quiet: no progress lines at all; by default they go to the ``netshrink``
+            loggers (shown once logging is configured:
+            ``logging.basicConfig(level=logging.INFO)``).
         config: a ``CompressConfig``.
         **settings: or its fields as keywords
             (``budget_points=1.0, target="latency"``).
@@ -104,7 +111,7 @@ def compress(model: str | Path | nn.Module, out: str | Path, *, data: str | None
     with trusting(trust):  # a file's factory; the candidates' recipes then name it
         section, meta, write_input = _model_section(model, out, factory, factory_kwargs)
     source = str(model) if isinstance(model, str | Path) else "model"
-    log = (lambda _: None) if quiet else print
+    log = no_log if quiet else LOG.info
     with _data_section(meta, source, data=data, data_dir=data_dir, data_kwargs=data_kwargs,
                        loaders=loaders, class_names=class_names) as data_section:
         cfg, notes = _held_out(cfg, data_section, meta, source, loaders)
@@ -178,7 +185,8 @@ def _held_out(cfg: CompressConfig, section: dict[str, Any], meta: dict, source: 
 
 def study(spec: str | Path | dict[str, Any], out: str | Path, *, db: str | Path | None = None,
           workers: int = 1, quiet: bool = False) -> StudyOutcome:
-    """Run or resume a study (a YAML file or a dict) into ``out``; see ``netshrink.study``."""
+    """Run or resume a study (a YAML file or a dict) into ``out``; see ``netshrink.study``.
+    Progress goes to the ``netshrink`` loggers (``quiet``: nowhere)."""
     parsed = load_study(Path(spec)) if isinstance(spec, (str, Path)) else parse_study(spec)
     return run_study(parsed, Path(out), db=Path(db) if db else None, workers=workers,
-                     log=(lambda _: None) if quiet else print)
+                     log=no_log if quiet else LOG.info)

@@ -33,6 +33,7 @@ from netshrink.cli.output import output_mode, split_flags
 from netshrink.cli.prune import add_prune
 from netshrink.cli.study import add_study, normalize_argv
 from netshrink.errors import UserError
+from netshrink.heartbeat import heartbeat
 from netshrink.models.factory import trusting
 from netshrink.quant.ptq import PTQConfig
 from netshrink.stages.distill import KDConfig
@@ -371,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(normalize_argv(rest))
     try:
         _data_parallel(args)
-        with output_mode(mode), trusting(getattr(args, "trust", None) or []):
+        with (output_mode(mode), trusting(getattr(args, "trust", None) or []),
+              heartbeat(f"netshrink {args.command}")):  # any step without lines of its own
             return int(args.fn(args))
     except UserError as exc:
         print(f"netshrink: error: {exc}", file=sys.stderr)

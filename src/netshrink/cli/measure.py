@@ -22,6 +22,7 @@ from netshrink.cli.args import (
 )
 from netshrink.cli.recorded import Recorded, recorded_measurement
 from netshrink.errors import UserError
+from netshrink.heartbeat import mark_progress
 
 if TYPE_CHECKING:
 
@@ -284,6 +285,7 @@ def _bench_repeats(args: argparse.Namespace, model: object, label: str, shape: l
                 if thr.noise_reason() is None else f"batch {batch_size} not measured (noisy)")
         print(f"[{repeat + 1}/{args.repeats}] {label} {'x'.join(map(str, shape))}: "
               f"{one}; {many}; peak {m.peak_memory_mb:.0f} MB ({m.memory_kind})")
+        mark_progress()  # a line of its own: the command's heartbeat waits
         for reason in m.noise():
             print(f"warning: repeat {repeat + 1} is noisy, {reason}: another job is probably "
                   "using the machine; its figures are not reliable", file=sys.stderr)

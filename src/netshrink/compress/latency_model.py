@@ -19,6 +19,7 @@ timed on first use and kept for every later call on this machine (``latency_tabl
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,7 +41,10 @@ from netshrink.compress.latency_probes import (
 )
 from netshrink.compress.latency_table import CALL_KEY, LatencyTable
 from netshrink.errors import UserError
+from netshrink.heartbeat import heartbeat
 from netshrink.runtime.base import Executable
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 __all__ = ["LatencyModel", "layer_signatures", "units"]
 
@@ -161,7 +165,7 @@ class LatencyModel:
     def __init__(self, runtime: Literal["onnxruntime", "openvino"], *,
                  precision: Literal["int8", "fp32"] = "int8", threads: int,
                  granularity: Literal["layer", "block"] = "block",
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = LOG.info) -> None:
         if runtime not in ("onnxruntime", "openvino"):
             raise UserError(f"latency model: runtime {runtime!r} is not onnxruntime or openvino")
         if precision not in ("int8", "fp32"):
@@ -273,11 +277,14 @@ class LatencyModel:
                  f"(kept in {where})")
         self._progress = _Progress(len(missing), self.log)
         items = list(missing.items())
-        for first in range(0, len(items), BATCH):
-            try:
-                self._time_batch(items[first:first + BATCH])
-            finally:
-                self.table.save()  # what was timed is kept even when interrupted
+        # _Progress speaks between probes; deploying one (NNCF, a whole model) can take
+        # longer than its interval.
+        with heartbeat("latency table", self.log):
+            for first in range(0, len(items), BATCH):
+                try:
+                    self._time_batch(items[first:first + BATCH])
+                finally:
+                    self.table.save()  # what was timed is kept even when interrupted
         self.log(f"latency table: {len(missing)} probes timed in "
                  f"{self._progress.elapsed():.0f} s"
                  + (f" ({self.noisy} noisy even when retaken, kept and marked noisy)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,6 +25,8 @@ from netshrink.recipe.cache import default_cache_dir
 from netshrink.recipe.keys import sha
 from netshrink.store.atomic import atomic_write_text
 from netshrink.store.walls import make_dirs
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 __all__ = ["CALL_KEY", "LATENCY_DIR", "LatencyTable", "machine"]
 
@@ -70,7 +73,7 @@ class LatencyTable:
     kept in a JSON file (see the module docstring), or in memory only (``file`` None)."""
 
     def __init__(self, runtime: str, precision: str, threads: int, *,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = LOG.info) -> None:
         self.machine = machine(runtime, precision, threads)
         self.log = log
         root = default_cache_dir()

@@ -27,6 +27,7 @@ report quotes, so the images that decided are never the images that report.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from netshrink.compress.guard import compress_headline, split_warning
 from netshrink.compress.latency_probes import PROBE_WARM_S, warm_up
 from netshrink.compress.options import CompressConfig
 from netshrink.errors import UserError
+from netshrink.heartbeat import heartbeat, marking
 from netshrink.models import io_widths
 from netshrink.recipe import run_recipe
 from netshrink.runtime.files import open_model_file
@@ -63,6 +65,8 @@ from netshrink.study.execute import (
 from netshrink.study.report import render_study_report
 from netshrink.study.results import ResultsStore
 from netshrink.study.schema import Cell
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 CHOSEN_DIR = "chosen"  # the chosen candidate, measured on the test split
 RETIME_ROUNDS = 5  # round-robin re-timings of the latency candidates within the budget
@@ -126,13 +130,13 @@ class Search:
     """One search into ``out`` (see the module docstring)."""
 
     def __init__(self, model: dict[str, Any], data: dict[str, Any], cfg: CompressConfig,
-                 out: Path, *, device: str = "cpu", log: Callable[[str], None] = print,
+                 out: Path, *, device: str = "cpu", log: Callable[[str], None] = LOG.info,
                  notes: list[str] | None = None, module: nn.Module | None = None,
                  before_first_write: Callable[[], None] | None = None) -> None:
         if cfg.judges_speed and not cfg.timing:
             raise UserError("--target latency (and a latency constraint) needs timing; "
                             "leave out --no-timing")
-        self.cfg, self.out, self.log, self.device = cfg, out, log, device
+        self.cfg, self.out, self.log, self.device = cfg, out, marking(log), device
         self.name = f"compress-{out.resolve().name}"
         self.base = base_recipe(model, data, cfg, device)
         self.base_test = base_recipe(model, data, cfg, device, split="test")
@@ -165,7 +169,7 @@ class Search:
 
     def run(self) -> CompressResult:
         # Every write and removal under ``out`` is checked for planted links.
-        with owned_folder(self.out, "compress"):
+        with owned_folder(self.out, "compress"), heartbeat("compress", self.log):
             return self._run()
 
     def _run(self) -> CompressResult:
@@ -413,6 +417,23 @@ class Search:
         """The median of ``rounds`` timings of each of ``trials``, taken round-robin in
         this process, in ms a call of ``batch`` images; at batch 1 each trial's p50 is
         replaced by it, at ``measure_batch`` its ``batch_ms``."""
+        # Opening a runtime (OpenVINO compiles) and a round at batch N can each take
+        # long, with no line between them.
+        with heartbeat(f"compress: timing {len(trials)} candidates", self.log):
+            medians = self._round_robin(trials, rounds, batch)
+        for trial, ms in zip(trials, medians, strict=True):
+            if batch == 1:
+                trial.p50_ms = ms
+                self.log(f"  {trial.candidate.name}: p50 {ms:.3f} ms")
+            else:
+                if batch == self.cfg.measure_batch:
+                    trial.batch_ms = ms
+                self.log(f"  {trial.candidate.name}: batch {batch} at "
+                         f"{batch * 1000 / ms:,.0f} img/s")
+        return medians
+
+    def _round_robin(self, trials: list[Trial], rounds: int, batch: int) -> list[float]:
+        """Each trial's file timed ``rounds`` times round-robin: the median ms a call."""
         threads = self.cfg.timing_threads
         opened = [open_model_file(self.out / CELLS_DIR / t.candidate.name / str(t.artifact),
                                   threads=threads) for t in trials]
@@ -431,17 +452,7 @@ class Search:
         finally:
             for model in opened:
                 model.close()
-        medians = [statistics.median(own) for own in times]
-        for trial, ms in zip(trials, medians, strict=True):
-            if batch == 1:
-                trial.p50_ms = ms
-                self.log(f"  {trial.candidate.name}: p50 {ms:.3f} ms")
-            else:
-                if batch == self.cfg.measure_batch:
-                    trial.batch_ms = ms
-                self.log(f"  {trial.candidate.name}: batch {batch} at "
-                         f"{batch * 1000 / ms:,.0f} img/s")
-        return medians
+        return [statistics.median(own) for own in times]
 
     def _finish(self, trials: list[Trial]) -> CompressResult:
         assert self.ref_top1 is not None
@@ -547,7 +558,7 @@ def _dominates(a: Trial, b: Trial) -> bool:
 
 def compress(model: dict[str, Any], data: dict[str, Any], out: Path,
              cfg: CompressConfig | None = None, *, device: str = "cpu",
-             log: Callable[[str], None] = print, notes: list[str] | None = None,
+             log: Callable[[str], None] = LOG.info, notes: list[str] | None = None,
              module: nn.Module | None = None,
              before_first_write: Callable[[], None] | None = None) -> CompressResult:
     """Search composed methods on the model ``model`` (a recipe's model section, with

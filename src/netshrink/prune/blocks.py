@@ -28,6 +28,7 @@ is what cuts it, where channel pruning cuts FLOPs that batch-1 latency barely fo
 from __future__ import annotations
 
 import copy
+import logging
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +42,8 @@ from netshrink.data.base import Split
 from netshrink.errors import UserError
 from netshrink.models.resnet import STAGE_NAMES, stage_blocks
 from netshrink.prune.sensitivity import check_split
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 
 class BlockPruneConfig(BaseModel):
@@ -189,7 +192,7 @@ def most_removable(model: nn.Module, input_shape: Sequence[int] | None) -> int:
 
 
 def prune_blocks(model: nn.Module, cfg: BlockPruneConfig, val: Split | None, *,
-                 device: str = "cpu", log: Callable[[str], None] = print,
+                 device: str = "cpu", log: Callable[[str], None] = LOG.info,
                  input_shape: Sequence[int] | None = None
                  ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """A copy of ``model`` with ``cfg.count`` blocks removed (or ``cfg.blocks``), and the

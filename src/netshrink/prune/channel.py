@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -54,6 +55,8 @@ from netshrink.prune.groups import (
     output_shape,
 )
 from netshrink.prune.resume import StepCheckpoints
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 if TYPE_CHECKING:
     from netshrink.data import DataBundle
@@ -150,7 +153,7 @@ def prune_channels(
     device: str = "cpu",
     train_fn: TrainFn | None = None,
     steps: StepCheckpoints | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = LOG.info,
 ) -> nn.Module:
     """Remove channels from a copy of ``model``; the caller's model is not changed.
 

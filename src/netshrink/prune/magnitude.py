@@ -8,6 +8,7 @@ all N chosen weights. Ties are broken by position (a stable sort), never by drop
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import Literal
 
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 from netshrink.models.select import select_layers
 from netshrink.prune.resume import StepCheckpoints
 from netshrink.train.masks import Masks, apply_masks, zero_masks
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 TrainFn = Callable[[nn.Module, Masks], None]
 
@@ -94,7 +97,7 @@ def magnitude_masks(layers: dict[str, nn.Module], ratio: float, scope: str) -> M
 
 def prune_magnitude(
     model: nn.Module, cfg: MagnitudePruneConfig, *, train_fn: TrainFn | None = None,
-    steps: StepCheckpoints | None = None, log: Callable[[str], None] = print,
+    steps: StepCheckpoints | None = None, log: Callable[[str], None] = LOG.info,
 ) -> tuple[nn.Module, Masks]:
     """Prune a copy of ``model`` by weight magnitude; the caller's model is not changed.
 

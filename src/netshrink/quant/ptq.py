@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
@@ -36,6 +37,8 @@ from netshrink.export.onnx import onnx_info_text, onnx_layer_name, with_onnx_inf
 from netshrink.runtime.sessions import onnx_precision, require
 from netshrink.store.atomic import atomic_write_bytes
 from netshrink.store.kinds import IR_INFO_KEY
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 __all__ = [
     "PTQConfig",
@@ -305,7 +308,7 @@ def auto_mixed(
     *,
     top1: Callable[[Path], float],
     budget: float,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = LOG.info,
 ) -> tuple[Path, list[str], list[dict[str, float | str]]]:
     """Quantize everything, then return layers to float until the drop is within budget.
 

@@ -28,6 +28,7 @@ int8 values trained here; ``activation_ranges`` gives the input ranges to calibr
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -42,6 +43,8 @@ from netshrink.models.fold import fold_batchnorm
 from netshrink.models.resnet import conv_forward
 from netshrink.train.config import TrainConfig, fit_batch_size, fractional_epochs
 from netshrink.train.loop import LossFn, TrainResult, train
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 __all__ = [
     "ACT_QMAX",
@@ -531,7 +534,7 @@ def run_qat(
     cfg: QATConfig,
     *,
     device: str = "cpu",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = LOG.info,
     progress: bool | None = None,
     loss_fn: LossFn | None = None,
 ) -> tuple[nn.Module, dict[str, tuple[float, float]], TrainResult]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from netshrink.heartbeat import heartbeat
 from netshrink.recipe.schema import Recipe, load_recipe, parse_recipe
 from netshrink.stages.record import RunRecord
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 __all__ = ["Recipe", "RunRecord", "load_recipe", "parse_recipe", "run_recipe", "run_recipe_file"]
 
@@ -17,7 +21,7 @@ def run_recipe(
     out: Path,
     *,
     report: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = LOG.info,
     progress: bool | None = None,
     use_cache: bool = True,
     reuse_baseline_measurement: bool = False,
@@ -27,6 +31,8 @@ def run_recipe(
     """Run (or resume) ``recipe`` into the folder ``out``; render its report.
 
     Args:
+        log: where the run's progress lines go (default: the ``netshrink.recipe``
+            logger; see ``netshrink.logs``).
         use_cache: take stage models from, and file them in, the model cache that every
             run shares (``$NETSHRINK_CACHE``; see ``netshrink.recipe.cache``).
         reuse_baseline_measurement: measure a weights file's baseline once per file,
@@ -71,7 +77,8 @@ def run_recipe(
             from netshrink.report import build_content, load_run, render_report
 
             log("rendering the report")
-            md, html = render_report(out)
+            with heartbeat("rendering the report", log):
+                md, html = render_report(out)
             # the end of the log says what came of it: the report's one-sentence verdict
             log(build_content(load_run(out), with_plots=False).headline.replace("**", ""))
             log(f"finished in {(time.perf_counter() - started) / 60:.1f} min; report: {md} "

@@ -9,6 +9,7 @@ only they are ever removed or moved), and the clean-up of writes a killed run le
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,8 @@ from netshrink.train import distributed
 from netshrink.train.config import TrainConfig
 from netshrink.train.loop import autocast_dtype
 
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
+
 __all__ = ["MAX_RUN_FILE_BYTES", "RunFolder", "now"]
 
 
@@ -61,7 +64,7 @@ def now() -> str:
 class RunFolder:
     """The folder ``out`` a recipe runs into."""
 
-    def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None] = print) -> None:
+    def __init__(self, out: Path, recipe: Recipe, log: Callable[[str], None] = LOG.info) -> None:
         self.out = out
         self.recipe = recipe
         self.log = log

@@ -13,6 +13,7 @@ from the shared model cache, or executed; all three leave the same kind of recor
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from torch import nn
 
 import netshrink
 from netshrink.data import DataBundle, build_data
+from netshrink.heartbeat import heartbeat, marking
 from netshrink.models import ModelSpec
 from netshrink.models.factory import trusting
 from netshrink.recipe.cache import MEASUREMENTS_DIR, CachedStage, ModelCache
@@ -37,6 +39,8 @@ from netshrink.stages.start import start_model
 from netshrink.store.checkpoint import load_model, save_model
 from netshrink.store.layout import MODEL_FILE, stage_path
 from netshrink.store.walls import make_dirs, owned_folder, remove_file, remove_tree
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 __all__ = ["Runner", "config_files", "stage_keys"]
 
@@ -95,7 +99,7 @@ class Runner:
         recipe: Recipe,
         out: Path,
         *,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] = LOG.info,
         progress: bool | None = None,
         cache: ModelCache | None = None,
         reuse_baseline_measurement: bool = False,
@@ -107,10 +111,10 @@ class Runner:
         self.reuse = cache.root / MEASUREMENTS_DIR if cache is not None and wants_reuse else None
         self.reuse_all = reuse_measurements
         self.out = out
-        self.log = log
+        self.log = marking(log)
         self.progress = progress
         self.cache = cache
-        self.folder = RunFolder(out, recipe, log)
+        self.folder = RunFolder(out, recipe, self.log)
         self.side_by_side = side_by_side
 
     def run(self) -> RunRecord:
@@ -127,6 +131,8 @@ class Runner:
             if self.cache is not None:
                 walls.enter_context(owned_folder(self.cache.root, "model cache"))
             walls.enter_context(trusting(self.recipe.trusted()))
+            # Between the steps that beat with their own names: reading the data, checks.
+            walls.enter_context(heartbeat(f"run {self.recipe.name}", self.log))
             return self._run()
 
     def _run(self) -> RunRecord:
@@ -158,9 +164,10 @@ class Runner:
         cfg = self.recipe.measure
         if not (self.side_by_side and cfg.latency):
             return
-        record.side_by_side = time_side_by_side(
-            record, self.out, threads=cfg.threads or torch.get_num_threads(),
-            batch=cfg.batch_size, log=self.log)
+        with heartbeat("side by side", self.log):  # opening a runtime, one slow file
+            record.side_by_side = time_side_by_side(
+                record, self.out, threads=cfg.threads or torch.get_num_threads(),
+                batch=cfg.batch_size, log=self.log)
         if record.side_by_side is not None:
             self.folder.write(record)
 
@@ -227,8 +234,9 @@ class Runner:
         self.folder.move(chain.record, prior, slot.index, slot.folder)
         if prior.measure_key != chain.measure_key:
             self.log(f"[{slot.index}] {slot.name}: finished before; measuring again")
-            prior.measurement = self.measurer.remeasure(prior)
-            prior.cpu_measurement = self.measurer.remeasure_cpu(prior)
+            with heartbeat(f"[{slot.index}] {slot.name}: measuring", self.log):
+                prior.measurement = self.measurer.remeasure(prior)
+                prior.cpu_measurement = self.measurer.remeasure_cpu(prior)
             prior.measure_key = chain.measure_key
         else:
             self.log(f"[{slot.index}] {slot.name}: finished before, reused")
@@ -252,7 +260,8 @@ class Runner:
         chain.loaded = slot.artifact
         chain.left_model(slot)
         self.log(f"[{slot.index}] {slot.name}: model from the cache; {self._measuring()}")
-        stage = self._cache_record(cached, chain, slot, t0)
+        with heartbeat(f"[{slot.index}] {slot.name}: measuring", self.log):
+            stage = self._cache_record(cached, chain, slot, t0)
         chain.record.stages.append(stage)
         self.folder.write(chain.record)
         acc = stage.measurement.accuracy if stage.measurement else None
@@ -279,7 +288,9 @@ class Runner:
             result: nn.Module | Deployed = chain.baseline
         else:
             torch.manual_seed(recipe.seed + slot.index)
-            result = STAGES.get(slot.kind).fn(chain.model, entry.config, ctx)  # type: ignore[arg-type]
+            # Training shows its own progress; exporting, NNCF or a pruning scan may not.
+            with heartbeat(f"[{slot.index}] {slot.name}", self.log):
+                result = STAGES.get(slot.kind).fn(chain.model, entry.config, ctx)  # type: ignore[arg-type]
         seconds = time.perf_counter() - t0
         chain.spec = ctx.spec  # a stage that changes the structure (channel pruning) says so
         t1 = time.perf_counter()
@@ -287,7 +298,8 @@ class Runner:
         self.log(f"[{slot.index}] {slot.name}: ran in {seconds:.0f}s; "
                  + ("counting parameters and MACs (a fresh model)" if fresh
                     else self._measuring()))
-        stage = self._save_and_measure(chain, slot, ctx, result)
+        with heartbeat(f"[{slot.index}] {slot.name}: measuring", self.log):
+            stage = self._save_and_measure(chain, slot, ctx, result)
         note_if_slower(stage, chain.record.stages, source, self.log)
         stage.seconds, stage.started = seconds, started
         stage.measure_seconds, stage.finished = time.perf_counter() - t1, now()

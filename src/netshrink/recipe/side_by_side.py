@@ -13,6 +13,7 @@ ratios from it, and the per-stage timings stay in the table as what they are.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -26,6 +27,8 @@ from netshrink.bench.timing import combine_rounds, time_model, warm_up
 from netshrink.errors import UserError
 from netshrink.recipe.run_folder import now
 from netshrink.stages.record import RunRecord, SideBySide, SideBySideTiming, StageRecord
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 __all__ = ["SIDE_BY_SIDE_ROUNDS", "time_side_by_side"]
 
@@ -60,7 +63,7 @@ def _eligible(record: RunRecord, out: Path, only: Collection[str] | None = None
 
 def time_side_by_side(record: RunRecord, out: Path, *, threads: int, batch: int,
                       rounds: int | None = None, only: Collection[str] | None = None,
-                      log: Callable[[str], None] = print) -> SideBySide | None:
+                      log: Callable[[str], None] = LOG.info) -> SideBySide | None:
     """Time every eligible stage's file of ``record`` (in run folder ``out``) side by
     side, ``rounds`` (``SIDE_BY_SIDE_ROUNDS``) rounds round-robin, at batch 1 and
     ``batch``; ``only``: of these stages alone. None when fewer than two can be.

@@ -27,6 +27,7 @@ deployments (per-channel vs per-tensor INT8, ONNX Runtime vs OpenVINO) of one mo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ from netshrink.store.codebook import Codebook
 from netshrink.store.layout import earlier_stage_file, parse_stage_folder
 from netshrink.store.packed import pack_model
 from netshrink.train.history import EpochRecord
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 
 def checkpoint_meta(data: DataBundle, *, run: str, stage: str,
@@ -94,7 +97,7 @@ class StageContext:
     # The recipe's data section as written: for a stage that runs recipes of its own
     # (``compress``) on the same images.
     data_config: dict[str, Any] = field(default_factory=dict)
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = LOG.info
     progress: bool | None = None
     # Models held in memory by name, found before any earlier stage's file of that name
     # (``teacher_stage: teacher`` of the Python ``distill``, whose teacher is a module).

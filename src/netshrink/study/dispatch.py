@@ -6,11 +6,16 @@ results store, so a dispatcher only starts cells and collects their wall times."
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import multiprocessing
 import os
+import sys
 from typing import Any, Protocol
 
 from netshrink.errors import UserError
+from netshrink.logs import no_log
+
+LOG = logging.getLogger(__name__)
 
 
 class Dispatcher(Protocol):
@@ -30,10 +35,23 @@ def _threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _run_cell(*args: Any) -> float:
+def _echo() -> bool:
+    """Whether workers print their cells' progress: when this process shows netshrink's
+    INFO lines (a worker has none of its handlers, and shares its standard output)."""
+    return LOG.isEnabledFor(logging.INFO)
+
+
+def _run_cell(*args: Any, echo: bool = False) -> float:
+    """A worker's entry: ``run_cell(*args)``, its lines printed with the cell's name when
+    ``echo``, without progress bars (several workers share one terminal)."""
     from netshrink.study.execute import run_cell
 
-    return run_cell(*args)
+    cell, out = args[1], sys.stdout
+
+    def say(line: str) -> None:
+        print(f"[{cell}] {line}", file=out, flush=True)
+
+    return run_cell(*args, log=say if echo else no_log, progress=False)
 
 
 class PoolDispatcher:
@@ -43,11 +61,12 @@ class PoolDispatcher:
     def __init__(self, workers: int) -> None:
         self.slots = workers
         self.threads = _threads(workers)
+        self.echo = _echo()
         self.pool = cf.ProcessPoolExecutor(max_workers=workers,
                                            mp_context=multiprocessing.get_context("spawn"))
 
     def submit(self, *args: Any) -> cf.Future[float]:
-        return self.pool.submit(_run_cell, *args, self.threads)
+        return self.pool.submit(_run_cell, *args, self.threads, echo=self.echo)
 
     def wait(self, handles: list[Any]) -> list[Any]:
         return list(cf.wait(handles, return_when=cf.FIRST_COMPLETED)[0])
@@ -80,6 +99,7 @@ class RayDispatcher:
         self.ray = ray
         self.slots = workers
         self.threads = _threads(workers) if address is None else 1
+        self.echo = _echo()
         cache = default_cache_dir()
         env = {"NETSHRINK_CACHE": str(cache)} if cache is not None else {}
         self.started = not ray.is_initialized()
@@ -93,7 +113,7 @@ class RayDispatcher:
         self.task = ray.remote(num_cpus=self.threads, max_retries=0)(_run_cell)
 
     def submit(self, *args: Any) -> Any:
-        return self.task.remote(*args, self.threads)
+        return self.task.remote(*args, self.threads, echo=self.echo)
 
     def wait(self, handles: list[Any]) -> list[Any]:
         return self.ray.wait(handles, num_returns=1)[0]

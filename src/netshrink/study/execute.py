@@ -17,6 +17,7 @@ row and duplicates none.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from typing import Any
 
 import netshrink
 from netshrink.errors import UserError
+from netshrink.heartbeat import heartbeat
 from netshrink.limits import clip
 from netshrink.recipe.keys import stage_keys
 from netshrink.recipe.run_folder import now
@@ -47,6 +49,8 @@ from netshrink.study.report import (
 )
 from netshrink.study.results import CellStatus, ResultsStore, is_file, store_size
 from netshrink.study.schema import STUDY_MB_ENV, Cell, Study, max_study_bytes
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 CELLS_DIR = "cells"
 MAX_WORKERS_PER_CORE = 4  # local workers are processes that each load torch and train
@@ -237,9 +241,10 @@ def _done(cells: list[CellStatus], out: Path, own: bool) -> dict[str, str]:
 
 def run_cell(study: str, cell: str, axes: dict[str, str], recipe: dict[str, Any],
              folder: str, db: str, threads: int | None = None,
-             log: Callable[[str], None] | None = None) -> float:
+             log: Callable[[str], None] = LOG.info, progress: bool | None = None) -> float:
     """Run one cell's recipe into ``folder`` and record its rows in ``db``; returns its
-    wall time. Top level and plain arguments, so a process pool or a Ray task can call it.
+    wall time. Top level and plain arguments, so a process pool or a Ray task can call it
+    (``netshrink.study.dispatch``, which gives a worker's own ``log`` and ``progress``).
     """
     import torch
 
@@ -247,15 +252,13 @@ def run_cell(study: str, cell: str, axes: dict[str, str], recipe: dict[str, Any]
 
     if threads is not None:
         torch.set_num_threads(threads)
-    say = log or (lambda line: print(f"[{cell}] {line}", flush=True))
     parsed = parse_recipe(recipe, source=f"cell {cell}")
     t0 = time.perf_counter()
     # The study's folder (``OUT/cells/CELL`` is the cell's) is owned here too: a pool or
     # Ray worker does not inherit the caller's walls.
     with owned_folder(Path(folder).parent.parent, "study"):
-        record = run_recipe(parsed, Path(folder), report=False, log=say,
-                            progress=False if log is None else None, reuse_measurements=True,
-                            side_by_side=False)
+        record = run_recipe(parsed, Path(folder), report=False, log=log, progress=progress,
+                            reuse_measurements=True, side_by_side=False)
         seconds = time.perf_counter() - t0
         with ResultsStore(Path(db)) as store:
             store.record_cell(study, cell, axes, record.recipe_sha256, folder, record.stages,
@@ -265,7 +268,7 @@ def run_cell(study: str, cell: str, axes: dict[str, str], recipe: dict[str, Any]
 
 def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int = 1,
               executor: str = "local", address: str | None = None,
-              log: Callable[[str], None] = print, report: bool = True) -> StudyOutcome:
+              log: Callable[[str], None] = LOG.info, report: bool = True) -> StudyOutcome:
     """Run (or resume) every cell of ``study`` into ``out``; render the study report.
 
     ``executor``: ``local`` (this process with one worker, else a process pool of
@@ -285,7 +288,8 @@ def run_study(study: Study, out: Path, *, db: Path | None = None, workers: int =
     check_data_factories(study.cells, workers, executor)
     out = Path(out)
     # Every write and removal under ``out`` is checked for planted links.
-    with owned_folder(out, "study"):
+    # (the heartbeat: between cells, for the store and the report; cells beat themselves)
+    with owned_folder(out, "study"), heartbeat(f"study {study.name}", log):
         return _run_study(study, out, db, workers, executor, address, log, report)
 
 
@@ -319,7 +323,8 @@ def _run_study(study: Study, out: Path, db: Path | None, workers: int, executor:
                       else RayDispatcher(workers, address))
         _run_dispatched(study.name, study.cells, todo, out, db, dispatcher, log, outcome)
     if outcome.ran or not (out / SIDE_BY_SIDE_FILE).exists():
-        time_study_side_by_side(out, db, log)
+        with heartbeat("study: side by side", log):
+            time_study_side_by_side(out, db, log)
     if report:
         outcome.report = render_study_report(out, db)[0]
         log(f"study report: {outcome.report}")

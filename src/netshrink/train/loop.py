@@ -14,6 +14,7 @@ resumable state (see ``netshrink.train.distributed``).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sys
 import time
@@ -30,11 +31,14 @@ from tqdm import tqdm
 from netshrink.bench import evaluate
 from netshrink.data import DataBundle
 from netshrink.errors import UserError
+from netshrink.heartbeat import mark_progress
 from netshrink.train import distributed
 from netshrink.train.config import TrainConfig, fit_batch_size
 from netshrink.train.history import EpochRecord
 from netshrink.train.masks import MaskHook, zero_masks
 from netshrink.train.state import Position, load_state, save_state
+
+LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
 # Without a progress bar (output to a file), a line this often within an epoch.
@@ -134,7 +138,7 @@ def train(
     loss_fn: LossFn | None = None,
     step_hooks: Sequence[StepHook] = (),
     progress: bool | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = LOG.info,
     fingerprint_extra: str = "",
 ) -> TrainResult:
     """Train ``model`` in place on ``data.train``; evaluate on ``data.val`` each epoch.
@@ -319,6 +323,9 @@ class _Loop:
             correct += (logits.detach().argmax(1) == y.to(self.dev)).sum()
             seen += len(y)
             bar.update(1)
+            # A step is progress (a bar's, or a line within PROGRESS_LINE_SECONDS): no
+            # heartbeat line between them.
+            mark_progress()
             if progress and pos.batch % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}")
             if (self.world.leader
