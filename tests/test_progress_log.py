@@ -52,3 +52,22 @@ def test_json_log_and_quiet(tmp_path, fashion_dir, capsys) -> None:
     assert main(["--quiet", "run", str(tmp_path / "missing.yaml"), "--out",
                  str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err  # errors still say what went wrong
+
+
+def test_the_run_folder_keeps_its_own_log(tmp_path, fashion_dir, capsys) -> None:
+    """``run.log`` in the run folder: every line the run showed, timestamped; a resumed
+    run appends; a run refused before it owns the folder writes none."""
+    path = recipe(tmp_path, fashion_dir)
+    out = tmp_path / "o"
+    assert main(["run", path, "--out", str(out), "--no-report"]) == 0
+    shown = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[")]
+    logged = (out / "run.log").read_text().splitlines()
+    assert shown and all(any(x.endswith(" " + s) for x in logged) for s in shown)
+    assert all(x[:4].isdigit() and x[10] == " " and x[13] == ":" for x in logged)
+    assert main(["run", path, "--out", str(out), "--no-report"]) == 0  # all reused
+    again = (out / "run.log").read_text().splitlines()
+    assert again[:len(logged)] == logged and any("reused" in x for x in again[len(logged):])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(path).read_text().replace(str(fashion_dir), str(tmp_path / "none")))
+    assert main(["run", str(bad), "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused" / "run.log").exists()

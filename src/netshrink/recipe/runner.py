@@ -31,6 +31,7 @@ from netshrink.recipe.cache import MEASUREMENTS_DIR, CachedStage, ModelCache
 from netshrink.recipe.keys import config_files, measure_key, sha, stage_keys
 from netshrink.recipe.measuring import StageMeasurer
 from netshrink.recipe.run_folder import RunFolder, now
+from netshrink.recipe.run_log import RunLog
 from netshrink.recipe.schema import Recipe, StageEntry
 from netshrink.recipe.slower import note_if_slower
 from netshrink.stages.base import STAGES, Deployed, StageContext, checkpoint_meta
@@ -111,7 +112,8 @@ class Runner:
         self.reuse = cache.root / MEASUREMENTS_DIR if cache is not None and wants_reuse else None
         self.reuse_all = reuse_measurements
         self.out = out
-        self.log = marking(log)
+        self.run_log = RunLog(out, log)
+        self.log = marking(self.run_log)
         self.progress = progress
         self.cache = cache
         self.folder = RunFolder(out, recipe, self.log)
@@ -133,6 +135,7 @@ class Runner:
             walls.enter_context(trusting(self.recipe.trusted()))
             # Between the steps that beat with their own names: reading the data, checks.
             walls.enter_context(heartbeat(f"run {self.recipe.name}", self.log))
+            walls.callback(self.run_log.close)
             return self._run()
 
     def _run(self) -> RunRecord:
@@ -186,6 +189,7 @@ class Runner:
         baseline, spec = start_model(recipe.model, data, seed=recipe.seed)  # bad weights: here
         self.folder.preflight(data, entries, baseline)
         make_dirs(self.out)
+        self.run_log.open()
         if previous is not None:
             self.folder.clear_interrupted_writes(previous)
         raw_recipe = recipe.model_dump(mode="json")

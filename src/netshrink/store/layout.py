@@ -20,7 +20,8 @@ STAGES_DIR = "stages"
 # What a run (and its report) writes at the top of its folder: an input file must not
 # sit in any of these, because the run replaces them.
 PLOTS_DIR = "report_files"
-RUN_OUTPUTS = (RUN_FILE, STAGES_DIR, "report.md", "report.html", PLOTS_DIR)
+RUN_LOG = "run.log"  # every progress line of the run, timestamped (recipe.run_log)
+RUN_OUTPUTS = (RUN_FILE, STAGES_DIR, "report.md", "report.html", PLOTS_DIR, RUN_LOG)
 
 # Letters, digits and ``_ . + = -``, starting with a letter or digit: one path component
 # on every filesystem, never ``.``/``..``, never hidden, no separator.
