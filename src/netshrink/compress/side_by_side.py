@@ -66,7 +66,7 @@ def time_pick_side_by_side(out: Path, chosen: str | None, run_timing: SideBySide
         pick = final_stage_of(combined.record, combined.rows, chosen)
         if reference is not None and pick is not None:
             timing = _as_named(run_timing, [reference, pick])
-            if timing is None:
+            if timing is None and _timed(reference) and _timed(pick):
                 log("compress: timing the pick and the input model side by side")
                 timing = time_stages_side_by_side(combined.record, out, [reference, pick],
                                                   log)
@@ -79,6 +79,11 @@ def time_pick_side_by_side(out: Path, chosen: str | None, run_timing: SideBySide
     ref_m, pick_m = reference.measurement, pick.measurement
     assert ref_m is not None and pick_m is not None  # timed, so measured
     return PickSpeed(*p50s, reference_runtime=ref_m.runtime, pick_runtime=pick_m.runtime)
+
+
+def _timed(stage: StageRecord) -> bool:
+    """Whether ``stage`` was timed when measured (not with timing off)."""
+    return stage.measurement is not None and stage.measurement.latency is not None
 
 
 def _as_named(timing: SideBySide | None, stages: list[StageRecord]) -> SideBySide | None:
