@@ -191,7 +191,7 @@ def quiet_quick_timing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-@pytest.mark.slow  # ~30 s: a study of two cells, every stage timed, then side by side
+@pytest.mark.slow  # ~10 s: a study of two cells, every stage timed, then side by side
 def test_a_study_times_its_files_side_by_side_and_its_headline_takes_that_ratio(
         tmp_path: Path, fashion_dir: Path, quiet_quick_timing: None) -> None:
     from netshrink.study import parse_study, run_study
@@ -218,7 +218,7 @@ def test_a_study_times_its_files_side_by_side_and_its_headline_takes_that_ratio(
     assert NOT_COMPARED in _verdict_line(out / "report.md")
 
 
-@pytest.mark.slow  # ~40 s: one candidate (the input model in INT8) and its test-split run
+@pytest.mark.slow  # ~10 s: one candidate (the input model in INT8), its test-split run, twice
 def test_a_compress_report_states_the_picks_ratio_from_its_side_by_side_json(
         tmp_path: Path, tiny_trained: Path, fashion_dir: Path, quiet_quick_timing: None
         ) -> None:

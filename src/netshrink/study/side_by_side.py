@@ -42,8 +42,8 @@ def read_side_by_side(out: Path) -> SideBySide | None:
         return SideBySide.model_validate_json(data)
     except ValidationError as exc:
         raise UserError(f"{path}: not a side-by-side timing netshrink wrote "
-                        f"({exc.errors()[0]['msg']}); move it away and run the study again "
-                        "to time its files again") from None
+                        f"({exc.errors()[0]['msg']}); move it away and run the study (or the "
+                        "search) again to time its files again") from None
 
 
 def write_side_by_side(out: Path, timing: SideBySide | None) -> None:
