@@ -207,11 +207,13 @@ def test_a_study_times_its_files_side_by_side_and_its_headline_takes_that_ratio(
     timing = read_side_by_side(out)  # written, and it reloads
     assert timing is not None
     assert json.loads((out / SIDE_BY_SIDE_FILE).read_text())["rounds"] == 2  # conftest's
-    # the trained model every cell shares is named by their common axis value
-    assert [t.stage for t in timing.stages] == ["0.5/train", "channel-0.5/prune",
+    # the trained model every cell shares by its own name (the axis value 0.5 of both
+    # cells does not name it)
+    assert [t.stage for t in timing.stages] == ["train", "channel-0.5/prune",
                                                 "fine-0.5/prune"]
     headline = _verdict_line(out / "report.md")
-    assert _fastest_ratio(headline, timing, "0.5/train") > 0
+    assert _fastest_ratio(headline, timing, "train") > 0
+    assert "names train, which has no measurement" not in (out / "report.md").read_text()
     assert "both in torch" in headline
     (out / SIDE_BY_SIDE_FILE).unlink()
     assert main(["report", str(out)]) == 0
@@ -239,7 +241,7 @@ def test_a_compress_report_states_the_picks_ratio_from_its_side_by_side_json(
     assert result.chosen is not None and result.speed is not None
     timing = read_side_by_side(out)
     assert timing is not None
-    reference, pick = "ch0-sp0/baseline", "ch0-sp0/deploy (chosen)"
+    reference, pick = "baseline", "ch0-sp0/deploy (chosen)"
     assert [t.stage for t in timing.stages] == [reference, pick]
     assert [t.runtime for t in timing.stages] == ["torch", "onnxruntime"]
     ratio = _p50(timing, reference) / _p50(timing, pick)
@@ -254,6 +256,7 @@ def test_a_compress_report_states_the_picks_ratio_from_its_side_by_side_json(
             ) in report[2]
     assert (f"the pick at batch 1: {pick}, {ratio:.2f}x the speed of {reference}"
             in _verdict_line(out / "report.md"))
+    assert "names baseline, which has no measurement" not in "\n".join(report)
     assert main(["report", str(out)]) == 0  # re-rendered: the same lines
     assert (out / "report.md").read_text().splitlines()[2] == report[2]
     # resumed: nothing runs again, and the two files are timed again in this process

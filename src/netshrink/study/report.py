@@ -189,11 +189,17 @@ def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRec
         last[row["cell"]] = max(last.get(row["cell"], 0), row["stage_index"])
     names: dict[tuple[str, str], str] = {}  # (cell, stage) -> shown name
     shown: list[tuple[str, StageRecord, dict[str, Any]]] = []
+    recorded = set(last) & set(cells)
     for key_rows in by_key.values():
         first = key_rows[0]
         sharing = [cells[r["cell"]]["axes"] for r in key_rows]
         common = [v for a, v in sharing[0].items() if all(s.get(a) == v for s in sharing)]
-        if len(key_rows) == 1:
+        if {r["cell"] for r in key_rows} >= recorded and (
+                len(recorded) > 1 or first["stage_index"] == 0):
+            # every cell's (the input model of a search): by its own name, which the
+            # recipe's report.baseline gives, not by an axis value all cells happen to share
+            name = first["stage"]
+        elif len(key_rows) == 1:
             name = f"{first['cell']}/{first['stage']}"
             if first["cell"] == study.get("chosen") and first["stage_index"] == last[first["cell"]]:
                 name += " (chosen)"
