@@ -20,8 +20,9 @@ from netshrink.recipe import parse_recipe
 from netshrink.stages.record import RunRecord, SideBySide, SideBySideTiming, StageRecord
 from netshrink.study import ResultsStore
 from netshrink.study.execute import write_study_record
-from netshrink.study.report import DB_FILE, SIDE_BY_SIDE_FILE, combined_record, read_study_record
+from netshrink.study.report import DB_FILE, combined_record, read_study_record
 from netshrink.study.schema import Cell
+from netshrink.study.side_by_side import SIDE_BY_SIDE_FILE
 from report_records import ENV, _history, make_runtime_record
 
 LOAD = CpuLoad(load_avg=0.41, calibration_ms=1.02, threads=2)

@@ -50,8 +50,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from netshrink.report import render_report
+    from netshrink.store.layout import RUN_FILE
+    from netshrink.study.report import STUDY_FILE, render_study_report
 
-    md, html = render_report(args.run_dir)
+    folder = Path(args.run_dir)
+    # a study's or a compress search's folder holds study.json, never run.json
+    if not (folder / RUN_FILE).exists() and (folder / STUDY_FILE).is_file():
+        md, html = render_study_report(folder)
+    else:
+        md, html = render_report(folder)
     print(f"wrote {md} and {html}")
     return 0
 
@@ -185,11 +192,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = subcommand(sub, "report", "render report.md and report.html from a run's run.json",
+    p = subcommand(sub, "report", "render report.md and report.html from a run's run.json "
+                   "(or a study's or compress search's study.json)",
                    "netshrink report runs/quickstart",
                    description="Render report.md, report.html and report_files/ from "
-                               "RUN_DIR/run.json, by default into RUN_DIR itself.")
-    p.add_argument("run_dir", type=Path, help="the run's folder (holding run.json)")
+                               "RUN_DIR/run.json, by default into RUN_DIR itself; from a "
+                               "study's or compress search's folder, from its study.json, "
+                               "results store and side_by_side.json.")
+    p.add_argument("run_dir", type=Path,
+                   help="the run's folder (holding run.json), or a study's or compress "
+                        "search's (holding study.json)")
     p.set_defaults(fn=cmd_report)
 
 

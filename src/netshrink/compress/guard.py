@@ -290,6 +290,7 @@ def compress_headline(*, chosen: str | None, budget_points: float,
                       chosen_size_bytes: int | None = None,
                       ref_p50_ms: float | None = None, chosen_p50_ms: float | None = None,
                       runtime: str | None = None, against: str = "the input model",
+                      speed_how: str | None = None,
                       confidence: float = DEFAULT_CONFIDENCE,
                       why_none: str | None = None) -> str:
     """The first line of a compress report.
@@ -299,7 +300,9 @@ def compress_headline(*, chosen: str | None, budget_points: float,
     test with its own upper bound), then its validation figure (what decided), then its
     size and batch-1 latency (p50, in ``runtime``) against ``ref_size_bytes`` and
     ``ref_p50_ms``, which are ``against``'s (the input model's file, or e.g. "the dense
-    model's INT8 in openvino" when the caller times that). Every argument but ``chosen`` and
+    model's INT8 in openvino" when the caller times that); ``speed_how``: how the two
+    were timed (e.g. "timed side by side at the end of the search"), stated with both
+    p50s. Every argument but ``chosen`` and
     ``budget_points`` may be None, and what it feeds is left out (or said to be missing).
     Without a pick: that nothing was chosen, with ``why_none`` (e.g. "no candidate's
     upper bound stayed within the budget on the validation split") and the input model's
@@ -322,8 +325,9 @@ def compress_headline(*, chosen: str | None, budget_points: float,
         ratios.append(f"{size:.2f}x smaller ({chosen_size_bytes:,} B)")
     if (speed := _ratio(ref_p50_ms, chosen_p50_ms)) is not None:
         where = f" in {runtime}" if runtime else ""
+        how = f" against {ref_p50_ms:.3f} ms, {speed_how}" if speed_how else ""
         ratios.append(f"{speed:.2f}x the batch-1 speed{where} "
-                       f"(p50 {chosen_p50_ms:.3f} ms)")
+                       f"(p50 {chosen_p50_ms:.3f} ms{how})")
     if ratios:
         parts.append(" and ".join(ratios) + f" against {against}")
     return "; ".join(parts) + "."

@@ -48,12 +48,13 @@ from netshrink.compress.candidates import (
 from netshrink.compress.guard import compress_headline, split_warning
 from netshrink.compress.latency_probes import PROBE_WARM_S, warm_up
 from netshrink.compress.options import CompressConfig
+from netshrink.compress.side_by_side import PickSpeed, time_pick_side_by_side
 from netshrink.errors import UserError
 from netshrink.heartbeat import heartbeat, marking
 from netshrink.models import io_widths
 from netshrink.recipe import run_recipe
 from netshrink.runtime.files import open_model_file
-from netshrink.stages.record import StageRecord
+from netshrink.stages.record import SideBySide, StageRecord
 from netshrink.store.walls import make_dirs, owned_folder
 from netshrink.study.execute import (
     CELLS_DIR,
@@ -124,6 +125,9 @@ class CompressResult:
     # The chosen candidate's deploying stage in its test-split run (``out/chosen``):
     # its file, runtime and measurement, for a recipe stage to hand on.
     deploy_stage: StageRecord | None = None
+    # The chosen file's batch-1 speed against the input model, both timed side by side
+    # at the end of the search (``side_by_side.json``); None: not timed so, or noisy.
+    speed: PickSpeed | None = None
 
 
 class Search:
@@ -466,12 +470,15 @@ class Search:
         result.chosen = self._choose(trials)
         if result.chosen is None:
             self.log(f"compress: {self._none_chosen()}")
+            time_pick_side_by_side(self.out, None, None, self.log)  # an older pick's goes
             self._write_record(notes=self._split_notes(result),
                                headline=self._headline(result))
         else:
             self.log(f"compress: chosen {result.chosen.candidate.name}; measuring it on the "
                      "test split")
-            self._measure_on_test(result)
+            run_timing = self._measure_on_test(result)
+            result.speed = time_pick_side_by_side(self.out, result.chosen.candidate.name,
+                                                  run_timing, self.log)
             self._write_record(chosen=result.chosen.candidate.name,
                                notes=self._split_notes(result),
                                headline=self._headline(result))
@@ -486,7 +493,7 @@ class Search:
             return Accuracy.model_validate(got) if got else None
 
         ref = result.test.get("reference") or {}
-        chosen = result.chosen
+        chosen, speed = result.chosen, result.speed
         return compress_headline(
             chosen=chosen.candidate.name if chosen else None,
             budget_points=self.cfg.budget_points, ref_test=accuracy("reference"),
@@ -494,6 +501,12 @@ class Search:
             chosen_val=chosen.accuracy if chosen else None,
             ref_size_bytes=ref.get("size_bytes"),
             chosen_size_bytes=chosen.size_bytes if chosen else None,
+            ref_p50_ms=speed.reference_ms if speed else None,
+            chosen_p50_ms=speed.pick_ms if speed else None,
+            runtime=speed.pick_runtime if speed else None,
+            against=(f"the input model in {speed.reference_runtime}" if speed
+                     else "the input model"),
+            speed_how="timed side by side at the end of the search",
             confidence=self.cfg.confidence, why_none=self._none_chosen())
 
     def _choose(self, trials: list[Trial]) -> Trial | None:
@@ -503,7 +516,9 @@ class Search:
         return ("no candidate stays within the budget (not even the deployment of the "
                 "unpruned model); raise --budget-points")
 
-    def _measure_on_test(self, result: CompressResult) -> None:
+    def _measure_on_test(self, result: CompressResult) -> SideBySide | None:
+        """Run the pick again with the test split measured, into ``out/chosen``; that
+        run's files as timed side by side at its end."""
         assert result.chosen is not None
         cand = result.chosen.candidate
         recipe = candidate_recipe(self.base_test, self.cfg, cand, f"{self.name}.{CHOSEN_DIR}")
@@ -519,6 +534,7 @@ class Search:
             result.deployable = result.deployable.with_suffix(".nspk")
         result.test = {"split": "test", "reference": first.measurement.model_dump(mode="json"),
                        "chosen": last.measurement.model_dump(mode="json")}
+        return record.side_by_side
 
 
 def _removable_blocks(model: dict[str, Any], data: dict[str, Any],

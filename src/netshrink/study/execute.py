@@ -41,7 +41,6 @@ from netshrink.study.folder_walls import refuse_study_links
 from netshrink.study.report import (
     DB_FILE,
     MAX_HEADLINE_CHARS,
-    SIDE_BY_SIDE_FILE,
     STUDY_FILE,
     read_study_record,
     render_study_report,
@@ -49,6 +48,7 @@ from netshrink.study.report import (
 )
 from netshrink.study.results import CellStatus, ResultsStore, is_file, store_size
 from netshrink.study.schema import STUDY_MB_ENV, Cell, Study, max_study_bytes
+from netshrink.study.side_by_side import SIDE_BY_SIDE_FILE
 
 LOG = logging.getLogger(__name__)  # the default sink of this module's log= lines
 

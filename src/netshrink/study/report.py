@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,10 +32,15 @@ from netshrink.stages.record import RunRecord, SideBySide, StageRecord
 from netshrink.store.layout import check_name
 from netshrink.study.results import ResultsStore, is_file
 from netshrink.study.schema import STUDY_MB_ENV, StudyReport, max_study_bytes
+from netshrink.study.side_by_side import (
+    read_side_by_side,
+    side_by_side_p50s,
+    steady_p50,
+    time_stages_side_by_side,
+    write_side_by_side,
+)
 
 STUDY_FILE = "study.json"
-SIDE_BY_SIDE_FILE = "side_by_side.json"  # the cells' files timed side by side at the end
-MAX_SIDE_BY_SIDE_BYTES = 16 << 20  # a few hundred bytes a cell
 DB_FILE = "results.sqlite"
 MAX_STUDY_JSON_DEPTH = 48  # a recipe nests at most 32 levels, four below the record's top
 MAX_HEADLINE_CHARS = 2000  # one sentence of figures; a compress headline takes ~400
@@ -190,11 +195,17 @@ def combined_record(study: dict[str, Any], rows: list[dict[str, Any]]) -> RunRec
         last[row["cell"]] = max(last.get(row["cell"], 0), row["stage_index"])
     names: dict[tuple[str, str], str] = {}  # (cell, stage) -> shown name
     shown: list[tuple[str, StageRecord, dict[str, Any]]] = []
+    recorded = set(last) & set(cells)
     for key_rows in by_key.values():
         first = key_rows[0]
         sharing = [cells[r["cell"]]["axes"] for r in key_rows]
         common = [v for a, v in sharing[0].items() if all(s.get(a) == v for s in sharing)]
-        if len(key_rows) == 1:
+        if {r["cell"] for r in key_rows} >= recorded and (
+                len(recorded) > 1 or first["stage_index"] == 0):
+            # every cell's (the input model of a search): by its own name, which the
+            # recipe's report.baseline gives, not by an axis value all cells happen to share
+            name = first["stage"]
+        elif len(key_rows) == 1:
             name = f"{first['cell']}/{first['stage']}"
             if first["cell"] == study.get("chosen") and first["stage_index"] == last[first["cell"]]:
                 name += " (chosen)"
@@ -237,105 +248,61 @@ def _p50(stage: StageRecord) -> float | None:
     return m.latency.p50_ms if m is not None and m.latency is not None else None
 
 
-def _study_side_by_side(out: Path) -> SideBySide | None:
-    """``out/side_by_side.json`` (the reference and each cell's final file timed side by
-    side at the end of the study), or None where it was not timed (an older study, timing
-    off, an interrupted one)."""
-    path = Path(out) / SIDE_BY_SIDE_FILE
-    if not is_file(path):
-        return None
-    what = "side-by-side timing record"
-    data = read_regular(path, what, max_bytes=MAX_SIDE_BY_SIDE_BYTES)  # a FIFO, a huge file
+class Combined(NamedTuple):
+    """A study folder as its report reads it (``read_combined``)."""
+
+    study: dict[str, Any]  # ``read_study_record``
+    record: RunRecord  # every distinct stage of the recorded cells once
+    rows: list[dict[str, Any]]  # the recorded (done) cells' rows
+    done: set[str]  # the recorded cells
+    db: Path  # the results store read
+
+
+def read_combined(out: Path, db: Path | None = None, *, chosen: str | None = None
+                  ) -> Combined:
+    """The study in ``out`` from its results store (``db``: elsewhere than the record
+    names), which is only read; ``chosen``: the cell to name as chosen (a search about
+    to record its pick)."""
+    study = read_study_record(out)
+    if chosen is not None:
+        study = {**study, "chosen": chosen}
+    db = db or recorded_db(out, study)
+    with ResultsStore(db, readonly=True) as store:
+        rows = store.rows(study["name"])
+        done = {c.cell for c in store.cells(study["name"]) if c.status == "done"}
+    rows = [r for r in rows if r["cell"] in done]
     try:
-        return SideBySide.model_validate_json(data)
-    except ValidationError as exc:
-        raise UserError(f"{path}: not a side-by-side timing netshrink wrote "
-                        f"({exc.errors()[0]['msg']}); move it away and run the study again "
-                        "to time its files again") from None
+        record = combined_record(study, rows)
+    except UserError as exc:
+        raise UserError(f"{db}: {exc}") from None
+    return Combined(study, record, rows, done, db)
 
 
 def time_study_side_by_side(out: Path, db: Path, log: Callable[[str], None]) -> None:
     """Time the reference and each cell's final file side by side, round-robin in this
     process, into ``out/side_by_side.json``: every cell was timed right after it was made,
-    minutes or hours apart, and the study's headline ratios come from these instead."""
-    from netshrink.recipe.side_by_side import time_side_by_side
-    from netshrink.store.atomic import atomic_write_text
-
-    study = read_study_record(out)
-    with ResultsStore(db, readonly=True) as store:
-        rows = store.rows(study["name"])
-        done = {c.cell for c in store.cells(study["name"]) if c.status == "done"}
-    rows = [r for r in rows if r["cell"] in done]
-    record = combined_record(study, rows)
+    minutes or hours apart, and the study's headline ratios come from these instead.
+    Where they cannot be timed, an older ``side_by_side.json`` is removed."""
+    record, rows = read_combined(out, db)[1:3]
     reference = reference_stage(record, list(record.stages))
-    if reference is None:
-        return
-    finals = _final_stages(record, rows)
-    timed = [s for s in (reference.stage, *finals) if s.measurement is not None
-             and s.measurement.latency is not None]
-    if len(timed) < 2:
-        return
-    ref_m = reference.stage.measurement
-    assert ref_m is not None and ref_m.latency is not None
-    sbs = time_side_by_side(record, Path(out), threads=ref_m.environment.threads,
-                            batch=(ref_m.throughput.batch_size if ref_m.throughput else 32),
-                            only={s.name for s in timed}, log=log)
-    if sbs is not None:
-        atomic_write_text(Path(out) / SIDE_BY_SIDE_FILE, sbs.model_dump_json(indent=1))
-
-
-def _speed_of(stage: StageRecord, sbs: SideBySide | None) -> float | None:
-    """``stage``'s batch-1 p50 as timed side by side; None where it was not (or noisy)."""
-    t = sbs.of(stage) if sbs is not None else None
-    return t.latency.p50_ms if t is not None and t.latency.noise_reason() is None else None
-
-
-def _noisy_side_by_side(stage: StageRecord, sbs: SideBySide | None) -> bool:
-    t = sbs.of(stage) if sbs is not None else None
-    return t is not None and t.latency.noise_reason() is not None
-
-
-def _fastest(within: list[StageRecord], reference: StageRecord, sbs: SideBySide | None
-             ) -> str | None:
-    """The headline's speed part: the fastest of ``within`` against ``reference`` at batch
-    1, from the side-by-side timing only, both runtimes named (and "across runtimes" where
-    they differ); a noisy timing gives no figure. None: nothing was timed."""
-    ref, ref_m = reference.name, reference.measurement
-    assert ref_m is not None
-    if _noisy_side_by_side(reference, sbs):
-        return (f"speed: not measured (the side-by-side timing of {ref} was noisy; the notes "
-                "say why)")
-    timed = [s for s in within if _speed_of(s, sbs)]
-    ref_ms = _speed_of(reference, sbs)
-    if not (timed and ref_ms):
-        if not any(_p50(s) for s in within):
-            return None
-        return ("speed: not compared (the files were not timed side by side at the end of "
-                "the study; the table has each cell's own timing)")
-    fast = min(timed, key=lambda s: _speed_of(s, sbs) or 0.0)
-    m = fast.measurement
-    assert m is not None and m.accuracy is not None
-    ratio = ref_ms / (_speed_of(fast, sbs) or 1)
-    if runtime_family(m) != runtime_family(ref_m):
-        speed = (f"{ratio:.2f}x the speed of {ref} across runtimes ({runtime_name(m)} "
-                 f"against {runtime_name(ref_m)})")
-    else:
-        speed = f"{ratio:.2f}x the speed of {ref} (both in {runtime_name(m)})"
-    noisy = sum(_noisy_side_by_side(s, sbs) for s in within)
-    left_out = f"; {noisy} with a noisy timing left out" if noisy else ""
-    return (f"fastest at batch 1: {fast.name}, {speed}, {m.accuracy.top1:.2%} top-1 (timed "
-            f"side by side at the end of the study{left_out})")
+    timing = None
+    if reference is not None:
+        timing = time_stages_side_by_side(
+            record, out, [reference.stage, *_final_stages(record, rows)], log)
+    write_side_by_side(out, timing)
 
 
 def _size(stage: StageRecord) -> int | None:
     return stage.measurement.smallest_size if stage.measurement is not None else None
 
 
-def study_headline(record: RunRecord, candidates: list[StageRecord] | None = None) -> str:
+def study_headline(record: RunRecord, candidates: list[StageRecord] | None = None,
+                   pick: StageRecord | None = None) -> str:
     """The smallest and the fastest model within the accuracy budget of the reference;
     ``candidates``: count and choose among these alone (a compress search's candidates,
-    the final stage of each cell, not every stage row), named so. The fastest is told
-    only from the files timed side by side at the end of the study (``side_by_side``),
+    the final stage of each cell, not every stage row), named so, and state the speed of
+    ``pick`` (the search's chosen file) instead of the fastest. A speed is told only from
+    the files timed side by side at the end of the study or search (``side_by_side``),
     with both runtimes named."""
     stages = list(record.stages)
     reference = reference_stage(record, stages)
@@ -362,10 +329,67 @@ def study_headline(record: RunRecord, candidates: list[StageRecord] | None = Non
         parts.append(f"smallest: {small.name}{packed}, "
                      f"{ref_m.size_bytes / (_size(small) or 1):.2f}x smaller "
                      f"({m.accuracy.top1:.2%} top-1)")
-    speed = _fastest(within, reference.stage, record.side_by_side)
-    if speed:
+    speed = (_pick_speed(record, reference.stage, pick) if candidates is not None
+             else _fastest(record, reference.stage, within))
+    if speed is not None:
         parts.append(speed)
+    elif any(_p50(s) for s in within):
+        files, end, own = (("the pick and the reference were", "search", "candidate")
+                           if candidates is not None else ("the files were", "study", "cell"))
+        parts.append(f"speed: not compared ({files} not timed side by side at the end of "
+                     f"the {end}, or the timing was noisy; the table has each {own}'s own)")
     return "; ".join(parts) + "."
+
+
+def _fastest(record: RunRecord, reference: StageRecord, within: list[StageRecord]
+             ) -> str | None:
+    """The fastest of ``within`` at batch 1 as timed side by side, against the
+    reference; a noisy timing gives no figure (the reference's: none at all). None where
+    they were not timed so."""
+    sbs = record.side_by_side
+    if _noisy(sbs, reference):
+        return (f"speed: not measured (the side-by-side timing of {reference.name} was "
+                "noisy; the notes say why)")
+    timed = [s for s in within if steady_p50(sbs, s)]
+    ref_ms = steady_p50(sbs, reference)
+    if not (timed and ref_ms):
+        return None
+    fast = min(timed, key=lambda s: steady_p50(sbs, s) or 0.0)
+    noisy = sum(_noisy(sbs, s) for s in within)
+    return _speed_phrase("fastest at batch 1", fast, reference,
+                         ref_ms / (steady_p50(sbs, fast) or 1), "study",
+                         f"; {noisy} with a noisy timing left out" if noisy else "")
+
+
+def _noisy(timing: SideBySide | None, stage: StageRecord) -> bool:
+    t = timing.of(stage) if timing is not None else None
+    return t is not None and t.latency.noise_reason() is not None
+
+
+def _pick_speed(record: RunRecord, reference: StageRecord, pick: StageRecord | None
+                ) -> str | None:
+    """The search's pick at batch 1 against the reference, both timed side by side at
+    the end of the search; None where they were not (or not steadily)."""
+    p50s = side_by_side_p50s(record.side_by_side, reference, pick) if pick else None
+    if pick is None or p50s is None:
+        return None
+    return _speed_phrase("the pick at batch 1", pick, reference, p50s[0] / p50s[1],
+                         "search")
+
+
+def _speed_phrase(label: str, stage: StageRecord, reference: StageRecord, ratio: float,
+                  end: str, extra: str = "") -> str:
+    """``stage``'s batch-1 speed ``ratio`` against ``reference``, both runtimes named
+    (and "across runtimes" where they differ)."""
+    m, ref_m = stage.measurement, reference.measurement
+    assert m is not None and m.accuracy is not None and ref_m is not None
+    if runtime_family(m) != runtime_family(ref_m):
+        speed = (f"{ratio:.2f}x the speed of {reference.name} across runtimes "
+                 f"({runtime_name(m)} against {runtime_name(ref_m)})")
+    else:
+        speed = f"{ratio:.2f}x the speed of {reference.name} (both in {runtime_name(m)})"
+    return (f"{label}: {stage.name}, {speed}, {m.accuracy.top1:.2%} top-1 (timed side by "
+            f"side at the end of the {end}{extra})")
 
 
 def study_content(out: Path, db: Path | None = None, *, with_plots: bool = True
@@ -373,21 +397,17 @@ def study_content(out: Path, db: Path | None = None, *, with_plots: bool = True
     """The report of the study in ``out`` from its results store (``db``: elsewhere),
     which is only read (see ``ResultsStore``'s ``readonly``); ``with_plots``: draw the
     plots too (the report's; ``study show`` prints tables only)."""
-    study = read_study_record(out)
-    db = db or recorded_db(out, study)
-    with ResultsStore(db, readonly=True) as store:
-        rows = store.rows(study["name"])
-        done = {c.cell for c in store.cells(study["name"]) if c.status == "done"}
-    rows = [r for r in rows if r["cell"] in done]
+    study, record, rows, done, db = read_combined(out, db)
+    unreadable = []
     try:
-        record = combined_record(study, rows)
-    except UserError as exc:
-        raise UserError(f"{db}: {exc}") from None
-    record.side_by_side = _study_side_by_side(out)
+        record.side_by_side = read_side_by_side(out)
+    except UserError as exc:  # a timing file gone bad costs its ratios, not the report
+        unreadable.append(f"{exc} (speed not compared from it)")
     content = build_content(record, with_plots=with_plots)
     search = is_compress_record(study)
     candidates = _final_stages(record, rows) if search else None
-    content = dataclasses.replace(content, headline=study_headline(record, candidates))
+    pick = final_stage_of(record, rows, study["chosen"]) if search else None
+    content = dataclasses.replace(content, headline=study_headline(record, candidates, pick))
     waiting = [c["name"] for c in study["cells"] if c["name"] not in done]
     recorded = len(study["cells"]) - len(waiting)
     what = "Compress search of" if search else "Study of"
@@ -395,7 +415,7 @@ def study_content(out: Path, db: Path | None = None, *, with_plots: bool = True
     status = f"{what} {len(study['cells'])} {unit}; {recorded} recorded in {db}."
     if waiting:
         status += f" Not yet recorded: {', '.join(waiting)}."
-    notes = [*study["notes"], status, *content.notes]
+    notes = [*study["notes"], status, *unreadable, *content.notes]
     title = (f"netshrink compress: {Path(out).resolve().name}" if search
              else f"netshrink study: {study['name']}")
     return dataclasses.replace(content, title=title, notes=tuple(notes),
@@ -408,15 +428,31 @@ def is_compress_record(study: dict[str, Any]) -> bool:
     return COMPRESS_SPEC_KEY in spec and "matrix" not in spec
 
 
-def _final_stages(record: RunRecord, rows: list[dict[str, Any]]) -> list[StageRecord]:
-    """The stages of ``record`` that end a cell (a compress search's candidates: each
-    cell's deployable file), once each."""
+def _last_rows(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each cell's final row (its deployable file, in a compress search)."""
     last: dict[str, dict[str, Any]] = {}
     for row in rows:
         if row["cell"] not in last or row["stage_index"] > last[row["cell"]]["stage_index"]:
             last[row["cell"]] = row
-    keys = {row["stage_key"] for row in last.values()}
+    return last
+
+
+def _final_stages(record: RunRecord, rows: list[dict[str, Any]]) -> list[StageRecord]:
+    """The stages of ``record`` that end a cell (a compress search's candidates: each
+    cell's deployable file), once each."""
+    keys = {row["stage_key"] for row in _last_rows(rows).values()}
     return [s for s in record.stages if s.key in keys and s.index > 0]
+
+
+def final_stage_of(record: RunRecord, rows: list[dict[str, Any]], cell: str | None
+                   ) -> StageRecord | None:
+    """The stage of ``record`` that ends ``cell`` (a search's pick: its chosen file);
+    None for no cell, or one not recorded."""
+    row = _last_rows(rows).get(cell) if cell else None
+    if row is None:
+        return None
+    return next((s for s in record.stages if s.key == row["stage_key"] and s.index > 0),
+                None)
 
 
 def render_study_report(out: Path, db: Path | None = None) -> tuple[Path, Path]:
