@@ -15,7 +15,8 @@ from netshrink.bench.schema import CpuLoad, Latency
 from netshrink.cli.one_off import _speed_line
 from netshrink.report import build_content, render_markdown
 from netshrink.stages.record import SideBySide, SideBySideTiming
-from netshrink.study.report import SIDE_BY_SIDE_FILE, study_content
+from netshrink.study.report import study_content
+from netshrink.study.side_by_side import SIDE_BY_SIDE_FILE
 from report_folders import make_compress_folder, make_study_folder
 from report_records import (
     TEACHER_NOISE,

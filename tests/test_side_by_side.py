@@ -200,3 +200,27 @@ def test_a_load_during_the_reference_timing_does_not_move_the_headline(
     assert "its ratios come from the side-by-side timing" in marked
     record = json.loads((tmp_path / "loaded" / "run.json").read_text())
     assert record["side_by_side"]["load_before"]["calibration_ms"] > 0
+
+
+def _rounds(p50s: list[float]) -> list:
+    from netshrink.bench.timing import latency_from_times
+
+    return [latency_from_times([x, x, x], batch_size=1, warmup=0) for x in p50s]
+
+
+def test_a_drift_common_to_every_file_is_not_noise_a_change_between_them_is() -> None:
+    """The quickstart's second run on a quiet VM: both files' round medians moved 20-40%
+    together. Divided by each round's common factor, a steady pair is steady and keeps its
+    ratio; a file that moved against the others stays noisy."""
+    from netshrink.bench.timing import combine_rounds, without_common_drift
+
+    drift = [1.0, 1.4, 1.1, 0.9, 1.2]
+    ref, fast = _rounds([2.0 * d for d in drift]), _rounds([0.5 * d for d in drift])
+    assert combine_rounds(ref).noisy and combine_rounds(fast).noisy  # each on its own
+    steady = [combine_rounds(f) for f in without_common_drift([ref, fast])]
+    assert not any(t.noisy for t in steady)
+    assert steady[0].p50_ms / steady[1].p50_ms == pytest.approx(4.0)
+    wobbly = _rounds([0.5 * d * w for d, w in zip(drift, [1.0, 1.3, 1.0, 1.0, 0.8],
+                                                   strict=True)])
+    judged = [combine_rounds(f) for f in without_common_drift([ref, fast, wobbly])]
+    assert not judged[0].noisy and not judged[1].noisy and judged[2].noisy

@@ -165,6 +165,37 @@ def combine_rounds(rounds: Sequence[Latency]) -> Latency:
         round_spread=spread, noisy=reason is not None, noise=reason)
 
 
+def without_common_drift(files: Sequence[Sequence[Latency]]) -> list[list[Latency]]:
+    """Round-robin timings of several files (``files[f][r]``: file f's timing in round r)
+    with each round's common drift divided out: the round's factor is the median, over
+    the files, of its p50 over that file's median p50.
+
+    A VM's speed drifts between rounds by far more than the files differ (measured here,
+    a quiet VM: one file's round medians 19% apart, another's 40%, while the ratio of the
+    two moved much less in the rounds it was timed together); a load that slows every file
+    of a round alike is not a difference between them. What is left, the spread of each
+    file against the others, is what judges its timing noisy (``combine_rounds``), and
+    the ratio of two files' medians is then that of their paired rounds.
+    """
+    medians = [float(np.median([r.p50_ms for r in rounds])) for rounds in files]
+    n = min(len(rounds) for rounds in files)
+    factors = [float(np.median([rounds[i].p50_ms / m for rounds, m in zip(files, medians,
+                                                                            strict=True)
+                                if m > 0])) for i in range(n)]
+    return [[_scaled(rounds[i], 1 / factors[i]) if factors[i] > 0 else rounds[i]
+             for i in range(n)] for rounds in files]
+
+
+def _scaled(latency: Latency, k: float) -> Latency:
+    """``latency`` with every time multiplied by ``k`` (and the rate divided by it)."""
+    times = {f: getattr(latency, f) * k for f in ("p50_ms", "p90_ms", "mean_ms", "min_ms",
+                                                   "max_ms", "std_ms")}
+    rounds = ([x * k for x in latency.round_p50_ms] if latency.round_p50_ms is not None
+              else None)
+    return latency.model_copy(update={**times, "images_per_s": latency.images_per_s / k,
+                                      "round_p50_ms": rounds})
+
+
 def _split(total: int, parts: int) -> list[int]:
     """``total`` as ``parts`` near-equal whole counts, the larger first: 17, 3 -> 6, 6, 5."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]

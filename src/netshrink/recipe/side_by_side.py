@@ -23,7 +23,7 @@ import torch
 from netshrink.bench.environment import environment
 from netshrink.bench.load import cpu_load
 from netshrink.bench.schema import Latency
-from netshrink.bench.timing import combine_rounds, time_model, warm_up
+from netshrink.bench.timing import combine_rounds, time_model, warm_up, without_common_drift
 from netshrink.errors import UserError
 from netshrink.recipe.run_folder import now
 from netshrink.stages.record import RunRecord, SideBySide, SideBySideTiming, StageRecord
@@ -127,6 +127,8 @@ def _time(stages: list[StageRecord], opened: list, *, threads: int, batch: int,
                 log(f"side by side: round {r + 1} of {rounds}, {k + 1} of {len(stages)} "
                     f"files; about {left:.0f} s left")
     after = cpu_load(threads)
+    # each round's drift common to all the files divided out (timing.without_common_drift)
+    ones, many = without_common_drift(ones), without_common_drift(many)
     timings = [SideBySideTiming(stage=s.name, key=s.key, runtime=s.measurement.runtime,  # type: ignore[union-attr]
                                 latency=combine_rounds(one), throughput=combine_rounds(full))
                for s, one, full in zip(stages, ones, many, strict=True)]
