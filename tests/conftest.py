@@ -82,6 +82,17 @@ def _short_side_by_side() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _short_load_reading() -> Iterator[None]:
+    # Every timing takes a CPU-load reading (40 matrix products, ~45 ms); hundreds of
+    # timings in the suite. The tests of the reading itself restore the real count.
+    from netshrink.bench import load
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(load, "CALIBRATION_CALLS", 8)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _own_model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every test gets an empty model cache of its own: runs never see another test's (or

@@ -169,8 +169,9 @@ def kill_again_and_again(fashion: Path, tmp: Path, kills: int, seed: int,
           f"folders; the reference run took {full:.1f} s")
 
 
+@pytest.mark.slow  # ~30 s; the default run keeps test_kill_resume's SIGKILL mid-training
 def test_killed_at_the_worst_moments_resumes_bit_identical(fashion_dir, tmp_path) -> None:
-    # One random kill and the two cache copies here; 25 random ones behind the slow marker.
+    # One random kill and the two cache copies here; 25 random ones in the next test.
     kill_again_and_again(fashion_dir, tmp_path, kills=1, seed=0)
 
 

@@ -4,7 +4,7 @@ import counted (a late import inside a function is still an edge).
 
     cli ─► api ─► compress ─► study ─► recipe ─► report ─► stages ─► quant
         ─► prune · distill · export · predict ─► train ─► bench ─► runtime ─► store
-        ─► models · data ─► limits · registry · figures ─► errors
+        ─► models · data ─► limits · registry · figures · heartbeat · logs ─► errors
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ RANKS = {
     "recipe": 9, "report": 8, "stages": 7, "quant": 6,
     "prune": 5, "distill": 5, "export": 5, "predict": 5,
     "train": 4, "bench": 3, "runtime": 2.5, "store": 2, "models": 1, "data": 1,
-    "limits": 0.5, "registry": 0.5, "figures": 0.5, "errors": 0,
+    "limits": 0.5, "registry": 0.5, "figures": 0.5, "heartbeat": 0.5, "logs": 0.5,
+    "errors": 0,
 }
 
 

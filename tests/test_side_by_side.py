@@ -59,7 +59,11 @@ def _start_spinners(ctx: Any, stop: Any, n: int = 2) -> list:
     return spinners
 
 
-def test_load_reading_tells_a_busy_cpu_from_a_quiet_one() -> None:
+def test_load_reading_tells_a_busy_cpu_from_a_quiet_one(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    from netshrink.bench import load
+
+    monkeypatch.setattr(load, "CALIBRATION_CALLS", 40)  # the real reading (conftest: 8)
     quiet = cpu_load(2)
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -158,6 +162,9 @@ def test_a_load_during_the_reference_timing_does_not_move_the_headline(
                         ("BATCH_SECONDS", 0.3), ("LATENCY_WARMUP", 5), ("LATENCY_CALLS", 20),
                         ("BATCH_WARMUP", 1), ("BATCH_CALLS", 3)):
         monkeypatch.setattr(side_by_side, name, value)
+    from netshrink.bench import load
+
+    monkeypatch.setattr(load, "CALIBRATION_CALLS", 40)  # the real reading (conftest: 8)
 
     quiet = run_recipe(parse_recipe(_recipe(tiny_trained, fashion_dir, "quiet")),
                        tmp_path / "quiet", log=lambda _: None)
