@@ -67,30 +67,41 @@ def _session_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         yield
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _short_side_by_side() -> Iterator[None]:
-    # Every run with timing on ends by timing its files side by side (5 rounds of about a
-    # second a file); the tests of that timing restore these, the others need it brief.
-    from netshrink.recipe import side_by_side
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in (("SIDE_BY_SIDE_ROUNDS", 2), ("WARM_S", 0.01),
-                            ("LATENCY_SECONDS", 0.02), ("BATCH_SECONDS", 0.02),
-                            ("LATENCY_WARMUP", 1), ("LATENCY_CALLS", 5),
-                            ("BATCH_WARMUP", 0), ("BATCH_CALLS", 2)):
-            patch.setattr(side_by_side, name, value)
-        yield
+# The suite's brief timing: every run with timing on ends by timing its files side by
+# side (5 rounds of about a second a file), and every timing takes a CPU-load reading (40
+# matrix products, ~45 ms). The tests of that timing take ``real_timing``.
+BRIEF_TIMING = {
+    "netshrink.recipe.side_by_side": {
+        "SIDE_BY_SIDE_ROUNDS": 2, "WARM_S": 0.01, "LATENCY_SECONDS": 0.02,
+        "BATCH_SECONDS": 0.02, "LATENCY_WARMUP": 1, "LATENCY_CALLS": 5, "BATCH_WARMUP": 0,
+        "BATCH_CALLS": 2},
+    "netshrink.bench.load": {"CALIBRATION_CALLS": 8},
+}
+_REAL_TIMING: dict[str, dict[str, object]] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _short_load_reading() -> Iterator[None]:
-    # Every timing takes a CPU-load reading (40 matrix products, ~45 ms); hundreds of
-    # timings in the suite. The tests of the reading itself restore the real count.
-    from netshrink.bench import load
+def _brief_timing() -> Iterator[None]:
+    import importlib
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(load, "CALIBRATION_CALLS", 8)
+        for module_name, values in BRIEF_TIMING.items():
+            module = importlib.import_module(module_name)
+            _REAL_TIMING[module_name] = {k: getattr(module, k) for k in values}
+            for name, value in values.items():
+                patch.setattr(module, name, value)
         yield
+
+
+@pytest.fixture
+def real_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The side-by-side timing and load reading as shipped, not the suite's brief ones."""
+    import importlib
+
+    for module_name, values in _REAL_TIMING.items():
+        module = importlib.import_module(module_name)
+        for name, value in values.items():
+            monkeypatch.setattr(module, name, value)
 
 
 @pytest.fixture(autouse=True)

@@ -59,11 +59,7 @@ def _start_spinners(ctx: Any, stop: Any, n: int = 2) -> list:
     return spinners
 
 
-def test_load_reading_tells_a_busy_cpu_from_a_quiet_one(monkeypatch: pytest.MonkeyPatch
-                                                        ) -> None:
-    from netshrink.bench import load
-
-    monkeypatch.setattr(load, "CALIBRATION_CALLS", 40)  # the real reading (conftest: 8)
+def test_load_reading_tells_a_busy_cpu_from_a_quiet_one(real_timing: None) -> None:
     quiet = cpu_load(2)
     ctx = multiprocessing.get_context("spawn")
     stop = ctx.Event()
@@ -147,25 +143,15 @@ def test_cli_speed_line_comes_from_the_side_by_side_timing(
 @pytest.mark.slow  # about a minute: two runs, each timing its files at their end
 def test_a_load_during_the_reference_timing_does_not_move_the_headline(
         tmp_path: Path, tiny_trained: Path, fashion_dir: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, real_timing: None) -> None:
     """The quickstart's case on purpose: busy loops in two other processes while the
     reference is timed, quiet while the final stage is. Its per-stage ratio is off; the
     headline's, from the side-by-side timing, stays within 15% of a quiet run's, and the
     table marks the stage timed under another load."""
     import importlib
 
-    from netshrink.recipe import side_by_side
 
     measure_module = importlib.import_module("netshrink.bench.measure")
-    # the real timing, not the suite's brief one (conftest)
-    for name, value in (("SIDE_BY_SIDE_ROUNDS", 5), ("WARM_S", 0.2), ("LATENCY_SECONDS", 0.3),
-                        ("BATCH_SECONDS", 0.3), ("LATENCY_WARMUP", 5), ("LATENCY_CALLS", 20),
-                        ("BATCH_WARMUP", 1), ("BATCH_CALLS", 3)):
-        monkeypatch.setattr(side_by_side, name, value)
-    from netshrink.bench import load
-
-    monkeypatch.setattr(load, "CALIBRATION_CALLS", 40)  # the real reading (conftest: 8)
-
     quiet = run_recipe(parse_recipe(_recipe(tiny_trained, fashion_dir, "quiet")),
                        tmp_path / "quiet", log=lambda _: None)
     ctx = multiprocessing.get_context("spawn")

@@ -91,13 +91,6 @@ class HalvingSearch(TimeBudget, Search):
     def _speed(self) -> bool:
         return self.cfg.judges_speed
 
-    @property
-    def _batch_too(self) -> bool:
-        """Whether the batch-``measure_batch`` time is part of the target (``speed``
-        ``both``, no constraint)."""
-        return (self.cfg.target == "latency" and self.cfg.constraint is None
-                and self.cfg.speed == "both")
-
     def _space(self) -> list[tuple[int, float, float]]:
         sparsities = [0.0, *self.cfg.sparsities] if self.cfg.for_size else [0.0]
         return [(b, c, s) for b in (0, *self.drop_blocks)
@@ -233,7 +226,7 @@ class HalvingSearch(TimeBudget, Search):
             self.log(f"compress: the unpruned model timed {ms[0]:.3f} ms (fastest call) "
                      f"as a probe, {self.unpruned.p50_ms:.3f} ms deployed: structures scaled by "
                      f"{self.whole_scale:.3f}")
-            if self._batch_too and self.unpruned.batch_ms:
+            if self.cfg.ranks_batch_too and self.unpruned.batch_ms:
                 batch = self.cfg.measure_batch
                 ms_n = self.lut.whole_ms([unpruned, *modules.values()], batch=batch)
                 self.whole_batch_scale = self.unpruned.batch_ms / ms_n[0]
@@ -409,7 +402,7 @@ class HalvingSearch(TimeBudget, Search):
             measured = trial.candidate.deployed and trial.p50_ms
             one = trial.p50_ms if measured else trial.predicted_ms
             many = trial.batch_ms if measured else trial.predicted_batch_ms
-            if self._batch_too and one and many:
+            if self.cfg.ranks_batch_too and one and many:
                 # a product: the ranking does not depend on how the two are weighed
                 return math.sqrt(one * many / self.cfg.measure_batch)
             return one
@@ -459,7 +452,7 @@ class HalvingSearch(TimeBudget, Search):
             self.log(f"compress: rung {rung}: its {len(timed)} files timed side by side "
                      "before promotion")
             self.retime(timed, rounds=3)
-            if self._batch_too:
+            if self.cfg.ranks_batch_too:
                 self.retime(timed, rounds=3, batch=self.cfg.measure_batch)
         if self.cfg.constraint is not None:
             # those that meet the bound first, then those just over it (latency): this
@@ -553,7 +546,7 @@ class HalvingSearch(TimeBudget, Search):
     def _retime_side_by_side(self, trials: list[Trial]) -> None:
         super()._retime_side_by_side(trials)
         near = [t for t in self._to_retime(trials) if t.candidate.name in self.retimed]
-        if self._batch_too and len(near) >= 2:
+        if self.cfg.ranks_batch_too and len(near) >= 2:
             self.log(f"compress: and at batch {self.cfg.measure_batch}")
             self.retime(near, 3, batch=self.cfg.measure_batch)
             self.notes.append(

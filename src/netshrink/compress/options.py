@@ -247,6 +247,13 @@ class CompressConfig(BaseModel):
         return self.target == "latency"
 
     @property
+    def ranks_batch_too(self) -> bool:
+        """Whether the batch-``measure_batch`` time counts beside batch-1 latency (the
+        halving search's ``target latency`` with ``speed both``, no constraint)."""
+        return (self.search == "halving" and self.target == "latency"
+                and self.constraint is None and self.speed == "both")
+
+    @property
     def for_size(self) -> bool:
         """Whether bytes on disk are what is minimised or bounded (``target size`` with
         no constraint, or ``max_size_mb``), rather than speed."""

@@ -357,9 +357,7 @@ class Search:
                  *(n[0].upper() + n[1:].rstrip(".") + "." for n in self.notes)]
         if self.retimed:
             by = ("the geometric mean of batch-1 p50 and batch-call time an image"
-                  if self.cfg.target == "latency" and self.cfg.constraint is None
-                  and self.cfg.speed == "both" and self.cfg.search == "halving"
-                  else "batch-1 p50")
+                  if self.cfg.ranks_batch_too else "batch-1 p50")
             lines.append(
                 f"Chosen by {by} timed again side by side ({RETIME_ROUNDS} rounds "
                 "round-robin, medians; the table's timings were taken minutes apart); "
